@@ -10,12 +10,13 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union
 
 import torch
+
+from .io import atomic_path
 
 DIFFUSERS_SAFE = "learned_embeds.safetensors"
 DIFFUSERS_BIN = "learned_embeds.bin"
@@ -163,20 +164,13 @@ def save_learned_embeds(embeds: Mapping[str, torch.Tensor], path: PathLike) -> P
     if p.suffix not in (".safetensors", ".bin", ".pt"):
         p = p / DIFFUSERS_SAFE
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
+    with atomic_path(p) as tmp:
         if p.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file({tok: value}, tmp)
+            save_file({tok: value}, str(tmp))
         else:
-            torch.save({tok: value}, tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+            torch.save({tok: value}, str(tmp))
     return p
 
 

@@ -10,32 +10,13 @@ from safetensors.torch import load_file
 
 from persviz.embeddings import class_word_id, token_row
 from persviz.paths import SHAPESWORLD_DIR
-from persviz.shapesworld import Obj, Scene, render_batch
 from persviz.shapesworld.train import step_rng
 from persviz.trainers import TIConfig, list_snapshots, load_snapshot_embedding, train_textual_inversion
 from persviz.trainers.textual_inversion import CONFIG_FILE, RESUME_FILE
 
-from tiny_pipeline import D, one_thread, tiny_pipe as _tiny_pipe  # noqa: E402,F401 (one_thread: autouse fixture)
+from tiny_pipeline import D, base_pipe, images, one_thread, pipe  # noqa: F401 (fixtures; one_thread: autouse)
+
 TEMPLATES = ("a {}", "a {} on a gray background", "a photo of a {}")
-
-
-
-
-@pytest.fixture(scope="module")
-def base_pipe():
-    return _tiny_pipe()
-
-
-@pytest.fixture
-def pipe(base_pipe):
-    return copy.deepcopy(base_pipe)
-
-
-@pytest.fixture(scope="module")
-def images():
-    """Four 32x32 renders of one concept (a red striped square) on different backgrounds."""
-    obj = Obj("square", "red", "striped", "large")
-    return render_batch([Scene(obj, bg) for bg in ("gray", "white", "navy", "beige")], seed=0)
 
 
 def _cfg(**kw):

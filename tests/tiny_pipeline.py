@@ -1,8 +1,12 @@
-"""A StableDiffusionPipeline with random tiny components for unit tests (diffusers' get_dummy_components())."""
+"""A StableDiffusionPipeline with random tiny components for unit tests (diffusers' get_dummy_components()), and the
+fixtures of the tests that train on it: import them into a test module (`from tiny_pipeline import base_pipe, ...`)."""
+import copy
+
 import pytest
 import torch
 
 from persviz.paths import SHAPESWORLD_DIR
+from persviz.shapesworld import Obj, Scene, render_batch
 
 D = 32
 
@@ -45,3 +49,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def base_pipe():
+    """One tiny pipeline per test module; tests that change it take a copy (the `pipe` fixture)."""
+    return tiny_pipe()
+
+
+@pytest.fixture
+def pipe(base_pipe):
+    """A copy of base_pipe for one test."""
+    return copy.deepcopy(base_pipe)
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Four 32x32 renders of one concept (a red striped square) on different backgrounds."""
+    obj = Obj("square", "red", "striped", "large")
+    return render_batch([Scene(obj, bg) for bg in ("gray", "white", "navy", "beige")], seed=0)

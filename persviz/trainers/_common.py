@@ -1,0 +1,579 @@
+"""Pieces shared by the personalization trainers (textual inversion, DreamBooth-LoRA, Custom Diffusion).
+
+All three follow the same conventions: a frozen dataclass config; an ``out_dir`` holding ``config.json`` (the config
+and a fingerprint of the images and the pipeline, compared on resume), snapshots every ``save_every`` steps and
+``resume_state.pt``; the randomness of step s drawn from ``step_rng(seed, s)`` only, so that a resumed run equals an
+uninterrupted one bit for bit; the pipeline's weights, flags and modes restored on exit.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..embeddings import PathLike, _single_token_id
+from ..io import atomic_write_text
+from ..shapesworld.train import atomic_export, atomic_save
+
+CONFIG_FILE = "config.json"
+RESUME_FILE = "resume_state.pt"
+CLASS_DIR = "class_images"
+CLASS_MANIFEST = "manifest.json"
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # the snapshot folders of DreamBooth-LoRA and Custom Diffusion
+
+# A stream index no training step reaches: one-off draws (adapter initialisation) use step_rng(seed, INIT_STREAM).
+INIT_STREAM = 2 ** 40
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_json(obj: dict, path: Path) -> None:
+    """json.dump through a temporary file in the same folder, then an atomic rename."""
+    atomic_write_text(path, json.dumps(obj, indent=1))
+
+
+def short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def check_out_dir(out_dir: Path, record: dict, owned: Callable[[str], bool], what: str,
+                  hint: str) -> dict | None:
+    """The saved resume state if out_dir holds this run (only `steps` may differ); errors for another run.
+
+    Args:
+        owned: tells the names of files a run writes (to refuse a folder holding them without config.json).
+        what: what those files are, for the message ("learned embeddings").
+        hint: where the results of earlier steps are, for the message ("list_snapshots(out_dir)").
+    """
+    cfg = out_dir / CONFIG_FILE
+    if not cfg.is_file():
+        stray = [p.name for p in out_dir.iterdir() if owned(p.name)] if out_dir.is_dir() else []
+        if stray:
+            raise ValueError(f"{out_dir} holds {what} ({sorted(stray)[:3]}) but no {CONFIG_FILE}; use a new out_dir")
+        return None
+    old = json.loads(cfg.read_text())
+    diff = sorted(k for k in set(old) | set(record) if k != "steps" and old.get(k) != record.get(k))
+    if diff:
+        lines = "; ".join(f"{k}: {short(old.get(k))} there, {short(record.get(k))} now" for k in diff)
+        raise ValueError(f"{out_dir} holds a run with a different setup ({lines}). Resume it with the same "
+                         f"config, images and pipeline (only steps may differ, to extend it), or use a new out_dir")
+    state_path = out_dir / RESUME_FILE
+    if not state_path.is_file():
+        return None
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    if state["step"] > record["steps"]:
+        raise ValueError(f"{out_dir} holds a run already at step {state['step']} > steps={record['steps']}; pass "
+                         f"steps >= {state['step']} ({hint})")
+    return state
+
+
+def owned_by(pattern: re.Pattern, *names: str) -> Callable[[str], bool]:
+    """Tells the names of files a run writes: resume_state.pt, the names given and those matching the pattern."""
+    return lambda name: name in (RESUME_FILE, *names) or bool(pattern.fullmatch(name))
+
+
+def start_run(out_dir: PathLike, record: dict, owned: Callable[[str], bool], what: str,
+              hint: str) -> tuple[Path, dict | None, list[float], int]:
+    """Creates out_dir, checks that it holds this run or none (check_out_dir) and writes config.json.
+
+    Returns (out_dir as a Path, the saved resume state or None, the loss history so far, the step to start at).
+    """
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    state = check_out_dir(out, record, owned, what, hint)
+    write_json(record, out / CONFIG_FILE)
+    if state is None:
+        return out, None, [], 0
+    return out, state, [float(x) for x in state["loss_history"]], int(state["step"])
+
+
+def save_resume_state(path: Path, step: int, tensors: dict[str, Any], opt: torch.optim.Optimizer, scaler: Any,
+                      history: list[float]) -> None:
+    """Writes resume_state.pt (atomically): the step, the trained tensors ({key: CPU copies}), the optimizer and
+    scaler states and the loss history."""
+    atomic_save({"step": step, **tensors, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                 "loss_history": list(history)}, path)
+
+
+def numbered(out_dir: PathLike, pattern: re.Pattern,
+             keep: Callable[[Path], bool] = lambda p: True) -> list[tuple[int, Path]]:
+    """The (k, path) of every entry of out_dir whose name matches pattern (group 1: k) and that keep(), by k."""
+    d = Path(out_dir).expanduser()
+    if not d.is_dir():
+        raise FileNotFoundError(f"no folder {d}")
+    found = ((pattern.fullmatch(p.name), p) for p in d.iterdir())
+    return sorted((int(m.group(1)), p) for m, p in found if m and keep(p))
+
+
+def checkpoints(out_dir: PathLike, file: str) -> list[tuple[int, Path]]:
+    """The (step, folder) of every checkpoint-{k} folder in out_dir holding `file`, sorted by step."""
+    return numbered(out_dir, CHECKPOINT, lambda p: p.is_dir() and (p / file).is_file())
+
+
+def weights_path(path: PathLike, file: str, what: str, hint: str) -> Path:
+    """path, or path/file if path is a folder; a FileNotFoundError "no {what} at ...; {hint}" if it is no file."""
+    p = Path(path).expanduser()
+    f = p / file if p.is_dir() else p
+    if not f.is_file():
+        raise FileNotFoundError(f"no {what} at {f}; {hint}")
+    return f
+
+
+@dataclass
+class TrainResult:
+    """What a training call produced; `steps` counts all steps of the run in out_dir (earlier calls included)."""
+
+    out_dir: Path
+    steps: int
+    loss_history: list[float]
+    snapshot_paths: list[Path]
+    final_path: Path
+
+
+def atomic_folder(folder: Path, save: Callable[[Path], None]) -> Path:
+    """Call save(tmp_folder), then rename the finished folder into place (a killed run leaves the old one whole)."""
+    atomic_export(folder, save)
+    return folder
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+def as_int(cfg: Any, name: str, minimum: int) -> None:
+    """Checks that cfg.<name> is an int >= minimum and stores it as a Python int (frozen dataclasses too)."""
+    v = getattr(cfg, name)
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+        raise ValueError(f"{name} must be an int; got {v!r}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {v}")
+    object.__setattr__(cfg, name, int(v))
+
+
+def as_float(cfg: Any, name: str, low: float, high: float = float("inf"), open_low: bool = False) -> None:
+    """Checks that cfg.<name> is a finite number in [low, high] ((low, high] if open_low) and stores a float."""
+    v = getattr(cfg, name)
+    ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and np.isfinite(v)
+    if ok:
+        ok = (v > low if open_low else v >= low) and v <= high
+    if not ok:
+        rng = f"{'(' if open_low else '['}{low}, {high}]"
+        raise ValueError(f"{name} must be a number in {rng}; got {v!r}")
+    object.__setattr__(cfg, name, float(v))
+
+
+def as_bool(cfg: Any, name: str) -> None:
+    if not isinstance(getattr(cfg, name), bool):
+        raise ValueError(f"{name} must be True or False; got {getattr(cfg, name)!r}")
+
+
+def as_word(cfg: Any, name: str, example: str) -> None:
+    """Checks that cfg.<name> is a non-empty string without whitespace."""
+    v = getattr(cfg, name)
+    if not isinstance(v, str) or not v or any(c.isspace() for c in v):
+        raise ValueError(f"{name} must be a non-empty string without spaces, e.g. {example!r}; got {v!r}")
+
+
+def as_prompt(cfg: Any, name: str) -> None:
+    v = getattr(cfg, name)
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"{name} must be a non-empty string; got {v!r}")
+
+
+def as_class_word(cfg: Any) -> None:
+    if not isinstance(cfg.class_word, str) or not cfg.class_word.strip():
+        raise ValueError(f"class_word must be the concept's class such as 'square' or 'dog'; got {cfg.class_word!r}")
+
+
+def default_prompts(cfg: Any, instance_prompt: str) -> None:
+    """Fills in instance_prompt (with the given default) and class_prompt ("a photo of a {class_word}") where None,
+    and checks both are non-empty strings."""
+    if cfg.instance_prompt is None:
+        object.__setattr__(cfg, "instance_prompt", instance_prompt)
+    if cfg.class_prompt is None:
+        object.__setattr__(cfg, "class_prompt", f"a photo of a {cfg.class_word}")
+    as_prompt(cfg, "instance_prompt")
+    as_prompt(cfg, "class_prompt")
+
+
+# the ints of the DreamBooth-LoRA and Custom Diffusion configs, with their minimums
+COMMON_INTS: tuple[tuple[str, int], ...] = (
+    ("steps", 1), ("batch_size", 1), ("save_every", 1), ("seed", 0), ("num_class_images", 1), ("class_seed", 0),
+    ("class_steps", 1), ("class_batch_size", 1))
+
+
+def check_common_fields(cfg: Any, ints: Sequence[tuple[str, int]] = (), bools: Sequence[str] = ()) -> None:
+    """Checks (and normalises) the fields the DreamBooth-LoRA and Custom Diffusion configs share: COMMON_INTS,
+    prior_preservation, lr, weight_decay, flip_p, prior_loss_weight, class_guidance, max_grad_norm, resolution.
+
+    Args:
+        ints: (name, minimum) of the config's own ints, checked before the shared ones.
+        bools: the config's own flags, checked before prior_preservation.
+    """
+    for name, low in (*ints, *COMMON_INTS):
+        as_int(cfg, name, low)
+    for name in (*bools, "prior_preservation"):
+        as_bool(cfg, name)
+    as_float(cfg, "lr", 0.0, open_low=True)
+    as_float(cfg, "weight_decay", 0.0)
+    as_float(cfg, "flip_p", 0.0, 1.0)
+    as_float(cfg, "prior_loss_weight", 0.0)
+    as_float(cfg, "class_guidance", 0.0)
+    if cfg.max_grad_norm is not None:
+        as_float(cfg, "max_grad_norm", 0.0, open_low=True)
+    check_resolution(cfg)
+
+
+def check_new_token(tokenizer: Any, token: str, what: str, unload_hint: str) -> None:
+    """A ValueError if `token` is already one token of the tokenizer (a word of the vocabulary or an added token)."""
+    existing = _single_token_id(tokenizer, token)
+    if existing is not None:
+        how = (unload_hint if existing >= tokenizer.vocab_size
+               else "pick a string that is not a word, such as '<my-concept>'")
+        raise ValueError(f"{what} {token!r} is already a token of the pipeline's tokenizer (id {existing}); {how}")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def check_pipe(pipe: Any) -> None:
+    for part in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
+        if getattr(pipe, part, None) is None:
+            raise ValueError(f"pipe has no {part}; pass a StableDiffusionPipeline")
+
+
+def check_call(pipe: Any, config: Any, config_type: type) -> None:
+    """A ValueError unless config is a config_type and pipe a StableDiffusionPipeline (check_pipe)."""
+    if not isinstance(config, config_type):
+        raise ValueError(f"config must be a {config_type.__name__}; got {type(config).__name__}")
+    check_pipe(pipe)
+
+
+def pipe_device(pipe: Any) -> torch.device:
+    return torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
+
+
+def prepare_images(images: Any, resolution: int) -> np.ndarray:
+    """uint8 [N, R, R, 3]: each image centre-cropped to a square and resized (bicubic) to the resolution."""
+    from PIL import Image
+
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4:
+            raise ValueError(f"an image array must be uint8 [N, H, W, 3]; got shape {images.shape}")
+        items: list = list(images)
+    elif isinstance(images, Image.Image):
+        items = [images]
+    else:
+        items = list(images)
+    if not items:
+        raise ValueError("images is empty; pass at least one reference image")
+    arrays = []
+    for i, im in enumerate(items):
+        if isinstance(im, Image.Image):
+            a = np.asarray(im.convert("RGB"))
+        else:
+            a = np.asarray(im)
+            if a.dtype != np.uint8 or a.ndim != 3 or a.shape[-1] != 3:
+                raise ValueError(f"image {i} must be a PIL image or uint8 [H, W, 3]; got {a.dtype} {a.shape}")
+        arrays.append(a)
+    sizes = sorted({a.shape[:2] for a in arrays})
+    if len(sizes) > 1:
+        raise ValueError(f"the images have mixed sizes {sizes} (H, W); bring them to one size first")
+    h, w = sizes[0]
+    out = []
+    for a in arrays:
+        c = min(h, w)
+        a = a[(h - c) // 2:(h - c) // 2 + c, (w - c) // 2:(w - c) // 2 + c]
+        if c != resolution:
+            a = np.asarray(Image.fromarray(a).resize((resolution, resolution), Image.Resampling.BICUBIC))
+        out.append(a)
+    return np.ascontiguousarray(np.stack(out))
+
+
+def resolution(pipe: Any, requested: int | None, config_name: str) -> int:
+    """The training resolution: `requested`, or the pipeline's native size (unet sample_size * vae_scale_factor)."""
+    f = int(getattr(pipe, "vae_scale_factor", 8))
+    if requested is not None:
+        r = int(requested)
+    else:
+        s = pipe.unet.config.sample_size
+        if not isinstance(s, int):
+            raise ValueError(f"the unet's sample_size is {s!r}; pass {config_name}(resolution=...)")
+        r = s * f
+    if r % f:
+        raise ValueError(f"resolution {r} is not a multiple of the VAE's downsampling factor {f}")
+    return r
+
+
+def training_images(pipe: Any, images: Any, config: Any) -> tuple[torch.device, int, np.ndarray]:
+    """(the pipeline's execution device, the training resolution, the images prepared at it: prepare_images)."""
+    device = pipe_device(pipe)
+    res = resolution(pipe, config.resolution, type(config).__name__)
+    return device, res, prepare_images(images, res)
+
+
+def check_resolution(cfg: Any) -> None:
+    r = cfg.resolution
+    if r is not None and (not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 1):
+        raise ValueError(f"resolution must be a positive int or None; got {r!r}")
+    if r is not None:
+        object.__setattr__(cfg, "resolution", int(r))
+
+
+def ddpm(pipe: Any):
+    """The pipeline's scheduler config as a DDPMScheduler (keys DDPM does not take are dropped)."""
+    from diffusers import DDPMScheduler
+
+    allowed = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
+    sched = DDPMScheduler(**{k: v for k, v in dict(pipe.scheduler.config).items() if k in allowed})
+    if sched.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type {sched.config.prediction_type!r} is not supported (epsilon, v_prediction)")
+    return sched
+
+
+def sha256(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(repr((a.dtype.str, a.shape)).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def tensors_sha256(*tensors: torch.Tensor) -> str:
+    """sha256 of tensors as float32 on the CPU (a cheap fingerprint of a pipeline: a few of its weights)."""
+    return sha256(*(t.detach().float().cpu().numpy() for t in tensors))
+
+
+@torch.no_grad()
+def latent_stats(vae: Any, pixels: np.ndarray, flip: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 mean and std [M, C, h, w] of the VAE posterior of each image (and of its mirror image if flip)."""
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    if flip:
+        x = torch.cat([x, x.flip(-1)])
+    return encode_stats(vae, x, device)
+
+
+@torch.no_grad()
+def encode_stats(vae: Any, x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 posterior mean and std [M, C, h, w] of float images x [M, 3, H, W] in [-1, 1], encoded one by one."""
+    means, stds = [], []
+    for i in range(len(x)):  # one at a time: the result does not depend on how many images there are
+        post = vae.encode(x[i:i + 1].to(device=device, dtype=vae.dtype)).latent_dist
+        means.append(post.mean.float())
+        stds.append(post.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+class PlaceholderRows:
+    """Forward hook of the input embedding: writes rows[sel] (cast to the output dtype) where mask is set."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+        self.mask: torch.Tensor | None = None
+        self.sel: torch.Tensor | None = None
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return output
+        return torch.where(self.mask.unsqueeze(-1), self.rows.to(output.dtype)[self.sel], output)
+
+
+@contextlib.contextmanager
+def frozen(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """requires_grad off and eval mode for the modules; both restored on exit."""
+    grads = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    modes = [(sub, sub.training) for m in modules for sub in m.modules()]
+    try:
+        for m in modules:
+            m.requires_grad_(False)
+            m.eval()
+        yield
+    finally:
+        for p, g in grads:
+            p.requires_grad_(g)
+        for sub, t in modes:
+            sub.training = t
+
+
+def grad_scaler(device: torch.device, enabled: bool):
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)  # torch < 2.3
+
+
+def adamw(params: Sequence[torch.Tensor], config: Any, device: torch.device, fp16: bool,
+          state: dict | None) -> tuple[torch.optim.AdamW, Any]:
+    """The examples' optimizer (AdamW, betas 0.9/0.999, eps 1e-8, config.lr and config.weight_decay, constant lr)
+    and a GradScaler (enabled for float16 modules), both loaded from the resume state if any."""
+    opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
+    scaler = grad_scaler(device, fp16)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+    return opt, scaler
+
+
+def restore_params(params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], mismatch: str) -> None:
+    """Copies the saved tensors into the parameters of the same names; ValueError(mismatch) if the names differ."""
+    if sorted(saved) != sorted(params):
+        raise ValueError(mismatch)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n].to(p.device))
+
+
+def token_ids(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids [P, L] padded to the tokenizer's max length, as the diffusers examples tokenize."""
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def draw_images(rng: np.random.Generator, n: int, batch: int, flip_p: float) -> np.ndarray:
+    """`batch` indices of n images drawn with replacement, each + n (its mirrored copy) with probability flip_p:
+    rows of ``latent_stats(..., flip=flip_p > 0)``."""
+    idx = rng.integers(n, size=batch)
+    if flip_p > 0:
+        idx = idx + n * (rng.random(batch) < flip_p)  # mirrored copies follow
+    return idx
+
+
+class Noising:
+    """The examples' forward process: VAE latents (a posterior sample, less the VAE's shift_factor, times its
+    scaling_factor) noised at uniform timesteps by the pipeline's scheduler config read as a DDPMScheduler."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.scheduler = ddpm(pipe)
+        self.n_timesteps = int(self.scheduler.config.num_train_timesteps)
+        self.scale = float(pipe.vae.config.scaling_factor)
+        self.shift = float(getattr(pipe.vae.config, "shift_factor", None) or 0.0)
+        self.eps_pred = self.scheduler.config.prediction_type == "epsilon"
+
+    def __call__(self, mean: torch.Tensor, std: torch.Tensor, g: torch.Generator,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noised latents, timesteps, float32 target: the noise or the velocity) of the posteriors (mean, std)
+        [B, C, h, w]; the latent sample, the noise and the timesteps drawn from g, in that order."""
+        eps_latent = torch.randn(mean.shape, generator=g).to(device)  # the posterior sample, as latent_dist.sample()
+        noise = torch.randn(mean.shape, generator=g).to(device)
+        t = torch.randint(0, self.n_timesteps, (len(mean),), generator=g).to(device)
+        z0 = ((mean + std * eps_latent) - self.shift) * self.scale
+        zt = self.scheduler.add_noise(z0, noise, t)
+        target = noise if self.eps_pred else self.scheduler.get_velocity(z0, noise, t)
+        return zt, t, target.float()
+
+
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: Any, params: Sequence[torch.Tensor],
+                   max_grad_norm: float | None) -> None:
+    """backward, gradient clipping (the examples' clip_grad_norm_, after unscaling), AdamW step, scaler update."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if max_grad_norm is not None:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scaler.step(opt)
+    scaler.update()
+
+
+def run_steps(*, start: int, steps: int, save_every: int, step: Callable[[int], float], history: list[float],
+              snapshot: Callable[[int], None], save_state: Callable[[int], None],
+              after: Callable[[int, float], None] | None, desc: str, progress: bool) -> None:
+    """The training loop: step(s) for s in [start, steps); a snapshot and the resume state every save_every steps
+    (the state also at the last step); a tqdm bar with a smoothed loss; after(k, loss) once step k is done."""
+    bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress)
+    avg = None
+    try:
+        for s in range(start, steps):
+            loss = step(s)
+            history.append(loss)
+            k = s + 1
+            if k % save_every == 0:
+                snapshot(k)
+            if k % save_every == 0 or k == steps:
+                save_state(k)
+            avg = loss if avg is None else 0.98 * avg + 0.02 * loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{avg:.4f}")
+            if after is not None:
+                after(k, loss)
+    finally:
+        bar.close()
+
+
+# ----------------------------------------------------------------------------- class images (prior preservation)
+
+
+def class_images(pipe: Any, config: Any, folder: Path, res: int, progress: bool) -> np.ndarray:
+    """uint8 [num, res, res, 3]: the prior-preservation images, generated once by the (base) pipeline and cached.
+
+    The settings come from the config: num = num_class_images images of class_prompt, generated with class_steps
+    inference steps and guidance class_guidance, class_batch_size at a time. Image i is generated with seed
+    class_seed + i (persviz.generation.generate), so it does not depend on the batching nor on an interruption;
+    each is written as folder/{i:05d}.png when done, and a later call generates only the missing ones. When all are
+    there, folder/manifest.json records the settings and a sha256 of the images, checked on reuse.
+    """
+    from PIL import Image
+
+    from ..generation import generate
+
+    prompt, num, seed = config.class_prompt, config.num_class_images, config.class_seed
+    steps, guidance, batch_size = config.class_steps, config.class_guidance, config.class_batch_size
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {"prompt": prompt, "num_images": num, "seed": seed, "steps": steps, "guidance": guidance,
+                "resolution": res}
+    paths = [folder / f"{i:05d}.png" for i in range(num)]
+    manifest = folder / CLASS_MANIFEST
+    if manifest.is_file():
+        saved = json.loads(manifest.read_text())
+        if saved.get("settings") != settings:
+            raise ValueError(f"{folder} holds class images made with {saved.get('settings')}, not {settings}; "
+                             f"delete the folder to generate them again")
+    missing = [i for i, p in enumerate(paths) if not p.is_file()]
+    if missing:
+        if manifest.is_file():
+            raise ValueError(f"{folder} lost class images {missing[:5]}; delete the folder to generate them again")
+        old_bar = getattr(pipe, "_progress_bar_config", None)
+        pipe.set_progress_bar_config(disable=True)
+        bar = tqdm(total=num, initial=num - len(missing), desc=f"class images '{prompt}'", disable=not progress)
+        try:
+            runs: list[list[int]] = []
+            for i in missing:  # runs of consecutive indices, at most batch_size long
+                if runs and runs[-1][-1] == i - 1 and len(runs[-1]) < batch_size:
+                    runs[-1].append(i)
+                else:
+                    runs.append([i])
+            for run in runs:
+                imgs = generate(pipe, [prompt] * len(run), seed=seed + run[0], guidance=guidance, steps=steps,
+                                batch_size=len(run), height=res, width=res)
+                for i, im in zip(run, imgs):
+                    tmp = paths[i].with_name(f".{paths[i].name}.tmp")
+                    Image.fromarray(im).save(tmp, format="PNG")
+                    os.replace(tmp, paths[i])
+                bar.update(len(run))
+        finally:
+            bar.close()
+            if old_bar is None:
+                pipe.__dict__.pop("_progress_bar_config", None)
+            else:
+                pipe._progress_bar_config = old_bar
+    arrays = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    if arrays.shape[1:] != (res, res, 3):
+        raise ValueError(f"the class images in {folder} are {arrays.shape[1:3]}, not {res}x{res}; delete the folder")
+    digest = sha256(arrays)
+    if manifest.is_file():
+        if json.loads(manifest.read_text()).get("sha256") != digest:
+            raise ValueError(f"the class images in {folder} were changed since they were generated; delete the "
+                             f"folder to generate them again")
+    else:
+        write_json({"settings": settings, "sha256": digest}, manifest)
+    return arrays

@@ -1,0 +1,404 @@
+"""DreamBooth with LoRA (Ruiz et al. 2023, Hu et al. 2022) for any StableDiffusionPipeline: resumable, bit-reproducible.
+
+Follows diffusers' ``examples/dreambooth/train_dreambooth_lora.py``: peft LoRA adapters (``LoraConfig(r=rank,
+lora_alpha=rank, init_lora_weights="gaussian")``) on the UNet's attention projections (to_q, to_k, to_v, to_out.0)
+and, with ``train_text_encoder``, on the text encoder's (q_proj, k_proj, v_proj, out_proj); the adapters train in
+float32 also in a float16 pipeline (the example's ``cast_training_params``), with a GradScaler for float16 gradients;
+an identifier in the instance prompt ("a photo of sks square"); noise-prediction MSE on the VAE latents (times
+``vae.config.scaling_factor``) noised with the pipeline's scheduler config read as a DDPMScheduler; AdamW (betas
+0.9/0.999, eps 1e-8, weight decay 1e-2, constant lr), gradients clipped to norm 1.0. Prior preservation as in the
+example: ``num_class_images`` images of the class prompt ("a photo of a square") generated once by the base
+pipeline, each instance batch concatenated with as many class images (class prompt) in one forward pass, and
+``loss = mse(instance) + prior_loss_weight * mse(class)``. TEA (METHODS.md Sec. 1) trained DreamBooth-LoRA with rank
+4, lr 1e-4, the text encoder on and prior weight 1.0: the defaults here. Where TEA says nothing the defaults are
+ours: steps 800, batch 1 (the example's default is 4), a snapshot every 100 steps.
+
+Differences in mechanics, none in the objective:
+- images are centre-cropped and resized with bicubic filtering once (the example resizes bilinearly and crops
+  at random, which is the same for square images), and a horizontal flip (``flip_p``, off by default as the example
+  has none) applies to instance and class images alike;
+- the batch of step s (images with replacement, latent sample, noise, timesteps) comes from ``step_rng(seed, s)``
+  and the LoRA initialisation (A ~ N(0, 1/rank^2), B = 0, peft's "gaussian") from a stream of its own, so no global
+  random state is read or set, and a resumed run equals an uninterrupted one bit for bit on the CPU (on CUDA too
+  with ``torch.use_deterministic_algorithms(True)``, left to the caller);
+- the modules stay in eval mode (SD has no dropout in training mode either, so the numbers are the same).
+
+The adapters are added to the pipeline's own unet and text encoder during training (a callback may sample from
+``pipe`` to watch progress) and removed on exit, also after an exception or a KeyboardInterrupt: the base weights are
+never changed and the modules, flags and modes are as before. A pipeline that already holds LoRA layers is refused.
+At the end the final weights are loaded with ``pipe.load_lora_weights`` (``load_result=False`` leaves pipe as it was).
+
+Files in ``out_dir``: ``config.json`` (the config and a fingerprint of the images and the pipeline, compared on
+resume), ``checkpoint-{k}/pytorch_lora_weights.safetensors`` every ``save_every`` steps and
+``pytorch_lora_weights.safetensors`` at the end (diffusers format: ``StableDiffusionPipeline.save_lora_weights`` of
+``convert_state_dict_to_diffusers(get_peft_model_state_dict(...))`` as the example; read by
+``pipe.load_lora_weights(path)``), ``class_images/`` (the prior-preservation images, PNG, with a manifest) and
+``resume_state.pt`` (adapter weights, optimiser, scaler, losses, step).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..embeddings import PathLike, _single_token_id
+from ..shapesworld.train import step_rng
+from ._common import (
+    CHECKPOINT,
+    CLASS_DIR,
+    INIT_STREAM,
+    RESUME_FILE,
+    Noising,
+    TrainResult,
+    adamw,
+    as_class_word,
+    as_word,
+    atomic_folder,
+    check_call,
+    check_common_fields,
+    checkpoints,
+    class_images,
+    default_prompts,
+    draw_images,
+    frozen,
+    latent_stats,
+    optimizer_step,
+    owned_by,
+    restore_params,
+    run_steps,
+    save_resume_state,
+    sha256,
+    start_run,
+    tensors_sha256,
+    token_ids,
+    training_images,
+    weights_path,
+)
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+UNET_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+_ADAPTER = "persviz_dreambooth"
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class DreamBoothLoRAConfig:
+    """DreamBooth-LoRA settings; the defaults are TEA's runs (rank 4, lr 1e-4, text encoder on, prior weight 1.0).
+
+    Args:
+        identifier: the rare word that names the concept in the instance prompt ("sks"); any string without spaces
+            (it is tokenized as it comes; no token is added). It must not be a token added to the pipeline (a
+            textual-inversion placeholder) nor the class word.
+        class_word: the concept's class ("square", "dog").
+        instance_prompt: prompt of the reference images; None: "a photo of {identifier} {class_word}".
+        class_prompt: prompt of the prior-preservation images; None: "a photo of a {class_word}".
+        rank: LoRA rank (lora_alpha = rank, as the example, so the LoRA scale is 1).
+        train_text_encoder: LoRA on the text encoder's attention projections too.
+        steps: optimizer steps in total (a later call with a larger value extends a finished run).
+        resolution: training image size; None: the pipeline's native size (unet sample_size * vae_scale_factor).
+        flip_p: probability of a horizontal flip of an image (0: none, as the example).
+        max_grad_norm: gradient clipping norm (None: no clipping).
+        prior_preservation: train with class images as well (the example's --with_prior_preservation).
+        num_class_images, class_seed, class_steps, class_guidance, class_batch_size: the class images; image i is
+            generated with seed class_seed + i, class_steps inference steps and guidance class_guidance (the
+            pipeline call's defaults 50 and 7.5, as the example), class_batch_size at a time.
+    """
+
+    identifier: str = "sks"
+    class_word: str = "square"
+    instance_prompt: str | None = None
+    class_prompt: str | None = None
+    rank: int = 4
+    train_text_encoder: bool = True
+    steps: int = 800
+    lr: float = 1e-4
+    batch_size: int = 1
+    save_every: int = 100
+    seed: int = 0
+    resolution: int | None = None
+    flip_p: float = 0.0
+    weight_decay: float = 1e-2
+    max_grad_norm: float | None = 1.0
+    prior_preservation: bool = True
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 100
+    class_seed: int = 0
+    class_steps: int = 50
+    class_guidance: float = 7.5
+    class_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        as_word(self, "identifier", "sks")
+        as_class_word(self)
+        if self.identifier == self.class_word:
+            raise ValueError("identifier and class_word must differ (the identifier names this one concept)")
+        default_prompts(self, f"a photo of {self.identifier} {self.class_word}")
+        if self.identifier not in self.instance_prompt:
+            raise ValueError(f"instance_prompt {self.instance_prompt!r} does not contain the identifier "
+                             f"{self.identifier!r}")
+        if self.identifier in self.class_prompt.split():
+            raise ValueError(f"class_prompt {self.class_prompt!r} contains the identifier {self.identifier!r}; the "
+                             f"class prompt describes the class without it")
+        check_common_fields(self, ints=(("rank", 1),), bools=("train_text_encoder",))
+
+
+@dataclass
+class DreamBoothLoRAResult(TrainResult):
+    """What a training call produced; `steps` counts all steps of the run in out_dir (earlier calls included)."""
+
+    class_images_dir: Path | None
+
+
+# ----------------------------------------------------------------------------- saved runs
+
+
+def list_lora_snapshots(out_dir: PathLike) -> list[tuple[int, Path]]:
+    """The (step, path) of every checkpoint-{k}/pytorch_lora_weights.safetensors in out_dir, sorted by step."""
+    return [(k, p / LORA_FILE) for k, p in checkpoints(out_dir, LORA_FILE)]
+
+
+def load_dreambooth_lora(pipe: Any, path: PathLike, adapter_name: str | None = None) -> Any:
+    """Load a saved LoRA (a pytorch_lora_weights.safetensors file or a folder holding one) into pipe; returns pipe.
+
+    Same as ``pipe.load_lora_weights(path)``; ``pipe.unload_lora_weights()`` removes it again.
+    """
+    f = weights_path(path, LORA_FILE, "LoRA weights",
+                     f"pass a {LORA_FILE} file or a folder holding one (list_lora_snapshots(out_dir) lists a run's "
+                     f"snapshots)")
+    kw = {} if adapter_name is None else {"adapter_name": adapter_name}
+    pipe.load_lora_weights(str(f), **kw)
+    return pipe
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+def _has_lora(module: torch.nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return bool(getattr(module, "_hf_peft_config_loaded", False)) or any(
+        isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+def _remove_lora(module: torch.nn.Module, before: dict) -> None:
+    """Replace the LoRA layers by their base layers and drop the attributes peft added (peft_config, flags)."""
+    from diffusers.utils import recurse_remove_peft_layers
+
+    recurse_remove_peft_layers(module)
+    for k in [k for k in module.__dict__ if k not in before]:
+        del module.__dict__[k]
+    for k, v in before.items():
+        if k not in ("_modules", "_parameters", "_buffers") and module.__dict__.get(k) is not v:
+            module.__dict__[k] = v
+
+
+@contextlib.contextmanager
+def _lora_adapters(unet: Any, text_encoder: Any,
+                   config: DreamBoothLoRAConfig) -> Iterator[dict[str, torch.nn.Parameter]]:
+    """Adds the adapters (float32, deterministic init); yields {"unet.<name>" / "text_encoder.<name>": param}."""
+    from peft import LoraConfig
+
+    models = [("unet", unet, UNET_TARGETS)]
+    if config.train_text_encoder:
+        models.append(("text_encoder", text_encoder, TEXT_ENCODER_TARGETS))
+    before = [dict(m.__dict__) for _, m, _ in models]
+    added: list[tuple[Any, dict]] = []
+    try:
+        params: dict[str, torch.nn.Parameter] = {}
+        for (prefix, m, targets), b in zip(models, before):
+            lora = LoraConfig(r=config.rank, lora_alpha=config.rank, init_lora_weights="gaussian",
+                              target_modules=list(targets))
+            added.append((m, b))
+            with torch.random.fork_rng(devices=[]):  # peft's own initialisation draws from the global generator
+                m.add_adapter(lora, adapter_name=_ADAPTER)
+            found = {f"{prefix}.{n}": p for n, p in m.named_parameters() if ".lora_" in n}
+            if not found:
+                raise ValueError(f"no module of the {prefix} matches the LoRA targets {list(targets)}")
+            params.update(found)
+        _, g = step_rng(config.seed, INIT_STREAM)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.data = p.data.float()  # the example's cast_training_params: adapters train in float32
+                if ".lora_A." in n:
+                    p.copy_(torch.randn(p.shape, generator=g).div_(config.rank))
+                else:
+                    p.zero_()
+        for p in params.values():
+            p.requires_grad_(True)
+        yield params
+    finally:
+        for m, b in reversed(added):
+            _remove_lora(m, b)
+
+
+def _lora_state_dicts(unet: Any, text_encoder: Any, with_text_encoder: bool) -> tuple[dict, dict | None]:
+    """The adapters in the diffusers format, as the example saves them (float32 on the CPU)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+
+    def sd(m: Any) -> dict:
+        raw = convert_state_dict_to_diffusers(get_peft_model_state_dict(m, adapter_name=_ADAPTER))
+        return {k: v.detach().float().cpu().contiguous() for k, v in raw.items()}
+
+    return sd(unet), (sd(text_encoder) if with_text_encoder else None)
+
+
+def _save_lora(folder: Path, unet: Any, text_encoder: Any, with_text_encoder: bool) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    u, t = _lora_state_dicts(unet, text_encoder, with_text_encoder)
+    StableDiffusionPipeline.save_lora_weights(save_directory=str(folder), unet_lora_layers=u,
+                                              text_encoder_lora_layers=t)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _pipeline_sha256(unet: Any, text_encoder: Any) -> str:
+    """A cheap fingerprint of the base pipeline: its first UNet to_k and text-encoder q_proj weights."""
+    k = next(m.weight for n, m in unet.named_modules() if n.endswith("to_k") and hasattr(m, "weight"))
+    q = next(m.weight for n, m in text_encoder.named_modules() if n.endswith("q_proj") and hasattr(m, "weight"))
+    return tensors_sha256(k, q)
+
+
+def _check_identifier(tokenizer: Any, config: DreamBoothLoRAConfig) -> list[int]:
+    """The identifier's token ids; errors if it is an added token or if the instance prompt loses it."""
+    tid = _single_token_id(tokenizer, config.identifier)
+    if tid is not None and tid >= tokenizer.vocab_size:
+        raise ValueError(f"identifier {config.identifier!r} is already a token added to the pipeline's tokenizer "
+                         f"(id {tid}, a learned embedding); remove it with "
+                         f"pipe.unload_textual_inversion({config.identifier!r}), use a fresh pipeline, or pick another "
+                         f"identifier such as 'sks'")
+    ident = tokenizer(config.identifier, add_special_tokens=False).input_ids
+    ids = token_ids(tokenizer, [config.instance_prompt])[0].tolist()
+    if not any(ids[i:i + len(ident)] == ident for i in range(len(ids) - len(ident) + 1)):
+        raise ValueError(f"the identifier {config.identifier!r} is not a word of the instance prompt "
+                         f"{config.instance_prompt!r} after tokenization (cut at {tokenizer.model_max_length} tokens?)")
+    return ident
+
+
+def train_dreambooth_lora(
+    pipe: Any,
+    images: Any,
+    config: DreamBoothLoRAConfig,
+    out_dir: PathLike,
+    progress: bool = True,
+    callback: Callable[[int, float], None] | None = None,
+    load_result: bool = True,
+) -> DreamBoothLoRAResult:
+    """Fine-tune LoRA adapters on reference images of one concept; resumes the run already in out_dir, if any.
+
+    Args:
+        pipe: a StableDiffusionPipeline without LoRA layers (any device and dtype; the adapters train in float32).
+            Its base weights are never changed; the adapters sit in it during training only, and at the end the
+            final weights are loaded into it (``pipe.load_lora_weights``).
+        images: PIL images or uint8 arrays [H, W, 3] of one size, or a uint8 array [N, H, W, 3]; centre-cropped
+            to a square and resized (bicubic) to the training resolution.
+        config: DreamBoothLoRAConfig. Resuming requires the same config, images and pipeline; only steps may
+            differ, so a finished run is extended by a call with a larger steps.
+        out_dir: folder of the run (created); see the module docstring for its files. The class images are
+            generated there once (before the first step) and reused by every later call.
+        progress: show tqdm progress bars (class images, training).
+        callback: called after each step as callback(step, loss), with the current adapters active in pipe; an
+            exception raised there stops training, and the next call resumes from the last saved step.
+        load_result: load the final LoRA into pipe (False: leave pipe as it was).
+    """
+    check_call(pipe, config, DreamBoothLoRAConfig)
+    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    for name, m in (("unet", unet), ("text_encoder", text_encoder)):
+        if _has_lora(m):
+            raise ValueError(f"pipe's {name} already holds LoRA layers (from pipe.load_lora_weights or an earlier "
+                             f"run's result); call pipe.unload_lora_weights() or pass a fresh pipeline")
+    ident = _check_identifier(tokenizer, config)
+    device, res, pixels = training_images(pipe, images, config)
+    record = {"format": _FORMAT, **asdict(config), "resolution_used": res, "num_images": len(pixels),
+              "images_sha256": sha256(pixels), "identifier_ids": ident,
+              "dtype": f"{text_encoder.dtype}/{unet.dtype}", "pipeline_sha256": _pipeline_sha256(unet, text_encoder)}
+    out, state, history, start = start_run(out_dir, record, owned_by(CHECKPOINT, LORA_FILE, CLASS_DIR), "LoRA weights",
+                                           "the LoRA weights of earlier steps: list_lora_snapshots(out_dir)")
+    final = out / LORA_FILE
+    cls_dir = out / CLASS_DIR if config.prior_preservation else None
+    if start < config.steps or not final.is_file():
+        cls_pixels = None
+        if config.prior_preservation and start < config.steps:
+            cls_pixels = class_images(pipe, config, cls_dir, res, progress)
+        te_dtype, unet_dtype = text_encoder.dtype, unet.dtype
+        # eval mode throughout (also for the encodings): the same numbers in every call
+        with frozen([text_encoder, unet, vae]), _lora_adapters(unet, text_encoder, config) as params:
+            plist = list(params.values())
+            if state is not None:
+                restore_params(params, state["params"],
+                               f"{out / RESUME_FILE} holds other adapter weights than this pipeline gets; use a new "
+                               f"out_dir")
+            opt, scaler = adamw(plist, config, device, torch.float16 in (te_dtype, unet_dtype), state)
+
+            def save_state(k: int) -> None:
+                tensors = {n: p.detach().cpu().clone() for n, p in params.items()}
+                save_resume_state(out / RESUME_FILE, k, {"params": tensors}, opt, scaler, history)
+
+            def save(folder: Path) -> None:
+                _save_lora(folder, unet, text_encoder, config.train_text_encoder)
+
+            if start < config.steps:
+                step = _make_step(pipe, config, pixels, cls_pixels, device, opt, scaler, plist, unet_dtype)
+                run_steps(start=start, steps=config.steps, save_every=config.save_every, step=step,
+                          history=history, snapshot=lambda k: atomic_folder(out / f"checkpoint-{k}", save),
+                          save_state=save_state, after=callback, desc=f"dreambooth-lora {config.identifier}",
+                          progress=progress)
+            with tempfile.TemporaryDirectory(dir=out, prefix=".final-") as tmp:
+                save(Path(tmp))
+                os.replace(Path(tmp) / LORA_FILE, final)
+    if load_result:
+        pipe.load_lora_weights(str(final))
+    return DreamBoothLoRAResult(out_dir=out, steps=config.steps, loss_history=history,
+                                snapshot_paths=[p for _, p in list_lora_snapshots(out)], final_path=final,
+                                class_images_dir=cls_dir)
+
+
+def _make_step(pipe: Any, config: DreamBoothLoRAConfig, pixels: np.ndarray, cls_pixels: np.ndarray | None,
+               device: torch.device, opt: torch.optim.Optimizer, scaler: Any, params: list[torch.Tensor],
+               unet_dtype: torch.dtype) -> Callable[[int], float]:
+    """The training step s (inside the adapters' context): batch, noise and timesteps from step_rng(seed, s)."""
+    text_encoder, unet, vae = pipe.text_encoder, pipe.unet, pipe.vae
+    noising = Noising(pipe)
+    flip = config.flip_p > 0
+    mean, std = latent_stats(vae, pixels, flip, device)
+    if cls_pixels is not None:
+        cmean, cstd = latent_stats(vae, cls_pixels, flip, device)
+    ids = token_ids(pipe.tokenizer, [config.instance_prompt, config.class_prompt]).to(device)
+    fixed_cond = None
+    if not config.train_text_encoder:  # the text encoder does not change: encode the two prompts once
+        with torch.no_grad():
+            fixed_cond = text_encoder(ids)[0]
+    n_img, B = len(pixels), config.batch_size
+
+    def pick(rng: np.random.Generator, n: int) -> torch.Tensor:
+        return torch.from_numpy(draw_images(rng, n, B, config.flip_p)).to(device)
+
+    def step(s: int) -> float:
+        rng, g = step_rng(config.seed, s)
+        i = pick(rng, n_img)
+        m, sd, rows = mean[i], std[i], [0] * B
+        if cls_pixels is not None:
+            c = pick(rng, len(cls_pixels))
+            m, sd, rows = torch.cat([m, cmean[c]]), torch.cat([sd, cstd[c]]), rows + [1] * B
+        zt, t, target = noising(m, sd, g, device)
+        r = torch.tensor(rows, device=device)
+        cond = fixed_cond[r] if fixed_cond is not None else text_encoder(ids[r])[0]
+        pred = unet(zt.to(unet_dtype), t, cond.to(unet_dtype)).sample.float()
+        loss = F.mse_loss(pred[:B], target[:B])
+        if cls_pixels is not None:
+            loss = loss + config.prior_loss_weight * F.mse_loss(pred[B:], target[B:])
+        optimizer_step(loss, opt, scaler, params, config.max_grad_norm)
+        return float(loss.detach().cpu())
+
+    return step
