@@ -1,6 +1,5 @@
 """persviz.tea_plots and persviz.widgets: figures drawn on given axes without global state; widgets driven headless."""
 import io
-import sys
 from types import SimpleNamespace
 
 import matplotlib
@@ -18,26 +17,11 @@ from persviz import tea_plots as tp  # noqa: E402
 from persviz.tea import slerp_adjust  # noqa: E402
 from persviz.widgets import SnapshotExplorer, TEAExplorer, make_tea_generate_fn, png_bytes  # noqa: E402
 
+from plot_helpers import new_ax, no_global_matplotlib_state  # noqa: E402,F401 (autouse fixture)
+
 STEPS = [100, 200, 300, 400, 500]
 ROT = [0.0, 0.1, 0.2, 0.3]
 SCA = [0.0, 0.5, 1.0]
-
-
-@pytest.fixture(autouse=True)
-def _no_global_matplotlib_state():
-    """No test may change rcParams or open pyplot figures."""
-    before = dict(matplotlib.rcParams)
-    plt = sys.modules.get("matplotlib.pyplot")
-    n_open = len(plt.get_fignums()) if plt else 0
-    yield
-    assert dict(matplotlib.rcParams) == before
-    plt = sys.modules.get("matplotlib.pyplot")
-    assert (len(plt.get_fignums()) if plt else 0) == n_open
-
-
-def _ax():
-    fig = Figure()
-    return fig, fig.add_subplot()
 
 
 def _curves(n=len(STEPS)):
@@ -92,7 +76,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("name", list(PLOTS))
 def test_plot_draws_on_given_ax_and_returns_its_figure(name):
-    fig, ax = _ax()
+    fig, ax = new_ax()
     out = PLOTS[name](ax)
     assert out is fig
     got = _count(fig, ax)
@@ -109,17 +93,17 @@ def test_plot_builds_its_own_figure_without_pyplot(name):
 
 def test_norm_histogram_details():
     norms = np.linspace(0.2, 0.6, 500)
-    fig, ax = _ax()
+    fig, ax = new_ax()
     tp.norm_histogram(norms, {i * 100: 0.3 + 0.1 * i for i in range(1, 13)}, class_norm=0.4, ax=ax)
     assert len(fig.axes) == 2  # many steps: a colorbar over steps instead of a legend entry per step
     assert [t.get_text() for t in ax.get_legend().get_texts()][-1].startswith("|c|=0.4")
     assert ax.get_xlim()[1] >= 1.5  # the last mark (1.5) lies in the view
-    fig, ax = _ax()
+    fig, ax = new_ax()
     tp.norm_histogram(torch.tensor(norms), {"final": 0.55, "init": 0.3}, ax=ax)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels[1].startswith("final: |V*|=0.55") and "p87" in labels[1]  # percentile in the vocabulary
     assert labels[2].startswith("init")  # label keys keep their order
-    fig, ax = _ax()
+    fig, ax = new_ax()
     tp.norm_histogram(np.linspace(0.2, 0.6, 5000), {2000: 0.59995, 3000: 0.7}, ax=ax)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels[1:] == ["step 2000: |V*|=0.6 (1 row larger)", "step 3000: |V*|=0.7 (0 rows larger)"]  # far tail
@@ -147,11 +131,11 @@ def test_shift_grid_one_panel_per_metric():
 
 
 def test_sweep_lines_over_scale_and_before_after_layout():
-    fig, ax = _ax()
+    fig, ax = new_ax()
     tp.sweep_lines(ROT, SCA, _sweep(), "CLIP-I", x="scale", ax=ax)
     assert len(ax.lines) == len(ROT)
     np.testing.assert_array_equal(ax.lines[1].get_ydata(), _sweep()[1])
-    fig, ax = _ax()
+    fig, ax = new_ax()
     tp.before_after_grid(np.zeros((3, 8, 8, 3), np.uint8), np.full((3, 8, 8, 3), 255, np.uint8), ["p1", "p2", "p3"], ax=ax)
     canvas = ax.images[0].get_array()
     assert canvas.shape == (3 * 9 - 1, 2 * 9 - 1, 3)

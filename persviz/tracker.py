@@ -1,0 +1,384 @@
+"""Semantic shift over a Textual Inversion run (TEA Sec. 3.2.1-3.2.3, Figs. 2 and 4; METHODS.md Sec. 1).
+
+For every saved embedding V* of a run, encode three prompt sets with the pipeline's text encoder:
+P_V* (the contextual prompts with the placeholder), P_simple (the simple prompts with the placeholder)
+and, once for the whole run, P_c (the contextual prompts with the class word). Then per step:
+
+- inter-set distances d(P_V*, P_c): L2, Hausdorff, Mahalanobis, KL (``shift_metrics.shift_distances``);
+- intra-set distances of P_V* and of P_c: L2, Hausdorff, Mahalanobis (``shift_metrics.intra_distances``);
+- d(P_V*, P_simple), the same four metrics (KL only when both sets hold as many prompts: it pairs row i
+  with row i);
+- |V*| / |c| and cos(V*, c) (``embeddings.norm_ratio_and_cosine``), and |V*|.
+
+    track = track_semantic_shift(pipe, "outputs/ti/square", "shapesworld_contextual", "shapesworld_simple")
+    save_json(track, "outputs/ti/square/shift.json")
+    fig = tea_plots.shift_grid(*to_shift_grid(track))
+
+Representation. A prompt is the text encoder's last hidden state, all 77 positions, flattened to
+77 x D features (``representation="full"``, the paper and the public code's
+``investigate_semantic_drift.py``). ``representation="last"`` keeps only the last position
+(hidden[:, -1], the padding/EOS state that has attended to the whole prompt), the code's other option.
+
+How the embedding gets in. The pipeline is not modified: a private copy of its tokenizer holds the
+placeholder, prompts are tokenized there, and a forward hook on the text encoder's input embedding writes V*
+(cast to the encoder's dtype) at the placeholder's positions (as ``trainers.textual_inversion`` does during
+training). The text encoder is neither copied nor resized, no row of it is written, and the hook and the
+encoder's train/eval mode are restored on exit, also after an exception. A pipeline that already has the
+placeholder loaded (``pipe.load_textual_inversion``) works too: the hook overrides that row for the duration.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import shift_metrics as sm
+from .embeddings import _parts, _single_token_id, class_word_id, norm_ratio_and_cosine
+from .io import atomic_write_text
+from .prompts import PLACEHOLDER, load_prompt_set
+from .trainers.textual_inversion import CONFIG_FILE, _PlaceholderRows, list_snapshots, load_snapshot_embedding
+
+PathLike = Union[str, os.PathLike]
+RunLike = Union[PathLike, Sequence[tuple[int, Any]], Mapping[int, Any]]
+
+REPRESENTATIONS = ("full", "last")
+INTER_METRICS = ("l2", "hausdorff", "mahalanobis", "kl")
+INTRA_METRICS = ("l2", "hausdorff", "mahalanobis")
+DEFAULT_PLACEHOLDER = "<v*>"
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _prompt_set(prompts: Any, name: str) -> list[str]:
+    """A prompt set (a list, or a shipped set's name for load_prompt_set) with exactly one '{}' in each prompt."""
+    if isinstance(prompts, str):
+        try:
+            prompts = load_prompt_set(prompts)
+        except KeyError as err:
+            raise ValueError(f"{name}: {err.args[0]}") from None
+    out = list(prompts)
+    if len(out) < 2:
+        raise ValueError(f"{name} needs at least 2 prompts (the set statistics need them); got {len(out)}")
+    for p in out:
+        if not isinstance(p, str):
+            raise ValueError(f"{name} must hold strings; got {type(p).__name__} {p!r}")
+        if p.count(PLACEHOLDER) != 1:
+            raise ValueError(
+                f"{name}: prompt {p!r} has {p.count(PLACEHOLDER)} '{PLACEHOLDER}' placeholders; each prompt needs "
+                f"exactly one, where the class word or the learned token goes (e.g. 'a {PLACEHOLDER} on a beach')"
+            )
+    return out
+
+
+def _run_config(folder: Path) -> dict:
+    cfg = folder / CONFIG_FILE
+    return json.loads(cfg.read_text()) if cfg.is_file() else {}
+
+
+def _rows(x: Any, where: str) -> torch.Tensor:
+    """An embedding (tensor [D] / [n, D] or a saved file) as float32 [n, D] on the CPU."""
+    if isinstance(x, (str, os.PathLike)):
+        x = load_snapshot_embedding(x)
+    if not isinstance(x, (torch.Tensor, np.ndarray)):
+        raise ValueError(f"{where} must be a tensor [D] or [n, D] or a learned-embedding file; got {type(x).__name__}")
+    t = torch.as_tensor(x).detach()
+    if t.ndim not in (1, 2) or t.numel() == 0 or not t.is_floating_point():
+        raise ValueError(f"{where} must be a floating tensor [D] or [n, D]; got {t.dtype} {tuple(t.shape)}")
+    t = t.float().cpu().reshape(-1, t.shape[-1])
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{where} contains NaN or inf (a diverged training step?)")
+    return t
+
+
+def _steps_of(run: RunLike) -> tuple[list[tuple[int, Any]], dict]:
+    """[(step, embedding or file)] and the run's config.json (empty for a list)."""
+    if isinstance(run, (str, os.PathLike)):
+        folder = Path(run).expanduser()
+        snaps = list_snapshots(folder)  # FileNotFoundError for a missing folder
+        if not snaps:
+            raise ValueError(
+                f"{folder} holds no learned_embeds-steps-<k>.safetensors snapshots; train with "
+                f"persviz.trainers.train_textual_inversion (saves one every TIConfig.save_every steps) or pass a "
+                f"list of (step, embedding) pairs"
+            )
+        return list(snaps), _run_config(folder)
+    items = list(run.items()) if isinstance(run, Mapping) else list(run)
+    if not items:
+        raise ValueError("run is empty; pass a run folder or a non-empty list of (step, embedding) pairs")
+    out = []
+    for k, item in enumerate(items):
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"run[{k}] must be a (step, embedding) pair; got {type(item).__name__}")
+        step, emb = item
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise ValueError(f"run[{k}]: the step must be an int; got {step!r}")
+        out.append((int(step), emb))
+    return out, {}
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+class _PromptEncoder:
+    """Encodes prompt sets through the pipeline's text encoder, with V* written at the placeholder by a hook."""
+
+    def __init__(self, pipe: Any, placeholder: str, class_word: str, n_vectors: int, representation: str,
+                 batch_size: int) -> None:
+        tokenizer, encoder = _parts(pipe)
+        if tokenizer is None or encoder is None:
+            raise ValueError("pipe needs a tokenizer and a text_encoder (a StableDiffusionPipeline, or that pair)")
+        if not isinstance(placeholder, str) or not placeholder or any(c.isspace() for c in placeholder):
+            raise ValueError(f"placeholder must be a non-empty string without spaces, e.g. '<v*>'; got {placeholder!r}")
+        if placeholder == class_word:
+            raise ValueError(f"class word {class_word!r} is the placeholder itself; pass the class word (e.g. 'dog')")
+        self.encoder = encoder
+        self.class_id = class_word_id(tokenizer, class_word)
+        self.weight = encoder.get_input_embeddings().weight
+        if self.weight.device.type == "meta":
+            raise ValueError("the text encoder's weights are on the meta device (sequential offload); load them first")
+        self.tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, n_vectors)]
+        self.tok = copy.deepcopy(tokenizer)  # the pipeline's tokenizer is never changed
+        base = int(self.tok.vocab_size)
+        for t in self.tokens:
+            tid = _single_token_id(self.tok, t)
+            if tid is not None and tid < base:
+                raise ValueError(f"placeholder token {t!r} is a word of the vocabulary (id {tid}); the tracker would "
+                                 f"overwrite it everywhere. Use the run's placeholder, such as '<v*>'")
+            if tid is None:
+                self.tok.add_tokens([t])
+        self.ids = self.tok.convert_tokens_to_ids(self.tokens)
+        if self.class_id in self.ids:
+            raise ValueError(f"class word {class_word!r} is one of the placeholder's tokens; pass the class word")
+        self.representation = representation
+        self.batch_size = batch_size
+        self.device = encoder.device
+        self.use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
+
+    @property
+    def class_row(self) -> torch.Tensor:
+        return self.weight[self.class_id].detach().float().cpu()
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], rows: torch.Tensor | None) -> torch.Tensor:
+        """[N, F] float32 on the encoder's device; rows [n, D] is V* (None: no placeholder in the prompts)."""
+        batch = self.tok(prompts, padding="max_length", max_length=self.tok.model_max_length, truncation=True,
+                         return_tensors="pt")
+        ids = batch.input_ids
+        mask = sel = None
+        if rows is not None:
+            ph = torch.tensor(self.ids)
+            hits = ids[..., None] == ph  # [N, L, n]
+            counts = hits.sum(1)  # [N, n]: how often each placeholder token occurs in each prompt
+            if bool((counts != 1).any()):
+                bad = int((counts != 1).any(1).nonzero()[0])
+                raise ValueError(f"prompt {prompts[bad]!r} does not hold the placeholder tokens {self.tokens} exactly "
+                                 f"once each after tokenization (cut at {self.tok.model_max_length} tokens?)")
+            mask, sel = hits.any(-1), hits.int().argmax(-1)
+            ids = torch.where(mask, self.class_id, ids)  # any valid row: the hook writes V* there
+        hook = _PlaceholderRows(rows.to(self.device) if rows is not None else torch.empty(0))
+        handle = self.encoder.get_input_embeddings().register_forward_hook(hook)
+        out = []
+        try:
+            for s in range(0, len(ids), self.batch_size):
+                b = slice(s, s + self.batch_size)
+                if mask is not None:
+                    hook.mask, hook.sel = mask[b].to(self.device), sel[b].to(self.device)
+                attn = batch.attention_mask[b].to(self.device) if self.use_mask else None
+                h = self.encoder(ids[b].to(self.device), attention_mask=attn)[0]
+                h = h[:, -1] if self.representation == "last" else h.reshape(h.shape[0], -1)
+                out.append(h.float())
+        finally:
+            handle.remove()
+        return torch.cat(out)
+
+
+class _EvalMode:
+    """Eval mode for a module tree inside the block; each submodule's mode restored on exit."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.modes = [(m, m.training) for m in module.modules()]
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.module.eval()
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, t in self.modes:
+            m.training = t
+
+
+# ----------------------------------------------------------------------------- tracking
+
+
+def _check_choice(value: Any, name: str, choices: Iterable[str]) -> None:
+    if value not in tuple(choices):
+        raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}")
+
+
+def track_semantic_shift(
+    pipe: Any,
+    run: RunLike,
+    prompts: Sequence[str] | str,
+    simple_prompts: Sequence[str] | str | None = None,
+    *,
+    class_word: str | None = None,
+    placeholder: str | None = None,
+    covariance: sm.Covariance = "pinv",
+    intra_covariance: sm.Covariance = "ledoit_wolf",
+    tau: float = 1.0,
+    representation: str = "full",
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict[str, list]:
+    """Semantic-shift metrics and |V*|/|c|, cos(V*, c) at every saved step of a Textual Inversion run.
+
+    Args:
+        pipe: a StableDiffusionPipeline (or a (tokenizer, text_encoder) pair); left exactly as it was.
+        run: a run folder of ``train_textual_inversion`` (its ``learned_embeds-steps-<k>.safetensors``, in step
+            order; its config.json supplies placeholder and class word), or (step, embedding) pairs / a
+            {step: embedding} dict, an embedding being a tensor [D] or [n, D] or a learned-embedding file.
+        prompts: the contextual prompt set, one "{}" per prompt (a list, or a shipped set's name such as
+            "shapesworld_contextual"). P_V* fills in the placeholder, P_c the class word.
+        simple_prompts: the simple set ("a photo of a {}"), filled with the placeholder for d(P_V*, P_simple);
+            None skips those columns.
+        class_word: one-token word c ("square", "dog"); default: the run's initializer (config.json).
+        placeholder: the token string put into the prompts; default: the run's placeholder, else "<v*>".
+            An n-vector embedding uses tokens placeholder, placeholder_1, ... (diffusers' convention).
+        covariance: Cov estimate of the inter-set and vs-simple Mahalanobis ("pinv", the public code's, or
+            "ledoit_wolf"). intra_covariance: of the intra-set Mahalanobis (default "ledoit_wolf": with "pinv" it
+            is the constant (N-1)/sqrt(N)).
+        tau: KL softmax temperature.
+        representation: "full" (last hidden state, 77 x D flattened; the paper) or "last" (hidden[:, -1]).
+        batch_size: prompts per text-encoder call.
+        progress: show a tqdm progress bar over the steps.
+
+    Returns a dict of equally long lists, one entry per step (``pandas.DataFrame(track)`` reads it):
+    "step"; "inter_<m>" for m in l2, hausdorff, mahalanobis, kl (d(P_V*, P_c)); "intra_vstar_<m>" and
+    "intra_class_<m>" for m in l2, hausdorff, mahalanobis ("intra_class_*" is the same at every step);
+    "vs_simple_<m>" for the four metrics (with simple_prompts; "vs_simple_kl" is None when the two sets differ
+    in size); "norm_ratio" (|V*|/|c|), "cosine" (cos(V*, c)) and "vstar_norm" (|V*|), each the mean over
+    the vectors of a multi-vector embedding.
+    """
+    _check_choice(representation, "representation", REPRESENTATIONS)
+    _check_choice(covariance, "covariance", ("pinv", "ledoit_wolf"))
+    _check_choice(intra_covariance, "intra_covariance", ("pinv", "ledoit_wolf"))
+    sm._check_tau(tau)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    contextual = _prompt_set(prompts, "prompts")
+    simple = None if simple_prompts is None else _prompt_set(simple_prompts, "simple_prompts")
+    steps, cfg = _steps_of(run)
+    if class_word is None:
+        class_word = cfg.get("initializer")
+        if class_word is None:
+            raise ValueError("pass class_word= (the one-token word the placeholder stands for, e.g. 'dog'); it is "
+                             "read from a run folder's config.json only")
+    placeholder = placeholder or cfg.get("placeholder") or DEFAULT_PLACEHOLDER
+
+    first = _rows(steps[0][1], f"the embedding of step {steps[0][0]}")
+    enc = _PromptEncoder(pipe, placeholder, class_word, first.shape[0], representation, int(batch_size))
+    D = enc.weight.shape[1]
+    if first.shape[1] != D:
+        raise ValueError(f"the embeddings have size D={first.shape[1]} but the text encoder's rows have D={D}; "
+                         f"the run was trained on another model")
+    with_ph = [p.replace(PLACEHOLDER, " ".join(enc.tokens)) for p in contextual]
+    with_class = [p.replace(PLACEHOLDER, class_word) for p in contextual]
+    simple_ph = None if simple is None else [p.replace(PLACEHOLDER, " ".join(enc.tokens)) for p in simple]
+    c = enc.class_row
+
+    cols: dict[str, list] = {"step": []}
+    names = ([f"inter_{m}" for m in INTER_METRICS] + [f"intra_vstar_{m}" for m in INTRA_METRICS]
+             + [f"intra_class_{m}" for m in INTRA_METRICS]
+             + ([f"vs_simple_{m}" for m in INTER_METRICS] if simple is not None else [])
+             + ["norm_ratio", "cosine", "vstar_norm"])
+    cols.update({k: [] for k in names})
+
+    with _EvalMode(enc.encoder):
+        P_c = enc.encode(with_class, None)  # once for the whole run
+        intra_c = sm.intra_distances(P_c, intra_covariance)
+        for i, (step, item) in enumerate(tqdm(steps, desc=f"semantic shift {placeholder}", disable=not progress)):
+            rows = first if i == 0 else _rows(item, f"the embedding of step {step}")
+            if rows.shape != first.shape:
+                raise ValueError(f"step {step}: embedding shape {tuple(rows.shape)} differs from the first step's "
+                                 f"{tuple(first.shape)}")
+            P_v = enc.encode(with_ph, rows)
+            cols["step"].append(step)
+            for m, v in sm.shift_distances(P_v, P_c, covariance, tau).items():
+                cols[f"inter_{m}"].append(v)
+            for m, v in sm.intra_distances(P_v, intra_covariance).items():
+                cols[f"intra_vstar_{m}"].append(v)
+            for m, v in intra_c.items():
+                cols[f"intra_class_{m}"].append(v)
+            if simple_ph is not None:
+                P_s = enc.encode(simple_ph, rows)
+                cols["vs_simple_l2"].append(sm.l2_distance(P_v, P_s))
+                cols["vs_simple_hausdorff"].append(sm.hausdorff_distance(P_v, P_s))
+                cols["vs_simple_mahalanobis"].append(sm.mahalanobis_distance(P_v, P_s, covariance))
+                cols["vs_simple_kl"].append(sm.kl_divergence(P_v, P_s, tau) if len(P_v) == len(P_s) else None)
+            ratio, cos = norm_ratio_and_cosine(rows, c)
+            cols["norm_ratio"].append(float(ratio.mean()))
+            cols["cosine"].append(float(cos.mean()))
+            cols["vstar_norm"].append(float(rows.double().norm(dim=-1).mean()))
+    return cols
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def to_shift_grid(track: Mapping[str, list]) -> tuple[list, dict[str, dict[str, list]]]:
+    """(steps, {metric: {curve: values}}) for ``tea_plots.shift_grid``; curves with missing values are left out."""
+    labels = {"inter": "inter d(P_V*, P_c)", "intra_vstar": "intra d(P_V*)", "intra_class": "intra d(P_c)",
+              "vs_simple": "d(P_V*, P_simple)"}
+    titles = {"l2": "L2", "hausdorff": "Hausdorff", "mahalanobis": "Mahalanobis", "kl": "KL"}
+    out: dict[str, dict[str, list]] = {}
+    for m, title in titles.items():
+        curves = {lab: list(track[f"{k}_{m}"]) for k, lab in labels.items()
+                  if f"{k}_{m}" in track and all(v is not None for v in track[f"{k}_{m}"])}
+        if curves:
+            out[title] = curves
+    return list(track["step"]), out
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return _jsonable(x.detach().cpu().tolist())
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    return x
+
+
+def save_json(obj: Mapping[str, Any], path: PathLike) -> Path:
+    """Write a track (or any JSON-able dict; numpy/torch numbers converted) atomically; returns the path.
+
+    The file appears whole or not at all: written to a temporary file beside it, then renamed. NaN is
+    written as NaN (Python's json reads it back).
+    """
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"save_json writes a dict; got {type(obj).__name__}")
+    p = Path(path).expanduser()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(p, json.dumps(_jsonable(obj), indent=1))
+
+
+def load_json(path: PathLike) -> dict:
+    """Read a file written by save_json."""
+    return json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+
+
+__all__ = ["track_semantic_shift", "to_shift_grid", "save_json", "load_json", "REPRESENTATIONS"]
