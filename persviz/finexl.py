@@ -210,7 +210,8 @@ def concept_direction(text_encoder_fn: Callable[[list[str]], torch.Tensor], prob
 # ----------------------------------------------------------------------------- selection
 
 
-def orthogonal_filter(v_div: torch.Tensor, candidates: dict[str, torch.Tensor], eps_ortho: float = 0.1) -> list[str]:
+def orthogonal_filter(v_div: torch.Tensor, candidates: dict[str, torch.Tensor], eps_ortho: float = 0.1,
+                      min_relevance: float = 0.0) -> list[str]:
     """Greedy near-orthogonal subset of candidate concepts, most relevant first.
 
     Candidates are ordered by |cos(f(C), v_div)| (descending, ties keep dict order);
@@ -218,15 +219,22 @@ def orthogonal_filter(v_div: torch.Tensor, candidates: dict[str, torch.Tensor], 
     C_j (the signed sum, as in the paper). The paper uses ``eps_ortho = 0.03``; the
     public re-implementation needs 0.1-0.3 with CLIP, where every f(C) shares an
     "appended text" direction, so the default here is 0.1. Zero-norm candidates have no
-    direction and are skipped.
+    direction and are skipped. The most relevant usable candidate always survives the
+    orthogonality test (nothing is kept yet), so the filter keeps at least one concept
+    unless every candidate is rejected as zero-norm or as irrelevant (``min_relevance``).
 
     Args:
         v_div: [D] divergence vector.
         candidates: ``{name: f(C) [D]}``.
         eps_ortho: threshold in (0, inf).
+        min_relevance: reject candidates with ``|cos(f(C), v_div)| < min_relevance`` before
+            the orthogonality test (default 0: keep all, as in the paper).
 
     Returns:
         Names of the kept concepts, in the order above (the order for `greedy_decompose`).
+
+    Raises:
+        ValueError: no candidate survives (all zero-norm, or all below ``min_relevance``).
     """
     v = _check_v_div(v_div)
     names, mat = _concept_matrix(candidates, v.shape[0], what="candidates")
@@ -235,15 +243,24 @@ def orthogonal_filter(v_div: torch.Tensor, candidates: dict[str, torch.Tensor], 
     norms = np.linalg.norm(mat, axis=0)
     usable = norms > 1e-12
     unit = np.where(usable, mat / np.where(usable, norms, 1.0), 0.0)
+    if not (0.0 <= float(min_relevance) <= 1.0):
+        raise ValueError(f"min_relevance must be in [0, 1] (a |cosine|), got {min_relevance}.")
     relevance = np.abs(unit.T @ (v / np.linalg.norm(v)))
     order = sorted((i for i in range(len(names)) if usable[i]), key=lambda i: -relevance[i])
-    kept: list[int] = []
-    for i in order:
-        if not kept or abs(float(np.sum(unit[:, kept].T @ unit[:, i]))) < eps_ortho:
-            kept.append(i)
-    if not kept:
+    if not order:
         raise ValueError(f"no candidate concept survived: all of {names} have zero-norm vectors. Recompute them "
                          f"with concept_direction (the encoder must react to the appended concept text).")
+    relevant = [i for i in order if relevance[i] >= float(min_relevance)]
+    if not relevant:
+        raise ValueError(f"no candidate concept survived: all {len(order)} usable candidates have "
+                         f"|cos(f(C), v_div)| < min_relevance = {float(min_relevance):g} (largest "
+                         f"{relevance[order[0]]:.3f}, {names[order[0]]!r}): none of them describes the "
+                         f"personalization. Propose other concepts (another VLM, a larger concept bank) or lower "
+                         f"min_relevance.")
+    kept: list[int] = []
+    for i in relevant:
+        if not kept or abs(float(np.sum(unit[:, kept].T @ unit[:, i]))) < eps_ortho:
+            kept.append(i)
     return [names[i] for i in kept]
 
 
