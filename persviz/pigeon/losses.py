@@ -37,6 +37,19 @@ def diffusion_dpo_loss(model_pred_w: torch.Tensor, model_pred_l: torch.Tensor,
     ``-0.5 * beta_dpo * (model_diff - ref_diff)`` with ``beta_dpo = 5000``; pass half of that
     beta here to reproduce it. Reference predictions are detached.
 
+    On the size of beta. The default 0.1 is Pigeon's value, but Pigeon applies DPO to the LMM's
+    token log-likelihoods (sums over many tokens, differences of order 1 and more). Here the
+    logits are differences of per-sample diffusion MSEs, of order 1e-4..1e-2, so ``beta * logits``
+    is 1e-5..1e-3: the sigmoid sits at its midpoint, the loss reads log 2 to 5-7 digits whatever the
+    model does, and the objective degenerates to ``log 2 + (beta / 2) * (model_diff - ref_diff)``:
+    a constant-weight "lower the chosen error, raise the rejected error" with none of DPO's
+    saturation, i.e. no implicit anchoring to the reference model (and with Adam, whose step size
+    ignores the gradient's scale, it still moves the weights at the full learning rate). Watch
+    ``implicit_acc`` and ``model_diff - ref_diff`` rather than the loss. The diffusers
+    ``train_diffusion_dpo.py`` example uses ``beta_dpo = 2500`` (the Diffusion-DPO paper's SD 1.5
+    runs: 5000 in the ``0.5 * beta`` convention), which puts ``beta * logits`` at order 1 - use that
+    scale for a DPO that behaves as DPO; beta stays a parameter so either can be run.
+
     Args:
         model_pred_w, model_pred_l: trained model's predictions for chosen / rejected, [B, ...].
         ref_pred_w, ref_pred_l: frozen reference model's predictions, [B, ...].
