@@ -165,7 +165,16 @@ seed; {steps} steps of {scheduler}, guidance {guidance}. The oracle reads the im
 correct when the object that best matches the named concept carries it (a named second object must stand in
 another slot). Accuracy: {sd}. Counts: {counts}.
 
+## How the UNet was trained
+Batch 64 of 16x16x4 latents from 100,000 rendered scenes (30 % with a second object), captions of random
+detail (10 % dropped for classifier-free guidance), the frozen CLIP text tower, SD's noise schedule,
+min-SNR-5 weighting, AdamW lr 4e-4 with EMA. Offset noise (0.15) from step 3200: without it the mean of x_T
+decided the background on 16x16 latents (SD's schedule does not reach zero SNR). From step 6300 a binding
+phase draws half of every batch from two-object scenes and decays the lr linearly to 0.1x: the second object
+was read right in 44 % of prompts at step 6300 (its color was mostly the error) and in 72 % at the end.
+
 ## Limits
+- The second object is the weakest attribute: 72 % on 94 prompts (a 95 % interval of about ±9 points).
 - 32x32 images, a closed vocabulary (other words tokenize into byte pieces the models never saw in training).
 - The oracle is trained on renders with blur, noise and brightness augmentation; it judges generated images,
   whose errors it may itself misread.

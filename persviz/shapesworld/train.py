@@ -299,14 +299,24 @@ def stage_unet(args) -> None:
     unet = unet_model().to(DEVICE)
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=4e-4, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
+    steps, batch, boost_from = args.unet_steps, 64, args.second_boost_start
+
+    def lr_factor(s: int) -> float:  # warm-up, constant, then a linear decay to 0.1 over the boosted phase
+        if s < boost_from:
+            return min(1.0, (s + 1) / 200)
+        return 1.0 - 0.9 * min(1.0, (s - boost_from) / max(1, steps - boost_from))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     noise_sched = train_scheduler()
     alphas = noise_sched.alphas_cumprod
-    steps, batch = args.unet_steps, 64
+    two = np.flatnonzero(data["codes"][:, 6] >= 0)  # scenes with a second object
 
     def step(s: int) -> float:
         rng, g = step_rng(15, s)
         idx = rng.integers(len(latents), size=batch)
+        if s >= boost_from:  # binding phase: half of every batch shows two objects
+            half = batch // 2
+            idx[:half] = two[rng.integers(len(two), size=half)]
         caps = [c if rng.random() >= 0.1 else "" for c in captions_for(data["codes"][idx], rng)]
         ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
@@ -372,7 +382,9 @@ def main(argv=None) -> None:
     p.add_argument("--vae-decoder-steps", type=int, default=2500)
     p.add_argument("--oracle-steps", type=int, default=2000)
     p.add_argument("--dino-steps", type=int, default=300)
-    p.add_argument("--unet-steps", type=int, default=6300)
+    p.add_argument("--unet-steps", type=int, default=9300)
+    p.add_argument("--second-boost-start", type=int, default=6300,
+                   help="UNet step from which half of each batch has a second object (and the LR decays)")
     p.add_argument("--offset-noise", type=float, default=0.15, help="strength of offset noise in UNet training")
     p.add_argument("--offset-noise-start", type=int, default=3200, help="UNet step from which offset noise is used")
     args = p.parse_args(argv)
