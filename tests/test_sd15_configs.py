@@ -84,3 +84,29 @@ def test_random_sd15_pipeline_generates_64px_on_cpu():
     out = pipe("a photo of a dog", num_inference_steps=1, guidance_scale=7.5, output_type="np",
                generator=torch.Generator("cpu").manual_seed(0)).images
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all() and 0.0 <= out.min() and out.max() <= 1.0
+
+
+@pytest.mark.slow
+def test_full_scale_code_path_end_to_end_on_random_sd15(tmp_path):
+    """SD 1.5-shaped components (random weights): TI steps with snapshots, the shift tracker, token- and
+    prompt-level TEA and generation at 64x64 run the very functions the notebooks call at full scale."""
+    from persviz.generation import generate, generate_from_embeds
+    from persviz.tea_pipeline import encode_prompt_level, tea
+    from persviz.tracker import track_semantic_shift
+    from persviz.trainers import TIConfig, train_textual_inversion
+    pipe = build_sd15_pipeline(sample_size=64, device="cpu", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    res = train_textual_inversion(pipe, images, TIConfig(placeholder="<v*>", initializer="dog", steps=2, save_every=1),
+                                  tmp_path / "ti", progress=False)
+    assert len(res.loss_history) == 2 and np.isfinite(res.loss_history).all()
+    track = track_semantic_shift(pipe, tmp_path / "ti", ["a {} on a beach", "a {} in the snow", "a {} at night"],
+                                 ["a photo of a {}", "a {}", "an image of a {}"], progress=False)
+    assert track["step"] == [1, 2] and all(np.isfinite(track["inter_l2"]))
+    plain = generate(pipe, ["a <v*> on a beach"], steps=1, guidance=7.5)
+    with tea(pipe, "<v*>", "dog"):
+        adjusted = generate(pipe, ["a <v*> on a beach"], steps=1, guidance=7.5)
+    assert plain.shape == adjusted.shape == (1, 64, 64, 3) and not np.array_equal(plain, adjusted)
+    pe, ne = encode_prompt_level(pipe, "a photo of sks dog", "a photo of dog", placeholder="sks", class_word="dog")
+    assert pe.shape == (1, 77, 768)
+    assert generate_from_embeds(pipe, pe, ne, steps=1).shape == (1, 64, 64, 3)

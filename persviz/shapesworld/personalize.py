@@ -1,0 +1,189 @@
+"""Personalize the ShapesWorld micro-SD on the shipped concepts and ship the runs (embeddings / adapters, snapshots).
+
+    python -m persviz.shapesworld.personalize --methods ti --concepts checkers,candy,spark
+
+Runs go to data/shapesworld/personal/<method>/<concept>/ in the formats the trainers write (diffusers
+learned_embeds every 100 steps for Textual Inversion). Each run resumes where it stopped.
+
+Settings follow the TEA paper's (METHODS.md Sec. 1) except where the micro-SD needs otherwise, as stated:
+Textual Inversion uses lr 1e-3 (the paper: 5e-4) for 3000 steps, batch 1, so that the drift the paper sees on
+SD 1.5 happens inside the same 3000 steps on 128-d rows; templates come from the ShapesWorld caption grammar,
+since the CLIP here knows only its world's words.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..paths import SHAPESWORLD_DIR
+from .concepts import CONCEPTS, get_concept, load_references
+
+PERSONAL_DIR = SHAPESWORLD_DIR / "personal"
+TEMPLATES = ("a {}", "a photo of a {}", "an image of a {}", "a picture of a {}")
+METHODS = ("ti", "db", "cd")
+SAMPLING = {"class_steps": 25, "class_guidance": 4.0}  # class images drawn with the micro-SD's documented settings
+
+
+def placeholder(name: str) -> str:
+    """The learned token of a concept: '<checkers>'."""
+    return f"<{get_concept(name).name}>"
+
+
+def run_dir(method: str, name: str, root: Path = PERSONAL_DIR) -> Path:
+    """Where a shipped run lives."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    return Path(root) / method / get_concept(name).name
+
+
+def ti_config(name: str, steps: int = 3000):
+    """The Textual Inversion settings of the shipped runs."""
+    from ..trainers import TIConfig
+    return TIConfig(placeholder=placeholder(name), initializer=get_concept(name).class_word, lr=1e-3, steps=steps,
+                    save_every=100, seed=0, templates=TEMPLATES)
+
+
+def run_ti(pipe, name: str, steps: int = 3000, root: Path = PERSONAL_DIR):
+    """Train (or resume) the concept's Textual Inversion run; the pipeline is left unchanged."""
+    from ..trainers import train_textual_inversion
+    return train_textual_inversion(pipe, load_references(name), ti_config(name, steps), run_dir("ti", name, root),
+                                   load_result=False)
+
+
+def db_config(name: str, steps: int = 800):
+    """DreamBooth-LoRA settings of the shipped runs: the paper's (rank 4, lr 1e-4, text encoder on, prior weight 1)."""
+    from ..trainers import DreamBoothLoRAConfig
+    cw = get_concept(name).class_word
+    return DreamBoothLoRAConfig(identifier="sks", class_word=cw, instance_prompt=f"a photo of a sks {cw}",
+                                class_prompt=f"a photo of a {cw}", steps=steps, save_every=100, **SAMPLING)
+
+
+def run_db(pipe, name: str, steps: int = 800, root: Path = PERSONAL_DIR):
+    """Train (or resume) the concept's DreamBooth-LoRA run; the pipeline is left unchanged."""
+    from ..trainers import train_dreambooth_lora
+    return train_dreambooth_lora(pipe, load_references(name), db_config(name, steps), run_dir("db", name, root),
+                                 load_result=False)
+
+
+def cd_config(name: str, steps: int = 1000):
+    """Custom Diffusion settings of the shipped runs: K/V of cross-attention and a modifier token. The paper's lr
+    5e-6 leaves the micro-SD's small projections all but unchanged in 2000 steps; these runs use 1e-4, and no
+    resize augmentation (its masked loss has almost no interior on 16x16 latents)."""
+    from ..trainers import CustomDiffusionConfig
+    cw = get_concept(name).class_word
+    return CustomDiffusionConfig(modifier_token=f"<{name}-cd>", class_word=cw, instance_prompt=f"a photo of a <{name}-cd> {cw}",
+                                 steps=steps, lr=1e-4, save_every=100, augment=False, **SAMPLING)
+
+
+def run_cd(pipe, name: str, steps: int = 1000, root: Path = PERSONAL_DIR):
+    """Train (or resume) the concept's Custom Diffusion run; the pipeline is left unchanged."""
+    from ..trainers import train_custom_diffusion
+    return train_custom_diffusion(pipe, load_references(name), cd_config(name, steps), run_dir("cd", name, root),
+                                  load_result=False)
+
+
+RUNNERS = {"ti": run_ti, "db": run_db, "cd": run_cd}
+
+
+def snapshots(method_dir: Path, every: int = 100, with_init: Optional[torch.Tensor] = None) -> list[tuple[int, torch.Tensor]]:
+    """(step, V*) of a Textual Inversion run at every `every` steps; with_init prepends (0, initial row)."""
+    from ..trainers import list_snapshots, load_snapshot_embedding
+    snaps = [(k, load_snapshot_embedding(p).reshape(-1)) for k, p in list_snapshots(method_dir) if k % every == 0]
+    if not snaps:
+        raise FileNotFoundError(f"no snapshots in {method_dir}; train with `python -m persviz.shapesworld.personalize`")
+    return ([(0, with_init)] if with_init is not None else []) + snaps
+
+
+def evaluators() -> dict:
+    """The ShapesWorld judges: CLIP, DINO and the oracle."""
+    from ..loading import load_evaluator
+    return {"clip": load_evaluator(kind="clip"), "dino": load_evaluator(kind="dino"), "oracle": load_evaluator(kind="oracle")}
+
+
+def study_ti(pipe, name: str, judges: dict, every: int = 300, n_probes: int = 24, repeats: int = 2,
+             root: Path = PERSONAL_DIR) -> dict:
+    """The semantic-collapse study of one TI run: text-space shift (every snapshot) and image-space impacts
+    (every `every` steps and the initial class-word row); written to the run folder as study.json."""
+    from ..embeddings import token_row
+    from ..tea_study import impacts_over_steps
+    from ..tracker import save_json, track_semantic_shift
+    from .concepts import eval_prompts, oracle_signature
+    c, run = get_concept(name), run_dir("ti", name, root)
+    text = track_semantic_shift(pipe, run, "shapesworld_contextual", "shapesworld_simple")
+    init = pipe.text_encoder.get_input_embeddings().weight[token_row(pipe, c.class_word)].detach().clone()
+    images = impacts_over_steps(pipe, snapshots(run, every, init), placeholder(name), c.class_word,
+                                eval_prompts(name, n_probes), load_references(name), judges["clip"], judges["dino"],
+                                judges["oracle"], oracle_signature(judges["oracle"], name), repeats=repeats)
+    out = {"concept": name, "text": text, "images": images,
+           "settings": {"every": every, "probes": n_probes, "repeats": repeats}}
+    save_json(out, run / "study.json")
+    return out
+
+
+def method_word(method: str, name: str) -> tuple[str, str]:
+    """(what fills a probe's slot, the token TEA adjusts) for a concept's run of a method."""
+    cw = get_concept(name).class_word
+    return {"ti": (placeholder(name), placeholder(name)), "db": (f"sks {cw}", "sks"),
+            "cd": (f"<{name}-cd> {cw}", f"<{name}-cd>")}[method]
+
+
+def tea_table(pipe, judges: dict, methods: tuple = METHODS, n_probes: int = 12, repeats: int = 2, seed: int = 1,
+              root: Path = PERSONAL_DIR, write: bool = True) -> dict:
+    """Table 6 on ShapesWorld: every concept's final run of each method without and with TEA (default knobs);
+    scores averaged over concepts, per concept kept too; written to personal/tea_table.json."""
+    from ..tea_study import personalized, score_images, tea_rows
+    from ..tracker import save_json
+    from .concepts import eval_prompts, oracle_signature
+    per: dict = {}
+    for method in methods:
+        for name in CONCEPTS:
+            c, refs = get_concept(name), load_references(name)
+            probes = eval_prompts(name, n_probes, seed=seed)
+            sig = oracle_signature(judges["oracle"], name)
+            word, token = method_word(method, name)
+
+            def score(images):
+                return score_images(images, probes, c.class_word, refs, judges["clip"], judges["dino"],
+                                    judges["oracle"], sig, repeats)
+            with personalized(pipe, method, run_dir(method, name, root)):
+                rows = tea_rows(pipe, method, word, token, c.class_word, probes, score, repeats, seed=1000)
+            for label, scores in rows.items():
+                per.setdefault(f"{method} {label}".replace(" none", ""), {})[name] = scores
+    mean = {row: {k: float(np.mean([v[k] for v in by.values()])) for k in next(iter(by.values()))}
+            for row, by in per.items()}
+    out = {"mean": mean, "per_concept": per, "settings": {"probes": n_probes, "repeats": repeats, "seed": seed}}
+    if write:
+        save_json(out, root / "tea_table.json")
+    return out
+
+
+def main(argv=None) -> None:
+    from ..loading import load_pipeline
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--concepts", default=",".join(CONCEPTS))
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--study", action="store_true", help="also write each TI run's study.json")
+    p.add_argument("--table", action="store_true", help="write personal/tea_table.json (all methods, with/without TEA)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = load_pipeline()
+    judges = evaluators() if args.study else None
+    for method in args.methods.split(","):
+        if method not in RUNNERS:
+            raise SystemExit(f"unknown method {method!r}; choose from {sorted(RUNNERS)}")
+        for name in args.concepts.split(","):
+            RUNNERS[method](pipe, name)
+            if args.study and method == "ti":
+                study_ti(pipe, name, judges)
+    if args.table:
+        tea_table(pipe, judges or evaluators())
+
+
+if __name__ == "__main__":
+    main()

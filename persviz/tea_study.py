@@ -1,0 +1,251 @@
+"""The TEA paper's image-space studies (Sec. 3.2.2, 3.3, 5) as functions: a learned token at any saved step,
+its two-way impacts over training, multi-concept dominance, and the with/without-TEA table.
+
+A "probe" is one contextual prompt of a concept: {'template': 'a {} on a black background', 'context': {...},
+'context_text': 'on a black background'} (persviz.shapesworld.concepts.eval_prompts writes them; at full scale
+build them from data/prompts/tea_eval_parts.json). The template's {} takes the placeholder to generate and the
+class word for CLIP-T, so the scores never depend on the evaluator knowing the learned token.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from .embeddings import token_row
+from .generation import GUIDANCE, STEPS, generate
+from .metrics import clip_i, clip_t_parts, dino_i, oracle_concept_context
+
+Probe = Mapping[str, Any]
+
+
+@contextlib.contextmanager
+def learned_embedding(pipe: Any, placeholder: str, vector: torch.Tensor) -> Iterator[None]:
+    """Inside the block the pipeline's tokenizer knows `placeholder` with embedding `vector` [D]; restored on exit.
+
+    A placeholder already loaded has its row written in place; a new one is added with
+    pipe.load_textual_inversion and removed again with pipe.unload_textual_inversion."""
+    vector = torch.as_tensor(vector).detach().float().reshape(-1)
+    if not torch.isfinite(vector).all():
+        raise ValueError(f"the embedding of {placeholder!r} holds NaN or inf; pick another snapshot")
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    if vector.numel() != weight.shape[1]:
+        raise ValueError(f"embedding of size {vector.numel()} does not fit the text encoder's width {weight.shape[1]}")
+    known = placeholder in pipe.tokenizer.get_added_vocab()
+    if not known:
+        pipe.load_textual_inversion({placeholder: vector.to(weight.dtype)}, token=placeholder)
+        try:
+            yield
+        finally:
+            pipe.unload_textual_inversion(placeholder)
+        return
+    row = token_row(pipe, placeholder)
+    with torch.no_grad():
+        original = weight[row].detach().clone()
+        weight[row] = vector.to(weight.device, weight.dtype)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weight[row] = original
+
+
+def probe_texts(probes: Sequence[Probe], word: str) -> list[str]:
+    """The probes' prompts with `word` (the placeholder or the class word) in the slot."""
+    if not probes:
+        raise ValueError("no probes given; build them with persviz.shapesworld.concepts.eval_prompts")
+    return [p["template"].format(word) for p in probes]
+
+
+def score_images(images: np.ndarray, probes: Sequence[Probe], class_word: str, references: np.ndarray,
+                 clip: Any, dino: Any = None, oracle: Any = None, signature: Optional[Mapping] = None,
+                 repeats: int = 1) -> dict[str, float]:
+    """Mean CLIP-T (full / concept / context), CLIP-I, DINO-I and, on ShapesWorld, the oracle's concept and context rates.
+
+    images holds `repeats` images per probe, probe-major order ([p0 s0, p0 s1, ..., p1 s0, ...])."""
+    def rep(xs: list) -> list:
+        return [x for x in xs for _ in range(repeats)]
+    if len(images) != len(probes) * repeats:
+        raise ValueError(f"{len(images)} images for {len(probes)} probes x {repeats} repeats")
+    full = rep(probe_texts(probes, class_word))
+    concept = f"a {class_word}"
+    context = rep([p["context_text"] for p in probes])
+    t = clip_t_parts(clip, images, full, concept, context)
+    out = {f"clip_t_{k}": float(v.mean()) for k, v in t.items()}
+    out["clip_i"] = float(clip_i(clip, images, references, percent=True).mean())
+    if dino is not None:
+        out["dino_i"] = float(dino_i(dino, images, references).mean())
+    if oracle is not None:
+        rates = [oracle_concept_context(oracle, images[i * repeats:(i + 1) * repeats], signature or {}, p["context"])
+                 for i, p in enumerate(probes)]
+        out["oracle_concept"] = float(np.mean([r["concept"] for r in rates]))
+        out["oracle_context"] = float(np.mean([r["context"] for r in rates]))
+    return out
+
+
+def generate_probes(pipe: Any, probes: Sequence[Probe], word: str, repeats: int = 1, seed: int = 0,
+                    guidance: float = GUIDANCE, steps: int = STEPS) -> np.ndarray:
+    """`repeats` images per probe (probe-major) with `word` in the slot; image i is seeded seed + i."""
+    prompts = [t for t in probe_texts(probes, word) for _ in range(repeats)]
+    return generate(pipe, prompts, seed=seed, guidance=guidance, steps=steps)
+
+
+def impacts_over_steps(pipe: Any, snapshots: Sequence[tuple[int, torch.Tensor]], placeholder: str, class_word: str,
+                       probes: Sequence[Probe], references: np.ndarray, clip: Any, dino: Any = None,
+                       oracle: Any = None, signature: Optional[Mapping] = None, repeats: int = 1, seed: int = 0,
+                       progress: bool = True) -> dict[str, list]:
+    """Two-way impacts over training: the scores of score_images at each (step, V*) snapshot, as lists by key."""
+    from tqdm.auto import tqdm
+    table: dict[str, list] = {"step": []}
+    for step, vec in tqdm(list(snapshots), desc="impacts over steps", disable=not progress):
+        with learned_embedding(pipe, placeholder, vec):
+            images = generate_probes(pipe, probes, placeholder, repeats, seed)
+        scores = score_images(images, probes, class_word, references, clip, dino, oracle, signature, repeats)
+        table["step"].append(int(step))
+        for k, v in scores.items():
+            table.setdefault(k, []).append(v)
+    return table
+
+
+def dominance_over_steps(pipe: Any, fixed: tuple[str, torch.Tensor], varied: tuple[str, Sequence[tuple[int, torch.Tensor]]],
+                         template: str, anchors: Mapping[str, np.ndarray], clip: Any, n_images: int = 8,
+                         seed: int = 0, progress: bool = True) -> dict[str, list]:
+    """Multi-concept collapse (Fig. 5): one concept fixed, the other at each saved step; CLIP-I to each concept's anchor.
+
+    template holds both placeholders by name, e.g. '{checkers} next to a {candy}' with placeholders as keys of
+    anchors ({'<checkers>': images, '<candy>': images})."""
+    from tqdm.auto import tqdm
+    (fixed_ph, fixed_vec), (var_ph, var_snaps) = fixed, varied
+    prompt = template.format(**{k.strip("<>"): k for k in anchors})
+    if fixed_ph not in prompt or var_ph not in prompt:
+        raise ValueError(f"the template must name both placeholders; got {prompt!r}")
+    table: dict[str, list] = {"step": [], **{f"clip_i_{k}": [] for k in anchors}}
+    with learned_embedding(pipe, fixed_ph, fixed_vec):
+        for step, vec in tqdm(list(var_snaps), desc="dominance", disable=not progress):
+            with learned_embedding(pipe, var_ph, vec):
+                images = generate(pipe, [prompt] * n_images, seed=seed)
+            table["step"].append(int(step))
+            for k, ref in anchors.items():
+                table[f"clip_i_{k}"].append(float(clip_i(clip, images, ref, percent=True).mean()))
+    return table
+
+
+@contextlib.contextmanager
+def personalized(pipe: Any, method: str, path: Any) -> Iterator[None]:
+    """The pipeline with a finished run loaded ('ti': learned_embeds; 'db': LoRA; 'cd': K/V processors + token).
+
+    Undone on exit: the token unloaded, the LoRA unloaded, the attention processors put back."""
+    from pathlib import Path
+    from .embeddings import load_learned_embeds
+    path = Path(path)
+    if method == "ti":
+        f = path / "learned_embeds.safetensors" if path.is_dir() else path
+        tokens = list(load_learned_embeds(f))
+        pipe.load_textual_inversion(str(f))
+        try:
+            yield
+        finally:
+            pipe.unload_textual_inversion(tokens)
+    elif method == "db":
+        from .trainers import load_dreambooth_lora
+        load_dreambooth_lora(pipe, path)
+        try:
+            yield
+        finally:
+            pipe.unload_lora_weights()
+    elif method == "cd":
+        from .trainers import load_custom_diffusion
+        procs = dict(pipe.unet.attn_processors)
+        before = set(pipe.tokenizer.get_added_vocab())
+        load_custom_diffusion(pipe, path)
+        try:
+            yield
+        finally:
+            pipe.unet.set_attn_processor(procs)
+            pipe.unload_textual_inversion(sorted(set(pipe.tokenizer.get_added_vocab()) - before))
+    else:
+        raise ValueError(f"unknown method {method!r}; choose 'ti', 'db' or 'cd'")
+
+
+def tea_rows(pipe: Any, method: str, word: str, placeholder: str, class_word: str, probes: Sequence[Probe],
+             score: Callable[[np.ndarray], dict], repeats: int = 1, seed: int = 0,
+             knobs: Optional[tuple[float, float]] = None) -> dict[str, dict]:
+    """Scores of a loaded run without and with TEA at the paper's knobs (or `knobs`): the rows of Table 6.
+
+    word fills the probes' slot ('<v*>', 'sks square', '<new1> square'). Textual Inversion and Custom Diffusion
+    get token-level TEA (Eq. 1) on the placeholder; DreamBooth gets prompt-level TEA (Eq. 2), with token
+    positions aligned and, for comparison, unaligned as in the public code."""
+    from .generation import generate_from_embeds
+    from .tea_pipeline import encode_prompt_level, tea
+    names = {"ti": "textual_inversion", "db": "dreambooth", "cd": "custom_diffusion"}
+    if method not in names:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(names)}")
+    r, s = knobs if knobs is not None else (None, None)
+    rows = {"none": score(generate_probes(pipe, probes, word, repeats, seed))}
+    if method == "db":
+        personal = [t for t in probe_texts(probes, word) for _ in range(repeats)]
+        plain = [t for t in probe_texts(probes, class_word) for _ in range(repeats)]
+        for label, aligned in (("TEA", True), ("TEA unaligned", False)):
+            pe, ne = encode_prompt_level(pipe, personal, plain, r, s, aligned=aligned, placeholder=placeholder,
+                                         class_word=class_word)
+            rows[label] = score(generate_from_embeds(pipe, pe, ne, seed=seed))
+    else:
+        with tea(pipe, placeholder, class_word, rotation=r, scale=s, method=names[method]):
+            rows["TEA"] = score(generate_probes(pipe, probes, word, repeats, seed))
+    return rows
+
+
+def tea_sweep(pipe: Any, probes: Sequence[Probe], placeholder: str, class_word: str,
+              score: Callable[[np.ndarray], dict], rotations: Sequence[float], scales: Sequence[float],
+              repeats: int = 1, seed: int = 0, method: str = "textual_inversion", progress: bool = True) -> dict:
+    """Token-level TEA over a rotation x scale grid (Table 1, Fig. 6): {score key: array [R, S]}, same seeds everywhere."""
+    from tqdm.auto import tqdm
+    from .tea_pipeline import tea
+    grid: dict[str, np.ndarray] = {}
+    cells = [(i, j) for i in range(len(rotations)) for j in range(len(scales))]
+    for i, j in tqdm(cells, desc="TEA sweep", disable=not progress):
+        with tea(pipe, placeholder, class_word, rotation=rotations[i], scale=scales[j], method=method):
+            out = score(generate_probes(pipe, probes, placeholder, repeats, seed))
+        for k, v in out.items():
+            grid.setdefault(k, np.full((len(rotations), len(scales)), np.nan))[i, j] = v
+    return grid
+
+
+def adaptive_vs_fixed(pipe: Any, probes: Sequence[Probe], placeholder: str, class_word: str, references: np.ndarray,
+                      clip: Any, fixed: tuple[float, float] = (0.2, 0.5), schedule: Optional[Sequence[float]] = None,
+                      n_images: int = 4, target_frac: float = 1.0, floor_frac: float = 0.9, seed: int = 0,
+                      progress: bool = True) -> list[dict]:
+    """Adaptive TEA against the fixed knobs, per probe: rotation searched until the context CLIP-T reaches
+    target_frac x that of the class-word prompt (what the base model gives), with CLIP-I kept >= floor_frac x that
+    at rotation 0 (the same scale), so rotation 0 is always acceptable. Returns one row per probe: chosen
+    rotation, status, and the scores of the untouched token, the fixed knobs and the adaptive choice."""
+    from tqdm.auto import tqdm
+    from .tea_adaptive import SCHEDULE, adaptive_tea, make_tea_scorer
+    rows = []
+    for p in tqdm(list(probes), desc="adaptive TEA", disable=not progress):
+        prompt = p["template"].format(placeholder)
+        sc = make_tea_scorer(pipe, prompt, placeholder, class_word, clip, references, p["context_text"],
+                             n_images=n_images, seed=seed)
+        base = generate(pipe, [p["template"].format(class_word)] * n_images, seed=seed)
+        target = target_frac * sc.score(base)[0]
+        ctx0, fid0 = sc.score(sc.generate(0.0, fixed[1]))
+        res = adaptive_tea(sc.generate, sc.score, schedule or SCHEDULE, target=target, floor=floor_frac * fid0,
+                           scale=fixed[1])
+        ctx_f, fid_f = sc.score(sc.generate(*fixed))
+        chosen = res.chosen
+        rows.append({"prompt": prompt, "target": target, "untouched": (ctx0, fid0), "fixed": (ctx_f, fid_f),
+                     "adaptive": (chosen.context, chosen.fidelity) if chosen else (float("nan"), float("nan")),
+                     "rotation": res.rotation, "status": res.status, "tried": len(res.trace)})
+    return rows
+
+
+def with_and_without(run: Callable[[Optional[tuple[float, float]]], dict], knobs: Sequence[tuple[float, float]]
+                     ) -> dict[str, dict]:
+    """Scores without TEA and at each (rotation, scale): {'none': run(None), 'r=0.2 s=0.5': run((0.2, 0.5)), ...}."""
+    out = {"none": run(None)}
+    for r, s in knobs:
+        out[f"r={r:g} s={s:g}"] = run((r, s))
+    return out

@@ -1,0 +1,44 @@
+"""The shipped personalization runs of the ShapesWorld concepts: complete, reproducible from their config, and
+their study numbers recomputable from the snapshots."""
+import shutil
+
+import pytest
+import torch
+
+from persviz.shapesworld.concepts import CONCEPTS
+from persviz.shapesworld.personalize import METHODS, run_dir, run_ti, snapshots
+from persviz.tracker import load_json, track_semantic_shift
+from persviz.trainers import list_snapshots
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", sorted(CONCEPTS))
+def test_every_run_is_shipped_with_its_snapshots(method, name):
+    run = run_dir(method, name)
+    assert (run / "config.json").is_file(), f"missing run {run}; train with python -m persviz.shapesworld.personalize"
+    if method == "ti":
+        assert [k for k, _ in list_snapshots(run)] == list(range(100, 3001, 100))
+        assert (run / "learned_embeds.safetensors").is_file()
+
+
+def test_a_shipped_ti_run_matches_the_command_that_made_it(pipe, tmp_path):
+    # resuming the finished run with the command's own config passes the trainer's fingerprint check and trains
+    # nothing: the shipped files are what `personalize` writes for this pipeline and these reference images
+    shutil.copytree(run_dir("ti", "checkers"), tmp_path / "ti" / "checkers")
+    res = run_ti(pipe, "checkers", root=tmp_path)
+    assert res.steps == 3000 and len(res.loss_history) == 3000
+    shipped = torch.load(run_dir("ti", "checkers") / "resume_state.pt", weights_only=False)["rows"]
+    from persviz.trainers import load_snapshot_embedding
+    torch.testing.assert_close(load_snapshot_embedding(res.final_path).reshape(shipped.shape), shipped)
+
+
+def test_study_text_columns_recompute_from_the_snapshots(pipe):
+    study = load_json(run_dir("ti", "candy") / "study.json")
+    text = study["text"]
+    picks = [0, len(text["step"]) - 1]
+    snaps = dict(snapshots(run_dir("ti", "candy")))
+    again = track_semantic_shift(pipe, [(text["step"][i], snaps[text["step"][i]]) for i in picks],
+                                 "shapesworld_contextual", "shapesworld_simple", class_word="circle",
+                                 placeholder="<candy>", progress=False)
+    for key in ("inter_l2", "inter_kl", "intra_vstar_l2", "norm_ratio"):
+        assert again[key] == pytest.approx([text[key][i] for i in picks], rel=1e-4)
