@@ -77,12 +77,15 @@ def reference_mahalanobis_distance(
 ) -> float:
     """Mean over x in P of sqrt((x - mu_Q)^T S^-1 (x - mu_Q)) with an explicit F x F S.
 
-    "pinv": numpy.linalg.pinv(numpy.cov(Q)); "ledoit_wolf": sklearn LedoitWolf precision.
+    "pinv": numpy.linalg.pinv(numpy.cov(Q)) with the cut-off max(N, F) * eps relative to the largest eigenvalue
+    (numpy's own default, 1e-15, inverts round-off eigenvalues of a rank-deficient covariance once F > N and gives
+    numbers that depend on the BLAS); "ledoit_wolf": sklearn LedoitWolf precision.
     """
     P, Q = _np(P), _np(Q)
     mu = Q.mean(axis=0)
     if covariance == "pinv":
-        inv = np.linalg.pinv(np.cov(Q, rowvar=False).reshape(Q.shape[1], Q.shape[1]))
+        cov = np.cov(Q, rowvar=False).reshape(Q.shape[1], Q.shape[1])
+        inv = np.linalg.pinv(cov, rcond=max(Q.shape) * np.finfo(np.float64).eps, hermitian=True)
     elif covariance == "ledoit_wolf":
         from sklearn.covariance import LedoitWolf
 
