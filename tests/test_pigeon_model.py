@@ -23,12 +23,7 @@ K = 4  # personalized tokens of the tiny model
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers, numpy 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tiny_pipeline import one_thread  # noqa: E402,F401  (autouse: tiny models on one thread)
 
 
 @pytest.fixture(scope="module")

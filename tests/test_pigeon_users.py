@@ -18,12 +18,7 @@ from persviz.paths import SHAPESWORLD_DIR
 RATES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tiny_pipeline import one_thread  # noqa: E402,F401  (autouse: tiny models on one thread)
 
 
 @pytest.fixture(scope="module")

@@ -55,11 +55,13 @@ def run_ti(pipe, name: str, steps: int = 3000, root: Path = PERSONAL_DIR):
 
 
 def db_config(name: str, steps: int = 800):
-    """DreamBooth-LoRA settings of the shipped runs: the paper's (rank 4, lr 1e-4, text encoder on, prior weight 1)."""
+    """DreamBooth-LoRA settings of the shipped runs: the paper's (rank 4, text encoder on, prior weight 1) but lr
+    1e-3: at the paper's 1e-4 the micro-SD's LoRA learned the concepts too little to measure (mean CLIP-I 28.9,
+    at the level of the class word, against 47.6 for Custom Diffusion)."""
     from ..trainers import DreamBoothLoRAConfig
     cw = get_concept(name).class_word
     return DreamBoothLoRAConfig(identifier="sks", class_word=cw, instance_prompt=f"a photo of a sks {cw}",
-                                class_prompt=f"a photo of a {cw}", steps=steps, save_every=100, **SAMPLING)
+                                class_prompt=f"a photo of a {cw}", steps=steps, lr=1e-3, save_every=100, **SAMPLING)
 
 
 def run_db(pipe, name: str, steps: int = 800, root: Path = PERSONAL_DIR):
