@@ -233,7 +233,7 @@ def test_stage1_resume_equals_uninterrupted(fresh, init_weights, tmp_path) -> No
     assert same_weights(load_file(str(tmp_path / "b" / WEIGHTS_FILE)), wa)
     assert sorted(p.name for p in (tmp_path / "b" / "snapshots").iterdir()) == [
         "pigeon-steps-2.safetensors", "pigeon-steps-4.safetensors"]
-    with pytest.raises(ValueError, match="other settings.*lr"):
+    with pytest.raises(ValueError, match="different setup.*lr"):
         stage1(fresh, tmp_path / "b", 4, lr=1e-3)
     c = stage1(fresh, tmp_path / "b", 5)  # extend a finished run
     assert c.losses[:4] == a.losses and len(c.losses) == 5

@@ -226,32 +226,11 @@ def _write_snapshot(model: Any, out: Path, step: int, keep: int) -> None:
         p.unlink()
 
 
-def _short(v: Any) -> str:
-    s = repr(v)
-    return s if len(s) <= 60 else s[:57] + "..."
-
-
 def _check_run(out: Path, record: dict[str, Any]) -> dict[str, Any] | None:
     """The resume state of the run in out (same settings but steps), None for a fresh folder."""
-    cfg = out / TRAIN_CONFIG_FILE
-    if not cfg.is_file():
-        if (out / RESUME_FILE).exists():
-            raise ValueError(f"{out} holds {RESUME_FILE} but no {TRAIN_CONFIG_FILE}; use a new output folder")
-        return None
-    old = json.loads(cfg.read_text())
-    diff = sorted(k for k in set(old) | set(record) if k != "steps" and old.get(k) != record.get(k))
-    if diff:
-        lines = "; ".join(f"{k}: {_short(old.get(k))} there, {_short(record.get(k))} now" for k in diff)
-        raise ValueError(f"{out} holds a run with other settings ({lines}). Resume with the same settings (only "
-                         f"--steps may change, to extend it) or pass another --out")
-    path = out / RESUME_FILE
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["step"] > record["steps"]:
-        raise ValueError(f"{out} is already at step {state['step']} > steps={record['steps']}; pass "
-                         f"steps >= {state['step']}")
-    return state
+    from ..trainers._common import check_out_dir
+    return check_out_dir(out, record, lambda name: name == RESUME_FILE, RESUME_FILE,
+                         "pass --steps at least that large, or another --out")
 
 
 # ----------------------------------------------------------------------------- stage 2 pairs
