@@ -240,12 +240,3 @@ def adaptive_vs_fixed(pipe: Any, probes: Sequence[Probe], placeholder: str, clas
                      "adaptive": (chosen.context, chosen.fidelity) if chosen else (float("nan"), float("nan")),
                      "rotation": res.rotation, "status": res.status, "tried": len(res.trace)})
     return rows
-
-
-def with_and_without(run: Callable[[Optional[tuple[float, float]]], dict], knobs: Sequence[tuple[float, float]]
-                     ) -> dict[str, dict]:
-    """Scores without TEA and at each (rotation, scale): {'none': run(None), 'r=0.2 s=0.5': run((0.2, 0.5)), ...}."""
-    out = {"none": run(None)}
-    for r, s in knobs:
-        out[f"r={r:g} s={s:g}"] = run((r, s))
-    return out

@@ -42,3 +42,15 @@ def test_study_text_columns_recompute_from_the_snapshots(pipe):
                                  placeholder="<candy>", progress=False)
     for key in ("inter_l2", "inter_kl", "intra_vstar_l2", "norm_ratio"):
         assert again[key] == pytest.approx([text[key][i] for i in picks], rel=1e-4)
+
+
+@pytest.mark.parametrize("method,rows", [("ti", {"none", "TEA"}), ("db", {"none", "TEA", "TEA unaligned"}),
+                                         ("cd", {"none", "TEA"})])
+def test_run_tea_rows_loads_a_shipped_run_and_leaves_the_pipeline_as_it_was(pipe, method, rows):
+    from persviz.shapesworld.concepts import eval_prompts
+    from persviz.shapesworld.personalize import run_tea_rows
+    n_tok, procs = len(pipe.tokenizer), dict(pipe.unet.attn_processors)
+    out = run_tea_rows(pipe, method, "checkers", eval_prompts("checkers", 1), lambda im: {"mean": float(im.mean())})
+    assert set(out) == rows and out["none"] != out["TEA"]
+    assert len(pipe.tokenizer) == n_tok
+    assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == {k: type(v) for k, v in procs.items()}

@@ -18,19 +18,17 @@ with the class word (the public code pairs positions unaligned; we keep that onl
 
 Everything below runs on the shipped ShapesWorld runs (`python -m persviz.shapesworld.personalize`)."""),
 code("""%matplotlib inline
-import contextlib
 import os
 import numpy as np
 import torch
 from persviz import loading
 from persviz.embeddings import norm_ratio_and_cosine, token_row
 from persviz.shapesworld import concepts as cc
-from persviz.shapesworld.personalize import PERSONAL_DIR, method_word, placeholder, run_dir, snapshots
+from persviz.shapesworld.personalize import PERSONAL_DIR, placeholder, run_tea_rows, snapshots
 from persviz.tea import DEFAULTS, slerp_adjust
 from persviz.tea_pipeline import tea
 from persviz.tea_plots import before_after_grid, sweep_heatmap, sweep_lines
-from persviz.tea_study import (adaptive_vs_fixed, generate_probes, learned_embedding, personalized, score_images,
-                               tea_rows, tea_sweep)
+from persviz.tea_study import adaptive_vs_fixed, generate_probes, learned_embedding, score_images, tea_sweep
 from persviz.tracker import load_json
 from persviz.widgets import SnapshotExplorer, TEAExplorer, make_tea_generate_fn
 
@@ -80,12 +78,9 @@ md("""## TI, DreamBooth and Custom Diffusion, with and without TEA (the paper's 
 Each method's final run of ⟨candy⟩, the same 8 prompts and seeds. TI and Custom Diffusion get token-level
 TEA on their learned token; DreamBooth-LoRA gets prompt-level TEA, aligned and (the public code's) unaligned."""),
 code("""table = {}
-for method in ("ti", "db", "cd"):
-    word, token = method_word(method, concept)
-    loaded = contextlib.nullcontext() if method == "ti" else personalized(pipe, method, run_dir(method, concept, RUNS))
-    with loaded:  # the TI token is loaded already (above)
-        for label, s in tea_rows(pipe, method, word, token, C.class_word, probes, score).items():
-            table[f"{method} {label}".replace(" none", "")] = s
+for method in ("ti", "db", "cd"):  # the TI token is loaded already (above) and is used as it is
+    for label, s in run_tea_rows(pipe, method, concept, probes, score, root=RUNS).items():
+        table[f"{method} {label}".replace(" none", "")] = s
 keys = ["clip_t_full", "clip_t_context", "clip_i", "dino_i", "oracle_context", "oracle_concept"]
 print(f"{'':18s}" + "".join(f"{k:>15s}" for k in keys))
 for row, s in table.items():

@@ -13,6 +13,7 @@ since the CLIP here knows only its world's words.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -133,11 +134,21 @@ def method_word(method: str, name: str) -> tuple[str, str]:
             "cd": (f"<{name}-cd> {cw}", f"<{name}-cd>")}[method]
 
 
+def run_tea_rows(pipe, method: str, name: str, probes, score, repeats: int = 1, seed: int = 0,
+                 root: Path = PERSONAL_DIR) -> dict:
+    """tea_rows of a concept's final run of a method, loaded for the call (a TI token already in pipe is used as is)."""
+    from ..tea_study import personalized, tea_rows
+    word, token = method_word(method, name)
+    ready = method == "ti" and placeholder(name) in pipe.tokenizer.get_added_vocab()
+    with contextlib.nullcontext() if ready else personalized(pipe, method, run_dir(method, name, root)):
+        return tea_rows(pipe, method, word, token, get_concept(name).class_word, probes, score, repeats, seed)
+
+
 def tea_table(pipe, judges: dict, methods: tuple = METHODS, n_probes: int = 12, repeats: int = 2, seed: int = 1,
               root: Path = PERSONAL_DIR, write: bool = True) -> dict:
     """Table 6 on ShapesWorld: every concept's final run of each method without and with TEA (default knobs);
     scores averaged over concepts, per concept kept too; written to personal/tea_table.json."""
-    from ..tea_study import personalized, score_images, tea_rows
+    from ..tea_study import score_images
     from ..tracker import save_json
     from .concepts import eval_prompts, oracle_signature
     per: dict = {}
@@ -146,13 +157,11 @@ def tea_table(pipe, judges: dict, methods: tuple = METHODS, n_probes: int = 12, 
             c, refs = get_concept(name), load_references(name)
             probes = eval_prompts(name, n_probes, seed=seed)
             sig = oracle_signature(judges["oracle"], name)
-            word, token = method_word(method, name)
 
             def score(images):
                 return score_images(images, probes, c.class_word, refs, judges["clip"], judges["dino"],
                                     judges["oracle"], sig, repeats)
-            with personalized(pipe, method, run_dir(method, name, root)):
-                rows = tea_rows(pipe, method, word, token, c.class_word, probes, score, repeats, seed=1000)
+            rows = run_tea_rows(pipe, method, name, probes, score, repeats, seed=1000, root=root)
             for label, scores in rows.items():
                 per.setdefault(f"{method} {label}".replace(" none", ""), {})[name] = scores
     mean = {row: {k: float(np.mean([v[k] for v in by.values()])) for k in next(iter(by.values()))}
