@@ -381,8 +381,17 @@ class PigeonInputs:
     prompt_states: torch.Tensor | None  # [B, 77, C]: the pipeline's encoding of the instruction ("text+tokens")
 
 
+#: How ``PigeonModel.prepare`` treats the history (``PigeonModel.history_mode``): "mask" (Pigeon: keep the
+#: high-score tokens at ``config.history_ratio``), "keep" (mask ratio 0: every history token kept) or "none"
+#: (every history token zeroed before scoring and masked: the model reads only the reference and instruction).
+HISTORY_MODES = ("mask", "keep", "none")
+
+
 class PigeonModel(nn.Module):
     """Frozen encoders + the trainable MaskGenerator and PersonalizationModule.
+
+    ``history_mode`` (default "mask", see ``HISTORY_MODES``) switches the history off or its masking off for
+    ablations; ``persviz.pigeon.study.history_mode`` sets it for a block.
 
     Args:
         config: PigeonConfig (dims must match the encoders; see ``build_model``).
@@ -408,6 +417,7 @@ class PigeonModel(nn.Module):
         self.visual = visual
         self.text = text
         self.prompt_encoder = prompt_encoder
+        self.history_mode = "mask"
         self.mask_generator = MaskGenerator(dim=config.visual_dim, n_tokens=config.n_tokens, n_heads=config.mask_heads,
                                             n_layers=config.mask_layers, n_history=config.n_history,
                                             dropout=config.mask_dropout)
@@ -469,9 +479,16 @@ class PigeonModel(nn.Module):
             reference_ratio = torch.tensor([float(r) for r in reference_ratio])
         if isinstance(reference_ratio, torch.Tensor):
             reference_ratio = reference_ratio.to(device)
+        mode = self.history_mode
+        if mode not in HISTORY_MODES:
+            raise ValueError(f"history_mode={mode!r}; use one of {HISTORY_MODES}")
+        if mode == "none":
+            hist_tok = torch.zeros_like(hist_tok)
         hist_m, ref_m, hist_mask, ref_mask = mask_history_and_reference(
             self.mask_generator, hist_tok, ref_tok, reference_ratio, training=training, generator=generator,
-            history_ratio=cfg.history_ratio)
+            history_ratio=0.0 if mode == "keep" else cfg.history_ratio)
+        if mode == "none":
+            hist_mask = torch.zeros_like(hist_mask)
         text_states, text_mask = self.text(texts, cfg.text_max_length)
         prompt_states = None
         if cfg.condition == "text+tokens":

@@ -1,0 +1,323 @@
+"""Pigeon's figures: kept and masked tokens, the ratio sweep, stage-2 pairs, kept noise, the comparison table.
+
+Every function returns the matplotlib Figure and draws on ``ax`` (``axes`` for several panels) when given; none
+touches pyplot or rcParams. Images are uint8 [..., S, S, 3] (or floats in [0, 1]); ``persviz.pigeon.study``
+produces the inputs (``window_masks``, ``PigeonPipeline.select``, ``pair_examples``, ``kept_noise_by_rate``,
+``comparison_table``).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from ..images import as_uint8
+from ..plots import _figure_and_ax
+
+NOISE_COLOR = (214, 39, 40)
+LIKED_COLOR = (44, 160, 44)
+REFERENCE_COLOR = (31, 119, 180)
+SELECTED_COLOR = (255, 127, 14)
+_MPL = {name: tuple(c / 255 for c in rgb) for name, rgb in
+        (("noise", NOISE_COLOR), ("liked", LIKED_COLOR), ("reference", REFERENCE_COLOR), ("selected", SELECTED_COLOR))}
+
+
+def _grid_side(n_tokens: int) -> int:
+    g = int(round(math.sqrt(n_tokens)))
+    if g * g != n_tokens:
+        raise ValueError(f"{n_tokens} tokens do not form a square patch grid; pass one keep value per patch "
+                         f"(n = side x side, e.g. 16 for 8-pixel patches of a 32x32 image)")
+    return g
+
+
+def token_overlay(image: Any, keep: Any = None, frame: tuple[int, int, int] | None = None, scale: int = 4,
+                  border: int = 2) -> np.ndarray:
+    """One image enlarged ``scale`` times with its patch grid; masked patches (keep 0) darkened and hatched.
+
+    Args:
+        image: uint8 [S, S, 3] (or float in [0, 1]).
+        keep: None or [n] keep values (1 = kept), n = side**2 patches in row-major order (the ViT's order).
+        frame: RGB of a border (e.g. red for a noise image), or None.
+        scale: nearest-neighbour enlargement.
+        border: frame width in pixels.
+
+    Returns:
+        uint8 [S*scale + 2*border, S*scale + 2*border, 3].
+    """
+    img = as_uint8(image)[0]
+    big = img.repeat(scale, 0).repeat(scale, 1).astype(np.float32)
+    side = big.shape[0]
+    if keep is not None:
+        k = np.asarray(keep, dtype=np.float32).reshape(-1)
+        g = _grid_side(len(k))
+        p = side / g
+        yy, xx = np.mgrid[0:side, 0:side]
+        hatch = ((yy + xx) % 6) < 2
+        for t, kv in enumerate(k):
+            if kv >= 0.5:
+                continue
+            r, c = divmod(t, g)
+            sl = (slice(int(r * p), int((r + 1) * p)), slice(int(c * p), int((c + 1) * p)))
+            big[sl] = 0.25 * big[sl] + 0.75 * 30.0
+            big[sl][hatch[sl]] = 150.0
+        for i in range(1, g):
+            big[int(i * p), :] = 0.5 * big[int(i * p), :] + 0.5 * 255.0
+            big[:, int(i * p)] = 0.5 * big[:, int(i * p)] + 0.5 * 255.0
+    out = np.full((side + 2 * border, side + 2 * border, 3), 255, np.uint8)
+    if frame is not None:
+        out[:] = np.asarray(frame, np.uint8)
+    out[border:border + side, border:border + side] = np.clip(big, 0, 255).astype(np.uint8)
+    return out
+
+
+def _score_tile(scores: Any, size: int, vmin: float, vmax: float, cmap: str = "viridis") -> np.ndarray:
+    """Token scores [n] as a colored side x side heat map, enlarged to ``size`` pixels (uint8)."""
+    s = np.asarray(scores, dtype=np.float32).reshape(-1)
+    g = _grid_side(len(s))
+    rgb = colormaps[cmap]((s.reshape(g, g) - vmin) / max(vmax - vmin, 1e-8))[..., :3]
+    rep = int(math.ceil(size / g))
+    tile = (rgb.repeat(rep, 0).repeat(rep, 1)[:size, :size] * 255).astype(np.uint8)
+    return tile
+
+
+def _canvas(tiles: Sequence[Sequence[np.ndarray | None]], pad: int = 6,
+            row_gap: int | None = None) -> tuple[np.ndarray, list[list[tuple]]]:
+    """Tiles (rows of uint8 images or None for a gap) on a white canvas; returns it and each tile's (x0, y0, w, h)."""
+    h = max(t.shape[0] for row in tiles for t in row if t is not None)
+    w = max(t.shape[1] for row in tiles for t in row if t is not None)
+    gap = pad if row_gap is None else row_gap
+    ncol = max(len(row) for row in tiles)
+    canvas = np.full((len(tiles) * (h + gap) - gap, ncol * (w + pad) - pad, 3), 255, np.uint8)
+    boxes: list[list[tuple]] = []
+    for r, row in enumerate(tiles):
+        boxes.append([])
+        for c, t in enumerate(row):
+            x0, y0 = c * (w + pad), r * (h + gap)
+            if t is not None:
+                canvas[y0:y0 + t.shape[0], x0:x0 + t.shape[1]] = t
+            boxes[-1].append((x0, y0, w, h))
+    return canvas, boxes
+
+
+def _show(ax: Axes, canvas: np.ndarray) -> None:
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_visible(False)
+
+
+def mask_overlay(history: Any, reference: Any, history_mask: Any, reference_mask: Any = None,
+                 history_is_noise: Any = None, scores: Any = None, title: str | None = None,
+                 ax: Axes | None = None, scale: int = 4) -> Figure:
+    """The history and reference with their kept (clear) and masked (dark, hatched) tokens; noise images framed red.
+
+    Args:
+        history: uint8 [H, S, S, 3]; reference: uint8 [S, S, 3].
+        history_mask: [H, n] keep-mask (1 = kept); reference_mask: [n] or None (reference drawn whole).
+        history_is_noise: bool [H] ground truth, or None.
+        scores: the mask generator's scores [H + 1, n] (``study.token_scores``): drawn as a second row.
+        title: the figure title.
+        ax: draw here (one axes); default a new Figure.
+        scale: enlargement of each 32-pixel image.
+    """
+    hist = as_uint8(history)
+    hm = np.asarray(history_mask, dtype=np.float32)
+    if hm.ndim != 2 or len(hm) != len(hist):
+        raise ValueError(f"history_mask must be [H, n] with H = {len(hist)} history images; got shape {hm.shape}")
+    noise = np.zeros(len(hist), bool) if history_is_noise is None else np.asarray(history_is_noise, bool)
+    if noise.shape != (len(hist),):
+        raise ValueError(f"history_is_noise must hold one flag per history image ({len(hist)}); got {noise.shape}")
+    row = [token_overlay(im, m, NOISE_COLOR if nz else (LIKED_COLOR if history_is_noise is not None else None),
+                         scale) for im, m, nz in zip(hist, hm, noise)]
+    row += [None, token_overlay(reference, reference_mask, REFERENCE_COLOR, scale)]
+    tiles = [row]
+    if scores is not None:
+        sc = np.asarray(scores, dtype=np.float32)
+        if sc.shape != (len(hist) + 1, hm.shape[1]):
+            raise ValueError(f"scores must be [H + 1, n] = [{len(hist) + 1}, {hm.shape[1]}]; got {sc.shape}")
+        size = row[0].shape[0]
+        vmin, vmax = float(sc.min()), float(sc.max())
+        heat = [_score_tile(s, size, vmin, vmax) for s in sc]
+        tiles.append(heat[:-1] + [None, heat[-1]])
+    canvas, boxes = _canvas(tiles, row_gap=int(9 * scale))
+    fig, ax = _figure_and_ax(ax, (1.2 * len(row), 1.5 * len(tiles) + 0.6))
+    _show(ax, canvas)
+    for i, (x0, y0, w, h) in enumerate(boxes[0]):
+        if i < len(hist):
+            kept = int((hm[i] >= 0.5).sum())
+            label = f"{'noise' if noise[i] else 'history'} {i + 1}\n{kept}/{hm.shape[1]} kept"
+            color = _MPL["noise"] if noise[i] else "k"
+        elif i == len(hist) + 1:
+            kept = len(np.asarray(reference_mask).reshape(-1)) if reference_mask is None else \
+                int((np.asarray(reference_mask) >= 0.5).sum())
+            label, color = f"reference\n{kept} kept", _MPL["reference"]
+        else:
+            continue
+        ax.text(x0 + w / 2, y0 + h + 2, label, ha="center", va="top", fontsize=7, color=color)
+    if scores is not None:
+        x0, y0, _, h = boxes[1][0]
+        ax.text(x0 - 4, y0 + h / 2, f"scores\n[{vmin:.2f},\n{vmax:.2f}]", ha="right", va="center", fontsize=7)
+    ax.set_ylim(canvas.shape[0] + (int(9 * scale) if scores is None else 0), -2)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+def ratio_sweep(selection: Any, index: int = 0, ax: Axes | None = None, scale: int = 4,
+                reference: Any = None, reference_masks: Any = None) -> Figure:
+    """One request's candidates at every reference mask ratio with CLIP-T, history score and their mean;
+    the selected one (``PigeonPipeline.select``) framed orange.
+
+    Args:
+        selection: a ``model.Selection`` (``PigeonPipeline.select``).
+        index: which request of the batch.
+        ax: draw here; default a new Figure.
+        reference, reference_masks: optional reference image and its [R, n] keep-masks at the R ratios
+            (``study.reference_masks``), drawn above the candidates.
+    """
+    cands = as_uint8(selection.candidates[index])
+    ratios = list(selection.ratios)
+    chosen = int(selection.ratio_index[index])
+    ct = np.asarray(selection.clip_t[index], dtype=float)
+    hs = np.asarray(selection.history_score[index], dtype=float)
+    tiles = [[token_overlay(im, None, SELECTED_COLOR if j == chosen else None, scale, border=3)
+              for j, im in enumerate(cands)]]
+    if reference is not None and reference_masks is not None:
+        rm = np.asarray(reference_masks, dtype=np.float32)
+        if len(rm) != len(ratios):
+            raise ValueError(f"reference_masks has {len(rm)} masks for {len(ratios)} ratios; pass one per ratio")
+        tiles.insert(0, [token_overlay(reference, m, REFERENCE_COLOR, scale, border=3) for m in rm])
+    fig, ax = _figure_and_ax(ax, (1.4 * len(ratios) + 0.4, 1.4 * len(tiles) + 1.4))
+    canvas, boxes = _canvas(tiles, pad=8)
+    _show(ax, canvas)
+    for j, (x0, y0, w, h) in enumerate(boxes[-1]):
+        total = 0.5 * ct[j] + 0.5 * hs[j]
+        txt = f"ratio {ratios[j]:g}\nCLIP-T {ct[j]:.1f}\nhistory {hs[j]:.1f}\nmean {total:.2f}"
+        ax.text(x0 + w / 2, y0 + h + 2, txt + ("\nselected" if j == chosen else ""), ha="center", va="top",
+                fontsize=7, color=_MPL["selected"] if j == chosen else "k",
+                fontweight="bold" if j == chosen else "normal")
+    if len(tiles) > 1:
+        x0, y0, w, h = boxes[0][0]
+        ax.text(x0 - 4, y0 + h / 2, "reference\nkept", ha="right", va="center", fontsize=7, color=_MPL["reference"])
+    ax.set_ylim(canvas.shape[0] + 0.55 * boxes[-1][0][3] + 20, -2)
+    return fig
+
+
+def pairs_plot(examples: Sequence[Mapping[str, Any]], ax: Axes | None = None, scale: int = 3) -> Figure:
+    """Stage-2 preference pairs (``study.pair_examples``): each row the history, then chosen and rejected with
+    their reference ratios and history scores (mean CLIP-I to the history x100)."""
+    if not examples:
+        raise ValueError("no pairs to draw; pass study.pair_examples(...)")
+    tiles = []
+    for ex in examples:
+        noise = np.asarray(ex.get("history_is_noise", np.zeros(len(ex["history"]), bool)), bool)
+        row = [token_overlay(im, None, NOISE_COLOR if nz else LIKED_COLOR, scale)
+               for im, nz in zip(ex["history"], noise)]
+        row += [None, token_overlay(ex["chosen"], None, LIKED_COLOR, scale, border=3),
+                token_overlay(ex["rejected"], None, (120, 120, 120), scale, border=3)]
+        tiles.append(row)
+    canvas, boxes = _canvas(tiles, pad=22)
+    fig, ax = _figure_and_ax(ax, (1.0 * len(tiles[0]) + 0.5, 1.25 * len(tiles) + 0.6))
+    _show(ax, canvas)
+    h_len = len(examples[0]["history"])
+    for ex, brow in zip(examples, boxes):
+        x0, y0, w, h = brow[h_len + 1]
+        ax.text(x0 + w / 2, y0 + h + 1, f"chosen r={ex['chosen_ratio']:g}\n{ex['chosen_score']:.1f}",
+                ha="center", va="top", fontsize=6, color=_MPL["liked"])
+        x0, y0, w, h = brow[h_len + 2]
+        ax.text(x0 + w / 2, y0 + h + 1, f"rejected r={ex['rejected_ratio']:g}\n{ex['rejected_score']:.1f}",
+                ha="center", va="top", fontsize=6, color="0.35")
+        x0, y0, w, h = brow[0]
+        w_ = ex.get("window")
+        if w_ is not None:
+            ax.text(x0, y0 - 1, f"{w_.taste.describe()} · {w_.instruction}", fontsize=6, va="bottom")
+    ax.set_title("history (red frame: noise) | chosen | rejected", fontsize=8)
+    return fig
+
+
+def kept_noise_plot(results: Sequence[Mapping[str, Any]], ax: Axes | None = None) -> Figure:
+    """Share of kept history tokens from noise images against the noise rate, with the chance line
+    (``study.kept_noise_by_rate``): Pigeon's per-image mask, the pooled ranking and the score AUC."""
+    if not results:
+        raise ValueError("no results to plot; pass study.kept_noise_by_rate(...)")
+    x = np.array([r["noise_rate"] for r in results], dtype=float)
+    fig, ax = _figure_and_ax(ax, (4.2, 3.2))
+    ax.plot([0, max(1e-9, x.max())], [0, max(1e-9, x.max())], ls="--", color="0.5", lw=1,
+            label="chance (share of noise tokens)")
+    ax.plot(x, [r["kept_noise_fraction"] for r in results], "o-", color=_MPL["reference"],
+            label="Pigeon's mask (per image)")
+    if all("pooled_kept_noise_fraction" in r for r in results):
+        ax.plot(x, [r["pooled_kept_noise_fraction"] for r in results], "s-", color=_MPL["noise"],
+                label="same scores, ranked over the history")
+    for r in results:
+        auc = r.get("score_auc")
+        if auc is not None and isinstance(auc, float) and math.isfinite(auc):
+            ax.annotate(f"AUC {auc:.2f}", (r["noise_rate"], r.get("pooled_kept_noise_fraction", r["chance"])),
+                        textcoords="offset points", xytext=(4, -12), fontsize=7)
+    ax.set_xlabel("noise rate of the history")
+    ax.set_ylabel("kept tokens from noise images")
+    ax.set_xlim(-0.03, max(0.65, x.max() + 0.05))
+    ax.set_ylim(-0.03, max(0.65, x.max() + 0.05))
+    ax.legend(fontsize=7, loc="upper left")
+    return fig
+
+
+DEFAULT_BAR_METRICS = ("clip_i", "dino_i", "taste", "clip_t", "shape")
+
+
+def comparison_bars(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = DEFAULT_BAR_METRICS,
+                    axes: Sequence[Axes] | None = None) -> Figure:
+    """The comparison table as grouped bars: one panel per metric, noise rates on x, one bar per row
+    (error bars: the standard error where the table has one)."""
+    from .study import METRICS
+
+    if not rows:
+        raise ValueError("no rows to plot; pass comparison_table(...) or load_comparison(path)[0]")
+    labels = {k: lab for k, lab, _ in METRICS}
+    rates = sorted({float(r["noise_rate"]) for r in rows})
+    names = list(dict.fromkeys(r["row"] for r in rows))
+    own = axes is None
+    if own:
+        fig = Figure(figsize=(3.0 * len(metrics), 3.4), layout="constrained")
+        axes = list(np.atleast_1d(fig.subplots(1, len(metrics))))
+    else:
+        axes = list(axes)
+        if len(axes) != len(metrics):
+            raise ValueError(f"got {len(axes)} axes for {len(metrics)} metrics; pass one axes per metric")
+        fig = axes[0].figure
+    width = 0.8 / len(names)
+    colors = colormaps["tab10"]
+    for ax, m in zip(axes, metrics):
+        vals_all = []
+        for i, name in enumerate(names):
+            by_rate = {float(r["noise_rate"]): r for r in rows if r["row"] == name}
+            vals = [by_rate[x].get(m, np.nan) if x in by_rate else np.nan for x in rates]
+            vals = [np.nan if v is None else float(v) for v in vals]
+            err = [by_rate[x].get(f"{m}_sem") if x in by_rate else None for x in rates]
+            err = None if all(e is None for e in err) else [np.nan if e is None else float(e) for e in err]
+            ax.bar(np.arange(len(rates)) + (i - (len(names) - 1) / 2) * width, vals, width, yerr=err,
+                   color=colors(i), label=name, capsize=2, error_kw={"lw": 0.8})
+            vals_all += [v for v in vals if np.isfinite(v)]
+        ax.set_xticks(np.arange(len(rates)), [f"{x:g}" for x in rates])
+        ax.set_xlabel("noise rate")
+        ax.set_title(labels.get(m, m), fontsize=9)
+        if vals_all and max(vals_all) > 1.0:  # CLIP / DINO x100: zoom on the range the rows span
+            lo, hi = min(vals_all), max(vals_all)
+            pad = max(0.5, 0.3 * (hi - lo))
+            ax.set_ylim(lo - pad, hi + pad)
+        else:
+            ax.set_ylim(0, 1.05)
+    if own:
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=len(names), fontsize=8)
+    else:
+        axes[0].legend(fontsize=7, loc="lower left")
+    return fig
+
+
+__all__ = ["comparison_bars", "kept_noise_plot", "mask_overlay", "pairs_plot", "ratio_sweep", "token_overlay"]

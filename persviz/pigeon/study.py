@@ -1,0 +1,558 @@
+"""Pigeon's studies on ShapesWorld: the comparison table, what the mask generator keeps, stage-2 pairs.
+
+- ``comparison_table``: held-out users at fixed noise rates; four rows ("reference only (no history)",
+  "history without masks", "Pigeon stage 1", "Pigeon stage 2"), all with the paper's test-time ratio
+  selection and the same initial latents; personalization (CLIP-I and DINO-I to the history x100, the
+  oracle's taste hit rates) and semantic alignment (CLIP-T to the instruction, the oracle's shape accuracy).
+- ``kept_noise_fraction`` / ``kept_noise_by_rate``: which history tokens the mask generator keeps, against
+  the ground truth of which history images are noise.
+- ``history_mode``: switch the history off ("none") or its masking off ("keep") for a block.
+- ``window_masks``, ``pair_examples``: the inputs of ``persviz.pigeon.plots``.
+
+Pigeon exists here at ShapesWorld scale only: at full scale (``PERSVIZ_SCALE=full``) it would need LaVIT-7B and
+SDXL (github ``YiyanXu/Pigeon``), which persviz neither ships nor loads; ``require_shapesworld`` says so.
+
+Usage::
+
+    s1 = PigeonPipeline.from_shapesworld(weights="data/pigeon/stage1")
+    s2 = PigeonPipeline.from_shapesworld(weights="data/pigeon/stage2", sd=s1.sd)
+    rows = comparison_table(s1, s2, n_windows=50, path="data/pigeon/comparison.json")
+    print(format_table(rows))
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import default_collate
+from tqdm.auto import tqdm
+
+from ..images import as_uint8
+from ..io import atomic_write_text
+from ..paths import DATA_DIR
+from .mask import HISTORY_TYPE, REFERENCE_TYPE, gumbel_topk_mask
+from .model import HISTORY_MODES, RATIOS, WEIGHTS_FILE, PigeonPipeline
+from .users import PigeonDataset, _as_image_tensor, make_datasets, taste_report, validate_request
+
+PathLike = str | os.PathLike
+PIGEON_DIR = DATA_DIR / "pigeon"
+#: The comparison's rows: key -> label (the paper's baselines at ShapesWorld scale, then the two stages).
+ROWS = {"no_history": "reference only (no history)", "no_mask": "history without masks",
+        "stage1": "Pigeon stage 1", "stage2": "Pigeon stage 2"}
+#: Metrics of a comparison row: (key, label, group).
+METRICS = (("clip_i", "CLIP-I to history (x100)", "personalization"),
+           ("dino_i", "DINO-I to history (x100)", "personalization"),
+           ("taste", "oracle: whole taste", "personalization"),
+           ("color", "oracle: favourite color", "personalization"),
+           ("texture", "oracle: texture", "personalization"),
+           ("background", "oracle: background", "personalization"),
+           ("clip_t", "CLIP-T to instruction (x100)", "semantic alignment"),
+           ("shape", "oracle: requested shape", "semantic alignment"))
+#: Noise rates of the kept-noise study.
+NOISE_SWEEP = (0.0, 0.2, 0.4, 0.6)
+#: The training data's defaults (``train.TrainConfig``): test users are held out of the same 1000.
+DATA_DEFAULTS = {"n_users": 1000, "data_seed": 0, "n_interactions": 12}
+
+
+class FullScaleNotSupportedError(RuntimeError):
+    """Pigeon runs on ShapesWorld only; full scale needs LaVIT + SDXL."""
+
+
+def require_shapesworld() -> None:
+    """Raise FullScaleNotSupportedError when ``PERSVIZ_SCALE=full`` (Pigeon exists here at ShapesWorld scale only)."""
+    from ..loading import full_scale
+
+    if full_scale():
+        raise FullScaleNotSupportedError(
+            "PERSVIZ_SCALE=full, but Pigeon cannot run at full scale in persviz: the paper's model is LaVIT-7B with an "
+            "SDXL decoder (github YiyanXu/Pigeon), which persviz neither ships nor loads, and no ShapesWorld Pigeon "
+            "result would mean anything for SD 1.5. Unset PERSVIZ_SCALE (or set it to 'shapesworld') to run the "
+            "ShapesWorld Pigeon.")
+
+
+# ----------------------------------------------------------------------------- models and data
+
+
+def load_stage(weights: PigeonPipeline | PathLike, sd: Any = None, name: str = "weights") -> PigeonPipeline:
+    """A PigeonPipeline: returned as is, or loaded from a weights folder (sharing ``sd`` when given)."""
+    if isinstance(weights, PigeonPipeline):
+        return weights
+    require_shapesworld()
+    folder = Path(weights).expanduser()
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(
+            f"{name}: no {WEIGHTS_FILE} in {folder}; train it with `python -m persviz.pigeon.train --stage N --out "
+            f"{folder}` (it is written when the stage finishes), or pass another folder")
+    return PigeonPipeline.from_shapesworld(weights=folder, sd=sd)
+
+
+def training_data_settings(folder: PathLike | None = None) -> dict[str, int]:
+    """n_users, data_seed, n_interactions of the run in ``folder`` (its config.json), else the training defaults."""
+    out = dict(DATA_DEFAULTS)
+    if folder is not None and (Path(folder) / "config.json").is_file():
+        rec = json.loads((Path(folder) / "config.json").read_text())
+        out.update({k: int(rec[k]) for k in DATA_DEFAULTS if k in rec})
+    return out
+
+
+def heldout_dataset(noise_rate: float, split: str = "test", n_users: int = DATA_DEFAULTS["n_users"],
+                    data_seed: int = DATA_DEFAULTS["data_seed"],
+                    n_interactions: int = DATA_DEFAULTS["n_interactions"]) -> PigeonDataset:
+    """The ``split`` users of the training population, every one at ``noise_rate``.
+
+    Splits depend only on (n_users, data_seed), and a user's taste on (data_seed, user_id), so with the training
+    run's settings these are the same held-out users with the same tastes; only the noise rate (and so their
+    interaction sequence) is fixed here.
+    """
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split={split!r}; use 'test' (held-out users), 'val' or 'train'")
+    sets = make_datasets(n_users, data_seed, float(noise_rate), n_interactions)
+    if split not in sets:
+        raise ValueError(f"the {split!r} split of {n_users} users is empty; use more users")
+    return sets[split]
+
+
+def pick_windows(dataset: PigeonDataset, n: int) -> list[int]:
+    """``n`` window indices spread over the users: every user's first window, then every user's second, ..."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n_windows must be a positive int; got {n!r}")
+    rank: dict[int, int] = {}
+    keyed = []
+    for i, w in enumerate(dataset.windows):
+        r = rank.get(w.user_id, 0)
+        rank[w.user_id] = r + 1
+        keyed.append((r, w.user_id, i))
+    if n > len(keyed):
+        raise ValueError(f"n_windows={n} but the dataset has {len(keyed)} windows; pass n_windows <= {len(keyed)}")
+    return sorted(i for _, _, i in sorted(keyed)[:n])
+
+
+@contextlib.contextmanager
+def history_mode(pipe: PigeonPipeline, mode: str) -> Iterator[PigeonPipeline]:
+    """Within the block the model treats the history as ``mode`` ("mask", "keep" or "none"; see
+    ``model.HISTORY_MODES``); restored on exit."""
+    if mode not in HISTORY_MODES:
+        raise ValueError(f"mode={mode!r}; use one of {HISTORY_MODES}")
+    model = pipe.model
+    before = model.history_mode
+    model.history_mode = mode
+    try:
+        yield pipe
+    finally:
+        model.history_mode = before
+
+
+@contextlib.contextmanager
+def _eval_mode(pipe: PigeonPipeline) -> Iterator[None]:
+    """The model in eval mode (no dropout) for the block, as ``PigeonPipeline.__call__`` runs it."""
+    was = pipe.model.training
+    pipe.model.eval()
+    try:
+        yield
+    finally:
+        pipe.model.train(was)
+
+
+# ----------------------------------------------------------------------------- the comparison table
+
+
+def _sem(x: np.ndarray) -> float:
+    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def _mean_cos(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Per request i: 100 x mean_j cos(a[i], b[i, j]) for unit a [N, D], b [N, H, D]."""
+    return (100.0 * torch.einsum("nd,nhd->nh", a.float(), b.float()).mean(-1)).numpy()
+
+
+def score_generations(images: np.ndarray, histories: np.ndarray, windows: Sequence[Any], clip: Any, dino: Any,
+                      oracle: Any) -> dict[str, Any]:
+    """Personalization and semantic alignment of generated images, one per window.
+
+    Args:
+        images: uint8 [N, S, S, 3] generated images.
+        histories: uint8 [N, H, S, S, 3] their histories.
+        windows: the N ``users.Window`` ground truths (instruction, taste, target slot).
+        clip, dino, oracle: ``persviz.loading.load_evaluator`` of kinds "clip", "dino", "oracle".
+
+    Returns:
+        {metric: mean} for every key of ``METRICS``, "{metric}_sem" for the CLIP / DINO scores, and "n".
+    """
+    n, h = histories.shape[:2]
+    if len(images) != n or len(windows) != n or n == 0:
+        raise ValueError(f"{len(images)} images, {n} histories and {len(windows)} windows; "
+                         f"pass one of each per request")
+    flat = histories.reshape(n * h, *histories.shape[2:])
+    out: dict[str, Any] = {"n": int(n)}
+    for key, ev in (("clip_i", clip), ("dino_i", dino)):
+        v = _mean_cos(ev.embed_images(images), ev.embed_images(flat).view(n, h, -1))
+        out[key], out[f"{key}_sem"] = float(v.mean()), _sem(v)
+    from ..metrics import clip_t
+
+    ct = clip_t(clip, images, [w.instruction for w in windows]).numpy()
+    out["clip_t"], out["clip_t_sem"] = float(ct.mean()), _sem(ct)
+    out.update(taste_report(oracle.read(images), windows))
+    return out
+
+
+def _evaluators(clip: Any, dino: Any, oracle: Any) -> tuple[Any, Any, Any]:
+    from ..loading import load_evaluator
+
+    if clip is None or dino is None or oracle is None:
+        require_shapesworld()
+    return (clip if clip is not None else load_evaluator(kind="clip"),
+            dino if dino is not None else load_evaluator(kind="dino"),
+            oracle if oracle is not None else load_evaluator(kind="oracle"))
+
+
+def comparison_table(stage1: PigeonPipeline | PathLike, stage2: PigeonPipeline | PathLike | None, n_windows: int,
+                     noise_rates: Sequence[float] = (0.0, 0.2, 0.4), split: str = "test",
+                     clip: Any = None, dino: Any = None, oracle: Any = None, seed: int = 0, batch_size: int = 8,
+                     num_inference_steps: int = 25, guidance_scale: float = 4.0,
+                     ratios: Sequence[float] = RATIOS, n_users: int | None = None, data_seed: int | None = None,
+                     path: PathLike | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Pigeon against its ablations on held-out users, per noise rate (the paper's main table at ShapesWorld scale).
+
+    Rows (``ROWS``), each with test-time ratio selection (``PigeonPipeline.select``) from the same latents:
+    "reference only (no history)" (stage 1, every history token zeroed and masked: it reads the reference and
+    the instruction only), "history without masks" (stage 1, history mask ratio 0), "Pigeon stage 1",
+    "Pigeon stage 2" (left out when ``stage2`` is None).
+
+    Args:
+        stage1, stage2: PigeonPipelines or weights folders (stage 2 loads with stage 1's diffusion pipeline).
+        n_windows: windows per noise rate (``pick_windows``: spread over the users).
+        noise_rates: one held-out dataset per rate (``heldout_dataset``), every user at that rate.
+        split: "test" (held-out users; default), "val" or "train".
+        clip, dino, oracle: evaluators (default: the ShapesWorld ones).
+        seed: latents of batch starting at window j are drawn from ``seed + j`` (the same for every row).
+        batch_size, num_inference_steps, guidance_scale, ratios: generation settings.
+        n_users, data_seed: the user population (default: stage 1's training run, else 1000 users, seed 0).
+        path: if given, {"settings", "rows"} is written there as JSON (atomically).
+        progress: a tqdm bar.
+
+    Returns:
+        One dict per (noise rate, row): "noise_rate", "row" (label), "key", "n", the metrics of ``METRICS``
+        (means; CLIP / DINO scores also "{key}_sem") and "ratio_counts" {ratio: times selected}.
+    """
+    settings = training_data_settings(stage1 if not isinstance(stage1, PigeonPipeline) else None)
+    if n_users is not None:
+        settings["n_users"] = int(n_users)
+    if data_seed is not None:
+        settings["data_seed"] = int(data_seed)
+    p1 = load_stage(stage1, name="stage1")
+    p2 = load_stage(stage2, sd=p1.sd, name="stage2") if stage2 is not None else None
+    clip, dino, oracle = _evaluators(clip, dino, oracle)
+    runs = [("no_history", p1, "none"), ("no_mask", p1, "keep"), ("stage1", p1, "mask")]
+    if p2 is not None:
+        runs.append(("stage2", p2, "mask"))
+    data = []
+    for rate in noise_rates:
+        ds = heldout_dataset(rate, split, settings["n_users"], settings["data_seed"], settings["n_interactions"])
+        data.append((float(rate), ds, pick_windows(ds, min(int(n_windows), len(ds)))))
+    total = sum(math.ceil(len(idx) / batch_size) for _, _, idx in data) * len(runs)
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=total, desc="comparison table", disable=not progress)
+    try:
+        for rate, ds, idx in data:
+            windows = [ds.window(i) for i in idx]
+            histories = np.stack([ds.images(i)["history"] for i in idx])
+            for key, pipe, mode in runs:
+                images, counts = [], [0] * len(ratios)
+                bar.set_postfix(noise=rate, row=key)
+                with history_mode(pipe, mode):
+                    for j in range(0, len(idx), batch_size):
+                        b = default_collate([ds[i] for i in idx[j:j + batch_size]])
+                        sel = pipe.select(b["history"], b["reference"], b["instruction"], ratios=ratios,
+                                          generator=seed + j, num_inference_steps=num_inference_steps,
+                                          guidance_scale=guidance_scale)
+                        images.append(as_uint8(sel.images))
+                        for r in sel.ratio_index:
+                            counts[r] += 1
+                        bar.update(1)
+                scores = score_generations(np.concatenate(images), histories, windows, clip, dino, oracle)
+                rows.append({"noise_rate": rate, "row": ROWS[key], "key": key, **scores,
+                             "ratio_counts": {f"{r:g}": c for r, c in zip(ratios, counts)}})
+    finally:
+        bar.close()
+    if path is not None:
+        record = {"settings": {"n_windows": int(n_windows), "noise_rates": [float(r) for r in noise_rates],
+                               "split": split, "seed": seed, "batch_size": batch_size,
+                               "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                               "ratios": [float(r) for r in ratios], **settings,
+                               "stage1": str(stage1) if not isinstance(stage1, PigeonPipeline) else "pipeline",
+                               "stage2": (None if stage2 is None else str(stage2)
+                                          if not isinstance(stage2, PigeonPipeline) else "pipeline")},
+                  "rows": rows}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(_jsonable(record), indent=1))
+    return rows
+
+
+def _jsonable(x: Any) -> Any:
+    """NaN -> None (JSON has no NaN), recursively."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Mapping):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def load_comparison(path: PathLike) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(rows, settings) of a JSON file written by ``comparison_table(path=...)``."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no comparison table at {p}; write one with comparison_table(..., path='{p}')")
+    rec = json.loads(p.read_text())
+    if not isinstance(rec, Mapping) or "rows" not in rec:
+        raise ValueError(f"{p} is not a comparison table (no 'rows'); write it with comparison_table(path=...)")
+    return list(rec["rows"]), dict(rec.get("settings", {}))
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] | None = None) -> str:
+    """The comparison rows as a markdown table: one line per (noise rate, row), one column per metric."""
+    if not rows:
+        raise ValueError("no rows to format; run comparison_table first")
+    keys = list(metrics) if metrics is not None else [k for k, _, _ in METRICS]
+    labels = {k: lab for k, lab, _ in METRICS}
+    head = "| noise | row | n | " + " | ".join(labels.get(k, k) for k in keys) + " |"
+    lines = [head, "|" + "---|" * (3 + len(keys))]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k)
+            if v is None or (isinstance(v, float) and not math.isfinite(v)):
+                cells.append("–")
+                continue
+            pm = r.get(f"{k}_sem")
+            text = f"{v:.2f}"
+            if pm is not None and isinstance(pm, float) and math.isfinite(pm):
+                text += f" ± {pm:.2f}"
+            cells.append(text)
+        lines.append(f"| {r['noise_rate']:g} | {r['row']} | {r.get('n', '')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- what the mask generator keeps
+
+
+@torch.no_grad()
+def token_scores(pipe: PigeonPipeline, history: Any, reference: Any) -> torch.Tensor:
+    """The mask generator's token scores at inference, [B, H + 1, n] (history images, then the reference).
+
+    Honours ``history_mode`` ("none" scores zeroed history tokens, as ``prepare`` does). Inputs as in
+    ``users.validate_request`` (one request or a batch).
+    """
+    model = pipe.model
+    cfg = model.config
+    n_req = _as_image_tensor(history, "history", 4, cfg.image_size)[0].shape[0]
+    hist, ref, _ = validate_request(history, reference, ["scores"] * n_req, None, cfg.n_history, cfg.image_size)
+    b = hist.shape[0]
+    tokens = model.visual(torch.cat([hist.flatten(0, 1), ref]).to(model.device))
+    hist_tok = tokens[:b * cfg.n_history].view(b, cfg.n_history, *tokens.shape[1:])
+    if model.history_mode == "none":
+        hist_tok = torch.zeros_like(hist_tok)
+    all_tok = torch.cat([hist_tok, tokens[b * cfg.n_history:].unsqueeze(1)], 1)
+    types = torch.tensor([HISTORY_TYPE] * cfg.n_history + [REFERENCE_TYPE], device=all_tok.device)
+    gen = model.mask_generator
+    was = gen.training
+    gen.eval()
+    try:
+        return gen(all_tok, types).float().cpu()
+    finally:
+        gen.train(was)
+
+
+def history_keep_mask(pipe: PigeonPipeline, scores: torch.Tensor) -> torch.Tensor:
+    """The inference history keep-mask [B, H, n] from ``token_scores`` (what ``PigeonModel.prepare`` keeps)."""
+    model = pipe.model
+    h = model.config.n_history
+    if model.history_mode == "none":
+        return torch.zeros_like(scores[:, :h])
+    ratio = 0.0 if model.history_mode == "keep" else model.config.history_ratio
+    return gumbel_topk_mask(scores[:, :h], ratio, keep="high", training=False).detach()
+
+
+def noise_fraction(keep: torch.Tensor, is_noise: torch.Tensor) -> tuple[float, float]:
+    """(fraction of kept tokens that lie in noise images, fraction of all tokens that do: the chance level).
+
+    Args:
+        keep: keep-mask [B, H, n] (1 = kept).
+        is_noise: bool [B, H], True for a noise image.
+    """
+    keep, noise = torch.as_tensor(keep).float(), torch.as_tensor(is_noise).bool()
+    if keep.ndim != 3 or tuple(noise.shape) != tuple(keep.shape[:2]):
+        raise ValueError(f"keep must be [B, H, n] and is_noise [B, H]; got {tuple(keep.shape)} and "
+                         f"{tuple(noise.shape)}")
+    if float(keep.sum()) == 0:
+        raise ValueError("the keep-mask keeps no token; nothing to count")
+    tok_noise = noise[..., None].expand_as(keep).float()
+    return float((keep * tok_noise).sum() / keep.sum()), float(tok_noise.mean())
+
+
+def pooled_keep_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep the top ``max(1, int(H * n * (1 - ratio)))`` history tokens of each window ranked TOGETHER: [B, H, n].
+
+    Pigeon keeps a fixed number of tokens per image (so every image, noise or not, keeps the same share); pooled
+    across the history the same scores show whether noise images' tokens score lower than liked ones.
+    """
+    b, h, n = scores.shape
+    flat = gumbel_topk_mask(scores.reshape(b, h * n).float(), ratio, keep="high", training=False).detach()
+    return flat.view(b, h, n)
+
+
+def score_auc(scores: torch.Tensor, is_noise: torch.Tensor) -> float:
+    """Mean over windows with both kinds of image of P(a liked-image token scores above a noise-image token)
+    (ties count one half); 0.5 is chance, NaN when no window has both."""
+    aucs = []
+    for s, f in zip(scores.float(), torch.as_tensor(is_noise).bool()):
+        liked, noise = s[~f].flatten(), s[f].flatten()
+        if len(liked) and len(noise):
+            d = liked[:, None] - noise[None]
+            aucs.append(float((d > 0).float().mean() + 0.5 * (d == 0).float().mean()))
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def kept_noise_fraction(pipe: PigeonPipeline, dataset: PigeonDataset, n_windows: int,
+                        batch_size: int = 16) -> dict[str, float]:
+    """Which history tokens the mask generator keeps at inference, against which history images are noise.
+
+    Returns a dict:
+        "kept_noise_fraction": share of kept history tokens that come from noise images (Pigeon's mask keeps
+        the same number of tokens in every image, so this equals "chance" by construction);
+        "chance": share of all history tokens in noise images (= the noise rate: every image has n tokens);
+        "pooled_kept_noise_fraction": the same share when the top (1 - history ratio) of the tokens is taken over
+        the whole history (``pooled_keep_mask``): below chance if noise tokens score low;
+        "score_auc": P(liked token scores above a noise token) (``score_auc``; NaN without noise);
+        "mean_score_noise", "mean_score_liked", "noise_rate", "n".
+    """
+    idx = pick_windows(dataset, min(int(n_windows), len(dataset)))
+    keeps, pooled, scores_all, noise_all = [], [], [], []
+    model = pipe.model
+    ratio = 0.0 if model.history_mode == "keep" else model.config.history_ratio
+    for j in range(0, len(idx), batch_size):
+        b = default_collate([dataset[i] for i in idx[j:j + batch_size]])
+        full = token_scores(pipe, b["history"], b["reference"])
+        s = full[:, :model.config.n_history]
+        keeps.append(history_keep_mask(pipe, full))
+        pooled.append(pooled_keep_mask(s, ratio))
+        scores_all.append(s)
+        noise_all.append(b["history_is_noise"])
+    keep, pool, s, noise = (torch.cat(x) for x in (keeps, pooled, scores_all, noise_all))
+    kept, chance = noise_fraction(keep, noise)
+    pooled_kept, _ = noise_fraction(pool, noise)
+    tok_noise = noise[..., None].expand_as(s)
+    mean = (lambda m: float(s[m].mean()) if bool(m.any()) else float("nan"))
+    return {"noise_rate": float(noise.float().mean()), "n": len(idx), "kept_noise_fraction": kept,
+            "chance": chance, "pooled_kept_noise_fraction": pooled_kept, "score_auc": score_auc(s, noise),
+            "mean_score_noise": mean(tok_noise), "mean_score_liked": mean(~tok_noise)}
+
+
+def kept_noise_by_rate(pipe: PigeonPipeline, n_windows: int, noise_rates: Sequence[float] = NOISE_SWEEP,
+                       split: str = "test", n_users: int = DATA_DEFAULTS["n_users"],
+                       data_seed: int = DATA_DEFAULTS["data_seed"], progress: bool = True) -> list[dict[str, float]]:
+    """``kept_noise_fraction`` on held-out users at each noise rate (``heldout_dataset``); one dict per rate."""
+    out = []
+    for rate in tqdm(list(noise_rates), desc="kept noise", disable=not progress):
+        ds = heldout_dataset(rate, split, n_users, data_seed)
+        out.append({**kept_noise_fraction(pipe, ds, n_windows), "noise_rate": float(rate)})
+    return out
+
+
+# ----------------------------------------------------------------------------- one window, pairs
+
+
+def window_masks(pipe: PigeonPipeline, dataset: PigeonDataset, index: int,
+                 reference_ratio: float = 0.5) -> dict[str, Any]:
+    """What the model reads for window ``index``: images, scores and inference keep-masks (numpy).
+
+    Returns:
+        "history" uint8 [H, S, S, 3], "reference" uint8 [S, S, 3], "history_is_noise" bool [H],
+        "scores" [H + 1, n], "history_mask" [H, n], "reference_mask" [n] (1 = kept), "instruction", "window".
+    """
+    item, im = dataset[index], dataset.images(index)
+    with _eval_mode(pipe), torch.no_grad():
+        inputs = pipe.model.prepare(item["history"], item["reference"], item["instruction"], reference_ratio,
+                                    training=False)
+    scores = token_scores(pipe, item["history"], item["reference"])[0]
+    return {"history": im["history"], "reference": im["reference"], "target": im["target"],
+            "history_is_noise": item["history_is_noise"].numpy(), "scores": scores.numpy(),
+            "history_mask": inputs.history_mask[0].detach().cpu().numpy(),
+            "reference_mask": inputs.reference_mask[0, 0].detach().cpu().numpy(),
+            "instruction": item["instruction"], "reference_ratio": float(reference_ratio),
+            "window": dataset.window(index)}
+
+
+@torch.no_grad()
+def reference_masks(pipe: PigeonPipeline, history: Any, reference: Any, instruction: str,
+                    ratios: Sequence[float] = RATIOS) -> np.ndarray:
+    """The inference reference keep-masks of one request at each ratio, [R, n] (low-score tokens masked first)."""
+    hist, ref, texts = validate_request(history, reference, instruction, None, pipe.model.config.n_history,
+                                        pipe.image_size)
+    if hist.shape[0] != 1:
+        raise ValueError("reference_masks takes one request; pass one history, reference and instruction")
+    r = len(ratios)
+    with _eval_mode(pipe):
+        inputs = pipe.model.prepare(hist.expand(r, *hist.shape[1:]), ref.expand(r, *ref.shape[1:]), texts * r,
+                                    [float(x) for x in ratios], training=False)
+    return inputs.reference_mask[:, 0].detach().cpu().numpy()
+
+
+def load_pairs(folder: PathLike) -> dict[str, Any]:
+    """The stage-2 preference pairs of a run folder (``pairs.pt``, see ``train.build_pairs``), chunks joined."""
+    from .train import PAIRS_FILE
+
+    path = Path(folder).expanduser() / PAIRS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {PAIRS_FILE} in {path.parent}: stage 2 writes it before it trains "
+                                f"(`python -m persviz.pigeon.train --stage 2`)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    keys = ("window", "chosen", "rejected", "chosen_ratio", "rejected_ratio", "scores")
+    if not state.get(keys[0]):
+        raise ValueError(f"{path} holds no pairs yet (stage 2 is still generating them?)")
+    return {**{k: torch.cat(state[k]) for k in keys}, "done": int(state["done"])}
+
+
+def pair_examples(pipe: PigeonPipeline, folder: PathLike, n: int = 4,
+                  ratios: Sequence[float] | None = None) -> list[dict[str, Any]]:
+    """The first ``n`` non-tied stage-2 pairs: history, chosen and rejected images with their ratios and scores.
+
+    The windows index the "train" split of the run's users (read from the folder's config.json).
+    """
+    pairs = load_pairs(folder)
+    rec_path = Path(folder) / "config.json"
+    rec = json.loads(rec_path.read_text()) if rec_path.is_file() else {}
+    ratios = tuple(ratios if ratios is not None else rec.get("ratios", RATIOS))
+    ds = make_datasets(int(rec.get("n_users", DATA_DEFAULTS["n_users"])), int(rec.get("data_seed", 0)),
+                       tuple(rec.get("noise_rates", (0.0, 0.2, 0.4, 0.6))),
+                       int(rec.get("n_interactions", DATA_DEFAULTS["n_interactions"])))["train"]
+    valid = torch.nonzero(pairs["chosen_ratio"] != pairs["rejected_ratio"]).flatten()[:n]
+    if len(valid) == 0:
+        raise ValueError("every stored pair is a tie (chosen = rejected ratio); nothing to show")
+    chosen = as_uint8(pipe.decode(pairs["chosen"][valid]))
+    rejected = as_uint8(pipe.decode(pairs["rejected"][valid]))
+    out = []
+    for k, p in enumerate(valid.tolist()):
+        w = int(pairs["window"][p])
+        ci, ri = int(pairs["chosen_ratio"][p]), int(pairs["rejected_ratio"][p])
+        out.append({"window": ds.window(w), "history": ds.images(w)["history"],
+                    "history_is_noise": np.array(ds.window(w).history_is_noise), "chosen": chosen[k],
+                    "rejected": rejected[k], "chosen_ratio": float(ratios[ci]), "rejected_ratio": float(ratios[ri]),
+                    "chosen_score": float(pairs["scores"][p, ci]), "rejected_score": float(pairs["scores"][p, ri])})
+    return out
+
+
+__all__ = ["DATA_DEFAULTS", "METRICS", "NOISE_SWEEP", "PIGEON_DIR", "ROWS", "FullScaleNotSupportedError",
+           "comparison_table", "format_table", "heldout_dataset", "history_keep_mask", "history_mode",
+           "kept_noise_by_rate", "kept_noise_fraction", "load_comparison", "load_pairs", "load_stage",
+           "noise_fraction", "pair_examples", "pick_windows", "pooled_keep_mask", "reference_masks",
+           "require_shapesworld", "score_auc", "score_generations", "token_scores", "training_data_settings",
+           "window_masks"]

@@ -1,0 +1,177 @@
+"""An explorer of Pigeon on ShapesWorld users, from stock ipywidgets (no custom JavaScript); logic runs headless.
+
+    explorer = PigeonExplorer(pipe, heldout_dataset(0.4))
+    explorer.update()     # or press "generate"
+    explorer              # last expression of a cell: shows explorer.widget
+
+Tests drive it as a user would: set ``explorer.user.value`` / ``explorer.window.value``, call
+``explorer.button.click()`` (or ``update()``), then read ``explorer.last`` and ``explorer.error``.
+"""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import ipywidgets as W
+import numpy as np
+
+from ..images import as_uint8
+from ..widgets import _error_html, _status_html, html_table, png_bytes
+from .model import RATIOS, PigeonPipeline
+from .plots import LIKED_COLOR, NOISE_COLOR, REFERENCE_COLOR, SELECTED_COLOR, _canvas, token_overlay
+from .study import reference_masks, window_masks
+from .users import PigeonDataset, check_ratio
+
+
+class PigeonExplorer:
+    """Pick a user and one of their windows: the history with the tokens the mask generator keeps, then the
+    generation at every reference mask ratio with CLIP-T, history score and the selected ratio.
+
+    Args:
+        pipe: the PigeonPipeline (with a ClipScorer).
+        dataset: the users to pick from (e.g. ``study.heldout_dataset`` or the "test" split of ``make_datasets``).
+        ratios: reference mask ratios of the sweep.
+        num_inference_steps, guidance_scale: the sampler's.
+        seed: initial latents' seed (shared by all ratios).
+        scale: enlargement of the 32-pixel images.
+        render_now: show the first window's history masks at once (cheap; generation waits for the button).
+
+    Attributes: user, window (Dropdown), seed (IntText), button (Button), message, scores (HTML),
+    history_image, sweep_image (Image), widget (VBox), last (dict of the last generation or None),
+    masks (the last ``study.window_masks``), error (last error text or None). Errors are shown, not raised.
+    """
+
+    def __init__(self, pipe: PigeonPipeline, dataset: PigeonDataset, ratios: Sequence[float] = RATIOS,
+                 num_inference_steps: int = 25, guidance_scale: float = 4.0, seed: int = 0, scale: int = 4,
+                 render_now: bool = True) -> None:
+        if not isinstance(pipe, PigeonPipeline):
+            raise ValueError(f"pipe must be a PigeonPipeline; got {type(pipe).__name__}")
+        if not isinstance(dataset, PigeonDataset) or len(dataset) == 0:
+            raise ValueError("dataset must be a non-empty PigeonDataset (e.g. study.heldout_dataset(0.4))")
+        if not ratios:
+            raise ValueError("ratios is empty; pass e.g. (0.0, 0.25, 0.5, 0.75, 1.0)")
+        for r in ratios:
+            check_ratio(r)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be an int; got {seed!r}")
+        self.pipe, self.dataset, self.ratios = pipe, dataset, tuple(float(r) for r in ratios)
+        self.steps, self.guidance, self.scale = int(num_inference_steps), float(guidance_scale), int(scale)
+        self.last: dict[str, Any] | None = None
+        self.masks: dict[str, Any] | None = None
+        self.error: str | None = None
+        users = sorted({w.user_id for w in dataset.windows})
+        opts = [(f"user {u}: {dataset.users[u].taste.describe()} (noise {dataset.users[u].noise_rate:g})", u)
+                for u in users]
+        self.user = W.Dropdown(options=opts, value=users[0], description="user", layout=W.Layout(width="40em"))
+        self.window = W.Dropdown(options=self._window_options(users[0]), description="window",
+                                 layout=W.Layout(width="28em"))
+        self.seed = W.IntText(value=int(seed), description="seed", layout=W.Layout(width="12em"))
+        self.button = W.Button(description="generate", button_style="primary", icon="play")
+        self.message = W.HTML(_status_html("pick a user and a window, then press generate"))
+        self.history_image = W.Image(format="png")
+        self.sweep_image = W.Image(format="png")
+        self.scores = W.HTML("")
+        self.user.observe(self.on_user, names="value")
+        self.window.observe(lambda _change: self.show_history(), names="value")
+        self.button.on_click(lambda _b: self.update())
+        self.widget = W.VBox([self.user, W.HBox([self.window, self.seed, self.button]), self.message,
+                              W.HTML("<b>history (red frame: noise) and reference; "
+                                     "dark hatched patches are masked</b>"),
+                              self.history_image,
+                              W.HTML("<b>reference kept at each ratio (top) and the generation (orange: selected)</b>"),
+                              self.sweep_image, self.scores])
+        if render_now:
+            self.show_history()
+
+    def _window_options(self, user_id: int) -> list[tuple[str, int]]:
+        out = []
+        for i, w in enumerate(self.dataset.windows):
+            if w.user_id == user_id:
+                out.append((f"interactions {w.start}-{w.start + len(w.history)}: '{w.instruction}' "
+                            f"({sum(w.history_is_noise)} noise)", i))
+        return out
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The current inputs: user, window index (into the dataset), seed."""
+        return {"user": self.user.value, "window": self.window.value, "seed": int(self.seed.value)}
+
+    def _fail(self, text: str) -> bool:
+        self.error = text
+        self.message.value = _error_html(text)
+        return False
+
+    def on_user(self, change: Any = None) -> None:
+        """A new user: list their windows and show the first one's history."""
+        opts = self._window_options(self.user.value)
+        self.window.options = opts  # resets the value to the first option (and calls show_history)
+        if opts and self.window.value != opts[0][1]:
+            self.window.value = opts[0][1]
+
+    def show_history(self) -> bool:
+        """Draw the selected window's history and reference with the kept tokens (no generation)."""
+        idx = self.window.value
+        if idx is None:
+            return self._fail("error: this user has no window; pick another user")
+        try:
+            m = window_masks(self.pipe, self.dataset, int(idx), reference_ratio=0.5)
+            row = [token_overlay(im, k, NOISE_COLOR if nz else LIKED_COLOR, self.scale)
+                   for im, k, nz in zip(m["history"], m["history_mask"], m["history_is_noise"])]
+            row += [None, token_overlay(m["reference"], None, REFERENCE_COLOR, self.scale)]
+            png = png_bytes(_canvas([row])[0])
+        except Exception as e:  # shown in the widget, as persviz.widgets does
+            return self._fail(f"error: {type(e).__name__}: {e}")
+        self.masks = m
+        self.history_image.value = png
+        self.error = None
+        w = m["window"]
+        self.message.value = _status_html(f"user {w.user_id} likes {w.taste.describe()}; request '{w.instruction}'; "
+                                          f"{int(np.sum(m['history_is_noise']))} of {len(m['history'])} history "
+                                          f"images are noise")
+        return True
+
+    def update(self) -> bool:
+        """Generate at every ratio for the selected window and show candidates, scores and the selection."""
+        s = self.state
+        if s["seed"] < 0:
+            return self._fail(f"error: seed must be >= 0; got {s['seed']}")
+        if not self.show_history():
+            return False
+        self.button.disabled = True
+        self.message.value = _status_html("generating ...")
+        try:
+            item = self.dataset[int(s["window"])]
+            sel = self.pipe.select(item["history"], item["reference"], item["instruction"], ratios=self.ratios,
+                                   generator=s["seed"], num_inference_steps=self.steps,
+                                   guidance_scale=self.guidance)
+            rm = reference_masks(self.pipe, item["history"], item["reference"], item["instruction"], self.ratios)
+            j = int(sel.ratio_index[0])
+            cands = as_uint8(sel.candidates[0])
+            ref = self.masks["reference"]
+            tiles = [[token_overlay(ref, m, REFERENCE_COLOR, self.scale) for m in rm],
+                     [token_overlay(im, None, SELECTED_COLOR if i == j else None, self.scale)
+                      for i, im in enumerate(cands)]]
+            png = png_bytes(_canvas(tiles)[0])
+            ct, hs = sel.clip_t[0].tolist(), sel.history_score[0].tolist()
+            table = {f"ratio {r:g}": {"CLIP-T": ct[i], "history score": hs[i], "mean": 0.5 * ct[i] + 0.5 * hs[i],
+                                      "reference tokens kept": int(rm[i].sum()),
+                                      "selected": "yes" if i == j else ""}
+                     for i, r in enumerate(self.ratios)}
+        except Exception as e:
+            return self._fail(f"error: {type(e).__name__}: {e}")
+        finally:
+            self.button.disabled = False
+        self.sweep_image.value = png
+        self.scores.value = html_table(table)
+        self.error = None
+        self.last = {**s, "selection": sel, "selected_ratio": self.ratios[j], "scores": table,
+                     "reference_masks": rm}
+        self.message.value = _status_html(f"selected ratio {self.ratios[j]:g} (max of 0.5 CLIP-T + 0.5 history score)")
+        return True
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+__all__ = ["PigeonExplorer"]
