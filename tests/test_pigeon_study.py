@@ -181,6 +181,10 @@ def test_stage_loading_errors(tmp_path, monkeypatch) -> None:
         st.load_comparison(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="no rows"):
         st.format_table([])
+    for kw, msg in ((dict(n_windows=0), "n_windows"), (dict(n_windows=2, batch_size=0), "batch_size"),
+                    (dict(n_windows=2, noise_rates=()), "noise_rates is empty")):
+        with pytest.raises(ValueError, match=msg):
+            st.comparison_table(tmp_path, None, **kw)
     monkeypatch.setenv("PERSVIZ_SCALE", "full")
     with pytest.raises(st.FullScaleNotSupportedError, match="LaVIT"):
         st.require_shapesworld()

@@ -241,6 +241,11 @@ def comparison_table(stage1: PigeonPipeline | PathLike, stage2: PigeonPipeline |
         One dict per (noise rate, row): "noise_rate", "row" (label), "key", "n", the metrics of ``METRICS``
         (means; CLIP / DINO scores also "{key}_sem") and "ratio_counts" {ratio: times selected}.
     """
+    for name, v in (("n_windows", n_windows), ("batch_size", batch_size), ("num_inference_steps", num_inference_steps)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive int; got {v!r}")
+    if not len(noise_rates):
+        raise ValueError("noise_rates is empty; pass e.g. (0.0, 0.2, 0.4)")
     settings = training_data_settings(stage1 if not isinstance(stage1, PigeonPipeline) else None)
     if n_users is not None:
         settings["n_users"] = int(n_users)
