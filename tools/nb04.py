@@ -121,7 +121,8 @@ code("""if (STAGE2 / "pairs.pt").is_file():
     fig = pp.pairs_plot(examples)
 else:
     fig = None
-    print(f"no {STAGE2 / 'pairs.pt'}: stage 2 has not generated its pairs here (python -m persviz.pigeon.train --stage 2)")
+    print(f"no {STAGE2 / 'pairs.pt'}: stage 2 has not generated its pairs here "
+          f"(python -m persviz.pigeon.train --stage 2)")
 fig"""),
 md("""## Pigeon against its ablations (the paper's main comparison)
 Held-out users at noise rates 0, 0.2 and 0.4, four rows, all with the test-time ratio selection and the same
@@ -136,15 +137,15 @@ initial latents:
 Personalization: CLIP-I and DINO-I to the history (mean cosine × 100; note the history holds the noise images
 too, as in the paper) and the oracle's hit rates of the user's taste. Semantic alignment: CLIP-T to the
 instruction and the oracle's accuracy on the requested shape. ± is the standard error over windows. The table
-was computed once with `study.comparison_table(STAGE1, STAGE2, n_windows=..., path=COMPARISON)`; here it is only
-read."""),
+was computed once with `python -m persviz.pigeon.study --n-windows 50` (which calls `study.comparison_table` and
+writes `data/pigeon/comparison.json`); here it is only read."""),
 code("""if COMPARISON.is_file():
     rows, settings = st.load_comparison(COMPARISON)
     print({k: settings[k] for k in ("n_windows", "noise_rates", "split", "num_inference_steps") if k in settings})
 else:
     print(f"NOTE: {COMPARISON} is missing, so a SMALL version is computed live (6 windows, noise rate 0.4): "
           f"far too few windows to compare the rows. Write the real one with "
-          f"study.comparison_table(STAGE1, STAGE2, n_windows=50, path=COMPARISON).")
+          f"python -m persviz.pigeon.study --n-windows 50")
     rows = st.comparison_table(pipe1, pipe2, 6, noise_rates=(0.4,), clip=clip, dino=dino, oracle=oracle,
                                batch_size=6)
 display(Markdown(st.format_table(rows, ["clip_i", "dino_i", "taste", "color", "texture", "background",

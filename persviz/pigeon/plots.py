@@ -87,20 +87,23 @@ def _score_tile(scores: Any, size: int, vmin: float, vmax: float, cmap: str = "v
 
 def _canvas(tiles: Sequence[Sequence[np.ndarray | None]], pad: int = 6,
             row_gap: int | None = None) -> tuple[np.ndarray, list[list[tuple]]]:
-    """Tiles (rows of uint8 images or None for a gap) on a white canvas; returns it and each tile's (x0, y0, w, h)."""
+    """Tiles (rows of uint8 images; None is a narrow gap) on a white canvas; returns it and each tile's
+    (x0, y0, w, h)."""
     h = max(t.shape[0] for row in tiles for t in row if t is not None)
     w = max(t.shape[1] for row in tiles for t in row if t is not None)
     gap = pad if row_gap is None else row_gap
-    ncol = max(len(row) for row in tiles)
-    canvas = np.full((len(tiles) * (h + gap) - gap, ncol * (w + pad) - pad, 3), 255, np.uint8)
+    step = [[(w + pad) if t is not None else max(pad, w // 3) for t in row] for row in tiles]
+    width = max(sum(r) for r in step) - pad
+    canvas = np.full((len(tiles) * (h + gap) - gap, width, 3), 255, np.uint8)
     boxes: list[list[tuple]] = []
     for r, row in enumerate(tiles):
         boxes.append([])
+        x0, y0 = 0, r * (h + gap)
         for c, t in enumerate(row):
-            x0, y0 = c * (w + pad), r * (h + gap)
             if t is not None:
                 canvas[y0:y0 + t.shape[0], x0:x0 + t.shape[1]] = t
             boxes[-1].append((x0, y0, w, h))
+            x0 += step[r][c]
     return canvas, boxes
 
 

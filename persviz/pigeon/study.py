@@ -12,7 +12,7 @@
 Pigeon exists here at ShapesWorld scale only: at full scale (``PERSVIZ_SCALE=full``) it would need LaVIT-7B and
 SDXL (github ``YiyanXu/Pigeon``), which persviz neither ships nor loads; ``require_shapesworld`` says so.
 
-Usage::
+Usage (or ``python -m persviz.pigeon.study --n-windows 50``, which writes data/pigeon/comparison.json)::
 
     s1 = PigeonPipeline.from_shapesworld(weights="data/pigeon/stage1")
     s2 = PigeonPipeline.from_shapesworld(weights="data/pigeon/stage2", sd=s1.sd)
@@ -555,9 +555,44 @@ def pair_examples(pipe: PigeonPipeline, folder: PathLike, n: int = 4,
     return out
 
 
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """``python -m persviz.pigeon.study``: write the comparison table (default data/pigeon/comparison.json)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m persviz.pigeon.study", description=comparison_table.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage1", default=str(PIGEON_DIR / "stage1"))
+    p.add_argument("--stage2", default=str(PIGEON_DIR / "stage2"), help="'none' leaves the stage-2 row out")
+    p.add_argument("--n-windows", type=int, default=50)
+    p.add_argument("--noise-rates", default="0,0.2,0.4", help="comma-separated, multiples of 0.2")
+    p.add_argument("--split", default="test")
+    p.add_argument("--steps", type=int, default=25, help="sampler steps")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=str(PIGEON_DIR / "comparison.json"))
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rates = tuple(float(x) for x in args.noise_rates.split(",") if x.strip())
+    rows = comparison_table(args.stage1, None if args.stage2.lower() == "none" else args.stage2, args.n_windows,
+                            rates, args.split, seed=args.seed, batch_size=args.batch_size,
+                            num_inference_steps=args.steps, path=args.out)
+    print(format_table(rows))
+    print(f"written to {args.out}")
+    return rows
+
+
 __all__ = ["DATA_DEFAULTS", "METRICS", "NOISE_SWEEP", "PIGEON_DIR", "ROWS", "FullScaleNotSupportedError",
            "comparison_table", "format_table", "heldout_dataset", "history_keep_mask", "history_mode",
            "kept_noise_by_rate", "kept_noise_fraction", "load_comparison", "load_pairs", "load_stage",
            "noise_fraction", "pair_examples", "pick_windows", "pooled_keep_mask", "reference_masks",
            "require_shapesworld", "score_auc", "score_generations", "token_scores", "training_data_settings",
-           "window_masks"]
+           "window_masks", "main"]
+
+
+if __name__ == "__main__":
+    main()
