@@ -239,6 +239,22 @@ def test_stage1_resume_equals_uninterrupted(fresh, init_weights, tmp_path) -> No
     assert c.losses[:4] == a.losses and len(c.losses) == 5
 
 
+def test_aux_loss_is_added_and_can_be_turned_off(fresh, init_weights, tmp_path) -> None:
+    with pytest.raises(ValueError, match="aux_weight"):
+        TrainConfig(stage=1, aux_weight=-0.1)
+    on = stage1(fresh, tmp_path / "on", 2)
+    assert len(on.stats["aux"]) == 2 and all(0.0 <= a <= 2.0 for a in on.stats["aux"])
+    # the logged loss is diffusion + aux_weight * aux, term by term
+    for total, d, a in zip(on.losses, on.stats["diffusion"], on.stats["aux"]):
+        assert total == pytest.approx(d + 0.1 * a, rel=1e-5)
+    assert "aux_head" in torch.load(tmp_path / "on" / RESUME_FILE, weights_only=True)
+    fresh.model.load_trainable_state_dict(init_weights)
+    off = stage1(fresh, tmp_path / "off", 2, aux_weight=0.0)
+    assert off.stats == {} and off.losses[0] == pytest.approx(on.stats["diffusion"][0], rel=1e-5)
+    # the shipped weights never hold the training-only head
+    assert not any(k.startswith("aux") for k in load_file(str(tmp_path / "on" / WEIGHTS_FILE)))
+
+
 def test_stage2_pairs_dpo_and_exact_resume(fresh, init_weights, tmp_path) -> None:
     stage1(fresh, tmp_path / "s1", 2)
     w1 = fresh.model.trainable_state_dict()

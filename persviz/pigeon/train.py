@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
@@ -87,6 +88,12 @@ class TrainConfig:
             trained. It matters here: at t < 250 the MSE is ~10x larger than at higher t but the
             conditioning changes it by <1%, so unweighted batches are dominated by samples that carry
             almost no signal about the taste.
+        aux_weight: stage 1: weight of the auxiliary target-prediction loss (0 turns it off). Pigeon's stage 1
+            trains the LMM to predict the TARGET's visual tokens; with a frozen diffusion decoder that signal
+            reaches our module only through the denoising loss, where the small object's color and texture
+            move the MSE by well under 1 %. So a linear head (training only, not shipped) reads the mean of
+            the K personalized tokens and must match the target's CLIP image embedding (1 - cosine): the
+            paper's target-token prediction, pooled. ``aux_head`` lives in the resume state only.
         save_every: steps between snapshots.
         keep_snapshots: snapshot files kept (the newest).
         seed: training seed (batches, masks, noise, timesteps, dropout).
@@ -108,6 +115,7 @@ class TrainConfig:
     warmup: int = 100
     grad_clip: float = 1.0
     snr_gamma: float | None = 5.0
+    aux_weight: float = 0.1
     save_every: int = 100
     keep_snapshots: int = 3
     seed: int = 0
@@ -141,6 +149,8 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number; got {self.lr}")
         if self.snr_gamma is not None and not float(self.snr_gamma) > 0:
             raise ValueError(f"snr_gamma must be > 0 or None (plain MSE); got {self.snr_gamma}")
+        if not (float(self.aux_weight) >= 0 and math.isfinite(self.aux_weight)):
+            raise ValueError(f"aux_weight must be >= 0 (0: no auxiliary loss); got {self.aux_weight}")
         if not float(self.beta) > 0:
             raise ValueError(f"beta must be > 0; got {self.beta} (Pigeon 0.1, diffusers' DPO example 2500)")
         if len(self.ratios) < 2 or any(not 0.0 <= r <= 1.0 for r in self.ratios):
@@ -345,6 +355,15 @@ def _train(pipe: PigeonPipeline, config: TrainConfig, out_dir: PathLike, progres
         params = list(model.personalization.parameters())
     else:
         params = [p for m in model.trainable_modules().values() for p in m.parameters()]
+    aux_head = None
+    if config.stage == 1 and config.aux_weight > 0:
+        if pipe.scorer is None:
+            raise ValueError("aux_weight > 0 needs the pipeline's ClipScorer (target embeddings); pass aux_weight=0")
+        proj = int(pipe.scorer.model.config.projection_dim)
+        with torch.random.fork_rng(devices=[]):  # the head's init from the seed; the caller's RNG untouched
+            torch.manual_seed(config.seed + 17)
+            aux_head = torch.nn.Linear(model.config.cross_attention_dim, proj).to(device)
+        params = params + list(aux_head.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -353,6 +372,8 @@ def _train(pipe: PigeonPipeline, config: TrainConfig, out_dir: PathLike, progres
     start = 0
     if state is not None:
         model.load_trainable_state_dict(state["weights"])
+        if aux_head is not None:
+            aux_head.load_state_dict(state["aux_head"])
         opt.load_state_dict(state["optimizer"])
         losses = [float(x) for x in state["losses"]]
         stats = {k: [float(x) for x in v] for k, v in state["stats"].items()}
@@ -360,7 +381,8 @@ def _train(pipe: PigeonPipeline, config: TrainConfig, out_dir: PathLike, progres
 
     def save_state(step: int) -> None:
         atomic_save({"step": step, "weights": model.trainable_state_dict(), "optimizer": opt.state_dict(),
-                     "losses": list(losses), "stats": {k: list(v) for k, v in stats.items()}}, out / RESUME_FILE)
+                     "losses": list(losses), "stats": {k: list(v) for k, v in stats.items()},
+                     **({"aux_head": aux_head.state_dict()} if aux_head is not None else {})}, out / RESUME_FILE)
 
     def stage1_step(s: int) -> tuple[torch.Tensor, dict[str, float]]:
         rng, g = step_rng(config.seed, s)
@@ -374,9 +396,15 @@ def _train(pipe: PigeonPipeline, config: TrainConfig, out_dir: PathLike, progres
         zt = sched.add_noise(z0, noise, t)
         pred = unet(zt.to(unet.dtype), t, cond.to(unet.dtype)).sample
         err = (pred.float() - _target(sched, z0, noise, t).float()).pow(2).mean(dim=(1, 2, 3))
-        if config.snr_gamma is None:
-            return err.mean(), {}
-        return (_min_snr_weight(sched, t, config.snr_gamma).to(err.device) * err).mean(), {}
+        if config.snr_gamma is not None:
+            err = _min_snr_weight(sched, t, config.snr_gamma).to(err.device) * err
+        loss = err.mean()
+        if aux_head is None:
+            return loss, {}
+        tokens = cond[:, -model.config.n_out_tokens:].float()
+        want = pipe.scorer.embed_images(b["target"].to(device)).to(device)
+        aux = 1.0 - F.cosine_similarity(aux_head(tokens.mean(1)), want, dim=-1).mean()
+        return loss + config.aux_weight * aux, {"diffusion": float(loss.detach()), "aux": float(aux.detach())}
 
     def stage2_step(s: int) -> tuple[torch.Tensor, dict[str, float]]:
         assert pairs is not None and ref_module is not None
@@ -432,7 +460,7 @@ def _train(pipe: PigeonPipeline, config: TrainConfig, out_dir: PathLike, progres
                     save_state(k)
                 avg = value if avg is None else 0.98 * avg + 0.02 * value
                 bar.update(1)
-                bar.set_postfix(loss=f"{avg:.4f}", **({"acc": f"{st['implicit_acc']:.2f}"} if st else {}))
+                bar.set_postfix(loss=f"{avg:.4f}", **{k: f"{st[k]:.3f}" for k in ("implicit_acc", "aux") if k in st})
                 if callback is not None:
                     callback(k, value)
         finally:
@@ -518,6 +546,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     p.add_argument("--lr", type=float, default=None, help="default 3e-4 (stage 1), 1e-5 (stage 2)")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--snr-gamma", type=float, default=5.0, help="stage 1 min-SNR weighting; 0: plain MSE")
+    p.add_argument("--aux-weight", type=float, default=0.1, help="stage 1 target-embedding loss weight; 0: off")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-users", type=int, default=1000)
@@ -544,7 +573,8 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     if args.stage == 2:
         init = args.init or str((Path(args.out).parent if args.out else OUT_DIR) / "stage1")
     config = TrainConfig(stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         warmup=args.warmup, snr_gamma=args.snr_gamma or None, save_every=args.save_every,
+                         warmup=args.warmup, snr_gamma=args.snr_gamma or None, aux_weight=args.aux_weight,
+                         save_every=args.save_every,
                          seed=args.seed, n_users=args.n_users,
                          data_seed=args.data_seed, noise_rates=args.noise_rates, init_from=init, beta=args.beta,
                          n_pairs=args.n_pairs, pair_steps=args.pair_steps, guidance_scale=args.guidance_scale)
