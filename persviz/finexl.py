@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -173,15 +173,23 @@ def divergence_vector(emb_personal: torch.Tensor, emb_base: torch.Tensor) -> tup
     return torch.from_numpy(_check_v_div(v)), spread
 
 
+def append_compose(prompt: str, concept: str) -> str:
+    """The paper's f(C) prompt: ``f"{prompt}, {concept}"``."""
+    return f"{prompt}, {concept}"
+
+
 def concept_direction(text_encoder_fn: Callable[[list[str]], torch.Tensor], probe_prompts: Sequence[str],
-                      concept: str) -> torch.Tensor:
-    """f(C) = mean over probes t of normalise(E(t + ", " + C)) - normalise(E(t)).
+                      concept: str, compose: Optional[Callable[[str, str], str]] = None) -> torch.Tensor:
+    """f(C) = mean over probes t of normalise(E(compose(t, C))) - normalise(E(t)).
 
     Args:
         text_encoder_fn: any callable ``list[str] -> [N, D]`` text embeddings (called
-            once with the N probes followed by the N probes with ", C" appended).
+            once with the N probes followed by the N composed prompts).
         probe_prompts: the probe prompts t (the paper uses about 20-25).
         concept: the concept text C, e.g. "watercolor".
+        compose: ``(t, C) -> prompt`` with C added; default `append_compose` (the paper's
+            ``t + ", " + C``). `persviz.finexl_concepts.shapesworld_compose` instead writes C
+            into the caption's grammar (persviz's grammar-aware f(C)).
 
     Returns:
         float64 tensor [D]; not re-normalised.
@@ -192,7 +200,14 @@ def concept_direction(text_encoder_fn: Callable[[list[str]], torch.Tensor], prob
         raise ValueError(f"concept must be a non-empty string, got {concept!r}.")
     probes = [str(t) for t in probe_prompts]
     n = len(probes)
-    emb = _to_numpy(text_encoder_fn(probes + [f"{t}, {concept}" for t in probes]), "text_encoder_fn output")
+    compose = append_compose if compose is None else compose
+    if not callable(compose):
+        raise TypeError(f"compose must be a callable (prompt, concept) -> prompt, got {type(compose).__name__}.")
+    composed = [compose(t, concept) for t in probes]
+    bad = [c for c in composed if not isinstance(c, str) or not c.strip()]
+    if bad:
+        raise ValueError(f"compose returned {bad[0]!r} for concept {concept!r}: it must return a non-empty prompt.")
+    emb = _to_numpy(text_encoder_fn(probes + composed), "text_encoder_fn output")
     if emb.ndim != 2 or emb.shape[0] != 2 * n:
         raise ValueError(f"text_encoder_fn must return [N, D] for N strings: got shape {tuple(emb.shape)} "
                          f"for {2 * n} strings.")
@@ -202,8 +217,10 @@ def concept_direction(text_encoder_fn: Callable[[list[str]], torch.Tensor], prob
     emb = emb / norms
     f = (emb[n:] - emb[:n]).mean(axis=0)
     if np.linalg.norm(f) < 1e-9:
-        raise ValueError(f"adding ', {concept}' did not move any probe prompt's embedding: check that the "
-                         f"encoder does not truncate the prompts (CLIP keeps 77 tokens) and that it reads text.")
+        raise ValueError(f"adding {concept!r} did not move any probe prompt's embedding: check that the "
+                         f"encoder does not truncate the prompts (CLIP keeps 77 tokens), that it reads text, and "
+                         f"that compose changes at least one probe (a grammar-aware compose leaves probes that "
+                         f"already say {concept!r} as they are).")
     return torch.from_numpy(f)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -42,7 +43,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .finexl import _check_v_div, _concept_matrix, concept_direction
+from .finexl import Decomposition, _check_v_div, _concept_matrix, concept_direction
+from .shapesworld.captions import caption_from, full_attributes
+from .shapesworld.scene import BACKGROUNDS, COLORS, SIZES, TEXTURES
 from .images import as_uint8
 from .loading import ModelNotAvailableError, _unavailable, full_scale
 from .shapesworld.render import Style
@@ -136,13 +139,86 @@ def _phrases(phrases: Sequence[str], what: str = "concept phrases") -> list[str]
 
 
 def concept_directions(text_encoder_fn: Callable[[list[str]], torch.Tensor], probe_prompts: Sequence[str],
-                       phrases: Sequence[str]) -> dict[str, torch.Tensor]:
+                       phrases: Sequence[str],
+                       compose: Optional[Callable[[str, str], str]] = None) -> dict[str, torch.Tensor]:
     """``{phrase: f(phrase)}`` with `persviz.finexl.concept_direction` for every distinct phrase.
+
+    ``compose`` as in `concept_direction` (default: the paper's ", C" append;
+    `shapesworld_compose` for grammar-aware directions on ShapesWorld captions).
 
     Raises:
         ValueError: the phrase list is empty (after dropping blanks and duplicates).
     """
-    return {p: concept_direction(text_encoder_fn, probe_prompts, p) for p in _phrases(phrases)}
+    return {p: concept_direction(text_encoder_fn, probe_prompts, p, compose=compose) for p in _phrases(phrases)}
+
+
+# ----------------------------------------------------------------------------- grammar-aware f(C) on ShapesWorld
+
+_BG_PHRASE = re.compile(rf"^(?:on an? )?({'|'.join(BACKGROUNDS)}) background$")
+
+
+def shapesworld_word_attribute(word: str) -> tuple[str, str]:
+    """``(attribute, value)`` a ShapesWorld concept word names, e.g. "striped" -> ("texture", "striped").
+
+    Colors, textures and sizes are single words; a background is "on a black background" or
+    "black background"; a bare background word ("black", "gray", "navy") is no object color in
+    ShapesWorld, so it is read as the background too.
+
+    Raises:
+        ValueError: the word names no ShapesWorld attribute value.
+    """
+    w = " ".join(str(word).lower().split())
+    m = _BG_PHRASE.match(w)
+    if m:
+        return "background", m.group(1)
+    for attr, values in (("color", COLORS), ("texture", TEXTURES), ("size", SIZES)):
+        if w in values:
+            return attr, w
+    if w in BACKGROUNDS:
+        return "background", w
+    raise ValueError(f"{word!r} names no ShapesWorld attribute value: use a color {COLORS}, a texture {TEXTURES}, a "
+                     f"size {SIZES} or 'on a <{'|'.join(BACKGROUNDS)}> background' (SHAPESWORLD_WORD_BANK).")
+
+
+def shapesworld_compose(prompt: str, word: str) -> str:
+    """The ShapesWorld caption ``prompt`` with the attribute ``word`` names set to it, in the caption's own grammar.
+
+    "a small red plain circle in the center on a gray background" + "striped" ->
+    "a small red striped circle in the center on a gray background"; + "on a black background" ->
+    "... on a black background". The paper's f(C) appends ", C" instead, a phrase the
+    embedded CLIP never saw in that place; writing C where the grammar puts it makes the
+    text direction match the image change (cos 0.98-0.99 on ShapesWorld scene edits vs
+    0.49-0.92 for the append). A prompt that already says the word comes back unchanged.
+
+    Args:
+        prompt: a ShapesWorld caption at level "full" (every attribute named, e.g. from
+            `shapesworld_probes`); a terser caption is completed from ``parse_caption``'s
+            default rng, which changes its other words too.
+        word: an entry of `SHAPESWORLD_WORD_BANK` (see `shapesworld_word_attribute`).
+
+    Raises:
+        ValueError: the prompt is no ShapesWorld caption, or the word names no attribute.
+    """
+    from .finexl_generators import parse_caption
+
+    attr, value = shapesworld_word_attribute(word)
+    scene = parse_caption(prompt)
+    obj = scene.obj
+    if attr == "background":
+        scene = dataclasses.replace(scene, background=value)
+    else:
+        scene = dataclasses.replace(scene, obj=dataclasses.replace(obj, **{attr: value}))
+    return caption_from(full_attributes(scene))
+
+
+#: Readable names of `SHAPESWORLD_WORD_BANK` entries for sentences ("much more black background (0.61)").
+SHAPESWORLD_WORD_PHRASES: dict[str, str] = {w: (w[len("on a "):] if w.startswith("on a ") else w)
+                                            for w in SHAPESWORLD_WORD_BANK}
+
+
+def readable(decomposition: Decomposition, phrases: Mapping[str, str]) -> Decomposition:
+    """The decomposition with its concept names replaced by ``phrases[name]`` (names not in it kept), for `explain`."""
+    return dataclasses.replace(decomposition, names=[phrases.get(n, n) for n in decomposition.names])
 
 
 def rank_concepts(v_div: torch.Tensor, directions: Mapping[str, torch.Tensor]) -> list[tuple[str, float]]:
@@ -555,5 +631,6 @@ __all__ = [
     "ART_BANK", "SHAPESWORLD_BANK", "SHAPESWORLD_WORD_BANK", "STYLE_ASPECTS", "INSTRUCTION", "BankProposer",
     "ConceptProposalError", "ConceptProposer", "ModelNotAvailableError", "OpenAIChatProposer",
     "TransformersVLMProposer", "bank_candidates", "concept_directions", "default_bank", "known_levels",
-    "parse_concept_list", "png_data_url", "rank_concepts",
+    "parse_concept_list", "png_data_url", "rank_concepts", "SHAPESWORLD_WORD_PHRASES", "readable",
+    "shapesworld_compose", "shapesworld_word_attribute",
 ]

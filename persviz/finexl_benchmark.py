@@ -1,0 +1,639 @@
+"""FineXL's ground-truth benchmark on ShapesWorld: personalized models of exactly known level, four methods, one table.
+
+Variants (base = the ShapesWorld renderer or the shipped micro-SD):
+    scene shifts (renderer)   `SceneShiftGenerator`: each aspect (dark, large, striped, red) applied to a
+                              fraction p of the images, p in LEVELS, and mixtures (`MIXTURES`).
+    style knobs (renderer)    `RendererGenerator(Style(knob=...))`: warmth, bg_darkness, size_scale, blur,
+                              outline; the ShapesWorld CLIP has words for two of them at most, so FineXL
+                              is expected to do worse here (large residual): reported as it comes.
+    LoRA (micro-SD)           the micro-SD with a rank-4 UNet LoRA fine-tuned (`train_variants`) on
+                              renders restyled with probability p under their original captions; the
+                              realized level is read back by the ShapesWorld oracle (`oracle_levels`).
+
+Methods (`METHOD_SPECS`; each ingredient separable):
+    naive            the one bank concept nearest to V_div (weight = projection on f(C)).
+    finexl           the paper: f(C) by ", C" append, |cos| order, orthogonality filter e_ortho = 0.03,
+                     least squares, greedy until the relative residual < 0.2.
+    finexl_improved  the public re-implementation's fix: the same with whitened NNLS.
+    persviz          grammar-aware f(C) (`shapesworld_compose`) with whitened NNLS; `persviz_lstsq`
+                     and `grammar_naive` isolate the two ingredients.
+
+Commands::
+
+    python -m persviz.finexl_benchmark train     # the LoRA variants -> data/finexl/lora/ (resumable)
+    python -m persviz.finexl_benchmark           # samples (cached), decompositions, metrics ->
+                                                 # data/finexl/benchmark.json and benchmark.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .finexl import Decomposition, append_compose, decompose, divergence_vector, greedy_decompose, orthogonal_filter
+from .finexl_concepts import SHAPESWORLD_WORD_BANK, concept_directions, rank_concepts, shapesworld_compose
+from .finexl_generators import (
+    SCENE_ASPECTS,
+    PipelineGenerator,
+    RendererGenerator,
+    SceneShiftGenerator,
+    check_rates,
+    scene_shift_dataset,
+    shapesworld_probes,
+)
+from .io import atomic_path, atomic_write_bytes, atomic_write_text
+from .paths import DATA_DIR
+from .shapesworld.render import Style
+
+FINEXL_DIR = DATA_DIR / "finexl"
+LORA_DIR = FINEXL_DIR / "lora"
+BENCHMARK_JSON = FINEXL_DIR / "benchmark.json"
+BENCHMARK_MD = FINEXL_DIR / "benchmark.md"
+CACHE_DIR = DATA_DIR / "cache" / "finexl"
+
+#: Known levels of the single-aspect variants.
+LEVELS: tuple[float, ...] = (0.33, 0.67, 1.0)
+#: Mixtures of two or three aspects with known rates.
+MIXTURES: dict[str, dict[str, float]] = {
+    "mix_dark100_striped050": {"dark": 1.0, "striped": 0.5},
+    "mix_large067_red100": {"large": 0.67, "red": 1.0},
+    "mix_dark050_large050_striped050": {"dark": 0.5, "large": 0.5, "striped": 0.5},
+}
+#: The concept word of each scene aspect (`SHAPESWORLD_WORD_BANK` entries).
+ASPECT_WORD: dict[str, str] = {a: w for a, (_, _, w) in SCENE_ASPECTS.items()}
+#: Style-knob variants: knob -> values, and the bank word that is the closest proxy (None: no word exists).
+STYLE_KNOBS: dict[str, tuple[tuple[float, ...], Optional[str]]] = {
+    "bg_darkness": ((0.35, 0.7, 1.0), "on a black background"),
+    "size_scale": ((1.2, 1.4, 1.6), "large"),
+    "warmth": ((0.3, 0.6, 0.9), "red"),
+    "blur": ((0.5, 1.0, 1.5), None),
+    "outline": ((0.5, 1.0, 1.5), None),
+}
+#: Training data of the LoRA variants: scenes `sample_scenes(TRAIN_N, TRAIN_SEED)`.
+TRAIN_N, TRAIN_SEED = 2048, 100
+#: Probes: `shapesworld_probes(N_PROBES, PROBE_SEED, p_second=0)` (one object, so every aspect has one referent).
+N_PROBES, PROBE_SEED = 48, 1
+SEEDS: tuple[int, ...] = (0, 1000)
+E_ORTHO, E_DECOMP = 0.03, 0.2
+
+
+def _tag(p: float) -> str:
+    return f"{int(round(100 * p)):03d}"
+
+
+def single_variants() -> dict[str, dict[str, float]]:
+    """``{name: rates}`` of the single-aspect variants, e.g. ``"dark_067": {"dark": 0.67}``."""
+    return {f"{a}_{_tag(p)}": {a: p} for a in SCENE_ASPECTS for p in LEVELS}
+
+
+def lora_variants() -> dict[str, dict[str, float]]:
+    """Every scene-shift variant (single aspects at `LEVELS`, then `MIXTURES`)."""
+    return {**single_variants(), **MIXTURES}
+
+
+# ----------------------------------------------------------------------------- LoRA variants
+
+
+def train_variants(names: Optional[Sequence[str]] = None, steps: int = 450, batch_size: int = 16, lr: float = 2e-3,
+                   device: Optional[str] = None, out_dir: Path = LORA_DIR, runs_dir: Path = CACHE_DIR / "runs",
+                   n_images: int = TRAIN_N, progress: bool = True) -> dict[str, Path]:
+    """Fine-tune one rank-4 UNet LoRA of the micro-SD per variant; resumable; ships the final weights to out_dir.
+
+    Each variant's data: `scene_shift_dataset(n_images, rates, TRAIN_SEED)` (full captions of the
+    scenes as they were, images after the aspect edits). The run (snapshots, resume state)
+    lives in ``runs_dir/<name>``; ``out_dir/<name>`` gets ``pytorch_lora_weights.safetensors``
+    and ``train.json`` (rates, config, final loss).
+
+    Returns:
+        ``{name: shipped weights file}``.
+    """
+    from .loading import load_pipeline
+    from .trainers.lora_finetune import LORA_FILE, LoRAFinetuneConfig, train_lora_finetune
+
+    variants = lora_variants()
+    names = list(variants) if names is None else list(names)
+    unknown = [n for n in names if n not in variants]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}: choose from {list(variants)}.")
+    pipe = load_pipeline(device=device, dtype=torch.float32)  # adapters and base in float32 also on a GPU
+    config = LoRAFinetuneConfig(steps=int(steps), batch_size=int(batch_size), lr=float(lr),
+                                save_every=max(1, int(steps) // 2))
+    shipped = {}
+    for name in tqdm(names, desc="LoRA variants", disable=not progress):
+        captions, images, applied = scene_shift_dataset(n_images, variants[name], seed=TRAIN_SEED)
+        t0 = time.perf_counter()
+        res = train_lora_finetune(pipe, images, captions, config, Path(runs_dir) / name, progress=progress,
+                                  load_result=False)
+        dest = Path(out_dir) / name
+        dest.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(dest / LORA_FILE, res.final_path.read_bytes())
+        info = {"variant": name, "rates": variants[name], "applied_fraction": dict(zip(SCENE_ASPECTS,
+                                                                                        applied.mean(0).tolist())),
+                "n_images": int(n_images), "data_seed": TRAIN_SEED, "config": config.__dict__,
+                "final_loss_mean_last_100": float(np.mean(res.loss_history[-100:])),
+                "train_seconds_this_call": round(time.perf_counter() - t0, 1),
+                "device": str(pipe.device),
+                "command": f"python -m persviz.finexl_benchmark train --steps {steps} --batch-size {batch_size} "
+                           f"--lr {lr}"}
+        atomic_write_text(dest / "train.json", json.dumps(info, indent=1))
+        shipped[name] = dest / LORA_FILE
+    return shipped
+
+
+def lora_pipeline(name: Optional[str], pipe: Any = None, lora_dir: Path = LORA_DIR) -> Any:
+    """The micro-SD with the shipped LoRA of a variant loaded (None: the base); reuses ``pipe`` when given."""
+    from .loading import load_pipeline
+
+    pipe = load_pipeline() if pipe is None else pipe
+    pipe.unload_lora_weights()  # a no-op without LoRA
+    if name is not None:
+        f = Path(lora_dir) / name / "pytorch_lora_weights.safetensors"
+        if not f.is_file():
+            raise FileNotFoundError(f"no LoRA of variant {name!r} at {f}; train it with "
+                                    f"`python -m persviz.finexl_benchmark train`.")
+        pipe.load_lora_weights(str(f))
+    return pipe
+
+
+
+# ----------------------------------------------------------------------------- oracle levels
+
+
+def aspect_present(readings: Sequence[dict]) -> np.ndarray:
+    """bool [N, len(SCENE_ASPECTS)]: which aspects the oracle reads in each image (main object = first one found)."""
+    out = np.zeros((len(readings), len(SCENE_ASPECTS)), dtype=bool)
+    for i, r in enumerate(readings):
+        objs = [r[k] for k in ("left", "center", "right") if r.get(k) is not None]
+        for j, (attr, value, _) in enumerate(SCENE_ASPECTS.values()):
+            if attr == "background":
+                out[i, j] = r["background"] == value
+            else:
+                out[i, j] = bool(objs) and objs[0][attr] == value
+    return out
+
+
+def realized_levels(present_base: np.ndarray, present_personal: np.ndarray) -> dict[str, float]:
+    """``{aspect: (q_p - q_b) / (1 - q_b)}``: the fraction of images the personalization gave the aspect that
+    the base did not have, from the oracle's readings (q: fraction with the aspect); comparable to p."""
+    qb, qp = present_base.mean(0), present_personal.mean(0)
+    return {a: float((qp[j] - qb[j]) / (1.0 - qb[j])) if qb[j] < 1.0 else float("nan")
+            for j, a in enumerate(SCENE_ASPECTS)}
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One explanation method: how f(C) is built, whether the orthogonality filter runs, and the solver.
+
+    Attributes:
+        compose: "append" (the paper's ", C") or "grammar" (`shapesworld_compose`).
+        solver: "naive" (the single concept of highest cosine, weight = projection), "lstsq" or
+            "whitened_nnls" (greedy until the relative residual < E_DECOMP).
+        e_ortho: the orthogonality filter's threshold; None: no filter, one solve over the whole bank.
+    """
+
+    compose: str
+    solver: str
+    e_ortho: Optional[float] = E_ORTHO
+
+
+#: The methods of the table; "naive", "finexl", "finexl_improved" and "persviz" are the headline four.
+METHOD_SPECS: dict[str, MethodSpec] = {
+    "naive": MethodSpec("append", "naive"),
+    "finexl": MethodSpec("append", "lstsq"),
+    "finexl_improved": MethodSpec("append", "whitened_nnls"),
+    "grammar_naive": MethodSpec("grammar", "naive"),
+    "persviz_lstsq": MethodSpec("grammar", "lstsq"),
+    "persviz": MethodSpec("grammar", "whitened_nnls"),
+    "persviz_nofilter": MethodSpec("grammar", "whitened_nnls", None),
+}
+HEADLINE: tuple[str, ...] = ("naive", "finexl", "finexl_improved", "persviz")
+COMPOSERS: dict[str, Callable[[str, str], str]] = {"append": append_compose, "grammar": shapesworld_compose}
+
+
+def naive_explain(v_div: torch.Tensor, concepts: Mapping[str, torch.Tensor]) -> Decomposition:
+    """The naive baseline: the one concept of highest (signed) cosine with v_div, weighted by its projection."""
+    name = max(rank_concepts(v_div, concepts), key=lambda nc: nc[1])[0]
+    return decompose(v_div, {name: concepts[name]}, method="lstsq", e_decomp=E_DECOMP)
+
+
+def explain_with(spec: MethodSpec, v_div: torch.Tensor, concepts: Mapping[str, torch.Tensor]) -> Decomposition:
+    """The decomposition one method gives (concepts: f(C) built with ``spec.compose``)."""
+    if spec.solver == "naive":
+        return naive_explain(v_div, concepts)
+    if spec.e_ortho is None:
+        return decompose(v_div, dict(concepts), method=spec.solver, e_decomp=E_DECOMP)
+    order = orthogonal_filter(v_div, dict(concepts), eps_ortho=spec.e_ortho)
+    return greedy_decompose(v_div, dict(concepts), order=order, method=spec.solver, e_decomp=E_DECOMP)[0]
+
+
+def weights_over(dec: Decomposition, bank: Sequence[str]) -> np.ndarray:
+    """float64 [len(bank)]: the decomposition's weight of each bank concept (0 where it was not kept)."""
+    d = dec.as_dict()
+    return np.array([d.get(c, 0.0) for c in bank])
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def top1_correct(weights: Mapping[str, float], true_concept: str) -> bool:
+    """True when ``true_concept`` has the highest weight and that weight is positive."""
+    if not weights:
+        return False
+    best = max(weights, key=lambda c: weights[c])
+    return best == true_concept and weights[best] > 0.0
+
+
+def spearman_rho(levels: Sequence[float], weights: Sequence[float]) -> float:
+    """``scipy.stats.spearmanr`` of weights vs known levels; nan when either is constant."""
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(levels, float), np.asarray(weights, float)
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def predicted_levels(weights: Mapping[str, float], calibration: Mapping[str, float]) -> dict[str, float]:
+    """Weight / calibration (weight per unit level) per concept; concepts without one use the calibrations' mean."""
+    mean_k = float(np.mean(list(calibration.values())))
+    return {c: float(w) / calibration.get(c, mean_k) for c, w in weights.items()}
+
+
+def multi_aspect_error(predicted: Mapping[str, float], truth: Mapping[str, float]) -> float:
+    """``sum_c |predicted_c - truth_c| / sum_c truth_c`` over every concept of either (missing = 0).
+
+    A relative L1 error of the level vector: false positives (a level on a concept the model did
+    not change) and misses count alike; 0 is perfect, 1 is as bad as predicting nothing.
+    """
+    total = sum(abs(v) for v in truth.values())
+    if total <= 0:
+        raise ValueError("truth has no positive level: the multi-aspect error is relative to the sum of true levels.")
+    keys = set(predicted) | set(truth)
+    return float(sum(abs(predicted.get(k, 0.0) - truth.get(k, 0.0)) for k in keys) / total)
+
+
+def improvement(new: float, old: float, higher_is_better: bool = True) -> float:
+    """Relative improvement of ``new`` over ``old``: (new - old) / old for accuracies, (old - new) / old for errors."""
+    if not (math.isfinite(new) and math.isfinite(old)) or old == 0:
+        return float("nan")
+    return (new - old) / abs(old) if higher_is_better else (old - new) / abs(old)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+@dataclass
+class Variant:
+    """A personalized model of known level: its name, group, truth ``{concept word: level}`` and V_div."""
+
+    name: str
+    group: str
+    truth: dict[str, float]
+    v_div: torch.Tensor
+    spread: float
+    rates: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def renderer_levels() -> tuple[float, ...]:
+    """Levels of the renderer's scene-shift variants (six; cheap to render)."""
+    return (0.17, 0.33, 0.5, 0.67, 0.83, 1.0)
+
+
+#: Extra mixtures for the renderer group (the LoRA group has `MIXTURES` only).
+RENDER_MIXTURES: dict[str, dict[str, float]] = {
+    **MIXTURES,
+    "mix_all050": {"dark": 0.5, "large": 0.5, "striped": 0.5, "red": 0.5},
+    "mix_dark033_red067": {"dark": 0.33, "red": 0.67},
+    "mix_large100_striped033": {"large": 1.0, "striped": 0.33},
+}
+
+
+def truth_of(rates: Mapping[str, float]) -> dict[str, float]:
+    """``{concept word: level}`` of scene-shift rates."""
+    return {ASPECT_WORD[a]: float(p) for a, p in check_rates(rates).items() if p > 0}
+
+
+class Bench:
+    """Probes, encoder and concept directions shared by every variant (built once)."""
+
+    def __init__(self, n_probes: int = N_PROBES, seeds: Sequence[int] = SEEDS, clip: Any = None,
+                 bank: Sequence[str] = SHAPESWORLD_WORD_BANK):
+        from .loading import load_evaluator
+
+        self.clip = load_evaluator(kind="clip") if clip is None else clip
+        self.prompts, scenes = shapesworld_probes(int(n_probes), seed=PROBE_SEED, p_second=0.0)
+        self.scenes = dict(zip(self.prompts, scenes))
+        self.seeds = [int(s) for s in seeds]
+        self.bank = list(bank)
+        self.directions = {k: concept_directions(self.clip.embed_texts, self.prompts, self.bank, compose=c)
+                           for k, c in COMPOSERS.items()}
+        self.base_render = SceneShiftGenerator({}, scenes=self.scenes)
+        self._base_images = self._render(self.base_render)
+        self._base_emb = self.clip.embed_images(self._base_images)
+
+    def _render(self, gen: Any) -> np.ndarray:
+        return np.concatenate([gen(self.prompts, s) for s in self.seeds])
+
+    def renderer_variant(self, name: str, group: str, gen: Any, truth: Mapping[str, float],
+                         rates: Optional[Mapping[str, float]] = None) -> Variant:
+        """A renderer variant against the base renderer (same prompts, seeds, layouts)."""
+        imgs = self._render(gen)
+        v, spread = divergence_vector(self.clip.embed_images(imgs), self._base_emb)
+        return Variant(name, group, dict(truth), v, spread, dict(rates or {}))
+
+    def image_variant(self, name: str, group: str, base_images: np.ndarray, images: np.ndarray,
+                      truth: Mapping[str, float], rates: Mapping[str, float], info: dict) -> Variant:
+        """A variant from paired samples (e.g. the micro-SD base vs a LoRA)."""
+        v, spread = divergence_vector(self.clip.embed_images(images), self.clip.embed_images(base_images))
+        return Variant(name, group, dict(truth), v, spread, dict(rates), info)
+
+    def explain(self, variant: Variant, method: str) -> Decomposition:
+        """One method's decomposition of one variant."""
+        spec = METHOD_SPECS[method]
+        return explain_with(spec, variant.v_div, self.directions[spec.compose])
+
+
+
+def lora_samples(name: Optional[str], prompts: Sequence[str], seeds: Sequence[int], pipe: Any = None,
+                 cache_dir: Path = CACHE_DIR / "samples") -> np.ndarray:
+    """uint8 [len(seeds) * P, 32, 32, 3] of the micro-SD (with variant ``name``'s LoRA; None: base), cached on disk.
+
+    The cache key holds the prompts, the seeds and the LoRA file's size and mtime, so a retrained
+    LoRA is sampled again.
+    """
+    f = None if name is None else Path(LORA_DIR) / name / "pytorch_lora_weights.safetensors"
+    stamp = None if f is None or not f.is_file() else [f.stat().st_size, f.stat().st_mtime_ns]
+    key = json.dumps({"variant": name, "prompts": list(prompts), "seeds": [int(s) for s in seeds], "lora": stamp})
+    path = Path(cache_dir) / f"{name or 'base'}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            if str(z["key"]) == key:
+                return z["images"]
+    pipe = lora_pipeline(name, pipe)
+    gen = PipelineGenerator(pipe)
+    images = np.concatenate([gen(list(prompts), int(s)) for s in seeds])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, images=images, key=np.array(key))
+    return images
+
+
+def build_variants(bench: Bench, lora: bool = True, progress: bool = True) -> list[Variant]:
+    """Every variant of the benchmark: scene shifts and style knobs on the renderer, and the shipped LoRAs."""
+    out: list[Variant] = []
+    jobs: list[tuple[str, str, Any, dict, dict]] = []
+    for a in SCENE_ASPECTS:
+        for p in renderer_levels():
+            r = {a: p}
+            gen = SceneShiftGenerator(r, scenes=bench.scenes)
+            jobs.append((f"render/{a}_{_tag(p)}", "render_single", gen, truth_of(r), r))
+    for name, r in RENDER_MIXTURES.items():
+        jobs.append((f"render/{name}", "render_mixture", SceneShiftGenerator(r, scenes=bench.scenes), truth_of(r), r))
+    for knob, (values, word) in STYLE_KNOBS.items():
+        for v in values:
+            truth = {word: float(v)} if word else {}
+            gen = RendererGenerator(Style(**{knob: v}), scenes=bench.scenes)
+            jobs.append((f"style/{knob}_{v:g}", "style_knob", gen, truth, {knob: float(v)}))
+    for name, group, gen, truth, r in tqdm(jobs, desc="renderer variants", disable=not progress, leave=False):
+        out.append(bench.renderer_variant(name, group, gen, truth, r))
+    if lora:
+        out.extend(lora_variants_measured(bench, progress=progress))
+    return out
+
+
+def lora_variants_measured(bench: Bench, names: Optional[Sequence[str]] = None, oracle: Any = None,
+                           progress: bool = True) -> list[Variant]:
+    """The shipped LoRA variants as `Variant`s; truth = the oracle's realized levels (`realized_levels`)."""
+    from .loading import load_evaluator, load_pipeline
+
+    oracle = load_evaluator(kind="oracle") if oracle is None else oracle
+    names = [n for n in lora_variants() if (Path(LORA_DIR) / n / "pytorch_lora_weights.safetensors").is_file()] \
+        if names is None else list(names)
+    if not names:
+        return []
+    pipe = load_pipeline(dtype=torch.float32)
+    base = lora_samples(None, bench.prompts, bench.seeds, pipe)
+    present_b = aspect_present(oracle.read(base))
+    out = []
+    for name in tqdm(names, desc="LoRA variants", disable=not progress, leave=False):
+        rates = lora_variants()[name]
+        imgs = lora_samples(name, bench.prompts, bench.seeds, pipe)
+        present_p = aspect_present(oracle.read(imgs))
+        realized = realized_levels(present_b, present_p)
+        truth = {ASPECT_WORD[a]: max(0.0, realized[a]) for a in rates}
+        info = {"rates": rates, "realized": realized,
+                "fraction_base": dict(zip(SCENE_ASPECTS, present_b.mean(0).tolist())),
+                "fraction_personal": dict(zip(SCENE_ASPECTS, present_p.mean(0).tolist()))}
+        group = "lora_single" if len(rates) == 1 else "lora_mixture"
+        out.append(bench.image_variant(f"lora/{name}", group, base, imgs, truth, rates, info))
+    lora_pipeline(None, pipe)
+    return out
+
+
+def _calibration(bench: Bench, variants: Sequence[Variant], method: str) -> dict[str, float]:
+    """Weight per unit level of each aspect word for one method: its weight on the renderer variant at p = 1
+    (the projection coefficient on f(word) where the method gives the word no positive weight)."""
+    by_name = {v.name: v for v in variants}
+    f = bench.directions[METHOD_SPECS[method].compose]
+    out = {}
+    for a, word in ASPECT_WORD.items():
+        v = by_name[f"render/{a}_100"]
+        w = bench.explain(v, method).as_dict().get(word, 0.0)
+        if w <= 1e-6:
+            fw = f[word].double()
+            w = float(v.v_div.double() @ fw / (fw @ fw))
+        out[word] = float(w)
+    return out
+
+
+def evaluate(bench: Bench, variants: Sequence[Variant], methods: Sequence[str] = tuple(METHOD_SPECS),
+             progress: bool = True) -> dict[str, Any]:
+    """Run every method on every variant and compute the metrics; returns the benchmark's JSON object."""
+    rows: dict[str, dict[str, Any]] = {}
+    for v in tqdm(variants, desc="decompositions", disable=not progress, leave=False):
+        row = {"group": v.group, "truth": v.truth, "rates": v.rates, "v_div_norm": float(v.v_div.norm()),
+               "spread": v.spread, **v.info, "methods": {}}
+        for m in methods:
+            dec = bench.explain(v, m)
+            row["methods"][m] = {"weights": {n: round(float(w), 5) for n, w in dec.as_dict().items()},
+                                 "relative_residual": round(dec.relative_residual, 5)}
+        rows[v.name] = row
+    calib = {m: _calibration(bench, variants, m) for m in methods}
+    summary: dict[str, dict[str, Any]] = {}
+    groups = sorted({v.group for v in variants})
+    for m in methods:
+        s: dict[str, Any] = {}
+        for g in groups:
+            names = [n for n, r in rows.items() if r["group"] == g]
+            res = [rows[n]["methods"][m]["relative_residual"] for n in names]
+            s[f"{g}/relative_residual"] = float(np.mean(res))
+            single = [n for n in names if len(rows[n]["truth"]) == 1]
+            if single and g != "render_mixture" and g != "lora_mixture":
+                hits = [top1_correct(rows[n]["methods"][m]["weights"], next(iter(rows[n]["truth"])))
+                        for n in single]
+                for n, h in zip(single, hits):
+                    rows[n]["methods"][m]["top1"] = h
+                s[f"{g}/top1"] = float(np.mean(hits))
+                by_word: dict[str, list[tuple[float, float]]] = {}
+                for n in single:
+                    word, level = next(iter(rows[n]["truth"].items()))
+                    lv = level if g != "lora_single" else rows[n]["realized"][next(iter(rows[n]["rates"]))]
+                    by_word.setdefault(word, []).append((lv, rows[n]["methods"][m]["weights"].get(word, 0.0)))
+                rhos = {w: spearman_rho([a for a, _ in pts], [b for _, b in pts]) for w, pts in by_word.items()}
+                s[f"{g}/spearman_by_concept"] = rhos
+                finite = [r for r in rhos.values() if math.isfinite(r)]
+                s[f"{g}/spearman"] = float(np.mean(finite)) if finite else float("nan")
+            mixed = [n for n in names if len(rows[n]["truth"]) > 1]
+            if mixed:
+                errs = []
+                for n in mixed:
+                    pred = predicted_levels(rows[n]["methods"][m]["weights"], calib[m])
+                    e = multi_aspect_error(pred, rows[n]["truth"])
+                    rows[n]["methods"][m]["predicted_levels"] = {k: round(x, 4) for k, x in pred.items()}
+                    rows[n]["methods"][m]["multi_aspect_error"] = e
+                    errs.append(e)
+                s[f"{g}/multi_aspect_error"] = float(np.mean(errs))
+        summary[m] = s
+    return {"variants": rows, "summary": summary, "calibration": calib, "groups": groups}
+
+
+PAPER_CLAIMS = {"single_aspect_accuracy_gain": 0.56, "multi_aspect_error_reduction": 0.50}
+
+
+def ratios(summary: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """persviz and FineXL against naive and the original FineXL, beside the paper's claims (+56%, >= 50% less)."""
+    out: dict[str, dict[str, float]] = {}
+    for new in ("finexl", "finexl_improved", "persviz"):
+        for old in ("naive", "finexl"):
+            if new == old or new not in summary or old not in summary:
+                continue
+            r = {}
+            for key in summary[new]:
+                if key.endswith("/top1") or key.endswith("/spearman"):
+                    r[f"{key} gain"] = improvement(summary[new][key], summary[old][key], True)
+                elif key.endswith("/multi_aspect_error") or key.endswith("/relative_residual"):
+                    r[f"{key} reduction"] = improvement(summary[new][key], summary[old][key], False)
+            out[f"{new} vs {old}"] = r
+    return out
+
+
+def _clean(x: Any) -> Any:
+    """JSON-ready copy: numpy scalars as Python numbers, NaN/inf as None (strict JSON)."""
+    if isinstance(x, Mapping):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(float(x)) else None
+    return x
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x)):
+        return f"{float(x):.2f}"
+    return "–"
+
+
+def markdown_table(result: Mapping[str, Any]) -> str:
+    """The summary as markdown: one row per method, one column per (group, metric)."""
+    summary = result["summary"]
+    cols = [("render_single", "top1"), ("render_single", "spearman"), ("render_mixture", "multi_aspect_error"),
+            ("lora_single", "top1"), ("lora_single", "spearman"), ("lora_mixture", "multi_aspect_error"),
+            ("style_knob", "top1"), ("style_knob", "spearman"), ("render_single", "relative_residual"),
+            ("lora_single", "relative_residual"), ("style_knob", "relative_residual")]
+    cols = [c for c in cols if any(f"{c[0]}/{c[1]}" in s for s in summary.values())]
+    head = "| method | " + " | ".join(f"{g} {k.replace('_', ' ')}" for g, k in cols) + " |"
+    lines = [head, "|" + " --- |" * (len(cols) + 1)]
+    for m, s in summary.items():
+        lines.append(f"| {m} | " + " | ".join(_fmt(s.get(f'{g}/{k}')) for g, k in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_report(result: Mapping[str, Any]) -> str:
+    """`markdown_table` plus the improvement ratios beside the paper's claims."""
+    lines = [markdown_table(result), "", "Improvement ratios (accuracy: relative gain; errors: relative reduction):", ""]
+    for k, r in result["ratios"].items():
+        keep = {kk: v for kk, v in r.items() if v is not None and ("top1" in kk or "multi" in kk or "spearman" in kk)}
+        lines.append(f"- {k}: " + ", ".join(f"{kk} {v:+.2f}" for kk, v in keep.items()))
+    c = result["paper_claims"]
+    lines += ["", f"Paper's claims against coarse baselines: single-aspect accuracy +{c['single_aspect_accuracy_gain']:.0%},"
+              f" multi-aspect error at least {c['multi_aspect_error_reduction']:.0%} less.", ""]
+    return "\n".join(lines)
+
+
+def run(lora: bool = True, progress: bool = True, out_json: Path = BENCHMARK_JSON,
+        out_md: Path = BENCHMARK_MD) -> dict[str, Any]:
+    """The whole benchmark: variants, methods, metrics; writes the JSON and the markdown table (atomically)."""
+    t0 = time.perf_counter()
+    bench = Bench()
+    variants = build_variants(bench, lora=lora, progress=progress)
+    result = evaluate(bench, variants, progress=progress)
+    result["ratios"] = ratios(result["summary"])
+    result["paper_claims"] = PAPER_CLAIMS
+    result["setup"] = {"n_probes": N_PROBES, "probe_seed": PROBE_SEED, "seeds": list(SEEDS), "e_ortho": E_ORTHO,
+                       "e_decomp": E_DECOMP, "bank": list(SHAPESWORLD_WORD_BANK), "encoder": "ShapesWorld CLIP",
+                       "methods": {m: vars(s) for m, s in METHOD_SPECS.items()},
+                       "seconds": round(time.perf_counter() - t0, 1)}
+    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+    result = _clean(result)
+    atomic_write_text(out_json, json.dumps(result, indent=1))
+    atomic_write_text(out_md, markdown_report(result))
+    return result
+
+
+def _run_cli(args: argparse.Namespace) -> None:
+    torch.set_num_threads(max(1, int(args.threads)))
+    result = run(lora=not args.no_lora)
+    print(markdown_report(result))
+    print(f"wrote {BENCHMARK_JSON} and {BENCHMARK_MD}")
+
+
+def _train_cli(args: argparse.Namespace) -> None:
+    torch.set_num_threads(max(1, int(args.threads)))
+    shipped = train_variants(args.variants or None, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             device=args.device, runs_dir=Path(args.runs_dir))
+    total = sum(p.stat().st_size for p in shipped.values())
+    print(f"shipped {len(shipped)} LoRA variants to {LORA_DIR} ({total / 1e6:.2f} MB)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Command line: ``train`` (LoRA variants) or, by default, ``run`` (the benchmark)."""
+    ap = argparse.ArgumentParser(prog="python -m persviz.finexl_benchmark", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd")
+    tr = sub.add_parser("train", help="fine-tune the LoRA variants of the micro-SD")
+    tr.add_argument("--variants", nargs="*", default=None)
+    tr.add_argument("--steps", type=int, default=450)
+    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--lr", type=float, default=2e-3)
+    tr.add_argument("--device", default=None)
+    tr.add_argument("--threads", type=int, default=1)
+    tr.add_argument("--runs-dir", default=str(CACHE_DIR / "runs"))
+    rn = sub.add_parser("run", help="run the benchmark (default)")
+    rn.add_argument("--no-lora", action="store_true", help="renderer variants only")
+    rn.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    if args.cmd == "train":
+        _train_cli(args)
+    else:
+        _run_cli(args if args.cmd == "run" else rn.parse_args([]))
+
+
+if __name__ == "__main__":
+    main()

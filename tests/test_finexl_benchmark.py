@@ -1,0 +1,277 @@
+"""FineXL's ground-truth benchmark: grammar-aware f(C), scene shifts of known rate, metrics, the LoRA trainer,
+the shipped LoRA variants and the explorer widget. One thread; the planted decomposition and the bad inputs of the
+core live in test_finexl_math / test_finexl_concepts / test_finexl_generators."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_pipeline import base_pipe, one_thread  # noqa: E402,F401  (fixtures)
+
+from persviz.finexl import append_compose, concept_direction  # noqa: E402
+from persviz.finexl_benchmark import (  # noqa: E402
+    ASPECT_WORD, LORA_DIR, METHOD_SPECS, Bench, aspect_present, explain_with, improvement, lora_variants,
+    multi_aspect_error, predicted_levels, realized_levels, spearman_rho, top1_correct, truth_of)
+from persviz.finexl_concepts import (  # noqa: E402
+    SHAPESWORLD_WORD_BANK, SHAPESWORLD_WORD_PHRASES, readable, shapesworld_compose, shapesworld_word_attribute)
+from persviz.finexl_generators import (  # noqa: E402
+    SCENE_ASPECTS, SceneShiftGenerator, aspect_draws, check_rates, lora_pair, parse_caption, scene_shift_dataset,
+    shapesworld_probes)
+
+
+# ----------------------------------------------------------------------------- grammar-aware f(C)
+
+
+def test_shapesworld_compose_sets_exactly_the_named_attribute():
+    prompts, scenes = shapesworld_probes(30, seed=4, p_second=0.5)
+    for p, sc in zip(prompts, scenes):
+        for word in SHAPESWORLD_WORD_BANK:
+            out = shapesworld_compose(p, word)
+            attr, value = shapesworld_word_attribute(word)
+            got = parse_caption(out)
+            if attr == "background":
+                assert got == sc.with_(background=value)
+            else:
+                assert got == sc.with_(obj=dataclasses.replace(sc.obj, **{attr: value}))
+        # a word the caption already says leaves it unchanged (full captions round-trip exactly)
+        assert shapesworld_compose(p, sc.obj.color) == p
+        assert shapesworld_compose(p, f"on a {sc.background} background") == p
+
+
+def test_shapesworld_compose_known_example_and_errors():
+    p = "a small red plain circle in the center on a gray background"
+    assert shapesworld_compose(p, "striped") == "a small red striped circle in the center on a gray background"
+    black = "a small red plain circle in the center on a black background"
+    assert shapesworld_compose(p, "on a black background") == black
+    assert shapesworld_compose(p, "black background") == shapesworld_compose(p, "black")
+    assert shapesworld_word_attribute("gray") == ("background", "gray")  # no object is gray in ShapesWorld
+    with pytest.raises(ValueError, match="names no ShapesWorld attribute"):
+        shapesworld_compose(p, "blurry")
+    with pytest.raises(ValueError, match="is not a ShapesWorld caption"):
+        shapesworld_compose("a dog on the beach", "striped")
+    assert SHAPESWORLD_WORD_PHRASES["on a black background"] == "black background"
+
+
+def test_concept_direction_uses_compose_and_checks_it():
+    D = 6
+    rng = np.random.default_rng(0)
+    base = {t: rng.normal(size=D) for t in ("a", "b")}
+    shift = 0.3 * rng.normal(size=D)
+
+    def enc(texts):
+        return torch.tensor(np.stack([base[t] if t in base else base[t[:-1]] + shift for t in texts]))
+
+    f = concept_direction(enc, ["a", "b"], "C", compose=lambda t, c: t + "!")
+    unit = lambda x: x / np.linalg.norm(x)  # noqa: E731
+    ref = np.mean([unit(base[t] + shift) - unit(base[t]) for t in base], axis=0)
+    np.testing.assert_allclose(f.numpy(), ref, atol=1e-12)
+    assert append_compose("a cat", "striped") == "a cat, striped"
+    with pytest.raises(TypeError, match="compose must be a callable"):
+        concept_direction(enc, ["a"], "C", compose="append")
+    with pytest.raises(ValueError, match="compose returned"):
+        concept_direction(enc, ["a"], "C", compose=lambda t, c: "")
+
+
+# ----------------------------------------------------------------------------- scene shifts of known rate
+
+
+@pytest.mark.parametrize("rates", [{"dark": 0.33, "striped": 0.67}, {"large": 0.5, "red": 1.0}])
+def test_scene_shift_rates_match_p(rates):
+    n = 800
+    captions, images, applied = scene_shift_dataset(n, rates, seed=7)
+    assert images.shape == (n, 32, 32, 3) and applied.shape == (n, len(SCENE_ASPECTS))
+    for j, a in enumerate(SCENE_ASPECTS):
+        p = rates.get(a, 0.0)
+        tol = 4 * math.sqrt(p * (1 - p) / n) + 1e-12  # 4 binomial standard errors
+        assert abs(applied[:, j].mean() - p) <= tol, (a, applied[:, j].mean(), p)
+
+
+def test_scene_shift_generator_is_deterministic_nested_and_matches_the_dataset():
+    captions, images, applied = scene_shift_dataset(40, {"dark": 0.5}, seed=3)
+    gen = SceneShiftGenerator({"dark": 0.5})
+    np.testing.assert_array_equal(gen(captions, 3), images)
+    np.testing.assert_array_equal(gen.applied(captions, 3), applied)
+    lo, hi = SceneShiftGenerator({"red": 0.33}), SceneShiftGenerator({"red": 0.67})
+    a_lo, a_hi = lo.applied(captions, 3), hi.applied(captions, 3)
+    assert np.all(a_hi[a_lo])  # levels nest: shifted at 0.33 implies shifted at 0.67
+    base = SceneShiftGenerator({})(captions, 3)
+    untouched = ~applied[:, 0]
+    np.testing.assert_array_equal(images[untouched], base[untouched])  # pairs differ only where the aspect applies
+    np.testing.assert_array_equal(aspect_draws("x", 1), aspect_draws("x", 1))
+    with pytest.raises(ValueError, match="unknown scene aspect"):
+        check_rates({"blurry": 0.5})
+    with pytest.raises(ValueError, match="probability in"):
+        check_rates({"dark": 1.5})
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_metric_functions_on_hand_worked_values():
+    assert top1_correct({"red": 0.4, "large": 0.1}, "red")
+    assert not top1_correct({"red": 0.1, "large": 0.4}, "red")
+    assert not top1_correct({"red": -0.1}, "red")  # the highest weight must be positive
+    assert not top1_correct({}, "red")
+    x, y = [0.33, 0.67, 1.0, 0.5], [0.1, 0.3, 0.2, 0.25]
+    assert spearman_rho(x, y) == pytest.approx(spearmanr(x, y).statistic)
+    assert spearman_rho([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(spearman_rho([1, 2], [5, 5]))
+    # calibration: red 0.5 per unit level, large 0.25; "blue" has none -> the mean, 0.375
+    pred = predicted_levels({"red": 0.25, "large": 0.25, "blue": 0.075}, {"red": 0.5, "large": 0.25})
+    assert pred == pytest.approx({"red": 0.5, "large": 1.0, "blue": 0.2})
+    # truth red 1.0, large 1.0: |0.5 - 1| + |1 - 1| + |0.2 - 0| = 0.7, over 2.0
+    assert multi_aspect_error(pred, {"red": 1.0, "large": 1.0}) == pytest.approx(0.35)
+    assert multi_aspect_error({}, {"red": 0.5}) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no positive level"):
+        multi_aspect_error({"red": 1.0}, {})
+    assert improvement(0.78, 0.5) == pytest.approx(0.56)
+    assert improvement(0.2, 0.4, higher_is_better=False) == pytest.approx(0.5)
+    assert math.isnan(improvement(0.3, 0.0))
+    assert truth_of({"dark": 0.5, "red": 0.0}) == {"on a black background": 0.5}
+
+
+def test_oracle_readings_to_realized_levels():
+    obj = lambda **kw: {"shape": "circle", "color": "blue", "texture": "plain", "size": "small", **kw}  # noqa: E731
+    base = [{"background": "gray", "left": None, "center": obj(), "right": None},
+            {"background": "black", "left": obj(), "center": None, "right": None},
+            {"background": "gray", "left": None, "center": None, "right": None},
+            {"background": "navy", "left": None, "center": None, "right": obj(color="red")}]
+    pers = [{"background": "black", "left": None, "center": obj(texture="striped"), "right": None},
+            {"background": "black", "left": obj(), "center": None, "right": None},
+            {"background": "black", "left": None, "center": None, "right": None},
+            {"background": "navy", "left": None, "center": None, "right": obj(color="red", size="large")}]
+    pb, pp = aspect_present(base), aspect_present(pers)
+    np.testing.assert_array_equal(pb[:, list(SCENE_ASPECTS).index("dark")], [False, True, False, False])
+    lv = realized_levels(pb, pp)
+    # dark: base 1/4, personal 3/4 -> (0.75 - 0.25) / 0.75; striped 0 -> 1/4; red 1/4 -> 1/4: 0
+    assert lv["dark"] == pytest.approx(2 / 3)
+    assert lv["striped"] == pytest.approx(0.25)
+    assert lv["large"] == pytest.approx(0.25)
+    assert lv["red"] == pytest.approx(0.0)
+
+
+# ----------------------------------------------------------------------------- the benchmark on the renderer
+
+
+@pytest.fixture(scope="module")
+def bench(clip_eval):
+    return Bench(n_probes=16, seeds=(0,), clip=clip_eval)
+
+
+def test_renderer_scene_shifts_are_recovered_top1(bench):
+    for a, word in ASPECT_WORD.items():
+        v = bench.renderer_variant(f"{a}_100", "render_single", SceneShiftGenerator({a: 1.0}, scenes=bench.scenes),
+                                   {word: 1.0})
+        for method in ("persviz", "grammar_naive"):
+            w = bench.explain(v, method).as_dict()
+            assert top1_correct(w, word), (a, method, w)
+    mix = bench.renderer_variant("m", "render_mixture",
+                                 SceneShiftGenerator({"dark": 1.0, "striped": 1.0}, scenes=bench.scenes), {})
+    w = bench.explain(mix, "persviz_nofilter").as_dict()
+    top2 = sorted(w, key=lambda c: -w[c])[:2]
+    assert set(top2) == {"on a black background", "striped"}, w
+    dec = explain_with(METHOD_SPECS["finexl"], mix.v_div, bench.directions["append"])
+    assert dec.method == "lstsq" and 0.0 <= dec.relative_residual
+    assert readable(dec, SHAPESWORLD_WORD_PHRASES).names[0] in SHAPESWORLD_WORD_PHRASES.values()
+
+
+# ----------------------------------------------------------------------------- LoRA trainer and shipped variants
+
+
+def test_lora_finetune_resume_equals_uninterrupted_and_toggles(base_pipe, tmp_path):
+    import copy
+
+    import safetensors.torch as st
+
+    from persviz.generation import generate
+    from persviz.trainers.lora_finetune import LoRAFinetuneConfig, train_lora_finetune
+
+    caps, ims, _ = scene_shift_dataset(8, {"dark": 0.5}, seed=0)
+    cfg = LoRAFinetuneConfig(steps=4, batch_size=2, save_every=2, lr=1e-2)
+    a = train_lora_finetune(base_pipe, ims, caps, cfg, tmp_path / "a", progress=False, load_result=False)
+    train_lora_finetune(base_pipe, ims, caps, LoRAFinetuneConfig(steps=2, batch_size=2, save_every=2, lr=1e-2),
+                        tmp_path / "b", progress=False, load_result=False)
+    b = train_lora_finetune(base_pipe, ims, caps, cfg, tmp_path / "b", progress=False, load_result=False)
+    wa, wb = st.load_file(a.final_path), st.load_file(b.final_path)
+    assert sorted(wa) == sorted(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a.loss_history == b.loss_history and len(a.loss_history) == 4
+    assert all(".to_" in k and k.startswith("unet.") for k in wa)  # UNet attention projections only
+    assert not any(".lora" in n for n, _ in base_pipe.unet.named_parameters())  # adapters removed on exit
+    with pytest.raises(ValueError, match="2 captions for 8 images"):
+        train_lora_finetune(base_pipe, ims, caps[:2], cfg, tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="different setup"):
+        train_lora_finetune(base_pipe, ims, caps[::-1], cfg, tmp_path / "a", progress=False)
+    # the trained LoRA as (base, personalized): base = the pipeline without it, bit for bit
+    pipe = copy.deepcopy(base_pipe)
+    plain = generate(pipe, caps[:2], seed=0, steps=2)
+    g_base, g_pers = lora_pair(pipe, a.final_path, steps=2)
+    np.testing.assert_array_equal(g_base(caps[:2], 0), plain)
+    assert not np.array_equal(g_pers(caps[:2], 0), plain)
+
+
+SHIPPED = sorted(p.parent.name for p in LORA_DIR.glob("*/pytorch_lora_weights.safetensors"))
+
+
+def test_shipped_lora_files_are_small_and_documented():
+    assert SHIPPED, "no LoRA variants shipped under data/finexl/lora"
+    assert set(SHIPPED) <= set(lora_variants())
+    total = sum((LORA_DIR / n / "pytorch_lora_weights.safetensors").stat().st_size for n in SHIPPED)
+    assert total <= 3_000_000
+    assert (LORA_DIR / "README.md").is_file()
+    for n in SHIPPED:
+        assert (LORA_DIR / n / "train.json").is_file()
+
+
+@pytest.mark.skipif("dark_100" not in SHIPPED, reason="dark_100 not shipped")
+def test_shipped_dark_lora_darkens_the_background(pipe, oracle):
+    from persviz.finexl_generators import PipelineGenerator
+    from persviz.finexl_benchmark import lora_pipeline
+
+    prompts, _ = shapesworld_probes(12, seed=5, p_second=0.0)
+    prompts = [p for p in prompts if "black background" not in p]
+    j = list(SCENE_ASPECTS).index("dark")
+    try:
+        base = aspect_present(oracle.read(PipelineGenerator(lora_pipeline(None, pipe), steps=10)(prompts, 0)))[:, j]
+        dark = aspect_present(oracle.read(PipelineGenerator(lora_pipeline("dark_100", pipe), steps=10)(prompts, 0)))
+        dark = dark[:, j]
+    finally:
+        lora_pipeline(None, pipe)  # the session pipeline goes back without the LoRA
+    assert dark.mean() >= base.mean() + 0.5, (base.mean(), dark.mean())
+
+
+# ----------------------------------------------------------------------------- the explorer widget
+
+
+def test_finexl_explorer_callbacks():
+    from persviz.finexl_widgets import FineXLExplorer
+
+    e = torch.eye(4, dtype=torch.float64)
+    concepts = {"a": e[0], "b": e[1], "c": e[0] + e[2]}
+    variants = {"pair 1": 0.6 * e[0] + 0.3 * e[1], "pair 2": 0.5 * e[1] + 0.2 * e[3]}
+    ex = FineXLExplorer(variants, concepts, selected=["a", "b"], method="lstsq", known={"pair 1": {"a": 0.6}},
+                        phrases={"a": "alpha"})
+    assert ex.error is None and ex.last["concepts"] == ["a", "b"]
+    assert ex.last["decomposition"].as_dict() == pytest.approx({"a": 0.6, "b": 0.3})
+    assert ex.last["sentences"][0] == "much more alpha (0.60)" and ex.plot.value[:4] == b"\x89PNG"
+    ex.checks["b"].value = False  # untick: solved again on a alone
+    assert ex.last["concepts"] == ["a"] and ex.last["decomposition"].relative_residual > 0.4
+    ex.variant.value = "pair 2"
+    assert ex.last["variant"] == "pair 2"
+    ex.checks["a"].value = False  # nothing ticked: an error in the widget, not an exception
+    assert ex.error is not None and "no concept is ticked" in ex.message.value
+    kept = ex.tick_filter()
+    assert kept and ex.state["concepts"] == [c for c in concepts if c in kept] and ex.error is None
+    ex.method.value = "whitened_nnls"
+    assert ex.last["method"] == "whitened_nnls"
+    with pytest.raises(ValueError, match="non-empty"):
+        FineXLExplorer({}, concepts)
+    with pytest.raises(ValueError, match="not in concepts"):
+        FineXLExplorer(variants, concepts, selected=["zzz"])
