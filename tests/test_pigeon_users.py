@@ -152,6 +152,13 @@ def test_taste_report_hand_made() -> None:
     assert rep["color"] == pytest.approx(2 / 3) and rep["background"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="one reading per window"):
         taste_report([good], [w, w])
+    # the right object in the wrong slot: a miss when strict, a hit when judged anywhere
+    elsewhere = next(q for q in ("left", "center", "right") if q != pos)
+    moved = {"background": w.taste.background, elsewhere: good[pos]}
+    assert taste_report([moved], [w])["all"] == 0.0
+    assert taste_report([moved], [w], anywhere=True) == {k: 1.0 for k in
+                                                         ("shape", "color", "texture", "background", "taste", "all")}
+    assert taste_report([good, bad, empty], [w, w, w], anywhere=True) == rep
 
 
 # ---------------------------------------------------------------- bad inputs

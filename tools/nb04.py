@@ -165,8 +165,11 @@ md("""## Where this differs from the paper
 - Conditioning: the UNet reads the instruction's own text encoding followed by the 8 personalized tokens
   (`PigeonConfig.condition = "text+tokens"`), so the frozen UNet starts from the prompt it was trained on; the
   paper passes only the LMM's tokens to its decoder (`condition="tokens"` here).
-- Stage 1 trains with the diffusion loss on the target's latents (the paper: cross-entropy on LaVIT's target
-  tokens); stage 2 is Diffusion-DPO on the UNet's predictions under the two conditionings.
+- Stage 1 trains with the diffusion loss on the target's latents plus an auxiliary loss: a training-only
+  linear head on the mean of the 8 personalized tokens must match the target's CLIP image embedding. That is the
+  paper's objective (predict the target's tokens; cross-entropy on LaVIT's codebook there) pooled to one vector;
+  with the denoising loss alone, 1250 steps learned only the background. Stage 2 is Diffusion-DPO on the UNet's
+  predictions under the two conditionings.
 - The noise is exact: every history of a user at noise rate ρ holds exactly 5ρ noise images, which is what lets
   the kept-noise study above be read against ground truth."""),
 ]

@@ -480,7 +480,8 @@ def evaluate(pipe: PigeonPipeline, ds: PigeonDataset, n: int, oracle: Any, batch
     """Generate for the first ``n`` windows with test-time ratio selection; the oracle judges the taste.
 
     Returns:
-        {"selected": taste_report of the selected images, "per_ratio": {ratio: taste_report},
+        {"selected": taste_report of the selected images, "selected_anywhere": the same judging the object
+        wherever it stands, "per_ratio": {ratio: taste_report},
         "ratio_counts": how often each ratio was selected}.
     """
     n = min(int(n), len(ds))
@@ -503,7 +504,9 @@ def evaluate(pipe: PigeonPipeline, ds: PigeonDataset, n: int, oracle: Any, batch
         return oracle.read((x * 2.0 - 1.0).clamp(-1, 1))
 
     all_c = torch.cat(cands)
-    return {"selected": taste_report(read(torch.cat(sel_imgs)), windows),
+    selected = read(torch.cat(sel_imgs))
+    return {"selected": taste_report(selected, windows),
+            "selected_anywhere": taste_report(selected, windows, anywhere=True),
             "per_ratio": {float(r): taste_report(read(all_c[:, j]), windows) for j, r in enumerate(ratios)},
             "ratio_counts": {float(r): c for r, c in zip(ratios, counts)}}
 

@@ -473,12 +473,15 @@ def make_datasets(n_users: int, seed: int = 0, noise_rates: float | Sequence[flo
 # ----------------------------------------------------------------------------- judging generated images
 
 
-def taste_report(readings: Sequence[Mapping[str, Any]], windows: Sequence[Window]) -> dict[str, float]:
+def taste_report(readings: Sequence[Mapping[str, Any]], windows: Sequence[Window],
+                 anywhere: bool = False) -> dict[str, float]:
     """How well generated images follow the request and the taste, read by the attribute oracle.
 
     Args:
         readings: ``AttributeOracle.read`` outputs, one per generated image.
         windows: the windows the images were generated for.
+        anywhere: judge the generated object wherever it stands (the first object the oracle finds, left to
+            right; targets hold one object) instead of only in the target's slot (the reference's position).
 
     Returns:
         Fractions in [0, 1]: "shape" (the requested shape stands in the target's slot), "color" (its
@@ -490,7 +493,10 @@ def taste_report(readings: Sequence[Mapping[str, Any]], windows: Sequence[Window
     keys = ("shape", "color", "texture", "background", "taste", "all")
     hits = {k: 0 for k in keys}
     for r, w in zip(readings, windows):
-        obj = r.get(w.target.position)
+        if anywhere:
+            obj = next((r[p] for p in POSITIONS if r.get(p) is not None), None)
+        else:
+            obj = r.get(w.target.position)
         ok = {"shape": obj is not None and obj["shape"] == w.target.obj.shape,
               "color": obj is not None and obj["color"] in w.taste.colors,
               "texture": obj is not None and obj["texture"] == w.taste.texture,
