@@ -228,7 +228,7 @@ def concept_direction(text_encoder_fn: Callable[[list[str]], torch.Tensor], prob
 
 
 def orthogonal_filter(v_div: torch.Tensor, candidates: dict[str, torch.Tensor], eps_ortho: float = 0.1,
-                      min_relevance: float = 0.0) -> list[str]:
+                      min_relevance: float = 0.0, positive_only: bool = False) -> list[str]:
     """Greedy near-orthogonal subset of candidate concepts, most relevant first.
 
     Candidates are ordered by |cos(f(C), v_div)| (descending, ties keep dict order);
@@ -246,6 +246,10 @@ def orthogonal_filter(v_div: torch.Tensor, candidates: dict[str, torch.Tensor], 
         eps_ortho: threshold in (0, inf).
         min_relevance: reject candidates with ``|cos(f(C), v_div)| < min_relevance`` before
             the orthogonality test (default 0: keep all, as in the paper).
+        positive_only: consider only candidates with ``cos(f(C), v_div) > 0`` (for a
+            non-negative solver: a concept pointing away from v_div can only get weight 0 there,
+            yet ranked by |cos| it takes a slot and blocks its antonym, e.g. "small" blocks
+            "large", whose direction is nearly its opposite). Default False (the paper's |cos|).
 
     Returns:
         Names of the kept concepts, in the order above (the order for `greedy_decompose`).
@@ -262,7 +266,14 @@ def orthogonal_filter(v_div: torch.Tensor, candidates: dict[str, torch.Tensor], 
     unit = np.where(usable, mat / np.where(usable, norms, 1.0), 0.0)
     if not (0.0 <= float(min_relevance) <= 1.0):
         raise ValueError(f"min_relevance must be in [0, 1] (a |cosine|), got {min_relevance}.")
-    relevance = np.abs(unit.T @ (v / np.linalg.norm(v)))
+    signed = unit.T @ (v / np.linalg.norm(v))
+    relevance = np.abs(signed)
+    if positive_only:
+        usable = usable & (signed > 0)
+        if not np.any(usable):
+            raise ValueError(f"no candidate concept survived: positive_only=True and none of {names} has "
+                             f"cos(f(C), v_div) > 0 (every candidate points away from the personalization). "
+                             f"Propose other concepts or use positive_only=False with a signed solver (lstsq).")
     order = sorted((i for i in range(len(names)) if usable[i]), key=lambda i: -relevance[i])
     if not order:
         raise ValueError(f"no candidate concept survived: all of {names} have zero-norm vectors. Recompute them "

@@ -44,7 +44,8 @@ class FineXLExplorer:
         method: "lstsq" or "whitened_nnls" at the start.
         known: optional ``{model pair name: {concept: known level}}`` drawn as markers.
         phrases: optional readable names for the sentences (``SHAPESWORLD_WORD_PHRASES``).
-        e_decomp, eps_ortho: the residual bound and the filter threshold (the "filter" button).
+        e_decomp, eps_ortho, positive_only: the residual bound and the filter's settings
+            (`persviz.finexl.orthogonal_filter`; the "filter" button and the default selection).
 
     Attributes: variant (Dropdown), checks ({concept: Checkbox}), method (ToggleButtons),
     filter_button (Button: tick the filter's choice), plot (Image), sentences, message (HTML),
@@ -56,7 +57,7 @@ class FineXLExplorer:
                  selected: Optional[Sequence[str]] = None, method: str = "whitened_nnls",
                  known: Optional[Mapping[str, Mapping[str, float]]] = None,
                  phrases: Optional[Mapping[str, str]] = None, e_decomp: float = 0.2, eps_ortho: float = 0.1,
-                 image_width: int = 460) -> None:
+                 positive_only: bool = False, image_width: int = 460) -> None:
         if not isinstance(variants, Mapping) or not variants:
             raise ValueError("variants must be a non-empty dict {model pair name: V_div}")
         if not isinstance(concepts, Mapping) or not concepts:
@@ -66,12 +67,13 @@ class FineXLExplorer:
         self.variants, self.concepts = dict(variants), dict(concepts)
         self.known = {k: dict(v) for k, v in (known or {}).items()}
         self.phrases = dict(phrases or {})
-        self.e_decomp, self.eps_ortho = float(e_decomp), float(eps_ortho)
+        self.e_decomp, self.eps_ortho, self.positive_only = float(e_decomp), float(eps_ortho), bool(positive_only)
         self.last: Optional[dict[str, Any]] = None
         self.error: Optional[str] = None
         first = next(iter(self.variants))
         if selected is None:
-            selected = orthogonal_filter(self.variants[first], self.concepts, eps_ortho=self.eps_ortho)
+            selected = orthogonal_filter(self.variants[first], self.concepts, eps_ortho=self.eps_ortho,
+                                         positive_only=self.positive_only)
         unknown = [c for c in selected if c not in self.concepts]
         if unknown:
             raise ValueError(f"selected names concepts that are not in concepts: {unknown}")
@@ -107,7 +109,8 @@ class FineXLExplorer:
 
     def tick_filter(self) -> list[str]:
         """Tick exactly the orthogonality filter's choice for the current variant; returns it."""
-        kept = orthogonal_filter(self.variants[self.variant.value], self.concepts, eps_ortho=self.eps_ortho)
+        kept = orthogonal_filter(self.variants[self.variant.value], self.concepts, eps_ortho=self.eps_ortho,
+                                 positive_only=self.positive_only)
         self._quiet = True
         try:
             for c, box in self.checks.items():

@@ -163,7 +163,7 @@ def test_oracle_readings_to_realized_levels():
 
 @pytest.fixture(scope="module")
 def bench(clip_eval):
-    return Bench(n_probes=16, seeds=(0,), clip=clip_eval)
+    return Bench(n_probes=48, seeds=(0,), clip=clip_eval)
 
 
 def test_renderer_scene_shifts_are_recovered_top1(bench):
@@ -175,12 +175,30 @@ def test_renderer_scene_shifts_are_recovered_top1(bench):
             assert top1_correct(w, word), (a, method, w)
     mix = bench.renderer_variant("m", "render_mixture",
                                  SceneShiftGenerator({"dark": 1.0, "striped": 1.0}, scenes=bench.scenes), {})
-    w = bench.explain(mix, "persviz_nofilter").as_dict()
+    w = bench.explain(mix, "persviz").as_dict()
     top2 = sorted(w, key=lambda c: -w[c])[:2]
     assert set(top2) == {"on a black background", "striped"}, w
     dec = explain_with(METHOD_SPECS["finexl"], mix.v_div, bench.directions["append"])
     assert dec.method == "lstsq" and 0.0 <= dec.relative_residual
     assert readable(dec, SHAPESWORLD_WORD_PHRASES).names[0] in SHAPESWORLD_WORD_PHRASES.values()
+
+
+def test_sign_aware_filter_lets_the_antonym_through(bench):
+    from persviz.finexl import orthogonal_filter
+    from persviz.finexl_generators import RendererGenerator
+    from persviz.shapesworld.render import Style
+
+    # planted: "small" nearly -"large", v_div along both: by |cos| "small" comes first and blocks "large"
+    e = torch.eye(3, dtype=torch.float64)
+    f = {"small": -e[0], "large": e[0] + 0.3 * e[1], "red": e[2]}
+    v = e[0] + 0.5 * e[2]
+    assert orthogonal_filter(v, f, eps_ortho=0.03) == ["small", "red"]
+    assert orthogonal_filter(v, f, eps_ortho=0.03, positive_only=True) == ["large", "red"]
+    with pytest.raises(ValueError, match="positive_only=True and none"):
+        orthogonal_filter(v, {"small": f["small"]}, positive_only=True)
+    # real: a larger render scale is "large" for persviz (the |cos| filter let "small" take the slot)
+    v = bench.renderer_variant("s", "style_knob", RendererGenerator(Style(size_scale=1.4), scenes=bench.scenes), {})
+    assert top1_correct(bench.explain(v, "persviz").as_dict(), "large")
 
 
 # ----------------------------------------------------------------------------- LoRA trainer and shipped variants
@@ -271,6 +289,8 @@ def test_finexl_explorer_callbacks():
     assert kept and ex.state["concepts"] == [c for c in concepts if c in kept] and ex.error is None
     ex.method.value = "whitened_nnls"
     assert ex.last["method"] == "whitened_nnls"
+    pos = FineXLExplorer({"p": -1.0 * e[0] + e[1]}, concepts, eps_ortho=0.03, positive_only=True)
+    assert pos.state["concepts"] == ["b"]  # "a" and "c" point away from V_div
     with pytest.raises(ValueError, match="non-empty"):
         FineXLExplorer({}, concepts)
     with pytest.raises(ValueError, match="not in concepts"):

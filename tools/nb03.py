@@ -1,0 +1,168 @@
+"""Writes notebooks/03_finexl.ipynb (no outputs)."""
+import nbformat as nbf
+md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
+cells = [
+md("""# 03 · FineXL: explaining how a model was personalized
+
+A personalized model (a LoRA, a fine-tune) differs from its base model in *how* it draws: darker, warmer,
+striped, larger. FineXL says how, in words and with a level for each word:
+
+1. **V_div** = mean over probe prompts t and seeds z of E_img(G_personal(t, z)) − E_img(G_base(t, z)):
+   the direction in CLIP image space the personalization moves images (same prompt, same seed on both sides).
+2. **f(C)**, for each candidate concept C: the direction the concept moves a *text* embedding. The paper
+   appends it, f(C) = mean_t E_txt(t + ", " + C) − E_txt(t).
+3. **Select** near-orthogonal concepts (most aligned with V_div first) and **decompose**
+   V_div ≈ Σ w_i f(C_i), adding concepts until the relative residual e = |V_div − Σ w_i f(C_i)| / |V_div| < 0.2.
+4. **Say it**: one sentence per concept, "much more striped (0.61)".
+
+Everything here runs on ShapesWorld, where the truth is known: the shipped micro-SD against itself with a
+rank-4 LoRA fine-tuned on renders whose object was turned red (always) and large (two times in three), under
+the original captions; the ShapesWorld oracle reads how much of that the LoRA really learned. `PERSVIZ_SCALE=full` runs the same code on SD 1.5
+and your LoRA (`PERSVIZ_FINEXL_LORA`, a diffusers LoRA file or folder) with the ART concept bank."""),
+code("""%matplotlib inline
+import json, os
+import numpy as np
+import torch
+from persviz import loading
+from persviz.finexl import append_compose, divergence_vector, explain, greedy_decompose, orthogonal_filter
+from persviz.finexl_benchmark import (BENCHMARK_JSON, LORA_DIR, MIXTURES, SCENE_ASPECTS, ASPECT_WORD,
+                                      markdown_table, METHOD_SPECS)
+from persviz.finexl_concepts import (ART_BANK, SHAPESWORLD_WORD_BANK, SHAPESWORLD_WORD_PHRASES, concept_directions,
+                                     rank_concepts, readable, shapesworld_compose)
+from persviz.finexl_generators import SceneShiftGenerator, lora_pair, paired_samples, shapesworld_probes
+from persviz.finexl_plots import concept_cosine_heatmap, decomposition_bars, paired_strip, weight_vs_level
+from persviz.finexl_widgets import FineXLExplorer
+from persviz.prompts import fill, load_prompt_set
+
+FULL = loading.full_scale()
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))  # 1 beside another job
+pipe, clip = loading.load_pipeline(), loading.load_evaluator(kind="clip")
+if FULL:  # SD 1.5 + your LoRA, CLIP ViT-L/14, the ART bank; f(C) by the paper's append (no grammar to write into)
+    lora = os.environ.get("PERSVIZ_FINEXL_LORA")
+    if not lora:
+        raise RuntimeError("PERSVIZ_SCALE=full needs PERSVIZ_FINEXL_LORA=<a diffusers LoRA file or folder> "
+                           "(e.g. a DreamBooth-LoRA's pytorch_lora_weights.safetensors).")
+    probes = fill(load_prompt_set("sd15_contextual")[:24], os.environ.get("PERSVIZ_FINEXL_CLASS", "dog"))
+    scenes = None
+    bank, composers, phrases, known = list(ART_BANK), {"append": append_compose}, {}, {}
+else:     # the shipped micro-SD + the LoRA of "object red always, large two times in three"
+    variant = "mix_large067_red100"
+    lora = LORA_DIR / variant
+    probes, scenes = shapesworld_probes(48, seed=1, p_second=0.0)  # the benchmark's probes, one seed of its two
+    bank, phrases = list(SHAPESWORLD_WORD_BANK), SHAPESWORLD_WORD_PHRASES
+    composers = {"append": append_compose, "grammar": shapesworld_compose}
+    bench = json.loads(BENCHMARK_JSON.read_text())
+    known = bench["variants"]["lora/" + variant]["truth"]  # realized levels, read by the ShapesWorld oracle
+    print("trained rates:", MIXTURES[variant], " realized (oracle):", {k: round(v, 2) for k, v in known.items()})
+base_gen, personal_gen = lora_pair(pipe, lora)"""),
+md("""## Paired samples
+Same prompt and seed on both sides, so everything that differs is the personalization. The prompts name every
+attribute ("a small blue …"); the LoRA overrides some of them."""),
+code("""imgs_b, imgs_p = paired_samples(base_gen, personal_gen, probes, seeds=[0])
+paired_strip(imgs_b, imgs_p, labels=probes, max_pairs=8)"""),
+md("""## V_div and its spread
+The spread is the root-mean-square distance of one pair's difference from V_div; its standard error is about
+spread / √N. A |V_div| well above that error is a real, consistent shift."""),
+code("""v_div, spread = divergence_vector(clip.embed_images(imgs_p), clip.embed_images(imgs_b))
+n = len(imgs_b)
+print(f"|V_div| = {float(v_div.norm()):.3f}   spread = {spread:.3f}   standard error ≈ {spread / np.sqrt(n):.3f} (N = {n})")"""),
+md("""## Concept directions: append vs grammar
+The ShapesWorld CLIP learned its words in caption grammar ("a small red striped circle … on a black background").
+Appending ", striped" puts a word where it never stood, and the text direction only half matches the image change.
+persviz's grammar-aware f(C) (`shapesworld_compose`) writes the concept *into* the caption where the grammar puts
+it: then the text and image directions of an edit agree to a cosine of 0.98–0.99. (This is one of persviz's
+improved ingredients, not the paper's; at full scale the paper's append is used.)"""),
+code("""f = {k: concept_directions(clip.embed_texts, probes, bank, compose=c) for k, c in composers.items()}
+for k in f:
+    print(f"{k:7s}", ", ".join(f"{phrases.get(c, c)} {cos:+.2f}" for c, cos in rank_concepts(v_div, f[k])[:5]))"""),
+code("""concept_cosine_heatmap(f[list(f)[-1]])"""),
+md("""## The orthogonality filter
+Candidates by |cos(f(C), V_div)|; C is kept only if the summed cosine with the concepts kept so far stays below
+e_ortho (0.03, the paper). With CLIP every f(C) shares part of its direction, so the filter keeps few.
+persviz considers only concepts with a *positive* cosine: its solver is non-negative, so a concept pointing away
+from V_div could only get weight 0, and ranked by |cos| it would take the slot of its antonym ("small" blocking
+"large", whose direction is almost exactly its opposite)."""),
+code("""# the paper's filter (|cos|) for append; persviz's sign-aware one (cos > 0 only) with its grammar directions
+kept = {k: orthogonal_filter(v_div, f[k], eps_ortho=0.03, positive_only=(k == "grammar")) for k in f}
+for k, names in kept.items():
+    print(f"{k:7s} kept {len(names)} of {len(bank)}:", [phrases.get(c, c) for c in names])
+cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))
+for c in known:  # a true concept the filter did not keep: its cosine with V_div and with the kept ones
+    g = f[list(f)[-1]]
+    if c not in kept[list(f)[-1]]:
+        print(f"{c!r} not kept: cos(f, V_div) = {cos(g[c], v_div):+.3f}; cos with the kept ones",
+              {k: round(cos(g[c], g[k]), 3) for k in kept[list(f)[-1]]})"""),
+md("""A true concept the filter does not keep is printed above with its cosines; e_ortho = 0.03 is strict for CLIP
+directions, and the widget at the end lets you tick any concept back.
+
+## Decomposition with its residual
+The paper's least squares (any sign), the re-implementation's whitened non-negative least squares, and persviz
+(grammar f(C) + whitened NNLS). Black diamonds: the known levels. The gray bar is the part of V_div that no
+kept concept explains."""),
+code("""runs = {"FineXL (append, lstsq)": ("append", "lstsq"), "improved (append, whitened NNLS)": ("append", "whitened_nnls")}
+if "grammar" in f:
+    runs["persviz (grammar, whitened NNLS)"] = ("grammar", "whitened_nnls")
+decs = {}
+for title, (k, method) in runs.items():
+    decs[title], _ = greedy_decompose(v_div, f[k], order=kept[k], method=method, e_decomp=0.2)
+from matplotlib.figure import Figure
+fig = Figure(figsize=(6 * len(decs), 3.2), layout="constrained")
+for ax, (title, dec) in zip(fig.subplots(1, len(decs)), decs.items()):
+    decomposition_bars(dec, known=known, ax=ax, title=f"{title}\\ne = {dec.relative_residual:.2f}")
+fig"""),
+md("""## In words"""),
+code("""for title, dec in decs.items():
+    print(title)
+    for s in explain(readable(dec, phrases)):
+        print("   ", s)"""),
+md("""## Weight against the known level
+From the benchmark (`python -m persviz.finexl_benchmark`, read from `data/finexl/benchmark.json`, not recomputed):
+the weight of the true concept for each single-aspect LoRA variant against its level as the oracle reads it."""),
+code("""bench = json.loads(BENCHMARK_JSON.read_text())
+def series(group, method):
+    lv, wt = {}, {}
+    for name, row in bench["variants"].items():
+        if row["group"] != group:
+            continue
+        (word, level), = row["truth"].items()
+        lv.setdefault(phrases.get(word, word), []).append(level)
+        wt.setdefault(phrases.get(word, word), []).append(row["methods"][method]["weights"].get(word, 0.0))
+    return lv, wt
+fig = Figure(figsize=(9, 3.4), layout="constrained")
+for ax, m in zip(fig.subplots(1, 2), ("finexl", "persviz")):
+    weight_vs_level(*series("lora_single", m), ax=ax, title=f"LoRA variants, {m}", xlabel="realized level (oracle)")
+fig"""),
+md("""## The benchmark
+Rows: methods; columns: variant group and metric. *top1*: the true concept has the highest positive weight.
+*spearman*: rank agreement of the true concept's weight with the level, per concept, averaged. *multi aspect
+error*: Σ|predicted level − true level| / Σ true level over all bank concepts (predicted level = weight / the
+method's weight for that aspect on the renderer at p = 1), false positives included. Renderer groups: exact
+levels; LoRA groups: levels read by the oracle; style knobs: renderer knobs (warmth, blur, outline …) that
+ShapesWorld's words can barely name, so every method is expected to do worse there."""),
+code("""print(markdown_table(bench))
+for k, r in bench["ratios"].items():
+    print(k, {kk: round(v, 2) for kk, v in r.items() if "top1" in kk or "multi" in kk})
+print("paper claims:", bench["paper_claims"])"""),
+md("""## Explore
+Pick a model pair, tick concepts, switch the solver: the decomposition and the sentences follow. The pairs here
+are this notebook's LoRA and a few renderer variants of known level (cheap to render)."""),
+code("""variants = {f"LoRA {variant if not FULL else 'user'}": v_div}
+known_by = {f"LoRA {variant if not FULL else 'user'}": known}
+if not FULL:
+    base_r = SceneShiftGenerator({}, scenes=dict(zip(probes, scenes)))
+    e_b = clip.embed_images(base_r(probes, 0))
+    for rates in ({"dark": 0.67}, {"red": 1.0}, {"large": 0.5, "striped": 1.0}):
+        g = SceneShiftGenerator(rates, scenes=dict(zip(probes, scenes)))
+        name = "renderer " + " + ".join(f"{a} {p:g}" for a, p in rates.items())
+        variants[name] = divergence_vector(clip.embed_images(g(probes, 0)), e_b)[0]
+        known_by[name] = {ASPECT_WORD[a]: p for a, p in rates.items()}
+explorer = FineXLExplorer(variants, f[list(f)[-1]], known=known_by, phrases=phrases, eps_ortho=0.03,
+                          positive_only="grammar" in f, method="whitened_nnls")
+print(explorer.last["sentences"])
+extra = next(c for c in bank if not explorer.checks[c].value)
+explorer.checks[extra].value = True  # tick one more concept, as a user would: its weight says if it belongs
+print(explorer.last["sentences"])
+explorer"""),
+]
+nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+nbf.write(nb, "notebooks/03_finexl.ipynb")
