@@ -9,7 +9,7 @@ Pipeline::
 
     v_div, spread = divergence_vector(emb_personal, emb_base)
     f = {c: concept_direction(encoder.embed_texts, probes, c) for c in candidates}
-    order = orthogonal_filter(v_div, f, eps_ortho=0.1)
+    order = orthogonal_filter(v_div, f, eps_ortho=0.1)   # positive_only=True with a non-negative solver
     dec, trace = greedy_decompose(v_div, f, order=order, method="whitened_nnls")
     sentences = explain(dec)
 

@@ -592,6 +592,15 @@ def markdown_report(result: Mapping[str, Any]) -> str:
     for k, r in result["ratios"].items():
         keep = {kk: v for kk, v in r.items() if v is not None and ("top1" in kk or "multi" in kk or "spearman" in kk)}
         lines.append(f"- {k}: " + ", ".join(f"{kk} {v:+.2f}" for kk, v in keep.items()))
+    lines += ["", "Methods (f(C): the paper's ', C' append or persviz's grammar-aware `shapesworld_compose`, one of "
+              "persviz's improved ingredients; filter: e_ortho 0.03 over |cos| (paper) or over cos > 0 only "
+              "(persviz, `positive_only`), or none; solver; greedy until e < 0.2):", ""]
+    for m, spec in result["setup"]["methods"].items():
+        if spec["solver"] == "naive":
+            lines.append(f"- {m}: f(C) {spec['compose']}, the one concept of highest cos, weight = its projection")
+            continue
+        flt = "none" if spec["e_ortho"] is None else ("cos > 0" if spec["positive_only"] else "|cos|")
+        lines.append(f"- {m}: f(C) {spec['compose']}, filter {flt}, solver {spec['solver']}")
     c = result["paper_claims"]
     lines += ["", f"Paper's claims against coarse baselines: single-aspect accuracy +{c['single_aspect_accuracy_gain']:.0%},"
               f" multi-aspect error at least {c['multi_aspect_error_reduction']:.0%} less.", ""]

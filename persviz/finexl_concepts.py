@@ -16,6 +16,10 @@ Proposers:
                                      (OpenAI GPT-4o, vLLM, Ollama, LM Studio) through urllib.
     TransformersVLMProposer(model)   a local transformers "image-text-to-text" pipeline.
 
+Grammar-aware directions (ShapesWorld): ``concept_directions(..., compose=shapesworld_compose)`` writes each
+word into the caption where its grammar puts it ("a small red *striped* circle ...") instead of appending
+", striped"; `SHAPESWORLD_WORD_PHRASES` and `readable` give the sentences readable names.
+
 Pipeline::
 
     phrases = OpenAIChatProposer("http://localhost:8000/v1", "qwen2-vl", fallback=ART_BANK)(imgs_b, imgs_p)

@@ -248,21 +248,26 @@ def test_shipped_lora_files_are_small_and_documented():
         assert (LORA_DIR / n / "train.json").is_file()
 
 
-@pytest.mark.skipif("dark_100" not in SHIPPED, reason="dark_100 not shipped")
-def test_shipped_dark_lora_darkens_the_background(pipe, oracle):
-    from persviz.finexl_generators import PipelineGenerator
+@pytest.mark.parametrize("variant", ["dark_100", "large_100", "red_100"])
+def test_shipped_lora_shifts_its_aspect(variant, pipe, oracle):
     from persviz.finexl_benchmark import lora_pipeline
+    from persviz.finexl_generators import PipelineGenerator
 
-    prompts, _ = shapesworld_probes(12, seed=5, p_second=0.0)
-    prompts = [p for p in prompts if "black background" not in p]
-    j = list(SCENE_ASPECTS).index("dark")
+    if variant not in SHIPPED:
+        pytest.skip(f"{variant} not shipped")
+    aspect = variant.split("_")[0]
+    attr, value, _ = SCENE_ASPECTS[aspect]
+    prompts, scenes = shapesworld_probes(40, seed=5, p_second=0.0)
+    prompts = [p for p, s in zip(prompts, scenes)
+               if (s.background if attr == "background" else getattr(s.obj, attr)) != value][:12]
+    j = list(SCENE_ASPECTS).index(aspect)
     try:
-        base = aspect_present(oracle.read(PipelineGenerator(lora_pipeline(None, pipe), steps=10)(prompts, 0)))[:, j]
-        dark = aspect_present(oracle.read(PipelineGenerator(lora_pipeline("dark_100", pipe), steps=10)(prompts, 0)))
-        dark = dark[:, j]
+        base = aspect_present(oracle.read(PipelineGenerator(lora_pipeline(None, pipe), steps=10)(prompts, 0)))
+        pers = aspect_present(oracle.read(PipelineGenerator(lora_pipeline(variant, pipe), steps=10)(prompts, 0)))
     finally:
         lora_pipeline(None, pipe)  # the session pipeline goes back without the LoRA
-    assert dark.mean() >= base.mean() + 0.5, (base.mean(), dark.mean())
+    # the prompts say otherwise, yet the LoRA gives most images the aspect (realized levels 0.72-0.90 at 25 steps)
+    assert pers[:, j].mean() >= base[:, j].mean() + 0.4, (base[:, j].mean(), pers[:, j].mean())
 
 
 # ----------------------------------------------------------------------------- the explorer widget
