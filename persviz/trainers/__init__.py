@@ -13,6 +13,7 @@ from .dreambooth_lora import (
     load_dreambooth_lora,
     train_dreambooth_lora,
 )
+from .lora_finetune import LoRAFinetuneConfig, train_lora_finetune
 from .textual_inversion import (
     OBJECT_TEMPLATES,
     TIConfig,
@@ -27,4 +28,5 @@ __all__ = ["OBJECT_TEMPLATES", "TIConfig", "TIResult", "list_snapshots", "load_s
            "DreamBoothLoRAConfig", "DreamBoothLoRAResult", "list_lora_snapshots", "load_dreambooth_lora",
            "train_dreambooth_lora",
            "CustomDiffusionConfig", "CustomDiffusionResult", "list_custom_diffusion_snapshots",
-           "load_custom_diffusion", "train_custom_diffusion"]
+           "load_custom_diffusion", "train_custom_diffusion",
+           "LoRAFinetuneConfig", "train_lora_finetune"]
