@@ -274,3 +274,21 @@ def test_command_line_passes_its_settings(monkeypatch, tmp_path) -> None:
              "--out", str(tmp_path / "c.json")])
     assert seen["args"] == ("s1", None, 3, (0.2, 0.6), "test")
     assert seen["kw"]["path"] == str(tmp_path / "c.json") and seen["kw"]["num_inference_steps"] == 25
+
+
+def test_shipped_pairs_sample_is_read_when_pairs_pt_is_absent(tmp_path) -> None:
+    import shutil
+
+    from persviz.paths import DATA_DIR
+    from persviz.pigeon.study import PAIRS_SAMPLE_FILE, load_pairs
+
+    with pytest.raises(FileNotFoundError, match="pairs.pt"):
+        load_pairs(tmp_path)
+    shutil.copy(DATA_DIR / "pigeon" / "stage2" / PAIRS_SAMPLE_FILE, tmp_path / PAIRS_SAMPLE_FILE)
+    pairs = load_pairs(tmp_path)
+    n = pairs["done"]
+    assert n == 16 and pairs["chosen"].shape == pairs["rejected"].shape and len(pairs["window"]) == n
+    # chosen is the best history score of its candidates, rejected the worst
+    ar = torch.arange(n)
+    assert torch.equal(pairs["scores"][ar, pairs["chosen_ratio"]], pairs["scores"].max(1).values)
+    assert torch.equal(pairs["scores"][ar, pairs["rejected_ratio"]], pairs["scores"].min(1).values)

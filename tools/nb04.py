@@ -115,8 +115,9 @@ md("""## Stage 2: chosen and rejected pairs
 Stage 2 needs no labels: for training windows the stage-1 model generates one candidate per reference ratio,
 scores each by its history score, and keeps the best as *chosen* and the worst as *rejected* (ties dropped).
 DPO then moves the personalization module toward the chosen images with the frozen stage-1 copy as the reference
-policy (the mask generator stays frozen). The pairs are stored in `stage2/pairs.pt` as latents."""),
-code("""if (STAGE2 / "pairs.pt").is_file():
+policy (the mask generator stays frozen). The pairs are stored in `stage2/pairs.pt` as latents; its first 16 pairs
+ship as `stage2/pairs_sample.pt`."""),
+code("""if any((STAGE2 / f).is_file() for f in ("pairs.pt", st.PAIRS_SAMPLE_FILE)):
     examples = st.pair_examples(pipe1, STAGE2, n=4)
     fig = pp.pairs_plot(examples)
 else:

@@ -61,6 +61,8 @@ METRICS = (("clip_i", "CLIP-I to history (x100)", "personalization"),
            ("any_shape", "oracle, object anywhere: requested shape", "semantic alignment"))
 #: The oracle's strict reading looks in the target's slot (the reference's position); the "any_" columns judge
 #: the generated object wherever it stands, separating the taste from placing the object where the reference has it.
+#: The first chunk of a run's stage-2 pairs, shipped for the figures (pairs.pt itself is not).
+PAIRS_SAMPLE_FILE = "pairs_sample.pt"
 #: Noise rates of the kept-noise study.
 NOISE_SWEEP = (0.0, 0.2, 0.4, 0.6)
 #: The training data's defaults (``train.TrainConfig``): test users are held out of the same 1000.
@@ -521,10 +523,16 @@ def reference_masks(pipe: PigeonPipeline, history: Any, reference: Any, instruct
 
 
 def load_pairs(folder: PathLike) -> dict[str, Any]:
-    """The stage-2 preference pairs of a run folder (``pairs.pt``, see ``train.build_pairs``), chunks joined."""
+    """The stage-2 preference pairs of a run folder (``pairs.pt``, see ``train.build_pairs``), chunks joined.
+
+    Without ``pairs.pt`` (a training artifact, not shipped) ``pairs_sample.pt`` is read: the first chunk of the
+    shipped run's pairs, in the same format.
+    """
     from .train import PAIRS_FILE
 
     path = Path(folder).expanduser() / PAIRS_FILE
+    if not path.is_file() and (path.parent / PAIRS_SAMPLE_FILE).is_file():
+        path = path.parent / PAIRS_SAMPLE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {PAIRS_FILE} in {path.parent}: stage 2 writes it before it trains "
                                 f"(`python -m persviz.pigeon.train --stage 2`)")
