@@ -33,7 +33,7 @@ from persviz.tracker import load_json, to_shift_grid, track_semantic_shift
 
 FULL = loading.full_scale()  # PERSVIZ_SCALE=full switches to SD 1.5
 RUNS = os.environ.get("PERSVIZ_TI_RUNS", str(PERSONAL_DIR)) if FULL else str(PERSONAL_DIR)
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))  # 1 beside another job
 pipe = loading.load_pipeline()
 clip, dino, oracle = (loading.load_evaluator(kind=k) for k in ("clip", "dino", "oracle"))
 print("scale:", "full (SD 1.5)" if FULL else "ShapesWorld", "| runs in", RUNS)"""),

@@ -34,7 +34,7 @@ from persviz.widgets import SnapshotExplorer, TEAExplorer, make_tea_generate_fn
 
 FULL = loading.full_scale()  # PERSVIZ_SCALE=full: SD 1.5 with your runs in PERSVIZ_TI_RUNS
 RUNS = os.environ.get("PERSVIZ_TI_RUNS", str(PERSONAL_DIR)) if FULL else str(PERSONAL_DIR)
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))  # 1 beside another job
 pipe = loading.load_pipeline()
 clip, dino, oracle = (loading.load_evaluator(kind=k) for k in ("clip", "dino", "oracle"))
 concept = "candy"
