@@ -564,6 +564,27 @@ def _fmt(x: Any) -> str:
     return "–"
 
 
+def level_weight_series(result: Mapping[str, Any], group: str, method: str,
+                        phrases: Optional[Mapping[str, str]] = None) -> tuple[dict[str, list], dict[str, list]]:
+    """``(levels, weights)`` per true concept of a single-aspect group of a benchmark result, for
+    `finexl_plots.weight_vs_level`: each variant's known level and the method's weight on its true concept."""
+    phrases = phrases or {}
+    levels: dict[str, list] = {}
+    weights: dict[str, list] = {}
+    for row in result["variants"].values():
+        if row["group"] != group:
+            continue
+        if len(row["truth"]) != 1:
+            raise ValueError(f"group {group!r} holds a mixture ({row['truth']}); pass a single-aspect group")
+        (word, level), = row["truth"].items()
+        name = phrases.get(word, word)
+        levels.setdefault(name, []).append(level)
+        weights.setdefault(name, []).append(row["methods"][method]["weights"].get(word, 0.0))
+    if not levels:
+        raise ValueError(f"no variants of group {group!r} in the result")
+    return levels, weights
+
+
 def markdown_table(result: Mapping[str, Any]) -> str:
     """The summary as markdown: one row per method, one column per (group, metric)."""
     summary = result["summary"]

@@ -299,3 +299,21 @@ def test_finexl_explorer_callbacks():
         FineXLExplorer({}, concepts)
     with pytest.raises(ValueError, match="not in concepts"):
         FineXLExplorer(variants, concepts, selected=["zzz"])
+
+
+def test_level_weight_series_reads_single_aspect_rows_by_hand():
+    from persviz.finexl_benchmark import level_weight_series
+
+    result = {"variants": {
+        "a": {"group": "g", "truth": {"red": 0.3}, "methods": {"m": {"weights": {"red": 0.1, "large": 0.5}}}},
+        "b": {"group": "g", "truth": {"red": 0.9}, "methods": {"m": {"weights": {"large": 0.2}}}},
+        "c": {"group": "g", "truth": {"large": 1.0}, "methods": {"m": {"weights": {"large": 0.7}}}},
+        "d": {"group": "other", "truth": {"red": 0.5}, "methods": {"m": {"weights": {"red": 9.0}}}},
+        "e": {"group": "mix", "truth": {"red": 0.5, "large": 0.5}, "methods": {"m": {"weights": {}}}}}}
+    levels, weights = level_weight_series(result, "g", "m", {"red": "red objects"})
+    assert levels == {"red objects": [0.3, 0.9], "large": [1.0]}
+    assert weights == {"red objects": [0.1, 0.0], "large": [0.7]}
+    with pytest.raises(ValueError, match="mixture"):
+        level_weight_series(result, "mix", "m")
+    with pytest.raises(ValueError, match="no variants"):
+        level_weight_series(result, "nothing", "m")

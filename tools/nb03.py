@@ -26,7 +26,7 @@ import torch
 from persviz import loading
 from persviz.finexl import append_compose, divergence_vector, explain, greedy_decompose, orthogonal_filter
 from persviz.finexl_benchmark import (BENCHMARK_JSON, LORA_DIR, MIXTURES, SCENE_ASPECTS, ASPECT_WORD,
-                                      markdown_table, METHOD_SPECS)
+                                      level_weight_series, markdown_table, METHOD_SPECS)
 from persviz.finexl_concepts import (ART_BANK, SHAPESWORLD_WORD_BANK, SHAPESWORLD_WORD_PHRASES, concept_directions,
                                      rank_concepts, readable, shapesworld_compose)
 from persviz.finexl_generators import SceneShiftGenerator, lora_pair, paired_samples, shapesworld_probes
@@ -119,18 +119,10 @@ md("""## Weight against the known level
 From the benchmark (`python -m persviz.finexl_benchmark`, read from `data/finexl/benchmark.json`, not recomputed):
 the weight of the true concept for each single-aspect LoRA variant against its level as the oracle reads it."""),
 code("""bench = json.loads(BENCHMARK_JSON.read_text())
-def series(group, method):
-    lv, wt = {}, {}
-    for name, row in bench["variants"].items():
-        if row["group"] != group:
-            continue
-        (word, level), = row["truth"].items()
-        lv.setdefault(phrases.get(word, word), []).append(level)
-        wt.setdefault(phrases.get(word, word), []).append(row["methods"][method]["weights"].get(word, 0.0))
-    return lv, wt
 fig = Figure(figsize=(9, 3.4), layout="constrained")
 for ax, m in zip(fig.subplots(1, 2), ("finexl", "persviz")):
-    weight_vs_level(*series("lora_single", m), ax=ax, title=f"LoRA variants, {m}", xlabel="realized level (oracle)")
+    weight_vs_level(*level_weight_series(bench, "lora_single", m, phrases), ax=ax, title=f"LoRA variants, {m}",
+                    xlabel="realized level (oracle)")
 fig"""),
 md("""## The benchmark
 Rows: methods; columns: variant group and metric. *top1*: the true concept has the highest positive weight.
