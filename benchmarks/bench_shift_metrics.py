@@ -1,4 +1,4 @@
-"""Vectorized semantic-shift metrics (persviz.shift_metrics) vs the loop references (persviz._reference_shift).
+"""Vectorized semantic-shift metrics (persviz.tea.shift) vs the loop references (persviz.tea.reference).
 
 Two seeded random prompt sets P, Q of N prompts each, 77 x D hidden states (float32, like a text encoder's
 output; default N=200, D=768, the paper's setting). For every metric: time of the loop reference (one run),
@@ -20,10 +20,10 @@ import time
 import numpy as np
 import torch
 
-from _common import parse_args, parser
+from common import parse_args, parser
 
-from persviz import _reference_shift as ref
-from persviz import shift_metrics as sm
+from persviz.tea import reference as ref
+from persviz.tea import shift as sm
 
 TOLERANCE = 1e-5  # relative
 

@@ -1,4 +1,4 @@
-"""Generation time with and without the TEA context manager (persviz.tea_pipeline.tea) on one pipeline.
+"""Generation time with and without the TEA context manager (persviz.tea.pipeline.tea) on one pipeline.
 
 Loads the pipeline with persviz.loading.load_pipeline (default: the ShapesWorld micro-SD), adds a learned-looking
 placeholder (the class word's row, rescaled and perturbed, seeded), then alternates plain and TEA generations of
@@ -19,12 +19,12 @@ import time
 import numpy as np
 import torch
 
-from _common import add_model_args, parse_args, parser
+from common import add_model_args, parse_args, parser
 
 from persviz.embeddings import class_word_id
 from persviz.loading import load_pipeline
 from persviz.prompts import load_prompt_set
-from persviz.tea_pipeline import tea
+from persviz.tea.pipeline import tea
 
 PLACEHOLDER = "<tea-bench>"
 

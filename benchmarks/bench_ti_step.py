@@ -2,7 +2,7 @@
 
 persviz.trainers.train_textual_inversion optimises only the placeholder row (a forward hook writes it into
 the text encoder's input embedding) and encodes the reference images with the VAE once; the diffusers
-example (benchmarks/_diffusers_ti_port.py) trains the whole resized embedding matrix, restores every other
+example (benchmarks/diffusers_ti_port.py) trains the whole resized embedding matrix, restores every other
 row after each step (index_no_updates) and encodes the images every step. Both runs start from the same
 pipeline and read the same per-step draws (persviz.shapesworld.train.step_rng), so they must trace the same
 loss curve. Prints the median time per step of each (the first step left out), their ratio, the whole-call
@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_model_args, parse_args, parser  # noqa: E402
-from _diffusers_ti_port import train_like_diffusers_example  # noqa: E402
+from common import add_model_args, parse_args, parser  # noqa: E402
+from diffusers_ti_port import train_like_diffusers_example  # noqa: E402
 
 from persviz.loading import load_pipeline  # noqa: E402
 from persviz.shapesworld import Obj, Scene, render_batch  # noqa: E402
-from persviz.trainers import OBJECT_TEMPLATES, TIConfig, load_snapshot_embedding, train_textual_inversion  # noqa: E402
+from persviz.trainers import OBJECT_TEMPLATES, TextualInversionConfig, load_snapshot_embedding, train_textual_inversion  # noqa: E402
 
 PLACEHOLDER = "<ti-bench>"
 
@@ -55,7 +55,7 @@ def main() -> None:
     obj = Obj("square", "red", "striped", "large")  # four renders of one ShapesWorld concept
     images = render_batch([Scene(obj, bg) for bg in ("gray", "white", "navy", "beige")], seed=0)
     templates = OBJECT_TEMPLATES
-    cfg = TIConfig(placeholder=PLACEHOLDER, initializer=args.initializer, steps=steps, lr=args.lr,
+    cfg = TextualInversionConfig(placeholder=PLACEHOLDER, initializer=args.initializer, steps=steps, lr=args.lr,
                    batch_size=args.batch_size, save_every=steps + 1, seed=args.seed, templates=templates,
                    resolution=args.resolution, flip_p=args.flip_p)
     print(f"model {args.model} on {pipe.device}, torch threads {torch.get_num_threads()}; {steps} steps, batch "

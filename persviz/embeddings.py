@@ -16,7 +16,7 @@ from typing import Any, Union
 
 import torch
 
-from .io import atomic_path
+from persviz.io import atomic_path
 
 DIFFUSERS_SAFE = "learned_embeds.safetensors"
 DIFFUSERS_BIN = "learned_embeds.bin"
@@ -177,7 +177,7 @@ def save_learned_embeds(embeds: Mapping[str, torch.Tensor], path: PathLike) -> P
 # ----------------------------------------------------------------------------- vocabulary rows
 
 
-def _parts(obj: Any) -> tuple[Any, Any]:
+def prompt_parts(obj: Any) -> tuple[Any, Any]:
     """(tokenizer or None, text encoder or None) of a pipeline, a (tokenizer, text_encoder) pair or either alone."""
     if isinstance(obj, (tuple, list)) and len(obj) == 2:
         return obj[0], obj[1]
@@ -193,7 +193,7 @@ def _parts(obj: Any) -> tuple[Any, Any]:
     )
 
 
-def _single_token_id(tokenizer: Any, word: str) -> int | None:
+def single_token_id(tokenizer: Any, word: str) -> int | None:
     """The id of `word` if it tokenizes to exactly one token (vocabulary or added token), else None."""
     if not isinstance(word, str) or not word.strip():
         return None
@@ -201,7 +201,7 @@ def _single_token_id(tokenizer: Any, word: str) -> int | None:
     return int(ids[0]) if len(ids) == 1 else None
 
 
-def _tokens_of(tokenizer: Any, word: str) -> list[str]:
+def tokens_of(tokenizer: Any, word: str) -> list[str]:
     """How the tokenizer splits `word`, for error messages."""
     try:
         return list(tokenizer.tokenize(word))
@@ -217,14 +217,14 @@ def _similar_words(tokenizer: Any, word: str, n: int = 3) -> list[str]:
     }
     stems = sorted(s for s in stems if len(s) >= 3 and s.isalpha())
     picks = difflib.get_close_matches(str(word).lower(), stems, n=n, cutoff=0.0)
-    return [s for s in picks if _single_token_id(tokenizer, s) is not None]
+    return [s for s in picks if single_token_id(tokenizer, s) is not None]
 
 
 def class_word_id(tokenizer: Any, word: str) -> int:
     """The vocabulary id of a class word that is a single token; a ValueError with suggestions otherwise."""
-    tid = _single_token_id(tokenizer, word)
+    tid = single_token_id(tokenizer, word)
     if tid is None:
-        split = _tokens_of(tokenizer, word) if isinstance(word, str) else []
+        split = tokens_of(tokenizer, word) if isinstance(word, str) else []
         how = f" (it tokenizes to {len(split)} tokens {split})" if split else ""
         eg = ", ".join(repr(s) for s in _similar_words(tokenizer, str(word)))
         raise ValueError(
@@ -236,12 +236,12 @@ def class_word_id(tokenizer: Any, word: str) -> int:
 
 def token_row(pipe_or_tokenizer_and_encoder: Any, word: str) -> int:
     """The row of the input-embedding matrix that `word` (a placeholder or a one-token word) reads."""
-    tokenizer, encoder = _parts(pipe_or_tokenizer_and_encoder)
+    tokenizer, encoder = prompt_parts(pipe_or_tokenizer_and_encoder)
     if tokenizer is None:
         raise ValueError("token_row needs a tokenizer: pass the pipeline or (tokenizer, text_encoder)")
-    tid = _single_token_id(tokenizer, word)
+    tid = single_token_id(tokenizer, word)
     if tid is None:
-        split = _tokens_of(tokenizer, word) if isinstance(word, str) else []
+        split = tokens_of(tokenizer, word) if isinstance(word, str) else []
         raise ValueError(
             f"{word!r} is not a single token of the tokenizer (it tokenizes to {split}); if it is a learned "
             f"placeholder, load its embedding first with pipe.load_textual_inversion(path) (or "
@@ -259,7 +259,7 @@ def token_row(pipe_or_tokenizer_and_encoder: Any, word: str) -> int:
 
 def embedding_matrix(pipe: Any) -> torch.Tensor:
     """The text encoder's input-embedding weights [V, D] (detached; shares memory with the model)."""
-    _, encoder = _parts(pipe)
+    _, encoder = prompt_parts(pipe)
     if encoder is None:
         raise ValueError("embedding_matrix needs a text encoder: pass the pipeline, its text_encoder or a pair")
     return encoder.get_input_embeddings().weight.detach()

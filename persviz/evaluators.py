@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .images import to_pil
+from persviz.images import to_pil
 
 
 def _features(out) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Optional, Union
 
 import torch
 
-from .paths import SHAPESWORLD_DIR
+from persviz.paths import SHAPESWORLD_DIR
 
 SHAPESWORLD = "shapesworld"
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -44,7 +44,7 @@ def pick_device(device: Optional[str] = None, dtype: Optional[torch.dtype] = Non
     return dev, dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
 
 
-def _unavailable(name: str, err: Exception) -> ModelNotAvailableError:
+def unavailable_error(name: str, err: Exception) -> ModelNotAvailableError:
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     local = Path(str(name)).expanduser()
     if local.exists():
@@ -74,7 +74,7 @@ def load_pipeline(model: Union[str, Path, object, None] = None, device: Optional
         pipe = StableDiffusionPipeline.from_pretrained(_resolve(name, "sd"), torch_dtype=dt, safety_checker=None,
                                                        requires_safety_checker=False)
     except (OSError, ValueError) as err:
-        raise _unavailable(str(name), err) from None
+        raise unavailable_error(str(name), err) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dev)
 
@@ -85,7 +85,7 @@ def load_evaluator(model: Union[str, Path, None] = None, kind: str = "clip", dev
 
     model: 'shapesworld' (default), a transformers Hub id or folder (CLIP ViT-L/14, DINOv2), or
     'open_clip:ARCH/PRETRAINED' for open_clip (e.g. 'open_clip:ViT-L-14/openai')."""
-    from . import evaluators
+    from persviz import evaluators
     if kind not in ("clip", "dino", "oracle"):
         raise ValueError(f"kind must be 'clip', 'dino' or 'oracle', got {kind!r}")
     dev, dt = pick_device(device, dtype)
@@ -94,7 +94,7 @@ def load_evaluator(model: Union[str, Path, None] = None, kind: str = "clip", dev
         if kind == "oracle":
             if str(name) != SHAPESWORLD:
                 raise ValueError("the attribute oracle exists for ShapesWorld only; use model='shapesworld'")
-            from .shapesworld.oracle import AttributeOracle
+            from persviz.shapesworld.oracle import AttributeOracle
             return AttributeOracle.from_pretrained(SHAPESWORLD_DIR / "oracle").to(dev).eval()
         if kind == "clip" and str(name).startswith("open_clip:"):
             return evaluators.OpenClipEvaluator.load(str(name)[len("open_clip:"):], dev, dt)
@@ -104,7 +104,7 @@ def load_evaluator(model: Union[str, Path, None] = None, kind: str = "clip", dev
     except (OSError, RuntimeError) as err:
         if isinstance(err, ModelNotAvailableError):
             raise
-        raise _unavailable(str(name), err) from None
+        raise unavailable_error(str(name), err) from None
 
 
 def describe(pipe) -> dict:

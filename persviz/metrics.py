@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .shapesworld.oracle import check_attributes
-from .shapesworld.scene import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, TEXTURES
+from persviz.shapesworld.oracle import check_attributes
+from persviz.shapesworld.scene import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, TEXTURES
 
 ImagesLike = Union[np.ndarray, Sequence[Image.Image]]
 TextsLike = Union[str, Sequence[str]]
@@ -31,7 +31,7 @@ _ALLOWED = {"shape": SHAPES, "color": COLORS, "texture": TEXTURES, "size": SIZES
 # ----------------------------------------------------------------------------- input checks
 
 
-def _images(images: ImagesLike, name: str = "images") -> np.ndarray:
+def as_images(images: ImagesLike, name: str = "images") -> np.ndarray:
     """Images as a uint8 array [N, H, W, 3] (N >= 1), or a ValueError saying what is wrong."""
     if isinstance(images, Image.Image):
         raise ValueError(f"{name} must be a list of PIL images or a uint8 array [N, H, W, 3]; got one PIL image: "
@@ -67,7 +67,7 @@ def _images(images: ImagesLike, name: str = "images") -> np.ndarray:
     return images
 
 
-def _texts(texts: TextsLike, n: int, name: str = "texts") -> list[str]:
+def as_texts(texts: TextsLike, n: int, name: str = "texts") -> list[str]:
     """One text per image: a string is repeated n times, a list must hold n non-empty strings."""
     if isinstance(texts, str):
         texts = [texts] * n
@@ -92,13 +92,13 @@ def _embed_texts(evaluator: Any, texts: list[str]) -> torch.Tensor:
     return emb[torch.tensor([index[t] for t in texts])]
 
 
-def _clip_score(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+def clip_score(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     """CLIPScore of paired unit embeddings [N, D]: 100 * max(cos, 0), float32 [N]."""
     cos = (image_emb.float() * text_emb.float()).sum(-1)
     return 100.0 * cos.clamp(min=0.0)
 
 
-def _mean_cosine(image_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
+def mean_cosine(image_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
     """Mean cosine of each unit embedding [N, D] to a set of unit embeddings [M, D], float32 [N]."""
     return (image_emb.float() @ ref_emb.float().T).mean(-1)
 
@@ -116,9 +116,9 @@ def clip_t(evaluator: Any, images: ImagesLike, texts: TextsLike) -> torch.Tensor
     Returns a float32 CPU tensor [N]. torchmetrics' CLIPScore clamps the *mean* at 0, this clamps each image;
     the two agree whenever every cosine is positive (they are, for CLIP, in practice).
     """
-    images = _images(images)
-    texts = _texts(texts, len(images))
-    return _clip_score(evaluator.embed_images(images), _embed_texts(evaluator, texts))
+    images = as_images(images)
+    texts = as_texts(texts, len(images))
+    return clip_score(evaluator.embed_images(images), _embed_texts(evaluator, texts))
 
 
 def clip_t_parts(
@@ -131,11 +131,11 @@ def clip_t_parts(
             or one per image (tea_eval_parts.json holds such splits). The images are embedded once.
     Returns {"full": [N], "concept": [N], "context": [N]}, each as clip_t computes it.
     """
-    images = _images(images)
-    parts = {"full": _texts(full, len(images), "full"), "concept": _texts(concept, len(images), "concept"),
-             "context": _texts(context, len(images), "context")}
+    images = as_images(images)
+    parts = {"full": as_texts(full, len(images), "full"), "concept": as_texts(concept, len(images), "concept"),
+             "context": as_texts(context, len(images), "context")}
     image_emb = evaluator.embed_images(images)
-    return {name: _clip_score(image_emb, _embed_texts(evaluator, texts)) for name, texts in parts.items()}
+    return {name: clip_score(image_emb, _embed_texts(evaluator, texts)) for name, texts in parts.items()}
 
 
 # ----------------------------------------------------------------------------- CLIP-I / DINO-I
@@ -150,8 +150,8 @@ def image_alignment(evaluator: Any, images: ImagesLike, references: ImagesLike, 
         percent: False (default) gives cosines in [-1, 1]; True multiplies by 100, the scale of the TEA paper's tables.
     Returns a float32 CPU tensor [N]. A generated image identical to a reference is not excluded.
     """
-    images, references = _images(images), _images(references, "references")
-    score = _mean_cosine(evaluator.embed_images(images), evaluator.embed_images(references))
+    images, references = as_images(images), as_images(references, "references")
+    score = mean_cosine(evaluator.embed_images(images), evaluator.embed_images(references))
     return 100.0 * score if percent else score
 
 
@@ -228,7 +228,7 @@ def oracle_concept_context(
     best matches the concept, wherever it stands (ties go to the object at the named position), so a concept drawn in
     the wrong slot fails "position" only; a named second object must stand in another slot than the main one.
     """
-    images = _images(images)
+    images = as_images(images)
     concept_named = _named(concept, CONCEPT_KEYS, "concept")
     context_named = _named(context, CONTEXT_KEYS, "context")
     if not concept_named and not context_named:

@@ -7,10 +7,10 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .images import as_uint8
+from persviz.images import as_uint8
 
 
-def _figure_and_ax(ax: Optional[Axes], figsize) -> tuple[Figure, Axes]:
+def figure_and_ax(ax: Optional[Axes], figsize) -> tuple[Figure, Axes]:
     if ax is not None:
         return ax.figure, ax
     fig = Figure(figsize=figsize, layout="constrained")
@@ -29,7 +29,7 @@ def image_grid(images, nrows: int, ncols: int, row_labels: Optional[Sequence[str
     for i, im in enumerate(imgs):
         r, c = divmod(i, ncols)
         canvas[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = im
-    fig, ax = _figure_and_ax(ax, (cell_inches * ncols + (2.5 if row_labels else 0), cell_inches * nrows + 0.6))
+    fig, ax = figure_and_ax(ax, (cell_inches * ncols + (2.5 if row_labels else 0), cell_inches * nrows + 0.6))
     ax.imshow(canvas, interpolation="nearest")
     ax.set_xticks([c * (w + pad) + w / 2 for c in range(ncols)] if col_labels else [])
     ax.set_yticks([r * (h + pad) + h / 2 for r in range(nrows)] if row_labels else [])
@@ -51,7 +51,7 @@ def grouped_bars(results: Mapping[str, Mapping[str, float]], ylabel: str = "accu
     """Bars of {group: {label: value}}, labels on the x axis, one color per group; optional target line."""
     groups = list(results)
     labels = list(dict.fromkeys(k for g in groups for k in results[g]))
-    fig, ax = _figure_and_ax(ax, (max(4.0, 0.7 * len(labels) * len(groups) + 1), 3.0))
+    fig, ax = figure_and_ax(ax, (max(4.0, 0.7 * len(labels) * len(groups) + 1), 3.0))
     width = 0.8 / len(groups)
     x = np.arange(len(labels))
     for i, g in enumerate(groups):

@@ -12,9 +12,9 @@ from typing import Iterable, Optional, Union
 
 import numpy as np
 
-from .paths import DATA_DIR
-from .shapesworld.captions import PREFIXES, concept_phrase, context_phrase
-from .shapesworld.scene import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, TEXTURES
+from persviz.paths import DATA_DIR
+from persviz.shapesworld.captions import PREFIXES, concept_phrase, context_phrase
+from persviz.shapesworld.scene import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, TEXTURES
 
 PLACEHOLDER = "{}"
 CUSTOMCONCEPT101 = "tea_eval_customconcept101"

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-from .paths import DATA_DIR
+from persviz.paths import DATA_DIR
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 N_MERGES = 49152 - 256 - 2  # OpenAI CLIP's SimpleTokenizer keeps merges[1:49152-256-2+1]
@@ -128,7 +128,7 @@ def build_sd15_pipeline(random_weights: bool = True, sample_size: Optional[int] 
         pipe.set_progress_bar_config(disable=True)
         pipe = pipe.to(device=torch.device(device), dtype=dtype)
     else:
-        from .loading import SD15, load_pipeline
+        from persviz.loading import SD15, load_pipeline
         pipe = load_pipeline(SD15, device=str(device), dtype=dtype)
     if sample_size is not None:  # after construction: the pipeline resets a UNet sample_size < 64 from old configs
         pipe.unet.register_to_config(sample_size=sample_size // LATENT_FACTOR)

@@ -16,13 +16,13 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_pipeline import base_pipe, one_thread  # noqa: E402,F401  (fixtures)
 
-from persviz.finexl import append_compose, concept_direction  # noqa: E402
-from persviz.finexl_benchmark import (  # noqa: E402
+from persviz.finexl.decompose import append_compose, concept_direction  # noqa: E402
+from persviz.finexl.benchmark import (  # noqa: E402
     ASPECT_WORD, LORA_DIR, METHOD_SPECS, Bench, aspect_present, explain_with, improvement, lora_variants,
     multi_aspect_error, predicted_levels, realized_levels, spearman_rho, top1_correct, truth_of)
-from persviz.finexl_concepts import (  # noqa: E402
+from persviz.finexl.concepts import (  # noqa: E402
     SHAPESWORLD_WORD_BANK, SHAPESWORLD_WORD_PHRASES, readable, shapesworld_compose, shapesworld_word_attribute)
-from persviz.finexl_generators import (  # noqa: E402
+from persviz.finexl.generators import (  # noqa: E402
     SCENE_ASPECTS, SceneShiftGenerator, aspect_draws, check_rates, lora_pair, parse_caption, scene_shift_dataset,
     shapesworld_probes)
 
@@ -184,8 +184,8 @@ def test_renderer_scene_shifts_are_recovered_top1(bench):
 
 
 def test_sign_aware_filter_lets_the_antonym_through(bench):
-    from persviz.finexl import orthogonal_filter
-    from persviz.finexl_generators import RendererGenerator
+    from persviz.finexl.decompose import orthogonal_filter
+    from persviz.finexl.generators import RendererGenerator
     from persviz.shapesworld.render import Style
 
     # planted: "small" nearly -"large", v_div along both: by |cos| "small" comes first and blocks "large"
@@ -250,8 +250,8 @@ def test_shipped_lora_files_are_small_and_documented():
 
 @pytest.mark.parametrize("variant", ["dark_100", "large_100", "red_100"])
 def test_shipped_lora_shifts_its_aspect(variant, pipe, oracle):
-    from persviz.finexl_benchmark import lora_pipeline
-    from persviz.finexl_generators import PipelineGenerator
+    from persviz.finexl.benchmark import lora_pipeline
+    from persviz.finexl.generators import PipelineGenerator
 
     assert variant in SHIPPED, f"{variant} is not shipped under data/finexl/lora"
     aspect = variant.split("_")[0]
@@ -273,7 +273,7 @@ def test_shipped_lora_shifts_its_aspect(variant, pipe, oracle):
 
 
 def test_finexl_explorer_callbacks():
-    from persviz.finexl_widgets import FineXLExplorer
+    from persviz.finexl.widgets import FineXLExplorer
 
     e = torch.eye(4, dtype=torch.float64)
     concepts = {"a": e[0], "b": e[1], "c": e[0] + e[2]}
@@ -302,7 +302,7 @@ def test_finexl_explorer_callbacks():
 
 
 def test_level_weight_series_reads_single_aspect_rows_by_hand():
-    from persviz.finexl_benchmark import level_weight_series
+    from persviz.finexl.benchmark import level_weight_series
 
     result = {"variants": {
         "a": {"group": "g", "truth": {"red": 0.3}, "methods": {"m": {"weights": {"red": 0.1, "large": 0.5}}}},

@@ -1,4 +1,4 @@
-"""persviz.finexl_concepts: concept banks, ranking, and VLM proposers against a local chat-completions server.
+"""persviz.finexl.concepts: concept banks, ranking, and VLM proposers against a local chat-completions server.
 
 The server is a real http.server on 127.0.0.1 (in a thread) speaking the OpenAI chat-completions protocol;
 each test sets what it answers: a good list, garbage, a late answer (timeout), HTTP 500.
@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from persviz.finexl import decompose, divergence_vector, greedy_decompose, orthogonal_filter
-from persviz.finexl_concepts import (ART_BANK, SHAPESWORLD_BANK, SHAPESWORLD_WORD_BANK, STYLE_ASPECTS, BankProposer,
+from persviz.finexl.decompose import decompose, divergence_vector, greedy_decompose, orthogonal_filter
+from persviz.finexl.concepts import (ART_BANK, SHAPESWORLD_BANK, SHAPESWORLD_WORD_BANK, STYLE_ASPECTS, BankProposer,
                                      ConceptProposalError, ConceptProposer, OpenAIChatProposer,
                                      TransformersVLMProposer, bank_candidates, concept_directions, default_bank,
                                      known_levels, parse_concept_list, png_data_url, rank_concepts)
-from persviz.finexl_generators import RendererGenerator, paired_samples, shapesworld_probes
+from persviz.finexl.generators import RendererGenerator, paired_samples, shapesworld_probes
 from persviz.loading import ModelNotAvailableError
 from persviz.shapesworld.captions import world_words
 from persviz.shapesworld.render import Style

@@ -1,4 +1,4 @@
-"""persviz.finexl_generators: the generator protocol, its adapters, and paired sampling (with bad inputs)."""
+"""persviz.finexl.generators: the generator protocol, its adapters, and paired sampling (with bad inputs)."""
 import json
 import warnings
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from persviz.finexl_generators import (FolderGenerator, ImageFolderGenerator, ImageGenerator, PipelineGenerator,
+from persviz.finexl.generators import (FolderGenerator, ImageFolderGenerator, ImageGenerator, PipelineGenerator,
                                        RendererGenerator, pair_labels, paired_samples, parse_caption,
                                        shapesworld_probes)
 from persviz.generation import generate

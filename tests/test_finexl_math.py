@@ -1,4 +1,4 @@
-"""Unit tests of the FineXL core math (persviz.finexl) on planted, hand-checkable data. CPU, < 1 s."""
+"""Unit tests of the FineXL core math (persviz.finexl.decompose) on planted, hand-checkable data. CPU, < 1 s."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.optimize import nnls
 
-from persviz.finexl import (Decomposition, concept_direction, decompose, divergence_vector, explain,
+from persviz.finexl.decompose import (Decomposition, concept_direction, decompose, divergence_vector, explain,
                             greedy_decompose, level_phrase, orthogonal_filter)
 
 D, K = 64, 4

@@ -1,4 +1,4 @@
-"""persviz.finexl_plots: figures returned, given axes used, drawn values equal the inputs, no global state."""
+"""persviz.finexl.plots: figures returned, given axes used, drawn values equal the inputs, no global state."""
 import io
 
 import matplotlib
@@ -11,8 +11,8 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from persviz import finexl_plots as fp  # noqa: E402
-from persviz.finexl import Decomposition, decompose, explain  # noqa: E402
+from persviz.finexl import plots as fp  # noqa: E402
+from persviz.finexl.decompose import Decomposition, decompose, explain  # noqa: E402
 
 from plot_helpers import new_ax, no_global_matplotlib_state  # noqa: E402,F401 (autouse fixture)
 

@@ -20,8 +20,8 @@ from persviz.trainers import (
     train_custom_diffusion,
     train_dreambooth_lora,
 )
-from persviz.trainers._common import CLASS_DIR, CLASS_MANIFEST, CONFIG_FILE, RESUME_FILE
-from persviz.trainers.custom_diffusion import EMBEDS_FILE, WEIGHTS_FILE, _augmented, _mask
+from persviz.trainers.core import CLASS_DIR, CLASS_MANIFEST, CONFIG_FILE, RESUME_FILE
+from persviz.trainers.custom_diffusion import EMBEDS_FILE, WEIGHTS_FILE, augmented, instance_mask
 
 from tiny_pipeline import D, base_pipe, images, one_thread, pipe  # noqa: F401 (fixtures; one_thread: autouse)
 
@@ -251,15 +251,15 @@ def test_cd_interrupted_run_with_augmentation_and_prior_equals_an_uninterrupted_
 
 
 def test_cd_mask_and_augmentation_follow_the_example(images):
-    m = _mask(64, 8, 64, 0, 0)  # no augmentation: a one-pixel border is left out
+    m = instance_mask(64, 8, 64, 0, 0)  # no augmentation: a one-pixel border is left out
     assert m.shape == (8, 8) and m.sum() == 36 and m[0].sum() == 0 and m[1:7, 1:7].all()
-    assert _mask(64, 8, 80, 5, 9).all()  # zoomed in: everything
-    small = _mask(16, 8, 6, 3, 3)  # the border would leave nothing: the pasted region instead
+    assert instance_mask(64, 8, 80, 5, 9).all()  # zoomed in: everything
+    small = instance_mask(16, 8, 6, 3, 3)  # the border would leave nothing: the pasted region instead
     assert small.sum() >= 1
-    x = _augmented(images, 0, False, 10, 2, 3)
+    x = augmented(images, 0, False, 10, 2, 3)
     assert x.shape == (32, 32, 3) and x.dtype == np.float32
     assert (x[:2] == 0).all() and (x[12:] == 0).all() and np.abs(x[2:12, 3:13]).max() > 0
-    big = _augmented(images, 1, True, 40, 4, 0)
+    big = augmented(images, 1, True, 40, 4, 0)
     assert big.shape == (32, 32, 3) and -1 <= big.min() and big.max() <= 1
 
 

@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 
 from persviz.paths import SHAPESWORLD_DIR
 from persviz.pigeon.losses import history_score, select_ratio
-from persviz.pigeon.model import (CONFIG_FILE, WEIGHTS_FILE, InstructionEncoder, _final_layer_norm, build_model,
+from persviz.pigeon.model import (CONFIG_FILE, WEIGHTS_FILE, InstructionEncoder, final_layer_norm, build_model,
                                   load_weights, save_weights, tiny_pipeline)
-from persviz.pigeon.train import PAIRS_FILE, RESUME_FILE, TrainConfig, evaluate, main, train
+from persviz.cli import main as cli_main
+from persviz.pigeon.train import PAIRS_FILE, RESUME_FILE, TrainConfig, evaluate, train
 from persviz.pigeon.users import PigeonDataset, make_users
 from torch.utils.data import default_collate
 
@@ -107,7 +108,7 @@ def test_initial_weights_follow_the_seed(fresh) -> None:
     assert same_weights(build(5), build(5)) and not same_weights(build(5), build(6))
     assert torch.equal(torch.random.get_rng_state(), state)  # the global random state is left alone
     # the fixed output LayerNorm is the text encoder's final LayerNorm: K tokens at the text states' scale
-    ln = _final_layer_norm(fresh.scorer.model.text_model)
+    ln = final_layer_norm(fresh.scorer.model.text_model)
     assert ln is not None
     assert torch.equal(m.personalization.out_norm_weight, ln.weight)
     assert torch.equal(m.personalization.out_norm_bias, ln.bias)
@@ -285,7 +286,7 @@ def test_stage2_pairs_dpo_and_exact_resume(fresh, init_weights, tmp_path) -> Non
 
 
 def test_command_line_and_evaluate(tmp_path) -> None:
-    r = main(["--tiny", "--stage", "1", "--steps", "2", "--batch-size", "2", "--n-users", "10", "--save-every", "1",
+    r = cli_main(["pigeon", "train", "--tiny", "--stage", "1", "--steps", "2", "--batch-size", "2", "--n-users", "10", "--save-every", "1",
               "--out", str(tmp_path / "stage1"), "--no-progress"])
     assert r.steps == 2 and all(math.isfinite(x) for x in r.losses)
     assert (tmp_path / "stage1" / WEIGHTS_FILE).is_file()

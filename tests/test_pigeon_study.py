@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
+from persviz.cli import main as cli_main
 from persviz.pigeon import study as st
 from persviz.pigeon.model import RATIOS, tiny_pipeline
 from persviz.pigeon.train import PAIRS_FILE
@@ -270,7 +271,7 @@ def test_command_line_passes_its_settings(monkeypatch, tmp_path) -> None:
     seen = {}
     monkeypatch.setattr(st, "comparison_table", lambda *a, **kw: seen.update(args=a, kw=kw) or [
         {"noise_rate": 0.2, "row": "Pigeon stage 1", "n": 3, "clip_i": 1.0}])
-    st.main(["--stage1", "s1", "--stage2", "none", "--n-windows", "3", "--noise-rates", "0.2,0.6",
+    cli_main(["pigeon", "study", "--stage1", "s1", "--stage2", "none", "--n-windows", "3", "--noise-rates", "0.2,0.6",
              "--out", str(tmp_path / "c.json")])
     assert seen["args"] == ("s1", None, 3, (0.2, 0.6), "test")
     assert seen["kw"]["path"] == str(tmp_path / "c.json") and seen["kw"]["num_inference_steps"] == 25

@@ -91,16 +91,16 @@ def test_full_scale_code_path_end_to_end_on_random_sd15(tmp_path):
     """SD 1.5-shaped components (random weights): TI steps with snapshots, the shift tracker, token- and
     prompt-level TEA and generation at 64x64 run the very functions the notebooks call at full scale."""
     from persviz.generation import generate, generate_from_embeds
-    from persviz.tea_pipeline import encode_prompt_level, tea
-    from persviz.tracker import track_semantic_shift
-    from persviz.trainers import TIConfig, train_textual_inversion
+    from persviz.tea.pipeline import encode_prompt_level, tea
+    from persviz.tea.tracker import track_semantic_shift
+    from persviz.trainers import TextualInversionConfig, train_textual_inversion
     pipe = build_sd15_pipeline(sample_size=64, device="cpu", seed=0)
     pipe.set_progress_bar_config(disable=True)
     images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
-    res = train_textual_inversion(pipe, images, TIConfig(placeholder="<v*>", initializer="dog", steps=2, save_every=1),
-                                  tmp_path / "ti", progress=False)
+    res = train_textual_inversion(pipe, images, TextualInversionConfig(placeholder="<v*>", initializer="dog", steps=2, save_every=1),
+                                  tmp_path / "textual_inversion", progress=False)
     assert len(res.loss_history) == 2 and np.isfinite(res.loss_history).all()
-    track = track_semantic_shift(pipe, tmp_path / "ti", ["a {} on a beach", "a {} in the snow", "a {} at night"],
+    track = track_semantic_shift(pipe, tmp_path / "textual_inversion", ["a {} on a beach", "a {} in the snow", "a {} at night"],
                                  ["a photo of a {}", "a {}", "an image of a {}"], progress=False)
     assert track["step"] == [1, 2] and all(np.isfinite(track["inter_l2"]))
     plain = generate(pipe, ["a <v*> on a beach"], steps=1, guidance=7.5)

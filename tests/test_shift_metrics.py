@@ -8,8 +8,8 @@ from scipy.spatial.distance import cdist, directed_hausdorff, mahalanobis, pdist
 from scipy.special import rel_entr
 from sklearn.covariance import LedoitWolf, ledoit_wolf_shrinkage as sk_lw_shrinkage
 
-from persviz import _reference_shift as ref
-from persviz import shift_metrics as sm
+from persviz.tea import reference as ref
+from persviz.tea import shift as sm
 
 
 def _sets(n=12, m=9, shape=(7, 8), seed=0, offset=3.0):
@@ -88,9 +88,9 @@ def test_mahalanobis_pinv_rank_deficient_matches_numpy_pinv():
     P, Q = _sets(n=6, m=8, shape=(30,), seed=5)
     expected = _np_pinv_mahalanobis(P, Q, rcond=1e-10)
     assert sm.mahalanobis_distance(P, Q) == pytest.approx(expected, rel=1e-9)
-    P2, Q2 = sm._as_pair(P, Q)
-    gram = sm._mahalanobis_sq(P2, Q2, "pinv", path="gram")
-    explicit = sm._mahalanobis_sq(P2, Q2, "pinv", path="explicit")
+    P2, Q2 = sm.as_pair(P, Q)
+    gram = sm.mahalanobis_sq(P2, Q2, "pinv", path="gram")
+    explicit = sm.mahalanobis_sq(P2, Q2, "pinv", path="explicit")
     np.testing.assert_allclose(gram.numpy(), explicit.numpy(), rtol=1e-9)
 
 
@@ -142,9 +142,9 @@ def test_ledoit_wolf_matches_sklearn(m, d):
     assert sm.ledoit_wolf_shrinkage(Q) == pytest.approx(sk_lw_shrinkage(Qf), rel=1e-10, abs=1e-14)
     expected = float(np.sqrt(lw.mahalanobis(Pf)).mean())
     assert sm.mahalanobis_distance(P, Q, covariance="ledoit_wolf") == pytest.approx(expected, rel=1e-8)
-    P2, Q2 = sm._as_pair(P, Q)
+    P2, Q2 = sm.as_pair(P, Q)
     for path in ("gram", "explicit"):
-        got = float(sm._mahalanobis_sq(P2, Q2, "ledoit_wolf", path=path).sqrt().mean())
+        got = float(sm.mahalanobis_sq(P2, Q2, "ledoit_wolf", path=path).sqrt().mean())
         assert got == pytest.approx(expected, rel=1e-8), path
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from persviz.shapesworld.concepts import CONCEPTS
-from persviz.shapesworld.personalize import METHODS, run_dir, run_ti, snapshots
-from persviz.tracker import load_json, track_semantic_shift
+from persviz.tea.shapesworld_runs import METHODS, run_dir, run_textual_inversion, snapshots
+from persviz.tea.tracker import load_json, track_semantic_shift
 from persviz.trainers import list_snapshots
 
 
@@ -15,8 +15,8 @@ from persviz.trainers import list_snapshots
 @pytest.mark.parametrize("name", sorted(CONCEPTS))
 def test_every_run_is_shipped_with_its_snapshots(method, name):
     run = run_dir(method, name)
-    assert (run / "config.json").is_file(), f"missing run {run}; train with python -m persviz.shapesworld.personalize"
-    if method == "ti":
+    assert (run / "config.json").is_file(), f"missing run {run}; train with python -m persviz.tea.shapesworld_runs"
+    if method == "textual_inversion":
         assert [k for k, _ in list_snapshots(run)] == list(range(100, 3001, 100))
         assert (run / "learned_embeds.safetensors").is_file()
 
@@ -24,19 +24,19 @@ def test_every_run_is_shipped_with_its_snapshots(method, name):
 def test_a_shipped_ti_run_matches_the_command_that_made_it(pipe, tmp_path):
     # resuming the finished run with the command's own config passes the trainer's fingerprint check and trains
     # nothing: the shipped files are what `personalize` writes for this pipeline and these reference images
-    shutil.copytree(run_dir("ti", "checkers"), tmp_path / "ti" / "checkers")
-    res = run_ti(pipe, "checkers", root=tmp_path)
+    shutil.copytree(run_dir("textual_inversion", "checkers"), tmp_path / "textual_inversion" / "checkers")
+    res = run_textual_inversion(pipe, "checkers", root=tmp_path)
     assert res.steps == 3000 and len(res.loss_history) == 3000
-    shipped = torch.load(run_dir("ti", "checkers") / "resume_state.pt", weights_only=False)["rows"]
+    shipped = torch.load(run_dir("textual_inversion", "checkers") / "resume_state.pt", weights_only=False)["rows"]
     from persviz.trainers import load_snapshot_embedding
     torch.testing.assert_close(load_snapshot_embedding(res.final_path).reshape(shipped.shape), shipped)
 
 
 def test_study_text_columns_recompute_from_the_snapshots(pipe):
-    study = load_json(run_dir("ti", "candy") / "study.json")
+    study = load_json(run_dir("textual_inversion", "candy") / "study.json")
     text = study["text"]
     picks = [0, len(text["step"]) - 1]
-    snaps = dict(snapshots(run_dir("ti", "candy")))
+    snaps = dict(snapshots(run_dir("textual_inversion", "candy")))
     again = track_semantic_shift(pipe, [(text["step"][i], snaps[text["step"][i]]) for i in picks],
                                  "shapesworld_contextual", "shapesworld_simple", class_word="circle",
                                  placeholder="<candy>", progress=False)
@@ -44,11 +44,11 @@ def test_study_text_columns_recompute_from_the_snapshots(pipe):
         assert again[key] == pytest.approx([text[key][i] for i in picks], rel=1e-4)
 
 
-@pytest.mark.parametrize("method,rows", [("ti", {"none", "TEA"}), ("db", {"none", "TEA", "TEA unaligned"}),
-                                         ("cd", {"none", "TEA"})])
+@pytest.mark.parametrize("method,rows", [("textual_inversion", {"none", "TEA"}), ("dreambooth", {"none", "TEA", "TEA unaligned"}),
+                                         ("custom_diffusion", {"none", "TEA"})])
 def test_run_tea_rows_loads_a_shipped_run_and_leaves_the_pipeline_as_it_was(pipe, method, rows):
     from persviz.shapesworld.concepts import eval_prompts
-    from persviz.shapesworld.personalize import run_tea_rows
+    from persviz.tea.shapesworld_runs import run_tea_rows
     n_tok, procs = len(pipe.tokenizer), dict(pipe.unet.attn_processors)
     out = run_tea_rows(pipe, method, "checkers", eval_prompts("checkers", 1), lambda im: {"mean": float(im.mean())})
     assert set(out) == rows and out["none"] != out["TEA"]

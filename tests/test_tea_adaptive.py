@@ -8,8 +8,8 @@ import torch
 from persviz.generation import generate
 from persviz.metrics import clip_i, clip_t
 from persviz.shapesworld.concepts import render_references
-from persviz.tea_adaptive import SCHEDULE, AdaptiveResult, TraceStep, adaptive_tea, make_tea_scorer
-from persviz.tea_pipeline import tea
+from persviz.tea.adaptive import SCHEDULE, AdaptiveResult, TraceStep, adaptive_tea, make_tea_scorer
+from persviz.tea.pipeline import tea
 
 from tiny_pipeline import D, one_thread, tiny_pipe  # noqa: F401 (one_thread: autouse fixture)
 

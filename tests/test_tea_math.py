@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from persviz.tea import DEFAULTS, align_positions, prompt_level_adjust, slerp_adjust
+from persviz.tea.adjust import DEFAULTS, align_positions, prompt_level_adjust, slerp_adjust
 
 BOS, EOS = 49406, 49407
 A, PHOTO, OF, MAN, ON, BEACH, SKS = 320, 1125, 539, 786, 525, 2117, 48136

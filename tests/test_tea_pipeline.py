@@ -16,8 +16,8 @@ from persviz.embeddings import (
     vocab_norms,
 )
 from persviz.paths import SHAPESWORLD_DIR
-from persviz.tea import DEFAULTS, slerp_adjust
-from persviz.tea_pipeline import encode_prompt_level, tea
+from persviz.tea.adjust import DEFAULTS, slerp_adjust
+from persviz.tea.pipeline import encode_prompt_level, tea
 
 from tiny_pipeline import D, one_thread, tiny_pipe as _tiny_pipe  # noqa: E402,F401 (one_thread: autouse fixture)
 PERSONAL = "a sks square on a gray background"

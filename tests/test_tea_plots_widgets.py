@@ -1,4 +1,4 @@
-"""persviz.tea_plots and persviz.widgets: figures drawn on given axes without global state; widgets driven headless."""
+"""persviz.tea.plots and persviz.widgets: figures drawn on given axes without global state; widgets driven headless."""
 import io
 from types import SimpleNamespace
 
@@ -13,9 +13,10 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from persviz import tea_plots as tp  # noqa: E402
-from persviz.tea import slerp_adjust  # noqa: E402
-from persviz.widgets import SnapshotExplorer, TEAExplorer, make_tea_generate_fn, png_bytes  # noqa: E402
+from persviz.tea import plots as tp  # noqa: E402
+from persviz.tea.adjust import slerp_adjust  # noqa: E402
+from persviz.tea.widgets import SnapshotExplorer, TEAExplorer, make_tea_generate_fn  # noqa: E402
+from persviz.widgets import png_bytes  # noqa: E402
 
 from plot_helpers import new_ax, no_global_matplotlib_state  # noqa: E402,F401 (autouse fixture)
 

@@ -6,7 +6,7 @@ import torch
 from persviz.generation import generate
 from persviz.metrics import clip_t
 from persviz.shapesworld.concepts import eval_prompts, load_references
-from persviz.tea_study import dominance_over_steps, impacts_over_steps, learned_embedding, score_images
+from persviz.tea.study import dominance_over_steps, impacts_over_steps, learned_embedding, score_images
 from tiny_pipeline import one_thread, tiny_pipe  # noqa: F401
 
 PROBES = eval_prompts("checkers", n=2)
@@ -71,23 +71,23 @@ def test_score_images_checks_counts(clip_eval):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two-step TI, DreamBooth-LoRA and Custom Diffusion runs of a tiny pipeline."""
-    from persviz.trainers import (CustomDiffusionConfig, DreamBoothLoRAConfig, TIConfig, train_custom_diffusion,
+    from persviz.trainers import (CustomDiffusionConfig, DreamBoothLoRAConfig, TextualInversionConfig, train_custom_diffusion,
                                   train_dreambooth_lora, train_textual_inversion)
     root, pipe, imgs = tmp_path_factory.mktemp("runs"), tiny_pipe(), load_references("checkers")
-    train_textual_inversion(pipe, imgs, TIConfig(placeholder="<c>", steps=2, save_every=1, lr=0.05), root / "ti",
+    train_textual_inversion(pipe, imgs, TextualInversionConfig(placeholder="<c>", steps=2, save_every=1, lr=0.05), root / "textual_inversion",
                             progress=False, load_result=False)
     train_dreambooth_lora(pipe, imgs, DreamBoothLoRAConfig(steps=2, save_every=1, lr=0.05, prior_preservation=False),
-                          root / "db", progress=False, load_result=False)
+                          root / "dreambooth", progress=False, load_result=False)
     train_custom_diffusion(pipe, imgs, CustomDiffusionConfig(modifier_token="<m>", steps=2, save_every=1, lr=0.05),
-                           root / "cd", progress=False, load_result=False)
+                           root / "custom_diffusion", progress=False, load_result=False)
     return root
 
 
 @pytest.mark.parametrize("method,word,token,rows", [
-    ("ti", "<c>", "<c>", {"none", "TEA"}), ("db", "sks square", "sks", {"none", "TEA", "TEA unaligned"}),
-    ("cd", "<m> square", "<m>", {"none", "TEA"})])
+    ("textual_inversion", "<c>", "<c>", {"none", "TEA"}), ("dreambooth", "sks square", "sks", {"none", "TEA", "TEA unaligned"}),
+    ("custom_diffusion", "<m> square", "<m>", {"none", "TEA"})])
 def test_personalized_runs_load_give_tea_rows_and_unload(runs, method, word, token, rows):
-    from persviz.tea_study import personalized, tea_rows
+    from persviz.tea.study import personalized, tea_rows
     pipe = tiny_pipe()
     before = generate(pipe, ["a square"], seed=0)
     n_tok = len(pipe.tokenizer)
@@ -105,15 +105,15 @@ def test_personalized_runs_load_give_tea_rows_and_unload(runs, method, word, tok
 
 
 def test_personalized_refuses_an_unknown_method(runs):
-    from persviz.tea_study import personalized
+    from persviz.tea.study import personalized
     with pytest.raises(ValueError, match="unknown method"):
-        with personalized(tiny_pipe(), "lora", runs / "db"):
+        with personalized(tiny_pipe(), "lora", runs / "dreambooth"):
             pass
 
 
 def test_sweep_cells_equal_direct_generation_under_tea(clip_eval):
-    from persviz.tea_pipeline import tea
-    from persviz.tea_study import tea_sweep
+    from persviz.tea.pipeline import tea
+    from persviz.tea.study import tea_sweep
     pipe = tiny_pipe()
     pipe.load_textual_inversion({"<c>": torch.randn(32, generator=torch.Generator().manual_seed(3))}, token="<c>")
 
@@ -127,7 +127,7 @@ def test_sweep_cells_equal_direct_generation_under_tea(clip_eval):
 
 
 def test_adaptive_vs_fixed_rows(clip_eval):
-    from persviz.tea_study import adaptive_vs_fixed
+    from persviz.tea.study import adaptive_vs_fixed
     pipe = tiny_pipe()
     pipe.load_textual_inversion({"<c>": torch.randn(32, generator=torch.Generator().manual_seed(3))}, token="<c>")
     rows = adaptive_vs_fixed(pipe, PROBES[:1], "<c>", "square", load_references("checkers"), clip_eval,

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from persviz.embeddings import class_word_id, token_row
 from persviz.paths import SHAPESWORLD_DIR
 from persviz.shapesworld.train import step_rng
-from persviz.trainers import TIConfig, list_snapshots, load_snapshot_embedding, train_textual_inversion
+from persviz.trainers import TextualInversionConfig, list_snapshots, load_snapshot_embedding, train_textual_inversion
 from persviz.trainers.textual_inversion import CONFIG_FILE, RESUME_FILE
 
 from tiny_pipeline import D, base_pipe, images, one_thread, pipe  # noqa: F401 (fixtures; one_thread: autouse)
@@ -20,7 +20,7 @@ TEMPLATES = ("a {}", "a {} on a gray background", "a photo of a {}")
 
 
 def _cfg(**kw):
-    return TIConfig(**{"placeholder": "<v*>", "initializer": "square", "steps": 6, "save_every": 3,
+    return TextualInversionConfig(**{"placeholder": "<v*>", "initializer": "square", "steps": 6, "save_every": 3,
                        "templates": TEMPLATES, **kw})
 
 
@@ -149,9 +149,9 @@ def test_multi_vector_placeholder_loads_as_diffusers_tokens(pipe, images, tmp_pa
 
 def test_clear_errors(pipe, images, tmp_path):
     with pytest.raises(ValueError, match="steps must be >= 1"):
-        TIConfig(steps=0)
+        TextualInversionConfig(steps=0)
     with pytest.raises(ValueError, match="exactly one"):
-        TIConfig(templates=("a photo",))
+        TextualInversionConfig(templates=("a photo",))
     with pytest.raises(ValueError, match="unknown class word 'zebra'"):
         train_textual_inversion(pipe, images, _cfg(initializer="zebra"), tmp_path / "a", progress=False)
     with pytest.raises(ValueError, match="already a token"):

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from persviz import shift_metrics as sm
+from persviz.tea import shift as sm
 from persviz.embeddings import class_word_id, norm_ratio_and_cosine, save_learned_embeds
 from persviz.prompts import fill, shapesworld_prompt_sets
 from persviz.shapesworld import Obj, Scene, render_batch
-from persviz.tracker import load_json, save_json, to_shift_grid, track_semantic_shift
-from persviz.trainers import TIConfig, list_snapshots, train_textual_inversion
+from persviz.tea.tracker import load_json, save_json, to_shift_grid, track_semantic_shift
+from persviz.trainers import TextualInversionConfig, list_snapshots, train_textual_inversion
 
 from tiny_pipeline import D, base_pipe, one_thread  # noqa: F401 (fixtures; one_thread: autouse)
 
@@ -116,7 +116,7 @@ def test_multi_vector_embedding_matches_diffusers_loading(base_pipe, class_row, 
 def test_run_folder_of_a_tiny_textual_inversion(base_pipe, tmp_path):
     obj = Obj("square", "red", "striped", "large")
     images = render_batch([Scene(obj, bg) for bg in ("gray", "white")], seed=0)
-    cfg = TIConfig(placeholder="<sq>", initializer="square", steps=2, save_every=1, templates=("a {}",), lr=5e-2)
+    cfg = TextualInversionConfig(placeholder="<sq>", initializer="square", steps=2, save_every=1, templates=("a {}",), lr=5e-2)
     train_textual_inversion(copy.deepcopy(base_pipe), images, cfg, tmp_path / "run", progress=False, load_result=False)
     track = track_semantic_shift(base_pipe, tmp_path / "run", CONTEXTUAL, SIMPLE, progress=False)  # "square", "<sq>"
     assert track["step"] == [1, 2]
@@ -131,7 +131,7 @@ def test_run_folder_of_a_tiny_textual_inversion(base_pipe, tmp_path):
     steps, grid = to_shift_grid(track)
     assert steps == [1, 2] and set(grid) == {"L2", "Hausdorff", "Mahalanobis", "KL"}
     assert grid["KL"] == {"inter d(P_V*, P_c)": track["inter_kl"], "d(P_V*, P_simple)": track["vs_simple_kl"]}
-    from persviz.tea_plots import shift_grid
+    from persviz.tea.plots import shift_grid
     assert len(shift_grid(steps, grid).axes) == 4
 
 

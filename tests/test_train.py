@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from persviz.cli import main as cli_main
 from persviz.shapesworld import train
 
 
@@ -49,7 +50,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_world):
 
 def test_every_stage_runs_and_the_result_is_a_loadable_pipeline(tmp_world):
     from diffusers import StableDiffusionPipeline
-    train.main(["--train-size", "300", "--oracle-size", "200", "--clip-steps", "2", "--vae-steps", "2", "--vae-decoder-steps", "2",
+    cli_main(["shapesworld", "train", "--train-size", "300", "--oracle-size", "200", "--clip-steps", "2", "--vae-steps", "2", "--vae-decoder-steps", "2",
                 "--oracle-steps", "2", "--dino-steps", "2", "--unet-steps", "2"])
     out = tmp_world / "shapesworld"
     for rel in train.DONE.values():
@@ -61,10 +62,10 @@ def test_every_stage_runs_and_the_result_is_a_loadable_pipeline(tmp_world):
     assert json.loads((train.CACHE / "last_run.json").read_text())["unet_steps"] == 2
     # a second call skips finished stages (no snapshot is rewritten)
     before = (train.CACHE / "unet.pt").stat().st_mtime_ns
-    train.main(["--train-size", "300", "--unet-steps", "2"])
+    cli_main(["shapesworld", "train", "--train-size", "300", "--unet-steps", "2"])
     assert (train.CACHE / "unet.pt").stat().st_mtime_ns == before
 
 
 def test_unknown_stage_is_refused(tmp_world):
     with pytest.raises(SystemExit):
-        train.main(["--stages", "gan"])
+        cli_main(["shapesworld", "train", "--stages", "gan"])

@@ -16,7 +16,7 @@ mattering. This notebook walks the paper's evidence on the embedded ShapesWorld 
 4. *multi-concept*: of two learned tokens in one prompt, the more-trained one takes over.
 
 The Textual Inversion runs (3000 steps, a snapshot every 100) were trained by
-`python -m persviz.shapesworld.personalize` and ship in `data/shapesworld/personal/`; here we only read them.
+`python -m persviz.tea.shapesworld_runs` and ship in `data/shapesworld/personal/`; here we only read them.
 Set `PERSVIZ_SCALE=full` and `PERSVIZ_TI_RUNS=<folder of your SD 1.5 runs>` to run on Stable Diffusion 1.5."""),
 code("""%matplotlib inline
 import os
@@ -26,10 +26,10 @@ from persviz import loading
 from persviz.embeddings import norm_ratio_and_cosine, token_row, vocab_norms
 from persviz.plots import image_grid
 from persviz.shapesworld import concepts as cc
-from persviz.shapesworld.personalize import PERSONAL_DIR, placeholder, snapshots
-from persviz.tea_plots import dominance_plot, impact_curves, norm_histogram, norm_ratio_curve, shift_grid
-from persviz.tea_study import dominance_over_steps, generate_probes, impacts_over_steps, learned_embedding
-from persviz.tracker import load_json, to_shift_grid, track_semantic_shift
+from persviz.tea.shapesworld_runs import PERSONAL_DIR, placeholder, snapshots
+from persviz.tea.plots import dominance_plot, impact_curves, norm_histogram, norm_ratio_curve, shift_grid
+from persviz.tea.study import dominance_over_steps, generate_probes, impacts_over_steps, learned_embedding
+from persviz.tea.tracker import load_json, to_shift_grid, track_semantic_shift
 
 FULL = loading.full_scale()  # PERSVIZ_SCALE=full switches to SD 1.5
 RUNS = os.environ.get("PERSVIZ_TI_RUNS", str(PERSONAL_DIR)) if FULL else str(PERSONAL_DIR)
@@ -53,7 +53,7 @@ prompts with V*, P_V*, and 200 simple prompts ("a photo of a {}"). Embed each th
 four metrics. Collapse reads as: **inter-set distance d(P_V*, P_c) rises, the intra-set spread of P_V* falls,
 and P_V* moves toward the simple prompts**."""),
 code("""concept = "candy"  # the concept whose collapse is clearest; the table below has all three
-run = os.path.join(RUNS, "ti", concept)
+run = os.path.join(RUNS, "textual_inversion", concept)
 track = track_semantic_shift(pipe, run, "shapesworld_contextual", "shapesworld_simple")
 steps, grid = to_shift_grid(track)
 shift_grid(steps, grid, title=f"semantic shift over Textual Inversion steps ({placeholder(concept)})")"""),
@@ -85,7 +85,7 @@ impact_curves(live["step"], {"CLIP-T context": live["clip_t_context"], "CLIP-I":
               title=f"{placeholder(concept)}: context falls as the concept rises (live, 8 prompts)")"""),
 code("""print(f"{'concept':9s} {'step':>5s} {'CLIP-T ctx':>10s} {'CLIP-I':>7s} {'DINO-I':>7s} {'oracle ctx':>10s} {'oracle concept':>14s}")
 for n in names:
-    im = load_json(os.path.join(RUNS, "ti", n, "study.json"))["images"]
+    im = load_json(os.path.join(RUNS, "textual_inversion", n, "study.json"))["images"]
     for i in (0, len(im["step"]) // 2, -1):
         print(f"{n:9s} {im['step'][i]:5d} {im['clip_t_context'][i]:10.2f} {im['clip_i'][i]:7.2f} {im['dino_i'][i]:7.3f}"
               f" {im['oracle_context'][i]:10.2f} {im['oracle_concept'][i]:14.2f}")"""),
@@ -106,9 +106,9 @@ md("""## 4 · Multi-concept collapse (Fig. 5)
 Learn two concepts independently, then prompt both: "a ⟨checkers⟩ next to a ⟨candy⟩". Hold ⟨checkers⟩ at its
 final embedding and move ⟨candy⟩ along its training. CLIP-I of the images to each concept's anchor image
 shows the more-trained token taking the picture over."""),
-code("""final_a = snapshots(os.path.join(RUNS, "ti", "checkers"), every=3000)[-1][1]
+code("""final_a = snapshots(os.path.join(RUNS, "textual_inversion", "checkers"), every=3000)[-1][1]
 c_circle = pipe.text_encoder.get_input_embeddings().weight[token_row(pipe, "circle")].detach()
-snaps_b = [s for s in snapshots(os.path.join(RUNS, "ti", "candy"), every=100, with_init=c_circle)
+snaps_b = [s for s in snapshots(os.path.join(RUNS, "textual_inversion", "candy"), every=100, with_init=c_circle)
            if s[0] in (0, 100, 200, 300, 500, 1000, 2000, 3000)]
 dom = dominance_over_steps(pipe, ("<checkers>", final_a), ("<candy>", snaps_b), "a {checkers} next to a {candy}",
                            {"<checkers>": refs["checkers"][:1], "<candy>": refs["candy"][:1]}, clip, n_images=8)

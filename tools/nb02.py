@@ -16,7 +16,7 @@ text encoder itself changed, so TEA works at the **prompt level** (Eq. 2): each 
 personalized prompt is interpolated toward the same position of the class prompt, with the placeholder paired
 with the class word (the public code pairs positions unaligned; we keep that only for comparison).
 
-Everything below runs on the shipped ShapesWorld runs (`python -m persviz.shapesworld.personalize`)."""),
+Everything below runs on the shipped ShapesWorld runs (`python -m persviz.tea.shapesworld_runs`)."""),
 code("""%matplotlib inline
 import os
 import numpy as np
@@ -24,13 +24,13 @@ import torch
 from persviz import loading
 from persviz.embeddings import norm_ratio_and_cosine, token_row
 from persviz.shapesworld import concepts as cc
-from persviz.shapesworld.personalize import PERSONAL_DIR, placeholder, run_tea_rows, snapshots
-from persviz.tea import DEFAULTS, slerp_adjust
-from persviz.tea_pipeline import tea
-from persviz.tea_plots import before_after_grid, sweep_heatmap, sweep_lines
-from persviz.tea_study import adaptive_vs_fixed, generate_probes, learned_embedding, score_images, tea_sweep
-from persviz.tracker import load_json
-from persviz.widgets import SnapshotExplorer, TEAExplorer, make_tea_generate_fn
+from persviz.tea.shapesworld_runs import PERSONAL_DIR, placeholder, run_tea_rows, snapshots
+from persviz.tea.adjust import DEFAULTS, slerp_adjust
+from persviz.tea.pipeline import tea
+from persviz.tea.plots import before_after_grid, sweep_heatmap, sweep_lines
+from persviz.tea.study import adaptive_vs_fixed, generate_probes, learned_embedding, score_images, tea_sweep
+from persviz.tea.tracker import load_json
+from persviz.tea.widgets import SnapshotExplorer, TEAExplorer, make_tea_generate_fn
 
 FULL = loading.full_scale()  # PERSVIZ_SCALE=full: SD 1.5 with your runs in PERSVIZ_TI_RUNS
 RUNS = os.environ.get("PERSVIZ_TI_RUNS", str(PERSONAL_DIR)) if FULL else str(PERSONAL_DIR)
@@ -47,7 +47,7 @@ def score(images, repeats=1):
 md("""## The adjustment on one vector
 The final V* of the ⟨candy⟩ run against its class word "circle", before and after TEA at the paper's
 Textual Inversion knobs (rotation 0.2, scale 0.5)."""),
-code("""pipe.load_textual_inversion(os.path.join(RUNS, "ti", concept, "learned_embeds.safetensors"))
+code("""pipe.load_textual_inversion(os.path.join(RUNS, "textual_inversion", concept, "learned_embeds.safetensors"))
 W = pipe.text_encoder.get_input_embeddings().weight.detach()
 v, c = W[token_row(pipe, PH)], W[token_row(pipe, C.class_word)]
 k = DEFAULTS["textual_inversion"]
@@ -78,7 +78,7 @@ md("""## TI, DreamBooth and Custom Diffusion, with and without TEA (the paper's 
 Each method's final run of ⟨candy⟩, the same 8 prompts and seeds. TI and Custom Diffusion get token-level
 TEA on their learned token; DreamBooth-LoRA gets prompt-level TEA, aligned and (the public code's) unaligned."""),
 code("""table = {}
-for method in ("ti", "db", "cd"):  # the TI token is loaded already (above) and is used as it is
+for method in ("textual_inversion", "dreambooth", "custom_diffusion"):  # the TI token is loaded already (above) and is used as it is
     for label, s in run_tea_rows(pipe, method, concept, probes, score, root=RUNS).items():
         table[f"{method} {label}".replace(" none", "")] = s
 keys = ["clip_t_full", "clip_t_context", "clip_i", "dino_i", "oracle_context", "oracle_concept"]
@@ -119,7 +119,7 @@ over the saved training steps. Their callbacks are plain functions, so they also
 code("""explorer = TEAExplorer(make_tea_generate_fn(pipe, PH, C.class_word), prompt=probes[0]["template"].format(PH))
 explorer.button.click()
 explorer"""),
-code("""snaps = dict(snapshots(os.path.join(RUNS, "ti", concept), every=500))
+code("""snaps = dict(snapshots(os.path.join(RUNS, "textual_inversion", concept), every=500))
 def render(step):
     with learned_embedding(pipe, PH, snaps[step]):
         imgs = generate_probes(pipe, probes[:4], PH)

@@ -24,14 +24,14 @@ import json, os
 import numpy as np
 import torch
 from persviz import loading
-from persviz.finexl import append_compose, divergence_vector, explain, greedy_decompose, orthogonal_filter
-from persviz.finexl_benchmark import (BENCHMARK_JSON, LORA_DIR, MIXTURES, SCENE_ASPECTS, ASPECT_WORD,
+from persviz.finexl.decompose import append_compose, divergence_vector, explain, greedy_decompose, orthogonal_filter
+from persviz.finexl.benchmark import (BENCHMARK_JSON, LORA_DIR, MIXTURES, SCENE_ASPECTS, ASPECT_WORD,
                                       level_weight_series, markdown_table, METHOD_SPECS)
-from persviz.finexl_concepts import (ART_BANK, SHAPESWORLD_WORD_BANK, SHAPESWORLD_WORD_PHRASES, concept_directions,
+from persviz.finexl.concepts import (ART_BANK, SHAPESWORLD_WORD_BANK, SHAPESWORLD_WORD_PHRASES, concept_directions,
                                      rank_concepts, readable, shapesworld_compose)
-from persviz.finexl_generators import SceneShiftGenerator, lora_pair, paired_samples, shapesworld_probes
-from persviz.finexl_plots import concept_cosine_heatmap, decomposition_bars, paired_strip, weight_vs_level
-from persviz.finexl_widgets import FineXLExplorer
+from persviz.finexl.generators import SceneShiftGenerator, lora_pair, paired_samples, shapesworld_probes
+from persviz.finexl.plots import concept_cosine_heatmap, decomposition_bars, paired_strip, weight_vs_level
+from persviz.finexl.widgets import FineXLExplorer
 from persviz.prompts import fill, load_prompt_set
 
 FULL = loading.full_scale()
@@ -116,7 +116,7 @@ code("""for title, dec in decs.items():
     for s in explain(readable(dec, phrases)):
         print("   ", s)"""),
 md("""## Weight against the known level
-From the benchmark (`python -m persviz.finexl_benchmark`, read from `data/finexl/benchmark.json`, not recomputed):
+From the benchmark (`python -m persviz.finexl.benchmark`, read from `data/finexl/benchmark.json`, not recomputed):
 the weight of the true concept for each single-aspect LoRA variant against its level as the oracle reads it."""),
 code("""bench = json.loads(BENCHMARK_JSON.read_text())
 fig = Figure(figsize=(9, 3.4), layout="constrained")

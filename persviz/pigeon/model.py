@@ -51,10 +51,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..paths import SHAPESWORLD_DIR
-from .losses import history_score, select_ratio
-from .mask import HISTORY_MASK_RATIO, MaskGenerator, mask_history_and_reference
-from .users import HISTORY_LEN, check_ratio, validate_request
+from persviz.io import atomic_write
+from persviz.paths import SHAPESWORLD_DIR
+from persviz.pigeon.losses import history_score, select_ratio
+from persviz.pigeon.mask import HISTORY_MASK_RATIO, MaskGenerator, mask_history_and_reference
+from persviz.pigeon.users import HISTORY_LEN, check_ratio, validate_request
 
 PathLike = str | os.PathLike
 Condition = Literal["text+tokens", "tokens"]
@@ -361,7 +362,7 @@ class PersonalizationModule(nn.Module):
 # ----------------------------------------------------------------------------- the whole model
 
 
-def _final_layer_norm(text_model: nn.Module) -> nn.LayerNorm | None:
+def final_layer_norm(text_model: nn.Module) -> nn.LayerNorm | None:
     """The final LayerNorm of a transformers CLIP text model (``CLIPTextModel`` or its ``text_model``)."""
     inner = getattr(text_model, "text_model", text_model)
     ln = getattr(inner, "final_layer_norm", None)
@@ -425,7 +426,7 @@ class PigeonModel(nn.Module):
             config.visual_dim, config.text_dim, config.cross_attention_dim, config.n_history, config.n_tokens,
             config.text_max_length, config.n_out_tokens, config.d_model, config.n_layers, config.n_heads,
             config.dropout, config.output_norm)
-        ln = _final_layer_norm(prompt_encoder.text_model) if prompt_encoder is not None else None
+        ln = final_layer_norm(prompt_encoder.text_model) if prompt_encoder is not None else None
         if config.output_norm and ln is not None:
             with torch.no_grad():
                 self.personalization.set_output_norm(ln.weight, ln.bias)
@@ -636,27 +637,14 @@ class Selection:
     history_score: torch.Tensor   # [B, R]
 
 
-def _atomic_write_bytes(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; these are shared results
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_weights(model: PigeonModel, folder: PathLike, extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``pigeon.safetensors`` (trainable weights) and ``pigeon_config.json`` atomically; returns the folder."""
     from safetensors.torch import save_file
 
     out = Path(folder).expanduser()
-    _atomic_write_bytes(out / WEIGHTS_FILE, lambda p: save_file(model.trainable_state_dict(), p))
+    atomic_write(out / WEIGHTS_FILE, lambda p: save_file(model.trainable_state_dict(), p))
     record = {"config": model.config.to_dict(), **(dict(extra) if extra else {})}
-    _atomic_write_bytes(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(record, indent=1)))
+    atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(record, indent=1)))
     return out
 
 
@@ -730,7 +718,7 @@ class PigeonPipeline:
         """
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-        from ..loading import load_pipeline
+        from persviz.loading import load_pipeline
 
         clip_dir = SHAPESWORLD_DIR / "clip"
         dev = torch.device(device or "cpu")

@@ -16,8 +16,8 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ..images import as_uint8
-from ..plots import _figure_and_ax
+from persviz.images import as_uint8
+from persviz.plots import figure_and_ax
 
 NOISE_COLOR = (214, 39, 40)
 LIKED_COLOR = (44, 160, 44)
@@ -85,7 +85,7 @@ def _score_tile(scores: Any, size: int, vmin: float, vmax: float, cmap: str = "v
     return tile
 
 
-def _canvas(tiles: Sequence[Sequence[np.ndarray | None]], pad: int = 6,
+def tile_canvas(tiles: Sequence[Sequence[np.ndarray | None]], pad: int = 6,
             row_gap: int | None = None) -> tuple[np.ndarray, list[list[tuple]]]:
     """Tiles (rows of uint8 images; None is a narrow gap) on a white canvas; returns it and each tile's
     (x0, y0, w, h)."""
@@ -148,8 +148,8 @@ def mask_overlay(history: Any, reference: Any, history_mask: Any, reference_mask
         vmin, vmax = float(sc.min()), float(sc.max())
         heat = [_score_tile(s, size, vmin, vmax) for s in sc]
         tiles.append(heat[:-1] + [None, heat[-1]])
-    canvas, boxes = _canvas(tiles, row_gap=int(9 * scale))
-    fig, ax = _figure_and_ax(ax, (1.2 * len(row), 1.5 * len(tiles) + 0.6))
+    canvas, boxes = tile_canvas(tiles, row_gap=int(9 * scale))
+    fig, ax = figure_and_ax(ax, (1.2 * len(row), 1.5 * len(tiles) + 0.6))
     _show(ax, canvas)
     for i, (x0, y0, w, h) in enumerate(boxes[0]):
         if i < len(hist):
@@ -196,8 +196,8 @@ def ratio_sweep(selection: Any, index: int = 0, ax: Axes | None = None, scale: i
         if len(rm) != len(ratios):
             raise ValueError(f"reference_masks has {len(rm)} masks for {len(ratios)} ratios; pass one per ratio")
         tiles.insert(0, [token_overlay(reference, m, REFERENCE_COLOR, scale, border=3) for m in rm])
-    fig, ax = _figure_and_ax(ax, (1.4 * len(ratios) + 0.4, 1.4 * len(tiles) + 1.4))
-    canvas, boxes = _canvas(tiles, pad=8)
+    fig, ax = figure_and_ax(ax, (1.4 * len(ratios) + 0.4, 1.4 * len(tiles) + 1.4))
+    canvas, boxes = tile_canvas(tiles, pad=8)
     _show(ax, canvas)
     for j, (x0, y0, w, h) in enumerate(boxes[-1]):
         total = 0.5 * ct[j] + 0.5 * hs[j]
@@ -225,8 +225,8 @@ def pairs_plot(examples: Sequence[Mapping[str, Any]], ax: Axes | None = None, sc
         row += [None, token_overlay(ex["chosen"], None, LIKED_COLOR, scale, border=3),
                 token_overlay(ex["rejected"], None, (120, 120, 120), scale, border=3)]
         tiles.append(row)
-    canvas, boxes = _canvas(tiles, pad=22)
-    fig, ax = _figure_and_ax(ax, (1.0 * len(tiles[0]) + 0.5, 1.25 * len(tiles) + 0.6))
+    canvas, boxes = tile_canvas(tiles, pad=22)
+    fig, ax = figure_and_ax(ax, (1.0 * len(tiles[0]) + 0.5, 1.25 * len(tiles) + 0.6))
     _show(ax, canvas)
     h_len = len(examples[0]["history"])
     for ex, brow in zip(examples, boxes):
@@ -250,7 +250,7 @@ def kept_noise_plot(results: Sequence[Mapping[str, Any]], ax: Axes | None = None
     if not results:
         raise ValueError("no results to plot; pass study.kept_noise_by_rate(...)")
     x = np.array([r["noise_rate"] for r in results], dtype=float)
-    fig, ax = _figure_and_ax(ax, (4.2, 3.2))
+    fig, ax = figure_and_ax(ax, (4.2, 3.2))
     ax.plot([0, max(1e-9, x.max())], [0, max(1e-9, x.max())], ls="--", color="0.5", lw=1,
             label="chance (share of noise tokens)")
     ax.plot(x, [r["kept_noise_fraction"] for r in results], "o-", color=_MPL["reference"],
@@ -278,7 +278,7 @@ def comparison_bars(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = 
                     axes: Sequence[Axes] | None = None) -> Figure:
     """The comparison table as grouped bars: one panel per metric, noise rates on x, one bar per row
     (error bars: the standard error where the table has one); bars start at 0, read small gaps in the table."""
-    from .study import METRICS
+    from persviz.pigeon.study import METRICS
 
     if not rows:
         raise ValueError("no rows to plot; pass comparison_table(...) or load_comparison(path)[0]")

@@ -34,12 +34,12 @@ import torch
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
-from ..images import as_uint8
-from ..io import atomic_write_text
-from ..paths import DATA_DIR
-from .mask import HISTORY_TYPE, REFERENCE_TYPE, gumbel_topk_mask
-from .model import HISTORY_MODES, RATIOS, WEIGHTS_FILE, PigeonPipeline
-from .users import PigeonDataset, _as_image_tensor, make_datasets, taste_report, validate_request
+from persviz.images import as_uint8
+from persviz.io import atomic_write_text
+from persviz.paths import DATA_DIR
+from persviz.pigeon.mask import HISTORY_TYPE, REFERENCE_TYPE, gumbel_topk_mask
+from persviz.pigeon.model import HISTORY_MODES, RATIOS, WEIGHTS_FILE, PigeonPipeline
+from persviz.pigeon.users import PigeonDataset, as_image_tensor, make_datasets, taste_report, validate_request
 
 PathLike = str | os.PathLike
 PIGEON_DIR = DATA_DIR / "pigeon"
@@ -75,7 +75,7 @@ class FullScaleNotSupportedError(RuntimeError):
 
 def require_shapesworld() -> None:
     """Raise FullScaleNotSupportedError when ``PERSVIZ_SCALE=full`` (Pigeon exists here at ShapesWorld scale only)."""
-    from ..loading import full_scale
+    from persviz.loading import full_scale
 
     if full_scale():
         raise FullScaleNotSupportedError(
@@ -202,7 +202,7 @@ def score_generations(images: np.ndarray, histories: np.ndarray, windows: Sequen
     for key, ev in (("clip_i", clip), ("dino_i", dino)):
         v = _mean_cos(ev.embed_images(images), ev.embed_images(flat).view(n, h, -1))
         out[key], out[f"{key}_sem"] = float(v.mean()), _sem(v)
-    from ..metrics import clip_t
+    from persviz.metrics import clip_t
 
     ct = clip_t(clip, images, [w.instruction for w in windows]).numpy()
     out["clip_t"], out["clip_t_sem"] = float(ct.mean()), _sem(ct)
@@ -214,7 +214,7 @@ def score_generations(images: np.ndarray, histories: np.ndarray, windows: Sequen
 
 
 def _evaluators(clip: Any, dino: Any, oracle: Any) -> tuple[Any, Any, Any]:
-    from ..loading import load_evaluator
+    from persviz.loading import load_evaluator
 
     if clip is None or dino is None or oracle is None:
         require_shapesworld()
@@ -369,7 +369,7 @@ def token_scores(pipe: PigeonPipeline, history: Any, reference: Any) -> torch.Te
     """
     model = pipe.model
     cfg = model.config
-    n_req = _as_image_tensor(history, "history", 4, cfg.image_size)[0].shape[0]
+    n_req = as_image_tensor(history, "history", 4, cfg.image_size)[0].shape[0]
     hist, ref, _ = validate_request(history, reference, ["scores"] * n_req, None, cfg.n_history, cfg.image_size)
     b = hist.shape[0]
     tokens = model.visual(torch.cat([hist.flatten(0, 1), ref]).to(model.device))
@@ -528,7 +528,7 @@ def load_pairs(folder: PathLike) -> dict[str, Any]:
     Without ``pairs.pt`` (a training artifact, not shipped) ``pairs_sample.pt`` is read: the first chunk of the
     shipped run's pairs, in the same format.
     """
-    from .train import PAIRS_FILE
+    from persviz.pigeon.train import PAIRS_FILE
 
     path = Path(folder).expanduser() / PAIRS_FILE
     if not path.is_file() and (path.parent / PAIRS_SAMPLE_FILE).is_file():
@@ -575,41 +575,9 @@ def pair_examples(pipe: PigeonPipeline, folder: PathLike, n: int = 4,
 # ----------------------------------------------------------------------------- command line
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """``python -m persviz.pigeon.study``: write the comparison table (default data/pigeon/comparison.json)."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m persviz.pigeon.study", description=comparison_table.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage1", default=str(PIGEON_DIR / "stage1"))
-    p.add_argument("--stage2", default=str(PIGEON_DIR / "stage2"), help="'none' leaves the stage-2 row out")
-    p.add_argument("--n-windows", type=int, default=50)
-    p.add_argument("--noise-rates", default="0,0.2,0.4", help="comma-separated, multiples of 0.2")
-    p.add_argument("--split", default="test")
-    p.add_argument("--steps", type=int, default=25, help="sampler steps")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", default=str(PIGEON_DIR / "comparison.json"))
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rates = tuple(float(x) for x in args.noise_rates.split(",") if x.strip())
-    rows = comparison_table(args.stage1, None if args.stage2.lower() == "none" else args.stage2, args.n_windows,
-                            rates, args.split, seed=args.seed, batch_size=args.batch_size,
-                            num_inference_steps=args.steps, path=args.out)
-    print(format_table(rows))
-    print(f"written to {args.out}")
-    return rows
-
-
 __all__ = ["DATA_DEFAULTS", "METRICS", "NOISE_SWEEP", "PIGEON_DIR", "ROWS", "FullScaleNotSupportedError",
            "comparison_table", "format_table", "heldout_dataset", "history_keep_mask", "history_mode",
            "kept_noise_by_rate", "kept_noise_fraction", "load_comparison", "load_pairs", "load_stage",
            "noise_fraction", "pair_examples", "pick_windows", "pooled_keep_mask", "reference_masks",
            "require_shapesworld", "score_auc", "score_generations", "token_scores", "training_data_settings",
-           "window_masks", "main"]
-
-
-if __name__ == "__main__":
-    main()
+           "window_masks"]

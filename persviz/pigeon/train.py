@@ -37,7 +37,6 @@ state is left untouched), so a resumed run equals an uninterrupted one bit for b
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import inspect
@@ -56,11 +55,12 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
-from ..paths import DATA_DIR
-from ..shapesworld.train import atomic_save, step_rng
-from .losses import diffusion_dpo_loss
-from .model import RATIOS, PigeonPipeline, _atomic_write_bytes, load_weights, read_config, save_weights
-from .users import DEFAULT_NOISE_RATES, PigeonDataset, make_datasets, taste_report
+from persviz.paths import DATA_DIR
+from persviz.io import atomic_save, atomic_write
+from persviz.seeding import step_rng
+from persviz.pigeon.losses import diffusion_dpo_loss
+from persviz.pigeon.model import RATIOS, PigeonPipeline, load_weights, read_config, save_weights
+from persviz.pigeon.users import DEFAULT_NOISE_RATES, PigeonDataset, make_datasets, taste_report
 
 PathLike = str | os.PathLike
 OUT_DIR = DATA_DIR / "pigeon"
@@ -230,7 +230,7 @@ def _snapshots(out: Path) -> list[tuple[int, Path]]:
 def _write_snapshot(model: Any, out: Path, step: int, keep: int) -> None:
     from safetensors.torch import save_file
 
-    _atomic_write_bytes(out / SNAPSHOT_DIR / f"pigeon-steps-{step}.safetensors",
+    atomic_write(out / SNAPSHOT_DIR / f"pigeon-steps-{step}.safetensors",
                         lambda p: save_file(model.trainable_state_dict(), p))
     for _, p in _snapshots(out)[:-keep]:
         p.unlink()
@@ -238,7 +238,7 @@ def _write_snapshot(model: Any, out: Path, step: int, keep: int) -> None:
 
 def _check_run(out: Path, record: dict[str, Any]) -> dict[str, Any] | None:
     """The resume state of the run in out (same settings but steps), None for a fresh folder."""
-    from ..trainers._common import check_out_dir
+    from persviz.trainers.core import check_out_dir
     return check_out_dir(out, record, lambda name: name == RESUME_FILE, RESUME_FILE,
                          "pass --steps at least that large, or another --out")
 
@@ -334,7 +334,7 @@ def _train(pipe: PigeonPipeline, config: TrainConfig, out_dir: PathLike, progres
     record = {"format": _FORMAT, **asdict(config), "noise_rates": list(config.noise_rates),
               "ratios": list(config.ratios), "model": model.config.to_dict(), "backbone": backbone}
     state = _check_run(out, record)
-    _atomic_write_bytes(out / TRAIN_CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(record, indent=1)))
+    atomic_write(out / TRAIN_CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(record, indent=1)))
 
     ds = make_datasets(config.n_users, config.data_seed, config.noise_rates, config.n_interactions)["train"]
     sched = _ddpm(pipe.sd)
@@ -514,86 +514,3 @@ def evaluate(pipe: PigeonPipeline, ds: PigeonDataset, n: int, oracle: Any, batch
 # ----------------------------------------------------------------------------- command line
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x.strip())
-
-
-def _pipeline(args: argparse.Namespace, stage: int, init: str | None) -> tuple[PigeonPipeline, str]:
-    from .model import build_model, tiny_pipeline
-
-    overrides = {k: v for k, v in (("d_model", args.d_model), ("n_layers", args.n_layers),
-                                   ("n_out_tokens", args.n_out_tokens), ("condition", args.condition))
-                 if v is not None}
-    config = read_config(init) if stage == 2 else None
-    if stage == 2 and overrides:
-        raise SystemExit("stage 2 takes the model settings of its stage-1 run; drop --d-model/--n-layers/...")
-    if args.tiny:  # the frozen tiny parts are always seed 0; --seed sets the trainable modules' init
-        pipe = tiny_pipeline(config, seed=0, **({"d_model": 32} | overrides) if config is None else {})
-        if stage == 1:
-            fresh = build_model(pipe.scorer.model, pipe.scorer.tokenizer, pipe.model.config.cross_attention_dim,
-                                pipe.model.prompt_encoder, pipe.model.config, seed=args.seed)
-            pipe.model.load_trainable_state_dict(fresh.trainable_state_dict())
-        return pipe, "tiny"
-    pipe = PigeonPipeline.from_shapesworld(config=config, device=args.device, seed=args.seed, **overrides)
-    return pipe, "shapesworld"
-
-
-def main(argv: Sequence[str] | None = None) -> TrainResult:
-    p = argparse.ArgumentParser(prog="python -m persviz.pigeon.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", type=int, choices=(1, 2), default=1)
-    p.add_argument("--out", default=None, help="output folder (default data/pigeon/stage{N})")
-    p.add_argument("--init", default=None, help="stage 2: the stage-1 folder (default data/pigeon/stage1)")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=None, help="default 3e-4 (stage 1), 1e-5 (stage 2)")
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--snr-gamma", type=float, default=5.0, help="stage 1 min-SNR weighting; 0: plain MSE")
-    p.add_argument("--aux-weight", type=float, default=0.1, help="stage 1 target-embedding loss weight; 0: off")
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-users", type=int, default=1000)
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--noise-rates", type=_floats, default=DEFAULT_NOISE_RATES, help="e.g. 0,0.2,0.4,0.6")
-    p.add_argument("--beta", type=float, default=0.1, help="stage 2 DPO beta (diffusers convention)")
-    p.add_argument("--n-pairs", type=int, default=2000)
-    p.add_argument("--pair-steps", type=int, default=20)
-    p.add_argument("--guidance-scale", type=float, default=4.0)
-    p.add_argument("--d-model", type=int, default=None)
-    p.add_argument("--n-layers", type=int, default=None)
-    p.add_argument("--n-out-tokens", type=int, default=None)
-    p.add_argument("--condition", choices=("text+tokens", "tokens"), default=None)
-    p.add_argument("--eval", type=int, default=0, help="after training: judge N validation windows with the oracle")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--device", default=None)
-    p.add_argument("--tiny", action="store_true", help="random tiny backbones (smoke test)")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out) if args.out else OUT_DIR / f"stage{args.stage}"
-    init = None
-    if args.stage == 2:
-        init = args.init or str((Path(args.out).parent if args.out else OUT_DIR) / "stage1")
-    config = TrainConfig(stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         warmup=args.warmup, snr_gamma=args.snr_gamma or None, aux_weight=args.aux_weight,
-                         save_every=args.save_every,
-                         seed=args.seed, n_users=args.n_users,
-                         data_seed=args.data_seed, noise_rates=args.noise_rates, init_from=init, beta=args.beta,
-                         n_pairs=args.n_pairs, pair_steps=args.pair_steps, guidance_scale=args.guidance_scale)
-    pipe, backbone = _pipeline(args, args.stage, init)
-    result = train(pipe, config, out, progress=not args.no_progress, backbone=backbone)
-    last = result.losses[-1] if result.losses else float("nan")
-    print(f"stage {args.stage}: {result.steps} steps, last loss {last:.4f}; weights in {result.final_path}")
-    if args.eval > 0:
-        from ..loading import load_evaluator
-
-        val = make_datasets(config.n_users, config.data_seed, config.noise_rates, config.n_interactions)["val"]
-        report = evaluate(pipe, val, args.eval, load_evaluator(kind="oracle"))
-        print(json.dumps(report, indent=1))
-        (out / "eval.json").write_text(json.dumps(report, indent=1))
-    return result
-
-
-if __name__ == "__main__":
-    main()

@@ -42,9 +42,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..shapesworld.captions import concept_phrase
-from ..shapesworld.render import render
-from ..shapesworld.scene import (BACKGROUNDS, COLORS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, TEXTURES, Obj, Scene,
+from persviz.shapesworld.captions import concept_phrase
+from persviz.shapesworld.render import render
+from persviz.shapesworld.scene import (BACKGROUNDS, COLORS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, TEXTURES, Obj, Scene,
                                  sample_scene)
 
 #: History images per window (the paper's 5).
@@ -290,7 +290,7 @@ def to_model_images(images: np.ndarray) -> torch.Tensor:
     return t.movedim(-1, -3).float().div(127.5).sub(1.0)
 
 
-def _as_image_tensor(x: Any, name: str, single_ndim: int, image_size: int) -> tuple[torch.Tensor, bool]:
+def as_image_tensor(x: Any, name: str, single_ndim: int, image_size: int) -> tuple[torch.Tensor, bool]:
     """Images as float [B?, ..., 3, S, S] in [-1, 1]; returns (tensor, batched)."""
     if isinstance(x, (list, tuple)):
         if not x:
@@ -364,8 +364,8 @@ def validate_request(history: Any, reference: Any, instruction: str | Sequence[s
     Returns:
         (history float [B, H, 3, S, S], reference float [B, 3, S, S], instructions list of B strings).
     """
-    hist, _ = _as_image_tensor(history, "history", 4, image_size)
-    ref, _ = _as_image_tensor(reference, "reference", 3, image_size)
+    hist, _ = as_image_tensor(history, "history", 4, image_size)
+    ref, _ = as_image_tensor(reference, "reference", 3, image_size)
     if hist.shape[1] != n_history:
         raise ValueError(f"history has {hist.shape[1]} images but Pigeon reads exactly {n_history} (the "
                          f"interactions before the target); pass {n_history} history images")

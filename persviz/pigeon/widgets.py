@@ -16,12 +16,12 @@ from typing import Any
 import ipywidgets as W
 import numpy as np
 
-from ..images import as_uint8
-from ..widgets import _error_html, _status_html, html_table, png_bytes
-from .model import RATIOS, PigeonPipeline
-from .plots import LIKED_COLOR, NOISE_COLOR, REFERENCE_COLOR, SELECTED_COLOR, _canvas, token_overlay
-from .study import reference_masks, window_masks
-from .users import PigeonDataset, check_ratio
+from persviz.images import as_uint8
+from persviz.widgets import error_html, status_html, html_table, png_bytes
+from persviz.pigeon.model import RATIOS, PigeonPipeline
+from persviz.pigeon.plots import LIKED_COLOR, NOISE_COLOR, REFERENCE_COLOR, SELECTED_COLOR, tile_canvas, token_overlay
+from persviz.pigeon.study import reference_masks, window_masks
+from persviz.pigeon.users import PigeonDataset, check_ratio
 
 
 class PigeonExplorer:
@@ -68,7 +68,7 @@ class PigeonExplorer:
                                  layout=W.Layout(width="28em"))
         self.seed = W.IntText(value=int(seed), description="seed", layout=W.Layout(width="12em"))
         self.button = W.Button(description="generate", button_style="primary", icon="play")
-        self.message = W.HTML(_status_html("pick a user and a window, then press generate"))
+        self.message = W.HTML(status_html("pick a user and a window, then press generate"))
         self.history_image = W.Image(format="png")
         self.sweep_image = W.Image(format="png")
         self.scores = W.HTML("")
@@ -99,7 +99,7 @@ class PigeonExplorer:
 
     def _fail(self, text: str) -> bool:
         self.error = text
-        self.message.value = _error_html(text)
+        self.message.value = error_html(text)
         return False
 
     def on_user(self, change: Any = None) -> None:
@@ -119,14 +119,14 @@ class PigeonExplorer:
             row = [token_overlay(im, k, NOISE_COLOR if nz else LIKED_COLOR, self.scale)
                    for im, k, nz in zip(m["history"], m["history_mask"], m["history_is_noise"])]
             row += [None, token_overlay(m["reference"], None, REFERENCE_COLOR, self.scale)]
-            png = png_bytes(_canvas([row])[0])
+            png = png_bytes(tile_canvas([row])[0])
         except Exception as e:  # shown in the widget, as persviz.widgets does
             return self._fail(f"error: {type(e).__name__}: {e}")
         self.masks = m
         self.history_image.value = png
         self.error = None
         w = m["window"]
-        self.message.value = _status_html(f"user {w.user_id} likes {w.taste.describe()}; request '{w.instruction}'; "
+        self.message.value = status_html(f"user {w.user_id} likes {w.taste.describe()}; request '{w.instruction}'; "
                                           f"{int(np.sum(m['history_is_noise']))} of {len(m['history'])} history "
                                           f"images are noise")
         return True
@@ -139,7 +139,7 @@ class PigeonExplorer:
         if not self.show_history():
             return False
         self.button.disabled = True
-        self.message.value = _status_html("generating ...")
+        self.message.value = status_html("generating ...")
         try:
             item = self.dataset[int(s["window"])]
             sel = self.pipe.select(item["history"], item["reference"], item["instruction"], ratios=self.ratios,
@@ -152,7 +152,7 @@ class PigeonExplorer:
             tiles = [[token_overlay(ref, m, REFERENCE_COLOR, self.scale) for m in rm],
                      [token_overlay(im, None, SELECTED_COLOR if i == j else None, self.scale)
                       for i, im in enumerate(cands)]]
-            png = png_bytes(_canvas(tiles)[0])
+            png = png_bytes(tile_canvas(tiles)[0])
             ct, hs = sel.clip_t[0].tolist(), sel.history_score[0].tolist()
             table = {f"ratio {r:g}": {"CLIP-T": ct[i], "history score": hs[i], "mean": 0.5 * ct[i] + 0.5 * hs[i],
                                       "reference tokens kept": int(rm[i].sum()),
@@ -167,7 +167,7 @@ class PigeonExplorer:
         self.error = None
         self.last = {**s, "selection": sel, "selected_ratio": self.ratios[j], "scores": table,
                      "reference_masks": rm}
-        self.message.value = _status_html(f"selected ratio {self.ratios[j]:g} (max of 0.5 CLIP-T + 0.5 history score)")
+        self.message.value = status_html(f"selected ratio {self.ratios[j]:g} (max of 0.5 CLIP-T + 0.5 history score)")
         return True
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import numpy as np
 
-from .scene import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, TEXTURES, Scene
+from persviz.shapesworld.scene import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, TEXTURES, Scene
 
 PREFIXES = ("a photo of", "an image of", "a picture of")
 POSITION_PHRASE = {"left": "at the left", "center": "in the center", "right": "at the right"}

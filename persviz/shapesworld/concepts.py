@@ -14,10 +14,10 @@ from typing import Optional
 
 import numpy as np
 
-from ..paths import SHAPESWORLD_DIR
-from .captions import context_phrase
-from .render import render_batch
-from .scene import BACKGROUNDS, COLORS, POSITIONS, RGB, SHAPES, Obj, Scene
+from persviz.paths import SHAPESWORLD_DIR
+from persviz.shapesworld.captions import context_phrase
+from persviz.shapesworld.render import render_batch
+from persviz.shapesworld.scene import BACKGROUNDS, COLORS, POSITIONS, RGB, SHAPES, Obj, Scene
 
 CONCEPTS_DIR = SHAPESWORLD_DIR / "concepts"
 N_REFERENCES = 6

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .render import render
-from .scene import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, TEXTURES, Obj, Scene, sample_scene
+from persviz.shapesworld.render import render
+from persviz.shapesworld.scene import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, TEXTURES, Obj, Scene, sample_scene
 
 # one column per field of a scene; -1 where there is no second object
 CODE_FIELDS = ("shape", "color", "texture", "size", "position", "background", "second_shape", "second_color")

@@ -1,12 +1,10 @@
 """Measure the shipped ShapesWorld models against ground truth; writes data/shapesworld/metrics.json.
 
-    python -m persviz.shapesworld.evaluate            # oracle, CLIP zero-shot, micro-SD faithfulness
+    persviz shapesworld evaluate            # oracle, CLIP zero-shot, micro-SD faithfulness
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -14,12 +12,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..generation import GUIDANCE, STEPS, generate
-from ..paths import SHAPESWORLD_DIR
-from .captions import caption_from, full_attributes
-from .data import decode_scene, make_dataset
-from .oracle import check_attributes
-from .scene import BACKGROUNDS, COLORS, POSITIONS, SHAPES, TEXTURES, sample_scene
+from persviz.generation import GUIDANCE, STEPS, generate
+from persviz.io import atomic_write_text
+from persviz.loading import load_evaluator, load_pipeline
+from persviz.paths import SHAPESWORLD_DIR
+from persviz.shapesworld.captions import caption_from, full_attributes
+from persviz.shapesworld.data import decode_scene, make_dataset
+from persviz.shapesworld.oracle import check_attributes
+from persviz.shapesworld.scene import BACKGROUNDS, COLORS, POSITIONS, SHAPES, TEXTURES, sample_scene
 
 
 def oracle_accuracy(oracle, n: int = 2000, seed: int = 1234) -> dict:
@@ -88,31 +88,6 @@ def sd_faithfulness(pipe, oracle, n: int = 300, seed: int = 777, guidance: float
     return (acc, prompts, images) if return_samples else acc
 
 
-def main(argv: Optional[list] = None) -> None:
-    from ..loading import load_evaluator, load_pipeline
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", type=int, default=300)
-    p.add_argument("--guidance", type=float, default=GUIDANCE)
-    p.add_argument("--out", default=str(SHAPESWORLD_DIR / "metrics.json"))
-    args = p.parse_args(argv)
-    oracle = load_evaluator(kind="oracle")
-    metrics = {"oracle_accuracy": oracle_accuracy(oracle),
-               "clip_zero_shot": clip_zero_shot(load_evaluator(kind="clip"))}
-    metrics["sd_faithfulness"] = sd_faithfulness(load_pipeline(), oracle, n=args.prompts, guidance=args.guidance)
-    metrics["sd_settings"] = {"steps": STEPS, "guidance": args.guidance, "scheduler": "DPMSolverMultistepScheduler",
-                              "prompts": args.prompts}
-    last = SHAPESWORLD_DIR.parent / "cache" / "last_run.json"
-    if last.exists():
-        metrics["training"] = {k: v for k, v in json.loads(last.read_text()).items() if k.endswith("_steps")}
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(metrics, f, indent=2)
-    os.replace(tmp, args.out)
-    write_model_card(metrics)
-    print(json.dumps(metrics, indent=2))
-
-
-
 def weights_megabytes(folder=SHAPESWORLD_DIR) -> dict:
     """Size in MB of every shipped weight file, by model folder."""
     sizes = defaultdict(float)
@@ -131,15 +106,13 @@ def write_model_card(metrics: dict, path=SHAPESWORLD_DIR / "MODEL_CARD.md") -> N
                        sd=row(f), counts=", ".join(f"{k} {v}" for k, v in f["counts"].items()),
                        sizes=", ".join(f"{k} {v:.1f}" for k, v in sorted(sizes.items())), total=sum(sizes.values()),
                        **metrics["sd_settings"], **metrics.get("training", {}))
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 CARD = """# ShapesWorld models: model card
 
-All models are trained from scratch on rendered ShapesWorld scenes by `python -m persviz.shapesworld.train`
-(seeded and resumable) and measured by `python -m persviz.shapesworld.evaluate`, which wrote these numbers
+All models are trained from scratch on rendered ShapesWorld scenes by `persviz shapesworld train`
+(seeded and resumable) and measured by `persviz shapesworld evaluate`, which wrote these numbers
 (`metrics.json` beside this file). Images are 32x32 RGB.
 
 | model | folder | format | what it is |
@@ -181,5 +154,18 @@ was read right in 44 % of prompts at step 6300 (its color was mostly the error) 
 """
 
 
-if __name__ == "__main__":
-    main()
+def evaluate_all(prompts: int = 300, guidance: float = GUIDANCE, out=SHAPESWORLD_DIR / "metrics.json") -> dict:
+    """Measure the shipped ShapesWorld models (always ShapesWorld's, whatever the scale in force) and write
+    metrics.json and MODEL_CARD.md atomically; returns the metrics."""
+    oracle = load_evaluator(kind="oracle")
+    metrics = {"oracle_accuracy": oracle_accuracy(oracle),
+               "clip_zero_shot": clip_zero_shot(load_evaluator(kind="clip"))}
+    metrics["sd_faithfulness"] = sd_faithfulness(load_pipeline(), oracle, n=prompts, guidance=guidance)
+    metrics["sd_settings"] = {"steps": STEPS, "guidance": guidance, "scheduler": "DPMSolverMultistepScheduler",
+                              "prompts": prompts}
+    last = SHAPESWORLD_DIR.parent / "cache" / "last_run.json"
+    if last.exists():
+        metrics["training"] = {k: v for k, v in json.loads(last.read_text()).items() if k.endswith("_steps")}
+    atomic_write_text(out, json.dumps(metrics, indent=2))
+    write_model_card(metrics)
+    return metrics

@@ -12,7 +12,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .scene import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, TEXTURES
+from persviz.shapesworld.scene import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, TEXTURES
 
 HEADS = {"shape": len(SHAPES) + 1, "color": len(COLORS), "texture": len(TEXTURES), "size": len(SIZES)}
 

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from .scene import IMAGE_SIZE, RGB, Obj, Scene
+from persviz.shapesworld.scene import IMAGE_SIZE, RGB, Obj, Scene
 
 SUPERSAMPLE = 4
 SLOT_X = {"left": 0.265, "center": 0.5, "right": 0.735}

@@ -8,7 +8,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from .captions import world_words
+from persviz.shapesworld.captions import world_words
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 EXTRA_WORDS = ("photo", "with", "and", "sks", "style", "art", "painting", "drawing", "toy", "shape", "object")

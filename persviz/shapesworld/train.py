@@ -1,14 +1,13 @@
 """Train every shipped ShapesWorld model, reproducibly and resumably.
 
-    python -m persviz.shapesworld.train                 # all stages, in order, skipping finished ones
-    python -m persviz.shapesworld.train --stages unet   # one stage (resumes from its snapshot)
+    persviz shapesworld train                 # all stages, in order, skipping finished ones
+    persviz shapesworld train --stages unet   # one stage (resumes from its snapshot)
 
 Snapshots go to data/cache/ (ignored by git) every few hundred steps; the exported
 models go to data/shapesworld/ in diffusers / transformers folders. Each step's batch and
 noise come from (seed, step), so an interrupted run resumes to the same result."""
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -22,35 +21,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..paths import DATA_DIR, SHAPESWORLD_DIR
-from .captions import caption
-from .data import cached_dataset, decode_scene
-from .models import clip_model, dino_model, sample_scheduler, train_scheduler, unet_model, vae_model
-from .oracle import AttributeOracle
-from .tokenizer import build_tokenizer_files
+from persviz.io import atomic_folder, atomic_save, atomic_write_text
+from persviz.seeding import step_rng
+from persviz.paths import DATA_DIR, SHAPESWORLD_DIR
+from persviz.shapesworld.captions import caption
+from persviz.shapesworld.data import cached_dataset, decode_scene
+from persviz.shapesworld.models import clip_model, dino_model, sample_scheduler, train_scheduler, unet_model, vae_model
+from persviz.shapesworld.oracle import AttributeOracle
+from persviz.shapesworld.tokenizer import build_tokenizer_files
 
 CACHE = DATA_DIR / "cache"
 STAGES = ("tokenizer", "clip", "vae", "vae_decoder", "oracle", "dino", "unet", "pipeline")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save through a temporary file, so a killed run never leaves half a snapshot."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_export(folder: Path, save: Callable[[Path], None]) -> None:
-    """Call save(tmp_folder), then move the finished folder into place (a killed run leaves the old one whole)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
 
 
 def copy_bpe_files(folder: Path) -> None:
@@ -76,11 +58,6 @@ def run_loop(name: str, steps: int, state: dict, step_fn: Callable[[int], float]
         bar.set_postfix(loss=f"{avg:.4f}")
         if (s + 1) % save_every == 0 or s + 1 == steps:
             atomic_save({"step": s + 1, **{k: o.state_dict() for k, o in state.items()}}, snap)
-
-
-def step_rng(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
-    """The numpy and torch random streams of one training step."""
-    return np.random.default_rng([seed, step]), torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 def warmup_cosine(opt, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -139,7 +116,7 @@ def stage_clip(args) -> None:
         for m in (model, tok, processor):
             m.save_pretrained(out)
         copy_bpe_files(out)
-    atomic_export(SHAPESWORLD_DIR / "clip", save)
+    atomic_folder(SHAPESWORLD_DIR / "clip", save)
 
 
 def stage_vae(args) -> None:
@@ -164,7 +141,7 @@ def stage_vae(args) -> None:
     with torch.no_grad():
         z = vae.encode(to_tensor(data["images"][:2000]).to(DEVICE)).latent_dist.mean
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-    atomic_export(SHAPESWORLD_DIR / "sd" / "vae", vae.save_pretrained)
+    atomic_folder(SHAPESWORLD_DIR / "sd" / "vae", vae.save_pretrained)
 
 
 def stage_vae_decoder(args) -> None:
@@ -197,7 +174,7 @@ def stage_vae_decoder(args) -> None:
     def save(out: Path) -> None:
         vae.save_pretrained(out)
         (out / "decoder_finetune.json").write_text(json.dumps({"steps": steps, "batch": 32, "encoder": "frozen"}))
-    atomic_export(SHAPESWORLD_DIR / "sd" / "vae", save)
+    atomic_folder(SHAPESWORLD_DIR / "sd" / "vae", save)
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -236,7 +213,7 @@ def stage_oracle(args) -> None:
         return loss.item()
 
     run_loop("oracle", steps, {"model": oracle, "opt": opt, "sched": sched}, step)
-    atomic_export(SHAPESWORLD_DIR / "oracle", oracle.save_pretrained)
+    atomic_folder(SHAPESWORLD_DIR / "oracle", oracle.save_pretrained)
 
 
 def shift(x: torch.Tensor, g: torch.Generator, max_px: int = 2) -> torch.Tensor:
@@ -271,7 +248,7 @@ def stage_dino(args) -> None:
 
     run_loop("dino", steps, {"model": model, "head": head, "opt": opt, "sched": sched}, step)
     processor = BitImageProcessor(do_resize=False, do_center_crop=False, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    atomic_export(SHAPESWORLD_DIR / "dino", lambda out: [m.save_pretrained(out) for m in (model, processor)])
+    atomic_folder(SHAPESWORLD_DIR / "dino", lambda out: [m.save_pretrained(out) for m in (model, processor)])
 
 
 def encoded_latents(vae, images: np.ndarray) -> torch.Tensor:
@@ -342,7 +319,7 @@ def stage_unet(args) -> None:
         return loss.item()
 
     run_loop("unet", steps, {"model": unet, "ema": ema, "opt": opt, "sched": sched}, step, save_every=100)
-    atomic_export(SHAPESWORLD_DIR / "sd" / "unet", ema.save_pretrained)
+    atomic_folder(SHAPESWORLD_DIR / "sd" / "unet", ema.save_pretrained)
 
 
 def stage_pipeline(args) -> None:
@@ -360,7 +337,7 @@ def stage_pipeline(args) -> None:
         record = sd / "vae" / "decoder_finetune.json"  # keep the provenance of the fine-tuned decoder
         if record.exists():
             shutil.copy(record, out / "vae" / record.name)
-    atomic_export(sd, save)
+    atomic_folder(sd, save)
 
 
 STAGE_FN = {name: globals()[f"stage_{name}"] for name in STAGES}
@@ -370,36 +347,17 @@ DONE = {"tokenizer": "tokenizer/vocab.json", "clip": "clip/model.safetensors", "
         "pipeline": "sd/model_index.json"}
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
-    p.add_argument("--force", action="store_true", help="run stages even if their output exists")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--train-size", type=int, default=TRAIN_SIZE, help="rendered training images")
-    p.add_argument("--oracle-size", type=int, default=60_000, help="rendered images for the oracle")
-    p.add_argument("--clip-steps", type=int, default=1200)
-    p.add_argument("--vae-steps", type=int, default=1000)
-    p.add_argument("--vae-decoder-steps", type=int, default=2500)
-    p.add_argument("--oracle-steps", type=int, default=2000)
-    p.add_argument("--dino-steps", type=int, default=300)
-    p.add_argument("--unet-steps", type=int, default=9300)
-    p.add_argument("--second-boost-start", type=int, default=6300,
-                   help="UNet step from which half of each batch has a second object (and the LR decays)")
-    p.add_argument("--offset-noise", type=float, default=0.15, help="strength of offset noise in UNet training")
-    p.add_argument("--offset-noise-start", type=int, default=3200, help="UNet step from which offset noise is used")
-    args = p.parse_args(argv)
+def run_stages(args) -> None:
+    """Run the asked stages (``args.stages``, comma-separated) whose outputs are missing, or all with ``args.force``;
+    ``args`` carries every stage's settings (``persviz shapesworld train --help`` lists them)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     CACHE.mkdir(parents=True, exist_ok=True)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = set(stages) - set(STAGES)
     if unknown:
-        p.error(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
     for name in STAGES:
         if name in stages and (args.force or not (SHAPESWORLD_DIR / DONE[name]).exists()):
             STAGE_FN[name](args)
-    (CACHE / "last_run.json").write_text(json.dumps(vars(args)))
-
-
-if __name__ == "__main__":
-    main()
+    atomic_write_text(CACHE / "last_run.json", json.dumps({k: v for k, v in vars(args).items() if not callable(v)}))

@@ -67,9 +67,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..embeddings import PathLike, class_word_id, save_learned_embeds
-from ..shapesworld.train import step_rng
-from ._common import (
+from persviz.embeddings import PathLike, class_word_id, save_learned_embeds
+from persviz.seeding import step_rng
+from persviz.trainers.core import (
     CHECKPOINT,
     CLASS_DIR,
     RESUME_FILE,
@@ -301,7 +301,7 @@ def _has_custom_diffusion(unet: Any) -> bool:
     return any("CustomDiffusion" in type(p).__name__ for p in unet.attn_processors.values())
 
 
-def _mask(res: int, f: int, scale: int, top: int, left: int) -> np.ndarray:
+def instance_mask(res: int, f: int, scale: int, top: int, left: int) -> np.ndarray:
     """The example's valid-region mask on the latent grid [res//f, res//f] (see the module docstring)."""
     h = res // f
     m = np.zeros((h, h), dtype=np.float32)
@@ -315,7 +315,7 @@ def _mask(res: int, f: int, scale: int, top: int, left: int) -> np.ndarray:
     return m
 
 
-def _augmented(pixels: np.ndarray, i: int, flip: bool, scale: int, top: int, left: int) -> np.ndarray:
+def augmented(pixels: np.ndarray, i: int, flip: bool, scale: int, top: int, left: int) -> np.ndarray:
     """float32 [R, R, 3] in [-1, 1]: image i (mirrored if flip) resized to scale, pasted on zeros or cropped."""
     from PIL import Image
 
@@ -459,7 +459,7 @@ def _make_step(pipe: Any, config: CustomDiffusionConfig, pixels: np.ndarray, cls
     def instance(i: int, flip: bool, scale: int, top: int, left: int) -> tuple[torch.Tensor, torch.Tensor]:
         if scale == res and (i, flip) in cache:
             return cache[i, flip]
-        x = torch.from_numpy(_augmented(pixels, i, flip, scale, top, left)).permute(2, 0, 1)[None]
+        x = torch.from_numpy(augmented(pixels, i, flip, scale, top, left)).permute(2, 0, 1)[None]
         stats = encode_stats(vae, x, device)
         if scale == res:
             cache[i, flip] = stats
@@ -488,7 +488,7 @@ def _make_step(pipe: Any, config: CustomDiffusionConfig, pixels: np.ndarray, cls
             m, sd = instance(i, flip, scale, top, left)
             means.append(m)
             stds.append(sd)
-            masks.append(_mask(res, f, scale, top, left))
+            masks.append(instance_mask(res, f, scale, top, left))
             rows.append(row)
         m, sd = torch.cat(means), torch.cat(stds)
         if cls_pixels is not None:

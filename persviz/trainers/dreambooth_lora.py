@@ -49,9 +49,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..embeddings import PathLike, _single_token_id
-from ..shapesworld.train import step_rng
-from ._common import (
+from persviz.embeddings import PathLike, single_token_id
+from persviz.seeding import step_rng
+from persviz.trainers.core import (
     CHECKPOINT,
     CLASS_DIR,
     INIT_STREAM,
@@ -182,7 +182,7 @@ def load_dreambooth_lora(pipe: Any, path: PathLike, adapter_name: str | None = N
 # ----------------------------------------------------------------------------- adapters
 
 
-def _has_lora(module: torch.nn.Module) -> bool:
+def has_lora(module: torch.nn.Module) -> bool:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return bool(getattr(module, "_hf_peft_config_loaded", False)) or any(
@@ -202,7 +202,7 @@ def _remove_lora(module: torch.nn.Module, before: dict) -> None:
 
 
 @contextlib.contextmanager
-def _lora_adapters(unet: Any, text_encoder: Any,
+def lora_adapters(unet: Any, text_encoder: Any,
                    config: DreamBoothLoRAConfig) -> Iterator[dict[str, torch.nn.Parameter]]:
     """Adds the adapters (float32, deterministic init); yields {"unet.<name>" / "text_encoder.<name>": param}."""
     from peft import LoraConfig
@@ -252,7 +252,7 @@ def _lora_state_dicts(unet: Any, text_encoder: Any, with_text_encoder: bool) -> 
     return sd(unet), (sd(text_encoder) if with_text_encoder else None)
 
 
-def _save_lora(folder: Path, unet: Any, text_encoder: Any, with_text_encoder: bool) -> None:
+def save_lora(folder: Path, unet: Any, text_encoder: Any, with_text_encoder: bool) -> None:
     from diffusers import StableDiffusionPipeline
 
     u, t = _lora_state_dicts(unet, text_encoder, with_text_encoder)
@@ -263,7 +263,7 @@ def _save_lora(folder: Path, unet: Any, text_encoder: Any, with_text_encoder: bo
 # ----------------------------------------------------------------------------- training
 
 
-def _pipeline_sha256(unet: Any, text_encoder: Any) -> str:
+def pipeline_sha256(unet: Any, text_encoder: Any) -> str:
     """A cheap fingerprint of the base pipeline: its first UNet to_k and text-encoder q_proj weights."""
     k = next(m.weight for n, m in unet.named_modules() if n.endswith("to_k") and hasattr(m, "weight"))
     q = next(m.weight for n, m in text_encoder.named_modules() if n.endswith("q_proj") and hasattr(m, "weight"))
@@ -272,7 +272,7 @@ def _pipeline_sha256(unet: Any, text_encoder: Any) -> str:
 
 def _check_identifier(tokenizer: Any, config: DreamBoothLoRAConfig) -> list[int]:
     """The identifier's token ids; errors if it is an added token or if the instance prompt loses it."""
-    tid = _single_token_id(tokenizer, config.identifier)
+    tid = single_token_id(tokenizer, config.identifier)
     if tid is not None and tid >= tokenizer.vocab_size:
         raise ValueError(f"identifier {config.identifier!r} is already a token added to the pipeline's tokenizer "
                          f"(id {tid}, a learned embedding); remove it with "
@@ -315,14 +315,14 @@ def train_dreambooth_lora(
     check_call(pipe, config, DreamBoothLoRAConfig)
     tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
     for name, m in (("unet", unet), ("text_encoder", text_encoder)):
-        if _has_lora(m):
+        if has_lora(m):
             raise ValueError(f"pipe's {name} already holds LoRA layers (from pipe.load_lora_weights or an earlier "
                              f"run's result); call pipe.unload_lora_weights() or pass a fresh pipeline")
     ident = _check_identifier(tokenizer, config)
     device, res, pixels = training_images(pipe, images, config)
     record = {"format": _FORMAT, **asdict(config), "resolution_used": res, "num_images": len(pixels),
               "images_sha256": sha256(pixels), "identifier_ids": ident,
-              "dtype": f"{text_encoder.dtype}/{unet.dtype}", "pipeline_sha256": _pipeline_sha256(unet, text_encoder)}
+              "dtype": f"{text_encoder.dtype}/{unet.dtype}", "pipeline_sha256": pipeline_sha256(unet, text_encoder)}
     out, state, history, start = start_run(out_dir, record, owned_by(CHECKPOINT, LORA_FILE, CLASS_DIR), "LoRA weights",
                                            "the LoRA weights of earlier steps: list_lora_snapshots(out_dir)")
     final = out / LORA_FILE
@@ -333,7 +333,7 @@ def train_dreambooth_lora(
             cls_pixels = class_images(pipe, config, cls_dir, res, progress)
         te_dtype, unet_dtype = text_encoder.dtype, unet.dtype
         # eval mode throughout (also for the encodings): the same numbers in every call
-        with frozen([text_encoder, unet, vae]), _lora_adapters(unet, text_encoder, config) as params:
+        with frozen([text_encoder, unet, vae]), lora_adapters(unet, text_encoder, config) as params:
             plist = list(params.values())
             if state is not None:
                 restore_params(params, state["params"],
@@ -346,7 +346,7 @@ def train_dreambooth_lora(
                 save_resume_state(out / RESUME_FILE, k, {"params": tensors}, opt, scaler, history)
 
             def save(folder: Path) -> None:
-                _save_lora(folder, unet, text_encoder, config.train_text_encoder)
+                save_lora(folder, unet, text_encoder, config.train_text_encoder)
 
             if start < config.steps:
                 step = _make_step(pipe, config, pixels, cls_pixels, device, opt, scaler, plist, unet_dtype)

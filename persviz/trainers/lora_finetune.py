@@ -5,7 +5,7 @@ adapters (``LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian")``)
 (to_q, to_k, to_v, to_out.0) only, the text encoder frozen; each image trained with its own caption; noise-prediction
 MSE on the VAE latents noised with the pipeline's scheduler config read as a DDPMScheduler; AdamW (betas 0.9/0.999,
 eps 1e-8, weight decay 1e-2, constant lr), gradients clipped to norm 1.0. FineXL's benchmark uses it to make
-personalized models of exactly known level (`persviz.finexl_benchmark`): images restyled with probability p, captions
+personalized models of exactly known level (`persviz.finexl.benchmark`): images restyled with probability p, captions
 left as they were.
 
 It shares the DreamBooth-LoRA trainer's adapters, files and conventions (`persviz.trainers.dreambooth_lora`): the
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..embeddings import PathLike
-from ..shapesworld.train import step_rng
-from ._common import (
+from persviz.embeddings import PathLike
+from persviz.seeding import step_rng
+from persviz.trainers.core import (
     CHECKPOINT,
     RESUME_FILE,
     Noising,
@@ -56,7 +56,7 @@ from ._common import (
     token_ids,
     training_images,
 )
-from .dreambooth_lora import LORA_FILE, _has_lora, _lora_adapters, _pipeline_sha256, _save_lora, list_lora_snapshots
+from persviz.trainers.dreambooth_lora import LORA_FILE, has_lora, lora_adapters, pipeline_sha256, save_lora, list_lora_snapshots
 
 _FORMAT = 1
 
@@ -138,21 +138,21 @@ def train_lora_finetune(pipe: Any, images: Any, captions: Sequence[str], config:
     check_pipe(pipe)
     unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
     for name, m in (("unet", unet), ("text_encoder", text_encoder)):
-        if _has_lora(m):
+        if has_lora(m):
             raise ValueError(f"pipe's {name} already holds LoRA layers (from pipe.load_lora_weights or an earlier "
                              f"run's result); call pipe.unload_lora_weights() or pass a fresh pipeline")
     device, res, pixels = training_images(pipe, images, config)
     caps = _captions(captions, len(pixels))
     record = {"format": _FORMAT, **asdict(config), "resolution_used": res, "num_images": len(pixels),
               "images_sha256": sha256(pixels), "captions_sha256": sha256(np.array(caps)),
-              "dtype": f"{text_encoder.dtype}/{unet.dtype}", "pipeline_sha256": _pipeline_sha256(unet, text_encoder)}
+              "dtype": f"{text_encoder.dtype}/{unet.dtype}", "pipeline_sha256": pipeline_sha256(unet, text_encoder)}
     out, state, history, start = start_run(out_dir, record, owned_by(CHECKPOINT, LORA_FILE), "LoRA weights",
                                            "the LoRA weights of earlier steps: list_lora_snapshots(out_dir)")
     final = out / LORA_FILE
     if start < config.steps or not final.is_file():
         adapter_cfg = SimpleNamespace(rank=config.rank, seed=config.seed, train_text_encoder=False)
         unet_dtype = unet.dtype
-        with frozen([text_encoder, unet, vae]), _lora_adapters(unet, text_encoder, adapter_cfg) as params:
+        with frozen([text_encoder, unet, vae]), lora_adapters(unet, text_encoder, adapter_cfg) as params:
             plist = list(params.values())
             if state is not None:
                 restore_params(params, state["params"],
@@ -165,7 +165,7 @@ def train_lora_finetune(pipe: Any, images: Any, captions: Sequence[str], config:
                 save_resume_state(out / RESUME_FILE, k, {"params": tensors}, opt, scaler, history)
 
             def save(folder: Path) -> None:
-                _save_lora(folder, unet, text_encoder, False)
+                save_lora(folder, unet, text_encoder, False)
 
             if start < config.steps:
                 step = _make_step(pipe, config, pixels, caps, device, opt, scaler, plist, unet_dtype)

@@ -46,9 +46,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..embeddings import PathLike, class_word_id, load_learned_embeds, save_learned_embeds
-from ..shapesworld.train import step_rng
-from ._common import (  # CONFIG_FILE and RESUME_FILE are read from here too (persviz.tracker, tests)
+from persviz.embeddings import PathLike, class_word_id, load_learned_embeds, save_learned_embeds
+from persviz.seeding import step_rng
+from persviz.trainers.core import (  # CONFIG_FILE and RESUME_FILE are read from here too (persviz.tea.tracker, tests)
     CONFIG_FILE,
     RESUME_FILE,
     Noising,
@@ -73,7 +73,7 @@ from ._common import (  # CONFIG_FILE and RESUME_FILE are read from here too (pe
     token_ids,
     training_images,
 )
-from ._common import PlaceholderRows as _PlaceholderRows  # persviz.tracker imports it from here
+from persviz.trainers.core import PlaceholderRows
 
 OBJECT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
@@ -91,7 +91,7 @@ _FORMAT = 1
 
 
 @dataclass(frozen=True)
-class TIConfig:
+class TextualInversionConfig:
     """Textual Inversion settings; the defaults are TEA's runs (lr 5e-4, batch 1, 3000 steps, saved every 100).
 
     Args:
@@ -149,7 +149,7 @@ class TIConfig:
 
 
 @dataclass
-class TIResult(TrainResult):
+class TextualInversionResult(TrainResult):
     """What a training call produced; `steps` counts all steps of the run in out_dir (earlier calls included)."""
 
 
@@ -173,7 +173,7 @@ def load_snapshot_embedding(path: PathLike) -> torch.Tensor:
 # ----------------------------------------------------------------------------- inputs
 
 
-def _prompt_tables(tok: Any, config: TIConfig, first_id: int, init_id: int,
+def _prompt_tables(tok: Any, config: TextualInversionConfig, first_id: int, init_id: int,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per template [T, L]: token ids (placeholder positions read the initializer), placeholder mask, row index."""
     prompts = [t.replace("{}", " ".join(config.tokens)) for t in config.templates]
@@ -193,12 +193,12 @@ def _prompt_tables(tok: Any, config: TIConfig, first_id: int, init_id: int,
 def train_textual_inversion(
     pipe: Any,
     images: Any,
-    config: TIConfig,
+    config: TextualInversionConfig,
     out_dir: PathLike,
     progress: bool = True,
     callback: Callable[[int, float, torch.Tensor], None] | None = None,
     load_result: bool = True,
-) -> TIResult:
+) -> TextualInversionResult:
     """Learn the placeholder's embedding from reference images; resumes the run already in out_dir, if any.
 
     Args:
@@ -206,7 +206,7 @@ def train_textual_inversion(
             training; at the end the final embedding is loaded into it (``pipe.load_textual_inversion``).
         images: PIL images or uint8 arrays [H, W, 3] of one size, or a uint8 array [N, H, W, 3]; centre-cropped
             to a square and resized (bicubic) to the training resolution.
-        config: TIConfig. Resuming requires the same config, images and pipeline; only steps may differ, so a
+        config: TextualInversionConfig. Resuming requires the same config, images and pipeline; only steps may differ, so a
             finished run is extended by a call with a larger steps.
         out_dir: folder of the run (created); see the module docstring for its files.
         progress: show a tqdm progress bar.
@@ -214,7 +214,7 @@ def train_textual_inversion(
             exception raised there stops training, and the next call resumes from the last saved step.
         load_result: load the final embedding into pipe (False: leave pipe as it was).
     """
-    check_call(pipe, config, TIConfig)
+    check_call(pipe, config, TextualInversionConfig)
     tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
     ph = config.placeholder
     check_new_token(tokenizer, ph, "placeholder",
@@ -254,7 +254,7 @@ def train_textual_inversion(
     if start < config.steps:
         noising = Noising(pipe)
         n_img = len(pixels)
-        hook = _PlaceholderRows(rows)
+        hook = PlaceholderRows(rows)
 
         def step(s: int, mean: torch.Tensor, std: torch.Tensor) -> float:
             rng, g = step_rng(config.seed, s)
@@ -285,5 +285,5 @@ def train_textual_inversion(
     final = save_learned_embeds(learned(), out / FINAL_FILE)
     if load_result:
         pipe.load_textual_inversion(str(final), token=ph)
-    return TIResult(out_dir=out, steps=config.steps, loss_history=history,
+    return TextualInversionResult(out_dir=out, steps=config.steps, loss_history=history,
                     snapshot_paths=[p for _, p in list_snapshots(out)], final_path=final)

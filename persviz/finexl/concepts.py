@@ -4,7 +4,7 @@ Every proposer is a callable ``(base_images, personalized_images) -> list[str]``
 paired samples (uint8 ``[N, H, W, 3]`` each, row n of both from the same prompt and seed)
 that returns short aspect phrases ("warm colors", "thick outlines"). The candidates are
 then mapped to text directions f(C) and ranked against V_div (`rank_concepts`), filtered
-for orthogonality and decomposed (`persviz.finexl`).
+for orthogonality and decomposed (`persviz.finexl.decompose`).
 
 Proposers:
     BankProposer(phrases)            an offline concept bank (no model): `SHAPESWORLD_BANK`
@@ -47,18 +47,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .finexl import Decomposition, _check_v_div, _concept_matrix, concept_direction
-from .shapesworld.captions import caption_from, full_attributes
-from .shapesworld.scene import BACKGROUNDS, COLORS, SIZES, TEXTURES
-from .images import as_uint8
-from .loading import ModelNotAvailableError, _unavailable, full_scale
-from .shapesworld.render import Style
+from persviz.finexl.decompose import Decomposition, check_v_div, concept_matrix, concept_direction
+from persviz.shapesworld.captions import caption_from, full_attributes
+from persviz.shapesworld.scene import BACKGROUNDS, COLORS, SIZES, TEXTURES
+from persviz.images import as_uint8
+from persviz.loading import ModelNotAvailableError, unavailable_error, full_scale
+from persviz.shapesworld.render import Style
 
 # ----------------------------------------------------------------------------- concept banks
 
 #: Low-level aspects of ShapesWorld images: the renderer's style knobs in both directions,
 #: plus textures and brightness. Phrases are base forms ("warm colors", not "warmer colors")
-#: because `persviz.finexl.explain` adds the comparison: "much more warm colors (0.62)".
+#: because `persviz.finexl.decompose.explain` adds the comparison: "much more warm colors (0.62)".
 SHAPESWORLD_BANK: tuple[str, ...] = (
     "warm colors", "cool colors", "saturated colors", "faded colors", "dark background", "light background",
     "thick outlines", "thin outlines", "blurry", "sharp edges", "fine patterns", "coarse patterns",
@@ -145,7 +145,7 @@ def _phrases(phrases: Sequence[str], what: str = "concept phrases") -> list[str]
 def concept_directions(text_encoder_fn: Callable[[list[str]], torch.Tensor], probe_prompts: Sequence[str],
                        phrases: Sequence[str],
                        compose: Optional[Callable[[str, str], str]] = None) -> dict[str, torch.Tensor]:
-    """``{phrase: f(phrase)}`` with `persviz.finexl.concept_direction` for every distinct phrase.
+    """``{phrase: f(phrase)}`` with `persviz.finexl.decompose.concept_direction` for every distinct phrase.
 
     ``compose`` as in `concept_direction` (default: the paper's ", C" append;
     `shapesworld_compose` for grammar-aware directions on ShapesWorld captions).
@@ -203,7 +203,7 @@ def shapesworld_compose(prompt: str, word: str) -> str:
     Raises:
         ValueError: the prompt is no ShapesWorld caption, or the word names no attribute.
     """
-    from .finexl_generators import parse_caption
+    from persviz.finexl.generators import parse_caption
 
     attr, value = shapesworld_word_attribute(word)
     scene = parse_caption(prompt)
@@ -234,8 +234,8 @@ def rank_concepts(v_div: torch.Tensor, directions: Mapping[str, torch.Tensor]) -
     Raises:
         ValueError: empty ``directions``, zero-norm ``v_div``, or mismatched dimensions.
     """
-    v = _check_v_div(v_div)
-    names, mat = _concept_matrix(dict(directions), v.shape[0], what="directions")
+    v = check_v_div(v_div)
+    names, mat = concept_matrix(dict(directions), v.shape[0], what="directions")
     norms = np.linalg.norm(mat, axis=0)
     cos = np.where(norms > 1e-12, (mat.T @ v) / (np.where(norms > 1e-12, norms, 1.0) * np.linalg.norm(v)), 0.0)
     order = sorted(range(len(names)), key=lambda i: -abs(cos[i]))
@@ -249,7 +249,7 @@ def bank_candidates(v_div: torch.Tensor, text_encoder_fn: Callable[[list[str]], 
 
     Args:
         v_div: [D] divergence vector.
-        text_encoder_fn, probe_prompts: as in `persviz.finexl.concept_direction`.
+        text_encoder_fn, probe_prompts: as in `persviz.finexl.decompose.concept_direction`.
         bank: phrases (default `default_bank()`).
         top_k: keep the k most relevant (default all).
     """
@@ -279,7 +279,7 @@ class ConceptProposer(Protocol):
 class BankProposer:
     """An offline proposer: always the same phrase list (default `default_bank()`), no model needed.
 
-    Ranking against V_div happens afterwards (`rank_concepts`, `persviz.finexl.orthogonal_filter`).
+    Ranking against V_div happens afterwards (`rank_concepts`, `persviz.finexl.decompose.orthogonal_filter`).
     """
 
     def __init__(self, phrases: Optional[Sequence[str]] = None):
@@ -336,7 +336,7 @@ def parse_concept_list(text: str, max_words: int = 6) -> list[str]:
     outermost ``[...]``), a JSON object holding one such list (``{"aspects": [...]}``),
     list items that are objects with an "aspect"/"concept"/"name" field, a Python-style
     list with single quotes, or bulleted / numbered lines. Phrases are lower-cased,
-    stripped of quotes, trailing punctuation and a leading "more " (`persviz.finexl.explain`
+    stripped of quotes, trailing punctuation and a leading "more " (`persviz.finexl.decompose.explain`
     adds the comparison itself), de-duplicated; phrases longer than
     ``max_words`` words or 60 characters are dropped.
 
@@ -606,7 +606,7 @@ def _vlm_unavailable(name: str, err: Exception) -> ModelNotAvailableError:
     elif looks_local:
         why = f"the folder '{name}' does not exist"
     else:
-        why = str(_unavailable(name, err)).split(" Download it once")[0] + (
+        why = str(unavailable_error(name, err)).split(" Download it once")[0] + (
             f" Download it once where there is internet (`huggingface-cli download {name}`) or pass its local folder")
     return ModelNotAvailableError(
         f"Vision-language model could not be loaded: {why}. No vision-language model ships with persviz: "

@@ -23,13 +23,12 @@ Methods (`METHOD_SPECS`; each ingredient separable):
 
 Commands::
 
-    python -m persviz.finexl_benchmark train     # the LoRA variants -> data/finexl/lora/ (resumable)
-    python -m persviz.finexl_benchmark           # samples (cached), decompositions, metrics ->
+    python -m persviz.finexl.benchmark train     # the LoRA variants -> data/finexl/lora/ (resumable)
+    python -m persviz.finexl.benchmark           # samples (cached), decompositions, metrics ->
                                                  # data/finexl/benchmark.json and benchmark.md
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -41,9 +40,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .finexl import Decomposition, append_compose, decompose, divergence_vector, greedy_decompose, orthogonal_filter
-from .finexl_concepts import SHAPESWORLD_WORD_BANK, concept_directions, rank_concepts, shapesworld_compose
-from .finexl_generators import (
+from persviz.finexl.decompose import Decomposition, append_compose, decompose, divergence_vector, greedy_decompose, orthogonal_filter
+from persviz.finexl.concepts import SHAPESWORLD_WORD_BANK, concept_directions, rank_concepts, shapesworld_compose
+from persviz.finexl.generators import (
     SCENE_ASPECTS,
     PipelineGenerator,
     RendererGenerator,
@@ -52,9 +51,9 @@ from .finexl_generators import (
     scene_shift_dataset,
     shapesworld_probes,
 )
-from .io import atomic_path, atomic_write_bytes, atomic_write_text
-from .paths import DATA_DIR
-from .shapesworld.render import Style
+from persviz.io import atomic_path, atomic_write_bytes, atomic_write_text
+from persviz.paths import DATA_DIR
+from persviz.shapesworld.render import Style
 
 FINEXL_DIR = DATA_DIR / "finexl"
 LORA_DIR = FINEXL_DIR / "lora"
@@ -120,8 +119,8 @@ def train_variants(names: Optional[Sequence[str]] = None, steps: int = 450, batc
     Returns:
         ``{name: shipped weights file}``.
     """
-    from .loading import load_pipeline
-    from .trainers.lora_finetune import LORA_FILE, LoRAFinetuneConfig, train_lora_finetune
+    from persviz.loading import load_pipeline
+    from persviz.trainers.lora_finetune import LORA_FILE, LoRAFinetuneConfig, train_lora_finetune
 
     variants = lora_variants()
     names = list(variants) if names is None else list(names)
@@ -146,7 +145,7 @@ def train_variants(names: Optional[Sequence[str]] = None, steps: int = 450, batc
                 "final_loss_mean_last_100": float(np.mean(res.loss_history[-100:])),
                 "train_seconds_this_call": round(time.perf_counter() - t0, 1),
                 "device": str(pipe.device),
-                "command": f"python -m persviz.finexl_benchmark train --steps {steps} --batch-size {batch_size} "
+                "command": f"python -m persviz.finexl.benchmark train --steps {steps} --batch-size {batch_size} "
                            f"--lr {lr}"}
         atomic_write_text(dest / "train.json", json.dumps(info, indent=1))
         shipped[name] = dest / LORA_FILE
@@ -155,7 +154,7 @@ def train_variants(names: Optional[Sequence[str]] = None, steps: int = 450, batc
 
 def lora_pipeline(name: Optional[str], pipe: Any = None, lora_dir: Path = LORA_DIR) -> Any:
     """The micro-SD with the shipped LoRA of a variant loaded (None: the base); reuses ``pipe`` when given."""
-    from .loading import load_pipeline
+    from persviz.loading import load_pipeline
 
     pipe = load_pipeline() if pipe is None else pipe
     pipe.unload_lora_weights()  # a no-op without LoRA
@@ -163,7 +162,7 @@ def lora_pipeline(name: Optional[str], pipe: Any = None, lora_dir: Path = LORA_D
         f = Path(lora_dir) / name / "pytorch_lora_weights.safetensors"
         if not f.is_file():
             raise FileNotFoundError(f"no LoRA of variant {name!r} at {f}; train it with "
-                                    f"`python -m persviz.finexl_benchmark train`.")
+                                    f"`python -m persviz.finexl.benchmark train`.")
         pipe.load_lora_weights(str(f))
     return pipe
 
@@ -340,7 +339,7 @@ class Bench:
 
     def __init__(self, n_probes: int = N_PROBES, seeds: Sequence[int] = SEEDS, clip: Any = None,
                  bank: Sequence[str] = SHAPESWORLD_WORD_BANK):
-        from .loading import load_evaluator
+        from persviz.loading import load_evaluator
 
         self.clip = load_evaluator(kind="clip") if clip is None else clip
         self.prompts, scenes = shapesworld_probes(int(n_probes), seed=PROBE_SEED, p_second=0.0)
@@ -427,7 +426,7 @@ def build_variants(bench: Bench, lora: bool = True, progress: bool = True) -> li
 def lora_variants_measured(bench: Bench, names: Optional[Sequence[str]] = None, oracle: Any = None,
                            progress: bool = True) -> list[Variant]:
     """The shipped LoRA variants as `Variant`s; truth = the oracle's realized levels (`realized_levels`)."""
-    from .loading import load_evaluator, load_pipeline
+    from persviz.loading import load_evaluator, load_pipeline
 
     oracle = load_evaluator(kind="oracle") if oracle is None else oracle
     names = [n for n in lora_variants() if (Path(LORA_DIR) / n / "pytorch_lora_weights.safetensors").is_file()] \
@@ -648,42 +647,3 @@ def run(lora: bool = True, progress: bool = True, out_json: Path = BENCHMARK_JSO
     return result
 
 
-def _run_cli(args: argparse.Namespace) -> None:
-    torch.set_num_threads(max(1, int(args.threads)))
-    result = run(lora=not args.no_lora)
-    print(markdown_report(result))
-    print(f"wrote {BENCHMARK_JSON} and {BENCHMARK_MD}")
-
-
-def _train_cli(args: argparse.Namespace) -> None:
-    torch.set_num_threads(max(1, int(args.threads)))
-    shipped = train_variants(args.variants or None, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             device=args.device, runs_dir=Path(args.runs_dir))
-    total = sum(p.stat().st_size for p in shipped.values())
-    print(f"shipped {len(shipped)} LoRA variants to {LORA_DIR} ({total / 1e6:.2f} MB)")
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Command line: ``train`` (LoRA variants) or, by default, ``run`` (the benchmark)."""
-    ap = argparse.ArgumentParser(prog="python -m persviz.finexl_benchmark", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="cmd")
-    tr = sub.add_parser("train", help="fine-tune the LoRA variants of the micro-SD")
-    tr.add_argument("--variants", nargs="*", default=None)
-    tr.add_argument("--steps", type=int, default=450)
-    tr.add_argument("--batch-size", type=int, default=16)
-    tr.add_argument("--lr", type=float, default=2e-3)
-    tr.add_argument("--device", default=None)
-    tr.add_argument("--threads", type=int, default=1)
-    tr.add_argument("--runs-dir", default=str(CACHE_DIR / "runs"))
-    rn = sub.add_parser("run", help="run the benchmark (default)")
-    rn.add_argument("--no-lora", action="store_true", help="renderer variants only")
-    rn.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
-    if args.cmd == "train":
-        _train_cli(args)
-    else:
-        _run_cli(args if args.cmd == "run" else rn.parse_args([]))
-
-
-if __name__ == "__main__":
-    main()

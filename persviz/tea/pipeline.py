@@ -5,7 +5,7 @@
     pe, ne = encode_prompt_level(pipe, "a sks dog on a beach", "a dog on a beach", 0.1, 0.5)
     images = pipe(prompt_embeds=pe, negative_prompt_embeds=ne).images   # DreamBooth
 
-The math lives in persviz.tea; this module only finds rows and positions and writes/reads them.
+The math lives in persviz.tea.adjust; this module only finds rows and positions and writes/reads them.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .embeddings import _parts, _single_token_id, _tokens_of, class_word_id, token_row
-from .tea import DEFAULTS, _knob, align_positions, prompt_level_adjust, slerp_adjust
+from persviz.embeddings import prompt_parts, single_token_id, tokens_of, class_word_id, token_row
+from persviz.tea.adjust import DEFAULTS, check_knob, align_positions, prompt_level_adjust, slerp_adjust
 
 
 @dataclass(frozen=True)
@@ -32,14 +32,14 @@ class TeaAdjustment:
     adjusted: torch.Tensor  # [n, D], slerp_adjust(original, class row, rotation, scale)
 
 
-def _knobs(method: str, rotation: float | None, scale: float | None) -> tuple[float, float]:
+def check_knobs(method: str, rotation: float | None, scale: float | None) -> tuple[float, float]:
     """rotation and scale, defaulting to tea.DEFAULTS[method]; ValueError outside [0, 1] or for an unknown method."""
     if method not in DEFAULTS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(DEFAULTS)}")
     d = DEFAULTS[method]
     return (
-        _knob(d["rotation"] if rotation is None else rotation, "rotation"),
-        _knob(d["scale"] if scale is None else scale, "scale"),
+        check_knob(d["rotation"] if rotation is None else rotation, "rotation"),
+        check_knob(d["scale"] if scale is None else scale, "scale"),
     )
 
 
@@ -47,9 +47,9 @@ def _placeholder_ids(tokenizer: Any, encoder: Any, placeholder: str) -> list[int
     """Ids of the placeholder and of its extra vectors placeholder_1, placeholder_2, ... (diffusers' multi-vector names)."""
     if not isinstance(placeholder, str) or not placeholder.strip():
         raise ValueError(f"placeholder must be a non-empty string; got {placeholder!r}")
-    if _single_token_id(tokenizer, placeholder) is None:
+    if single_token_id(tokenizer, placeholder) is None:
         raise ValueError(
-            f"placeholder {placeholder!r} is not in the tokenizer (it tokenizes to {_tokens_of(tokenizer, placeholder)}); "
+            f"placeholder {placeholder!r} is not in the tokenizer (it tokenizes to {tokens_of(tokenizer, placeholder)}); "
             f"load the embedding first with pipe.load_textual_inversion(path) or "
             f"pipe.load_textual_inversion(persviz.embeddings.load_learned_embeds(path))"
         )
@@ -90,8 +90,8 @@ def tea(
     Yields a TeaAdjustment with the rows written. Restores on exceptions too; not thread-safe
     (it edits the model in place, so do not use the pipeline from another thread meanwhile).
     """
-    rotation, scale = _knobs(method, rotation, scale)
-    tokenizer, encoder = _parts(pipe)
+    rotation, scale = check_knobs(method, rotation, scale)
+    tokenizer, encoder = prompt_parts(pipe)
     if tokenizer is None or encoder is None:
         raise ValueError("tea needs a pipeline with a tokenizer and a text_encoder (or a (tokenizer, text_encoder) pair)")
     ids = _placeholder_ids(tokenizer, encoder, placeholder)
@@ -174,8 +174,8 @@ def encode_prompt_level(
         placeholder: the learned or rare token ("sks"; a Textual Inversion token works too).
         class_word: the class token; None reads it from the class prompt at the placeholder's position.
     """
-    rotation, scale = _knobs("dreambooth", rotation, scale)
-    tokenizer, encoder = _parts(pipe)
+    rotation, scale = check_knobs("dreambooth", rotation, scale)
+    tokenizer, encoder = prompt_parts(pipe)
     if tokenizer is None or encoder is None:
         raise ValueError("encode_prompt_level needs a pipeline with a tokenizer and a text_encoder, or that pair")
     personal = _prompt_list(prompt_personal, "prompt_personal")

@@ -17,9 +17,9 @@ from typing import Any, Optional
 import ipywidgets as W
 import torch
 
-from .finexl import METHODS, Decomposition, decompose, explain, orthogonal_filter
-from .finexl_concepts import readable
-from .finexl_plots import decomposition_bars
+from persviz.finexl.decompose import METHODS, Decomposition, decompose, explain, orthogonal_filter
+from persviz.finexl.concepts import readable
+from persviz.finexl.plots import decomposition_bars
 
 
 def figure_png(fig: Any) -> bytes:
@@ -45,7 +45,7 @@ class FineXLExplorer:
         known: optional ``{model pair name: {concept: known level}}`` drawn as markers.
         phrases: optional readable names for the sentences (``SHAPESWORLD_WORD_PHRASES``).
         e_decomp, eps_ortho, positive_only: the residual bound and the filter's settings
-            (`persviz.finexl.orthogonal_filter`; the "filter" button and the default selection).
+            (`persviz.finexl.decompose.orthogonal_filter`; the "filter" button and the default selection).
 
     Attributes: variant (Dropdown), checks ({concept: Checkbox}), method (ToggleButtons),
     filter_button (Button: tick the filter's choice), plot (Image), sentences, message (HTML),

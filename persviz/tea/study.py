@@ -15,9 +15,10 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from .embeddings import token_row
-from .generation import GUIDANCE, STEPS, generate
-from .metrics import clip_i, clip_t_parts, dino_i, oracle_concept_context
+from persviz.embeddings import token_row
+from persviz.generation import GUIDANCE, STEPS, generate
+from persviz.metrics import clip_i, clip_t_parts, dino_i, oracle_concept_context
+from persviz.trainers import METHODS
 
 Probe = Mapping[str, Any]
 
@@ -135,13 +136,13 @@ def dominance_over_steps(pipe: Any, fixed: tuple[str, torch.Tensor], varied: tup
 
 @contextlib.contextmanager
 def personalized(pipe: Any, method: str, path: Any) -> Iterator[None]:
-    """The pipeline with a finished run loaded ('ti': learned_embeds; 'db': LoRA; 'cd': K/V processors + token).
+    """The pipeline with a finished run loaded ('textual_inversion': learned_embeds; 'dreambooth': LoRA; 'custom_diffusion': K/V processors + token).
 
     Undone on exit: the token unloaded, the LoRA unloaded, the attention processors put back."""
     from pathlib import Path
-    from .embeddings import load_learned_embeds
+    from persviz.embeddings import load_learned_embeds
     path = Path(path)
-    if method == "ti":
+    if method == "textual_inversion":
         f = path / "learned_embeds.safetensors" if path.is_dir() else path
         tokens = list(load_learned_embeds(f))
         pipe.load_textual_inversion(str(f))
@@ -149,15 +150,15 @@ def personalized(pipe: Any, method: str, path: Any) -> Iterator[None]:
             yield
         finally:
             pipe.unload_textual_inversion(tokens)
-    elif method == "db":
-        from .trainers import load_dreambooth_lora
+    elif method == "dreambooth":
+        from persviz.trainers import load_dreambooth_lora
         load_dreambooth_lora(pipe, path)
         try:
             yield
         finally:
             pipe.unload_lora_weights()
-    elif method == "cd":
-        from .trainers import load_custom_diffusion
+    elif method == "custom_diffusion":
+        from persviz.trainers import load_custom_diffusion
         procs = dict(pipe.unet.attn_processors)
         before = set(pipe.tokenizer.get_added_vocab())
         load_custom_diffusion(pipe, path)
@@ -167,7 +168,7 @@ def personalized(pipe: Any, method: str, path: Any) -> Iterator[None]:
             pipe.unet.set_attn_processor(procs)
             pipe.unload_textual_inversion(sorted(set(pipe.tokenizer.get_added_vocab()) - before))
     else:
-        raise ValueError(f"unknown method {method!r}; choose 'ti', 'db' or 'cd'")
+        raise ValueError(f"unknown method {method!r}; choose 'textual_inversion', 'dreambooth' or 'custom_diffusion'")
 
 
 def tea_rows(pipe: Any, method: str, word: str, placeholder: str, class_word: str, probes: Sequence[Probe],
@@ -178,14 +179,13 @@ def tea_rows(pipe: Any, method: str, word: str, placeholder: str, class_word: st
     word fills the probes' slot ('<v*>', 'sks square', '<new1> square'). Textual Inversion and Custom Diffusion
     get token-level TEA (Eq. 1) on the placeholder; DreamBooth gets prompt-level TEA (Eq. 2), with token
     positions aligned and, for comparison, unaligned as in the public code."""
-    from .generation import generate_from_embeds
-    from .tea_pipeline import encode_prompt_level, tea
-    names = {"ti": "textual_inversion", "db": "dreambooth", "cd": "custom_diffusion"}
-    if method not in names:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(names)}")
+    from persviz.generation import generate_from_embeds
+    from persviz.tea.pipeline import encode_prompt_level, tea
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     r, s = knobs if knobs is not None else (None, None)
     rows = {"none": score(generate_probes(pipe, probes, word, repeats, seed))}
-    if method == "db":
+    if method == "dreambooth":
         personal = [t for t in probe_texts(probes, word) for _ in range(repeats)]
         plain = [t for t in probe_texts(probes, class_word) for _ in range(repeats)]
         for label, aligned in (("TEA", True), ("TEA unaligned", False)):
@@ -193,7 +193,7 @@ def tea_rows(pipe: Any, method: str, word: str, placeholder: str, class_word: st
                                          class_word=class_word)
             rows[label] = score(generate_from_embeds(pipe, pe, ne, seed=seed))
     else:
-        with tea(pipe, placeholder, class_word, rotation=r, scale=s, method=names[method]):
+        with tea(pipe, placeholder, class_word, rotation=r, scale=s, method=method):
             rows["TEA"] = score(generate_probes(pipe, probes, word, repeats, seed))
     return rows
 
@@ -203,7 +203,7 @@ def tea_sweep(pipe: Any, probes: Sequence[Probe], placeholder: str, class_word: 
               repeats: int = 1, seed: int = 0, method: str = "textual_inversion", progress: bool = True) -> dict:
     """Token-level TEA over a rotation x scale grid (Table 1, Fig. 6): {score key: array [R, S]}, same seeds everywhere."""
     from tqdm.auto import tqdm
-    from .tea_pipeline import tea
+    from persviz.tea.pipeline import tea
     grid: dict[str, np.ndarray] = {}
     cells = [(i, j) for i in range(len(rotations)) for j in range(len(scales))]
     for i, j in tqdm(cells, desc="TEA sweep", disable=not progress):
@@ -223,7 +223,7 @@ def adaptive_vs_fixed(pipe: Any, probes: Sequence[Probe], placeholder: str, clas
     at rotation 0 (the same scale), so rotation 0 is always acceptable. Returns one row per probe: chosen
     rotation, status, and the scores of the untouched token, the fixed knobs and the adaptive choice."""
     from tqdm.auto import tqdm
-    from .tea_adaptive import SCHEDULE, adaptive_tea, make_tea_scorer
+    from persviz.tea.adaptive import SCHEDULE, adaptive_tea, make_tea_scorer
     rows = []
     for p in tqdm(list(probes), desc="adaptive TEA", disable=not progress):
         prompt = p["template"].format(placeholder)

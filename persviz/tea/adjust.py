@@ -26,7 +26,7 @@ _PARALLEL_EPS = 1e-6
 Pairs = Sequence[tuple[int, int]]
 
 
-def _knob(x: float, name: str) -> float:
+def check_knob(x: float, name: str) -> float:
     """A knob as a float in [0, 1], or a ValueError."""
     if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(float(x)) or not 0.0 <= x <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1]; got {x!r}. See tea.DEFAULTS for the paper's values.")
@@ -56,7 +56,7 @@ def slerp_adjust(v: torch.Tensor, c: torch.Tensor, rotation: float, scale: float
     Where sin(theta) < 1e-6 the vectors are parallel and the result is (1 - rotation) v' + rotation c'.
     Theta is computed as 2 atan2(|u - w|, |u + w|) for unit u, w: equal to arccos(<u, w>), accurate near 0 and pi.
     """
-    rotation, scale = _knob(rotation, "rotation"), _knob(scale, "scale")
+    rotation, scale = check_knob(rotation, "rotation"), check_knob(scale, "scale")
     v, c = _vectors(v, "v"), _vectors(c, "c")
     if v.shape[-1] != c.shape[-1]:
         raise ValueError(f"v and c must have the same embedding size D; got v {tuple(v.shape)} and c {tuple(c.shape)}")

@@ -1,6 +1,6 @@
 """Personalize the ShapesWorld micro-SD on the shipped concepts and ship the runs (embeddings / adapters, snapshots).
 
-    python -m persviz.shapesworld.personalize --methods ti --concepts checkers,candy,spark
+    python -m persviz.tea.shapesworld_runs --methods ti --concepts checkers,candy,spark
 
 Runs go to data/shapesworld/personal/<method>/<concept>/ in the formats the trainers write (diffusers
 learned_embeds every 100 steps for Textual Inversion). Each run resumes where it stopped.
@@ -12,7 +12,6 @@ since the CLIP here knows only its world's words.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 from pathlib import Path
 from typing import Optional
@@ -20,12 +19,18 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..paths import SHAPESWORLD_DIR
-from .concepts import CONCEPTS, get_concept, load_references
+from persviz.embeddings import token_row
+from persviz.loading import load_evaluator
+from persviz.paths import SHAPESWORLD_DIR
+from persviz.shapesworld.concepts import CONCEPTS, eval_prompts, get_concept, load_references, oracle_signature
+from persviz.tea.study import impacts_over_steps, personalized, score_images, tea_rows
+from persviz.tea.tracker import save_json, track_semantic_shift
+from persviz.trainers import (METHODS, CustomDiffusionConfig, DreamBoothLoRAConfig, TextualInversionConfig,
+                              list_snapshots, load_snapshot_embedding, train_custom_diffusion, train_dreambooth_lora,
+                              train_textual_inversion)
 
 PERSONAL_DIR = SHAPESWORLD_DIR / "personal"
 TEMPLATES = ("a {}", "a photo of a {}", "an image of a {}", "a picture of a {}")
-METHODS = ("ti", "db", "cd")
 SAMPLING = {"class_steps": 25, "class_guidance": 4.0}  # class images drawn with the micro-SD's documented settings
 
 
@@ -41,81 +46,70 @@ def run_dir(method: str, name: str, root: Path = PERSONAL_DIR) -> Path:
     return Path(root) / method / get_concept(name).name
 
 
-def ti_config(name: str, steps: int = 3000):
+def textual_inversion_config(name: str, steps: int = 3000):
     """The Textual Inversion settings of the shipped runs."""
-    from ..trainers import TIConfig
-    return TIConfig(placeholder=placeholder(name), initializer=get_concept(name).class_word, lr=1e-3, steps=steps,
+    return TextualInversionConfig(placeholder=placeholder(name), initializer=get_concept(name).class_word, lr=1e-3, steps=steps,
                     save_every=100, seed=0, templates=TEMPLATES)
 
 
-def run_ti(pipe, name: str, steps: int = 3000, root: Path = PERSONAL_DIR):
+def run_textual_inversion(pipe, name: str, steps: int = 3000, root: Path = PERSONAL_DIR):
     """Train (or resume) the concept's Textual Inversion run; the pipeline is left unchanged."""
-    from ..trainers import train_textual_inversion
-    return train_textual_inversion(pipe, load_references(name), ti_config(name, steps), run_dir("ti", name, root),
+    return train_textual_inversion(pipe, load_references(name), textual_inversion_config(name, steps), run_dir("textual_inversion", name, root),
                                    load_result=False)
 
 
-def db_config(name: str, steps: int = 800):
+def dreambooth_config(name: str, steps: int = 800):
     """DreamBooth-LoRA settings of the shipped runs: the paper's (rank 4, text encoder on, prior weight 1) but lr
     1e-3: at the paper's 1e-4 the micro-SD's LoRA learned the concepts too little to measure (mean CLIP-I 28.9,
     at the level of the class word, against 47.6 for Custom Diffusion)."""
-    from ..trainers import DreamBoothLoRAConfig
     cw = get_concept(name).class_word
     return DreamBoothLoRAConfig(identifier="sks", class_word=cw, instance_prompt=f"a photo of a sks {cw}",
                                 class_prompt=f"a photo of a {cw}", steps=steps, lr=1e-3, save_every=100, **SAMPLING)
 
 
-def run_db(pipe, name: str, steps: int = 800, root: Path = PERSONAL_DIR):
+def run_dreambooth(pipe, name: str, steps: int = 800, root: Path = PERSONAL_DIR):
     """Train (or resume) the concept's DreamBooth-LoRA run; the pipeline is left unchanged."""
-    from ..trainers import train_dreambooth_lora
-    return train_dreambooth_lora(pipe, load_references(name), db_config(name, steps), run_dir("db", name, root),
+    return train_dreambooth_lora(pipe, load_references(name), dreambooth_config(name, steps), run_dir("dreambooth", name, root),
                                  load_result=False)
 
 
-def cd_config(name: str, steps: int = 1000):
+def custom_diffusion_config(name: str, steps: int = 1000):
     """Custom Diffusion settings of the shipped runs: K/V of cross-attention and a modifier token. The paper's lr
     5e-6 leaves the micro-SD's small projections all but unchanged in 2000 steps; these runs use 1e-4, and no
     resize augmentation (its masked loss has almost no interior on 16x16 latents)."""
-    from ..trainers import CustomDiffusionConfig
     cw = get_concept(name).class_word
     return CustomDiffusionConfig(modifier_token=f"<{name}-cd>", class_word=cw, instance_prompt=f"a photo of a <{name}-cd> {cw}",
                                  steps=steps, lr=1e-4, save_every=100, augment=False, **SAMPLING)
 
 
-def run_cd(pipe, name: str, steps: int = 1000, root: Path = PERSONAL_DIR):
+def run_custom_diffusion(pipe, name: str, steps: int = 1000, root: Path = PERSONAL_DIR):
     """Train (or resume) the concept's Custom Diffusion run; the pipeline is left unchanged."""
-    from ..trainers import train_custom_diffusion
-    return train_custom_diffusion(pipe, load_references(name), cd_config(name, steps), run_dir("cd", name, root),
+    return train_custom_diffusion(pipe, load_references(name), custom_diffusion_config(name, steps), run_dir("custom_diffusion", name, root),
                                   load_result=False)
 
 
-RUNNERS = {"ti": run_ti, "db": run_db, "cd": run_cd}
+RUNNERS = {"textual_inversion": run_textual_inversion, "dreambooth": run_dreambooth,
+           "custom_diffusion": run_custom_diffusion}
 
 
 def snapshots(method_dir: Path, every: int = 100, with_init: Optional[torch.Tensor] = None) -> list[tuple[int, torch.Tensor]]:
     """(step, V*) of a Textual Inversion run at every `every` steps; with_init prepends (0, initial row)."""
-    from ..trainers import list_snapshots, load_snapshot_embedding
     snaps = [(k, load_snapshot_embedding(p).reshape(-1)) for k, p in list_snapshots(method_dir) if k % every == 0]
     if not snaps:
-        raise FileNotFoundError(f"no snapshots in {method_dir}; train with `python -m persviz.shapesworld.personalize`")
+        raise FileNotFoundError(f"no snapshots in {method_dir}; train with `python -m persviz.tea.shapesworld_runs`")
     return ([(0, with_init)] if with_init is not None else []) + snaps
 
 
 def evaluators() -> dict:
     """The ShapesWorld judges: CLIP, DINO and the oracle."""
-    from ..loading import load_evaluator
     return {"clip": load_evaluator(kind="clip"), "dino": load_evaluator(kind="dino"), "oracle": load_evaluator(kind="oracle")}
 
 
-def study_ti(pipe, name: str, judges: dict, every: int = 300, n_probes: int = 24, repeats: int = 2,
+def study_textual_inversion(pipe, name: str, judges: dict, every: int = 300, n_probes: int = 24, repeats: int = 2,
              root: Path = PERSONAL_DIR) -> dict:
     """The semantic-collapse study of one TI run: text-space shift (every snapshot) and image-space impacts
     (every `every` steps and the initial class-word row); written to the run folder as study.json."""
-    from ..embeddings import token_row
-    from ..tea_study import impacts_over_steps
-    from ..tracker import save_json, track_semantic_shift
-    from .concepts import eval_prompts, oracle_signature
-    c, run = get_concept(name), run_dir("ti", name, root)
+    c, run = get_concept(name), run_dir("textual_inversion", name, root)
     text = track_semantic_shift(pipe, run, "shapesworld_contextual", "shapesworld_simple")
     init = pipe.text_encoder.get_input_embeddings().weight[token_row(pipe, c.class_word)].detach().clone()
     images = impacts_over_steps(pipe, snapshots(run, every, init), placeholder(name), c.class_word,
@@ -130,16 +124,15 @@ def study_ti(pipe, name: str, judges: dict, every: int = 300, n_probes: int = 24
 def method_word(method: str, name: str) -> tuple[str, str]:
     """(what fills a probe's slot, the token TEA adjusts) for a concept's run of a method."""
     cw = get_concept(name).class_word
-    return {"ti": (placeholder(name), placeholder(name)), "db": (f"sks {cw}", "sks"),
-            "cd": (f"<{name}-cd> {cw}", f"<{name}-cd>")}[method]
+    return {"textual_inversion": (placeholder(name), placeholder(name)), "dreambooth": (f"sks {cw}", "sks"),
+            "custom_diffusion": (f"<{name}-cd> {cw}", f"<{name}-cd>")}[method]
 
 
 def run_tea_rows(pipe, method: str, name: str, probes, score, repeats: int = 1, seed: int = 0,
                  root: Path = PERSONAL_DIR) -> dict:
     """tea_rows of a concept's final run of a method, loaded for the call (a TI token already in pipe is used as is)."""
-    from ..tea_study import personalized, tea_rows
     word, token = method_word(method, name)
-    ready = method == "ti" and placeholder(name) in pipe.tokenizer.get_added_vocab()
+    ready = method == "textual_inversion" and placeholder(name) in pipe.tokenizer.get_added_vocab()
     with contextlib.nullcontext() if ready else personalized(pipe, method, run_dir(method, name, root)):
         return tea_rows(pipe, method, word, token, get_concept(name).class_word, probes, score, repeats, seed)
 
@@ -148,9 +141,6 @@ def tea_table(pipe, judges: dict, methods: tuple = METHODS, n_probes: int = 12, 
               root: Path = PERSONAL_DIR, write: bool = True) -> dict:
     """Table 6 on ShapesWorld: every concept's final run of each method without and with TEA (default knobs);
     scores averaged over concepts, per concept kept too; written to personal/tea_table.json."""
-    from ..tea_study import score_images
-    from ..tracker import save_json
-    from .concepts import eval_prompts, oracle_signature
     per: dict = {}
     for method in methods:
         for name in CONCEPTS:
@@ -170,31 +160,3 @@ def tea_table(pipe, judges: dict, methods: tuple = METHODS, n_probes: int = 12, 
     if write:
         save_json(out, root / "tea_table.json")
     return out
-
-
-def main(argv=None) -> None:
-    from ..loading import load_pipeline
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--concepts", default=",".join(CONCEPTS))
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--study", action="store_true", help="also write each TI run's study.json")
-    p.add_argument("--table", action="store_true", help="write personal/tea_table.json (all methods, with/without TEA)")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    pipe = load_pipeline()
-    judges = evaluators() if args.study else None
-    for method in args.methods.split(","):
-        if method not in RUNNERS:
-            raise SystemExit(f"unknown method {method!r}; choose from {sorted(RUNNERS)}")
-        for name in args.concepts.split(","):
-            RUNNERS[method](pipe, name)
-            if args.study and method == "ti":
-                study_ti(pipe, name, judges)
-    if args.table:
-        tea_table(pipe, judges or evaluators())
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Loop reference versions of the semantic-shift metrics, the way the public TEA code computes them.
 
-Plain numpy with Python loops over samples; for benchmarking ``persviz.shift_metrics`` and as a
+Plain numpy with Python loops over samples; for benchmarking ``persviz.tea.shift`` and as a
 readable statement of each formula. The Mahalanobis reference forms the F x F covariance
 explicitly, so keep F small (a few thousand at most).
 """

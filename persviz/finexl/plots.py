@@ -19,9 +19,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from scipy.stats import spearmanr
 
-from .finexl import Decomposition, explain
-from .images import as_uint8
-from .plots import _figure_and_ax, image_grid
+from persviz.finexl.decompose import Decomposition, explain
+from persviz.images import as_uint8
+from persviz.plots import figure_and_ax, image_grid
 
 POSITIVE, NEGATIVE, RESIDUAL, KNOWN = "C0", "C3", "0.6", "k"
 
@@ -52,12 +52,12 @@ def decomposition_bars(decomposition: Union[Decomposition, Mapping[str, float]],
     """Horizontal bars of the concept weights, with the unexplained part as a last gray bar.
 
     Args:
-        decomposition: a `persviz.finexl.Decomposition`, or ``{concept: weight}`` (e.g. a baseline).
+        decomposition: a `persviz.finexl.decompose.Decomposition`, or ``{concept: weight}`` (e.g. a baseline).
         relative_residual: the residual bar's value for a plain dict (a Decomposition brings
             its own ``relative_residual`` and ``e_decomp``); None draws no residual bar.
         known: optional ``{concept: known level}`` drawn as black markers on the concepts' rows
-            (e.g. `persviz.finexl_concepts.known_levels`); names not among the bars are ignored.
-        sentences: label the rows with `persviz.finexl.explain`'s sentences instead of the names.
+            (e.g. `persviz.finexl.concepts.known_levels`); names not among the bars are ignored.
+        sentences: label the rows with `persviz.finexl.decompose.explain`'s sentences instead of the names.
         title: default: the method and ``e`` against ``e_decomp``.
 
     The residual bar is ``e = |V_div - sum_i w_i f(C_i)| / |V_div|`` (a fraction of |V_div|,
@@ -88,7 +88,7 @@ def decomposition_bars(decomposition: Union[Decomposition, Mapping[str, float]],
         _vector([v], f"known[{k!r}]")
 
     rows = len(names) + (relative_residual is not None)
-    fig, ax = _figure_and_ax(ax, (6.0, 0.45 * rows + 1.2))
+    fig, ax = figure_and_ax(ax, (6.0, 0.45 * rows + 1.2))
     y = np.arange(len(names))
     bars = ax.barh(y, weights, color=[POSITIVE if w >= 0 else NEGATIVE for w in weights], label="weight w")
     ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
@@ -154,7 +154,7 @@ def concept_cosine_heatmap(concepts: Mapping[str, Any], ax: Optional[Axes] = Non
     """
     names, cos = cosine_matrix(concepts)
     k = len(names)
-    fig, ax = _figure_and_ax(ax, (0.45 * k + 2.6, 0.45 * k + 1.6))
+    fig, ax = figure_and_ax(ax, (0.45 * k + 2.6, 0.45 * k + 1.6))
     im = ax.imshow(cos, vmin=-1.0, vmax=1.0, cmap=cmap, interpolation="nearest")
     fig.colorbar(im, ax=ax, shrink=0.8, label="cosine")
     short = [textwrap.shorten(n, 28, placeholder="...") for n in names]
@@ -211,7 +211,7 @@ def weight_vs_level(levels: Union[Sequence[float], Mapping[str, Sequence[float]]
         series = {str(k): (levels[k], weights[k]) for k in levels}
     else:
         series = {None: (levels, weights)}
-    fig, ax = _figure_and_ax(ax, (4.2, 3.4))
+    fig, ax = figure_and_ax(ax, (4.2, 3.4))
     rhos, sizes = [], []
     for name, (lv, wv) in series.items():
         x = _vector(lv, f"levels[{name!r}]" if name else "levels")

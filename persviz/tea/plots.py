@@ -20,8 +20,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 
-from .images import as_uint8
-from .plots import _figure_and_ax, image_grid
+from persviz.images import as_uint8
+from persviz.plots import figure_and_ax, image_grid
 
 _STEP = "training step"
 _LEGEND_MAX = 8  # more step marks than this get a colorbar instead of a legend
@@ -119,7 +119,7 @@ def norm_histogram(
     if not isinstance(bins, (int, np.integer)) or bins < 1:
         raise ValueError(f"bins must be a positive int; got {bins!r}")
 
-    fig, ax = _figure_and_ax(ax, (6.0, 3.2))
+    fig, ax = figure_and_ax(ax, (6.0, 3.2))
     ax.hist(norms, bins=int(bins), color="0.65", log=log, label=f"{norms.size} vocabulary rows")
     cm = matplotlib.colormaps[cmap]
     keys = [k for k, _ in items]
@@ -158,7 +158,7 @@ def norm_ratio_curve(
     x = _steps(steps)
     r = _vector(ratio, "ratio", len(x))
     c = _vector(cosine, "cosine", len(x))
-    fig, ax = _figure_and_ax(ax, (5.0, 3.0))
+    fig, ax = figure_and_ax(ax, (5.0, 3.0))
     (l1,) = ax.plot(x, r, marker="o", markersize=3, color="C0", label="|V*| / |c|")
     ax.axhline(1.0, color="C0", ls=":", lw=0.8)
     ax.set_ylabel("|V*| / |c|", color="C0")
@@ -185,7 +185,7 @@ def shift_curves(
     """Semantic-shift metric vs training step, one line per curve, e.g. {"inter d(P_V*, P_c)": [...], ...} (Fig. 2)."""
     x = _steps(steps)
     series = _series(x, curves, "curves")
-    fig, ax = _figure_and_ax(ax, (5.0, 3.0))
+    fig, ax = figure_and_ax(ax, (5.0, 3.0))
     _draw_lines(ax, x, series)
     _finish(ax, title, _STEP, ylabel, legend=True)
     return fig
@@ -255,7 +255,7 @@ def impact_curves(
         if unknown:
             raise ValueError(f"reference names {unknown}, which are not series; series are {list(data)}")
         ref = {str(k): float(_vector([v], f"reference[{k!r}]", finite=True)[0]) for k, v in reference.items()}
-    fig, ax = _figure_and_ax(ax, (5.0, 3.0))
+    fig, ax = figure_and_ax(ax, (5.0, 3.0))
     colors = _draw_lines(ax, x, data)
     for k, v in ref.items():
         ax.axhline(v, color=colors[k], ls=":", lw=1.0)
@@ -281,7 +281,7 @@ def dominance_plot(
     b = _vector(clip_i_b, "clip_i_b", len(x))
     if isinstance(labels, str) or len(labels) != 2:
         raise ValueError(f"labels must be two names (concept A, concept B); got {labels!r}")
-    fig, ax = _figure_and_ax(ax, (5.0, 3.0))
+    fig, ax = figure_and_ax(ax, (5.0, 3.0))
     ax.plot(x, a, marker="o", markersize=3, color="C0", label=f"CLIP-I to {labels[0]}")
     ax.plot(x, b, marker="s", markersize=3, color="C3", label=f"CLIP-I to {labels[1]}")
     ax.fill_between(x, a, b, where=b > a, color="C3", alpha=0.12, interpolate=True, lw=0)
@@ -319,7 +319,7 @@ def sweep_heatmap(
     NaN cells (runs not made) stay blank; `fmt` formats the cell annotations.
     """
     r, s, v = _sweep(rotations, scales, values)
-    fig, ax = _figure_and_ax(ax, (1.0 + 0.6 * s.size, 0.8 + 0.45 * r.size))
+    fig, ax = figure_and_ax(ax, (1.0 + 0.6 * s.size, 0.8 + 0.45 * r.size))
     im = ax.imshow(np.ma.masked_invalid(v), origin="lower", aspect="auto", cmap=cmap)
     ax.set_xticks(range(s.size), [f"{t:g}" for t in s])
     ax.set_yticks(range(r.size), [f"{t:g}" for t in r])
@@ -355,7 +355,7 @@ def sweep_lines(
     if x not in ("rotation", "scale"):
         raise ValueError(f"x must be 'rotation' or 'scale'; got {x!r}")
     xs, others, other_name, rows = (r, s, "scale", v.T) if x == "rotation" else (s, r, "rotation", v)
-    fig, ax = _figure_and_ax(ax, (5.0, 3.0))
+    fig, ax = figure_and_ax(ax, (5.0, 3.0))
     cm = matplotlib.colormaps[cmap]
     for k, (o, y) in enumerate(zip(others, rows)):
         ax.plot(xs, y, marker="o", markersize=3, color=cm(k / max(1, len(others) - 1)), label=f"{other_name}={o:g}")

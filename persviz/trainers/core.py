@@ -22,9 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..embeddings import PathLike, _single_token_id
-from ..io import atomic_write_text
-from ..shapesworld.train import atomic_export, atomic_save
+from persviz.embeddings import PathLike, single_token_id
+from persviz.io import atomic_folder, atomic_save, atomic_write_text
 
 CONFIG_FILE = "config.json"
 RESUME_FILE = "resume_state.pt"
@@ -143,12 +142,6 @@ class TrainResult:
     final_path: Path
 
 
-def atomic_folder(folder: Path, save: Callable[[Path], None]) -> Path:
-    """Call save(tmp_folder), then rename the finished folder into place (a killed run leaves the old one whole)."""
-    atomic_export(folder, save)
-    return folder
-
-
 # ----------------------------------------------------------------------------- config checks
 
 
@@ -238,7 +231,7 @@ def check_common_fields(cfg: Any, ints: Sequence[tuple[str, int]] = (), bools: S
 
 def check_new_token(tokenizer: Any, token: str, what: str, unload_hint: str) -> None:
     """A ValueError if `token` is already one token of the tokenizer (a word of the vocabulary or an added token)."""
-    existing = _single_token_id(tokenizer, token)
+    existing = single_token_id(tokenizer, token)
     if existing is not None:
         how = (unload_hint if existing >= tokenizer.vocab_size
                else "pick a string that is not a word, such as '<my-concept>'")
@@ -524,7 +517,7 @@ def class_images(pipe: Any, config: Any, folder: Path, res: int, progress: bool)
     """
     from PIL import Image
 
-    from ..generation import generate
+    from persviz.generation import generate
 
     prompt, num, seed = config.class_prompt, config.num_class_images, config.class_seed
     steps, guidance, batch_size = config.class_steps, config.class_guidance, config.class_batch_size

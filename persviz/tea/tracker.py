@@ -39,11 +39,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import shift_metrics as sm
-from .embeddings import _parts, _single_token_id, class_word_id, norm_ratio_and_cosine
-from .io import atomic_write_text
-from .prompts import PLACEHOLDER, load_prompt_set
-from .trainers.textual_inversion import CONFIG_FILE, _PlaceholderRows, list_snapshots, load_snapshot_embedding
+from persviz.tea import shift as sm
+from persviz.embeddings import prompt_parts, single_token_id, class_word_id, norm_ratio_and_cosine
+from persviz.io import atomic_write_text
+from persviz.prompts import PLACEHOLDER, load_prompt_set
+from persviz.trainers.core import PlaceholderRows
+from persviz.trainers.textual_inversion import CONFIG_FILE, list_snapshots, load_snapshot_embedding
 
 PathLike = Union[str, os.PathLike]
 RunLike = Union[PathLike, Sequence[tuple[int, Any]], Mapping[int, Any]]
@@ -106,7 +107,7 @@ def _steps_of(run: RunLike) -> tuple[list[tuple[int, Any]], dict]:
         if not snaps:
             raise ValueError(
                 f"{folder} holds no learned_embeds-steps-<k>.safetensors snapshots; train with "
-                f"persviz.trainers.train_textual_inversion (saves one every TIConfig.save_every steps) or pass a "
+                f"persviz.trainers.train_textual_inversion (saves one every TextualInversionConfig.save_every steps) or pass a "
                 f"list of (step, embedding) pairs"
             )
         return list(snaps), _run_config(folder)
@@ -132,7 +133,7 @@ class _PromptEncoder:
 
     def __init__(self, pipe: Any, placeholder: str, class_word: str, n_vectors: int, representation: str,
                  batch_size: int) -> None:
-        tokenizer, encoder = _parts(pipe)
+        tokenizer, encoder = prompt_parts(pipe)
         if tokenizer is None or encoder is None:
             raise ValueError("pipe needs a tokenizer and a text_encoder (a StableDiffusionPipeline, or that pair)")
         if not isinstance(placeholder, str) or not placeholder or any(c.isspace() for c in placeholder):
@@ -148,7 +149,7 @@ class _PromptEncoder:
         self.tok = copy.deepcopy(tokenizer)  # the pipeline's tokenizer is never changed
         base = int(self.tok.vocab_size)
         for t in self.tokens:
-            tid = _single_token_id(self.tok, t)
+            tid = single_token_id(self.tok, t)
             if tid is not None and tid < base:
                 raise ValueError(f"placeholder token {t!r} is a word of the vocabulary (id {tid}); the tracker would "
                                  f"overwrite it everywhere. Use the run's placeholder, such as '<v*>'")
@@ -183,7 +184,7 @@ class _PromptEncoder:
                                  f"once each after tokenization (cut at {self.tok.model_max_length} tokens?)")
             mask, sel = hits.any(-1), hits.int().argmax(-1)
             ids = torch.where(mask, self.class_id, ids)  # any valid row: the hook writes V* there
-        hook = _PlaceholderRows(rows.to(self.device) if rows is not None else torch.empty(0))
+        hook = PlaceholderRows(rows.to(self.device) if rows is not None else torch.empty(0))
         handle = self.encoder.get_input_embeddings().register_forward_hook(hook)
         out = []
         try:
@@ -270,7 +271,7 @@ def track_semantic_shift(
     _check_choice(representation, "representation", REPRESENTATIONS)
     _check_choice(covariance, "covariance", ("pinv", "ledoit_wolf"))
     _check_choice(intra_covariance, "intra_covariance", ("pinv", "ledoit_wolf"))
-    sm._check_tau(tau)
+    sm.check_tau(tau)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
     contextual = _prompt_set(prompts, "prompts")

@@ -10,7 +10,7 @@ score reaches a target, never accepting one whose fidelity falls below a floor:
     result.rotation, result.images, result.trace
 
 The search is pure (callables in, result out); `make_tea_scorer` builds the callables from a pipeline with
-persviz.tea_pipeline.tea (token-level TEA, Eq. 1) and persviz.metrics (CLIP-T of the context, CLIP-I).
+persviz.tea.pipeline.tea (token-level TEA, Eq. 1) and persviz.metrics (CLIP-T of the context, CLIP-I).
 """
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Optional, Union
 
-from .generation import GUIDANCE, STEPS, generate
-from .metrics import ImagesLike, _clip_score, _images, _mean_cosine, _texts
-from .tea import _knob
-from .tea_pipeline import _knobs, tea
+from persviz.generation import GUIDANCE, STEPS, generate
+from persviz.metrics import ImagesLike, clip_score, as_images, mean_cosine, as_texts
+from persviz.tea.adjust import check_knob
+from persviz.tea.pipeline import check_knobs, tea
 
 #: The schedule tried by default: no rotation, then steps of 0.1 up to half-way to the class word.
 SCHEDULE = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
@@ -69,12 +69,12 @@ class AdaptiveResult:
 
 
 def _schedule(schedule: Sequence[float]) -> tuple[float, ...]:
-    """Rotations checked with tea's _knob, sorted ascending, duplicates dropped; ValueError if empty."""
+    """Rotations checked with tea's check_knob, sorted ascending, duplicates dropped; ValueError if empty."""
     if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence):
         raise ValueError(f"schedule must be a sequence of rotations in [0, 1]; got {schedule!r}")
     if len(schedule) == 0:
         raise ValueError(f"schedule is empty; pass rotations to try, e.g. {SCHEDULE}")
-    return tuple(sorted({_knob(r, f"schedule[{i}] (a rotation)") for i, r in enumerate(schedule)}))
+    return tuple(sorted({check_knob(r, f"schedule[{i}] (a rotation)") for i, r in enumerate(schedule)}))
 
 
 def _threshold(x: Optional[float], name: str, default: float) -> float:
@@ -89,8 +89,8 @@ def _threshold(x: Optional[float], name: str, default: float) -> float:
 def _scale_for(scale: ScaleLike, rotation: float, method: str) -> float:
     """The scale at this rotation: a fixed number, a function of the rotation, or tea.DEFAULTS[method] for None."""
     if callable(scale):
-        return _knob(scale(rotation), f"scale({rotation})")
-    return _knobs(method, rotation, scale)[1]
+        return check_knob(scale(rotation), f"scale({rotation})")
+    return check_knobs(method, rotation, scale)[1]
 
 
 def _scores(out: Any, rotation: float) -> tuple[float, float]:
@@ -143,7 +143,7 @@ def adaptive_tea(
     if fallback not in ("last", "best"):
         raise ValueError(f"fallback must be 'last' or 'best'; got {fallback!r}")
     if not callable(scale):
-        _knobs(method, None, scale)  # an unknown method or a bad fixed scale fails before any generation
+        check_knobs(method, None, scale)  # an unknown method or a bad fixed scale fails before any generation
     trace: list[TraceStep] = []
     kept: list[tuple[TraceStep, Any]] = []  # acceptable steps with their images ("last" keeps only one)
     status: Status = "exhausted"
@@ -203,7 +203,7 @@ def make_tea_scorer(
     Args:
         pipe: a diffusers pipeline whose tokenizer knows `placeholder` (Textual Inversion loaded).
         prompt: the personalized prompt, e.g. "a <v> on a navy background".
-        placeholder, class_word: as for persviz.tea_pipeline.tea.
+        placeholder, class_word: as for persviz.tea.pipeline.tea.
         evaluator: a CLIP evaluator; the context score is the mean CLIP-T (0..100) against `context`.
         references: the concept's reference images; the fidelity is the mean CLIP-I cosine to them, or DINO-I
             when fidelity_evaluator is a DINO evaluator.
@@ -216,10 +216,10 @@ def make_tea_scorer(
         raise ValueError(f"prompt must be a string containing the placeholder {placeholder!r}; got {prompt!r}")
     if isinstance(n_images, bool) or not isinstance(n_images, numbers.Integral) or n_images < 1:
         raise ValueError(f"n_images must be a positive integer; got {n_images!r}")
-    _knobs(method, None, None)  # an unknown method fails here, not mid-search
-    context = _texts(context, 1, "context")[0]
+    check_knobs(method, None, None)  # an unknown method fails here, not mid-search
+    context = as_texts(context, 1, "context")[0]
     fid_eval = evaluator if fidelity_evaluator is None else fidelity_evaluator
-    ref_emb = fid_eval.embed_images(_images(references, "references"))
+    ref_emb = fid_eval.embed_images(as_images(references, "references"))
     ctx_emb = evaluator.embed_texts([context])
 
     def generate_fn(rotation: float, scale: float) -> Any:
@@ -229,11 +229,11 @@ def make_tea_scorer(
 
     def score_fn(images: Any) -> tuple[float, float]:
         """(mean CLIP-T against the context part, mean fidelity cosine to the references)."""
-        images = _images(images)
+        images = as_images(images)
         img_emb = evaluator.embed_images(images)
-        ctx = _clip_score(img_emb, ctx_emb.expand(len(img_emb), -1)).mean()
+        ctx = clip_score(img_emb, ctx_emb.expand(len(img_emb), -1)).mean()
         fid_emb = img_emb if fid_eval is evaluator else fid_eval.embed_images(images)
-        return float(ctx), float(_mean_cosine(fid_emb, ref_emb).mean())
+        return float(ctx), float(mean_cosine(fid_emb, ref_emb).mean())
 
     return TeaScorer(generate_fn, score_fn)
 

@@ -95,7 +95,7 @@ def _vector(x: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
     return arr
 
 
-def _check_v_div(v_div: torch.Tensor | np.ndarray) -> np.ndarray:
+def check_v_div(v_div: torch.Tensor | np.ndarray) -> np.ndarray:
     """v_div as a finite, non-zero 1-D float64 vector."""
     v = _vector(v_div, "v_div")
     if np.linalg.norm(v) < MIN_DIVERGENCE_NORM:
@@ -106,7 +106,7 @@ def _check_v_div(v_div: torch.Tensor | np.ndarray) -> np.ndarray:
     return v
 
 
-def _concept_matrix(concepts: dict[str, torch.Tensor], dim: int, what: str = "concepts") -> tuple[list[str], np.ndarray]:
+def concept_matrix(concepts: dict[str, torch.Tensor], dim: int, what: str = "concepts") -> tuple[list[str], np.ndarray]:
     """Names and the [D, K] matrix whose columns are the concept vectors."""
     if not isinstance(concepts, dict):
         raise TypeError(f"{what} must be a dict {{name: vector [D]}}, got {type(concepts).__name__}.")
@@ -170,7 +170,7 @@ def divergence_vector(emb_personal: torch.Tensor, emb_base: torch.Tensor) -> tup
     diff = p / np.linalg.norm(p, axis=1, keepdims=True) - b / np.linalg.norm(b, axis=1, keepdims=True)
     v = diff.mean(axis=0)
     spread = float(np.linalg.norm(diff.std(axis=0)))
-    return torch.from_numpy(_check_v_div(v)), spread
+    return torch.from_numpy(check_v_div(v)), spread
 
 
 def append_compose(prompt: str, concept: str) -> str:
@@ -188,7 +188,7 @@ def concept_direction(text_encoder_fn: Callable[[list[str]], torch.Tensor], prob
         probe_prompts: the probe prompts t (the paper uses about 20-25).
         concept: the concept text C, e.g. "watercolor".
         compose: ``(t, C) -> prompt`` with C added; default `append_compose` (the paper's
-            ``t + ", " + C``). `persviz.finexl_concepts.shapesworld_compose` instead writes C
+            ``t + ", " + C``). `persviz.finexl.concepts.shapesworld_compose` instead writes C
             into the caption's grammar (persviz's grammar-aware f(C)).
 
     Returns:
@@ -257,8 +257,8 @@ def orthogonal_filter(v_div: torch.Tensor, candidates: dict[str, torch.Tensor], 
     Raises:
         ValueError: no candidate survives (all zero-norm, or all below ``min_relevance``).
     """
-    v = _check_v_div(v_div)
-    names, mat = _concept_matrix(candidates, v.shape[0], what="candidates")
+    v = check_v_div(v_div)
+    names, mat = concept_matrix(candidates, v.shape[0], what="candidates")
     if not (float(eps_ortho) > 0.0):
         raise ValueError(f"eps_ortho must be > 0 (paper 0.03, re-implementation 0.1-0.3), got {eps_ortho}.")
     norms = np.linalg.norm(mat, axis=0)
@@ -331,10 +331,10 @@ def decompose(v_div: torch.Tensor, concepts: dict[str, torch.Tensor], method: Me
         e_decomp: residual bound in (0, 1] (paper: 0.2), stored for ``within_bound``.
         whiten_rtol: relative singular-value cut-off of the truncated PCA, in (0, 1).
     """
-    v = _check_v_div(v_div)
+    v = check_v_div(v_div)
     method = _check_method(method)
     e_decomp = _check_e_decomp(e_decomp)
-    names, mat = _concept_matrix(concepts, v.shape[0])
+    names, mat = concept_matrix(concepts, v.shape[0])
     if method == "lstsq":
         w = np.linalg.lstsq(mat, v, rcond=None)[0]
     else:
@@ -365,7 +365,7 @@ def greedy_decompose(v_div: torch.Tensor, concepts: dict[str, torch.Tensor], ord
         the first step with ``e < e_decomp`` (or all of ``order`` if the bound is never
         met: then ``decomposition.within_bound`` is False), and ``e`` after each step.
     """
-    _check_v_div(v_div)
+    check_v_div(v_div)
     _check_method(method)
     _check_e_decomp(e_decomp)
     if order is None:

@@ -3,7 +3,7 @@
 Every function takes sets shaped [N, ...] (e.g. [N, 77, 768] text-encoder hidden states or
 [N, D] pooled embeddings), flattens everything after the first dimension, computes in float64
 on the input's device and returns a Python float. Loop versions for benchmarking live in
-``persviz._reference_shift``.
+``persviz.tea.reference``.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _as_set(X: SetLike, name: str, min_samples: int = 1) -> torch.Tensor:
     return T
 
 
-def _as_pair(P: SetLike, Q: SetLike, min_p: int = 1, min_q: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def as_pair(P: SetLike, Q: SetLike, min_p: int = 1, min_q: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate two sets with the same per-sample shape; both [N, F] float64 on P's device."""
     P2, Q2 = _as_set(P, "P", min_p), _as_set(Q, "Q", min_q)
     sp, sq = tuple(P.shape[1:]), tuple(Q.shape[1:])
@@ -71,13 +71,13 @@ def _sq_dists(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 def pairwise_distances(P: SetLike, Q: SetLike) -> torch.Tensor:
     """All Euclidean distances |p_i - q_j| as a float64 tensor [N, M]."""
-    P2, Q2 = _as_pair(P, Q)
+    P2, Q2 = as_pair(P, Q)
     return _sq_dists(P2, Q2).sqrt()
 
 
 def l2_distance(P: SetLike, Q: SetLike) -> float:
     """Inter-set L2: mean over all pairs (p, q) of |p - q|."""
-    P2, Q2 = _as_pair(P, Q)
+    P2, Q2 = as_pair(P, Q)
     return _l2(_sq_dists(P2, Q2))
 
 
@@ -100,7 +100,7 @@ def _intra_l2(d2: torch.Tensor) -> float:
 
 def hausdorff_distance(P: SetLike, Q: SetLike) -> float:
     """Symmetric Hausdorff distance: max(max_p min_q d(p, q), max_q min_p d(p, q))."""
-    P2, Q2 = _as_pair(P, Q)
+    P2, Q2 = as_pair(P, Q)
     return _hausdorff(P2, Q2, _sq_dists(P2, Q2))
 
 
@@ -154,7 +154,7 @@ def _lw_shrinkage(Xc: torch.Tensor, A: torch.Tensor) -> float:
     return 0.0 if beta == 0 else beta / delta
 
 
-def _mahalanobis_sq(
+def mahalanobis_sq(
     P2: torch.Tensor,
     Q2: torch.Tensor,
     covariance: Covariance = "pinv",
@@ -233,10 +233,10 @@ def mahalanobis_distance(
     """
     _check_covariance(covariance)
     _check_rtol(rtol)
-    P2, Q2 = _as_pair(P, Q)
+    P2, Q2 = as_pair(P, Q)
     if Q2.shape[0] < 2:
         raise ValueError("Cov(Q) needs at least 2 samples in Q; got 1. Pass more prompt embeddings for Q.")
-    return float(_mahalanobis_sq(P2, Q2, covariance, rtol).sqrt().mean())
+    return float(mahalanobis_sq(P2, Q2, covariance, rtol).sqrt().mean())
 
 
 def intra_mahalanobis(P: SetLike, covariance: Covariance = "ledoit_wolf", rtol: float | None = None) -> float:
@@ -248,7 +248,7 @@ def intra_mahalanobis(P: SetLike, covariance: Covariance = "ledoit_wolf", rtol: 
     _check_covariance(covariance)
     _check_rtol(rtol)
     P2 = _as_set(P, "P", 2)
-    return float(_mahalanobis_sq(P2, P2, covariance, rtol).sqrt().mean())
+    return float(mahalanobis_sq(P2, P2, covariance, rtol).sqrt().mean())
 
 
 def kl_divergence(P: SetLike, Q: SetLike, tau: float = 1.0) -> float:
@@ -257,12 +257,12 @@ def kl_divergence(P: SetLike, Q: SetLike, tau: float = 1.0) -> float:
     L2-normalise rows, S = X X^T / tau, softmax each row, add 1e-8 (no renormalisation, as in
     the paper's code), KL = mean_i sum_j p_ij log(p_ij / q_ij).
     """
-    _check_tau(tau)
-    P2, Q2 = _as_pair(P, Q)
+    check_tau(tau)
+    P2, Q2 = as_pair(P, Q)
     return _kl(P2, Q2, float(tau))
 
 
-def _check_tau(tau: float) -> None:
+def check_tau(tau: float) -> None:
     """Raise unless tau is a finite number > 0."""
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau) or tau <= 0:
         raise ValueError(f"tau must be a finite number > 0 (softmax temperature, default 1.0); got {tau!r}")
@@ -297,8 +297,8 @@ def shift_distances(
 ) -> dict[str, float]:
     """All four inter-set metrics d(P, Q): keys "l2", "hausdorff", "mahalanobis", "kl" (validated once)."""
     _check_covariance(covariance)
-    _check_tau(tau)
-    P2, Q2 = _as_pair(P, Q)
+    check_tau(tau)
+    P2, Q2 = as_pair(P, Q)
     if Q2.shape[0] < 2:
         raise ValueError("Cov(Q) needs at least 2 samples in Q; got 1. Pass more prompt embeddings for Q.")
     _check_paired(P2, Q2)
@@ -306,7 +306,7 @@ def shift_distances(
     return {
         "l2": _l2(d2),
         "hausdorff": _hausdorff(P2, Q2, d2),
-        "mahalanobis": float(_mahalanobis_sq(P2, Q2, covariance).sqrt().mean()),
+        "mahalanobis": float(mahalanobis_sq(P2, Q2, covariance).sqrt().mean()),
         "kl": _kl(P2, Q2, float(tau)),
     }
 
@@ -319,5 +319,5 @@ def intra_distances(P: SetLike, covariance: Covariance = "ledoit_wolf") -> dict[
     return {
         "l2": _intra_l2(d2),
         "hausdorff": _intra_hausdorff(P2, d2),
-        "mahalanobis": float(_mahalanobis_sq(P2, P2, covariance).sqrt().mean()),
+        "mahalanobis": float(mahalanobis_sq(P2, P2, covariance).sqrt().mean()),
     }

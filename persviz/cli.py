@@ -1,0 +1,287 @@
+"""The door: ``persviz``, one command line for the main job and every maintenance command.
+
+    persviz notebooks --out outputs                  # the main job: execute every notebook, write copies and figures
+    persviz shapesworld train [--stages unet]        # retrain the ShapesWorld models (resumable)
+    persviz shapesworld evaluate                     # re-measure them: data/shapesworld/metrics.json, MODEL_CARD.md
+    persviz tea runs --study --table                 # TEA's ShapesWorld runs of the three methods, study, table
+    persviz finexl train | persviz finexl benchmark  # FineXL's LoRA variants; the ground-truth benchmark
+    persviz pigeon train --stage 1 | persviz pigeon study
+
+The maintenance commands always work on ShapesWorld, whatever ``PERSVIZ_SCALE`` says. This module (with
+``persviz/__main__.py`` and the notebook runner) sits above the three rooms and may import all of them; nothing
+in the library imports it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from persviz import run_notebooks
+from persviz.finexl import benchmark as finexl_benchmark
+from persviz.generation import GUIDANCE
+from persviz.io import write_json
+from persviz.loading import load_evaluator, load_pipeline
+from persviz.paths import SHAPESWORLD_DIR
+from persviz.pigeon import study as pigeon_study
+from persviz.pigeon import train as pigeon_train
+from persviz.pigeon.model import PigeonPipeline, build_model, read_config, tiny_pipeline
+from persviz.pigeon.users import DEFAULT_NOISE_RATES, make_datasets
+from persviz.shapesworld import evaluate as world_evaluate
+from persviz.shapesworld import train as world_train
+from persviz.shapesworld.concepts import CONCEPTS
+from persviz.tea import shapesworld_runs
+from persviz.trainers import METHODS
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(int(n))
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+# ----------------------------------------------------------------------------- shapesworld
+
+
+def _add_shapesworld(sub: Any) -> None:
+    world = sub.add_parser("shapesworld", help="train or re-measure the embedded ShapesWorld models").add_subparsers(
+        dest="action", required=True)
+    p = world.add_parser("train", help=world_train.__doc__.splitlines()[0], description=world_train.__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", default=",".join(world_train.STAGES),
+                   help=f"comma-separated subset of {world_train.STAGES}")
+    p.add_argument("--force", action="store_true", help="run stages even if their output exists")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--train-size", type=int, default=world_train.TRAIN_SIZE, help="rendered training images")
+    p.add_argument("--oracle-size", type=int, default=60_000, help="rendered images for the oracle")
+    p.add_argument("--clip-steps", type=int, default=1200)
+    p.add_argument("--vae-steps", type=int, default=1000)
+    p.add_argument("--vae-decoder-steps", type=int, default=2500)
+    p.add_argument("--oracle-steps", type=int, default=2000)
+    p.add_argument("--dino-steps", type=int, default=300)
+    p.add_argument("--unet-steps", type=int, default=9300)
+    p.add_argument("--second-boost-start", type=int, default=6300,
+                   help="UNet step from which half of each batch has a second object (and the LR decays)")
+    p.add_argument("--offset-noise", type=float, default=0.15, help="strength of offset noise in UNet training")
+    p.add_argument("--offset-noise-start", type=int, default=3200, help="UNet step from which offset noise is used")
+    p.set_defaults(run=lambda a: world_train.run_stages(a))
+    p = world.add_parser("evaluate", help=world_evaluate.__doc__.splitlines()[0], description=world_evaluate.__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=300)
+    p.add_argument("--guidance", type=float, default=GUIDANCE)
+    p.add_argument("--out", default=str(SHAPESWORLD_DIR / "metrics.json"))
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    def evaluate(a: argparse.Namespace) -> None:
+        _threads(a.threads)
+        print(json.dumps(world_evaluate.evaluate_all(a.prompts, a.guidance, Path(a.out)), indent=2))
+    p.set_defaults(run=evaluate)
+
+
+# ----------------------------------------------------------------------------- tea
+
+
+def _add_tea(sub: Any) -> None:
+    tea = sub.add_parser("tea", help="TEA's ShapesWorld runs").add_subparsers(dest="action", required=True)
+    p = tea.add_parser("runs", help="train (or resume) the shipped runs; optionally their study and the TEA table",
+                       description=shapesworld_runs.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    p.add_argument("--concepts", default=",".join(CONCEPTS))
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--study", action="store_true", help="also write each Textual Inversion run's study.json")
+    p.add_argument("--table", action="store_true", help="write personal/tea_table.json (all methods, with/without TEA)")
+
+    def runs(a: argparse.Namespace) -> None:
+        _threads(a.threads)
+        methods = [m for m in a.methods.split(",") if m]
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown:
+            raise SystemExit(f"unknown method(s) {unknown}; choose from {METHODS}")
+        pipe = load_pipeline()
+        judges = shapesworld_runs.evaluators() if a.study else None
+        for method in methods:
+            for name in a.concepts.split(","):
+                shapesworld_runs.RUNNERS[method](pipe, name)
+                if a.study and method == "textual_inversion":
+                    shapesworld_runs.study_textual_inversion(pipe, name, judges)
+        if a.table:
+            shapesworld_runs.tea_table(pipe, judges or shapesworld_runs.evaluators())
+    p.set_defaults(run=runs)
+
+
+# ----------------------------------------------------------------------------- finexl
+
+
+def _add_finexl(sub: Any) -> None:
+    fx = sub.add_parser("finexl", help="FineXL's LoRA variants and ground-truth benchmark").add_subparsers(
+        dest="action", required=True)
+    p = fx.add_parser("train", help="fine-tune the LoRA variants of the micro-SD")
+    p.add_argument("--variants", nargs="*", default=None)
+    p.add_argument("--steps", type=int, default=450)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs-dir", default=str(finexl_benchmark.CACHE_DIR / "runs"))
+
+    def train(a: argparse.Namespace) -> None:
+        _threads(max(1, a.threads))
+        shipped = finexl_benchmark.train_variants(a.variants or None, steps=a.steps, batch_size=a.batch_size,
+                                                  lr=a.lr, device=a.device, runs_dir=Path(a.runs_dir))
+        total = sum(p.stat().st_size for p in shipped.values())
+        print(f"shipped {len(shipped)} LoRA variants to {finexl_benchmark.LORA_DIR} ({total / 1e6:.2f} MB)")
+    p.set_defaults(run=train)
+    p = fx.add_parser("benchmark", help="run the benchmark (writes data/finexl/benchmark.json and .md)")
+    p.add_argument("--no-lora", action="store_true", help="renderer variants only")
+    p.add_argument("--threads", type=int, default=1)
+
+    def bench(a: argparse.Namespace) -> None:
+        _threads(max(1, a.threads))
+        result = finexl_benchmark.run(lora=not a.no_lora)
+        print(finexl_benchmark.markdown_report(result))
+        print(f"wrote {finexl_benchmark.BENCHMARK_JSON} and {finexl_benchmark.BENCHMARK_MD}")
+    p.set_defaults(run=bench)
+
+
+# ----------------------------------------------------------------------------- pigeon
+
+
+def _pigeon_pipeline(a: argparse.Namespace, stage: int, init: str | None) -> tuple[PigeonPipeline, str]:
+    """The pipeline a training run starts from: the ShapesWorld backbone, or random tiny ones with --tiny."""
+    overrides = {k: v for k, v in (("d_model", a.d_model), ("n_layers", a.n_layers),
+                                   ("n_out_tokens", a.n_out_tokens), ("condition", a.condition)) if v is not None}
+    config = read_config(init) if stage == 2 else None
+    if stage == 2 and overrides:
+        raise SystemExit("stage 2 takes the model settings of its stage-1 run; drop --d-model/--n-layers/...")
+    if a.tiny:  # the frozen tiny parts are always seed 0; --seed sets the trainable modules' init
+        pipe = tiny_pipeline(config, seed=0, **({"d_model": 32} | overrides) if config is None else {})
+        if stage == 1:
+            fresh = build_model(pipe.scorer.model, pipe.scorer.tokenizer, pipe.model.config.cross_attention_dim,
+                                pipe.model.prompt_encoder, pipe.model.config, seed=a.seed)
+            pipe.model.load_trainable_state_dict(fresh.trainable_state_dict())
+        return pipe, "tiny"
+    return PigeonPipeline.from_shapesworld(config=config, device=a.device, seed=a.seed, **overrides), "shapesworld"
+
+
+def _add_pigeon(sub: Any) -> None:
+    pg = sub.add_parser("pigeon", help="Pigeon's training stages and comparison table").add_subparsers(
+        dest="action", required=True)
+    p = pg.add_parser("train", help="train stage 1 (masked reconstruction) or stage 2 (DPO)",
+                      description=pigeon_train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", type=int, choices=(1, 2), default=1)
+    p.add_argument("--out", default=None, help="output folder (default data/pigeon/stage{N})")
+    p.add_argument("--init", default=None, help="stage 2: the stage-1 folder (default data/pigeon/stage1)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=None, help="default 3e-4 (stage 1), 1e-5 (stage 2)")
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--snr-gamma", type=float, default=5.0, help="stage 1 min-SNR weighting; 0: plain MSE")
+    p.add_argument("--aux-weight", type=float, default=0.1, help="stage 1 target-embedding loss weight; 0: off")
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-users", type=int, default=1000)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--noise-rates", type=_floats, default=DEFAULT_NOISE_RATES, help="e.g. 0,0.2,0.4,0.6")
+    p.add_argument("--beta", type=float, default=0.1, help="stage 2 DPO beta (diffusers convention)")
+    p.add_argument("--n-pairs", type=int, default=2000)
+    p.add_argument("--pair-steps", type=int, default=20)
+    p.add_argument("--guidance-scale", type=float, default=4.0)
+    p.add_argument("--d-model", type=int, default=None)
+    p.add_argument("--n-layers", type=int, default=None)
+    p.add_argument("--n-out-tokens", type=int, default=None)
+    p.add_argument("--condition", choices=("text+tokens", "tokens"), default=None)
+    p.add_argument("--eval", type=int, default=0, help="after training: judge N validation windows with the oracle")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default=None)
+    p.add_argument("--tiny", action="store_true", help="random tiny backbones (smoke test)")
+    p.add_argument("--no-progress", action="store_true")
+
+    def train(a: argparse.Namespace) -> pigeon_train.TrainResult:
+        _threads(a.threads)
+        out = Path(a.out) if a.out else pigeon_train.OUT_DIR / f"stage{a.stage}"
+        init = None
+        if a.stage == 2:
+            init = a.init or str((Path(a.out).parent if a.out else pigeon_train.OUT_DIR) / "stage1")
+        config = pigeon_train.TrainConfig(
+            stage=a.stage, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
+            snr_gamma=a.snr_gamma or None, aux_weight=a.aux_weight, save_every=a.save_every, seed=a.seed,
+            n_users=a.n_users, data_seed=a.data_seed, noise_rates=a.noise_rates, init_from=init, beta=a.beta,
+            n_pairs=a.n_pairs, pair_steps=a.pair_steps, guidance_scale=a.guidance_scale)
+        pipe, backbone = _pigeon_pipeline(a, a.stage, init)
+        result = pigeon_train.train(pipe, config, out, progress=not a.no_progress, backbone=backbone)
+        last = result.losses[-1] if result.losses else float("nan")
+        print(f"stage {a.stage}: {result.steps} steps, last loss {last:.4f}; weights in {result.final_path}")
+        if a.eval > 0:
+            val = make_datasets(config.n_users, config.data_seed, config.noise_rates, config.n_interactions)["val"]
+            report = pigeon_train.evaluate(pipe, val, a.eval, load_evaluator(kind="oracle"))
+            print(json.dumps(report, indent=1))
+            write_json(out / "eval.json", report)
+        return result
+    p.set_defaults(run=train)
+    p = pg.add_parser("study", help="write the comparison table (default data/pigeon/comparison.json)",
+                      description=pigeon_study.comparison_table.__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage1", default=str(pigeon_study.PIGEON_DIR / "stage1"))
+    p.add_argument("--stage2", default=str(pigeon_study.PIGEON_DIR / "stage2"), help="'none' leaves the stage-2 row out")
+    p.add_argument("--n-windows", type=int, default=50)
+    p.add_argument("--noise-rates", default="0,0.2,0.4", help="comma-separated, multiples of 0.2")
+    p.add_argument("--split", default="test")
+    p.add_argument("--steps", type=int, default=25, help="sampler steps")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=str(pigeon_study.PIGEON_DIR / "comparison.json"))
+
+    def study(a: argparse.Namespace) -> list[dict[str, Any]]:
+        _threads(a.threads)
+        rows = pigeon_study.comparison_table(
+            a.stage1, None if a.stage2.lower() == "none" else a.stage2, a.n_windows, _floats(a.noise_rates), a.split,
+            seed=a.seed, batch_size=a.batch_size, num_inference_steps=a.steps, path=a.out)
+        print(pigeon_study.format_table(rows))
+        print(f"written to {a.out}")
+        return rows
+    p.set_defaults(run=study)
+
+
+# ----------------------------------------------------------------------------- notebooks
+
+
+def _add_notebooks(sub: Any) -> None:
+    p = sub.add_parser("notebooks", help="the main job: execute every notebook; write the copies and their figures",
+                       description=run_notebooks.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="outputs", help="folder for executed notebooks and figures")
+    p.add_argument("notebooks", nargs="*", help="notebooks to run (default: all in notebooks/)")
+    p.set_defaults(run=lambda a: run_notebooks.run_all(a.notebooks, Path(a.out)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``persviz`` parser with every subcommand."""
+    ap = argparse.ArgumentParser(prog="persviz", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    _add_notebooks(sub)
+    _add_shapesworld(sub)
+    _add_tea(sub)
+    _add_finexl(sub)
+    _add_pigeon(sub)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    """Entry point of the ``persviz`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as e:
+        raise SystemExit(f"persviz {args.command}: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

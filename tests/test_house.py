@@ -1,0 +1,129 @@
+"""The house: three rooms (tea, finexl, pigeon) over one floor, one door (cli, __main__, run_notebooks) on top.
+
+Walks every module's imports with ast (top level and inside functions) and fails listing every offender:
+the floor importing a room or the door, a room importing another room or the door, anything below importing the
+door, and a ``_private`` name used across modules (imported, or read as an attribute of an imported module).
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "persviz"
+ROOMS = ("persviz.tea", "persviz.finexl", "persviz.pigeon")
+DOOR = ("persviz.cli", "persviz.__main__", "persviz.run_notebooks")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def place(module: str) -> str:
+    """'door', a room's name, or 'floor'."""
+    if module in DOOR:
+        return "door"
+    for room in ROOMS:
+        if module == room or module.startswith(room + "."):
+            return room
+    return "floor"
+
+
+def imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """(line, absolute module, imported names) of every persviz import in a file, relative ones resolved."""
+    mod = module_name(path)
+    package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            name = node.module or ""
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                name = ".".join(base + ([name] if name else []))
+            if name == "persviz" or name.startswith("persviz."):
+                out.append((node.lineno, name, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out += [(node.lineno, a.name, []) for a in node.names if a.name.startswith("persviz")]
+    return out
+
+
+def private_uses(path: Path) -> list[str]:
+    """Private names of persviz modules this file uses without defining them: imported, or module._name."""
+    tree = ast.parse(path.read_text(), str(path))
+    own = module_name(path) if path.is_relative_to(PACKAGE) else None
+    found, aliases = [], {}
+    for line, name, names in imports(path):
+        for n in names:
+            if n.startswith("_") and not n.startswith("__"):
+                found.append(f"{path.relative_to(ROOT)}:{line} imports {name}.{n}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("persviz"):
+            for a in node.names:
+                aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("persviz"):
+                    aliases[a.asname or a.name] = a.name
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and aliases[node.value.id] != own):
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
+    return found
+
+
+def offenders() -> list[str]:
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        here = place(module_name(path))
+        for line, name, _ in imports(path):
+            there = place(name)
+            where = f"{path.relative_to(ROOT)}:{line} ({here}) imports {name} ({there})"
+            if there == "door" and here != "door":
+                bad.append(where + ": nothing below the door imports it")
+            elif here == "floor" and there in ROOMS:
+                bad.append(where + ": the floor imports no room")
+            elif here in ROOMS and there in ROOMS and there != here:
+                bad.append(where + ": rooms do not import each other")
+    return bad
+
+
+def test_the_house_has_no_back_arrows():
+    bad = offenders()
+    assert not bad, "imports against the house rules:\n" + "\n".join(bad)
+
+
+def test_no_private_name_is_used_across_modules():
+    files = sorted(PACKAGE.rglob("*.py")) + sorted((ROOT / "tests").rglob("*.py")) + sorted(
+        (ROOT / "benchmarks").glob("*.py"))
+    bad = [u for f in files for u in private_uses(f)]
+    private_modules = sorted({name for f in files for _, name, _ in imports(f)
+                              if any(p.startswith("_") and not p.startswith("__") for p in name.split("."))})
+    bad += [f"module {m} is private but imported" for m in private_modules]
+    assert not bad, "private names used across modules:\n" + "\n".join(bad)
+
+
+def test_the_checker_catches_each_kind_of_offence(tmp_path, monkeypatch):
+    """The walk itself: a planted floor->room, room->room, room->door import and a private import are all found."""
+    pkg = tmp_path / "persviz"
+    for sub in ("tea", "finexl"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "io.py").write_text("from persviz.tea import x\n")
+    (pkg / "tea" / "a.py").write_text("from persviz.finexl import y\nfrom ..cli import main\n")
+    (pkg / "finexl" / "b.py").write_text("from persviz.io import _hidden\n")
+    (pkg / "cli.py").write_text("from persviz.tea import a\n")
+    globals()["ROOT"], globals()["PACKAGE"] = tmp_path, pkg
+    try:
+        bad = offenders()
+        priv = private_uses(pkg / "finexl" / "b.py")
+    finally:
+        globals()["ROOT"], globals()["PACKAGE"] = Path(__file__).resolve().parents[1], Path(
+            __file__).resolve().parents[1] / "persviz"
+    assert any("io.py" in b and "floor imports no room" in b for b in bad)
+    assert any("tea/a.py" in b and "rooms do not import each other" in b for b in bad)
+    assert any("tea/a.py" in b and "persviz.cli" in b for b in bad)
+    assert not any("cli.py" in b for b in bad)
+    assert priv and "_hidden" in priv[0]
