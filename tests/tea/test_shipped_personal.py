@@ -15,7 +15,7 @@ from persviz.trainers import list_snapshots
 @pytest.mark.parametrize("name", sorted(CONCEPTS))
 def test_every_run_is_shipped_with_its_snapshots(method, name):
     run = run_dir(method, name)
-    assert (run / "config.json").is_file(), f"missing run {run}; train with python -m persviz.tea.shapesworld_runs"
+    assert (run / "config.json").is_file(), f"missing run {run}; train with persviz tea runs"
     if method == "textual_inversion":
         assert [k for k, _ in list_snapshots(run)] == list(range(100, 3001, 100))
         assert (run / "learned_embeds.safetensors").is_file()

@@ -16,7 +16,7 @@ def _close(a, b, tol=1e-12):
 
 
 def _literal_eq1(v, c, rotation, scale):
-    """METHODS.md Eq. 1 written out for one vector pair in numpy, with arccos as printed."""
+    """docs/tea.md Eq. 1 written out for one vector pair in numpy, with arccos as printed."""
     v, c = np.asarray(v, dtype=np.float64), np.asarray(c, dtype=np.float64)
     nv, nc = np.linalg.norm(v), np.linalg.norm(c)
     m = (1 - scale) * nv + scale * nc
