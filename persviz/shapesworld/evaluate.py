@@ -155,8 +155,8 @@ was read right in 44 % of prompts at step 6300 (its color was mostly the error) 
 
 
 def evaluate_all(prompts: int = 300, guidance: float = GUIDANCE, out=SHAPESWORLD_DIR / "metrics.json") -> dict:
-    """Measure the shipped ShapesWorld models (always ShapesWorld's, whatever the scale in force) and write
-    metrics.json and MODEL_CARD.md atomically; returns the metrics."""
+    """Measure the shipped ShapesWorld models (always ShapesWorld's, whatever the scale in force) and write `out`
+    (metrics.json) and MODEL_CARD.md beside it, atomically; returns the metrics."""
     oracle = load_evaluator(kind="oracle")
     metrics = {"oracle_accuracy": oracle_accuracy(oracle),
                "clip_zero_shot": clip_zero_shot(load_evaluator(kind="clip"))}
@@ -167,5 +167,5 @@ def evaluate_all(prompts: int = 300, guidance: float = GUIDANCE, out=SHAPESWORLD
     if last.exists():
         metrics["training"] = {k: v for k, v in json.loads(last.read_text()).items() if k.endswith("_steps")}
     atomic_write_text(out, json.dumps(metrics, indent=2))
-    write_model_card(metrics)
+    write_model_card(metrics, Path(out).parent / "MODEL_CARD.md")
     return metrics

@@ -57,3 +57,10 @@ def test_the_readme_names_persviz_commands():
 def test_every_readme_command_parses(argv):
     args = build_parser().parse_args(argv)
     assert callable(args.run)
+
+
+def test_the_package_version_is_pyproject_s():
+    import tomllib
+
+    import persviz
+    assert persviz.__version__ == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == "0.2.0"
