@@ -10,7 +10,7 @@ from typing import Optional, Union
 
 import torch
 
-from persviz.paths import SHAPESWORLD_DIR
+from persviz.paths import DataNotFoundError, shapesworld_dir
 
 SHAPESWORLD = "shapesworld"
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -39,8 +39,12 @@ def default_model(kind: str) -> str:
 
 
 def pick_device(device: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> tuple[torch.device, torch.dtype]:
-    """The given device/dtype, else CUDA with float16 when present, else CPU with float32."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The given device/dtype, else CUDA with float16 when present, else Apple's MPS (float32), else CPU (float32)."""
+    if device is None:
+        mps = getattr(torch.backends, "mps", None)
+        device = ("cuda" if torch.cuda.is_available() else
+                  "mps" if mps is not None and mps.is_available() else "cpu")
+    dev = torch.device(device)
     return dev, dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
 
 
@@ -59,7 +63,7 @@ def unavailable_error(name: str, err: Exception) -> ModelNotAvailableError:
 
 
 def _resolve(model: Union[str, Path], sub: str) -> Union[str, Path]:
-    return SHAPESWORLD_DIR / sub if str(model) == SHAPESWORLD else model
+    return shapesworld_dir() / sub if str(model) == SHAPESWORLD else model
 
 
 def load_pipeline(model: Union[str, Path, object, None] = None, device: Optional[str] = None,
@@ -70,8 +74,9 @@ def load_pipeline(model: Union[str, Path, object, None] = None, device: Optional
     if isinstance(model, DiffusionPipeline):
         return model.to(dev) if device else model
     name = model if model is not None else default_model("pipeline")
+    where = _resolve(name, "sd")  # DataNotFoundError (not wrapped below) when the ShapesWorld data is missing
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(_resolve(name, "sd"), torch_dtype=dt, safety_checker=None,
+        pipe = StableDiffusionPipeline.from_pretrained(where, torch_dtype=dt, safety_checker=None,
                                                        requires_safety_checker=False)
     except (OSError, ValueError) as err:
         raise unavailable_error(str(name), err) from None
@@ -95,14 +100,14 @@ def load_evaluator(model: Union[str, Path, None] = None, kind: str = "clip", dev
             if str(name) != SHAPESWORLD:
                 raise ValueError("the attribute oracle exists for ShapesWorld only; use model='shapesworld'")
             from persviz.shapesworld.oracle import AttributeOracle
-            return AttributeOracle.from_pretrained(SHAPESWORLD_DIR / "oracle").to(dev).eval()
+            return AttributeOracle.from_pretrained(shapesworld_dir() / "oracle").to(dev).eval()
         if kind == "clip" and str(name).startswith("open_clip:"):
             return evaluators.OpenClipEvaluator.load(str(name)[len("open_clip:"):], dev, dt)
         if kind == "clip":
             return evaluators.HFClipEvaluator.load(_resolve(name, "clip"), dev, dt)
         return evaluators.HFDinoEvaluator.load(_resolve(name, "dino"), dev, dt)
     except (OSError, RuntimeError) as err:
-        if isinstance(err, ModelNotAvailableError):
+        if isinstance(err, (ModelNotAvailableError, DataNotFoundError)):
             raise
         raise unavailable_error(str(name), err) from None
 
