@@ -1,8 +1,8 @@
 """Train Pigeon on ShapesWorld users: stage 1 then stage 2 (Xu et al. 2024, Sec. 2.2.4), resumable.
 
-    python -m persviz.pigeon.train --stage 1                 # -> data/pigeon/stage1/
-    python -m persviz.pigeon.train --stage 2                 # from data/pigeon/stage1 -> data/pigeon/stage2/
-    python -m persviz.pigeon.train --stage 1 --tiny --steps 4 --out /tmp/pigeon-smoke   # random tiny parts
+    persviz pigeon train --stage 1                 # -> data/pigeon/stage1/
+    persviz pigeon train --stage 2                 # from data/pigeon/stage1 -> data/pigeon/stage2/
+    persviz pigeon train --stage 1 --tiny --steps 4 --out /tmp/pigeon-smoke   # random tiny parts
 
 Stage 1, masked preference reconstruction: for a window (5 history images, a reference and an
 instruction, the target) the model's conditioning must let the frozen UNet denoise the TARGET's
@@ -45,7 +45,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 from persviz.paths import DATA_DIR
 from persviz.io import atomic_save, atomic_write
 from persviz.seeding import step_rng
+from persviz.trainers.core import TrainResult, run_steps
 from persviz.pigeon.losses import diffusion_dpo_loss
 from persviz.pigeon.model import RATIOS, PigeonPipeline, load_weights, read_config, save_weights
 from persviz.pigeon.users import DEFAULT_NOISE_RATES, PigeonDataset, make_datasets, taste_report
@@ -157,17 +158,6 @@ class TrainConfig:
             raise ValueError(f"ratios must hold at least two mask ratios in [0, 1]; got {self.ratios}")
         if self.stage == 2 and not self.init_from:
             raise ValueError("stage 2 starts from a stage-1 model: pass init_from (e.g. data/pigeon/stage1)")
-
-
-@dataclass
-class TrainResult:
-    """What ``train`` produced; ``losses`` covers all steps of the run in out_dir (earlier calls included)."""
-
-    out_dir: Path
-    steps: int
-    losses: list[float]
-    final_path: Path
-    stats: dict[str, list[float]] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -430,44 +420,45 @@ def _train(pipe: PigeonPipeline, config: TrainConfig, out_dir: PathLike, progres
         return loss, {k: float(v) for k, v in st.items()}
 
     step_fn = stage1_step if config.stage == 1 else stage2_step
+    last: dict[str, float] = {}
+
+    def step(s: int) -> float:
+        for group in opt.param_groups:
+            group["lr"] = config.lr * min(1.0, (s + 1) / max(1, config.warmup))
+        with _seeded(config.seed, s, device):
+            loss, st = step_fn(s)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"stage {config.stage} loss is {loss.item()} at step {s}; lower "
+                                         f"--lr (now {config.lr}) and resume from the last snapshot")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            opt.step()
+        for k, v in st.items():
+            stats.setdefault(k, []).append(v)
+        last.clear()
+        last.update(st)
+        return float(loss.detach().cpu())
+
+    def snapshot_and_state(k: int) -> None:  # a snapshot with every resume state (also at the last step)
+        _write_snapshot(model, out, k, config.keep_snapshots)
+        save_state(k)
+
     if start < config.steps:
-        bar = tqdm(total=config.steps, initial=start, desc=f"pigeon stage {config.stage}", disable=not progress)
-        avg = None
         was = model.training
         model.train()
         if config.stage == 2:
             model.mask_generator.eval()
         try:
-            for s in range(start, config.steps):
-                for group in opt.param_groups:
-                    group["lr"] = config.lr * min(1.0, (s + 1) / max(1, config.warmup))
-                with _seeded(config.seed, s, device):
-                    loss, st = step_fn(s)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"stage {config.stage} loss is {loss.item()} at step {s}; lower "
-                                                 f"--lr (now {config.lr}) and resume from the last snapshot")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                    opt.step()
-                value = float(loss.detach().cpu())
-                losses.append(value)
-                for k, v in st.items():
-                    stats.setdefault(k, []).append(v)
-                k = s + 1
-                if k % config.save_every == 0 or k == config.steps:
-                    _write_snapshot(model, out, k, config.keep_snapshots)
-                    save_state(k)
-                avg = value if avg is None else 0.98 * avg + 0.02 * value
-                bar.update(1)
-                bar.set_postfix(loss=f"{avg:.4f}", **{k: f"{st[k]:.3f}" for k in ("implicit_acc", "aux") if k in st})
-                if callback is not None:
-                    callback(k, value)
+            run_steps(start=start, steps=config.steps, save_every=config.save_every, step=step, history=losses,
+                      snapshot=None, save_state=snapshot_and_state, after=callback,
+                      desc=f"pigeon stage {config.stage}", progress=progress,
+                      postfix=lambda: {k: f"{last[k]:.3f}" for k in ("implicit_acc", "aux") if k in last})
         finally:
-            bar.close()
             model.train(was)
     final = save_weights(model, out, extra={"stage": config.stage, "steps": config.steps, "backbone": backbone})
-    return TrainResult(out, config.steps, losses, final, stats)
+    return TrainResult(out_dir=out, steps=config.steps, loss_history=losses,
+                       snapshot_paths=[p for _, p in _snapshots(out)], final_path=final, stats=stats)
 
 
 # ----------------------------------------------------------------------------- evaluation

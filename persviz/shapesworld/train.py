@@ -29,6 +29,7 @@ from persviz.shapesworld.data import cached_dataset, decode_scene
 from persviz.shapesworld.models import clip_model, dino_model, sample_scheduler, train_scheduler, unet_model, vae_model
 from persviz.shapesworld.oracle import AttributeOracle
 from persviz.shapesworld.tokenizer import build_tokenizer_files
+from persviz.trainers.core import run_steps
 
 CACHE = DATA_DIR / "cache"
 STAGES = ("tokenizer", "clip", "vae", "vae_decoder", "oracle", "dino", "unet", "pipeline")
@@ -42,7 +43,10 @@ def copy_bpe_files(folder: Path) -> None:
 
 
 def run_loop(name: str, steps: int, state: dict, step_fn: Callable[[int], float], save_every: int = 200) -> None:
-    """Run step_fn(step) for steps, snapshotting the modules/optimizers in `state` (resumes if a snapshot exists)."""
+    """Run step_fn(step) for steps, snapshotting the modules/optimizers in `state` (resumes if a snapshot exists).
+
+    The loop is the trainers' (persviz.trainers.core.run_steps); the state goes to CACHE/{name}.pt every save_every
+    steps and at the last one."""
     snap = CACHE / f"{name}.pt"
     start = 0
     if snap.exists():
@@ -50,14 +54,12 @@ def run_loop(name: str, steps: int, state: dict, step_fn: Callable[[int], float]
         for k, obj in state.items():
             obj.load_state_dict(saved[k])
         start = saved["step"]
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=name)
-    avg = None
-    for s in bar:
-        loss = step_fn(s)
-        avg = loss if avg is None else 0.98 * avg + 0.02 * loss
-        bar.set_postfix(loss=f"{avg:.4f}")
-        if (s + 1) % save_every == 0 or s + 1 == steps:
-            atomic_save({"step": s + 1, **{k: o.state_dict() for k, o in state.items()}}, snap)
+
+    def save_state(k: int) -> None:
+        atomic_save({"step": k, **{key: o.state_dict() for key, o in state.items()}}, snap)
+
+    run_steps(start=start, steps=steps, save_every=save_every, step=step_fn, history=[], snapshot=None,
+              save_state=save_state, after=None, desc=name, progress=True)
 
 
 def warmup_cosine(opt, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:

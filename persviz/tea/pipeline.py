@@ -18,6 +18,7 @@ import torch
 
 from persviz.embeddings import prompt_parts, single_token_id, tokens_of, class_word_id, token_row
 from persviz.tea.adjust import DEFAULTS, check_knob, align_positions, prompt_level_adjust, slerp_adjust
+from persviz.trainers.core import PlaceholderRows
 
 
 @dataclass(frozen=True)
@@ -102,16 +103,10 @@ def tea(
             "the text encoder's weights are on the meta device (enable_sequential_cpu_offload); TEA writes them in "
             "place, so use enable_model_cpu_offload or keep the text encoder in memory"
         )
-    rows = torch.tensor(ids, device=weight.device)
     with torch.no_grad():
-        original = weight[rows].detach().clone()
-        adjusted = slerp_adjust(original, weight[cid].detach(), rotation, scale).to(weight.dtype)
-        weight[rows] = adjusted
-    try:
+        adjusted = slerp_adjust(weight[ids].detach(), weight[cid].detach(), rotation, scale).to(weight.dtype)
+    with PlaceholderRows(adjusted, ids).written(encoder) as original:
         yield TeaAdjustment(tuple(ids), cid, rotation, scale, original, adjusted.clone())
-    finally:
-        with torch.no_grad():
-            weight[rows] = original
 
 
 # ----------------------------------------------------------------------------- prompt level (Eq. 2)

@@ -19,6 +19,7 @@ from persviz.embeddings import token_row
 from persviz.generation import GUIDANCE, STEPS, generate
 from persviz.metrics import clip_i, clip_t_parts, dino_i, oracle_concept_context
 from persviz.trainers import METHODS
+from persviz.trainers.core import PlaceholderRows
 
 Probe = Mapping[str, Any]
 
@@ -27,8 +28,8 @@ Probe = Mapping[str, Any]
 def learned_embedding(pipe: Any, placeholder: str, vector: torch.Tensor) -> Iterator[None]:
     """Inside the block the pipeline's tokenizer knows `placeholder` with embedding `vector` [D]; restored on exit.
 
-    A placeholder already loaded has its row written in place; a new one is added with
-    pipe.load_textual_inversion and removed again with pipe.unload_textual_inversion."""
+    A placeholder already loaded has its row written in place (PlaceholderRows.written, as tea() does); a new one is
+    added with pipe.load_textual_inversion and removed again with pipe.unload_textual_inversion."""
     vector = torch.as_tensor(vector).detach().float().reshape(-1)
     if not torch.isfinite(vector).all():
         raise ValueError(f"the embedding of {placeholder!r} holds NaN or inf; pick another snapshot")
@@ -43,15 +44,8 @@ def learned_embedding(pipe: Any, placeholder: str, vector: torch.Tensor) -> Iter
         finally:
             pipe.unload_textual_inversion(placeholder)
         return
-    row = token_row(pipe, placeholder)
-    with torch.no_grad():
-        original = weight[row].detach().clone()
-        weight[row] = vector.to(weight.device, weight.dtype)
-    try:
+    with PlaceholderRows(vector[None], [token_row(pipe, placeholder)]).written(pipe.text_encoder):
         yield
-    finally:
-        with torch.no_grad():
-            weight[row] = original
 
 
 def probe_texts(probes: Sequence[Probe], word: str) -> list[str]:

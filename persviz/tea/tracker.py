@@ -1,4 +1,4 @@
-"""Semantic shift over a Textual Inversion run (TEA Sec. 3.2.1-3.2.3, Figs. 2 and 4; METHODS.md Sec. 1).
+"""Semantic shift over a Textual Inversion run (TEA Sec. 3.2.1-3.2.3, Figs. 2 and 4; docs/tea.md §3).
 
 For every saved embedding V* of a run, encode three prompt sets with the pipeline's text encoder:
 P_V* (the contextual prompts with the placeholder), P_simple (the simple prompts with the placeholder)
@@ -184,10 +184,8 @@ class _PromptEncoder:
                                  f"once each after tokenization (cut at {self.tok.model_max_length} tokens?)")
             mask, sel = hits.any(-1), hits.int().argmax(-1)
             ids = torch.where(mask, self.class_id, ids)  # any valid row: the hook writes V* there
-        hook = PlaceholderRows(rows.to(self.device) if rows is not None else torch.empty(0))
-        handle = self.encoder.get_input_embeddings().register_forward_hook(hook)
         out = []
-        try:
+        with PlaceholderRows(rows.to(self.device) if rows is not None else torch.empty(0)).hooked(self.encoder) as hook:
             for s in range(0, len(ids), self.batch_size):
                 b = slice(s, s + self.batch_size)
                 if mask is not None:
@@ -196,8 +194,6 @@ class _PromptEncoder:
                 h = self.encoder(ids[b].to(self.device), attention_mask=attn)[0]
                 h = h[:, -1] if self.representation == "last" else h.reshape(h.shape[0], -1)
                 out.append(h.float())
-        finally:
-            handle.remove()
         return torch.cat(out)
 
 

@@ -13,8 +13,8 @@ import inspect
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -133,13 +133,30 @@ def weights_path(path: PathLike, file: str, what: str, hint: str) -> Path:
 
 @dataclass
 class TrainResult:
-    """What a training call produced; `steps` counts all steps of the run in out_dir (earlier calls included)."""
+    """What a training call produced (every trainer: textual inversion, DreamBooth-LoRA, Custom Diffusion, the LoRA
+    fine-tune, Pigeon); `steps` and `loss_history` count all steps of the run in out_dir (earlier calls included).
+
+    Args:
+        snapshot_paths: the run's snapshots (files or checkpoint folders), by step.
+        final_path: the final weights file.
+        embedding_path: Custom Diffusion: the final modifier embedding (None for the others).
+        class_images_dir: DreamBooth-LoRA and Custom Diffusion: the prior-preservation images (None without).
+        stats: per-step values besides the loss ({name: [value per step]}; Pigeon's loss parts).
+    """
 
     out_dir: Path
     steps: int
     loss_history: list[float]
     snapshot_paths: list[Path]
     final_path: Path
+    embedding_path: Path | None = None
+    class_images_dir: Path | None = None
+    stats: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def losses(self) -> list[float]:
+        """loss_history (Pigeon's name for it)."""
+        return self.loss_history
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -369,11 +386,30 @@ def encode_stats(vae: Any, x: torch.Tensor, device: torch.device) -> tuple[torch
     return torch.cat(means), torch.cat(stds)
 
 
-class PlaceholderRows:
-    """Forward hook of the input embedding: writes rows[sel] (cast to the output dtype) where mask is set."""
+def placeholder_positions(input_ids: torch.Tensor, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [..., L]: where input_ids holds one of token_ids, sel [..., L]: which one, an index into token_ids; 0
+    elsewhere): what a PlaceholderRows hook reads."""
+    hits = input_ids[..., None] == torch.as_tensor(list(token_ids), device=input_ids.device)
+    return hits.any(-1), hits.int().argmax(-1)
 
-    def __init__(self, rows: torch.Tensor) -> None:
+
+class PlaceholderRows:
+    """The one way persviz makes a placeholder mean a vector: rows [n, D] for the placeholder's n tokens.
+
+    As a forward hook of a text encoder's input embedding (``with PlaceholderRows(rows).hooked(encoder):``, the
+    trainers and the shift tracker): the output gets rows[sel] (cast to its dtype) where `mask` is set (the caller
+    sets mask and sel per batch, e.g. from ``placeholder_positions``; None: the output as it is). The embedding
+    matrix is not touched, so a float32 row (a leaf that trains) works inside a float16 encoder and no other row can
+    change.
+
+    Written into the matrix (``with PlaceholderRows(rows, ids).written(encoder):``, tea() and learned_embedding):
+    for a pipeline that tokenizes prompts itself and already holds the tokens ids; rows cast to the matrix's dtype,
+    the exact old rows written back on exit (also after an exception).
+    """
+
+    def __init__(self, rows: torch.Tensor, ids: Sequence[int] = ()) -> None:
         self.rows = rows
+        self.ids = tuple(int(i) for i in ids)
         self.mask: torch.Tensor | None = None
         self.sel: torch.Tensor | None = None
 
@@ -381,6 +417,33 @@ class PlaceholderRows:
         if self.mask is None:
             return output
         return torch.where(self.mask.unsqueeze(-1), self.rows.to(output.dtype)[self.sel], output)
+
+    @contextlib.contextmanager
+    def hooked(self, encoder: Any) -> Iterator["PlaceholderRows"]:
+        """The hook on encoder's input embedding inside the block; removed (and mask cleared) on exit."""
+        handle = encoder.get_input_embeddings().register_forward_hook(self)
+        try:
+            yield self
+        finally:
+            self.mask = None
+            handle.remove()
+
+    @contextlib.contextmanager
+    def written(self, encoder: Any) -> Iterator[torch.Tensor]:
+        """rows written into encoder's input-embedding matrix at ids inside the block; yields the old rows (a copy),
+        written back on exit."""
+        weight = encoder.get_input_embeddings().weight
+        if len(self.ids) != len(self.rows):
+            raise ValueError(f"{len(self.rows)} rows for {len(self.ids)} token ids")
+        idx = torch.tensor(self.ids, device=weight.device)
+        with torch.no_grad():
+            original = weight[idx].detach().clone()
+            weight[idx] = self.rows.to(weight.device, weight.dtype)
+        try:
+            yield original
+        finally:
+            with torch.no_grad():
+                weight[idx] = original
 
 
 @contextlib.contextmanager
@@ -479,10 +542,19 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: Any, 
 
 
 def run_steps(*, start: int, steps: int, save_every: int, step: Callable[[int], float], history: list[float],
-              snapshot: Callable[[int], None], save_state: Callable[[int], None],
-              after: Callable[[int, float], None] | None, desc: str, progress: bool) -> None:
-    """The training loop: step(s) for s in [start, steps); a snapshot and the resume state every save_every steps
-    (the state also at the last step); a tqdm bar with a smoothed loss; after(k, loss) once step k is done."""
+              snapshot: Callable[[int], None] | None, save_state: Callable[[int], None],
+              after: Callable[[int, float], None] | None, desc: str, progress: bool,
+              postfix: Callable[[], Mapping[str, str]] | None = None) -> None:
+    """The resumable training loop of every persviz trainer (the personalization trainers, Pigeon, the ShapesWorld
+    stages): step(s) for s in [start, steps), its loss appended to history; snapshot(k) every save_every steps and
+    save_state(k) then and at the last step (k: the steps done); a tqdm bar with a smoothed loss (and postfix()'s
+    entries); after(k, loss) once step k is done.
+
+    Exact resume is the caller's part: step s must draw its randomness from (seed, s) only (persviz.seeding.step_rng)
+    and save_state must write everything the next step reads, so that a run resumed from the state at step k goes on
+    as the uninterrupted one. An exception in step or after stops the loop (the bar is closed); the last state
+    written is the one to resume from.
+    """
     bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress)
     avg = None
     try:
@@ -490,13 +562,13 @@ def run_steps(*, start: int, steps: int, save_every: int, step: Callable[[int], 
             loss = step(s)
             history.append(loss)
             k = s + 1
-            if k % save_every == 0:
+            if snapshot is not None and k % save_every == 0:
                 snapshot(k)
             if k % save_every == 0 or k == steps:
                 save_state(k)
             avg = loss if avg is None else 0.98 * avg + 0.02 * loss
             bar.update(1)
-            bar.set_postfix(loss=f"{avg:.4f}")
+            bar.set_postfix(loss=f"{avg:.4f}", **(postfix() if postfix is not None else {}))
             if after is not None:
                 after(k, loss)
     finally:

@@ -18,7 +18,7 @@ one-token word; the instance prompt is "photo of a <new1> square"; noise-predict
 - prior preservation (``prior_preservation``, off by default here to keep CPU runs small; the example's
   --with_prior_preservation): ``num_class_images`` images of the class prompt generated once by the base pipeline,
   appended to each batch with the class prompt and an unmasked MSE weighted by ``prior_loss_weight``.
-TEA (METHODS.md Sec. 1) trained Custom Diffusion with lr 5e-6 for 2000 steps: the defaults here. The rest follows the
+TEA (docs/tea.md §8) trained Custom Diffusion with lr 5e-6 for 2000 steps: the defaults here. The rest follows the
 example (batch 1 rather than its 4, snapshots every 250 steps as its checkpointing_steps); the modifier is
 initialised from the class word by default (the example uses "ktn", a rare token of SD's vocabulary; pass
 ``initializer="ktn"`` to follow it there; the ShapesWorld tokenizer has no such token).
@@ -92,6 +92,7 @@ from persviz.trainers.core import (
     latent_stats,
     optimizer_step,
     owned_by,
+    placeholder_positions,
     restore_params,
     run_steps,
     save_resume_state,
@@ -173,15 +174,9 @@ class CustomDiffusionConfig:
         check_common_fields(self, bools=("augment",))
 
 
-@dataclass
-class CustomDiffusionResult(TrainResult):
-    """What a training call produced; `steps` counts all steps of the run in out_dir (earlier calls included).
-
-    snapshot_paths are the checkpoint-{k} folders; final_path the final weights file and embedding_path the final
-    modifier embedding (both in out_dir; ``load_custom_diffusion(pipe, out_dir)`` loads them)."""
-
-    embedding_path: Path
-    class_images_dir: Path | None
+# The name this trainer has always returned: snapshot_paths are the checkpoint-{k} folders; final_path the final
+# weights file and embedding_path the final modifier embedding (``load_custom_diffusion(pipe, out_dir)`` loads both).
+CustomDiffusionResult = TrainResult
 
 
 # ----------------------------------------------------------------------------- saved runs
@@ -376,13 +371,13 @@ def train_custom_diffusion(
     device, res, pixels = training_images(pipe, images, config)
     prompts = [pre + config.instance_prompt for pre in AUG_PREFIXES] + [config.class_prompt]
     ids = token_ids(tok, prompts)
-    is_mod = ids == mod_id
+    is_mod, sel = placeholder_positions(ids, [mod_id])
     for p, n in zip(prompts, is_mod.sum(1).tolist()):
         if n != (p != config.class_prompt):
             raise ValueError(f"prompt {p!r} holds the modifier token {n} times after tokenization (cut at "
                              f"{tok.model_max_length} tokens?); the instance prompt must hold it once")
     ids_table = torch.where(is_mod, init_id, ids).to(device)  # the modifier's positions read the initializer
-    mask_table, sel_table = is_mod.to(device), torch.zeros_like(ids).to(device)
+    mask_table, sel_table = is_mod.to(device), sel.to(device)
     W = text_encoder.get_input_embeddings().weight
     first_kv = next(iter(cross.values()))
     record = {"format": _FORMAT, **asdict(config), "resolution_used": res, "num_images": len(pixels),
@@ -402,38 +397,33 @@ def train_custom_diffusion(
         te_dtype, unet_dtype = text_encoder.dtype, unet.dtype
         row0 = W[init_id].detach().float().to(device)[None]
         rows = (state["rows"].to(device) if state is not None else row0).clone().requires_grad_(True)
-        hook = PlaceholderRows(rows)
-        handle = text_encoder.get_input_embeddings().register_forward_hook(hook)
-        try:
-            with frozen([text_encoder, unet, vae]), _kv_processors(unet, cross, device) as kv:
-                plist = [rows, *kv.values()]
-                if state is not None:
-                    restore_params(kv, state["kv"],
-                                   f"{out / RESUME_FILE} holds weights of other layers than this pipeline has; use a "
-                                   f"new out_dir")
-                opt, scaler = adamw(plist, config, device, torch.float16 in (te_dtype, unet_dtype), state)
+        with PlaceholderRows(rows).hooked(text_encoder) as hook, frozen([text_encoder, unet, vae]), \
+                _kv_processors(unet, cross, device) as kv:
+            plist = [rows, *kv.values()]
+            if state is not None:
+                restore_params(kv, state["kv"],
+                               f"{out / RESUME_FILE} holds weights of other layers than this pipeline has; use a "
+                               f"new out_dir")
+            opt, scaler = adamw(plist, config, device, torch.float16 in (te_dtype, unet_dtype), state)
 
-                def save_state(k: int) -> None:
-                    tensors = {"rows": rows.detach().cpu().clone(),
-                               "kv": {n: p.detach().cpu().clone() for n, p in kv.items()}}
-                    save_resume_state(out / RESUME_FILE, k, tensors, opt, scaler, history)
+            def save_state(k: int) -> None:
+                tensors = {"rows": rows.detach().cpu().clone(),
+                           "kv": {n: p.detach().cpu().clone() for n, p in kv.items()}}
+                save_resume_state(out / RESUME_FILE, k, tensors, opt, scaler, history)
 
-                def after(k: int, loss: float) -> None:
-                    if callback is not None:
-                        callback(k, loss, rows.detach().float().cpu().clone())
+            def after(k: int, loss: float) -> None:
+                if callback is not None:
+                    callback(k, loss, rows.detach().float().cpu().clone())
 
-                if start < config.steps:
-                    step = _make_step(pipe, config, pixels, cls_pixels, device, opt, scaler, plist, unet_dtype, hook,
-                                      (ids_table, mask_table, sel_table))
-                    run_steps(start=start, steps=config.steps, save_every=config.save_every, step=step,
-                              history=history,
-                              snapshot=lambda k: atomic_folder(out / f"checkpoint-{k}",
-                                                               lambda d: _save(d, kv, mod, rows)),
-                              save_state=save_state, after=after, desc=f"custom diffusion {mod}", progress=progress)
-                _save(out, kv, mod, rows)
-        finally:
-            hook.mask = None
-            handle.remove()
+            if start < config.steps:
+                step = _make_step(pipe, config, pixels, cls_pixels, device, opt, scaler, plist, unet_dtype, hook,
+                                  (ids_table, mask_table, sel_table))
+                run_steps(start=start, steps=config.steps, save_every=config.save_every, step=step,
+                          history=history,
+                          snapshot=lambda k: atomic_folder(out / f"checkpoint-{k}",
+                                                           lambda d: _save(d, kv, mod, rows)),
+                          save_state=save_state, after=after, desc=f"custom diffusion {mod}", progress=progress)
+            _save(out, kv, mod, rows)
     if load_result:
         load_custom_diffusion(pipe, out)
     return CustomDiffusionResult(out_dir=out, steps=config.steps, loss_history=history,

@@ -9,7 +9,7 @@ an identifier in the instance prompt ("a photo of sks square"); noise-prediction
 0.9/0.999, eps 1e-8, weight decay 1e-2, constant lr), gradients clipped to norm 1.0. Prior preservation as in the
 example: ``num_class_images`` images of the class prompt ("a photo of a square") generated once by the base
 pipeline, each instance batch concatenated with as many class images (class prompt) in one forward pass, and
-``loss = mse(instance) + prior_loss_weight * mse(class)``. TEA (METHODS.md Sec. 1) trained DreamBooth-LoRA with rank
+``loss = mse(instance) + prior_loss_weight * mse(class)``. TEA (docs/tea.md §8) trained DreamBooth-LoRA with rank
 4, lr 1e-4, the text encoder on and prior weight 1.0: the defaults here. Where TEA says nothing the defaults are
 ours: steps 800, batch 1 (the example's default is 4), a snapshot every 100 steps.
 
@@ -151,11 +151,7 @@ class DreamBoothLoRAConfig:
         check_common_fields(self, ints=(("rank", 1),), bools=("train_text_encoder",))
 
 
-@dataclass
-class DreamBoothLoRAResult(TrainResult):
-    """What a training call produced; `steps` counts all steps of the run in out_dir (earlier calls included)."""
-
-    class_images_dir: Path | None
+DreamBoothLoRAResult = TrainResult  # the name this trainer has always returned (class_images_dir set)
 
 
 # ----------------------------------------------------------------------------- saved runs

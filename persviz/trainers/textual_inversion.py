@@ -4,7 +4,7 @@ Follows diffusers' ``examples/textual_inversion/textual_inversion.py``: placehol
 one-token class word; noise-prediction MSE on the VAE latents of the reference images (times
 ``vae.config.scaling_factor``), noised with the pipeline's scheduler config read as a DDPMScheduler; prompts from
 random templates ("a photo of a {}"); AdamW (betas 0.9/0.999, eps 1e-8, weight decay 1e-2, constant lr);
-random horizontal flips (p 0.5). TEA (METHODS.md Sec. 1) trained with lr 5e-4, batch 1, 3000 steps and an
+random horizontal flips (p 0.5). TEA (docs/tea.md §8) trained with lr 5e-4, batch 1, 3000 steps and an
 embedding saved every 100 steps: the defaults here.
 
 One change of mechanics, same result. The example optimises the whole input-embedding matrix and after every
@@ -52,6 +52,7 @@ from persviz.trainers.core import (  # CONFIG_FILE and RESUME_FILE are read from
     CONFIG_FILE,
     RESUME_FILE,
     Noising,
+    PlaceholderRows,
     TrainResult,
     adamw,
     as_int,
@@ -65,6 +66,7 @@ from persviz.trainers.core import (  # CONFIG_FILE and RESUME_FILE are read from
     numbered,
     optimizer_step,
     owned_by,
+    placeholder_positions,
     run_steps,
     save_resume_state,
     sha256,
@@ -73,7 +75,6 @@ from persviz.trainers.core import (  # CONFIG_FILE and RESUME_FILE are read from
     token_ids,
     training_images,
 )
-from persviz.trainers.core import PlaceholderRows
 
 OBJECT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
@@ -148,9 +149,7 @@ class TextualInversionConfig:
         return [self.placeholder] + [f"{self.placeholder}_{i}" for i in range(1, self.num_vectors)]
 
 
-@dataclass
-class TextualInversionResult(TrainResult):
-    """What a training call produced; `steps` counts all steps of the run in out_dir (earlier calls included)."""
+TextualInversionResult = TrainResult  # the name this trainer has always returned: one result class for all trainers
 
 
 # ----------------------------------------------------------------------------- saved runs
@@ -178,12 +177,11 @@ def _prompt_tables(tok: Any, config: TextualInversionConfig, first_id: int, init
     """Per template [T, L]: token ids (placeholder positions read the initializer), placeholder mask, row index."""
     prompts = [t.replace("{}", " ".join(config.tokens)) for t in config.templates]
     ids = token_ids(tok, prompts)
-    is_ph = (ids >= first_id) & (ids < first_id + config.num_vectors)
+    is_ph, sel = placeholder_positions(ids, range(first_id, first_id + config.num_vectors))
     for t, n in zip(config.templates, is_ph.sum(1).tolist()):
         if n != config.num_vectors:
             raise ValueError(f"template {t!r} holds {n} of the {config.num_vectors} placeholder tokens after "
                              f"tokenization (cut at {tok.model_max_length} tokens, or the placeholder is in the text)")
-    sel = (ids - first_id).clamp(0, config.num_vectors - 1)
     return torch.where(is_ph, init_id, ids).to(device), is_ph.to(device), sel.to(device)
 
 
@@ -268,19 +266,15 @@ def train_textual_inversion(
             optimizer_step(loss, opt, scaler, [rows], None)
             return float(loss.detach().cpu())
 
-        handle = text_encoder.get_input_embeddings().register_forward_hook(hook)
         # eval mode for the encoding too: a module in train mode computes slightly different numbers
-        try:
-            with frozen([text_encoder, unet, vae]):
-                mean, std = latent_stats(vae, pixels, config.flip_p > 0, device)
-                with torch.enable_grad():
-                    run_steps(start=start, steps=config.steps, save_every=config.save_every,
-                              step=lambda s: step(s, mean, std), history=history,
-                              snapshot=lambda k: save_learned_embeds(
-                                  learned(), out / f"learned_embeds-steps-{k}.safetensors"),
-                              save_state=save_state, after=after, desc=f"textual inversion {ph}", progress=progress)
-        finally:
-            handle.remove()
+        with hook.hooked(text_encoder), frozen([text_encoder, unet, vae]):
+            mean, std = latent_stats(vae, pixels, config.flip_p > 0, device)
+            with torch.enable_grad():
+                run_steps(start=start, steps=config.steps, save_every=config.save_every,
+                          step=lambda s: step(s, mean, std), history=history,
+                          snapshot=lambda k: save_learned_embeds(
+                              learned(), out / f"learned_embeds-steps-{k}.safetensors"),
+                          save_state=save_state, after=after, desc=f"textual inversion {ph}", progress=progress)
 
     final = save_learned_embeds(learned(), out / FINAL_FILE)
     if load_result:
