@@ -1,16 +1,17 @@
 """The widget base: the pieces every persviz explorer is built from (stock ipywidgets, no custom JavaScript).
 
-Images as PNG bytes for ``ipywidgets.Image``, a tile of images, an HTML table of scores, and the error and status
-lines the explorers show instead of raising. The rooms' explorers (``persviz.tea.widgets``,
-``persviz.finexl.widgets``, ``persviz.pigeon.widgets``) build on them; tests drive those explorers without a browser.
+Images as PNG bytes for ``ipywidgets.Image``, a tile of images, an HTML table of scores, the error and status
+lines the explorers show instead of raising, and ``Explorer``, the skeleton every explorer subclasses. The rooms'
+explorers (``persviz.tea.widgets``, ``persviz.finexl.widgets``, ``persviz.pigeon.widgets``) build on them; tests
+drive those explorers without a browser.
 """
 from __future__ import annotations
 
 import html
 import io
 import numbers
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -90,3 +91,72 @@ def error_html(text: str) -> str:
 
 def status_html(text: str) -> str:
     return f'<span style="color:#555">{html.escape(text)}</span>'
+
+
+T = TypeVar("T")
+
+
+class Explorer:
+    """The skeleton of the persviz explorers: an update that never raises, `last` and `error`, notebook display.
+
+    A subclass builds its widgets, among them `message` (an ``ipywidgets.HTML`` for the error and status lines),
+    `widget` (the box shown when the explorer is the last expression of a cell) and, if it has one, `button`
+    (disabled while a slow computation runs). Its ``update()`` checks the inputs (``fail`` on a bad one), computes
+    inside ``attempt`` (an exception is shown in `message` and kept in `error`, not raised into the notebook's log),
+    then puts the result on screen, sets `last` and calls ``succeed``.
+
+    Attributes: last (the last successful result, or None), error (the last error text, or None; None after a
+    success).
+    """
+
+    message: Any
+    widget: Any
+    button: Any = None
+    kept_note: str = ""  # appended to an error shown while an earlier result stays on screen (last is set)
+
+    def __init__(self) -> None:
+        self.last: Any = None
+        self.error: str | None = None
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The current inputs."""
+        raise NotImplementedError
+
+    def update(self) -> bool:
+        """Compute for the current state and show it; returns False (and shows the error) instead of raising."""
+        raise NotImplementedError
+
+    def fail(self, text: str) -> bool:
+        """Shows text as the error (kept in `error`, with kept_note once a result is on screen); returns False."""
+        self.error = text
+        kept = self.kept_note if self.last is not None else ""
+        self.message.value = error_html(text + kept)
+        return False
+
+    def succeed(self, status: str = "") -> bool:
+        """Clears `error` and shows status (an empty message for ""); returns True."""
+        self.error = None
+        self.message.value = status_html(status) if status else ""
+        return True
+
+    def attempt(self, compute: Callable[[], T], context: str = "error",
+                busy: str | None = None) -> tuple[bool, T | None]:
+        """(True, compute()), or (False, None) when it raises, after ``fail(f"{context}: {type}: {message}")``.
+
+        With busy, that status is shown and `button` disabled while compute runs (enabled again in any case)."""
+        if busy is not None:
+            if self.button is not None:
+                self.button.disabled = True
+            self.message.value = status_html(busy)
+        try:
+            return True, compute()
+        except Exception as e:  # a callback must not raise into the notebook's log: show it instead
+            self.fail(f"{context}: {type(e).__name__}: {e}")
+            return False, None
+        finally:
+            if busy is not None and self.button is not None:
+                self.button.disabled = False
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)

@@ -20,6 +20,7 @@ import torch
 from persviz.finexl.decompose import METHODS, Decomposition, decompose, explain, orthogonal_filter
 from persviz.finexl.concepts import readable
 from persviz.finexl.plots import decomposition_bars
+from persviz.widgets import Explorer
 
 
 def figure_png(fig: Any) -> bytes:
@@ -33,7 +34,7 @@ def _html_list(lines: Sequence[str]) -> str:
     return "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in lines) + "</ul>"
 
 
-class FineXLExplorer:
+class FineXLExplorer(Explorer):
     """Variant dropdown, one checkbox per concept, a solver toggle: decomposition bars and sentences.
 
     Args:
@@ -64,12 +65,11 @@ class FineXLExplorer:
             raise ValueError("concepts must be a non-empty dict {concept: f(C)} (build them with concept_directions)")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+        super().__init__()
         self.variants, self.concepts = dict(variants), dict(concepts)
         self.known = {k: dict(v) for k, v in (known or {}).items()}
         self.phrases = dict(phrases or {})
         self.e_decomp, self.eps_ortho, self.positive_only = float(e_decomp), float(eps_ortho), bool(positive_only)
-        self.last: Optional[dict[str, Any]] = None
-        self.error: Optional[str] = None
         first = next(iter(self.variants))
         if selected is None:
             selected = orthogonal_filter(self.variants[first], self.concepts, eps_ortho=self.eps_ortho,
@@ -102,11 +102,6 @@ class FineXLExplorer:
         return {"variant": self.variant.value, "concepts": [c for c, b in self.checks.items() if b.value],
                 "method": self.method.value}
 
-    def _fail(self, text: str) -> bool:
-        self.error = text
-        self.message.value = f'<span style="color:#b00020">{html.escape(text)}</span>'
-        return False
-
     def tick_filter(self) -> list[str]:
         """Tick exactly the orthogonality filter's choice for the current variant; returns it."""
         kept = orthogonal_filter(self.variants[self.variant.value], self.concepts, eps_ortho=self.eps_ortho,
@@ -134,22 +129,21 @@ class FineXLExplorer:
         if self._quiet:
             return False
         s = self.state
-        try:
+
+        def compute() -> tuple[Decomposition, list[str], bytes]:
             dec, sentences = self.compute()
             fig = decomposition_bars(dec, known=self.known.get(s["variant"]), title=f"{s['variant']}: "
                                      f"{s['method']}, e = {dec.relative_residual:.2f}")
-            png = figure_png(fig)
-        except Exception as e:  # a callback must not raise into the notebook's log: show it instead
-            return self._fail(f"error: {type(e).__name__}: {e}")
+            return dec, sentences, figure_png(fig)
+
+        ok, done = self.attempt(compute)
+        if not ok:
+            return False
+        dec, sentences, png = done
         self.plot.value = png
         self.sentences.value = _html_list(sentences)
-        self.message.value = ""
-        self.error = None
         self.last = {**s, "decomposition": dec, "sentences": sentences}
-        return True
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.widget._repr_mimebundle_(**kwargs)
+        return self.succeed()
 
 
 __all__ = ["FineXLExplorer", "figure_png"]

@@ -17,14 +17,14 @@ import ipywidgets as W
 import numpy as np
 
 from persviz.images import as_uint8
-from persviz.widgets import error_html, status_html, html_table, png_bytes
+from persviz.widgets import Explorer, html_table, png_bytes, status_html
 from persviz.pigeon.model import RATIOS, PigeonPipeline
 from persviz.pigeon.plots import LIKED_COLOR, NOISE_COLOR, REFERENCE_COLOR, SELECTED_COLOR, tile_canvas, token_overlay
 from persviz.pigeon.study import reference_masks, window_masks
 from persviz.pigeon.users import PigeonDataset, check_ratio
 
 
-class PigeonExplorer:
+class PigeonExplorer(Explorer):
     """Pick a user and one of their windows: the history with the tokens the mask generator keeps, then the
     generation at every reference mask ratio with CLIP-T, history score and the selected ratio.
 
@@ -55,11 +55,10 @@ class PigeonExplorer:
             check_ratio(r)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an int; got {seed!r}")
+        super().__init__()
         self.pipe, self.dataset, self.ratios = pipe, dataset, tuple(float(r) for r in ratios)
         self.steps, self.guidance, self.scale = int(num_inference_steps), float(guidance_scale), int(scale)
-        self.last: dict[str, Any] | None = None
         self.masks: dict[str, Any] | None = None
-        self.error: str | None = None
         users = sorted({w.user_id for w in dataset.windows})
         opts = [(f"user {u}: {dataset.users[u].taste.describe()} (noise {dataset.users[u].noise_rate:g})", u)
                 for u in users]
@@ -97,11 +96,6 @@ class PigeonExplorer:
         """The current inputs: user, window index (into the dataset), seed."""
         return {"user": self.user.value, "window": self.window.value, "seed": int(self.seed.value)}
 
-    def _fail(self, text: str) -> bool:
-        self.error = text
-        self.message.value = error_html(text)
-        return False
-
     def on_user(self, change: Any = None) -> None:
         """A new user: list their windows and show the first one's history."""
         opts = self._window_options(self.user.value)
@@ -113,34 +107,34 @@ class PigeonExplorer:
         """Draw the selected window's history and reference with the kept tokens (no generation)."""
         idx = self.window.value
         if idx is None:
-            return self._fail("error: this user has no window; pick another user")
-        try:
+            return self.fail("error: this user has no window; pick another user")
+
+        def compute() -> tuple[dict[str, Any], bytes]:
             m = window_masks(self.pipe, self.dataset, int(idx), reference_ratio=0.5)
             row = [token_overlay(im, k, NOISE_COLOR if nz else LIKED_COLOR, self.scale)
                    for im, k, nz in zip(m["history"], m["history_mask"], m["history_is_noise"])]
             row += [None, token_overlay(m["reference"], None, REFERENCE_COLOR, self.scale)]
-            png = png_bytes(tile_canvas([row])[0])
-        except Exception as e:  # shown in the widget, as persviz.widgets does
-            return self._fail(f"error: {type(e).__name__}: {e}")
+            return m, png_bytes(tile_canvas([row])[0])
+
+        ok, done = self.attempt(compute)
+        if not ok:
+            return False
+        m, png = done
         self.masks = m
         self.history_image.value = png
-        self.error = None
         w = m["window"]
-        self.message.value = status_html(f"user {w.user_id} likes {w.taste.describe()}; request '{w.instruction}'; "
-                                          f"{int(np.sum(m['history_is_noise']))} of {len(m['history'])} history "
-                                          f"images are noise")
-        return True
+        return self.succeed(f"user {w.user_id} likes {w.taste.describe()}; request '{w.instruction}'; "
+                            f"{int(np.sum(m['history_is_noise']))} of {len(m['history'])} history images are noise")
 
     def update(self) -> bool:
         """Generate at every ratio for the selected window and show candidates, scores and the selection."""
         s = self.state
         if s["seed"] < 0:
-            return self._fail(f"error: seed must be >= 0; got {s['seed']}")
+            return self.fail(f"error: seed must be >= 0; got {s['seed']}")
         if not self.show_history():
             return False
-        self.button.disabled = True
-        self.message.value = status_html("generating ...")
-        try:
+
+        def compute() -> tuple[Any, list[Any], int, bytes, dict[str, dict[str, Any]]]:
             item = self.dataset[int(s["window"])]
             sel = self.pipe.select(item["history"], item["reference"], item["instruction"], ratios=self.ratios,
                                    generator=s["seed"], num_inference_steps=self.steps,
@@ -158,20 +152,17 @@ class PigeonExplorer:
                                       "reference tokens kept": int(rm[i].sum()),
                                       "selected": "yes" if i == j else ""}
                      for i, r in enumerate(self.ratios)}
-        except Exception as e:
-            return self._fail(f"error: {type(e).__name__}: {e}")
-        finally:
-            self.button.disabled = False
+            return sel, rm, j, png, table
+
+        ok, done = self.attempt(compute, busy="generating ...")
+        if not ok:
+            return False
+        sel, rm, j, png, table = done
         self.sweep_image.value = png
         self.scores.value = html_table(table)
-        self.error = None
         self.last = {**s, "selection": sel, "selected_ratio": self.ratios[j], "scores": table,
                      "reference_masks": rm}
-        self.message.value = status_html(f"selected ratio {self.ratios[j]:g} (max of 0.5 CLIP-T + 0.5 history score)")
-        return True
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.widget._repr_mimebundle_(**kwargs)
+        return self.succeed(f"selected ratio {self.ratios[j]:g} (max of 0.5 CLIP-T + 0.5 history score)")
 
 
 __all__ = ["PigeonExplorer"]

@@ -18,14 +18,14 @@ import numpy as np
 from persviz.generation import GUIDANCE, STEPS, generate
 from persviz.tea.adjust import DEFAULTS, check_knob
 from persviz.tea.pipeline import tea
-from persviz.widgets import error_html, html_table, one_image, png_bytes, status_html, tile_images
+from persviz.widgets import Explorer, html_table, one_image, png_bytes, status_html, tile_images
 
 GenerateFn = Callable[[str, int, float, float], tuple[Any, Any]]
 ScoreFn = Callable[[str, np.ndarray, np.ndarray], Mapping[str, Any]]
 RenderFn = Callable[[int], Mapping[str, Any]]
 
 
-class TEAExplorer:
+class TEAExplorer(Explorer):
     """Rotation/scale sliders, prompt and seed, a "generate" button; shows the images before/after TEA and scores.
 
     Args:
@@ -42,6 +42,8 @@ class TEAExplorer:
     Errors (an empty prompt, a negative seed, an exception from generate_fn or score_fn) are shown
     in `message` instead of being raised; the images of the previous run stay on screen.
     """
+
+    kept_note = " (the images below are from the previous run)"
 
     def __init__(
         self,
@@ -60,10 +62,9 @@ class TEAExplorer:
             raise ValueError("score_fn must be callable: (prompt, before, after) -> dict, or None")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an int; got {seed!r}")
+        super().__init__()
         self.generate_fn = generate_fn
         self.score_fn = score_fn
-        self.last: Optional[dict[str, Any]] = None
-        self.error: Optional[str] = None
         slider = dict(min=0.0, max=1.0, step=0.05, continuous_update=False, readout_format=".2f")
         self.rotation = W.FloatSlider(value=check_knob(rotation, "rotation"), description="rotation", **slider)
         self.scale = W.FloatSlider(value=check_knob(scale, "scale"), description="scale", **slider)
@@ -95,46 +96,33 @@ class TEAExplorer:
         return {"prompt": self.prompt.value, "seed": int(self.seed.value),
                 "rotation": float(self.rotation.value), "scale": float(self.scale.value)}
 
-    def _fail(self, text: str) -> bool:
-        self.error = text
-        kept = " (the images below are from the previous run)" if self.last is not None else ""
-        self.message.value = error_html(text + kept)
-        return False
-
     def update(self) -> bool:
         """Generate for the current state and show it; returns False (and shows the error) instead of raising."""
         s = self.state
         if not s["prompt"].strip():
-            return self._fail("error: the prompt is empty; type a prompt that contains the learned token")
+            return self.fail("error: the prompt is empty; type a prompt that contains the learned token")
         if s["seed"] < 0:
-            return self._fail(f"error: seed must be >= 0; got {s['seed']}")
-        self.button.disabled = True
-        self.message.value = status_html("generating ...")
-        try:
+            return self.fail(f"error: seed must be >= 0; got {s['seed']}")
+
+        def compute() -> tuple[np.ndarray, np.ndarray, tuple[bytes, bytes], dict[str, Any], str]:
             out = self.generate_fn(s["prompt"], s["seed"], s["rotation"], s["scale"])
             if not isinstance(out, (tuple, list)) or len(out) != 2:
                 raise ValueError(f"generate_fn must return (before_image, after_image); got {type(out).__name__}")
             before, after = one_image(out[0]), one_image(out[1])
-            pngs = png_bytes(before), png_bytes(after)
             scores = dict(self.score_fn(s["prompt"], before, after)) if self.score_fn is not None else {}
-            table = html_table(scores) if scores else ""
-        except Exception as e:  # a callback must not raise into the notebook's log: show it instead
-            return self._fail(f"error: {type(e).__name__}: {e}")
-        finally:
-            self.button.disabled = False
+            return before, after, (png_bytes(before), png_bytes(after)), scores, html_table(scores) if scores else ""
+
+        ok, done = self.attempt(compute, busy="generating ...")
+        if not ok:
+            return False
+        before, after, pngs, scores, table = done
         self.before_image.value, self.after_image.value = pngs
         self.scores.value = table
-        self.error = None
         self.last = {**s, "before": before, "after": after, "scores": scores}
-        self.message.value = status_html(
-            f"seed {s['seed']}, rotation {s['rotation']:.2f}, scale {s['scale']:.2f}: {s['prompt']}")
-        return True
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.widget._repr_mimebundle_(**kwargs)
+        return self.succeed(f"seed {s['seed']}, rotation {s['rotation']:.2f}, scale {s['scale']:.2f}: {s['prompt']}")
 
 
-class SnapshotExplorer:
+class SnapshotExplorer(Explorer):
     """A slider over saved training steps; render_fn(step) -> {'norm': x, 'shift': x or {name: x}, 'images': uint8}.
 
     Every key but 'images' is shown in an HTML table; 'images' ([H, W, 3] or [N, H, W, 3]) is shown
@@ -156,10 +144,9 @@ class SnapshotExplorer:
             raise ValueError(f"steps must be distinct; got {steps}")
         if step is not None and step not in steps:
             raise ValueError(f"step {step!r} is not one of the saved steps {steps}")
+        super().__init__()
         self.render_fn = render_fn
         self.steps = steps
-        self.last: Optional[dict[str, Any]] = None
-        self.error: Optional[str] = None
         self.slider = W.SelectionSlider(options=steps, value=steps[0] if step is None else step,
                                         description="step", continuous_update=False)
         self.message = W.HTML("")
@@ -179,19 +166,19 @@ class SnapshotExplorer:
     def update(self) -> bool:
         """Render the selected step; returns False (and shows the error) instead of raising."""
         step = self.slider.value
-        try:
+
+        def compute() -> tuple[dict[str, Any], bytes | None, str]:
             out = self.render_fn(step)
             if not isinstance(out, Mapping):
                 raise ValueError(f"render_fn must return a dict; got {type(out).__name__}")
             out = dict(out)
             png = png_bytes(tile_images(out["images"])) if out.get("images") is not None else None
-            table = html_table({"step": step, **{k: v for k, v in out.items() if k != "images"}})
-        except Exception as e:  # shown in the widget, as in TEAExplorer
-            self.error = f"error at step {step}: {type(e).__name__}: {e}"
-            self.message.value = error_html(self.error)
+            return out, png, html_table({"step": step, **{k: v for k, v in out.items() if k != "images"}})
+
+        ok, done = self.attempt(compute, context=f"error at step {step}")
+        if not ok:
             return False
-        self.error = None
-        self.message.value = ""
+        out, png, table = done
         self.info.value = table
         if png is None:
             self.image.value = b""
@@ -200,10 +187,7 @@ class SnapshotExplorer:
             self.image.value = png
             self.image.layout.display = None
         self.last = {"step": step, **out}
-        return True
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.widget._repr_mimebundle_(**kwargs)
+        return self.succeed()
 
 
 def make_tea_generate_fn(
