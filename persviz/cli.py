@@ -3,6 +3,7 @@
     persviz notebooks --out outputs                  # the main job: execute every notebook, write copies and figures
     persviz shapesworld train [--stages unet]        # retrain the ShapesWorld models (resumable)
     persviz shapesworld evaluate                     # re-measure them: data/shapesworld/metrics.json, MODEL_CARD.md
+    persviz shapesworld concepts                     # the personal concepts' reference images
     persviz tea runs --study --table                 # TEA's ShapesWorld runs of the three methods, study, table
     persviz finexl train | persviz finexl benchmark  # FineXL's LoRA variants; the ground-truth benchmark
     persviz pigeon train --stage 1 | persviz pigeon study
@@ -33,7 +34,7 @@ from persviz.pigeon.model import PigeonPipeline, build_model, read_config, tiny_
 from persviz.pigeon.users import DEFAULT_NOISE_RATES, make_datasets
 from persviz.shapesworld import evaluate as world_evaluate
 from persviz.shapesworld import train as world_train
-from persviz.shapesworld.concepts import CONCEPTS
+from persviz.shapesworld.concepts import CONCEPTS, CONCEPTS_DIR, write_references
 from persviz.tea import shapesworld_runs
 from persviz.trainers import METHODS
 
@@ -83,6 +84,12 @@ def _add_shapesworld(sub: Any) -> None:
         _threads(a.threads)
         print(json.dumps(world_evaluate.evaluate_all(a.prompts, a.guidance, Path(a.out)), indent=2))
     p.set_defaults(run=evaluate)
+    p = world.add_parser("concepts", help="write the personal concepts' reference images and concepts.json")
+
+    def concepts(a: argparse.Namespace) -> None:
+        write_references()
+        print(f"wrote {len(CONCEPTS)} concepts to {CONCEPTS_DIR}")
+    p.set_defaults(run=concepts)
 
 
 # ----------------------------------------------------------------------------- tea
@@ -257,8 +264,17 @@ def _add_notebooks(sub: Any) -> None:
     p = sub.add_parser("notebooks", help="the main job: execute every notebook; write the copies and their figures",
                        description=run_notebooks.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs", help="folder for executed notebooks and figures")
+    p.add_argument("--scale", choices=run_notebooks.SCALES, default=None,
+                   help="shapesworld (default) or full; wins over PERSVIZ_SCALE")
+    p.add_argument("--format", default="png", help="figure formats, comma-separated: png, svg, pdf")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per cell")
     p.add_argument("notebooks", nargs="*", help="notebooks to run (default: all in notebooks/)")
-    p.set_defaults(run=lambda a: run_notebooks.run_all(a.notebooks, Path(a.out)))
+
+    def notebooks(a: argparse.Namespace) -> int:
+        runs = run_notebooks.run_all(a.notebooks, Path(a.out), a.scale, a.format.split(","), a.timeout)
+        print(run_notebooks.summary_table(runs))
+        return run_notebooks.exit_code(runs)
+    p.set_defaults(run=notebooks)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,12 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
-    """Entry point of the ``persviz`` console script."""
+    """Entry point of the ``persviz`` console script: runs the subcommand; an integer result is the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        result = args.run(args)
     except ValueError as e:
         raise SystemExit(f"persviz {args.command}: {e}") from None
+    if argv is None and isinstance(result, int) and not isinstance(result, bool):
+        raise SystemExit(result)
+    return result
 
 
 if __name__ == "__main__":

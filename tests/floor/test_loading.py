@@ -42,7 +42,10 @@ def test_scale_comes_from_one_environment_variable(monkeypatch):
 
 def test_device_and_dtype_defaults():
     dev, dt = loading.pick_device()
-    assert (dev.type, dt) == (("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32))
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    expected = (("cuda", torch.float16) if torch.cuda.is_available() else ("mps", torch.float32) if mps
+                else ("cpu", torch.float32))
+    assert (dev.type, dt) == expected
     assert loading.pick_device("cpu", torch.bfloat16) == (torch.device("cpu"), torch.bfloat16)
 
 
@@ -65,5 +68,6 @@ def test_shipped_pipeline_is_a_plain_diffusers_folder():
     assert "StableDiffusionPipeline (1, 32, 32, 3)" in out.stdout
 
 
-def test_loaded_pipeline_passes_through(pipe):
+def test_loaded_pipeline_passes_through(shapesworld_pipeline):
+    pipe = shapesworld_pipeline
     assert load_pipeline(pipe) is pipe
