@@ -76,7 +76,7 @@ def load_pipeline(model: Union[str, Path, object, None] = None, device: Optional
     name = model if model is not None else default_model("pipeline")
     where = _resolve(name, "sd")  # DataNotFoundError (not wrapped below) when the ShapesWorld data is missing
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(where, torch_dtype=dt, safety_checker=None,
+        pipe = StableDiffusionPipeline.from_pretrained(where, dtype=dt, safety_checker=None,
                                                        requires_safety_checker=False)
     except (OSError, ValueError) as err:
         raise unavailable_error(str(name), err) from None
