@@ -4,6 +4,11 @@ All three follow the same conventions: a frozen dataclass config; an ``out_dir``
 and a fingerprint of the images and the pipeline, compared on resume), snapshots every ``save_every`` steps and
 ``resume_state.pt``; the randomness of step s drawn from ``step_rng(seed, s)`` only, so that a resumed run equals an
 uninterrupted one bit for bit; the pipeline's weights, flags and modes restored on exit.
+
+Shared beyond them: ``run_steps``, the one resumable training loop (also of the LoRA fine-tune, Pigeon's two stages
+and the ShapesWorld stages), ``TrainResult``, the one result of a training call, and ``PlaceholderRows``, the one way
+persviz makes a placeholder token mean a vector (a hook during training and tracking; rows written in place for
+``persviz.tea.pipeline.tea`` and ``persviz.tea.study.learned_embedding``).
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ at the end (diffusers format, read by ``pipe.load_textual_inversion``), and ``re
 scaler, losses, step), written with the embedding files and at the last step.
 
 Reproducibility: the batch, the template, the flip, the latent sample, the noise and the timestep of step s come
-from ``step_rng(seed, s)`` (persviz.shapesworld.train) and nothing else; no global random state is read or set.
+from ``step_rng(seed, s)`` (persviz.seeding) and nothing else; no global random state is read or set.
 A resumed run therefore equals an uninterrupted one bit for bit on the CPU. On CUDA it does too when the kernels
 are deterministic (``torch.use_deterministic_algorithms(True)``, left to the caller since it is global).
 """
