@@ -1,30 +1,27 @@
 """FineXL's ground-truth benchmark: grammar-aware f(C), scene shifts of known rate, metrics, the LoRA trainer,
 the shipped LoRA variants and the explorer widget. One thread; the planted decomposition and the bad inputs of the
-core live in test_finexl_math / test_finexl_concepts / test_finexl_generators."""
+core live in test_decompose / test_concepts / test_generators."""
 from __future__ import annotations
 
 import dataclasses
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_pipeline import base_pipe, one_thread  # noqa: E402,F401  (fixtures)
-
-from persviz.finexl.decompose import append_compose, concept_direction  # noqa: E402
-from persviz.finexl.benchmark import (  # noqa: E402
+from persviz.finexl.decompose import append_compose, concept_direction
+from persviz.finexl.benchmark import (
     ASPECT_WORD, LORA_DIR, METHOD_SPECS, Bench, aspect_present, explain_with, improvement, lora_variants,
     multi_aspect_error, predicted_levels, realized_levels, spearman_rho, top1_correct, truth_of)
-from persviz.finexl.concepts import (  # noqa: E402
+from persviz.finexl.concepts import (
     SHAPESWORLD_WORD_BANK, SHAPESWORLD_WORD_PHRASES, readable, shapesworld_compose, shapesworld_word_attribute)
-from persviz.finexl.generators import (  # noqa: E402
+from persviz.finexl.generators import (
     SCENE_ASPECTS, SceneShiftGenerator, aspect_draws, check_rates, lora_pair, parse_caption, scene_shift_dataset,
     shapesworld_probes)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- grammar-aware f(C)
@@ -204,7 +201,8 @@ def test_sign_aware_filter_lets_the_antonym_through(bench):
 # ----------------------------------------------------------------------------- LoRA trainer and shipped variants
 
 
-def test_lora_finetune_resume_equals_uninterrupted_and_toggles(base_pipe, tmp_path):
+def test_lora_finetune_resume_equals_uninterrupted_and_toggles(tiny_sd_pipeline_shared, tmp_path):
+    base_pipe = tiny_sd_pipeline_shared
     import copy
 
     import safetensors.torch as st
@@ -249,7 +247,8 @@ def test_shipped_lora_files_are_small_and_documented():
 
 
 @pytest.mark.parametrize("variant", ["dark_100", "large_100", "red_100"])
-def test_shipped_lora_shifts_its_aspect(variant, pipe, oracle):
+def test_shipped_lora_shifts_its_aspect(variant, shapesworld_pipeline, oracle):
+    pipe = shapesworld_pipeline
     from persviz.finexl.benchmark import lora_pipeline
     from persviz.finexl.generators import PipelineGenerator
 

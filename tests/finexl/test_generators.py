@@ -14,7 +14,9 @@ from persviz.generation import generate
 from persviz.shapesworld.captions import caption
 from persviz.shapesworld.render import Style, render_batch
 from persviz.shapesworld.scene import Obj, Scene, sample_scenes
-from tiny_pipeline import one_thread, tiny_pipe  # noqa: F401 (one_thread: autouse fixture, one torch thread)
+from tests.helpers import make_tiny_sd_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 torch.set_num_threads(1)
 
@@ -162,7 +164,7 @@ def test_identical_generators_and_overlapping_seeds_warn():
 
 
 def test_pipeline_generator_matches_generate():
-    pipe = tiny_pipe()
+    pipe = make_tiny_sd_pipeline()
     gen = PipelineGenerator(pipe, guidance=2.0, steps=2)
     prompts = ["a red circle", "a blue square"]
     imgs = gen(prompts, 5)

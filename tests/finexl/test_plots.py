@@ -14,7 +14,9 @@ from scipy.stats import spearmanr  # noqa: E402
 from persviz.finexl import plots as fp  # noqa: E402
 from persviz.finexl.decompose import Decomposition, decompose, explain  # noqa: E402
 
-from plot_helpers import new_ax, no_global_matplotlib_state  # noqa: E402,F401 (autouse fixture)
+from tests.helpers import new_ax  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("no_global_matplotlib_state")
 
 torch.set_num_threads(1)
 D = 8

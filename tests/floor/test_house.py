@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "persviz"
 ROOMS = ("persviz.tea", "persviz.finexl", "persviz.pigeon")
 DOOR = ("persviz.cli", "persviz.__main__", "persviz.run_notebooks")
@@ -120,8 +120,8 @@ def test_the_checker_catches_each_kind_of_offence(tmp_path, monkeypatch):
         bad = offenders()
         priv = private_uses(pkg / "finexl" / "b.py")
     finally:
-        globals()["ROOT"], globals()["PACKAGE"] = Path(__file__).resolve().parents[1], Path(
-            __file__).resolve().parents[1] / "persviz"
+        globals()["ROOT"], globals()["PACKAGE"] = Path(__file__).resolve().parents[2], Path(
+            __file__).resolve().parents[2] / "persviz"
     assert any("io.py" in b and "floor imports no room" in b for b in bad)
     assert any("tea/a.py" in b and "rooms do not import each other" in b for b in bad)
     assert any("tea/a.py" in b and "persviz.cli" in b for b in bad)

@@ -13,7 +13,7 @@ def test_hub_id_offline_gives_a_clear_error(monkeypatch):
     with pytest.raises(ModelNotAvailableError) as info:
         load_pipeline(SD15)
     msg = str(info.value)
-    assert SD15 in msg and "HF_HUB_OFFLINE=1" in msg and "huggingface-cli download" in msg
+    assert SD15 in msg and "HF_HUB_OFFLINE=1" in msg and "hf download" in msg
     assert info.value.__cause__ is None and info.value.__suppress_context__  # no stack of Hub internals
 
 

@@ -10,7 +10,7 @@ from persviz.shapesworld import Obj, Scene, caption, render_batch, sample_scenes
 from persviz.shapesworld.concepts import get_concept, render_references
 from persviz.shapesworld.oracle import scene_reading
 
-from tiny_pipeline import one_thread  # noqa: F401 (autouse fixture: one torch thread in this module)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SCENES = sample_scenes(6, seed=3)
 IMAGES = render_batch(SCENES)

@@ -43,12 +43,14 @@ def test_dino_encoder_finds_the_same_scene_under_jitter_and_noise():
     assert np.mean((a @ b.T).argmax(1).numpy() == np.arange(100)) > 0.8  # chance: 1/100
 
 
-def test_micro_sd_draws_what_the_prompt_names(pipe, oracle):
+def test_micro_sd_draws_what_the_prompt_names(shapesworld_pipeline, oracle):
+    pipe = shapesworld_pipeline
     acc = sd_faithfulness(pipe, oracle, n=60, seed=31)
     assert min(acc["shape"], acc["color"], acc["background"]) >= 0.75, acc
 
 
-def test_generation_is_seeded(pipe):
+def test_generation_is_seeded(shapesworld_pipeline):
+    pipe = shapesworld_pipeline
     from persviz.generation import generate
     a = generate(pipe, ["a red circle on a gray background"] * 2, seed=5, steps=5)
     b = generate(pipe, ["a blue square", "a red circle on a gray background"], seed=4, steps=5)

@@ -14,7 +14,9 @@ from persviz.shapesworld.train import step_rng
 from persviz.trainers import TextualInversionConfig, list_snapshots, load_snapshot_embedding, train_textual_inversion
 from persviz.trainers.textual_inversion import CONFIG_FILE, RESUME_FILE
 
-from tiny_pipeline import D, base_pipe, images, one_thread, pipe  # noqa: F401 (fixtures; one_thread: autouse)
+from tests.helpers import D
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TEMPLATES = ("a {}", "a {} on a gray background", "a photo of a {}")
 
@@ -28,7 +30,8 @@ def _W(pipe):
     return pipe.text_encoder.get_input_embeddings().weight.detach()
 
 
-def test_only_the_placeholder_row_changes_and_the_pipeline_is_restored(pipe, images, tmp_path):
+def test_only_the_placeholder_row_changes_and_the_pipeline_is_restored(tiny_sd_pipeline, red_square_images, tmp_path):
+    pipe, images = tiny_sd_pipeline, red_square_images
     W0, V0 = _W(pipe).clone(), len(pipe.tokenizer)
     unet0 = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     init = class_word_id(pipe.tokenizer, "square")
@@ -47,7 +50,8 @@ def test_only_the_placeholder_row_changes_and_the_pipeline_is_restored(pipe, ima
     assert json.loads((tmp_path / CONFIG_FILE).read_text())["steps"] == 6
 
 
-def test_snapshots_every_save_every_load_into_a_fresh_pipeline(pipe, base_pipe, images, tmp_path):
+def test_snapshots_every_save_every_load_into_a_fresh_pipeline(tiny_sd_pipeline, tiny_sd_pipeline_shared, red_square_images, tmp_path):
+    pipe, base_pipe, images = tiny_sd_pipeline, tiny_sd_pipeline_shared, red_square_images
     res = train_textual_inversion(pipe, images, _cfg(steps=7), tmp_path, progress=False, load_result=False)
     assert len(pipe.tokenizer) == len(base_pipe.tokenizer)  # load_result=False: pipe untouched
     snaps = list_snapshots(tmp_path)
@@ -63,7 +67,8 @@ def test_snapshots_every_save_every_load_into_a_fresh_pipeline(pipe, base_pipe, 
     assert out.shape == (1, 16, 16, 3) and np.isfinite(out).all()
 
 
-def test_interrupted_and_extended_runs_equal_an_uninterrupted_one(base_pipe, images, tmp_path):
+def test_interrupted_and_extended_runs_equal_an_uninterrupted_one(tiny_sd_pipeline_shared, red_square_images, tmp_path):
+    base_pipe, images = tiny_sd_pipeline_shared, red_square_images
     cfg = _cfg(steps=7)
     full = train_textual_inversion(copy.deepcopy(base_pipe), images, cfg, tmp_path / "full", progress=False,
                                    load_result=False)
@@ -95,8 +100,9 @@ def test_interrupted_and_extended_runs_equal_an_uninterrupted_one(base_pipe, ima
         train_textual_inversion(copy.deepcopy(base_pipe), images, _cfg(steps=5), tmp_path / "full", progress=False)
 
 
-def test_matches_the_diffusers_example_full_matrix_update(base_pipe, images, tmp_path):
+def test_matches_the_diffusers_example_full_matrix_update(tiny_sd_pipeline_shared, red_square_images, tmp_path):
     """The example's mechanics (resize, AdamW on the whole matrix, index_no_updates) give the same row."""
+    base_pipe, images = tiny_sd_pipeline_shared, red_square_images
     cfg = _cfg(steps=3, templates=("a {}",), flip_p=0.0)
     res = train_textual_inversion(copy.deepcopy(base_pipe), images[:1], cfg, tmp_path, progress=False,
                                   load_result=False)
@@ -138,7 +144,8 @@ def test_matches_the_diffusers_example_full_matrix_update(base_pipe, images, tmp
     assert torch.equal(load_snapshot_embedding(res.final_path), emb.detach()[ph])  # bit for bit
 
 
-def test_multi_vector_placeholder_loads_as_diffusers_tokens(pipe, images, tmp_path):
+def test_multi_vector_placeholder_loads_as_diffusers_tokens(tiny_sd_pipeline, red_square_images, tmp_path):
+    pipe, images = tiny_sd_pipeline, red_square_images
     res = train_textual_inversion(pipe, images, _cfg(steps=2, num_vectors=2, save_every=2), tmp_path, progress=False)
     rows = load_snapshot_embedding(res.final_path)
     assert rows.shape == (2, D) and not torch.equal(rows[0], rows[1])  # one start, two positions, two gradients
@@ -147,7 +154,8 @@ def test_multi_vector_placeholder_loads_as_diffusers_tokens(pipe, images, tmp_pa
     assert pipe.maybe_convert_prompt("a <v*>", pipe.tokenizer) == "a <v*> <v*>_1"
 
 
-def test_clear_errors(pipe, images, tmp_path):
+def test_clear_errors(tiny_sd_pipeline, red_square_images, tmp_path):
+    pipe, images = tiny_sd_pipeline, red_square_images
     with pytest.raises(ValueError, match="steps must be >= 1"):
         TextualInversionConfig(steps=0)
     with pytest.raises(ValueError, match="exactly one"):

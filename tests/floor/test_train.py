@@ -1,19 +1,9 @@
-"""The training command end to end in miniature, and exact resume after an interruption."""
-import json
-
-import numpy as np
+"""ShapesWorld training (persviz.shapesworld.train): exact resume after an interruption. The training command end to
+end: tests/door/test_cli.py."""
 import pytest
 import torch
 
-from persviz.cli import main as cli_main
 from persviz.shapesworld import train
-
-
-@pytest.fixture
-def tmp_world(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "CACHE", tmp_path / "cache")
-    monkeypatch.setattr(train, "SHAPESWORLD_DIR", tmp_path / "shapesworld")
-    return tmp_path
 
 
 def _run(steps, seed_fail_at=None):
@@ -37,7 +27,8 @@ def _run(steps, seed_fail_at=None):
     return model
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(tmp_world):
+def test_an_interrupted_run_resumes_to_the_same_weights(shapesworld_train_in_tmp):
+    tmp_world = shapesworld_train_in_tmp
     straight = _run(6)
     (train.CACHE / "toy.pt").unlink()
     with pytest.raises(KeyboardInterrupt):
@@ -46,26 +37,3 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_world):
     resumed = _run(6)
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
-
-
-def test_every_stage_runs_and_the_result_is_a_loadable_pipeline(tmp_world):
-    from diffusers import StableDiffusionPipeline
-    cli_main(["shapesworld", "train", "--train-size", "300", "--oracle-size", "200", "--clip-steps", "2", "--vae-steps", "2", "--vae-decoder-steps", "2",
-                "--oracle-steps", "2", "--dino-steps", "2", "--unet-steps", "2"])
-    out = tmp_world / "shapesworld"
-    for rel in train.DONE.values():
-        assert (out / rel).exists(), rel
-    pipe = StableDiffusionPipeline.from_pretrained(out / "sd")
-    pipe.set_progress_bar_config(disable=True)
-    img = pipe("a red circle", num_inference_steps=2, output_type="np").images
-    assert img.shape == (1, 32, 32, 3) and np.isfinite(img).all()
-    assert json.loads((train.CACHE / "last_run.json").read_text())["unet_steps"] == 2
-    # a second call skips finished stages (no snapshot is rewritten)
-    before = (train.CACHE / "unet.pt").stat().st_mtime_ns
-    cli_main(["shapesworld", "train", "--train-size", "300", "--unet-steps", "2"])
-    assert (train.CACHE / "unet.pt").stat().st_mtime_ns == before
-
-
-def test_unknown_stage_is_refused(tmp_world):
-    with pytest.raises(SystemExit):
-        cli_main(["shapesworld", "train", "--stages", "gan"])

@@ -23,7 +23,9 @@ from persviz.trainers import (
 from persviz.trainers.core import CLASS_DIR, CLASS_MANIFEST, CONFIG_FILE, RESUME_FILE
 from persviz.trainers.custom_diffusion import EMBEDS_FILE, WEIGHTS_FILE, augmented, instance_mask
 
-from tiny_pipeline import D, base_pipe, images, one_thread, pipe  # noqa: F401 (fixtures; one_thread: autouse)
+from tests.helpers import D
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PRIOR = {"prior_preservation": True, "num_class_images": 2, "class_steps": 2, "class_batch_size": 2}
 
@@ -67,7 +69,8 @@ def _assert_unchanged(pipe, snap):
 # ----------------------------------------------------------------------------- DreamBooth-LoRA
 
 
-def test_lora_trains_only_the_adapters_and_restores_the_pipeline(pipe, images, tmp_path):
+def test_lora_trains_only_the_adapters_and_restores_the_pipeline(tiny_sd_pipeline, red_square_images, tmp_path):
+    pipe, images = tiny_sd_pipeline, red_square_images
     snap = _snapshot(pipe)
     rng = torch.random.get_rng_state()
     res = train_dreambooth_lora(pipe, images, _db(), tmp_path, progress=False, load_result=False)
@@ -94,7 +97,8 @@ def test_lora_trains_only_the_adapters_and_restores_the_pipeline(pipe, images, t
     _assert_unchanged(pipe, snap)
 
 
-def test_lora_snapshots_load_and_change_the_output(pipe, base_pipe, images, tmp_path):
+def test_lora_snapshots_load_and_change_the_output(tiny_sd_pipeline, tiny_sd_pipeline_shared, red_square_images, tmp_path):
+    pipe, base_pipe, images = tiny_sd_pipeline, tiny_sd_pipeline_shared, red_square_images
     cfg = _db(lr=1e-3, **PRIOR)
     res = train_dreambooth_lora(pipe, images, cfg, tmp_path, progress=False)
     snaps = list_lora_snapshots(tmp_path)
@@ -116,7 +120,8 @@ def test_lora_snapshots_load_and_change_the_output(pipe, base_pipe, images, tmp_
     assert np.array_equal(_image(fresh, prompt), before)
 
 
-def test_lora_interrupted_and_extended_runs_equal_an_uninterrupted_one(base_pipe, images, tmp_path, monkeypatch):
+def test_lora_interrupted_and_extended_runs_equal_an_uninterrupted_one(tiny_sd_pipeline_shared, red_square_images, tmp_path, monkeypatch):
+    base_pipe, images = tiny_sd_pipeline_shared, red_square_images
     cfg = _db(steps=5, **PRIOR)
     full = train_dreambooth_lora(copy.deepcopy(base_pipe), images, cfg, tmp_path / "full", progress=False,
                                  load_result=False)
@@ -174,7 +179,8 @@ def _cross_names(unet):
     return [n for n in unet.attn_processors if n.endswith("attn2.processor")]
 
 
-def test_cd_trains_only_kv_and_the_modifier_row(pipe, images, tmp_path):
+def test_cd_trains_only_kv_and_the_modifier_row(tiny_sd_pipeline, red_square_images, tmp_path):
+    pipe, images = tiny_sd_pipeline, red_square_images
     snap = _snapshot(pipe)
     rng = torch.random.get_rng_state()
     res = train_custom_diffusion(pipe, images, _cd(), tmp_path, progress=False, load_result=False)
@@ -196,7 +202,8 @@ def test_cd_trains_only_kv_and_the_modifier_row(pipe, images, tmp_path):
     assert not torch.equal(emb["<new1>"].reshape(D), init)
 
 
-def test_cd_snapshots_load_like_diffusers_and_change_the_output(pipe, base_pipe, images, tmp_path):
+def test_cd_snapshots_load_like_diffusers_and_change_the_output(tiny_sd_pipeline, tiny_sd_pipeline_shared, red_square_images, tmp_path):
+    pipe, base_pipe, images = tiny_sd_pipeline, tiny_sd_pipeline_shared, red_square_images
     res = train_custom_diffusion(pipe, images, _cd(lr=1e-3), tmp_path, progress=False)
     snaps = list_custom_diffusion_snapshots(tmp_path)
     assert [s for s, _ in snaps] == [2, 4] and [p for _, p in snaps] == res.snapshot_paths
@@ -223,8 +230,9 @@ def test_cd_snapshots_load_like_diffusers_and_change_the_output(pipe, base_pipe,
     assert not np.array_equal(_image(fresh, personal), out)  # step 2 differs from step 4
 
 
-def test_cd_interrupted_run_with_augmentation_and_prior_equals_an_uninterrupted_one(base_pipe, images, tmp_path,
+def test_cd_interrupted_run_with_augmentation_and_prior_equals_an_uninterrupted_one(tiny_sd_pipeline_shared, red_square_images, tmp_path,
                                                                                      monkeypatch):
+    base_pipe, images = tiny_sd_pipeline_shared, red_square_images
     cfg = _cd(steps=5, batch_size=2, flip_p=0.5, **PRIOR)
     full = train_custom_diffusion(copy.deepcopy(base_pipe), images, cfg, tmp_path / "full", progress=False,
                                   load_result=False)
@@ -250,7 +258,8 @@ def test_cd_interrupted_run_with_augmentation_and_prior_equals_an_uninterrupted_
     assert cut.loss_history == full.loss_history and len(cut.loss_history) == 5
 
 
-def test_cd_mask_and_augmentation_follow_the_example(images):
+def test_cd_mask_and_augmentation_follow_the_example(red_square_images):
+    images = red_square_images
     m = instance_mask(64, 8, 64, 0, 0)  # no augmentation: a one-pixel border is left out
     assert m.shape == (8, 8) and m.sum() == 36 and m[0].sum() == 0 and m[1:7, 1:7].all()
     assert instance_mask(64, 8, 80, 5, 9).all()  # zoomed in: everything
@@ -266,7 +275,8 @@ def test_cd_mask_and_augmentation_follow_the_example(images):
 # ----------------------------------------------------------------------------- errors
 
 
-def test_clear_errors(pipe, images, tmp_path):
+def test_clear_errors(tiny_sd_pipeline, red_square_images, tmp_path):
+    pipe, images = tiny_sd_pipeline, red_square_images
     with pytest.raises(ValueError, match="rank must be >= 1"):
         DreamBoothLoRAConfig(rank=0)
     with pytest.raises(ValueError, match="must differ"):

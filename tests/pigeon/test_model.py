@@ -14,32 +14,28 @@ from safetensors.torch import load_file
 from persviz.paths import SHAPESWORLD_DIR
 from persviz.pigeon.losses import history_score, select_ratio
 from persviz.pigeon.model import (CONFIG_FILE, WEIGHTS_FILE, InstructionEncoder, final_layer_norm, build_model,
-                                  load_weights, save_weights, tiny_pipeline)
-from persviz.cli import main as cli_main
-from persviz.pigeon.train import PAIRS_FILE, RESUME_FILE, TrainConfig, evaluate, train
+                                  load_weights, save_weights)
+from persviz.pigeon.train import PAIRS_FILE, RESUME_FILE, TrainConfig, train
 from persviz.pigeon.users import PigeonDataset, make_users
 from torch.utils.data import default_collate
 
 K = 4  # personalized tokens of the tiny model
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers, numpy 2
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]  # diffusers, numpy 2
 
 
-from tiny_pipeline import one_thread  # noqa: E402,F401  (autouse: tiny models on one thread)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline(seed=0, d_model=32, n_out_tokens=K)
 
 
 @pytest.fixture(scope="module")
-def init_weights(pipe):
+def init_weights(tiny_pigeon_pipeline):
+    pipe = tiny_pigeon_pipeline
     return pipe.model.trainable_state_dict()
 
 
 @pytest.fixture
-def fresh(pipe, init_weights):
+def fresh(tiny_pigeon_pipeline, init_weights):
     """The module's tiny pipeline with its initial trainable weights."""
+    pipe = tiny_pigeon_pipeline
     pipe.model.load_trainable_state_dict(init_weights)
     pipe.model.eval()
     return pipe
@@ -283,25 +279,3 @@ def test_stage2_pairs_dpo_and_exact_resume(fresh, init_weights, tmp_path) -> Non
     assert b.losses == a.losses and same_weights(fresh.model.trainable_state_dict(), wa)
     pb = torch.load(tmp_path / "b" / PAIRS_FILE, weights_only=True)
     assert torch.equal(torch.cat(pb["chosen"]), torch.cat(pairs["chosen"]))
-
-
-def test_command_line_and_evaluate(tmp_path) -> None:
-    r = cli_main(["pigeon", "train", "--tiny", "--stage", "1", "--steps", "2", "--batch-size", "2", "--n-users", "10", "--save-every", "1",
-              "--out", str(tmp_path / "stage1"), "--no-progress"])
-    assert r.steps == 2 and all(math.isfinite(x) for x in r.losses)
-    assert (tmp_path / "stage1" / WEIGHTS_FILE).is_file()
-    pipe = tiny_pipeline(seed=0, d_model=32)
-    load_weights(pipe.model, tmp_path / "stage1")
-
-    class StubOracle:
-        def read(self, x):
-            return [{"background": "gray", "center": None} for _ in range(len(x))]
-
-    ds = PigeonDataset(make_users(3, seed=0), seed=0)
-    rep = evaluate(pipe, ds, 2, StubOracle(), batch_size=2, num_inference_steps=2)
-    assert sum(rep["ratio_counts"].values()) == 2 and set(rep["per_ratio"]) == {0.0, 0.25, 0.5, 0.75, 1.0}
-    assert set(rep["selected"]) == {"shape", "color", "texture", "background", "taste", "all"}
-    with pytest.raises(ValueError, match="init_from"):
-        TrainConfig(stage=2)
-    with pytest.raises(ValueError, match="beta"):
-        TrainConfig(beta=0.0)

@@ -16,7 +16,9 @@ from matplotlib.figure import Figure  # noqa: E402
 from persviz.pigeon import plots as pp  # noqa: E402
 from persviz.pigeon.study import ROWS  # noqa: E402
 
-from plot_helpers import new_ax, no_global_matplotlib_state  # noqa: E402,F401 (autouse fixture)
+from tests.helpers import new_ax  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("no_global_matplotlib_state")
 
 RNG = np.random.default_rng(0)
 H, N, S = 5, 16, 32

@@ -12,7 +12,7 @@ from persviz.paths import DATA_DIR
 from persviz.pigeon import PigeonPipeline, taste_report
 from persviz.pigeon.study import heldout_dataset, history_mode, pick_windows
 
-from tiny_pipeline import one_thread  # noqa: F401  (autouse: one thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 STAGES = {s: DATA_DIR / "pigeon" / s for s in ("stage1", "stage2")}
 

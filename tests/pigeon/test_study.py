@@ -12,23 +12,17 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from persviz.cli import main as cli_main
 from persviz.pigeon import study as st
-from persviz.pigeon.model import RATIOS, tiny_pipeline
+from persviz.pigeon.model import RATIOS
 from persviz.pigeon.train import PAIRS_FILE
 from persviz.pigeon.users import make_users, split_users
 from persviz.pigeon.widgets import PigeonExplorer
 
-from tiny_pipeline import one_thread  # noqa: E402,F401  (autouse: tiny models on one thread)
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers, numpy 2
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]  # diffusers, numpy 2
 N_USERS = 30
 FAST = dict(num_inference_steps=2)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline(seed=0, d_model=32, n_out_tokens=4)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +63,8 @@ def test_pick_windows_spreads_over_users_first(ds) -> None:
 
 
 # ---------------------------------------------------------------- the rows, by definition
-def test_history_modes_keep_mask_or_drop_the_history(pipe, batch) -> None:
+def test_history_modes_keep_mask_or_drop_the_history(tiny_pigeon_pipeline, batch) -> None:
+    pipe = tiny_pigeon_pipeline
     model, n = pipe.model, pipe.model.config.n_tokens
     args = (batch["history"], batch["reference"], batch["instruction"], 0.5)
     kept = {}
@@ -88,7 +83,8 @@ def test_history_modes_keep_mask_or_drop_the_history(pipe, batch) -> None:
             pass
 
 
-def test_no_history_row_does_not_depend_on_the_history(pipe, batch) -> None:
+def test_no_history_row_does_not_depend_on_the_history(tiny_pigeon_pipeline, batch) -> None:
+    pipe = tiny_pigeon_pipeline
     other = batch["history"].flip(0)  # each request gets the other one's history
     h, r, t = batch["history"], batch["reference"], batch["instruction"]
     with st.history_mode(pipe, "none"):
@@ -100,7 +96,8 @@ def test_no_history_row_does_not_depend_on_the_history(pipe, batch) -> None:
     assert not torch.equal(c, d)  # while Pigeon reads it
 
 
-def test_token_scores_give_the_mask_prepare_uses(pipe, batch) -> None:
+def test_token_scores_give_the_mask_prepare_uses(tiny_pigeon_pipeline, batch) -> None:
+    pipe = tiny_pigeon_pipeline
     pipe.model.eval()  # as PigeonPipeline.__call__ runs it (token_scores always scores without dropout)
     for mode in ("mask", "keep", "none"):
         with st.history_mode(pipe, mode):
@@ -135,7 +132,8 @@ def test_pooled_mask_and_auc_on_planted_scores() -> None:
     assert np.isnan(st.score_auc(scores, torch.tensor([[False, False]])))
 
 
-def test_kept_noise_fraction_per_image_mask_sits_at_chance(pipe, ds) -> None:
+def test_kept_noise_fraction_per_image_mask_sits_at_chance(tiny_pigeon_pipeline, ds) -> None:
+    pipe = tiny_pigeon_pipeline
     out = st.kept_noise_fraction(pipe, ds, 4)
     assert out["n"] == 4 and out["noise_rate"] == pytest.approx(0.4)
     assert out["chance"] == pytest.approx(0.4)
@@ -147,7 +145,8 @@ def test_kept_noise_fraction_per_image_mask_sits_at_chance(pipe, ds) -> None:
 
 
 # ---------------------------------------------------------------- the comparison table
-def test_comparison_table_rows_metrics_and_json(pipe, clip_eval, dino, oracle, tmp_path) -> None:
+def test_comparison_table_rows_metrics_and_json(tiny_pigeon_pipeline, clip_eval, dino, oracle, tmp_path) -> None:
+    pipe = tiny_pigeon_pipeline
     path = tmp_path / "sub" / "comparison.json"
     rows = st.comparison_table(pipe, pipe, 2, noise_rates=(0.0, 0.4), clip=clip_eval, dino=dino, oracle=oracle,
                                n_users=N_USERS, batch_size=2, path=path, progress=False, **FAST)
@@ -194,7 +193,8 @@ def test_stage_loading_errors(tmp_path, monkeypatch) -> None:
 
 
 # ---------------------------------------------------------------- bad inputs through the public entry points
-def test_bad_requests_fail_with_the_fix(pipe, ds) -> None:
+def test_bad_requests_fail_with_the_fix(tiny_pigeon_pipeline, ds) -> None:
+    pipe = tiny_pigeon_pipeline
     item = ds[0]
     h, r, t = item["history"], item["reference"], item["instruction"]
     with pytest.raises(ValueError, match="exactly 5"):
@@ -219,7 +219,8 @@ def test_bad_requests_fail_with_the_fix(pipe, ds) -> None:
 
 
 # ---------------------------------------------------------------- stage-2 pairs
-def test_pair_examples_read_pairs_pt(pipe, tmp_path) -> None:
+def test_pair_examples_read_pairs_pt(tiny_pigeon_pipeline, tmp_path) -> None:
+    pipe = tiny_pigeon_pipeline
     with pytest.raises(FileNotFoundError, match="stage 2"):
         st.load_pairs(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"n_users": 20, "data_seed": 0, "noise_rates": [0.2, 0.4],
@@ -244,7 +245,8 @@ def test_pair_examples_read_pairs_pt(pipe, tmp_path) -> None:
 
 
 # ---------------------------------------------------------------- the explorer, driven headless
-def test_explorer_callbacks(pipe, ds) -> None:
+def test_explorer_callbacks(tiny_pigeon_pipeline, ds) -> None:
+    pipe = tiny_pigeon_pipeline
     ex = PigeonExplorer(pipe, ds, num_inference_steps=2)
     assert ex.history_image.value and ex.masks is not None and ex.error is None
     users = [v for _, v in ex.user.options]
@@ -265,16 +267,6 @@ def test_explorer_callbacks(pipe, ds) -> None:
     assert ex.update() is False and "error" in ex.message.value
     with pytest.raises(ValueError, match="PigeonDataset"):
         PigeonExplorer(pipe, [])
-
-
-def test_command_line_passes_its_settings(monkeypatch, tmp_path) -> None:
-    seen = {}
-    monkeypatch.setattr(st, "comparison_table", lambda *a, **kw: seen.update(args=a, kw=kw) or [
-        {"noise_rate": 0.2, "row": "Pigeon stage 1", "n": 3, "clip_i": 1.0}])
-    cli_main(["pigeon", "study", "--stage1", "s1", "--stage2", "none", "--n-windows", "3", "--noise-rates", "0.2,0.6",
-             "--out", str(tmp_path / "c.json")])
-    assert seen["args"] == ("s1", None, 3, (0.2, 0.6), "test")
-    assert seen["kw"]["path"] == str(tmp_path / "c.json") and seen["kw"]["num_inference_steps"] == 25
 
 
 def test_shipped_pairs_sample_is_read_when_pairs_pt_is_absent(tmp_path) -> None:

@@ -18,7 +18,7 @@ from persviz.paths import SHAPESWORLD_DIR
 RATES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
-from tiny_pipeline import one_thread  # noqa: E402,F401  (autouse: tiny models on one thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ from persviz.shapesworld.concepts import render_references
 from persviz.tea.adaptive import SCHEDULE, AdaptiveResult, TraceStep, adaptive_tea, make_tea_scorer
 from persviz.tea.pipeline import tea
 
-from tiny_pipeline import D, one_thread, tiny_pipe  # noqa: F401 (one_thread: autouse fixture)
+from tests.helpers import D, make_tiny_sd_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Table:
@@ -128,7 +130,7 @@ PROMPT, CONTEXT = "a <v> on a navy background", "on a navy background"
 
 @pytest.fixture(scope="module")
 def ti_pipe():
-    pipe = tiny_pipe()
+    pipe = make_tiny_sd_pipeline()
     g = torch.Generator().manual_seed(1)
     pipe.load_textual_inversion({"<v>": 3.0 * torch.nn.functional.normalize(torch.randn(D, generator=g), dim=0)})
     return pipe

@@ -1,47 +1,18 @@
-"""TEA on a real (tiny, random) StableDiffusionPipeline: the context manager, prompt-level TEA, embedding files."""
-import os
-
+"""TEA on a real (tiny, random) StableDiffusionPipeline: the context manager and prompt-level TEA (the embedding
+files and statistics of persviz.embeddings: tests/floor/test_embeddings.py)."""
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from persviz.embeddings import (
-    class_word_id,
-    embedding_matrix,
-    load_learned_embeds,
-    norm_ratio_and_cosine,
-    save_learned_embeds,
-    token_row,
-    vocab_norms,
-)
-from persviz.paths import SHAPESWORLD_DIR
+from persviz.embeddings import class_word_id, token_row
 from persviz.tea.adjust import DEFAULTS, slerp_adjust
 from persviz.tea.pipeline import encode_prompt_level, tea
 
-from tiny_pipeline import D, one_thread, tiny_pipe as _tiny_pipe  # noqa: E402,F401 (one_thread: autouse fixture)
+from tests.helpers import D, random_vector as _vec
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PERSONAL = "a sks square on a gray background"
 CLASS = "a square on a gray background"
-
-
-
-
-@pytest.fixture
-def pipe():
-    return _tiny_pipe()
-
-
-def _vec(seed, n=None, norm=3.0):
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn(*((n,) if n else ()), D, generator=g)
-    return norm * v / v.norm(dim=-1, keepdim=True)
-
-
-@pytest.fixture
-def ti_pipe(pipe):
-    """The tiny pipeline with a learned single-vector placeholder '<cat>'."""
-    pipe.load_textual_inversion({"<cat>": _vec(1)})
-    return pipe
 
 
 def _gen(pipe, prompt="a <cat> on a gray background", **kw):
@@ -57,7 +28,8 @@ def _W(pipe):
 # ----------------------------------------------------------------------------- tea context manager
 
 
-def test_tea_writes_exactly_the_slerp_row_and_restores_bit_exactly(ti_pipe):
+def test_tea_writes_exactly_the_slerp_row_and_restores_bit_exactly(tiny_sd_pipeline_with_cat):
+    ti_pipe = tiny_sd_pipeline_with_cat
     W0 = _W(ti_pipe).detach().clone()
     ph, sq = token_row(ti_pipe, "<cat>"), class_word_id(ti_pipe.tokenizer, "square")
     with tea(ti_pipe, "<cat>", "square", rotation=0.3, scale=0.6) as adj:
@@ -72,7 +44,8 @@ def test_tea_writes_exactly_the_slerp_row_and_restores_bit_exactly(ti_pipe):
     assert torch.equal(_W(ti_pipe).detach(), W0)
 
 
-def test_tea_restores_after_an_exception(ti_pipe):
+def test_tea_restores_after_an_exception(tiny_sd_pipeline_with_cat):
+    ti_pipe = tiny_sd_pipeline_with_cat
     W0 = _W(ti_pipe).detach().clone()
     with pytest.raises(RuntimeError, match="boom"):
         with tea(ti_pipe, "<cat>", "square"):
@@ -81,14 +54,16 @@ def test_tea_restores_after_an_exception(ti_pipe):
     assert torch.equal(_W(ti_pipe).detach(), W0)
 
 
-def test_tea_defaults_come_from_the_method(ti_pipe):
+def test_tea_defaults_come_from_the_method(tiny_sd_pipeline_with_cat):
+    ti_pipe = tiny_sd_pipeline_with_cat
     with tea(ti_pipe, "<cat>", "square") as adj:
         assert (adj.rotation, adj.scale) == (DEFAULTS["textual_inversion"]["rotation"], DEFAULTS["textual_inversion"]["scale"])
     with tea(ti_pipe, "<cat>", "square", method="dreambooth", scale=0.0) as adj:
         assert (adj.rotation, adj.scale) == (DEFAULTS["dreambooth"]["rotation"], 0.0)
 
 
-def test_multi_vector_placeholder_is_adjusted_row_by_row(pipe):
+def test_multi_vector_placeholder_is_adjusted_row_by_row(tiny_sd_pipeline):
+    pipe = tiny_sd_pipeline
     pipe.load_textual_inversion({"<cat>": _vec(2, n=3)})
     W0 = _W(pipe).detach().clone()
     ids = [token_row(pipe, t) for t in ("<cat>", "<cat>_1", "<cat>_2")]
@@ -100,7 +75,8 @@ def test_multi_vector_placeholder_is_adjusted_row_by_row(pipe):
     assert torch.equal(_W(pipe).detach(), W0)
 
 
-def test_generation_inside_differs_and_equals_the_row_set_by_hand(ti_pipe):
+def test_generation_inside_differs_and_equals_the_row_set_by_hand(tiny_sd_pipeline_with_cat):
+    ti_pipe = tiny_sd_pipeline_with_cat
     outside = _gen(ti_pipe)
     with tea(ti_pipe, "<cat>", "square", rotation=0.5, scale=0.5) as adj:
         inside = _gen(ti_pipe)
@@ -112,13 +88,15 @@ def test_generation_inside_differs_and_equals_the_row_set_by_hand(ti_pipe):
     np.testing.assert_array_equal(_gen(ti_pipe), inside)
 
 
-def test_rotation_zero_scale_zero_leaves_generation_unchanged(ti_pipe):
+def test_rotation_zero_scale_zero_leaves_generation_unchanged(tiny_sd_pipeline_with_cat):
+    ti_pipe = tiny_sd_pipeline_with_cat
     outside = _gen(ti_pipe)
     with tea(ti_pipe, "<cat>", "square", rotation=0.0, scale=0.0):
         np.testing.assert_array_equal(_gen(ti_pipe), outside)
 
 
-def test_tea_bad_inputs_give_clear_errors_and_leave_the_model_alone(ti_pipe):
+def test_tea_bad_inputs_give_clear_errors_and_leave_the_model_alone(tiny_sd_pipeline_with_cat):
+    ti_pipe = tiny_sd_pipeline_with_cat
     W0 = _W(ti_pipe).detach().clone()
     with pytest.raises(ValueError, match=r"'<dog>' is not in the tokenizer \(it tokenizes to .*\); load the embedding first with pipe.load_textual_inversion"):
         with tea(ti_pipe, "<dog>", "square"):
@@ -141,81 +119,11 @@ def test_tea_bad_inputs_give_clear_errors_and_leave_the_model_alone(ti_pipe):
     assert torch.equal(_W(ti_pipe).detach(), W0)
 
 
-# ----------------------------------------------------------------------------- embedding files
-
-
-def test_save_then_load_textual_inversion_round_trip(tmp_path, pipe):
-    v = _vec(3)
-    out = save_learned_embeds({"<cat>": v}, tmp_path / "cat")
-    assert out == tmp_path / "cat" / "learned_embeds.safetensors" and os.listdir(out.parent) == [out.name]
-    assert torch.equal(load_learned_embeds(tmp_path / "cat")["<cat>"], v[None])
-    pipe.load_textual_inversion(str(tmp_path / "cat"))
-    assert torch.equal(_W(pipe).detach()[token_row(pipe, "<cat>")], v)
-    # .bin and multi-vector, read back by diffusers
-    m = _vec(4, n=2)
-    out = save_learned_embeds({"<dog>": m[0], "<dog>_1": m[1]}, tmp_path / "dog.bin")
-    pipe.load_textual_inversion(str(out))
-    assert torch.equal(_W(pipe).detach()[[token_row(pipe, "<dog>"), token_row(pipe, "<dog>_1")]], m)
-    assert torch.equal(load_learned_embeds(out)["<dog>"], m)
-
-
-def test_a1111_files_load_and_convert(tmp_path, pipe):
-    t = _vec(5, n=2)
-    pt = tmp_path / "mystyle.pt"
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": t}, "name": "mystyle", "step": 500,
-                "sd_checkpoint": "abc123", "sd_checkpoint_name": "model"}, pt)
-    emb = load_learned_embeds(pt)
-    assert list(emb) == ["mystyle"] and torch.equal(emb["mystyle"], t)
-    assert list(load_learned_embeds(pt, token="<s>")) == ["<s>"]
-    pipe.load_textual_inversion(str(pt))  # diffusers reads the same file identically
-    assert torch.equal(_W(pipe).detach()[[token_row(pipe, "mystyle"), token_row(pipe, "mystyle_1")]], t)
-    converted = save_learned_embeds(load_learned_embeds(pt, token="<conv>"), tmp_path / "conv")
-    pipe.load_textual_inversion(str(converted))
-    assert torch.equal(_W(pipe).detach()[token_row(pipe, "<conv>_1")], t[1])
-    st = tmp_path / "negstyle.safetensors"
-    save_file({"emb_params": t}, str(st))
-    emb = load_learned_embeds(st)
-    assert list(emb) == ["negstyle"] and torch.equal(emb["negstyle"], t)
-
-
-def test_embedding_file_errors_are_clear(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown learned-embedding layout; keys found: \['foo', 'step'\]"):
-        load_learned_embeds({"foo": "bar", "step": 3})
-    with pytest.raises(ValueError, match="SDXL embedding"):
-        load_learned_embeds({"clip_l": torch.ones(1, 768), "clip_g": torch.ones(1, 1280)})
-    with pytest.raises(ValueError, match="no token name; pass token="):
-        load_learned_embeds({"emb_params": torch.ones(1, D)})
-    with pytest.raises(FileNotFoundError, match="no learned-embedding file"):
-        load_learned_embeds(tmp_path / "missing.safetensors")
-    with pytest.raises(ValueError, match="one token per file and got 2"):
-        save_learned_embeds({"<a>": torch.ones(D), "<b>": torch.ones(D)}, tmp_path / "x")
-    assert not (tmp_path / "x").exists() or not os.listdir(tmp_path / "x")
-
-
-# ----------------------------------------------------------------------------- statistics
-
-
-def test_rows_matrix_norms_and_ratio(ti_pipe):
-    W = embedding_matrix(ti_pipe)
-    assert W.shape == (len(ti_pipe.tokenizer), D) and W.data_ptr() == _W(ti_pipe).data_ptr()
-    assert token_row(ti_pipe, "<cat>") == ti_pipe.tokenizer.convert_tokens_to_ids("<cat>")
-    assert token_row((ti_pipe.tokenizer, ti_pipe.text_encoder), "square") == 657
-    assert class_word_id(ti_pipe.tokenizer, "sks") == 655
-    torch.testing.assert_close(vocab_norms(ti_pipe), W.norm(dim=-1))
-    r, cos = norm_ratio_and_cosine(torch.tensor([3.0, 4.0]), torch.tensor([0.0, 2.5]))
-    assert float(r) == pytest.approx(2.0) and float(cos) == pytest.approx(0.8)
-    r, cos = norm_ratio_and_cosine(torch.tensor([[3.0, 4.0], [0.0, 1.0]]), torch.tensor([0.0, 5.0]))
-    assert r.tolist() == pytest.approx([1.0, 0.2]) and cos.tolist() == pytest.approx([0.8, 1.0])
-    with pytest.raises(ValueError, match="unknown class word 'gray background' \\(it tokenizes to 2 tokens"):
-        class_word_id(ti_pipe.tokenizer, "gray background")
-    with pytest.raises(ValueError, match="load its embedding first"):
-        token_row(ti_pipe, "<dog>")
-
-
 # ----------------------------------------------------------------------------- prompt level (Eq. 2)
 
 
-def test_prompt_level_identity_equals_the_plain_encoding(pipe):
+def test_prompt_level_identity_equals_the_plain_encoding(tiny_sd_pipeline):
+    pipe = tiny_sd_pipeline
     pe, ne = encode_prompt_level(pipe, PERSONAL, CLASS, rotation=0.0, scale=0.0)
     ref_pe, ref_ne = pipe.encode_prompt(PERSONAL, torch.device("cpu"), 1, True, negative_prompt="")
     torch.testing.assert_close(pe, ref_pe, rtol=0, atol=1e-6)
@@ -225,7 +133,8 @@ def test_prompt_level_identity_equals_the_plain_encoding(pipe):
                                _gen(pipe, prompt=PERSONAL), rtol=0, atol=1e-6)
 
 
-def test_aligned_pairs_sks_with_the_class_word_unaligned_pairs_k_with_k(pipe):
+def test_aligned_pairs_sks_with_the_class_word_unaligned_pairs_k_with_k(tiny_sd_pipeline):
+    pipe = tiny_sd_pipeline
     ids_p = pipe.tokenizer(PERSONAL).input_ids
     ids_c = pipe.tokenizer(CLASS).input_ids
     bos, eos, a, sks, square, on, gray, bg = 668, 669, 353, 655, 657, 636, 613, 561
@@ -245,13 +154,15 @@ def test_aligned_pairs_sks_with_the_class_word_unaligned_pairs_k_with_k(pipe):
     assert pe.shape == ne.shape == (2, 77, D)
 
 
-def test_placeholder_that_replaces_the_class_word_pairs_position_by_position(ti_pipe):
+def test_placeholder_that_replaces_the_class_word_pairs_position_by_position(tiny_sd_pipeline_with_cat):
+    ti_pipe = tiny_sd_pipeline_with_cat
     h_c, _ = ti_pipe.encode_prompt(CLASS, torch.device("cpu"), 1, False)
     out, _ = encode_prompt_level(ti_pipe, "a <cat> on a gray background", CLASS, 1.0, 1.0, placeholder="<cat>")
     torch.testing.assert_close(out[0], h_c[0], rtol=0, atol=1e-5)
 
 
-def test_prompt_level_bad_inputs_give_clear_errors(ti_pipe):
+def test_prompt_level_bad_inputs_give_clear_errors(tiny_sd_pipeline_with_cat):
+    ti_pipe = tiny_sd_pipeline_with_cat
     with pytest.raises(ValueError, match=r"prompt 'a square on a gray background' does not contain the placeholder 'sks'"):
         encode_prompt_level(ti_pipe, CLASS, CLASS, 0.1, 0.5)
     with pytest.raises(ValueError, match="class prompt .* contains the placeholder"):

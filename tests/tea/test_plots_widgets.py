@@ -18,7 +18,9 @@ from persviz.tea.adjust import slerp_adjust  # noqa: E402
 from persviz.tea.widgets import SnapshotExplorer, TEAExplorer, make_tea_generate_fn  # noqa: E402
 from persviz.widgets import png_bytes  # noqa: E402
 
-from plot_helpers import new_ax, no_global_matplotlib_state  # noqa: E402,F401 (autouse fixture)
+from tests.helpers import new_ax  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("no_global_matplotlib_state")
 
 STEPS = [100, 200, 300, 400, 500]
 ROT = [0.0, 0.1, 0.2, 0.3]

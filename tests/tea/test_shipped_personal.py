@@ -21,9 +21,10 @@ def test_every_run_is_shipped_with_its_snapshots(method, name):
         assert (run / "learned_embeds.safetensors").is_file()
 
 
-def test_a_shipped_ti_run_matches_the_command_that_made_it(pipe, tmp_path):
+def test_a_shipped_ti_run_matches_the_command_that_made_it(shapesworld_pipeline, tmp_path):
     # resuming the finished run with the command's own config passes the trainer's fingerprint check and trains
     # nothing: the shipped files are what `personalize` writes for this pipeline and these reference images
+    pipe = shapesworld_pipeline
     shutil.copytree(run_dir("textual_inversion", "checkers"), tmp_path / "textual_inversion" / "checkers")
     res = run_textual_inversion(pipe, "checkers", root=tmp_path)
     assert res.steps == 3000 and len(res.loss_history) == 3000
@@ -32,7 +33,8 @@ def test_a_shipped_ti_run_matches_the_command_that_made_it(pipe, tmp_path):
     torch.testing.assert_close(load_snapshot_embedding(res.final_path).reshape(shipped.shape), shipped)
 
 
-def test_study_text_columns_recompute_from_the_snapshots(pipe):
+def test_study_text_columns_recompute_from_the_snapshots(shapesworld_pipeline):
+    pipe = shapesworld_pipeline
     study = load_json(run_dir("textual_inversion", "candy") / "study.json")
     text = study["text"]
     picks = [0, len(text["step"]) - 1]
@@ -46,7 +48,8 @@ def test_study_text_columns_recompute_from_the_snapshots(pipe):
 
 @pytest.mark.parametrize("method,rows", [("textual_inversion", {"none", "TEA"}), ("dreambooth", {"none", "TEA", "TEA unaligned"}),
                                          ("custom_diffusion", {"none", "TEA"})])
-def test_run_tea_rows_loads_a_shipped_run_and_leaves_the_pipeline_as_it_was(pipe, method, rows):
+def test_run_tea_rows_loads_a_shipped_run_and_leaves_the_pipeline_as_it_was(shapesworld_pipeline, method, rows):
+    pipe = shapesworld_pipeline
     from persviz.shapesworld.concepts import eval_prompts
     from persviz.tea.shapesworld_runs import run_tea_rows
     n_tok, procs = len(pipe.tokenizer), dict(pipe.unet.attn_processors)

@@ -7,13 +7,15 @@ from persviz.generation import generate
 from persviz.metrics import clip_t
 from persviz.shapesworld.concepts import eval_prompts, load_references
 from persviz.tea.study import dominance_over_steps, impacts_over_steps, learned_embedding, score_images
-from tiny_pipeline import one_thread, tiny_pipe  # noqa: F401
+from tests.helpers import make_tiny_sd_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROBES = eval_prompts("checkers", n=2)
 
 
 def test_learned_embedding_adds_then_removes_a_new_token():
-    pipe = tiny_pipe()
+    pipe = make_tiny_sd_pipeline()
     n_tok, w0 = len(pipe.tokenizer), pipe.text_encoder.get_input_embeddings().weight.detach().clone()
     v = torch.randn(w0.shape[1])
     with learned_embedding(pipe, "<x>", v):
@@ -24,7 +26,7 @@ def test_learned_embedding_adds_then_removes_a_new_token():
 
 
 def test_learned_embedding_overwrites_a_loaded_token_and_restores_it():
-    pipe = tiny_pipe()
+    pipe = make_tiny_sd_pipeline()
     pipe.load_textual_inversion({"<x>": torch.ones(32)}, token="<x>")
     row = pipe.tokenizer.convert_tokens_to_ids("<x>")
     with learned_embedding(pipe, "<x>", torch.full((32,), 2.0)):
@@ -35,12 +37,12 @@ def test_learned_embedding_overwrites_a_loaded_token_and_restores_it():
 @pytest.mark.parametrize("bad", [torch.full((32,), float("nan")), torch.ones(7)])
 def test_learned_embedding_refuses_nan_or_wrong_width(bad):
     with pytest.raises(ValueError, match="NaN|width"):
-        with learned_embedding(tiny_pipe(), "<x>", bad):
+        with learned_embedding(make_tiny_sd_pipeline(), "<x>", bad):
             pass
 
 
 def test_impacts_equal_scores_of_images_generated_directly(clip_eval):
-    pipe = tiny_pipe()
+    pipe = make_tiny_sd_pipeline()
     refs = load_references("checkers")
     snaps = [(0, torch.zeros(32) + 0.1), (100, torch.randn(32, generator=torch.Generator().manual_seed(1)))]
     table = impacts_over_steps(pipe, snaps, "<c>", "square", PROBES, refs, clip_eval, progress=False)
@@ -53,7 +55,7 @@ def test_impacts_equal_scores_of_images_generated_directly(clip_eval):
 
 
 def test_dominance_needs_both_placeholders(clip_eval):
-    pipe = tiny_pipe()
+    pipe = make_tiny_sd_pipeline()
     anchors = {"<a>": load_references("checkers")[:1], "<b>": load_references("candy")[:1]}
     with pytest.raises(ValueError, match="both placeholders"):
         dominance_over_steps(pipe, ("<a>", torch.ones(32)), ("<zz>", [(0, torch.ones(32))]), "a {a}", anchors,
@@ -73,7 +75,7 @@ def runs(tmp_path_factory):
     """Two-step TI, DreamBooth-LoRA and Custom Diffusion runs of a tiny pipeline."""
     from persviz.trainers import (CustomDiffusionConfig, DreamBoothLoRAConfig, TextualInversionConfig, train_custom_diffusion,
                                   train_dreambooth_lora, train_textual_inversion)
-    root, pipe, imgs = tmp_path_factory.mktemp("runs"), tiny_pipe(), load_references("checkers")
+    root, pipe, imgs = tmp_path_factory.mktemp("runs"), make_tiny_sd_pipeline(), load_references("checkers")
     train_textual_inversion(pipe, imgs, TextualInversionConfig(placeholder="<c>", steps=2, save_every=1, lr=0.05), root / "textual_inversion",
                             progress=False, load_result=False)
     train_dreambooth_lora(pipe, imgs, DreamBoothLoRAConfig(steps=2, save_every=1, lr=0.05, prior_preservation=False),
@@ -88,7 +90,7 @@ def runs(tmp_path_factory):
     ("custom_diffusion", "<m> square", "<m>", {"none", "TEA"})])
 def test_personalized_runs_load_give_tea_rows_and_unload(runs, method, word, token, rows):
     from persviz.tea.study import personalized, tea_rows
-    pipe = tiny_pipe()
+    pipe = make_tiny_sd_pipeline()
     before = generate(pipe, ["a square"], seed=0)
     n_tok = len(pipe.tokenizer)
     seen = {}
@@ -107,14 +109,14 @@ def test_personalized_runs_load_give_tea_rows_and_unload(runs, method, word, tok
 def test_personalized_refuses_an_unknown_method(runs):
     from persviz.tea.study import personalized
     with pytest.raises(ValueError, match="unknown method"):
-        with personalized(tiny_pipe(), "lora", runs / "dreambooth"):
+        with personalized(make_tiny_sd_pipeline(), "lora", runs / "dreambooth"):
             pass
 
 
 def test_sweep_cells_equal_direct_generation_under_tea(clip_eval):
     from persviz.tea.pipeline import tea
     from persviz.tea.study import tea_sweep
-    pipe = tiny_pipe()
+    pipe = make_tiny_sd_pipeline()
     pipe.load_textual_inversion({"<c>": torch.randn(32, generator=torch.Generator().manual_seed(3))}, token="<c>")
 
     def score(images):
@@ -128,7 +130,7 @@ def test_sweep_cells_equal_direct_generation_under_tea(clip_eval):
 
 def test_adaptive_vs_fixed_rows(clip_eval):
     from persviz.tea.study import adaptive_vs_fixed
-    pipe = tiny_pipe()
+    pipe = make_tiny_sd_pipeline()
     pipe.load_textual_inversion({"<c>": torch.randn(32, generator=torch.Generator().manual_seed(3))}, token="<c>")
     rows = adaptive_vs_fixed(pipe, PROBES[:1], "<c>", "square", load_references("checkers"), clip_eval,
                              schedule=(0.0, 0.5), n_images=1, progress=False)

@@ -13,14 +13,17 @@ from persviz.shapesworld import Obj, Scene, render_batch
 from persviz.tea.tracker import load_json, save_json, to_shift_grid, track_semantic_shift
 from persviz.trainers import TextualInversionConfig, list_snapshots, train_textual_inversion
 
-from tiny_pipeline import D, base_pipe, one_thread  # noqa: F401 (fixtures; one_thread: autouse)
+from tests.helpers import D
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SETS = shapesworld_prompt_sets(n=10, seed=1)
 CONTEXTUAL, SIMPLE = SETS["contextual"], SETS["simple"]
 
 
 @pytest.fixture(scope="module")
-def class_row(base_pipe):
+def class_row(tiny_sd_pipeline_shared):
+    base_pipe = tiny_sd_pipeline_shared
     W = base_pipe.text_encoder.get_input_embeddings().weight.detach()
     return W[class_word_id(base_pipe.tokenizer, "square")].clone()
 
@@ -59,7 +62,8 @@ def _assert_same_state(a, b):
     assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
 
 
-def test_metrics_equal_direct_calls_on_independently_encoded_prompts(base_pipe, class_row, embeddings, tmp_path):
+def test_metrics_equal_direct_calls_on_independently_encoded_prompts(tiny_sd_pipeline_shared, class_row, embeddings, tmp_path):
+    base_pipe = tiny_sd_pipeline_shared
     track = track_semantic_shift(base_pipe, embeddings, CONTEXTUAL, SIMPLE[:8], class_word="square", progress=False,
                                  batch_size=4)
     assert track["step"] == [100, 200]
@@ -98,7 +102,8 @@ def test_metrics_equal_direct_calls_on_independently_encoded_prompts(base_pipe, 
     assert t2["inter_kl"][0] == pytest.approx(sm.kl_divergence(P_v, P_c[:, -1], 0.5), rel=1e-5, abs=1e-9)
 
 
-def test_multi_vector_embedding_matches_diffusers_loading(base_pipe, class_row, tmp_path):
+def test_multi_vector_embedding_matches_diffusers_loading(tiny_sd_pipeline_shared, class_row, tmp_path):
+    base_pipe = tiny_sd_pipeline_shared
     g = torch.Generator().manual_seed(4)
     emb = torch.stack([class_row, -0.5 * class_row]) + 0.2 * torch.randn(2, D, generator=g)
     track = track_semantic_shift(base_pipe, {7: emb}, CONTEXTUAL, None, class_word="square", placeholder="<m>",
@@ -113,7 +118,8 @@ def test_multi_vector_embedding_matches_diffusers_loading(base_pipe, class_row, 
     assert track["cosine"][0] == pytest.approx(float(cos.mean()), rel=1e-6)
 
 
-def test_run_folder_of_a_tiny_textual_inversion(base_pipe, tmp_path):
+def test_run_folder_of_a_tiny_textual_inversion(tiny_sd_pipeline_shared, tmp_path):
+    base_pipe = tiny_sd_pipeline_shared
     obj = Obj("square", "red", "striped", "large")
     images = render_batch([Scene(obj, bg) for bg in ("gray", "white")], seed=0)
     cfg = TextualInversionConfig(placeholder="<sq>", initializer="square", steps=2, save_every=1, templates=("a {}",), lr=5e-2)
@@ -135,7 +141,8 @@ def test_run_folder_of_a_tiny_textual_inversion(base_pipe, tmp_path):
     assert len(shift_grid(steps, grid).axes) == 4
 
 
-def test_pipeline_is_unchanged_also_after_an_error(base_pipe, embeddings, tmp_path):
+def test_pipeline_is_unchanged_also_after_an_error(tiny_sd_pipeline_shared, embeddings, tmp_path):
+    base_pipe = tiny_sd_pipeline_shared
     pipe = copy.deepcopy(base_pipe)
     pipe.text_encoder.train()  # a mode to restore
     before = _state(pipe)
@@ -153,7 +160,8 @@ def test_pipeline_is_unchanged_also_after_an_error(base_pipe, embeddings, tmp_pa
     _assert_same_state(before, _state(loaded))
 
 
-def test_clear_errors(base_pipe, embeddings, tmp_path):
+def test_clear_errors(tiny_sd_pipeline_shared, embeddings, tmp_path):
+    base_pipe = tiny_sd_pipeline_shared
     kw = dict(class_word="square", progress=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no learned_embeds-steps-<k>.safetensors"):

@@ -1,17 +1,14 @@
-"""A StableDiffusionPipeline with random tiny components for unit tests (diffusers' get_dummy_components()), and the
-fixtures of the tests that train on it: import them into a test module (`from tiny_pipeline import base_pipe, ...`)."""
-import copy
-
-import pytest
+"""Plain helpers of the tests, imported normally (`from tests.helpers import D, make_tiny_sd_pipeline, new_ax`).
+The fixtures built on them live in the conftest.py files."""
+from matplotlib.figure import Figure
 import torch
 
 from persviz.paths import SHAPESWORLD_DIR
-from persviz.shapesworld import Obj, Scene, render_batch
 
-D = 32
+D = 32  # width of the tiny pipeline's text encoder (its token embeddings)
 
 
-def tiny_pipe():
+def make_tiny_sd_pipeline():
     """A StableDiffusionPipeline with random tiny components, as in diffusers' get_dummy_components()."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -42,29 +39,14 @@ def tiny_pipe():
     return pipe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and far slower with two when the cores are busy); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def random_vector(seed, n=None, norm=3.0):
+    """A seeded random vector of width D (or n of them, rows) of the given norm."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(*((n,) if n else ()), D, generator=g)
+    return norm * v / v.norm(dim=-1, keepdim=True)
 
 
-@pytest.fixture(scope="module")
-def base_pipe():
-    """One tiny pipeline per test module; tests that change it take a copy (the `pipe` fixture)."""
-    return tiny_pipe()
-
-
-@pytest.fixture
-def pipe(base_pipe):
-    """A copy of base_pipe for one test."""
-    return copy.deepcopy(base_pipe)
-
-
-@pytest.fixture(scope="module")
-def images():
-    """Four 32x32 renders of one concept (a red striped square) on different backgrounds."""
-    obj = Obj("square", "red", "striped", "large")
-    return render_batch([Scene(obj, bg) for bg in ("gray", "white", "navy", "beige")], seed=0)
+def new_ax():
+    """(fig, ax): a Figure outside pyplot with one subplot."""
+    fig = Figure()
+    return fig, fig.add_subplot()
