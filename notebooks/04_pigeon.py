@@ -1,0 +1,222 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Pigeon: personalized generation from a noisy history
+#
+# Pigeon (Xu et al. 2024, arXiv 2410.14170) generates an image for a user from three inputs: the user's **history**
+# (the 5 images they interacted with before), a **reference image** and an **instruction**. The history carries the
+# user's taste, but not every image in it does: some are *noise*. Pigeon's answer has three parts:
+#
+# 1. a **mask generator** scores every visual token of the history and the reference and drops the low-scoring
+#    history tokens, so noise should be filtered at the token level;
+# 2. a **personalization module** (an LMM in the paper) reads the kept tokens and the instruction and emits the
+#    tokens that condition the image generator;
+# 3. two training stages without any supervised target: **stage 1** reconstructs the next liked image of the user's
+#    sequence from the masked history (masked preference reconstruction), **stage 2** runs DPO on pairs the
+#    stage-1 model generated itself, chosen = most similar to the history, rejected = least.
+#
+# At test time the reference is masked at several ratios and the candidate maximising
+# 0.5 · CLIP-T + 0.5 · history score is kept.
+#
+# **ShapesWorld scale.** Users like 1–2 colors, one texture and one background; a known share of their history is
+# noise, so every claim below is checked against ground truth. The LMM is a 2-layer transformer, the visual tokens
+# are the ShapesWorld CLIP's 16 patch tokens, the image generator is the shipped micro Stable Diffusion. The weights
+# were trained with `python -m persviz.pigeon.train --stage 1` and `--stage 2` (`data/pigeon/stage1`, `stage2`).
+#
+# **Full scale is not available.** The paper's Pigeon is LaVIT-7B with an SDXL decoder; persviz neither ships nor
+# loads them, and a ShapesWorld Pigeon says nothing about SD 1.5. With `PERSVIZ_SCALE=full` the first cell stops with
+# an error that says so instead of quietly running the toy.
+
+# %%
+# %matplotlib inline
+from pathlib import Path
+
+import numpy as np
+from IPython.display import Markdown, display
+
+from persviz.paths import DATA_DIR
+from persviz.pigeon import PigeonPipeline, make_datasets
+from persviz.pigeon import plots as pp
+from persviz.pigeon import study as st
+from persviz.pigeon.widgets import PigeonExplorer
+from persviz.plots import image_grid
+from persviz.session import setup
+from persviz.tables import table
+
+st.require_shapesworld()  # PERSVIZ_SCALE=full: raises FullScaleNotSupportedError (LaVIT + SDXL are out of reach)
+sess = setup(pipeline=False)  # the evaluators and the threads; the Pigeon stages bring their own micro-SD
+clip, dino, oracle = sess.clip, sess.dino, sess.oracle
+
+STAGE1 = DATA_DIR / "pigeon" / "stage1"
+STAGE2 = DATA_DIR / "pigeon" / "stage2"
+COMPARISON = DATA_DIR / "pigeon" / "comparison.json"
+DEV = sess.setting("pigeon_weights")  # development only: one snapshot folder stands in for both stages
+if DEV:
+    STAGE1 = STAGE2 = Path(DEV)
+    print(f"development override PERSVIZ_PIGEON_WEIGHTS={DEV}: stage 1 and stage 2 are the same snapshot")
+
+pipe1 = st.load_stage(STAGE1, name="stage 1")
+if DEV:
+    pipe2 = pipe1
+elif (STAGE2 / "pigeon.safetensors").is_file():
+    pipe2 = st.load_stage(STAGE2, sd=pipe1.sd, name="stage 2")
+else:
+    pipe2 = None
+    print(f"no stage-2 weights in {STAGE2} yet: the stage-2 parts below are left out")
+print("stage 1:", STAGE1, "| stage 2:", STAGE2 if pipe2 is not None else "-")
+
+# %% [markdown]
+# ## A held-out user and their noisy history
+# The test users are the ones the training never saw (a split by user). Here every one of them has 2 noise images
+# in each history (noise rate 0.4); the red frames mark them. The reference has the requested content (the
+# target's shape, size and position) in a random style; the ground-truth target is that content in the user's taste.
+
+# %%
+ds = st.heldout_dataset(0.4)
+i = st.pick_windows(ds, 1)[0]
+w, im = ds.window(i), ds.images(i)
+print(f"user {w.user_id} likes {w.taste.describe()}; request: '{w.instruction}'")
+print("noise in the history:", [f"image {k + 1}" for k, f in enumerate(w.history_is_noise) if f])
+image_grid(np.concatenate([im["history"], im["reference"][None], im["target"][None]]), 1, 7,
+           col_labels=[("noise " if f else "history ") + str(k + 1) for k, f in enumerate(w.history_is_noise)]
+           + ["reference", "target"])
+
+# %% [markdown]
+# ## What the mask generator keeps
+# All 6 × 16 visual tokens go through one small transformer encoder (with image-type and position embeddings); a
+# token's **score** is the cosine between its embedding and the encoder's output at its place: how well the rest of
+# the images "explain" it. Scores are soft-maxed within each image and the top k = max(1, int(16 · (1 − ratio)))
+# tokens are kept (straight-through Gumbel top-k while training, plain top-k here). The history keeps its
+# high-score tokens at ratio 0.2 (12 of 16); at inference the reference loses its *low*-score tokens at a ratio
+# that is swept. Masked tokens become zero embeddings. Dark hatched patches below are masked; the second row is the
+# scores.
+
+# %%
+m = st.window_masks(pipe1, ds, i, reference_ratio=0.5)
+pp.mask_overlay(m["history"], m["reference"], m["history_mask"], m["reference_mask"], m["history_is_noise"],
+                m["scores"], title=f"stage 1 · '{m['instruction']}' · reference ratio 0.5")
+
+# %% [markdown]
+# ## Does the mask keep the noise out?
+# Against ground truth: which share of the *kept* history tokens comes from noise images? Pigeon keeps the same
+# number of tokens in **every** image, so with its mask this share is exactly the noise rate, by construction:
+# per-image top-k can shape *which parts* of a noise image survive, never *how much* of it. Whether the scores could
+# tell noise from taste shows when the same scores are ranked over the whole history (the top 80 % of all 80
+# tokens) and in the AUC: the probability that a token of a liked image scores above a token of a noise image
+# (0.5 = no separation). 16 held-out windows per noise rate.
+
+# %%
+noise = st.kept_noise_by_rate(pipe1, 16, noise_rates=(0.0, 0.2, 0.4, 0.6))
+display(table(noise, {"noise_rate": "noise rate", "kept_noise_fraction": "kept (Pigeon)",
+                      "pooled_kept_noise_fraction": "kept (pooled)", "chance": "chance", "score_auc": "AUC"},
+              formats={"noise_rate": ".1f"}, title="share of noise among the kept history tokens"))
+pp.kept_noise_plot(noise)
+
+# %% [markdown]
+# ## One request: the reference ratio sweep and Pigeon's choice
+# The same initial latents at every reference mask ratio 0, 0.25, …, 1 (top row: the reference tokens kept). Ratio 0
+# shows the model the whole reference; ratio 1 keeps one token, so the history and the instruction have to carry
+# the rest. Pigeon keeps the candidate with the best 0.5 · CLIP-T(image, instruction) + 0.5 · history score (mean
+# CLIP image similarity to the history × 100), framed orange.
+
+# %%
+best = pipe2 if pipe2 is not None else pipe1
+item = ds[i]
+sel = best.select(item["history"], item["reference"], item["instruction"], generator=0)
+masks = st.reference_masks(best, item["history"], item["reference"], item["instruction"])
+print("oracle reads the selected image as:", oracle.read(sel.images * 2 - 1)[0])
+pp.ratio_sweep(sel, reference=m["reference"], reference_masks=masks)
+
+# %% [markdown]
+# ## Stage 2: chosen and rejected pairs
+# Stage 2 needs no labels: for training windows the stage-1 model generates one candidate per reference ratio,
+# scores each by its history score, and keeps the best as *chosen* and the worst as *rejected* (ties dropped).
+# DPO then moves the personalization module toward the chosen images with the frozen stage-1 copy as the reference
+# policy (the mask generator stays frozen). The pairs are stored in `stage2/pairs.pt` as latents; its first 16 pairs
+# ship as `stage2/pairs_sample.pt`.
+
+# %%
+if any((STAGE2 / f).is_file() for f in ("pairs.pt", st.PAIRS_SAMPLE_FILE)):
+    examples = st.pair_examples(pipe1, STAGE2, n=4)
+    fig = pp.pairs_plot(examples)
+else:
+    fig = None
+    print(f"no {STAGE2 / 'pairs.pt'}: stage 2 has not generated its pairs here "
+          f"(python -m persviz.pigeon.train --stage 2)")
+fig
+
+# %% [markdown]
+# ## Pigeon against its ablations (the paper's main comparison)
+# Held-out users at noise rates 0, 0.2 and 0.4, four rows, all with the test-time ratio selection and the same
+# initial latents:
+#
+# - **reference only (no history)**: stage 1 with every history token zeroed and masked (reads reference +
+#   instruction). The model was trained *with* a history, so this row shows what the history contributes, not a
+#   reference-only model trained for the job (the paper's baselines are trained separately);
+# - **history without masks**: stage 1 with history mask ratio 0 (every history token kept);
+# - **Pigeon stage 1** and **Pigeon stage 2**.
+#
+# Personalization: CLIP-I and DINO-I to the history (mean cosine × 100; note the history holds the noise images
+# too, as in the paper) and the oracle's hit rates of the user's taste. Semantic alignment: CLIP-T to the
+# instruction and the oracle's accuracy on the requested shape. The oracle looks in the target's slot (the
+# reference's position); the *anywhere* columns judge the generated object wherever it stands. The difference
+# matters here: the model learned the taste but not to put the object where the reference has it (about one
+# in three, chance), so the strict columns mostly measure placement. ± is the standard error over windows. The
+# table was computed once with `python -m persviz.pigeon.study --n-windows 48` (which calls
+# `study.comparison_table` and writes `data/pigeon/comparison.json`); here it is only read.
+
+# %%
+if COMPARISON.is_file():
+    rows, settings = st.load_comparison(COMPARISON)
+    print({k: settings[k] for k in ("n_windows", "noise_rates", "split", "num_inference_steps") if k in settings})
+else:
+    print(f"NOTE: {COMPARISON} is missing, so a SMALL version is computed live (6 windows, noise rate 0.4): "
+          f"far too few windows to compare the rows. Write the real one with "
+          f"python -m persviz.pigeon.study --n-windows 50")
+    rows = st.comparison_table(pipe1, pipe2, 6, noise_rates=(0.4,), clip=clip, dino=dino, oracle=oracle,
+                               batch_size=6)
+display(Markdown(st.format_table(rows, ["clip_i", "dino_i", "any_taste", "any_color", "any_texture", "background",
+                                        "clip_t", "any_shape", "taste", "shape"])))
+
+# %%
+pp.comparison_bars(rows, metrics=("clip_i", "dino_i", "any_taste", "background", "clip_t", "any_shape"))
+
+# %% [markdown]
+# ## Explore a user yourself
+# Pick a held-out user (their taste and noise rate are in the list) and one of their windows: the history with the
+# tokens the mask generator keeps, then the generation at every reference ratio with its scores and the ratio Pigeon
+# selects. Stock ipywidgets; the callbacks are plain methods, so they run here without a browser too.
+
+# %%
+test = make_datasets(1000, 0, (0.0, 0.2, 0.4, 0.6))["test"]  # the held-out users, mixed noise rates
+explorer = PigeonExplorer(best, test)
+explorer.update()
+explorer
+
+# %% [markdown]
+# ## Where this differs from the paper
+# - Scale: a 2-layer transformer instead of LaVIT-7B, 16 CLIP patch tokens per image instead of LaVIT's tokens, the
+#   32 × 32 micro-SD instead of SDXL; no caption model (the instruction names the shape).
+# - Conditioning: the UNet reads the instruction's own text encoding followed by the 8 personalized tokens
+#   (`PigeonConfig.condition = "text+tokens"`), so the frozen UNet starts from the prompt it was trained on; the
+#   paper passes only the LMM's tokens to its decoder (`condition="tokens"` here).
+# - Stage 1 trains with the diffusion loss on the target's latents plus an auxiliary loss: a training-only
+#   linear head on the mean of the 8 personalized tokens must match the target's CLIP image embedding. That is the
+#   paper's objective (predict the target's tokens; cross-entropy on LaVIT's codebook there) pooled to one vector;
+#   with the denoising loss alone, 1250 steps learned only the background. Stage 2 is Diffusion-DPO on the UNet's
+#   predictions under the two conditionings.
+# - The noise is exact: every history of a user at noise rate ρ holds exactly 5ρ noise images, which is what lets
+#   the kept-noise study above be read against ground truth.
