@@ -1,12 +1,16 @@
 """The door: ``persviz``, one command line for the main job and every maintenance command.
 
     persviz notebooks --out outputs                  # the main job: execute every notebook, write copies and figures
+    persviz train textual-inversion --images DIR --class-word WORD --placeholder "<tok>" --out CONCEPT_DIR
+    persviz study CONCEPT_DIR                        # shift tracker, impacts, with/without-TEA table: JSON, figures
     persviz shapesworld train [--stages unet]        # retrain the ShapesWorld models (resumable)
     persviz shapesworld evaluate                     # re-measure them: data/shapesworld/metrics.json, MODEL_CARD.md
     persviz shapesworld concepts                     # the personal concepts' reference images
     persviz tea runs --study --table                 # TEA's ShapesWorld runs of the three methods, study, table
     persviz finexl train | persviz finexl benchmark  # FineXL's LoRA variants; the ground-truth benchmark
     persviz pigeon train --stage 1 | persviz pigeon study
+    persviz inspect FILE [--class-word W]            # any tool's embedding file: norms, |V*|/|c|, cos, nearest words
+    persviz fix FILE --class-word W --out NEW        # TEA baked into a new file of the same format
 
 The maintenance commands always work on ShapesWorld, whatever ``PERSVIZ_SCALE`` says. This module (with
 ``persviz/__main__.py`` and the notebook runner) sits above the three rooms and may import all of them; nothing
@@ -25,8 +29,10 @@ import torch
 from persviz import run_notebooks
 from persviz.finexl import benchmark as finexl_benchmark
 from persviz.generation import GUIDANCE
-from persviz.io import write_json
-from persviz.loading import load_evaluator, load_pipeline
+from persviz import embedding_files
+from persviz.io import to_jsonable, write_json
+from persviz.concept_folder import check_method, read_concept
+from persviz.loading import FULL_DEFAULTS, SHAPESWORLD, default_model, load_evaluator, load_pipeline
 from persviz.paths import SHAPESWORLD_DIR
 from persviz.pigeon import study as pigeon_study
 from persviz.pigeon import train as pigeon_train
@@ -35,8 +41,8 @@ from persviz.pigeon.users import DEFAULT_NOISE_RATES, make_datasets
 from persviz.shapesworld import evaluate as world_evaluate
 from persviz.shapesworld import train as world_train
 from persviz.shapesworld.concepts import CONCEPTS, CONCEPTS_DIR, write_references
-from persviz.tea import shapesworld_runs
-from persviz.trainers import METHODS
+from persviz.tea import concept_study, fix_file, inspect_file, shapesworld_runs
+from persviz.trainers import METHODS, concept_runs
 
 
 def _threads(n: int | None) -> None:
@@ -277,16 +283,139 @@ def _add_notebooks(sub: Any) -> None:
     p.set_defaults(run=notebooks)
 
 
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a concept of your own into a concept folder (resumable)",
+                       description=concept_runs.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("method", choices=("textual-inversion", "ti", "dreambooth", "custom-diffusion"))
+    p.add_argument("--images", required=True, help="folder of the concept's photos")
+    p.add_argument("--class-word", required=True, help="the concept's class, one token (e.g. dog, toy)")
+    p.add_argument("--placeholder", required=True, help="the concept's new token, e.g. '<my-dog>'")
+    p.add_argument("--identifier", default=None, help="DreamBooth's rare token (default: sks)")
+    p.add_argument("--out", required=True, help="the concept folder (created; an existing one is extended)")
+    p.add_argument("--model", default=None, help="Hub id or folder (default: the ShapesWorld micro-SD)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+
+    def train(a: argparse.Namespace) -> concept_runs.ConceptRun:
+        _threads(a.threads)
+        run = concept_runs.train_concept(
+            a.method, a.images, a.class_word, a.placeholder, a.out, a.model, a.identifier, progress=not a.no_progress,
+            steps=a.steps, save_every=a.save_every, resolution=a.resolution, lr=a.lr, batch_size=a.batch_size,
+            seed=a.seed)
+        print(f"{run.method}: {run.result.steps} steps in {run.run_dir} (concept folder {run.concept.folder})")
+        return run
+    p.set_defaults(run=train)
+
+
+# ----------------------------------------------------------------------------- inspect / fix (embedding files)
+
+
+def _text_model(a: argparse.Namespace) -> tuple[Any, Any]:
+    """(tokenizer, text_encoder) of --model; a model that cannot be loaded ends the command with the reason."""
+    try:
+        return inspect_file.load_text_model(a.model)
+    except OSError as err:
+        raise SystemExit(f"persviz {a.command}: {err}") from None
+
+
+def _add_inspect(sub: Any) -> None:
+    p = sub.add_parser("inspect", help="the collapse diagnosis of one embedding file (any tool's format)",
+                       description=inspect_file.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", help="a Textual Inversion / Custom Diffusion token file (diffusers, A1111, kohya)")
+    p.add_argument("--model", default=None, help="Hub id or folder (default: ShapesWorld; SD 1.5 with PERSVIZ_SCALE=full)")
+    p.add_argument("--class-word", default=None, help="one-token class word: adds |V*|/|c| and cos(V*, c)")
+    p.add_argument("--nearest", type=int, default=5, help="nearest vocabulary words per row")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    def run(a: argparse.Namespace) -> inspect_file.InspectReport:
+        f = embedding_files.read_embedding_file(a.file)
+        tokenizer, encoder = _text_model(a)
+        report = inspect_file.inspect_file(f, (tokenizer, encoder), a.class_word, a.nearest,
+                                           model_name=str(a.model or default_model("pipeline")))
+        print(json.dumps(to_jsonable(report.to_dict()), indent=1) if a.json else report.to_text())
+        return report
+    p.set_defaults(run=run)
+
+
+def _add_fix(sub: Any) -> None:
+    p = sub.add_parser("fix", help="bake token-level TEA into a new embedding file of the same format",
+                       description=fix_file.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", help="the embedding file to repair (left as it is)")
+    p.add_argument("--class-word", required=True, help="the concept's class, one token (e.g. dog)")
+    p.add_argument("--out", required=True, help="the new file (never the input)")
+    p.add_argument("--rotation", type=float, default=None, help="default: tea.DEFAULTS[method]")
+    p.add_argument("--scale", type=float, default=None, help="default: tea.DEFAULTS[method]")
+    p.add_argument("--method", default="textual_inversion", help="whose TEA defaults to use")
+    p.add_argument("--model", default=None, help="Hub id or folder (default: ShapesWorld; SD 1.5 with PERSVIZ_SCALE=full)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+
+    def run(a: argparse.Namespace) -> fix_file.FixResult:
+        fix_file.check_knobs(a.method, a.rotation, a.scale)
+        f = embedding_files.read_embedding_file(a.file)
+        fix_file.out_path(f.path, a.out, a.force)
+        result = fix_file.fix_embedding(f.path, _text_model(a), a.class_word, a.out, a.rotation, a.scale,
+                                        a.method, a.force)
+        print(result.to_text())
+        return result
+    p.set_defaults(run=run)
+
+
+def _add_study(sub: Any) -> None:
+    p = sub.add_parser("study", help="the TEA study of a concept folder: shift tracker, impacts, with/without TEA",
+                       description=concept_study.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("concept", help="the concept folder (with concept.json)")
+    p.add_argument("--methods", default=None, help=f"comma-separated subset of {METHODS} (default: every run)")
+    p.add_argument("--probes", type=int, default=12, help="contextual prompts")
+    p.add_argument("--repeats", type=int, default=1, help="images per prompt")
+    p.add_argument("--every", type=int, default=500, help="snapshot spacing of the image-space study")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 25 ShapesWorld, 50 SD 1.5)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance (default: 4 ShapesWorld, 7 SD 1.5)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--clip", default=None, help="CLIP evaluator (default: the scale's)")
+    p.add_argument("--dino", default=None, help="DINO evaluator (default: the scale's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+
+    def study(a: argparse.Namespace) -> dict:
+        _threads(a.threads)
+        concept = read_concept(a.concept)
+        small = concept.model == SHAPESWORLD
+        pipe = load_pipeline(None if small else concept.model)
+        concept_runs.check_sd1(pipe, concept.model)
+        if not small:
+            pipe.vae.enable_slicing()  # decode one image at a time: 512 px batches fit a small GPU
+        clip = load_evaluator(a.clip or (None if small else FULL_DEFAULTS["clip"]), kind="clip")
+        dino = load_evaluator(a.dino or (None if small else FULL_DEFAULTS["dino"]), kind="dino")
+        oracle = load_evaluator(kind="oracle") if small else None
+        settings = concept_study.StudySettings(a.probes, a.repeats, a.every, a.steps, a.guidance, a.batch_size)
+        methods = [check_method(m) for m in a.methods.split(",")] if a.methods else None
+        out = concept_study.study_concept(concept.folder, pipe, clip, dino, oracle, settings, methods,
+                                          progress=not a.no_progress)
+        print(f"wrote {Path(concept.folder) / concept_study.STUDY_DIR / 'study.json'} and {len(out['figures'])} figures")
+        return out
+    p.set_defaults(run=study)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``persviz`` parser with every subcommand."""
     ap = argparse.ArgumentParser(prog="persviz", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     _add_notebooks(sub)
+    _add_train(sub)
+    _add_study(sub)
     _add_shapesworld(sub)
     _add_tea(sub)
     _add_finexl(sub)
     _add_pigeon(sub)
+    _add_inspect(sub)
+    _add_fix(sub)
     return ap
 
 

@@ -6,14 +6,14 @@ appear together for the multi-concept study. The reference images ship as PNGs i
 """
 from __future__ import annotations
 
-import json
-import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
+from PIL import Image
 
+from persviz.io import atomic_write, write_json
 from persviz.paths import SHAPESWORLD_DIR
 from persviz.shapesworld.captions import context_phrase
 from persviz.shapesworld.render import render_batch
@@ -70,12 +70,6 @@ def render_references(name: str, seed: int = 0) -> np.ndarray:
     return render_batch(reference_scenes(name), seed=seed)
 
 
-def concept_scene(name: str, background: str = "gray", position: str = "center",
-                  second: Optional[Obj] = None) -> Scene:
-    """A scene with the concept in a context of your choice (ground truth for a contextual prompt)."""
-    return Scene(get_concept(name).obj, background, position, second)
-
-
 def pair_scene(first: str, second: str, background: str = "gray") -> Scene:
     """Two concepts together: the first at the left, the second (drawn small) at the right."""
     a, b = get_concept(first), get_concept(second)
@@ -83,14 +77,21 @@ def pair_scene(first: str, second: str, background: str = "gray") -> Scene:
 
 
 def eval_prompts(name: str, n: int = 24, seed: int = 0) -> list[dict]:
+    """Contextual prompts for a shipped concept (contextual_probes with its class word, avoiding its references'
+    backgrounds)."""
+    c = get_concept(name)
+    return contextual_probes(c.class_word, c.backgrounds, n, seed)
+
+
+def contextual_probes(class_word: str, avoid_backgrounds: tuple = (), n: int = 24, seed: int = 0) -> list[dict]:
     """Contextual prompts for a concept: {'template': 'a {} on a black background', 'context': {...}, 'context_text'}.
 
-    Backgrounds are drawn from those the reference images do not show, so an image that copies the references'
-    background fails the context; a second object (half the prompts) is plain and of another shape."""
-    c = get_concept(name)
+    Backgrounds are drawn from those the reference images do not show (`avoid_backgrounds`), so an image that copies
+    the references' background fails the context; a second object (half the prompts) is plain and of another
+    shape."""
     rng = np.random.default_rng(seed)
-    backgrounds = [b for b in BACKGROUNDS if b not in c.backgrounds]
-    shapes = [s for s in SHAPES if s != c.class_word]
+    backgrounds = [b for b in BACKGROUNDS if b not in avoid_backgrounds] or list(BACKGROUNDS)
+    shapes = [s for s in SHAPES if s != class_word]
     out = []
     for i in range(n):
         ctx = {"background": backgrounds[i % len(backgrounds)]}
@@ -107,41 +108,38 @@ def oracle_signature(oracle, name: str) -> dict:
 
     The oracle was trained on one-color objects; on a two-color concept it reads, e.g., 'orange' for yellow
     checkered in red. Concept fidelity on generated images compares against this reading, not the recipe."""
-    from collections import Counter
-    readings = oracle.read(load_references(name))
-    objs = [next(o for o in (r[p] for p in POSITIONS) if o is not None) for r in readings]
+    return reference_signature(oracle, load_references(name))
+
+
+def reference_signature(oracle, images: np.ndarray) -> dict:
+    """What the oracle reads on reference images, by majority per attribute (shape, color, texture) of the object
+    it finds in each; references where it finds none are skipped (a ValueError if it finds none at all)."""
+    readings = oracle.read(images)
+    objs = [o for o in (next((r[p] for p in POSITIONS if r[p] is not None), None) for r in readings) if o is not None]
+    if not objs:
+        raise ValueError("the oracle finds no object in any reference image; the images are not ShapesWorld scenes")
     return {k: Counter(o[k] for o in objs).most_common(1)[0][0] for k in ("shape", "color", "texture")}
 
 
 def load_references(name: str, folder: Path = CONCEPTS_DIR) -> np.ndarray:
     """The shipped reference images of a concept, uint8 [N, H, W, 3]."""
-    from PIL import Image
     get_concept(name)
     files = sorted((folder / name).glob("*.png"))
     if not files:
         raise FileNotFoundError(f"no reference images in {folder / name}; run "
-                                "`python -m persviz.shapesworld.concepts` to write them")
+                                "`persviz shapesworld concepts` to write them")
     return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
 
 
 def write_references(folder: Path = CONCEPTS_DIR) -> None:
     """Write every concept's reference PNGs and a concepts.json describing them (atomically per file)."""
-    from PIL import Image
     meta = {}
     for name, c in CONCEPTS.items():
         out = folder / name
         out.mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(render_references(name)):
-            tmp = out / f".{i}.png.tmp"
-            Image.fromarray(img).save(tmp, format="PNG")
-            os.replace(tmp, out / f"{i}.png")
+            atomic_write(out / f"{i}.png", lambda tmp, img=img: Image.fromarray(img).save(tmp, format="PNG"))
         meta[name] = {"class_word": c.class_word, "description": c.description, **c.attributes(),
                       "pattern_color": list(c.obj.pattern_color), "backgrounds": list(c.backgrounds)}
-    tmp = folder / ".concepts.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, folder / "concepts.json")
+    write_json(folder / "concepts.json", meta, indent=2)
 
-
-if __name__ == "__main__":
-    write_references()
-    print(f"wrote {len(CONCEPTS)} concepts to {CONCEPTS_DIR}")

@@ -150,6 +150,7 @@ def encode_prompt_level(
     *,
     placeholder: str = "sks",
     class_word: str | None = None,
+    anchor_encoder: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt-level TEA (Eq. 2) for DreamBooth: (prompt_embeds, negative_prompt_embeds), both [B, L, D].
 
@@ -168,6 +169,9 @@ def encode_prompt_level(
         negative_prompt: encoded plainly; both models read the same negative text, so Eq. 2 leaves it unchanged.
         placeholder: the learned or rare token ("sks"; a Textual Inversion token works too).
         class_word: the class token; None reads it from the class prompt at the placeholder's position.
+        anchor_encoder: the text encoder that encodes the class prompt (the anchor); None: the pipeline's own
+            (fine-tuned) one, as in the paper. The authors' follow-up work anchors on the base model's encoder:
+            pass a copy of it taken before the DreamBooth weights were loaded.
     """
     rotation, scale = check_knobs("dreambooth", rotation, scale)
     tokenizer, encoder = prompt_parts(pipe)
@@ -192,7 +196,7 @@ def encode_prompt_level(
     fixed_cid = None if class_word is None else _class_id(tokenizer, class_word, ph)
 
     ids_p, h_p = _encode(tokenizer, encoder, personal)
-    ids_c, h_c = _encode(tokenizer, encoder, classes)
+    ids_c, h_c = _encode(tokenizer, anchor_encoder if anchor_encoder is not None else encoder, classes)
     _, h_neg = _encode(tokenizer, encoder, negatives)
     pairs = []
     for b, (pp, pc) in enumerate(zip(personal, classes)):

@@ -1,11 +1,11 @@
 """Personalize the ShapesWorld micro-SD on the shipped concepts and ship the runs (embeddings / adapters, snapshots).
 
-    python -m persviz.tea.shapesworld_runs --methods ti --concepts checkers,candy,spark
+    persviz tea runs --methods textual_inversion --concepts checkers,candy,spark
 
 Runs go to data/shapesworld/personal/<method>/<concept>/ in the formats the trainers write (diffusers
 learned_embeds every 100 steps for Textual Inversion). Each run resumes where it stopped.
 
-Settings follow the TEA paper's (METHODS.md Sec. 1) except where the micro-SD needs otherwise, as stated:
+Settings follow the TEA paper's (docs/tea.md §8) except where the micro-SD needs otherwise, as stated:
 Textual Inversion uses lr 1e-3 (the paper: 5e-4) for 3000 steps, batch 1, so that the drift the paper sees on
 SD 1.5 happens inside the same 3000 steps on 128-d rows; templates come from the ShapesWorld caption grammar,
 since the CLIP here knows only its world's words.
@@ -25,13 +25,11 @@ from persviz.paths import SHAPESWORLD_DIR
 from persviz.shapesworld.concepts import CONCEPTS, eval_prompts, get_concept, load_references, oracle_signature
 from persviz.tea.study import impacts_over_steps, personalized, score_images, tea_rows
 from persviz.tea.tracker import save_json, track_semantic_shift
-from persviz.trainers import (METHODS, CustomDiffusionConfig, DreamBoothLoRAConfig, TextualInversionConfig,
-                              list_snapshots, load_snapshot_embedding, train_custom_diffusion, train_dreambooth_lora,
-                              train_textual_inversion)
+from persviz.trainers import (METHODS, list_snapshots, load_snapshot_embedding, train_custom_diffusion,
+                              train_dreambooth_lora, train_textual_inversion)
+from persviz.trainers.recipes import DREAMBOOTH_IDENTIFIER, recipe
 
 PERSONAL_DIR = SHAPESWORLD_DIR / "personal"
-TEMPLATES = ("a {}", "a photo of a {}", "an image of a {}", "a picture of a {}")
-SAMPLING = {"class_steps": 25, "class_guidance": 4.0}  # class images drawn with the micro-SD's documented settings
 
 
 def placeholder(name: str) -> str:
@@ -47,9 +45,8 @@ def run_dir(method: str, name: str, root: Path = PERSONAL_DIR) -> Path:
 
 
 def textual_inversion_config(name: str, steps: int = 3000):
-    """The Textual Inversion settings of the shipped runs."""
-    return TextualInversionConfig(placeholder=placeholder(name), initializer=get_concept(name).class_word, lr=1e-3, steps=steps,
-                    save_every=100, seed=0, templates=TEMPLATES)
+    """The Textual Inversion settings of the shipped runs: ShapesWorld's recipe (persviz.trainers.recipes)."""
+    return recipe("textual_inversion", placeholder(name), get_concept(name).class_word, shapesworld=True, steps=steps)
 
 
 def run_textual_inversion(pipe, name: str, steps: int = 3000, root: Path = PERSONAL_DIR):
@@ -59,12 +56,10 @@ def run_textual_inversion(pipe, name: str, steps: int = 3000, root: Path = PERSO
 
 
 def dreambooth_config(name: str, steps: int = 800):
-    """DreamBooth-LoRA settings of the shipped runs: the paper's (rank 4, text encoder on, prior weight 1) but lr
-    1e-3: at the paper's 1e-4 the micro-SD's LoRA learned the concepts too little to measure (mean CLIP-I 28.9,
-    at the level of the class word, against 47.6 for Custom Diffusion)."""
-    cw = get_concept(name).class_word
-    return DreamBoothLoRAConfig(identifier="sks", class_word=cw, instance_prompt=f"a photo of a sks {cw}",
-                                class_prompt=f"a photo of a {cw}", steps=steps, lr=1e-3, save_every=100, **SAMPLING)
+    """DreamBooth-LoRA settings of the shipped runs: ShapesWorld's recipe, the paper's but lr 1e-3 (at 1e-4 the
+    micro-SD's LoRA learned the concepts too little to measure: mean CLIP-I 28.9, the class word's level, against
+    47.6 for Custom Diffusion)."""
+    return recipe("dreambooth", DREAMBOOTH_IDENTIFIER, get_concept(name).class_word, shapesworld=True, steps=steps)
 
 
 def run_dreambooth(pipe, name: str, steps: int = 800, root: Path = PERSONAL_DIR):
@@ -74,12 +69,10 @@ def run_dreambooth(pipe, name: str, steps: int = 800, root: Path = PERSONAL_DIR)
 
 
 def custom_diffusion_config(name: str, steps: int = 1000):
-    """Custom Diffusion settings of the shipped runs: K/V of cross-attention and a modifier token. The paper's lr
-    5e-6 leaves the micro-SD's small projections all but unchanged in 2000 steps; these runs use 1e-4, and no
-    resize augmentation (its masked loss has almost no interior on 16x16 latents)."""
-    cw = get_concept(name).class_word
-    return CustomDiffusionConfig(modifier_token=f"<{name}-cd>", class_word=cw, instance_prompt=f"a photo of a <{name}-cd> {cw}",
-                                 steps=steps, lr=1e-4, save_every=100, augment=False, **SAMPLING)
+    """Custom Diffusion settings of the shipped runs: ShapesWorld's recipe (K/V of cross-attention and a modifier
+    token; lr 1e-4, since the paper's 5e-6 leaves the micro-SD's small projections all but unchanged in 2000
+    steps; no resize augmentation, whose masked loss has almost no interior on 16x16 latents)."""
+    return recipe("custom_diffusion", f"<{name}-cd>", get_concept(name).class_word, shapesworld=True, steps=steps)
 
 
 def run_custom_diffusion(pipe, name: str, steps: int = 1000, root: Path = PERSONAL_DIR):
@@ -96,7 +89,7 @@ def snapshots(method_dir: Path, every: int = 100, with_init: Optional[torch.Tens
     """(step, V*) of a Textual Inversion run at every `every` steps; with_init prepends (0, initial row)."""
     snaps = [(k, load_snapshot_embedding(p).reshape(-1)) for k, p in list_snapshots(method_dir) if k % every == 0]
     if not snaps:
-        raise FileNotFoundError(f"no snapshots in {method_dir}; train with `python -m persviz.tea.shapesworld_runs`")
+        raise FileNotFoundError(f"no snapshots in {method_dir}; train with `persviz tea runs`")
     return ([(0, with_init)] if with_init is not None else []) + snaps
 
 

@@ -82,22 +82,23 @@ def score_images(images: np.ndarray, probes: Sequence[Probe], class_word: str, r
 
 
 def generate_probes(pipe: Any, probes: Sequence[Probe], word: str, repeats: int = 1, seed: int = 0,
-                    guidance: float = GUIDANCE, steps: int = STEPS) -> np.ndarray:
+                    guidance: float = GUIDANCE, steps: int = STEPS, batch_size: int = 50) -> np.ndarray:
     """`repeats` images per probe (probe-major) with `word` in the slot; image i is seeded seed + i."""
     prompts = [t for t in probe_texts(probes, word) for _ in range(repeats)]
-    return generate(pipe, prompts, seed=seed, guidance=guidance, steps=steps)
+    return generate(pipe, prompts, seed=seed, guidance=guidance, steps=steps, batch_size=batch_size)
 
 
 def impacts_over_steps(pipe: Any, snapshots: Sequence[tuple[int, torch.Tensor]], placeholder: str, class_word: str,
                        probes: Sequence[Probe], references: np.ndarray, clip: Any, dino: Any = None,
                        oracle: Any = None, signature: Optional[Mapping] = None, repeats: int = 1, seed: int = 0,
-                       progress: bool = True) -> dict[str, list]:
-    """Two-way impacts over training: the scores of score_images at each (step, V*) snapshot, as lists by key."""
+                       progress: bool = True, **generation: Any) -> dict[str, list]:
+    """Two-way impacts over training: the scores of score_images at each (step, V*) snapshot, as lists by key.
+    `generation` (steps, guidance, batch_size) goes to generate_probes."""
     from tqdm.auto import tqdm
     table: dict[str, list] = {"step": []}
     for step, vec in tqdm(list(snapshots), desc="impacts over steps", disable=not progress):
         with learned_embedding(pipe, placeholder, vec):
-            images = generate_probes(pipe, probes, placeholder, repeats, seed)
+            images = generate_probes(pipe, probes, placeholder, repeats, seed, **generation)
         scores = score_images(images, probes, class_word, references, clip, dino, oracle, signature, repeats)
         table["step"].append(int(step))
         for k, v in scores.items():
@@ -167,28 +168,31 @@ def personalized(pipe: Any, method: str, path: Any) -> Iterator[None]:
 
 def tea_rows(pipe: Any, method: str, word: str, placeholder: str, class_word: str, probes: Sequence[Probe],
              score: Callable[[np.ndarray], dict], repeats: int = 1, seed: int = 0,
-             knobs: Optional[tuple[float, float]] = None) -> dict[str, dict]:
+             knobs: Optional[tuple[float, float]] = None, anchor_encoder: Any = None,
+             **generation: Any) -> dict[str, dict]:
     """Scores of a loaded run without and with TEA at the paper's knobs (or `knobs`): the rows of Table 6.
 
     word fills the probes' slot ('<v*>', 'sks square', '<new1> square'). Textual Inversion and Custom Diffusion
     get token-level TEA (Eq. 1) on the placeholder; DreamBooth gets prompt-level TEA (Eq. 2), with token
-    positions aligned and, for comparison, unaligned as in the public code."""
+    positions aligned and, for comparison, unaligned as in the public code. `anchor_encoder`: DreamBooth's
+    prompt-level anchor from this text encoder (e.g. the base model's) instead of the fine-tuned one in pipe.
+    `generation` (steps, guidance, batch_size) goes to the generation calls."""
     from persviz.generation import generate_from_embeds
     from persviz.tea.pipeline import encode_prompt_level, tea
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     r, s = knobs if knobs is not None else (None, None)
-    rows = {"none": score(generate_probes(pipe, probes, word, repeats, seed))}
+    rows = {"none": score(generate_probes(pipe, probes, word, repeats, seed, **generation))}
     if method == "dreambooth":
         personal = [t for t in probe_texts(probes, word) for _ in range(repeats)]
         plain = [t for t in probe_texts(probes, class_word) for _ in range(repeats)]
         for label, aligned in (("TEA", True), ("TEA unaligned", False)):
             pe, ne = encode_prompt_level(pipe, personal, plain, r, s, aligned=aligned, placeholder=placeholder,
-                                         class_word=class_word)
-            rows[label] = score(generate_from_embeds(pipe, pe, ne, seed=seed))
+                                         class_word=class_word, anchor_encoder=anchor_encoder)
+            rows[label] = score(generate_from_embeds(pipe, pe, ne, seed=seed, **generation))
     else:
         with tea(pipe, placeholder, class_word, rotation=r, scale=s, method=method):
-            rows["TEA"] = score(generate_probes(pipe, probes, word, repeats, seed))
+            rows["TEA"] = score(generate_probes(pipe, probes, word, repeats, seed, **generation))
     return rows
 
 

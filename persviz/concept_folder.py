@@ -1,0 +1,178 @@
+"""Concept folders: a user's concept, its reference images and one run folder per method, described by concept.json.
+
+    my_concept/
+        concept.json            placeholder, class word, reference images, the model id, the runs
+        images/                 the reference images (copied in by ``persviz train``)
+        textual_inversion/      a Textual Inversion run (diffusers learned_embeds snapshots)
+        dreambooth/             a DreamBooth-LoRA run (pytorch_lora_weights.safetensors)
+        custom_diffusion/       a Custom Diffusion run (K/V weights and the modifier token)
+        study/                  what ``persviz study`` writes
+
+``persviz train`` creates and extends the folder; ``persviz study`` and the notebooks (``PERSVIZ_CONCEPT``) read it.
+The shipped ShapesWorld concepts are folders of the same format.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from persviz.io import PathLike, atomic_folder, write_json
+from persviz.trainers import METHODS
+
+CONCEPT_FILE = "concept.json"
+IMAGES_DIR = "images"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+FORMAT = 1
+
+
+class ConceptFolderError(ValueError):
+    """A concept folder that cannot be read or does not match what was asked; the message says how to fix it."""
+
+
+@dataclass
+class Concept:
+    """What concept.json holds; `folder` is where it was read from (not stored)."""
+
+    placeholder: str
+    class_word: str
+    model: str
+    images: list[str] = field(default_factory=list)           # paths relative to the folder
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)   # method -> {"folder": ..., "token": ...}
+    name: str = ""
+    folder: Path | None = None
+
+    def run_dir(self, method: str) -> Path:
+        """The run folder of `method`; a ConceptFolderError naming `persviz train` when the concept has none."""
+        check_method(method)
+        if method not in self.runs:
+            raise ConceptFolderError(
+                f"the concept in {self.folder} has no {method} run; train one with `persviz train "
+                f"{method.replace('_', '-')} --images {self.folder / IMAGES_DIR} --class-word {self.class_word} "
+                f"--placeholder '{self.placeholder}' --out {self.folder}`")
+        return Path(self.folder) / self.runs[method]["folder"]
+
+    def token(self, method: str) -> str:
+        """The token a run of `method` learned (DreamBooth: its identifier, e.g. 'sks')."""
+        self.run_dir(method)
+        return self.runs[method]["token"]
+
+    def reference_images(self) -> np.ndarray:
+        """The reference images, uint8 [N, H, W, 3] (all of one size: ``load_images`` checks it)."""
+        return load_images([Path(self.folder) / p for p in self.images])
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("folder")
+        return {"format": FORMAT, **d}
+
+
+def check_method(method: str) -> str:
+    """`method` if it is one of METHODS ('textual-inversion' and 'ti' accepted for 'textual_inversion')."""
+    m = {"ti": "textual_inversion"}.get(method, method).replace("-", "_")
+    if m not in METHODS:
+        raise ConceptFolderError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return m
+
+
+def image_files(folder: PathLike) -> list[Path]:
+    """The image files of a folder (sorted); a ConceptFolderError if it is missing, empty or holds other files."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ConceptFolderError(f"the images folder {folder} does not exist; pass --images with a folder of "
+                                 "3 to 20 photos of the concept")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    others = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        raise ConceptFolderError(f"{folder} holds files that are not images ({', '.join(others[:5])}); keep only "
+                                 f"the concept's photos ({', '.join(IMAGE_SUFFIXES)}) in it")
+    if not files:
+        raise ConceptFolderError(f"the images folder {folder} is empty; put 3 to 20 photos of the concept in it")
+    return files
+
+
+def load_images(paths: list[Path]) -> np.ndarray:
+    """Images as uint8 [N, H, W, 3]; each must open as an image, and all must share one size (a ValueError
+    naming the odd one otherwise: the trainers centre-crop and resize, so resize them to one size first)."""
+    arrays = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                arrays.append(np.asarray(im.convert("RGB")))
+        except (UnidentifiedImageError, OSError) as e:
+            raise ConceptFolderError(f"{p} is not a readable image ({e}); remove it or replace it") from None
+    sizes = {a.shape for a in arrays}
+    if len(sizes) > 1:
+        first = arrays[0].shape
+        odd = next(p for p, a in zip(paths, arrays) if a.shape != first)
+        raise ConceptFolderError(f"the images have different sizes ({first[1]}x{first[0]} and {odd.name}: "
+                                 f"{sorted(sizes)}); crop or resize them to one size")
+    return np.stack(arrays)
+
+
+def read_concept(folder: PathLike) -> Concept:
+    """The concept of a folder; a ConceptFolderError naming `persviz train` when concept.json is missing."""
+    folder = Path(folder).expanduser().resolve()
+    path = folder / CONCEPT_FILE
+    if not path.is_file():
+        raise ConceptFolderError(f"{folder} is not a concept folder: it has no {CONCEPT_FILE}; create one with "
+                                 "`persviz train textual-inversion --images DIR --class-word WORD --placeholder "
+                                 f"'<my-concept>' --out {folder}`")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConceptFolderError(f"{path} is not valid JSON ({e}); fix it or train the concept again") from None
+    if d.get("format") != FORMAT:
+        raise ConceptFolderError(f"{path} has format {d.get('format')!r}; this persviz reads format {FORMAT}")
+    missing = [k for k in ("placeholder", "class_word", "model") if not d.get(k)]
+    if missing:
+        raise ConceptFolderError(f"{path} lacks {', '.join(missing)}")
+    d.pop("format")
+    return Concept(**d, folder=folder)
+
+
+def write_concept(concept: Concept) -> Path:
+    """concept.json, written atomically into concept.folder."""
+    return write_json(Path(concept.folder) / CONCEPT_FILE, concept.to_json())
+
+
+def prepare_concept(folder: PathLike, images: PathLike, placeholder: str, class_word: str, model: str) -> Concept:
+    """The concept of `folder`, checked against the asked placeholder, class word and model, or a new one (not yet
+    written: ``adopt_images`` and ``write_concept`` do that once the run can start). Reads every image first."""
+    folder = Path(folder).expanduser().resolve()
+    files = image_files(images)
+    load_images(files)
+    if (folder / CONCEPT_FILE).is_file():
+        c = read_concept(folder)
+        for what, have, asked in (("placeholder", c.placeholder, placeholder), ("class word", c.class_word, class_word),
+                                  ("model", c.model, model)):
+            if have != asked:
+                raise ConceptFolderError(f"the concept in {folder} has {what} {have!r}, not {asked!r}; use the same "
+                                         f"{what}, or another --out folder for another concept")
+        return c
+    if folder.exists() and any(folder.iterdir()):
+        raise ConceptFolderError(f"{folder} is not empty and has no {CONCEPT_FILE}; choose a new --out folder")
+    return Concept(placeholder=placeholder, class_word=class_word, model=model, name=folder.name, folder=folder,
+                   images=[f"{IMAGES_DIR}/{p.name}" for p in files])
+
+
+def adopt_images(concept: Concept, images: PathLike) -> None:
+    """Copy the reference images into the concept's images/ folder (once, atomically)."""
+    target = Path(concept.folder) / IMAGES_DIR
+    if target.is_dir():
+        return
+
+    def copy(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        for p in image_files(images):
+            shutil.copy2(p, tmp / p.name)
+    atomic_folder(target, copy)
+
+
+__all__ = ["CONCEPT_FILE", "IMAGES_DIR", "Concept", "ConceptFolderError", "adopt_images", "check_method",
+           "image_files", "load_images", "prepare_concept", "read_concept", "write_concept"]
