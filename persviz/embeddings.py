@@ -3,7 +3,7 @@
 Reads the diffusers format ({token: [D] or [n, D]}, ``learned_embeds.safetensors`` / ``.bin``) and the
 Automatic1111 formats (``string_to_param`` + ``name`` in a .pt, or ``emb_params`` in a .safetensors);
 writes the diffusers format that ``pipe.load_textual_inversion(path)`` reads. The statistics are the
-ones of TEA Sec. 3.2.3 (METHODS.md Sec. 1): |V*| / |c|, cos(V*, c) and the norms of all vocabulary rows.
+ones of TEA Sec. 3.2.3 (docs/tea.md §4): |V*| / |c|, cos(V*, c) and the norms of all vocabulary rows.
 """
 from __future__ import annotations
 
@@ -12,16 +12,15 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from persviz.io import atomic_path
+from persviz.io import PathLike, atomic_path
 
 DIFFUSERS_SAFE = "learned_embeds.safetensors"
 DIFFUSERS_BIN = "learned_embeds.bin"
-
-PathLike = Union[str, os.PathLike]
 
 
 # ----------------------------------------------------------------------------- reading and writing
@@ -37,8 +36,6 @@ def _read_file(path: Path) -> Mapping[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no learned-embedding file at {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path), device="cpu")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -166,8 +163,6 @@ def save_learned_embeds(embeds: Mapping[str, torch.Tensor], path: PathLike) -> P
     p.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(p) as tmp:
         if p.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
             save_file({tok: value}, str(tmp))
         else:
             torch.save({tok: value}, str(tmp))

@@ -1,11 +1,11 @@
 """Rendered ShapesWorld data sets: images, scenes as integer codes, and oracle labels."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from persviz.io import PathLike, atomic_path
 from persviz.shapesworld.render import render
 from persviz.shapesworld.scene import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, TEXTURES, Obj, Scene, sample_scene
 
@@ -51,15 +51,13 @@ def make_dataset(n: int, seed: int, size: int = 32, p_second: float = 0.3, jitte
             "labels": np.stack([slot_labels(s) for s in scenes])}
 
 
-def cached_dataset(path: str | Path, n: int, seed: int, **kw) -> dict:
+def cached_dataset(path: PathLike, n: int, seed: int, **kw) -> dict:
     """make_dataset, cached in an .npz written atomically (regenerated if absent)."""
     path = Path(path)
     if path.exists():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
     data = make_dataset(n, seed, **kw)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
+        np.savez(fh, **data)
     return data

@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import inspect
 import json
-import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,10 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
-from persviz.embeddings import PathLike, single_token_id
-from persviz.io import atomic_folder, atomic_save, atomic_write_text
+from persviz.embeddings import single_token_id
+from persviz.generation import generate
+from persviz.io import PathLike, atomic_save, atomic_write, write_json
 
 CONFIG_FILE = "config.json"
 RESUME_FILE = "resume_state.pt"
@@ -41,11 +42,6 @@ INIT_STREAM = 2 ** 40
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def write_json(obj: dict, path: Path) -> None:
-    """json.dump through a temporary file in the same folder, then an atomic rename."""
-    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def short(v: Any) -> str:
@@ -98,7 +94,7 @@ def start_run(out_dir: PathLike, record: dict, owned: Callable[[str], bool], wha
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     state = check_out_dir(out, record, owned, what, hint)
-    write_json(record, out / CONFIG_FILE)
+    write_json(out / CONFIG_FILE, record)
     if state is None:
         return out, None, [], 0
     return out, state, [float(x) for x in state["loss_history"]], int(state["step"])
@@ -282,8 +278,6 @@ def pipe_device(pipe: Any) -> torch.device:
 
 def prepare_images(images: Any, resolution: int) -> np.ndarray:
     """uint8 [N, R, R, 3]: each image centre-cropped to a square and resized (bicubic) to the resolution."""
-    from PIL import Image
-
     if isinstance(images, np.ndarray):
         if images.ndim != 4:
             raise ValueError(f"an image array must be uint8 [N, H, W, 3]; got shape {images.shape}")
@@ -349,7 +343,7 @@ def check_resolution(cfg: Any) -> None:
 
 def ddpm(pipe: Any):
     """The pipeline's scheduler config as a DDPMScheduler (keys DDPM does not take are dropped)."""
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # heavy: diffusers, loaded on first use
 
     allowed = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
     sched = DDPMScheduler(**{k: v for k, v in dict(pipe.scheduler.config).items() if k in allowed})
@@ -592,10 +586,6 @@ def class_images(pipe: Any, config: Any, folder: Path, res: int, progress: bool)
     each is written as folder/{i:05d}.png when done, and a later call generates only the missing ones. When all are
     there, folder/manifest.json records the settings and a sha256 of the images, checked on reuse.
     """
-    from PIL import Image
-
-    from persviz.generation import generate
-
     prompt, num, seed = config.class_prompt, config.num_class_images, config.class_seed
     steps, guidance, batch_size = config.class_steps, config.class_guidance, config.class_batch_size
     folder.mkdir(parents=True, exist_ok=True)
@@ -626,9 +616,7 @@ def class_images(pipe: Any, config: Any, folder: Path, res: int, progress: bool)
                 imgs = generate(pipe, [prompt] * len(run), seed=seed + run[0], guidance=guidance, steps=steps,
                                 batch_size=len(run), height=res, width=res)
                 for i, im in zip(run, imgs):
-                    tmp = paths[i].with_name(f".{paths[i].name}.tmp")
-                    Image.fromarray(im).save(tmp, format="PNG")
-                    os.replace(tmp, paths[i])
+                    atomic_write(paths[i], lambda tmp, im=im: Image.fromarray(im).save(tmp, format="PNG"))
                 bar.update(len(run))
         finally:
             bar.close()
@@ -645,5 +633,5 @@ def class_images(pipe: Any, config: Any, folder: Path, res: int, progress: bool)
             raise ValueError(f"the class images in {folder} were changed since they were generated; delete the "
                              f"folder to generate them again")
     else:
-        write_json({"settings": settings, "sha256": digest}, manifest)
+        write_json(manifest, {"settings": settings, "sha256": digest})
     return arrays

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,8 +65,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
-from persviz.embeddings import PathLike, class_word_id, save_learned_embeds
+from persviz.embeddings import class_word_id, save_learned_embeds
+from persviz.io import PathLike, atomic_folder, atomic_write
 from persviz.seeding import step_rng
 from persviz.trainers.core import (
     CHECKPOINT,
@@ -79,7 +81,6 @@ from persviz.trainers.core import (
     adamw,
     as_class_word,
     as_word,
-    atomic_folder,
     check_call,
     check_common_fields,
     check_new_token,
@@ -210,8 +211,7 @@ def load_custom_diffusion(pipe: Any, path: PathLike, token: str | None = None) -
     not called. To undo: ``pipe.unet.set_attn_processor(AttnProcessor2_0())`` and
     ``pipe.unload_textual_inversion(token)`` (or use a fresh pipeline).
     """
-    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
-    from safetensors.torch import load_file
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor  # heavy: diffusers, loaded on first use
 
     weights = weights_path(path, WEIGHTS_FILE, "Custom Diffusion weights",
                            f"pass a folder holding {WEIGHTS_FILE} or the file "
@@ -256,7 +256,7 @@ def _cross_attention(unet: Any) -> dict[str, Any]:
 def _kv_processors(unet: Any, cross: dict[str, Any], device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
     """Installs trainable processors on the cross-attention layers (K/V float32, copied from the base projections);
     yields {"{name}.to_k_custom_diffusion.weight" / ...: param}; the original processors come back on exit."""
-    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor  # heavy: diffusers, loaded on first use
 
     original = dict(unet.attn_processors)
     params: dict[str, torch.Tensor] = {}
@@ -282,13 +282,8 @@ def _kv_processors(unet: Any, cross: dict[str, Any], device: torch.device) -> It
 
 def _save(folder: Path, params: dict[str, torch.Tensor], token: str, row: torch.Tensor) -> None:
     """The weights file (unet.save_attn_procs's keys) and the modifier's embedding, each written atomically."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{WEIGHTS_FILE}.tmp"
-    save_file({n: p.detach().float().cpu().contiguous() for n, p in params.items()}, str(tmp),
-              metadata={"format": "pt"})
-    os.replace(tmp, folder / WEIGHTS_FILE)
+    state = {n: p.detach().float().cpu().contiguous() for n, p in params.items()}
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     save_learned_embeds({token: row.detach().float().cpu().clone()}, folder / EMBEDS_FILE)
 
 
@@ -312,8 +307,6 @@ def instance_mask(res: int, f: int, scale: int, top: int, left: int) -> np.ndarr
 
 def augmented(pixels: np.ndarray, i: int, flip: bool, scale: int, top: int, left: int) -> np.ndarray:
     """float32 [R, R, 3] in [-1, 1]: image i (mirrored if flip) resized to scale, pasted on zeros or cropped."""
-    from PIL import Image
-
     res = pixels.shape[1]
     a = pixels[i, :, ::-1] if flip else pixels[i]
     if scale != res:

@@ -38,8 +38,6 @@ resume), ``checkpoint-{k}/pytorch_lora_weights.safetensors`` every ``save_every`
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,7 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from persviz.embeddings import PathLike, single_token_id
+from persviz.embeddings import single_token_id
+from persviz.io import PathLike, atomic_folder, atomic_write
 from persviz.seeding import step_rng
 from persviz.trainers.core import (
     CHECKPOINT,
@@ -61,7 +60,6 @@ from persviz.trainers.core import (
     adamw,
     as_class_word,
     as_word,
-    atomic_folder,
     check_call,
     check_common_fields,
     checkpoints,
@@ -179,7 +177,7 @@ def load_dreambooth_lora(pipe: Any, path: PathLike, adapter_name: str | None = N
 
 
 def has_lora(module: torch.nn.Module) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer  # heavy: peft, loaded on first use
 
     return bool(getattr(module, "_hf_peft_config_loaded", False)) or any(
         isinstance(m, BaseTunerLayer) for m in module.modules())
@@ -187,7 +185,7 @@ def has_lora(module: torch.nn.Module) -> bool:
 
 def _remove_lora(module: torch.nn.Module, before: dict) -> None:
     """Replace the LoRA layers by their base layers and drop the attributes peft added (peft_config, flags)."""
-    from diffusers.utils import recurse_remove_peft_layers
+    from diffusers.utils import recurse_remove_peft_layers  # heavy: diffusers, loaded on first use
 
     recurse_remove_peft_layers(module)
     for k in [k for k in module.__dict__ if k not in before]:
@@ -201,7 +199,7 @@ def _remove_lora(module: torch.nn.Module, before: dict) -> None:
 def lora_adapters(unet: Any, text_encoder: Any,
                    config: DreamBoothLoRAConfig) -> Iterator[dict[str, torch.nn.Parameter]]:
     """Adds the adapters (float32, deterministic init); yields {"unet.<name>" / "text_encoder.<name>": param}."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # heavy: peft, loaded on first use
 
     models = [("unet", unet, UNET_TARGETS)]
     if config.train_text_encoder:
@@ -238,8 +236,8 @@ def lora_adapters(unet: Any, text_encoder: Any,
 
 def _lora_state_dicts(unet: Any, text_encoder: Any, with_text_encoder: bool) -> tuple[dict, dict | None]:
     """The adapters in the diffusers format, as the example saves them (float32 on the CPU)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import get_peft_model_state_dict
+    from diffusers.utils import convert_state_dict_to_diffusers  # heavy: diffusers, loaded on first use
+    from peft import get_peft_model_state_dict  # heavy: peft, loaded on first use
 
     def sd(m: Any) -> dict:
         raw = convert_state_dict_to_diffusers(get_peft_model_state_dict(m, adapter_name=_ADAPTER))
@@ -248,12 +246,13 @@ def _lora_state_dicts(unet: Any, text_encoder: Any, with_text_encoder: bool) -> 
     return sd(unet), (sd(text_encoder) if with_text_encoder else None)
 
 
-def save_lora(folder: Path, unet: Any, text_encoder: Any, with_text_encoder: bool) -> None:
-    from diffusers import StableDiffusionPipeline
+def save_lora(folder: Path, unet: Any, text_encoder: Any, with_text_encoder: bool, weight_name: str = LORA_FILE) -> None:
+    """The adapters as folder/weight_name, in the format pipe.load_lora_weights reads."""
+    from diffusers import StableDiffusionPipeline  # heavy: diffusers, loaded on first use
 
     u, t = _lora_state_dicts(unet, text_encoder, with_text_encoder)
     StableDiffusionPipeline.save_lora_weights(save_directory=str(folder), unet_lora_layers=u,
-                                              text_encoder_lora_layers=t)
+                                              text_encoder_lora_layers=t, weight_name=weight_name)
 
 
 # ----------------------------------------------------------------------------- training
@@ -350,9 +349,8 @@ def train_dreambooth_lora(
                           history=history, snapshot=lambda k: atomic_folder(out / f"checkpoint-{k}", save),
                           save_state=save_state, after=callback, desc=f"dreambooth-lora {config.identifier}",
                           progress=progress)
-            with tempfile.TemporaryDirectory(dir=out, prefix=".final-") as tmp:
-                save(Path(tmp))
-                os.replace(Path(tmp) / LORA_FILE, final)
+            atomic_write(final, lambda tmp: save_lora(tmp.parent, unet, text_encoder, config.train_text_encoder,
+                                                      weight_name=tmp.name))
     if load_result:
         pipe.load_lora_weights(str(final))
     return DreamBoothLoRAResult(out_dir=out, steps=config.steps, loss_history=history,

@@ -19,8 +19,6 @@ at the end (diffusers format, read by ``pipe.load_lora_weights(path)``) and ``re
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from persviz.embeddings import PathLike
+from persviz.io import PathLike, atomic_folder, atomic_write
 from persviz.seeding import step_rng
 from persviz.trainers.core import (
     CHECKPOINT,
@@ -41,7 +39,6 @@ from persviz.trainers.core import (
     adamw,
     as_float,
     as_int,
-    atomic_folder,
     check_pipe,
     check_resolution,
     frozen,
@@ -172,9 +169,7 @@ def train_lora_finetune(pipe: Any, images: Any, captions: Sequence[str], config:
                 run_steps(start=start, steps=config.steps, save_every=config.save_every, step=step,
                           history=history, snapshot=lambda k: atomic_folder(out / f"checkpoint-{k}", save),
                           save_state=save_state, after=callback, desc=f"lora {out.name}", progress=progress)
-            with tempfile.TemporaryDirectory(dir=out, prefix=".final-") as tmp:
-                save(Path(tmp))
-                os.replace(Path(tmp) / LORA_FILE, final)
+            atomic_write(final, lambda tmp: save_lora(tmp.parent, unet, text_encoder, False, weight_name=tmp.name))
     if load_result:
         pipe.load_lora_weights(str(final))
     return TrainResult(out_dir=out, steps=config.steps, loss_history=history,

@@ -46,7 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from persviz.embeddings import PathLike, class_word_id, load_learned_embeds, save_learned_embeds
+from persviz.embeddings import class_word_id, load_learned_embeds, save_learned_embeds
+from persviz.io import PathLike
 from persviz.seeding import step_rng
 from persviz.trainers.core import (  # CONFIG_FILE and RESUME_FILE are read from here too (persviz.tea.tracker, tests)
     CONFIG_FILE,
