@@ -1,0 +1,190 @@
+"""The collapse diagnosis of one embedding file, on one screen (``persviz inspect FILE``).
+
+    report = inspect_embedding("learned_embeds.safetensors", pipe, class_word="dog")
+    print(report.to_text())
+
+For every row of the learned token: its norm against the percentiles of the vocabulary's row norms, |V*| / |c| and
+cos(V*, c) with the class word, and its nearest vocabulary words by cosine (TEA Sec. 3.2.3, docs/tea.md §4). Any
+format persviz.embedding_files reads works; the model is a pipeline, a (tokenizer, text_encoder) pair, or loaded
+with ``load_text_model`` (the ShapesWorld model by default, a Hub id or a local folder).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from persviz.embedding_files import EmbeddingFile, check_fits, read_embedding_file, summary
+from persviz.embeddings import class_word_id, norm_ratio_and_cosine, prompt_parts
+from persviz.loading import default_model, unavailable_error
+from persviz.paths import shapesworld_dir
+from persviz.tea.adjust import DEFAULTS
+
+PERCENTILES = (5, 50, 95)
+TAIL = 95  # a row norm beyond this percentile of the vocabulary is the norm drift of semantic collapse
+
+
+def load_text_model(model: Union[str, Path, None] = None, device: str | None = None) -> tuple[Any, Any]:
+    """(tokenizer, text_encoder) of a Stable Diffusion model, float32, without loading its UNet and VAE.
+
+    model: 'shapesworld' (the default at ShapesWorld scale), a Hub id (SD 1.5 at PERSVIZ_SCALE=full) or a local
+    folder with tokenizer/ and text_encoder/."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    name = str(model if model is not None else default_model("pipeline"))
+    where = shapesworld_dir() / "sd" if name == "shapesworld" else name
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer")
+        encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise unavailable_error(name, err) from None
+    return tokenizer, encoder.to(device or "cpu").eval()
+
+
+def model_parts(pipe_or_parts: Any) -> tuple[Any, Any]:
+    """(tokenizer, text_encoder) of a pipeline or pair, both required."""
+    tokenizer, encoder = prompt_parts(pipe_or_parts)
+    if tokenizer is None or encoder is None:
+        raise ValueError("pass a pipeline with a tokenizer and a text_encoder, or a (tokenizer, text_encoder) pair")
+    return tokenizer, encoder
+
+
+def vocabulary(tokenizer: Any, encoder: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, rows float32 [V, D]) of the tokenizer's own vocabulary (no added tokens such as loaded placeholders)."""
+    W = encoder.get_input_embeddings().weight.detach()
+    if W.device.type == "meta":
+        raise ValueError("the text encoder's weights are on the meta device (sequential offload); load them first")
+    n = min(int(getattr(tokenizer, "vocab_size", W.shape[0])), W.shape[0])
+    ids = torch.arange(n)
+    return ids, W[:n].float().cpu()
+
+
+def _word(tokenizer: Any, i: int) -> str:
+    tok = tokenizer.convert_ids_to_tokens(int(i))
+    return tok[: -len("</w>")] if tok.endswith("</w>") else tok
+
+
+@dataclass(frozen=True)
+class RowReport:
+    """One row of the learned token."""
+
+    name: str  # token, token_1, ...
+    norm: float
+    percentile: float  # share of vocabulary rows (in %) with a smaller norm
+    ratio: float | None  # |V*| / |c|
+    cosine: float | None  # cos(V*, c)
+    nearest: tuple[tuple[str, float], ...]  # (word, cosine), best first
+
+    @property
+    def in_tail(self) -> bool:
+        return self.percentile > TAIL
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    """What ``persviz inspect`` prints; ``to_text()`` for the screen, ``to_dict()`` for JSON."""
+
+    file: dict[str, Any]  # persviz.embedding_files.summary
+    model: str
+    width: int
+    vocab_size: int
+    vocab_norms: dict[str, float]  # p5, p50, p95, max
+    class_word: str | None
+    class_norm: float | None
+    rows: tuple[RowReport, ...]
+    knobs: dict[str, float] = field(default_factory=dict)  # TEA's defaults for the suggestion
+
+    @property
+    def collapsed(self) -> bool:
+        """A row's norm in the vocabulary's far tail (> p95), the norm drift of semantic collapse."""
+        return any(r.in_tail for r in self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "model": self.model, "width": self.width, "vocab_size": self.vocab_size,
+                "vocab_norms": self.vocab_norms, "class_word": self.class_word, "class_norm": self.class_norm,
+                "collapsed": self.collapsed,
+                "rows": [{"name": r.name, "norm": r.norm, "percentile": r.percentile, "ratio": r.ratio,
+                          "cosine": r.cosine, "nearest": [list(x) for x in r.nearest]} for r in self.rows]}
+
+    def to_text(self) -> str:
+        f = self.file
+        step = f"  step {f['metadata']['step']}" if f["metadata"].get("step") is not None else ""
+        vn = self.vocab_norms
+        lines = [
+            f"file    {f['path']}",
+            f"format  {f['format']} ({f['container']})  token {f['token']!r}  {f['rows']} x {f['width']}  "
+            f"{f['dtype']}{step}",
+            f"model   {self.model or 'the given text encoder'}: text encoder {self.width} wide, {self.vocab_size} vocabulary rows",
+            "vocab   row norms  " + "  ".join(f"{k} {v:.3f}" for k, v in vn.items()),
+        ]
+        if self.class_word is not None:
+            lines.append(f"class   {self.class_word!r}  |c| = {self.class_norm:.3f}")
+        head = f"{'row':<14} {'|V*|':>8} {'pct':>6}"
+        if self.class_word is not None:
+            head += f" {'|V*|/|c|':>9} {'cos(V*,c)':>10}"
+        lines += ["", head + "  nearest words (cosine)"]
+        for r in self.rows:
+            pct = ">max" if r.norm > vn["max"] else f"p{r.percentile:.0f}"
+            line = f"{r.name[:14]:<14} {r.norm:>8.3f} {pct:>6}"
+            if self.class_word is not None:
+                line += f" {r.ratio:>9.2f} {r.cosine:>10.3f}"
+            lines.append(line + "  " + ", ".join(f"{w} {c:.2f}" for w, c in r.nearest))
+        lines.append("")
+        if self.collapsed:
+            tail = [r.name for r in self.rows if r.in_tail]
+            model = "" if self.model in ("shapesworld", "") else f" --model {self.model}"
+            fix = f"persviz fix {Path(f['path']).name} --class-word {self.class_word or 'WORD'} --out FIXED{model}"
+            lines.append(f"diagnosis: the norm of {', '.join(tail)} lies beyond the vocabulary's p{TAIL} (the norm drift "
+                         f"of semantic collapse, docs/tea.md §4); TEA pulls it back: {fix} "
+                         f"(rotation {self.knobs.get('rotation')}, scale {self.knobs.get('scale')})")
+        else:
+            lines.append(f"diagnosis: every row's norm is within the vocabulary's p{TAIL}; no norm drift")
+        return "\n".join(lines)
+
+
+def inspect_file(f: EmbeddingFile, pipe_or_parts: Any, class_word: str | None = None, k: int = 5,
+                 model_name: str = "") -> InspectReport:
+    """inspect_embedding for an already read EmbeddingFile."""
+    tokenizer, encoder = model_parts(pipe_or_parts)
+    check_fits(f, encoder)
+    ids, V = vocabulary(tokenizer, encoder)
+    norms = V.norm(dim=-1)
+    q = torch.quantile(norms.double(), torch.tensor([p / 100 for p in PERCENTILES], dtype=torch.float64))
+    vocab_norms = {f"p{p}": float(x) for p, x in zip(PERCENTILES, q)} | {"max": float(norms.max())}
+    rows = f.rows.float()
+    c = None
+    if class_word is not None:
+        c = encoder.get_input_embeddings().weight.detach()[class_word_id(tokenizer, class_word)].float().cpu()
+        ratio, cos = norm_ratio_and_cosine(rows, c)
+    special = {i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
+    keep = torch.tensor([int(i) not in special for i in ids])
+    Vn = V / V.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sims = (rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)) @ Vn.T
+    sims[:, ~keep] = -2.0
+    top = sims.topk(min(k, int(keep.sum())), dim=-1)
+    out = []
+    for i, name in enumerate(f.row_names):
+        nv = float(rows[i].norm())
+        out.append(RowReport(
+            name=name, norm=nv, percentile=100.0 * float((norms < nv).double().mean()),
+            ratio=None if c is None else float(ratio[i]), cosine=None if c is None else float(cos[i]),
+            nearest=tuple((_word(tokenizer, ids[j]), float(s)) for s, j in zip(top.values[i], top.indices[i]))))
+    return InspectReport(summary(f), model_name, int(V.shape[-1]), int(V.shape[0]),
+                         vocab_norms, class_word, None if c is None else float(c.norm()), tuple(out),
+                         dict(DEFAULTS["textual_inversion"]))
+
+
+def inspect_embedding(path: str | Path, pipe_or_parts: Any, class_word: str | None = None, k: int = 5,
+                      model_name: str = "") -> InspectReport:
+    """Read any embedding file (persviz.embedding_files) and diagnose it against a model's vocabulary.
+
+    Args:
+        path: the file (diffusers, Custom Diffusion, A1111, kohya; SDXL files are refused with the reason).
+        pipe_or_parts: a pipeline or (tokenizer, text_encoder), e.g. load_text_model("shapesworld").
+        class_word: one token of the vocabulary; adds |V*|/|c| and cos(V*, c) per row.
+        k: nearest vocabulary words per row.
+    Raises ValueError (EmbeddingFileError for the file) naming the problem and the fix.
+    """
+    return inspect_file(read_embedding_file(path), pipe_or_parts, class_word, k, model_name)

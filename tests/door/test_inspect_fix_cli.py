@@ -1,0 +1,77 @@
+"""`persviz inspect` and `persviz fix` through persviz.cli.main, on the shipped ShapesWorld model and <checkers> token:
+the report, the repaired file, and one clear sentence (SystemExit) with nothing written for each kind of bad input."""
+import json
+
+import pytest
+import safetensors.torch
+import torch
+
+from persviz.cli import main
+from persviz.embedding_files import read_embedding_file
+from persviz.paths import SHAPESWORLD_DIR
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+CHECKERS = str(SHAPESWORLD_DIR / "personal/textual_inversion/checkers/learned_embeds.safetensors")
+
+
+def test_inspect_prints_the_diagnosis(capsys):
+    report = main(["inspect", CHECKERS, "--class-word", "square"])
+    out = capsys.readouterr().out
+    for part in ("diffusers (safetensors)", "'<checkers>'", "1 x 128", "model   shapesworld", "p95", "|V*|/|c|",
+                 "nearest words", "diagnosis:", "persviz fix"):
+        assert part in out, part
+    assert report.rows[0].ratio > 1 and report.collapsed
+    main(["inspect", CHECKERS, "--json", "--nearest", "2"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["file"]["token"] == "<checkers>" and len(data["rows"][0]["nearest"]) == 2
+
+
+def test_fix_writes_a_new_file_of_the_same_format(tmp_path, capsys):
+    out = tmp_path / "checkers_tea.safetensors"
+    result = main(["fix", CHECKERS, "--class-word", "square", "--out", str(out), "--rotation", "0.3"])
+    assert "wrote" in capsys.readouterr().out and result.rotation == 0.3 and result.scale == 0.5
+    src, new = read_embedding_file(CHECKERS), read_embedding_file(out)
+    assert (new.format, new.container, new.token, new.dtype) == (src.format, src.container, src.token, src.dtype)
+    assert not torch.equal(new.rows, src.rows)
+    with pytest.raises(SystemExit, match="--force"):
+        main(["fix", CHECKERS, "--class-word", "square", "--out", str(out)])
+    main(["fix", CHECKERS, "--class-word", "square", "--out", str(out), "--force"])
+
+
+def _bad_inputs(tmp_path):
+    (tmp_path / "notes.pt").write_text("not an embedding")
+    safetensors.torch.save_file({"clip_l": torch.ones(1, 768), "clip_g": torch.ones(1, 1280)},
+                                str(tmp_path / "xl.safetensors"))
+    safetensors.torch.save_file({"<w>": torch.ones(1, 32)}, str(tmp_path / "w32.safetensors"))
+    return [
+        ([str(tmp_path / "missing.safetensors")], "no file at"),
+        ([str(tmp_path / "notes.pt")], "neither a safetensors nor a torch file"),
+        ([str(tmp_path / "xl.safetensors")], "SDXL embedding .* SD 1.x"),
+        ([str(tmp_path / "w32.safetensors")], "width 32 .* 128 wide: the embedding was trained on another model"),
+        ([CHECKERS, "--class-word", "squarecircle"], "tokenizes to"),
+        ([CHECKERS, "--model", str(tmp_path / "no-such-model")], "exists|not in the local Hugging Face cache"),
+    ]
+
+
+@pytest.mark.parametrize("command", ["inspect", "fix"])
+def test_bad_input_is_one_clear_sentence_and_writes_nothing(tmp_path, command):
+    cases = _bad_inputs(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for args, message in cases:
+        extra = []
+        if command == "fix":
+            extra = ["--out", str(tmp_path / "fixed.safetensors")]
+            if "--class-word" not in args:
+                extra += ["--class-word", "square"]
+        with pytest.raises(SystemExit, match=message) as err:
+            main([command, *args, *extra])
+        assert str(err.value.code).startswith("persviz ") and "\n" not in str(err.value.code)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_fix_refuses_its_input_and_a_bad_knob(tmp_path):
+    with pytest.raises(SystemExit, match="never overwrites its input"):
+        main(["fix", CHECKERS, "--class-word", "square", "--out", CHECKERS])
+    with pytest.raises(SystemExit, match="rotation must be a number in"):
+        main(["fix", CHECKERS, "--class-word", "square", "--out", str(tmp_path / "o.safetensors"), "--rotation", "3"])
+    assert list(tmp_path.iterdir()) == []
