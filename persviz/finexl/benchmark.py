@@ -23,8 +23,8 @@ Methods (`METHOD_SPECS`; each ingredient separable):
 
 Commands::
 
-    python -m persviz.finexl.benchmark train     # the LoRA variants -> data/finexl/lora/ (resumable)
-    python -m persviz.finexl.benchmark           # samples (cached), decompositions, metrics ->
+    persviz finexl train     # the LoRA variants -> data/finexl/lora/ (resumable)
+    persviz finexl benchmark           # samples (cached), decompositions, metrics ->
                                                  # data/finexl/benchmark.json and benchmark.md
 """
 from __future__ import annotations
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from persviz.trainers.lora_finetune import load_lora
 from persviz.finexl.decompose import Decomposition, append_compose, decompose, divergence_vector, greedy_decompose, orthogonal_filter
 from persviz.finexl.concepts import SHAPESWORLD_WORD_BANK, concept_directions, rank_concepts, shapesworld_compose
 from persviz.finexl.generators import (
@@ -145,7 +146,7 @@ def train_variants(names: Optional[Sequence[str]] = None, steps: int = 450, batc
                 "final_loss_mean_last_100": float(np.mean(res.loss_history[-100:])),
                 "train_seconds_this_call": round(time.perf_counter() - t0, 1),
                 "device": str(pipe.device),
-                "command": f"python -m persviz.finexl.benchmark train --steps {steps} --batch-size {batch_size} "
+                "command": f"persviz finexl train --steps {steps} --batch-size {batch_size} "
                            f"--lr {lr}"}
         atomic_write_text(dest / "train.json", json.dumps(info, indent=1))
         shipped[name] = dest / LORA_FILE
@@ -162,8 +163,8 @@ def lora_pipeline(name: Optional[str], pipe: Any = None, lora_dir: Path = LORA_D
         f = Path(lora_dir) / name / "pytorch_lora_weights.safetensors"
         if not f.is_file():
             raise FileNotFoundError(f"no LoRA of variant {name!r} at {f}; train it with "
-                                    f"`python -m persviz.finexl.benchmark train`.")
-        pipe.load_lora_weights(str(f))
+                                    f"`persviz finexl train`.")
+        load_lora(pipe, f)
     return pipe
 
 

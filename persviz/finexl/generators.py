@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from persviz.trainers.lora_finetune import load_lora
 from persviz.generation import GUIDANCE, STEPS, generate
 from persviz.images import as_uint8
 from persviz.shapesworld.captions import PREFIXES, caption
@@ -136,13 +137,13 @@ class LoRAToggleGenerator(PipelineGenerator):
 def lora_pair(pipe, lora_path: Union[str, Path], **kwargs) -> tuple[LoRAToggleGenerator, LoRAToggleGenerator]:
     """``(base, personalized)`` generators from one pipeline and a LoRA file or folder (diffusers format).
 
-    Loads the LoRA into ``pipe`` (``pipe.load_lora_weights``); ``**kwargs`` go to both generators
+    Loads the LoRA into ``pipe`` (``persviz.trainers.lora_finetune.load_lora``); ``**kwargs`` go to both generators
     (guidance, steps, batch_size, pipeline arguments). ``pipe.unload_lora_weights()`` removes it again.
     """
     path = Path(lora_path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no LoRA at {path}: pass a pytorch_lora_weights.safetensors file or its folder.")
-    pipe.load_lora_weights(str(path))
+    load_lora(pipe, path)
     return LoRAToggleGenerator(pipe, False, **kwargs), LoRAToggleGenerator(pipe, True, **kwargs)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from persviz.io import PathLike, atomic_folder, atomic_write
 from persviz.seeding import step_rng
@@ -199,3 +200,21 @@ def _make_step(pipe: Any, config: LoRAFinetuneConfig, pixels: np.ndarray, captio
 
 
 __all__ = ["LoRAFinetuneConfig", "train_lora_finetune", "list_lora_snapshots", "LORA_FILE"]
+
+
+def load_lora(pipe: Any, path: PathLike, adapter_name: str = "default_0") -> None:
+    """Load a diffusers-format LoRA (a pytorch_lora_weights.safetensors file or its folder) into `pipe`.
+
+    A UNet-only LoRA (this module's fine-tunes, FineXL's variants) goes straight into the UNet: diffusers'
+    ``pipe.load_lora_weights`` would also look for text-encoder keys and warn that there are none. Anything else
+    goes through ``pipe.load_lora_weights``. ``pipe.unload_lora_weights()`` removes it either way."""
+    f = Path(path).expanduser()
+    f = f / LORA_FILE if f.is_dir() else f
+    if not f.is_file():
+        raise FileNotFoundError(f"no LoRA at {f}: pass a {LORA_FILE} file or its folder")
+    with safe_open(str(f), framework="pt") as sf:
+        prefixes = {k.split(".", 1)[0] for k in sf.keys()}
+    if prefixes == {"unet"}:
+        pipe.unet.load_lora_adapter(str(f), prefix="unet", adapter_name=adapter_name)
+    else:
+        pipe.load_lora_weights(str(f), adapter_name=adapter_name)
