@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -49,15 +47,16 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from persviz.io import atomic_write
+from persviz.io import PathLike, atomic_write, write_json
+from persviz.loading import load_pipeline
 from persviz.paths import SHAPESWORLD_DIR
 from persviz.pigeon.losses import history_score, select_ratio
 from persviz.pigeon.mask import HISTORY_MASK_RATIO, MaskGenerator, mask_history_and_reference
 from persviz.pigeon.users import HISTORY_LEN, check_ratio, validate_request
 
-PathLike = str | os.PathLike
 Condition = Literal["text+tokens", "tokens"]
 
 #: Reference mask ratios swept at inference and in stage-2 candidate generation (the paper's 0.0..1.0).
@@ -639,12 +638,10 @@ class Selection:
 
 def save_weights(model: PigeonModel, folder: PathLike, extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``pigeon.safetensors`` (trainable weights) and ``pigeon_config.json`` atomically; returns the folder."""
-    from safetensors.torch import save_file
-
     out = Path(folder).expanduser()
     atomic_write(out / WEIGHTS_FILE, lambda p: save_file(model.trainable_state_dict(), p))
     record = {"config": model.config.to_dict(), **(dict(extra) if extra else {})}
-    atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(record, indent=1)))
+    write_json(out / CONFIG_FILE, record)
     return out
 
 
@@ -652,15 +649,13 @@ def read_config(folder: PathLike) -> PigeonConfig:
     """The PigeonConfig saved in a weights folder."""
     path = Path(folder).expanduser() / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {path.parent}; train with `python -m persviz.pigeon.train` "
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {path.parent}; train with `persviz pigeon train` "
                                 f"or pass the folder that holds {WEIGHTS_FILE}")
     return PigeonConfig.from_dict(json.loads(path.read_text())["config"])
 
 
 def load_weights(model: PigeonModel, folder: PathLike) -> PigeonModel:
     """Load ``pigeon.safetensors`` of a folder into the model (its config must match)."""
-    from safetensors.torch import load_file
-
     folder = Path(folder).expanduser()
     saved = read_config(folder)
     if saved != model.config:
@@ -716,9 +711,7 @@ class PigeonPipeline:
             sd: an already loaded StableDiffusionPipeline to use instead of the shipped one.
             seed: seed of the initial trainable weights (replaced when ``weights`` is given).
         """
-        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-        from persviz.loading import load_pipeline
+        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer  # heavy: transformers, loaded on first use
 
         clip_dir = SHAPESWORLD_DIR / "clip"
         dev = torch.device(device or "cpu")
@@ -846,9 +839,9 @@ def tiny_pipeline(config: PigeonConfig | None = None, seed: int = 0, width: int 
                   **overrides: Any) -> PigeonPipeline:
     """A PigeonPipeline with random tiny components (diffusers' ``get_dummy_components`` style): a 1-layer
     CLIP of width ``width`` (vision patch 8 on 32x32), a 2-block UNet and VAE (32x32 <-> 16x16x4 latents),
-    DPM-Solver++; the ShapesWorld tokenizer. For tests and ``python -m persviz.pigeon.train --tiny``."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    DPM-Solver++; the ShapesWorld tokenizer. For tests and ``persviz pigeon train --tiny``."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel  # heavy: diffusers, loaded on first use
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer  # heavy: transformers, loaded on first use
 
     tok = CLIPTokenizer.from_pretrained(SHAPESWORLD_DIR / "tokenizer")
     torch.manual_seed(seed)

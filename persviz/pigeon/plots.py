@@ -17,6 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from persviz.images import as_uint8
+from persviz.pigeon.study import METRICS
 from persviz.plots import figure_and_ax
 
 NOISE_COLOR = (214, 39, 40)
@@ -278,8 +279,6 @@ def comparison_bars(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = 
                     axes: Sequence[Axes] | None = None) -> Figure:
     """The comparison table as grouped bars: one panel per metric, noise rates on x, one bar per row
     (error bars: the standard error where the table has one); bars start at 0, read small gaps in the table."""
-    from persviz.pigeon.study import METRICS
-
     if not rows:
         raise ValueError("no rows to plot; pass comparison_table(...) or load_comparison(path)[0]")
     labels = {k: lab for k, lab, _ in METRICS}

@@ -12,7 +12,7 @@
 Pigeon exists here at ShapesWorld scale only: at full scale (``PERSVIZ_SCALE=full``) it would need LaVIT-7B and
 SDXL (github ``YiyanXu/Pigeon``), which persviz neither ships nor loads; ``require_shapesworld`` says so.
 
-Usage (or ``python -m persviz.pigeon.study --n-windows 50``, which writes data/pigeon/comparison.json)::
+Usage (or ``persviz pigeon study --n-windows 50``, which writes data/pigeon/comparison.json)::
 
     s1 = PigeonPipeline.from_shapesworld(weights="data/pigeon/stage1")
     s2 = PigeonPipeline.from_shapesworld(weights="data/pigeon/stage2", sd=s1.sd)
@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,13 +34,14 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from persviz.images import as_uint8
-from persviz.io import atomic_write_text
+from persviz.io import PathLike, write_json
+from persviz.loading import full_scale, load_evaluator
 from persviz.paths import DATA_DIR
 from persviz.pigeon.mask import HISTORY_TYPE, REFERENCE_TYPE, gumbel_topk_mask
 from persviz.pigeon.model import HISTORY_MODES, RATIOS, WEIGHTS_FILE, PigeonPipeline
+from persviz.pigeon.train import PAIRS_FILE
 from persviz.pigeon.users import PigeonDataset, as_image_tensor, make_datasets, taste_report, validate_request
 
-PathLike = str | os.PathLike
 PIGEON_DIR = DATA_DIR / "pigeon"
 #: The comparison's rows: key -> label (the paper's baselines at ShapesWorld scale, then the two stages).
 ROWS = {"no_history": "reference only (no history)", "no_mask": "history without masks",
@@ -75,8 +75,6 @@ class FullScaleNotSupportedError(RuntimeError):
 
 def require_shapesworld() -> None:
     """Raise FullScaleNotSupportedError when ``PERSVIZ_SCALE=full`` (Pigeon exists here at ShapesWorld scale only)."""
-    from persviz.loading import full_scale
-
     if full_scale():
         raise FullScaleNotSupportedError(
             "PERSVIZ_SCALE=full, but Pigeon cannot run at full scale in persviz: the paper's model is LaVIT-7B with an "
@@ -96,7 +94,7 @@ def load_stage(weights: PigeonPipeline | PathLike, sd: Any = None, name: str = "
     folder = Path(weights).expanduser()
     if not (folder / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(
-            f"{name}: no {WEIGHTS_FILE} in {folder}; train it with `python -m persviz.pigeon.train --stage N --out "
+            f"{name}: no {WEIGHTS_FILE} in {folder}; train it with `persviz pigeon train --stage N --out "
             f"{folder}` (it is written when the stage finishes), or pass another folder")
     return PigeonPipeline.from_shapesworld(weights=folder, sd=sd)
 
@@ -202,7 +200,7 @@ def score_generations(images: np.ndarray, histories: np.ndarray, windows: Sequen
     for key, ev in (("clip_i", clip), ("dino_i", dino)):
         v = _mean_cos(ev.embed_images(images), ev.embed_images(flat).view(n, h, -1))
         out[key], out[f"{key}_sem"] = float(v.mean()), _sem(v)
-    from persviz.metrics import clip_t
+    from persviz.metrics import clip_t  # heavy: persviz.metrics imports diffusers (the oracle)
 
     ct = clip_t(clip, images, [w.instruction for w in windows]).numpy()
     out["clip_t"], out["clip_t_sem"] = float(ct.mean()), _sem(ct)
@@ -214,8 +212,6 @@ def score_generations(images: np.ndarray, histories: np.ndarray, windows: Sequen
 
 
 def _evaluators(clip: Any, dino: Any, oracle: Any) -> tuple[Any, Any, Any]:
-    from persviz.loading import load_evaluator
-
     if clip is None or dino is None or oracle is None:
         require_shapesworld()
     return (clip if clip is not None else load_evaluator(kind="clip"),
@@ -306,20 +302,8 @@ def comparison_table(stage1: PigeonPipeline | PathLike, stage2: PigeonPipeline |
                                "stage2": (None if stage2 is None else str(stage2)
                                           if not isinstance(stage2, PigeonPipeline) else "pipeline")},
                   "rows": rows}
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(_jsonable(record), indent=1))
+        write_json(path, record)
     return rows
-
-
-def _jsonable(x: Any) -> Any:
-    """NaN -> None (JSON has no NaN), recursively."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, Mapping):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 def load_comparison(path: PathLike) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -528,14 +512,12 @@ def load_pairs(folder: PathLike) -> dict[str, Any]:
     Without ``pairs.pt`` (a training artifact, not shipped) ``pairs_sample.pt`` is read: the first chunk of the
     shipped run's pairs, in the same format.
     """
-    from persviz.pigeon.train import PAIRS_FILE
-
     path = Path(folder).expanduser() / PAIRS_FILE
     if not path.is_file() and (path.parent / PAIRS_SAMPLE_FILE).is_file():
         path = path.parent / PAIRS_SAMPLE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {PAIRS_FILE} in {path.parent}: stage 2 writes it before it trains "
-                                f"(`python -m persviz.pigeon.train --stage 2`)")
+                                f"(`persviz pigeon train --stage 2`)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     keys = ("window", "chosen", "rejected", "chosen_ratio", "rejected_ratio", "scores")
     if not state.get(keys[0]):

@@ -39,10 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
-import json
 import math
-import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -52,18 +49,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from persviz.paths import DATA_DIR
-from persviz.io import atomic_save, atomic_write
+from persviz.io import PathLike, atomic_save, atomic_write, write_json
 from persviz.seeding import step_rng
-from persviz.trainers.core import TrainResult, run_steps
+from persviz.trainers.core import TrainResult, check_out_dir, ddpm, run_steps
 from persviz.pigeon.losses import diffusion_dpo_loss
 from persviz.pigeon.model import RATIOS, PigeonPipeline, load_weights, read_config, save_weights
 from persviz.pigeon.users import DEFAULT_NOISE_RATES, PigeonDataset, make_datasets, taste_report
 
-PathLike = str | os.PathLike
 OUT_DIR = DATA_DIR / "pigeon"
 TRAIN_CONFIG_FILE = "config.json"
 RESUME_FILE = "resume_state.pt"
@@ -163,17 +160,6 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _ddpm(sd: Any) -> Any:
-    """The pipeline's scheduler config as a DDPMScheduler (the training noise schedule)."""
-    from diffusers import DDPMScheduler
-
-    allowed = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
-    sched = DDPMScheduler(**{k: v for k, v in dict(sd.scheduler.config).items() if k in allowed})
-    if sched.config.prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type {sched.config.prediction_type!r} is not supported (epsilon, v_prediction)")
-    return sched
-
-
 @contextlib.contextmanager
 def _seeded(seed: int, step: int, device: torch.device) -> Iterator[None]:
     """Global torch RNG (dropout) seeded from (seed, step) inside fork_rng: the caller's state is restored."""
@@ -218,8 +204,6 @@ def _snapshots(out: Path) -> list[tuple[int, Path]]:
 
 
 def _write_snapshot(model: Any, out: Path, step: int, keep: int) -> None:
-    from safetensors.torch import save_file
-
     atomic_write(out / SNAPSHOT_DIR / f"pigeon-steps-{step}.safetensors",
                         lambda p: save_file(model.trainable_state_dict(), p))
     for _, p in _snapshots(out)[:-keep]:
@@ -228,7 +212,6 @@ def _write_snapshot(model: Any, out: Path, step: int, keep: int) -> None:
 
 def _check_run(out: Path, record: dict[str, Any]) -> dict[str, Any] | None:
     """The resume state of the run in out (same settings but steps), None for a fresh folder."""
-    from persviz.trainers.core import check_out_dir
     return check_out_dir(out, record, lambda name: name == RESUME_FILE, RESUME_FILE,
                          "pass --steps at least that large, or another --out")
 
@@ -324,10 +307,10 @@ def _train(pipe: PigeonPipeline, config: TrainConfig, out_dir: PathLike, progres
     record = {"format": _FORMAT, **asdict(config), "noise_rates": list(config.noise_rates),
               "ratios": list(config.ratios), "model": model.config.to_dict(), "backbone": backbone}
     state = _check_run(out, record)
-    atomic_write(out / TRAIN_CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(record, indent=1)))
+    write_json(out / TRAIN_CONFIG_FILE, record)
 
     ds = make_datasets(config.n_users, config.data_seed, config.noise_rates, config.n_interactions)["train"]
-    sched = _ddpm(pipe.sd)
+    sched = ddpm(pipe.sd)  # the pipeline's scheduler config as a DDPMScheduler (the training noise schedule)
     n_t = int(sched.config.num_train_timesteps)
     ref_module = None
     pairs: dict[str, Any] | None = None

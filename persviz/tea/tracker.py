@@ -41,12 +41,11 @@ from tqdm.auto import tqdm
 
 from persviz.tea import shift as sm
 from persviz.embeddings import prompt_parts, single_token_id, class_word_id, norm_ratio_and_cosine
-from persviz.io import atomic_write_text
+from persviz.io import PathLike, write_json
 from persviz.prompts import PLACEHOLDER, load_prompt_set
 from persviz.trainers.core import PlaceholderRows
 from persviz.trainers.textual_inversion import CONFIG_FILE, list_snapshots, load_snapshot_embedding
 
-PathLike = Union[str, os.PathLike]
 RunLike = Union[PathLike, Sequence[tuple[int, Any]], Mapping[int, Any]]
 
 REPRESENTATIONS = ("full", "last")
@@ -344,37 +343,19 @@ def to_shift_grid(track: Mapping[str, list]) -> tuple[list, dict[str, dict[str, 
     return list(track["step"]), out
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _jsonable(x.detach().cpu().tolist())
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, os.PathLike):
-        return os.fspath(x)
-    return x
-
-
 def save_json(obj: Mapping[str, Any], path: PathLike) -> Path:
     """Write a track (or any JSON-able dict; numpy/torch numbers converted) atomically; returns the path.
 
-    The file appears whole or not at all: written to a temporary file beside it, then renamed. NaN is
-    written as NaN (Python's json reads it back).
+    The file appears whole or not at all (persviz.io.write_json); NaN and infinities are written as null, as
+    every persviz JSON file (persviz.io.to_jsonable).
     """
     if not isinstance(obj, Mapping):
         raise ValueError(f"save_json writes a dict; got {type(obj).__name__}")
-    p = Path(path).expanduser()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(p, json.dumps(_jsonable(obj), indent=1))
+    return write_json(Path(path).expanduser(), obj)
 
 
 def load_json(path: PathLike) -> dict:
-    """Read a file written by save_json."""
+    """Read a file written by save_json (older files holding NaN literals read too)."""
     return json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
 
 
