@@ -1,4 +1,4 @@
-"""Evaluation metrics of TEA Sec. 5 (METHODS.md Sec. 1, "Evaluation"): CLIP-T (full / concept / context), CLIP-I, DINO-I,
+"""Evaluation metrics of TEA Sec. 5 (docs/tea.md §5): CLIP-T (full / concept / context), CLIP-I, DINO-I,
 and, on ShapesWorld, the attribute oracle's concept and context accuracy.
 
 Every metric is batched (the evaluators embed in chunks) and scores each image separately; average the returned
@@ -14,6 +14,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 from PIL import Image
+from scipy.stats import spearmanr
 
 from persviz.shapesworld.oracle import check_attributes
 from persviz.shapesworld.scene import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, TEXTURES
@@ -248,5 +249,19 @@ def oracle_concept_context(
     return out
 
 
-__all__ = ["clip_t", "clip_t_parts", "clip_i", "dino_i", "image_alignment", "oracle_concept_context",
+# ----------------------------------------------------------------------------- rank correlation
+
+
+def spearman(x: Any, y: Any) -> float:
+    """Spearman's rank correlation of two equally long 1-D sequences, as ``scipy.stats.spearmanr`` (tied values
+    share their average rank); NaN when there are fewer than 2 points or either side is constant (no ranking)."""
+    a, b = (np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64) for v in (x, y))
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"spearman needs two 1-D sequences of one length; got shapes {a.shape} and {b.shape}")
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+__all__ = ["clip_t", "clip_t_parts", "clip_i", "dino_i", "image_alignment", "oracle_concept_context", "spearman",
            "CONCEPT_KEYS", "CONTEXT_KEYS"]

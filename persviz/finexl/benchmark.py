@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from persviz.trainers.lora_finetune import load_lora
 from persviz.finexl.decompose import Decomposition, append_compose, decompose, divergence_vector, greedy_decompose, orthogonal_filter
 from persviz.finexl.concepts import SHAPESWORLD_WORD_BANK, concept_directions, rank_concepts, shapesworld_compose
 from persviz.finexl.generators import (
@@ -52,9 +51,12 @@ from persviz.finexl.generators import (
     scene_shift_dataset,
     shapesworld_probes,
 )
-from persviz.io import atomic_path, atomic_write_bytes, atomic_write_text
+from persviz.io import atomic_path, atomic_write_bytes, atomic_write_text, to_jsonable, write_json
+from persviz.loading import load_evaluator, load_pipeline
+from persviz.metrics import spearman
 from persviz.paths import DATA_DIR
 from persviz.shapesworld.render import Style
+from persviz.trainers.lora_finetune import LORA_FILE, LoRAFinetuneConfig, load_lora, train_lora_finetune
 
 FINEXL_DIR = DATA_DIR / "finexl"
 LORA_DIR = FINEXL_DIR / "lora"
@@ -120,9 +122,6 @@ def train_variants(names: Optional[Sequence[str]] = None, steps: int = 450, batc
     Returns:
         ``{name: shipped weights file}``.
     """
-    from persviz.loading import load_pipeline
-    from persviz.trainers.lora_finetune import LORA_FILE, LoRAFinetuneConfig, train_lora_finetune
-
     variants = lora_variants()
     names = list(variants) if names is None else list(names)
     unknown = [n for n in names if n not in variants]
@@ -148,15 +147,13 @@ def train_variants(names: Optional[Sequence[str]] = None, steps: int = 450, batc
                 "device": str(pipe.device),
                 "command": f"persviz finexl train --steps {steps} --batch-size {batch_size} "
                            f"--lr {lr}"}
-        atomic_write_text(dest / "train.json", json.dumps(info, indent=1))
+        write_json(dest / "train.json", info)
         shipped[name] = dest / LORA_FILE
     return shipped
 
 
 def lora_pipeline(name: Optional[str], pipe: Any = None, lora_dir: Path = LORA_DIR) -> Any:
     """The micro-SD with the shipped LoRA of a variant loaded (None: the base); reuses ``pipe`` when given."""
-    from persviz.loading import load_pipeline
-
     pipe = load_pipeline() if pipe is None else pipe
     pipe.unload_lora_weights()  # a no-op without LoRA
     if name is not None:
@@ -247,12 +244,6 @@ def explain_with(spec: MethodSpec, v_div: torch.Tensor, concepts: Mapping[str, t
     return greedy_decompose(v_div, dict(concepts), order=order, method=spec.solver, e_decomp=E_DECOMP)[0]
 
 
-def weights_over(dec: Decomposition, bank: Sequence[str]) -> np.ndarray:
-    """float64 [len(bank)]: the decomposition's weight of each bank concept (0 where it was not kept)."""
-    d = dec.as_dict()
-    return np.array([d.get(c, 0.0) for c in bank])
-
-
 # ----------------------------------------------------------------------------- metrics
 
 
@@ -262,16 +253,6 @@ def top1_correct(weights: Mapping[str, float], true_concept: str) -> bool:
         return False
     best = max(weights, key=lambda c: weights[c])
     return best == true_concept and weights[best] > 0.0
-
-
-def spearman_rho(levels: Sequence[float], weights: Sequence[float]) -> float:
-    """``scipy.stats.spearmanr`` of weights vs known levels; nan when either is constant."""
-    from scipy.stats import spearmanr
-
-    x, y = np.asarray(levels, float), np.asarray(weights, float)
-    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    return float(spearmanr(x, y).statistic)
 
 
 def predicted_levels(weights: Mapping[str, float], calibration: Mapping[str, float]) -> dict[str, float]:
@@ -340,8 +321,6 @@ class Bench:
 
     def __init__(self, n_probes: int = N_PROBES, seeds: Sequence[int] = SEEDS, clip: Any = None,
                  bank: Sequence[str] = SHAPESWORLD_WORD_BANK):
-        from persviz.loading import load_evaluator
-
         self.clip = load_evaluator(kind="clip") if clip is None else clip
         self.prompts, scenes = shapesworld_probes(int(n_probes), seed=PROBE_SEED, p_second=0.0)
         self.scenes = dict(zip(self.prompts, scenes))
@@ -427,8 +406,6 @@ def build_variants(bench: Bench, lora: bool = True, progress: bool = True) -> li
 def lora_variants_measured(bench: Bench, names: Optional[Sequence[str]] = None, oracle: Any = None,
                            progress: bool = True) -> list[Variant]:
     """The shipped LoRA variants as `Variant`s; truth = the oracle's realized levels (`realized_levels`)."""
-    from persviz.loading import load_evaluator, load_pipeline
-
     oracle = load_evaluator(kind="oracle") if oracle is None else oracle
     names = [n for n in lora_variants() if (Path(LORA_DIR) / n / "pytorch_lora_weights.safetensors").is_file()] \
         if names is None else list(names)
@@ -505,7 +482,7 @@ def evaluate(bench: Bench, variants: Sequence[Variant], methods: Sequence[str] =
                     word, level = next(iter(rows[n]["truth"].items()))
                     lv = level if g != "lora_single" else rows[n]["realized"][next(iter(rows[n]["rates"]))]
                     by_word.setdefault(word, []).append((lv, rows[n]["methods"][m]["weights"].get(word, 0.0)))
-                rhos = {w: spearman_rho([a for a, _ in pts], [b for _, b in pts]) for w, pts in by_word.items()}
+                rhos = {w: spearman([a for a, _ in pts], [b for _, b in pts]) for w, pts in by_word.items()}
                 s[f"{g}/spearman_by_concept"] = rhos
                 finite = [r for r in rhos.values() if math.isfinite(r)]
                 s[f"{g}/spearman"] = float(np.mean(finite)) if finite else float("nan")
@@ -541,21 +518,6 @@ def ratios(summary: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, floa
                     r[f"{key} reduction"] = improvement(summary[new][key], summary[old][key], False)
             out[f"{new} vs {old}"] = r
     return out
-
-
-def _clean(x: Any) -> Any:
-    """JSON-ready copy: numpy scalars as Python numbers, NaN/inf as None (strict JSON)."""
-    if isinstance(x, Mapping):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(float(x)) else None
-    return x
 
 
 def _fmt(x: Any) -> str:
@@ -642,8 +604,8 @@ def run(lora: bool = True, progress: bool = True, out_json: Path = BENCHMARK_JSO
                        "methods": {m: vars(s) for m, s in METHOD_SPECS.items()},
                        "seconds": round(time.perf_counter() - t0, 1)}
     Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-    result = _clean(result)
-    atomic_write_text(out_json, json.dumps(result, indent=1))
+    result = to_jsonable(result)  # strict JSON, NaN as None: the returned result reads as the file does
+    write_json(out_json, result)
     atomic_write_text(out_md, markdown_report(result))
     return result
 

@@ -48,6 +48,7 @@ import torch
 from PIL import Image
 
 from persviz.finexl.decompose import Decomposition, check_v_div, concept_matrix, concept_direction
+from persviz.finexl.generators import parse_caption
 from persviz.shapesworld.captions import caption_from, full_attributes
 from persviz.shapesworld.scene import BACKGROUNDS, COLORS, SIZES, TEXTURES
 from persviz.images import as_uint8
@@ -203,8 +204,6 @@ def shapesworld_compose(prompt: str, word: str) -> str:
     Raises:
         ValueError: the prompt is no ShapesWorld caption, or the word names no attribute.
     """
-    from persviz.finexl.generators import parse_caption
-
     attr, value = shapesworld_word_attribute(word)
     scene = parse_caption(prompt)
     obj = scene.obj
@@ -405,9 +404,6 @@ class _PairProposer:
     def _ask(self, base: np.ndarray, personal: np.ndarray) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _transport_errors(self) -> tuple[type, ...]:
-        return ()
-
     def __call__(self, base_images: np.ndarray, personalized_images: np.ndarray) -> list[str]:
         """Union of the phrases proposed for the first ``max_pairs`` pairs (first occurrence order).
 
@@ -570,7 +566,7 @@ class TransformersVLMProposer(_PairProposer):
         if isinstance(model, (str, Path)):
             name = str(model)
             try:
-                from transformers import pipeline
+                from transformers import pipeline  # heavy: transformers; a VLM proposer is optional
                 model = pipeline("image-text-to-text", model=name, device=device)
             except ModelNotAvailableError:
                 raise
@@ -607,7 +603,7 @@ def _vlm_unavailable(name: str, err: Exception) -> ModelNotAvailableError:
         why = f"the folder '{name}' does not exist"
     else:
         why = str(unavailable_error(name, err)).split(" Download it once")[0] + (
-            f" Download it once where there is internet (`huggingface-cli download {name}`) or pass its local folder")
+            f" Download it once where there is internet (`hf download {name}`) or pass its local folder")
     return ModelNotAvailableError(
         f"Vision-language model could not be loaded: {why}. No vision-language model ships with persviz: "
         f"offline, propose concepts with BankProposer(default_bank()) or pass fallback=default_bank(); or use "

@@ -43,7 +43,8 @@ from persviz.generation import GUIDANCE, STEPS, generate
 from persviz.images import as_uint8
 from persviz.shapesworld.captions import PREFIXES, caption
 from persviz.shapesworld.render import Style, render_batch
-from persviz.shapesworld.scene import BACKGROUNDS, COLORS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, TEXTURES, Obj, Scene
+from persviz.shapesworld.scene import (BACKGROUNDS, COLORS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, TEXTURES, Obj, Scene,
+                                      sample_scene, sample_scenes)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
@@ -209,8 +210,6 @@ def shapesworld_probes(n: int = 24, seed: int = 0, level: Optional[str] = "full"
         Two lists of length n; the prompts are distinct. Give ``scenes=dict(zip(prompts, scenes))``
         to `RendererGenerator` to render exactly these scenes whatever the caption level.
     """
-    from persviz.shapesworld.scene import sample_scene
-
     if int(n) < 1:
         raise ValueError(f"n must be >= 1, got {n}.")
     rng = np.random.default_rng(seed)
@@ -378,8 +377,6 @@ def scene_shift_dataset(n: int, rates: Mapping[str, float], seed: int = 0, p_sec
     Returns:
         captions (n distinct or not), uint8 images [n, size, size, 3], bool applied [n, A].
     """
-    from persviz.shapesworld.scene import sample_scenes
-
     if int(n) < 1:
         raise ValueError(f"n must be >= 1, got {n}.")
     scenes = sample_scenes(int(n), seed=seed, p_second=p_second)

@@ -1,4 +1,4 @@
-"""Plots of FineXL (METHODS.md Sec. 2): the decomposition, the concept directions, accuracy, samples.
+"""Plots of FineXL (docs/finexl.md): the decomposition, the concept directions, accuracy, samples.
 
 Same convention as persviz.plots: every function returns a matplotlib Figure built without
 pyplot, draws on ``ax`` when one is given, and never touches rcParams.
@@ -17,10 +17,10 @@ from typing import Any, Optional, Union
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from scipy.stats import spearmanr
 
 from persviz.finexl.decompose import Decomposition, explain
 from persviz.images import as_uint8
+from persviz.metrics import spearman
 from persviz.plots import figure_and_ax, image_grid
 
 POSITIVE, NEGATIVE, RESIDUAL, KNOWN = "C0", "C3", "0.6", "k"
@@ -175,17 +175,6 @@ def concept_cosine_heatmap(concepts: Mapping[str, Any], ax: Optional[Axes] = Non
 # ----------------------------------------------------------------------------- accuracy
 
 
-def spearman(levels: Any, weights: Any) -> float:
-    """Spearman rank correlation of known levels and weights (NaN when either is constant)."""
-    x = _vector(levels, "levels")
-    y = _vector(weights, "weights", x.size)
-    if x.size < 2:
-        raise ValueError("Spearman's rho needs at least 2 points")
-    if np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    return float(spearmanr(x, y).statistic)
-
-
 def _rho_text(rho: float) -> str:
     return "undefined (constant input)" if np.isnan(rho) else f"{rho:.2f}"
 
@@ -216,6 +205,8 @@ def weight_vs_level(levels: Union[Sequence[float], Mapping[str, Sequence[float]]
     for name, (lv, wv) in series.items():
         x = _vector(lv, f"levels[{name!r}]" if name else "levels")
         y = _vector(wv, f"weights[{name!r}]" if name else "weights", x.size)
+        if x.size < 2:
+            raise ValueError("Spearman's rho needs at least 2 points")
         rho = spearman(x, y)
         rhos.append(rho)
         sizes.append(x.size)

@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from persviz.embeddings import single_token_id
-from persviz.generation import generate
+from persviz import generation
 from persviz.io import PathLike, atomic_save, atomic_write, write_json
 
 CONFIG_FILE = "config.json"
@@ -613,8 +613,8 @@ def class_images(pipe: Any, config: Any, folder: Path, res: int, progress: bool)
                 else:
                     runs.append([i])
             for run in runs:
-                imgs = generate(pipe, [prompt] * len(run), seed=seed + run[0], guidance=guidance, steps=steps,
-                                batch_size=len(run), height=res, width=res)
+                imgs = generation.generate(pipe, [prompt] * len(run), seed=seed + run[0], guidance=guidance,
+                                           steps=steps, batch_size=len(run), height=res, width=res)
                 for i, im in zip(run, imgs):
                     atomic_write(paths[i], lambda tmp, im=im: Image.fromarray(im).save(tmp, format="PNG"))
                 bar.update(len(run))

@@ -14,9 +14,10 @@ from scipy.stats import spearmanr
 from persviz.finexl.decompose import append_compose, concept_direction
 from persviz.finexl.benchmark import (
     ASPECT_WORD, LORA_DIR, METHOD_SPECS, Bench, aspect_present, explain_with, improvement, lora_variants,
-    multi_aspect_error, predicted_levels, realized_levels, spearman_rho, top1_correct, truth_of)
+    multi_aspect_error, predicted_levels, realized_levels, top1_correct, truth_of)
 from persviz.finexl.concepts import (
     SHAPESWORLD_WORD_BANK, SHAPESWORLD_WORD_PHRASES, readable, shapesworld_compose, shapesworld_word_attribute)
+from persviz.metrics import spearman as spearman_rho  # the one Spearman (was finexl.benchmark.spearman_rho)
 from persviz.finexl.generators import (
     SCENE_ASPECTS, SceneShiftGenerator, aspect_draws, check_rates, lora_pair, parse_caption, scene_shift_dataset,
     shapesworld_probes)
