@@ -28,7 +28,7 @@
 # 4. *multi-concept*: of two learned tokens in one prompt, the more-trained one takes over.
 #
 # The Textual Inversion runs (3000 steps, a snapshot every 100) were trained by
-# `python -m persviz.tea.shapesworld_runs` and ship in `data/shapesworld/personal/`; here we only read them.
+# `persviz tea runs` and ship in the concept folders `data/shapesworld/concepts/<concept>/`; here we only read them.
 # Set `PERSVIZ_SCALE=full` and `PERSVIZ_TI_RUNS=<folder of your SD 1.5 runs>` to run on Stable Diffusion 1.5.
 
 # %%
@@ -40,7 +40,7 @@ from persviz.embeddings import norm_ratio_and_cosine, token_row, vocab_norms
 from persviz.plots import image_grid
 from persviz.session import setup
 from persviz.shapesworld import concepts as cc
-from persviz.tea.shapesworld_runs import PERSONAL_DIR, placeholder, run_dir, snapshots
+from persviz.tea.shapesworld_runs import RUNS_DIR, placeholder, run_dir, snapshots
 from persviz.tea.plots import dominance_plot, impact_curves, norm_histogram, norm_ratio_curve, shift_grid
 from persviz.tea.study import dominance_over_steps, generate_probes, impacts_over_steps, learned_embedding
 from persviz.tea.tracker import load_json, to_shift_grid, track_semantic_shift
@@ -48,7 +48,7 @@ from persviz.tables import table
 
 sess = setup()  # PERSVIZ_SCALE=full switches to SD 1.5 (no oracle there); threads from OMP_NUM_THREADS
 pipe, clip, dino, oracle = sess.pipe, sess.clip, sess.dino, sess.oracle
-RUNS = Path(sess.setting("ti_runs", PERSONAL_DIR))  # PERSVIZ_TI_RUNS at full scale
+RUNS = Path(sess.setting("ti_runs", RUNS_DIR))  # PERSVIZ_TI_RUNS at full scale
 print(sess, "| runs in", RUNS)
 
 # %% [markdown]

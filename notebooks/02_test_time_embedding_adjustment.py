@@ -28,7 +28,7 @@
 # personalized prompt is interpolated toward the same position of the class prompt, with the placeholder paired
 # with the class word (the public code pairs positions unaligned; we keep that only for comparison).
 #
-# Everything below runs on the shipped ShapesWorld runs (`python -m persviz.tea.shapesworld_runs`).
+# Everything below runs on the shipped ShapesWorld runs (`persviz tea runs`).
 
 # %%
 # %matplotlib inline
@@ -38,7 +38,7 @@ import numpy as np
 from persviz.embeddings import norm_ratio_and_cosine, token_row
 from persviz.session import setup
 from persviz.shapesworld import concepts as cc
-from persviz.tea.shapesworld_runs import PERSONAL_DIR, placeholder, run_dir, run_tea_rows, snapshots
+from persviz.tea.shapesworld_runs import RUNS_DIR, placeholder, run_dir, run_tea_rows, snapshots
 from persviz.tea.adjust import DEFAULTS, slerp_adjust
 from persviz.tea.pipeline import tea
 from persviz.tea.plots import before_after_grid, sweep_heatmap, sweep_lines
@@ -49,7 +49,7 @@ from persviz.tables import table
 
 sess = setup()  # PERSVIZ_SCALE=full: SD 1.5 (no oracle) with your runs in PERSVIZ_TI_RUNS
 pipe, clip, dino, oracle = sess.pipe, sess.clip, sess.dino, sess.oracle
-RUNS = Path(sess.setting("ti_runs", PERSONAL_DIR))
+RUNS = Path(sess.setting("ti_runs", RUNS_DIR))
 print(sess, "| runs in", RUNS)
 concept = "candy"
 C, refs = cc.CONCEPTS[concept], cc.load_references(concept)

@@ -11,6 +11,7 @@
     persviz pigeon train --stage 1 | persviz pigeon study
     persviz inspect FILE [--class-word W]            # any tool's embedding file: norms, |V*|/|c|, cos, nearest words
     persviz fix FILE --class-word W --out NEW        # TEA baked into a new file of the same format
+    persviz doctor                                   # versions, device, cached Hub models, what to download
 
 The maintenance commands always work on ShapesWorld, whatever ``PERSVIZ_SCALE`` says. This module (with
 ``persviz/__main__.py`` and the notebook runner) sits above the three rooms and may import all of them; nothing
@@ -109,7 +110,7 @@ def _add_tea(sub: Any) -> None:
     p.add_argument("--concepts", default=",".join(CONCEPTS))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--study", action="store_true", help="also write each Textual Inversion run's study.json")
-    p.add_argument("--table", action="store_true", help="write personal/tea_table.json (all methods, with/without TEA)")
+    p.add_argument("--table", action="store_true", help="write concepts/tea_table.json (all methods, with/without TEA)")
 
     def runs(a: argparse.Namespace) -> None:
         _threads(a.threads)
@@ -402,6 +403,19 @@ def _add_study(sub: Any) -> None:
     p.set_defaults(run=study)
 
 
+def _add_doctor(sub: Any) -> None:
+    from persviz import doctor
+    p = sub.add_parser("doctor", help="versions, device, which full-scale Hub models are cached, what to download",
+                       description=doctor.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    def run(a: argparse.Namespace) -> int:
+        report = doctor.diagnose()
+        print(json.dumps(report, indent=2) if a.json else doctor.format_report(report))
+        return 0
+    p.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``persviz`` parser with every subcommand."""
     ap = argparse.ArgumentParser(prog="persviz", description=__doc__.split("\n\n")[0],
@@ -416,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pigeon(sub)
     _add_inspect(sub)
     _add_fix(sub)
+    _add_doctor(sub)
     return ap
 
 

@@ -98,7 +98,7 @@ def model_files(scale: str) -> dict[str, str]:
     and the sha256 of the files of the concept folders named by PERSVIZ_CONCEPT."""
     if scale == SHAPESWORLD:
         return {str(p.relative_to(SHAPESWORLD_DIR.parent)): _sha256(p)
-                for p in sorted(SHAPESWORLD_DIR.glob("*/**/*.safetensors")) if "personal" not in p.parts}
+                for p in sorted(SHAPESWORLD_DIR.glob("*/**/*.safetensors")) if "concepts" not in p.parts}
     out = {}
     for hub_id in FULL_DEFAULTS.values():
         ref = Path(HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}" / "refs" / "main"

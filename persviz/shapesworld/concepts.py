@@ -122,20 +122,21 @@ def reference_signature(oracle, images: np.ndarray) -> dict:
 
 
 def load_references(name: str, folder: Path = CONCEPTS_DIR) -> np.ndarray:
-    """The shipped reference images of a concept, uint8 [N, H, W, 3]."""
+    """The shipped reference images of a concept (its concept folder's images/), uint8 [N, H, W, 3]."""
     get_concept(name)
-    files = sorted((folder / name).glob("*.png"))
+    files = sorted((folder / name / "images").glob("*.png"))
     if not files:
-        raise FileNotFoundError(f"no reference images in {folder / name}; run "
+        raise FileNotFoundError(f"no reference images in {folder / name / 'images'}; run "
                                 "`persviz shapesworld concepts` to write them")
     return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
 
 
 def write_references(folder: Path = CONCEPTS_DIR) -> None:
-    """Write every concept's reference PNGs and a concepts.json describing them (atomically per file)."""
+    """Write every concept's reference PNGs (into its concept folder's images/) and a concepts.json describing them
+    (atomically per file)."""
     meta = {}
     for name, c in CONCEPTS.items():
-        out = folder / name
+        out = folder / name / "images"
         out.mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(render_references(name)):
             atomic_write(out / f"{i}.png", lambda tmp, img=img: Image.fromarray(img).save(tmp, format="PNG"))

@@ -2,7 +2,8 @@
 
     persviz tea runs --methods textual_inversion --concepts checkers,candy,spark
 
-Runs go to data/shapesworld/personal/<method>/<concept>/ in the formats the trainers write (diffusers
+Runs go to the concept folders data/shapesworld/concepts/<concept>/<method>/ (concept.json beside them; the format
+of `persviz train`) in the formats the trainers write (diffusers
 learned_embeds every 100 steps for Textual Inversion). Each run resumes where it stopped.
 
 Settings follow the TEA paper's (docs/tea.md §8) except where the micro-SD needs otherwise, as stated:
@@ -22,14 +23,14 @@ import torch
 from persviz.embeddings import token_row
 from persviz.loading import load_evaluator
 from persviz.paths import SHAPESWORLD_DIR
-from persviz.shapesworld.concepts import CONCEPTS, eval_prompts, get_concept, load_references, oracle_signature
+from persviz.shapesworld.concepts import CONCEPTS, CONCEPTS_DIR, eval_prompts, get_concept, load_references, oracle_signature
 from persviz.tea.study import impacts_over_steps, personalized, score_images, tea_rows
 from persviz.tea.tracker import save_json, track_semantic_shift
 from persviz.trainers import (METHODS, list_snapshots, load_snapshot_embedding, train_custom_diffusion,
                               train_dreambooth_lora, train_textual_inversion)
 from persviz.trainers.recipes import DREAMBOOTH_IDENTIFIER, recipe
 
-PERSONAL_DIR = SHAPESWORLD_DIR / "personal"
+RUNS_DIR = CONCEPTS_DIR  # one concept folder per shipped concept: concept.json, images/, one run folder per method
 
 
 def placeholder(name: str) -> str:
@@ -37,11 +38,11 @@ def placeholder(name: str) -> str:
     return f"<{get_concept(name).name}>"
 
 
-def run_dir(method: str, name: str, root: Path = PERSONAL_DIR) -> Path:
+def run_dir(method: str, name: str, root: Path = RUNS_DIR) -> Path:
     """Where a shipped run lives."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    return Path(root) / method / get_concept(name).name
+    return Path(root) / get_concept(name).name / method
 
 
 def textual_inversion_config(name: str, steps: int = 3000):
@@ -49,7 +50,7 @@ def textual_inversion_config(name: str, steps: int = 3000):
     return recipe("textual_inversion", placeholder(name), get_concept(name).class_word, shapesworld=True, steps=steps)
 
 
-def run_textual_inversion(pipe, name: str, steps: int = 3000, root: Path = PERSONAL_DIR):
+def run_textual_inversion(pipe, name: str, steps: int = 3000, root: Path = RUNS_DIR):
     """Train (or resume) the concept's Textual Inversion run; the pipeline is left unchanged."""
     return train_textual_inversion(pipe, load_references(name), textual_inversion_config(name, steps), run_dir("textual_inversion", name, root),
                                    load_result=False)
@@ -62,7 +63,7 @@ def dreambooth_config(name: str, steps: int = 800):
     return recipe("dreambooth", DREAMBOOTH_IDENTIFIER, get_concept(name).class_word, shapesworld=True, steps=steps)
 
 
-def run_dreambooth(pipe, name: str, steps: int = 800, root: Path = PERSONAL_DIR):
+def run_dreambooth(pipe, name: str, steps: int = 800, root: Path = RUNS_DIR):
     """Train (or resume) the concept's DreamBooth-LoRA run; the pipeline is left unchanged."""
     return train_dreambooth_lora(pipe, load_references(name), dreambooth_config(name, steps), run_dir("dreambooth", name, root),
                                  load_result=False)
@@ -75,7 +76,7 @@ def custom_diffusion_config(name: str, steps: int = 1000):
     return recipe("custom_diffusion", f"<{name}-cd>", get_concept(name).class_word, shapesworld=True, steps=steps)
 
 
-def run_custom_diffusion(pipe, name: str, steps: int = 1000, root: Path = PERSONAL_DIR):
+def run_custom_diffusion(pipe, name: str, steps: int = 1000, root: Path = RUNS_DIR):
     """Train (or resume) the concept's Custom Diffusion run; the pipeline is left unchanged."""
     return train_custom_diffusion(pipe, load_references(name), custom_diffusion_config(name, steps), run_dir("custom_diffusion", name, root),
                                   load_result=False)
@@ -99,7 +100,7 @@ def evaluators() -> dict:
 
 
 def study_textual_inversion(pipe, name: str, judges: dict, every: int = 300, n_probes: int = 24, repeats: int = 2,
-             root: Path = PERSONAL_DIR) -> dict:
+             root: Path = RUNS_DIR) -> dict:
     """The semantic-collapse study of one TI run: text-space shift (every snapshot) and image-space impacts
     (every `every` steps and the initial class-word row); written to the run folder as study.json."""
     c, run = get_concept(name), run_dir("textual_inversion", name, root)
@@ -122,7 +123,7 @@ def method_word(method: str, name: str) -> tuple[str, str]:
 
 
 def run_tea_rows(pipe, method: str, name: str, probes, score, repeats: int = 1, seed: int = 0,
-                 root: Path = PERSONAL_DIR) -> dict:
+                 root: Path = RUNS_DIR) -> dict:
     """tea_rows of a concept's final run of a method, loaded for the call (a TI token already in pipe is used as is)."""
     word, token = method_word(method, name)
     ready = method == "textual_inversion" and placeholder(name) in pipe.tokenizer.get_added_vocab()
@@ -131,9 +132,9 @@ def run_tea_rows(pipe, method: str, name: str, probes, score, repeats: int = 1, 
 
 
 def tea_table(pipe, judges: dict, methods: tuple = METHODS, n_probes: int = 12, repeats: int = 2, seed: int = 1,
-              root: Path = PERSONAL_DIR, write: bool = True) -> dict:
+              root: Path = RUNS_DIR, write: bool = True) -> dict:
     """Table 6 on ShapesWorld: every concept's final run of each method without and with TEA (default knobs);
-    scores averaged over concepts, per concept kept too; written to personal/tea_table.json."""
+    scores averaged over concepts, per concept kept too; written to concepts/tea_table.json."""
     per: dict = {}
     for method in methods:
         for name in CONCEPTS:

@@ -11,7 +11,7 @@ from persviz.embedding_files import read_embedding_file
 from persviz.paths import SHAPESWORLD_DIR
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-CHECKERS = str(SHAPESWORLD_DIR / "personal/textual_inversion/checkers/learned_embeds.safetensors")
+CHECKERS = str(SHAPESWORLD_DIR / "concepts/checkers/textual_inversion/learned_embeds.safetensors")
 
 
 def test_inspect_prints_the_diagnosis(capsys):

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture
 def checkers_images(tmp_path):
     folder = tmp_path / "photos"
-    shutil.copytree(CONCEPTS_DIR / "checkers", folder)
+    shutil.copytree(CONCEPTS_DIR / "checkers" / "images", folder)
     return folder
 
 

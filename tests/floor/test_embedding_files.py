@@ -71,7 +71,7 @@ def test_diffusers_snapshot_names_its_step(tmp_path):
     f = read_embedding_file(diffusers_save_progress(tmp_path / "learned_embeds-steps-500.safetensors", "<cat>", rows()))
     assert f.format == "diffusers" and f.metadata["step"] == 500
     shipped = read_embedding_file(
-        SHAPESWORLD_DIR / "personal/textual_inversion/checkers/learned_embeds-steps-3000.safetensors")
+        SHAPESWORLD_DIR / "concepts/checkers/textual_inversion/learned_embeds-steps-3000.safetensors")
     assert (shipped.token, shipped.metadata["step"], tuple(shipped.rows.shape)) == ("<checkers>", 3000, (1, 128))
 
 

@@ -20,7 +20,7 @@ from persviz.tea.pipeline import tea
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 D = 32
-CHECKERS = SHAPESWORLD_DIR / "personal/textual_inversion/checkers/learned_embeds.safetensors"
+CHECKERS = SHAPESWORLD_DIR / "concepts/checkers/textual_inversion/learned_embeds.safetensors"
 
 
 def _rows(n=1, seed=0, scale=3.0):

@@ -3,6 +3,7 @@ their study numbers recomputable from the snapshots."""
 import shutil
 
 import pytest
+import numpy as np
 import torch
 
 from persviz.shapesworld.concepts import CONCEPTS
@@ -25,7 +26,7 @@ def test_a_shipped_ti_run_matches_the_command_that_made_it(shapesworld_pipeline,
     # resuming the finished run with the command's own config passes the trainer's fingerprint check and trains
     # nothing: the shipped files are what `personalize` writes for this pipeline and these reference images
     pipe = shapesworld_pipeline
-    shutil.copytree(run_dir("textual_inversion", "checkers"), tmp_path / "textual_inversion" / "checkers")
+    shutil.copytree(run_dir("textual_inversion", "checkers"), run_dir("textual_inversion", "checkers", tmp_path))
     res = run_textual_inversion(pipe, "checkers", root=tmp_path)
     assert res.steps == 3000 and len(res.loss_history) == 3000
     shipped = torch.load(run_dir("textual_inversion", "checkers") / "resume_state.pt", weights_only=False)["rows"]
@@ -57,3 +58,17 @@ def test_run_tea_rows_loads_a_shipped_run_and_leaves_the_pipeline_as_it_was(shap
     assert set(out) == rows and out["none"] != out["TEA"]
     assert len(pipe.tokenizer) == n_tok
     assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == {k: type(v) for k, v in procs.items()}
+
+
+@pytest.mark.parametrize("name", ["checkers", "candy", "spark"])
+def test_the_shipped_concepts_are_concept_folders(name):
+    """The format `persviz train` writes: concept.json, the reference images, one run folder per method."""
+    from persviz.concept_folder import read_concept
+    from persviz.shapesworld.concepts import CONCEPTS_DIR, get_concept, load_references
+    concept = read_concept(CONCEPTS_DIR / name)
+    assert (concept.placeholder, concept.class_word, concept.model) == (f"<{name}>", get_concept(name).class_word,
+                                                                        "shapesworld")
+    assert np.array_equal(concept.reference_images(), load_references(name))
+    for method in ("textual_inversion", "dreambooth", "custom_diffusion"):
+        assert concept.run_dir(method) == run_dir(method, name).resolve()
+        assert (concept.run_dir(method) / "config.json").is_file()
