@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 
 from persviz.io import atomic_write_bytes
 
@@ -128,8 +130,6 @@ def _load(path: Path) -> tuple[Any, str, dict[str, str]]:
     if container is None:
         raise _unknown_file(path, head)
     if container == "safetensors":
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 meta = dict(f.metadata() or {})
@@ -295,10 +295,8 @@ def write_like(f: EmbeddingFile, rows: torch.Tensor, out: PathLike) -> Path:
     obj = _rebuild(f, rows.to(f.dtype).contiguous())
     buf = io.BytesIO()
     if f.container == "safetensors":
-        from safetensors.torch import save
-
         meta = {k[len("safetensors:"):]: v for k, v in f.metadata.items() if k.startswith("safetensors:")}
-        data = save({k: v.contiguous() for k, v in obj.items()}, metadata=meta or None)
+        data = safetensors_bytes({k: v.contiguous() for k, v in obj.items()}, metadata=meta or None)
     else:
         torch.save(obj, buf, _use_new_zipfile_serialization=f.container == "torch-zip")
         data = buf.getvalue()

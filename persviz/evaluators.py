@@ -25,7 +25,7 @@ class HFClipEvaluator:
 
     @classmethod
     def load(cls, name, device, dtype) -> "HFClipEvaluator":
-        from transformers import CLIPModel, CLIPProcessor
+        from transformers import CLIPModel, CLIPProcessor  # heavy: transformers
         return cls(CLIPModel.from_pretrained(name), CLIPProcessor.from_pretrained(name), device, dtype)
 
     @torch.no_grad()
@@ -59,7 +59,7 @@ class OpenClipEvaluator(HFClipEvaluator):
 
     @classmethod
     def load(cls, spec: str, device, dtype) -> "OpenClipEvaluator":
-        import open_clip
+        import open_clip  # heavy: open_clip, for 'open_clip:' models only
         arch, _, pretrained = spec.partition("/")
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None)
         return cls(model, preprocess, open_clip.get_tokenizer(arch), device, dtype)
@@ -92,7 +92,7 @@ class HFDinoEvaluator:
 
     @classmethod
     def load(cls, name, device, dtype) -> "HFDinoEvaluator":
-        from transformers import AutoImageProcessor, AutoModel
+        from transformers import AutoImageProcessor, AutoModel  # heavy: transformers
         return cls(AutoModel.from_pretrained(name), AutoImageProcessor.from_pretrained(name), device, dtype)
 
     @torch.no_grad()

@@ -19,7 +19,9 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from tqdm.auto import tqdm
+from transformers import BitImageProcessor, CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
 from persviz.io import atomic_folder, atomic_save, atomic_write_text
 from persviz.seeding import step_rng
@@ -80,7 +82,6 @@ def train_set(n: int = TRAIN_SIZE) -> dict:
 
 
 def tokenizer():
-    from transformers import CLIPTokenizer
     return CLIPTokenizer.from_pretrained(SHAPESWORLD_DIR / "tokenizer")
 
 
@@ -94,7 +95,6 @@ def stage_tokenizer(args) -> None:
 
 
 def stage_clip(args) -> None:
-    from transformers import CLIPImageProcessor
     data, tok = train_set(args.train_size), tokenizer()
     torch.manual_seed(11)
     model = clip_model(len(tok), tok.bos_token_id, tok.eos_token_id).to(DEVICE)
@@ -148,7 +148,6 @@ def stage_vae(args) -> None:
 
 def stage_vae_decoder(args) -> None:
     """Fine-tune the VAE decoder with the encoder frozen (as SD's ft-MSE VAE): sharper textures, same latents."""
-    from diffusers import AutoencoderKL
     data = train_set(args.train_size)
     vae = AutoencoderKL.from_pretrained(SHAPESWORLD_DIR / "sd" / "vae").to(DEVICE)
     vae.requires_grad_(False)
@@ -228,7 +227,6 @@ def shift(x: torch.Tensor, g: torch.Generator, max_px: int = 2) -> torch.Tensor:
 
 def stage_dino(args) -> None:
     """Self-supervised (SimCLR / InfoNCE on two augmented views) training of a DINOv2-architecture ViT."""
-    from transformers import BitImageProcessor
     data = train_set(args.train_size)
     torch.manual_seed(14)
     model = dino_model().to(DEVICE)
@@ -268,8 +266,6 @@ def encoded_latents(vae, images: np.ndarray) -> torch.Tensor:
 
 
 def stage_unet(args) -> None:
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel
     data, tok = train_set(args.train_size), tokenizer()
     vae = AutoencoderKL.from_pretrained(SHAPESWORLD_DIR / "sd" / "vae").to(DEVICE)
     latents = encoded_latents(vae, data["images"])
@@ -326,8 +322,6 @@ def stage_unet(args) -> None:
 
 def stage_pipeline(args) -> None:
     """Assemble the StableDiffusionPipeline folder from the trained parts."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
     sd = SHAPESWORLD_DIR / "sd"
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(sd / "vae"), text_encoder=CLIPTextModel.from_pretrained(SHAPESWORLD_DIR / "clip"),

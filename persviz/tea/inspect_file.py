@@ -31,7 +31,7 @@ def load_text_model(model: Union[str, Path, None] = None, device: str | None = N
 
     model: 'shapesworld' (the default at ShapesWorld scale), a Hub id (SD 1.5 at PERSVIZ_SCALE=full) or a local
     folder with tokenizer/ and text_encoder/."""
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer  # heavy: transformers
 
     name = str(model if model is not None else default_model("pipeline"))
     where = shapesworld_dir() / "sd" if name == "shapesworld" else name

@@ -87,7 +87,7 @@ def reference_mahalanobis_distance(
         cov = np.cov(Q, rowvar=False).reshape(Q.shape[1], Q.shape[1])
         inv = np.linalg.pinv(cov, rcond=max(Q.shape) * np.finfo(np.float64).eps, hermitian=True)
     elif covariance == "ledoit_wolf":
-        from sklearn.covariance import LedoitWolf
+        from sklearn.covariance import LedoitWolf  # heavy: scikit-learn, for this option only
 
         inv = LedoitWolf().fit(Q).precision_
     else:

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from persviz.embeddings import token_row
-from persviz.generation import GUIDANCE, STEPS, generate
+from persviz.embeddings import load_learned_embeds, token_row
+from persviz.generation import GUIDANCE, STEPS, generate, generate_from_embeds
 from persviz.metrics import clip_i, clip_t_parts, dino_i, oracle_concept_context
-from persviz.trainers import METHODS
+from persviz.tea.adaptive import SCHEDULE, adaptive_tea, make_tea_scorer
+from persviz.tea.pipeline import encode_prompt_level, tea
+from persviz.trainers import METHODS, load_custom_diffusion, load_dreambooth_lora
 from persviz.trainers.core import PlaceholderRows
 
 Probe = Mapping[str, Any]
@@ -94,7 +98,6 @@ def impacts_over_steps(pipe: Any, snapshots: Sequence[tuple[int, torch.Tensor]],
                        progress: bool = True, **generation: Any) -> dict[str, list]:
     """Two-way impacts over training: the scores of score_images at each (step, V*) snapshot, as lists by key.
     `generation` (steps, guidance, batch_size) goes to generate_probes."""
-    from tqdm.auto import tqdm
     table: dict[str, list] = {"step": []}
     for step, vec in tqdm(list(snapshots), desc="impacts over steps", disable=not progress):
         with learned_embedding(pipe, placeholder, vec):
@@ -113,7 +116,6 @@ def dominance_over_steps(pipe: Any, fixed: tuple[str, torch.Tensor], varied: tup
 
     template holds both placeholders by name, e.g. '{checkers} next to a {candy}' with placeholders as keys of
     anchors ({'<checkers>': images, '<candy>': images})."""
-    from tqdm.auto import tqdm
     (fixed_ph, fixed_vec), (var_ph, var_snaps) = fixed, varied
     prompt = template.format(**{k.strip("<>"): k for k in anchors})
     if fixed_ph not in prompt or var_ph not in prompt:
@@ -134,8 +136,6 @@ def personalized(pipe: Any, method: str, path: Any) -> Iterator[None]:
     """The pipeline with a finished run loaded ('textual_inversion': learned_embeds; 'dreambooth': LoRA; 'custom_diffusion': K/V processors + token).
 
     Undone on exit: the token unloaded, the LoRA unloaded, the attention processors put back."""
-    from pathlib import Path
-    from persviz.embeddings import load_learned_embeds
     path = Path(path)
     if method == "textual_inversion":
         f = path / "learned_embeds.safetensors" if path.is_dir() else path
@@ -146,14 +146,12 @@ def personalized(pipe: Any, method: str, path: Any) -> Iterator[None]:
         finally:
             pipe.unload_textual_inversion(tokens)
     elif method == "dreambooth":
-        from persviz.trainers import load_dreambooth_lora
         load_dreambooth_lora(pipe, path)
         try:
             yield
         finally:
             pipe.unload_lora_weights()
     elif method == "custom_diffusion":
-        from persviz.trainers import load_custom_diffusion
         procs = dict(pipe.unet.attn_processors)
         before = set(pipe.tokenizer.get_added_vocab())
         load_custom_diffusion(pipe, path)
@@ -177,8 +175,6 @@ def tea_rows(pipe: Any, method: str, word: str, placeholder: str, class_word: st
     positions aligned and, for comparison, unaligned as in the public code. `anchor_encoder`: DreamBooth's
     prompt-level anchor from this text encoder (e.g. the base model's) instead of the fine-tuned one in pipe.
     `generation` (steps, guidance, batch_size) goes to the generation calls."""
-    from persviz.generation import generate_from_embeds
-    from persviz.tea.pipeline import encode_prompt_level, tea
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     r, s = knobs if knobs is not None else (None, None)
@@ -200,8 +196,6 @@ def tea_sweep(pipe: Any, probes: Sequence[Probe], placeholder: str, class_word: 
               score: Callable[[np.ndarray], dict], rotations: Sequence[float], scales: Sequence[float],
               repeats: int = 1, seed: int = 0, method: str = "textual_inversion", progress: bool = True) -> dict:
     """Token-level TEA over a rotation x scale grid (Table 1, Fig. 6): {score key: array [R, S]}, same seeds everywhere."""
-    from tqdm.auto import tqdm
-    from persviz.tea.pipeline import tea
     grid: dict[str, np.ndarray] = {}
     cells = [(i, j) for i in range(len(rotations)) for j in range(len(scales))]
     for i, j in tqdm(cells, desc="TEA sweep", disable=not progress):
@@ -220,8 +214,6 @@ def adaptive_vs_fixed(pipe: Any, probes: Sequence[Probe], placeholder: str, clas
     target_frac x that of the class-word prompt (what the base model gives), with CLIP-I kept >= floor_frac x that
     at rotation 0 (the same scale), so rotation 0 is always acceptable. Returns one row per probe: chosen
     rotation, status, and the scores of the untouched token, the fixed knobs and the adaptive choice."""
-    from tqdm.auto import tqdm
-    from persviz.tea.adaptive import SCHEDULE, adaptive_tea, make_tea_scorer
     rows = []
     for p in tqdm(list(probes), desc="adaptive TEA", disable=not progress):
         prompt = p["template"].format(placeholder)
