@@ -49,13 +49,14 @@ def pick_device(device: Optional[str] = None, dtype: Optional[torch.dtype] = Non
 
 
 def unavailable_error(name: str, err: Exception) -> ModelNotAvailableError:
+    from persviz import hub_models  # its table imports this module's ids
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     local = Path(str(name)).expanduser()
     if local.exists():
         return ModelNotAvailableError(f"'{name}' exists but is not a loadable model folder: {err}")
     why = ("downloads are off (HF_HUB_OFFLINE=1)" if offline else "the Hugging Face Hub could not be reached")
     how = (f"`open_clip.create_model_and_transforms('{name[10:].split('/')[0]}', pretrained='{name.split('/')[-1]}')`"
-           if name.startswith("open_clip:") else f"`huggingface-cli download {name}`")
+           if name.startswith("open_clip:") else hub_models.download_hint(name))
     return ModelNotAvailableError(
         f"Model '{name}' is not in the local Hugging Face cache and {why}. Download it once where there is "
         f"internet ({how}), or pass the path of a local folder that holds it; or use '{SHAPESWORLD}', "
