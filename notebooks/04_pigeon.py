@@ -53,10 +53,10 @@ from persviz.pigeon import plots as pp
 from persviz.pigeon import study as st
 from persviz.pigeon.widgets import PigeonExplorer
 from persviz.plots import image_grid
-from persviz.session import setup
+from persviz.session import resolve_scale, setup
 from persviz.tables import table
 
-st.require_shapesworld()  # PERSVIZ_SCALE=full: raises FullScaleNotSupportedError (LaVIT + SDXL are out of reach)
+st.require_shapesworld(resolve_scale())  # at full scale: FullScaleNotSupportedError (LaVIT + SDXL are out of reach)
 sess = setup(pipeline=False)  # the evaluators and the threads; the Pigeon stages bring their own micro-SD
 clip, dino, oracle = sess.clip, sess.dino, sess.oracle
 

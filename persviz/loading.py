@@ -10,6 +10,7 @@ from typing import Optional, Union
 
 import torch
 
+from persviz import evaluators
 from persviz.paths import DataNotFoundError, shapesworld_dir
 
 SHAPESWORLD = "shapesworld"
@@ -34,7 +35,8 @@ def full_scale() -> bool:
 
 
 def default_model(kind: str) -> str:
-    """The model a notebook uses for `kind` ('pipeline', 'clip', 'dino') at the current scale."""
+    """The model the notebooks' setup and the command line's defaults use for `kind` ('pipeline', 'clip', 'dino') at
+    the scale PERSVIZ_SCALE asks for; library functions take their models as arguments instead."""
     return FULL_DEFAULTS[kind] if full_scale() else SHAPESWORLD
 
 
@@ -69,12 +71,13 @@ def _resolve(model: Union[str, Path], sub: str) -> Union[str, Path]:
 
 def load_pipeline(model: Union[str, Path, object, None] = None, device: Optional[str] = None,
                   dtype: Optional[torch.dtype] = None):
-    """A StableDiffusionPipeline: 'shapesworld' (default), a Hub id such as SD 1.5, a local folder, or a loaded pipeline."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    """A StableDiffusionPipeline: 'shapesworld' (default, whatever PERSVIZ_SCALE says: the notebooks' setup and the
+    command line choose by scale), a Hub id such as SD 1.5, a local folder, or a loaded pipeline."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline  # heavy: diffusers
     dev, dt = pick_device(device, dtype)
     if isinstance(model, DiffusionPipeline):
         return model.to(dev) if device else model
-    name = model if model is not None else default_model("pipeline")
+    name = model if model is not None else SHAPESWORLD  # never PERSVIZ_SCALE: callers name the model they want
     where = _resolve(name, "sd")  # DataNotFoundError (not wrapped below) when the ShapesWorld data is missing
     try:
         pipe = StableDiffusionPipeline.from_pretrained(where, dtype=dt, safety_checker=None,
@@ -91,16 +94,15 @@ def load_evaluator(model: Union[str, Path, None] = None, kind: str = "clip", dev
 
     model: 'shapesworld' (default), a transformers Hub id or folder (CLIP ViT-L/14, DINOv2), or
     'open_clip:ARCH/PRETRAINED' for open_clip (e.g. 'open_clip:ViT-L-14/openai')."""
-    from persviz import evaluators
     if kind not in ("clip", "dino", "oracle"):
         raise ValueError(f"kind must be 'clip', 'dino' or 'oracle', got {kind!r}")
     dev, dt = pick_device(device, dtype)
-    name = model if model is not None else (SHAPESWORLD if kind == "oracle" else default_model(kind))
+    name = model if model is not None else SHAPESWORLD  # never PERSVIZ_SCALE: callers name the model they want
     try:
         if kind == "oracle":
             if str(name) != SHAPESWORLD:
                 raise ValueError("the attribute oracle exists for ShapesWorld only; use model='shapesworld'")
-            from persviz.shapesworld.oracle import AttributeOracle
+            from persviz.shapesworld.oracle import AttributeOracle  # heavy: the oracle module imports diffusers
             return AttributeOracle.from_pretrained(shapesworld_dir() / "oracle").to(dev).eval()
         if kind == "clip" and str(name).startswith("open_clip:"):
             return evaluators.OpenClipEvaluator.load(str(name)[len("open_clip:"):], dev, dt)

@@ -52,7 +52,7 @@ from persviz.finexl.generators import parse_caption
 from persviz.shapesworld.captions import caption_from, full_attributes
 from persviz.shapesworld.scene import BACKGROUNDS, COLORS, SIZES, TEXTURES
 from persviz.images import as_uint8
-from persviz.loading import ModelNotAvailableError, unavailable_error, full_scale
+from persviz.loading import ModelNotAvailableError, unavailable_error
 from persviz.shapesworld.render import Style
 
 # ----------------------------------------------------------------------------- concept banks
@@ -104,9 +104,11 @@ STYLE_ASPECTS: dict[str, tuple[float, str, str]] = {
 }
 
 
-def default_bank() -> tuple[str, ...]:
-    """`SHAPESWORLD_BANK` at the embedded default scale, `ART_BANK` with PERSVIZ_SCALE=full."""
-    return ART_BANK if full_scale() else SHAPESWORLD_BANK
+def default_bank(scale: str = "shapesworld") -> tuple[str, ...]:
+    """`SHAPESWORLD_BANK` at the embedded default scale, `ART_BANK` at scale 'full' (pass the session's scale)."""
+    if scale not in ("shapesworld", "full"):
+        raise ValueError(f"scale must be 'shapesworld' or 'full'; got {scale!r}")
+    return ART_BANK if scale == "full" else SHAPESWORLD_BANK
 
 
 def known_levels(base: Style, personalized: Style) -> dict[str, float]:

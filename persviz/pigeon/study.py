@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from persviz.images import as_uint8
 from persviz.io import PathLike, write_json
-from persviz.loading import full_scale, load_evaluator
+from persviz.loading import load_evaluator
 from persviz.paths import DATA_DIR
 from persviz.pigeon.mask import HISTORY_TYPE, REFERENCE_TYPE, gumbel_topk_mask
 from persviz.pigeon.model import HISTORY_MODES, RATIOS, WEIGHTS_FILE, PigeonPipeline
@@ -73,9 +73,10 @@ class FullScaleNotSupportedError(RuntimeError):
     """Pigeon runs on ShapesWorld only; full scale needs LaVIT + SDXL."""
 
 
-def require_shapesworld() -> None:
-    """Raise FullScaleNotSupportedError when ``PERSVIZ_SCALE=full`` (Pigeon exists here at ShapesWorld scale only)."""
-    if full_scale():
+def require_shapesworld(scale: str) -> None:
+    """Raise FullScaleNotSupportedError at scale 'full' (Pigeon exists here at ShapesWorld scale only); notebook 04
+    passes its session's scale. The library's own functions always work on ShapesWorld, whatever PERSVIZ_SCALE says."""
+    if scale == "full":
         raise FullScaleNotSupportedError(
             "PERSVIZ_SCALE=full, but Pigeon cannot run at full scale in persviz: the paper's model is LaVIT-7B with an "
             "SDXL decoder (github YiyanXu/Pigeon), which persviz neither ships nor loads, and no ShapesWorld Pigeon "
@@ -90,7 +91,6 @@ def load_stage(weights: PigeonPipeline | PathLike, sd: Any = None, name: str = "
     """A PigeonPipeline: returned as is, or loaded from a weights folder (sharing ``sd`` when given)."""
     if isinstance(weights, PigeonPipeline):
         return weights
-    require_shapesworld()
     folder = Path(weights).expanduser()
     if not (folder / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(
@@ -212,8 +212,6 @@ def score_generations(images: np.ndarray, histories: np.ndarray, windows: Sequen
 
 
 def _evaluators(clip: Any, dino: Any, oracle: Any) -> tuple[Any, Any, Any]:
-    if clip is None or dino is None or oracle is None:
-        require_shapesworld()
     return (clip if clip is not None else load_evaluator(kind="clip"),
             dino if dino is not None else load_evaluator(kind="dino"),
             oracle if oracle is not None else load_evaluator(kind="oracle"))

@@ -291,10 +291,9 @@ def test_banks_and_known_levels(monkeypatch):
         assert up in SHAPESWORLD_BANK and down in SHAPESWORLD_BANK
     words = set(world_words())  # the word bank speaks only the embedded CLIP's vocabulary
     assert all(w in words for p in SHAPESWORLD_WORD_BANK for w in p.split())
-    monkeypatch.setenv("PERSVIZ_SCALE", "full")
-    assert default_bank() == ART_BANK and BankProposer()() == list(ART_BANK)
-    monkeypatch.delenv("PERSVIZ_SCALE")
-    assert default_bank() == SHAPESWORLD_BANK
+    monkeypatch.setenv("PERSVIZ_SCALE", "full")  # the library never reads it: the caller passes the scale
+    assert default_bank() == SHAPESWORLD_BANK and BankProposer()() == list(SHAPESWORLD_BANK)
+    assert default_bank("full") == ART_BANK and BankProposer(default_bank("full"))() == list(ART_BANK)
     assert known_levels(Style(), Style(warmth=0.6, blur=1.0)) == {"warm colors": 0.6, "blurry": 1.0}
     assert known_levels(Style(size_scale=1.5), Style(size_scale=1.0)) == {"small objects": 0.5}
     assert known_levels(Style(), Style()) == {}

@@ -71,3 +71,15 @@ def test_shipped_pipeline_is_a_plain_diffusers_folder():
 def test_loaded_pipeline_passes_through(shapesworld_pipeline):
     pipe = shapesworld_pipeline
     assert load_pipeline(pipe) is pipe
+
+
+def test_an_exported_full_scale_does_not_leak_into_the_loaders(monkeypatch):
+    """The maintenance commands (world evaluate, FineXL train, Pigeon) call the loaders without a model: they get
+    ShapesWorld's models even with PERSVIZ_SCALE=full exported; only the notebooks' setup and the command line's
+    defaults read the scale."""
+    monkeypatch.setenv("PERSVIZ_SCALE", "full")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = loading.load_pipeline()
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32  # the micro-SD, not SD 1.5
+    assert load_evaluator(kind="clip").model.config.projection_dim == 128
+    assert loading.default_model("pipeline") == SD15  # the defaults of setup and the command line do follow it

@@ -185,10 +185,11 @@ def test_stage_loading_errors(tmp_path, monkeypatch) -> None:
                     (dict(n_windows=2, noise_rates=()), "noise_rates is empty")):
         with pytest.raises(ValueError, match=msg):
             st.comparison_table(tmp_path, None, **kw)
-    monkeypatch.setenv("PERSVIZ_SCALE", "full")
     with pytest.raises(st.FullScaleNotSupportedError, match="LaVIT"):
-        st.require_shapesworld()
-    with pytest.raises(st.FullScaleNotSupportedError, match="shapesworld"):
+        st.require_shapesworld("full")
+    st.require_shapesworld("shapesworld")
+    monkeypatch.setenv("PERSVIZ_SCALE", "full")  # an exported scale does not leak into the library: ShapesWorld still
+    with pytest.raises(FileNotFoundError, match="persviz pigeon train"):
         st.comparison_table(tmp_path, None, 1, progress=False)
 
 
