@@ -25,21 +25,19 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from persviz.io import atomic_write_bytes
+from persviz.io import PathLike, atomic_write_bytes
 
-PathLike = Union[str, os.PathLike]
 
 FORMATS = ("diffusers", "custom-diffusion", "a1111", "a1111-safetensors", "sdxl")
 CONTAINERS = ("safetensors", "torch-zip", "torch-pickle")

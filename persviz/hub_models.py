@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+from huggingface_hub import constants, try_to_load_from_cache
+
 from persviz.loading import CLIP_L14, DINO, SD15
 
 HF_CLI = "hf"  # huggingface_hub's command line (`huggingface-cli` is gone)
@@ -80,7 +82,6 @@ def download_hint(hub_id: str) -> str:
 
 def hub_cache_dir() -> Path:
     """The Hugging Face cache folder in use now: HF_HUB_CACHE, else HF_HOME/hub, else huggingface_hub's default."""
-    from huggingface_hub import constants
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     if os.environ.get("HF_HOME"):
@@ -90,7 +91,6 @@ def hub_cache_dir() -> Path:
 
 def cached_files(hub_id: str, cache_dir: Optional[Union[str, Path]] = None) -> dict[str, Optional[str]]:
     """{file: local path or None} for the files persviz reads of `hub_id`, looked up in the cache (no network)."""
-    from huggingface_hub import try_to_load_from_cache
     model = HUB_MODELS[hub_id]
     folder = str(cache_dir or hub_cache_dir())
     out = {}

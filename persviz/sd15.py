@@ -9,8 +9,11 @@ For the real checkpoint, pass `random_weights=False` (local cache, a local folde
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
@@ -20,6 +23,8 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
+from persviz.io import write_json
+from persviz.loading import CLIP_L14, DINO, SD15, load_pipeline
 from persviz.paths import DATA_DIR
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -38,7 +43,7 @@ def sd15_config_dir() -> Path:
 
 def _default_bpe() -> Path:
     """The BPE merges file that ships inside the installed open_clip package."""
-    import open_clip
+    import open_clip  # heavy: open_clip
     return Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
 
 
@@ -86,7 +91,7 @@ def write_clip_bpe_files(folder: Union[str, Path], bpe_path: Optional[Union[str,
 
 def load_sd15_tokenizer() -> "CLIPTokenizer":
     """SD 1.5's CLIPTokenizer from the shipped files (same ids as open_clip's ViT-L-14 tokenizer)."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # heavy: transformers
     return CLIPTokenizer.from_pretrained(sd15_config_dir() / "tokenizer")
 
 
@@ -97,7 +102,7 @@ def sd15_component_configs(small: bool = False) -> dict[str, dict]:
     tokenizer's 49408-token vocabulary and 77 positions, VAE factor 8) and narrows every width: UNet and VAE channels
     SMALL_CHANNELS, text width SMALL_TEXT_WIDTH (= the UNet's cross-attention dim), default image side SMALL_SIDE px.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # heavy: diffusers
 
     folder = sd15_config_dir()
     configs = {"unet": dict(UNet2DConditionModel.load_config(folder / "unet")),
@@ -117,8 +122,8 @@ def sd15_component_configs(small: bool = False) -> dict[str, dict]:
 
 def _random_components(small: bool = False, with_tokenizer: bool = True) -> dict:
     """SD 1.5's UNet, VAE and text encoder with fresh random weights, plus its tokenizer and scheduler."""
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel  # heavy: diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel  # heavy: transformers
 
     folder, configs = sd15_config_dir(), sd15_component_configs(small)
     parts = {
@@ -165,7 +170,6 @@ def build_sd15_pipeline(random_weights: bool = True, sample_size: Optional[int] 
         pipe.set_progress_bar_config(disable=True)
         pipe = pipe.to(device=torch.device(device), dtype=dtype)
     else:
-        from persviz.loading import SD15, load_pipeline
         pipe = load_pipeline(SD15, device=str(device), dtype=dtype)
     if sample_size is not None:  # after construction: the pipeline resets a UNet sample_size < 64 from old configs
         pipe.unet.register_to_config(sample_size=sample_size // LATENT_FACTOR)
@@ -193,7 +197,7 @@ LFS_SUFFIXES = (".safetensors", ".bin")  # stored through Git LFS on the Hub: bl
 def clip_l14_config(small: bool = False):
     """transformers CLIPConfig of CLIP ViT-L/14 (text 768 x 12, vision 1024 x 24, patch 14, 224 px, projection 768);
     small=True: the same model type, vocabulary, positions, patch and image size, 32 wide and 2 layers deep."""
-    from transformers import CLIPConfig
+    from transformers import CLIPConfig  # heavy: transformers
     text = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0,
                 pad_token_id=1, eos_token_id=2)
     vision = dict(image_size=224, patch_size=14, hidden_act="quick_gelu")
@@ -211,26 +215,20 @@ def clip_l14_config(small: bool = False):
 def dinov2_base_config(small: bool = False):
     """transformers Dinov2Config of DINOv2-base (768 x 12, 12 heads, patch 14, 518 px positions);
     small=True: the same model type, patch and positions, 32 wide and 2 layers deep."""
-    from transformers import Dinov2Config
+    from transformers import Dinov2Config  # heavy: transformers
     width, layers, heads = (32, 2, 4) if small else (768, 12, 12)
     return Dinov2Config(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads, mlp_ratio=4,
                         image_size=518, patch_size=14, layerscale_value=1.0, layer_norm_eps=1e-6)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
 def _write_sd15_repo(folder: Path, small: bool) -> None:
     """SD 1.5's diffusers layout: model_index.json, scheduler, tokenizer, feature extractor, random-weight models."""
-    import shutil
     source = sd15_config_dir()
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source / "model_index.json", folder / "model_index.json")
     for sub in ("scheduler", "tokenizer"):
         shutil.copytree(source / sub, folder / sub)
-    _write_json(folder / "feature_extractor" / "preprocessor_config.json", SD15_FEATURE_EXTRACTOR)
+    write_json(folder / "feature_extractor" / "preprocessor_config.json", SD15_FEATURE_EXTRACTOR, indent=2)
     parts = _random_components(small, with_tokenizer=False)
     for name in ("unet", "vae", "text_encoder"):
         parts[name].save_pretrained(folder / name)
@@ -238,32 +236,29 @@ def _write_sd15_repo(folder: Path, small: bool) -> None:
 
 def _write_clip_repo(folder: Path, small: bool) -> None:
     """CLIP ViT-L/14's files: config and random weights, the real tokenizer files, the real preprocessor config."""
-    import shutil
-    from transformers import CLIPModel
+    from transformers import CLIPModel  # heavy: transformers
     CLIPModel(clip_l14_config(small)).save_pretrained(folder)
     tokenizer = load_sd15_tokenizer()  # the same BPE as openai/clip-vit-large-patch14
     for name in ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"):
         shutil.copyfile(sd15_config_dir() / "tokenizer" / name, folder / name)
     tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
-    _write_json(folder / "preprocessor_config.json", CLIP_L14_PREPROCESSOR)
+    write_json(folder / "preprocessor_config.json", CLIP_L14_PREPROCESSOR, indent=2)
 
 
 def _write_dino_repo(folder: Path, small: bool) -> None:
     """DINOv2-base's files: config and random weights, the real preprocessor config."""
-    from transformers import Dinov2Model
+    from transformers import Dinov2Model  # heavy: transformers
     Dinov2Model(dinov2_base_config(small)).save_pretrained(folder)
-    _write_json(folder / "preprocessor_config.json", DINOV2_PREPROCESSOR)
+    write_json(folder / "preprocessor_config.json", DINOV2_PREPROCESSOR, indent=2)
 
 
 def offline_commit(hub_id: str) -> str:
     """The 40-hex 'commit' under which `write_offline_hub_cache` files `hub_id` (not a real Hub commit)."""
-    import hashlib
     return hashlib.sha1(f"persviz offline random weights: {hub_id}".encode()).hexdigest()
 
 
 def _file_ids(path: Path) -> tuple[str, Optional[str]]:
     """(git blob sha1, sha256 when the Hub would keep the file in LFS) of a file, read in chunks."""
-    import hashlib
     git, sha256 = hashlib.sha1(b"blob %d\0" % path.stat().st_size), hashlib.sha256()
     lfs = path.suffix in LFS_SUFFIXES
     with open(path, "rb") as fh:
@@ -279,7 +274,6 @@ def _file_into_cache(cache_dir: Path, hub_id: str, staged: Path) -> Path:
 
     models--org--name/blobs/<sha256 or git sha1>, snapshots/<commit>/<file> -> relative link to its blob,
     refs/main = the commit, trees/<commit>.json = the file listing (what `snapshot_download` records)."""
-    import shutil
     repo = cache_dir / ("models--" + hub_id.replace("/", "--"))
     commit = offline_commit(hub_id)
     snapshot = repo / "snapshots" / commit
@@ -302,7 +296,7 @@ def _file_into_cache(cache_dir: Path, hub_id: str, staged: Path) -> Path:
             shutil.copyfile(blob, link)
         listing[rel] = {"size": size, "blob_id": git_id} | ({"lfs_sha256": sha256, "lfs_size": size} if sha256 else {})
     (repo / "refs" / "main").write_text(commit)
-    _write_json(repo / "trees" / f"{commit}.json", {"format_version": 1, "files": listing})
+    write_json(repo / "trees" / f"{commit}.json", {"format_version": 1, "files": listing}, indent=2)
     return snapshot
 
 
@@ -327,8 +321,6 @@ def write_offline_hub_cache(cache_dir: Union[str, Path], small: bool = True, see
     Returns:
         {hub id: snapshot folder}.
     """
-    import tempfile
-    from persviz.loading import CLIP_L14, DINO, SD15
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)

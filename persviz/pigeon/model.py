@@ -711,7 +711,7 @@ class PigeonPipeline:
             sd: an already loaded StableDiffusionPipeline to use instead of the shipped one.
             seed: seed of the initial trainable weights (replaced when ``weights`` is given).
         """
-        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer  # heavy: transformers, loaded on first use
+        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer  # heavy: transformers
 
         clip_dir = SHAPESWORLD_DIR / "clip"
         dev = torch.device(device or "cpu")
@@ -840,8 +840,8 @@ def tiny_pipeline(config: PigeonConfig | None = None, seed: int = 0, width: int 
     """A PigeonPipeline with random tiny components (diffusers' ``get_dummy_components`` style): a 1-layer
     CLIP of width ``width`` (vision patch 8 on 32x32), a 2-block UNet and VAE (32x32 <-> 16x16x4 latents),
     DPM-Solver++; the ShapesWorld tokenizer. For tests and ``persviz pigeon train --tiny``."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel  # heavy: diffusers, loaded on first use
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer  # heavy: transformers, loaded on first use
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel  # heavy: diffusers
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer  # heavy: transformers
 
     tok = CLIPTokenizer.from_pretrained(SHAPESWORLD_DIR / "tokenizer")
     torch.manual_seed(seed)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from persviz.generation import GUIDANCE, STEPS, generate
-from persviz.io import atomic_write_text
+from persviz.io import atomic_write_text, write_json
 from persviz.loading import load_evaluator, load_pipeline
 from persviz.paths import SHAPESWORLD_DIR
 from persviz.shapesworld.captions import caption_from, full_attributes
@@ -166,6 +166,6 @@ def evaluate_all(prompts: int = 300, guidance: float = GUIDANCE, out=SHAPESWORLD
     last = SHAPESWORLD_DIR.parent / "cache" / "last_run.json"
     if last.exists():
         metrics["training"] = {k: v for k, v in json.loads(last.read_text()).items() if k.endswith("_steps")}
-    atomic_write_text(out, json.dumps(metrics, indent=2))
+    write_json(out, metrics, indent=2)
     write_model_card(metrics, Path(out).parent / "MODEL_CARD.md")
     return metrics

@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from tqdm.auto import tqdm
 from transformers import BitImageProcessor, CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
-from persviz.io import atomic_folder, atomic_save, atomic_write_text
+from persviz.io import atomic_folder, atomic_save, write_json
 from persviz.seeding import step_rng
 from persviz.paths import DATA_DIR, SHAPESWORLD_DIR
 from persviz.shapesworld.captions import caption
@@ -356,4 +356,4 @@ def run_stages(args) -> None:
     for name in STAGES:
         if name in stages and (args.force or not (SHAPESWORLD_DIR / DONE[name]).exists()):
             STAGE_FN[name](args)
-    atomic_write_text(CACHE / "last_run.json", json.dumps({k: v for k, v in vars(args).items() if not callable(v)}))
+    write_json(CACHE / "last_run.json", {k: v for k, v in vars(args).items() if not callable(v)}, indent=None)

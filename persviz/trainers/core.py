@@ -343,7 +343,7 @@ def check_resolution(cfg: Any) -> None:
 
 def ddpm(pipe: Any):
     """The pipeline's scheduler config as a DDPMScheduler (keys DDPM does not take are dropped)."""
-    from diffusers import DDPMScheduler  # heavy: diffusers, loaded on first use
+    from diffusers import DDPMScheduler  # heavy: diffusers
 
     allowed = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
     sched = DDPMScheduler(**{k: v for k, v in dict(pipe.scheduler.config).items() if k in allowed})

@@ -211,7 +211,7 @@ def load_custom_diffusion(pipe: Any, path: PathLike, token: str | None = None) -
     not called. To undo: ``pipe.unet.set_attn_processor(AttnProcessor2_0())`` and
     ``pipe.unload_textual_inversion(token)`` (or use a fresh pipeline).
     """
-    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor  # heavy: diffusers, loaded on first use
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor  # heavy: diffusers
 
     weights = weights_path(path, WEIGHTS_FILE, "Custom Diffusion weights",
                            f"pass a folder holding {WEIGHTS_FILE} or the file "
@@ -256,7 +256,7 @@ def _cross_attention(unet: Any) -> dict[str, Any]:
 def _kv_processors(unet: Any, cross: dict[str, Any], device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
     """Installs trainable processors on the cross-attention layers (K/V float32, copied from the base projections);
     yields {"{name}.to_k_custom_diffusion.weight" / ...: param}; the original processors come back on exit."""
-    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor  # heavy: diffusers, loaded on first use
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor  # heavy: diffusers
 
     original = dict(unet.attn_processors)
     params: dict[str, torch.Tensor] = {}

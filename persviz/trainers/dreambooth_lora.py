@@ -177,7 +177,7 @@ def load_dreambooth_lora(pipe: Any, path: PathLike, adapter_name: str | None = N
 
 
 def has_lora(module: torch.nn.Module) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer  # heavy: peft, loaded on first use
+    from peft.tuners.tuners_utils import BaseTunerLayer  # heavy: peft
 
     return bool(getattr(module, "_hf_peft_config_loaded", False)) or any(
         isinstance(m, BaseTunerLayer) for m in module.modules())
@@ -185,7 +185,7 @@ def has_lora(module: torch.nn.Module) -> bool:
 
 def _remove_lora(module: torch.nn.Module, before: dict) -> None:
     """Replace the LoRA layers by their base layers and drop the attributes peft added (peft_config, flags)."""
-    from diffusers.utils import recurse_remove_peft_layers  # heavy: diffusers, loaded on first use
+    from diffusers.utils import recurse_remove_peft_layers  # heavy: diffusers
 
     recurse_remove_peft_layers(module)
     for k in [k for k in module.__dict__ if k not in before]:
@@ -199,7 +199,7 @@ def _remove_lora(module: torch.nn.Module, before: dict) -> None:
 def lora_adapters(unet: Any, text_encoder: Any,
                    config: DreamBoothLoRAConfig) -> Iterator[dict[str, torch.nn.Parameter]]:
     """Adds the adapters (float32, deterministic init); yields {"unet.<name>" / "text_encoder.<name>": param}."""
-    from peft import LoraConfig  # heavy: peft, loaded on first use
+    from peft import LoraConfig  # heavy: peft
 
     models = [("unet", unet, UNET_TARGETS)]
     if config.train_text_encoder:
@@ -236,8 +236,8 @@ def lora_adapters(unet: Any, text_encoder: Any,
 
 def _lora_state_dicts(unet: Any, text_encoder: Any, with_text_encoder: bool) -> tuple[dict, dict | None]:
     """The adapters in the diffusers format, as the example saves them (float32 on the CPU)."""
-    from diffusers.utils import convert_state_dict_to_diffusers  # heavy: diffusers, loaded on first use
-    from peft import get_peft_model_state_dict  # heavy: peft, loaded on first use
+    from diffusers.utils import convert_state_dict_to_diffusers  # heavy: diffusers
+    from peft import get_peft_model_state_dict  # heavy: peft
 
     def sd(m: Any) -> dict:
         raw = convert_state_dict_to_diffusers(get_peft_model_state_dict(m, adapter_name=_ADAPTER))
@@ -248,7 +248,7 @@ def _lora_state_dicts(unet: Any, text_encoder: Any, with_text_encoder: bool) -> 
 
 def save_lora(folder: Path, unet: Any, text_encoder: Any, with_text_encoder: bool, weight_name: str = LORA_FILE) -> None:
     """The adapters as folder/weight_name, in the format pipe.load_lora_weights reads."""
-    from diffusers import StableDiffusionPipeline  # heavy: diffusers, loaded on first use
+    from diffusers import StableDiffusionPipeline  # heavy: diffusers
 
     u, t = _lora_state_dicts(unet, text_encoder, with_text_encoder)
     StableDiffusionPipeline.save_lora_weights(save_directory=str(folder), unet_lora_layers=u,
