@@ -293,22 +293,26 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--placeholder", required=True, help="the concept's new token, e.g. '<my-dog>'")
     p.add_argument("--identifier", default=None, help="DreamBooth's rare token (default: sks)")
     p.add_argument("--out", required=True, help="the concept folder (created; an existing one is extended)")
-    p.add_argument("--model", default=None, help="Hub id or folder (default: the ShapesWorld micro-SD)")
+    p.add_argument("--model", default=None,
+                   help="Hub id or folder (default: the ShapesWorld micro-SD; SD 1.5 with PERSVIZ_SCALE=full)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--save-every", type=int, default=None)
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-class-images", type=int, default=None,
+                   help="DreamBooth / Custom Diffusion prior-preservation images (generated once by the base model)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
 
     def train(a: argparse.Namespace) -> concept_runs.ConceptRun:
         _threads(a.threads)
         run = concept_runs.train_concept(
-            a.method, a.images, a.class_word, a.placeholder, a.out, a.model, a.identifier, progress=not a.no_progress,
+            a.method, a.images, a.class_word, a.placeholder, a.out, a.model or default_model("pipeline"), a.identifier,
+            progress=not a.no_progress,
             steps=a.steps, save_every=a.save_every, resolution=a.resolution, lr=a.lr, batch_size=a.batch_size,
-            seed=a.seed)
+            seed=a.seed, num_class_images=a.num_class_images)
         print(f"{run.method}: {run.result.steps} steps in {run.run_dir} (concept folder {run.concept.folder})")
         return run
     p.set_defaults(run=train)

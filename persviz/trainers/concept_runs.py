@@ -22,7 +22,8 @@ from persviz.trainers.textual_inversion import train_textual_inversion
 
 TRAINERS = {"textual_inversion": train_textual_inversion, "dreambooth": train_dreambooth_lora,
             "custom_diffusion": train_custom_diffusion}
-SD1_WIDTH = 768  # CLIP ViT-L/14's text width: SD 1.x; SD 2.x has 1024 (OpenCLIP ViT-H), SDXL two encoders
+SD1_WIDTH = 768  # CLIP ViT-L/14's text width: SD 1.x
+SD2_WIDTH = 1024  # OpenCLIP ViT-H's: SD 2.x (SDXL has two text encoders)
 
 
 @dataclass
@@ -44,16 +45,18 @@ def model_id(model: str | PathLike | None) -> str:
 
 
 def check_sd1(pipe: Any, model: str) -> None:
-    """A ValueError unless pipe is a Stable Diffusion 1.x pipeline (or ShapesWorld's micro-SD, built like one)."""
+    """A ValueError for pipelines persviz does not support: SDXL (two text encoders) and SD 2.x (OpenCLIP ViT-H text
+    encoder, width 1024). SD 1.x (CLIP ViT-L/14, width 768), ShapesWorld's micro-SD and SD-1.5-architecture test
+    models of reduced width pass."""
     name = type(pipe).__name__
-    encoders = [getattr(pipe, k, None) for k in ("text_encoder", "text_encoder_2")]
     if getattr(pipe, "text_encoder_2", None) is not None or "XL" in name:
         raise ValueError(f"{model} is an SDXL pipeline ({name}); persviz trains and studies Stable Diffusion 1.x "
                          "only: use stable-diffusion-v1-5/stable-diffusion-v1-5 or a model fine-tuned from it")
-    width = encoders[0].config.hidden_size if encoders[0] is not None else None
-    if model != SHAPESWORLD and width != SD1_WIDTH:
-        raise ValueError(f"{model} has a text encoder of width {width}, not SD 1.x's {SD1_WIDTH} (SD 2.x has 1024); "
-                         "persviz supports Stable Diffusion 1.x only")
+    encoder = getattr(pipe, "text_encoder", None)
+    width = encoder.config.hidden_size if encoder is not None else None
+    if width == SD2_WIDTH:
+        raise ValueError(f"{model} has a text encoder of width {width} (OpenCLIP ViT-H: Stable Diffusion 2.x), not "
+                         f"SD 1.x's {SD1_WIDTH}; persviz supports Stable Diffusion 1.x only")
 
 
 def train_concept(method: str, images: PathLike, class_word: str, placeholder: str, out: PathLike,
@@ -63,7 +66,7 @@ def train_concept(method: str, images: PathLike, class_word: str, placeholder: s
 
     method: textual_inversion (or 'ti'), dreambooth, custom_diffusion. placeholder: the concept's new token (the
     learned token of Textual Inversion and Custom Diffusion); identifier: DreamBooth's rare token (default 'sks').
-    settings: steps, save_every, resolution, lr, batch_size, seed (None keeps the recipe's). pipe: an already loaded
+    settings: steps, save_every, resolution, lr, batch_size, seed, num_class_images (None keeps the recipe's). pipe: an already loaded
     pipeline of `model` (else it is loaded)."""
     method = check_method(method)
     mid = model_id(model)

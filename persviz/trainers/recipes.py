@@ -24,13 +24,13 @@ SHAPESWORLD_SAMPLING = {"class_steps": 25, "class_guidance": 4.0}  # the micro-S
 DREAMBOOTH_IDENTIFIER = "sks"
 # Which command-line names each config calls its settings by.
 _FIELDS = {"steps": "steps", "save_every": "save_every", "resolution": "resolution", "lr": "lr",
-           "batch_size": "batch_size", "seed": "seed"}
+           "batch_size": "batch_size", "seed": "seed", "num_class_images": "num_class_images"}
 
 
 def recipe(method: str, token: str, class_word: str, shapesworld: bool, **overrides: Any) -> Any:
     """The config of a run of `method` learning `token` (Textual Inversion's placeholder, DreamBooth's identifier,
     Custom Diffusion's modifier token) for a concept of class `class_word`; `overrides` (steps, save_every,
-    resolution, lr, batch_size, seed) replace the defaults where not None."""
+    resolution, lr, batch_size, seed, num_class_images) replace the defaults where not None."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     cw = class_word
@@ -47,10 +47,12 @@ def recipe(method: str, token: str, class_word: str, shapesworld: bool, **overri
         cfg = CustomDiffusionConfig(modifier_token=token, class_word=cw, instance_prompt=f"a photo of a {token} {cw}")
         if shapesworld:  # 5e-6 leaves the micro-SD's small projections unchanged; no resize augmentation on 16x16
             cfg = replace(cfg, steps=1000, lr=1e-4, save_every=100, augment=False, **SHAPESWORLD_SAMPLING)
-    changes = {_FIELDS[k]: v for k, v in overrides.items() if v is not None}
-    unknown = sorted(set(changes) - set(_FIELDS.values()))
+    unknown = sorted(set(overrides) - set(_FIELDS))
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; choose from {sorted(_FIELDS)}")
+    changes = {_FIELDS[k]: v for k, v in overrides.items() if v is not None}
+    if method == "textual_inversion":
+        changes.pop("num_class_images", None)  # no class images in Textual Inversion
     return replace(cfg, **changes)
 
 

@@ -154,3 +154,19 @@ def test_study_refuses_a_folder_without_concept_json(tmp_path):
     with pytest.raises(SystemExit, match="no concept.json"):
         cli_main(["study", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+def test_sd2_and_sdxl_pipelines_are_refused():
+    from types import SimpleNamespace
+
+    from persviz.trainers.concept_runs import check_sd1
+
+    def pipe(width, second=None):
+        return SimpleNamespace(text_encoder=SimpleNamespace(config=SimpleNamespace(hidden_size=width)),
+                               text_encoder_2=second)
+    check_sd1(pipe(768), "sd15")
+    check_sd1(pipe(32), "a reduced-width SD 1.5")
+    with pytest.raises(ValueError, match="Stable Diffusion 2.x"):
+        check_sd1(pipe(1024), "stabilityai/stable-diffusion-2-1")
+    with pytest.raises(ValueError, match="SDXL"):
+        check_sd1(pipe(768, second=object()), "stabilityai/stable-diffusion-xl-base-1.0")
