@@ -30,7 +30,7 @@ import torch
 from persviz import run_notebooks
 from persviz.finexl import benchmark as finexl_benchmark
 from persviz.generation import GUIDANCE
-from persviz import embedding_files
+from persviz import doctor, embedding_files
 from persviz.io import to_jsonable, write_json
 from persviz.concept_folder import check_method, read_concept
 from persviz.loading import FULL_DEFAULTS, SHAPESWORLD, default_model, load_evaluator, load_pipeline
@@ -408,7 +408,6 @@ def _add_study(sub: Any) -> None:
 
 
 def _add_doctor(sub: Any) -> None:
-    from persviz import doctor
     p = sub.add_parser("doctor", help="versions, device, which full-scale Hub models are cached, what to download",
                        description=doctor.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -33,7 +33,7 @@ from nbclient.exceptions import CellExecutionError
 from tqdm.auto import tqdm
 
 from persviz.io import PathLike, atomic_write, atomic_write_bytes, write_json
-from huggingface_hub.constants import HF_HUB_CACHE
+from huggingface_hub import constants as hub_constants
 
 from persviz.loading import FULL_DEFAULTS, SCALE_ENV, SHAPESWORLD
 from persviz.paths import SHAPESWORLD_DIR
@@ -101,7 +101,7 @@ def model_files(scale: str) -> dict[str, str]:
                 for p in sorted(SHAPESWORLD_DIR.glob("*/**/*.safetensors")) if "concepts" not in p.parts}
     out = {}
     for hub_id in FULL_DEFAULTS.values():
-        ref = Path(HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}" / "refs" / "main"
+        ref = Path(hub_constants.HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}" / "refs" / "main"
         out[hub_id] = ref.read_text().strip() if ref.is_file() else "not in the local cache"
     for concept in filter(None, os.environ.get("PERSVIZ_CONCEPT", "").split(",")):
         for f in sorted(Path(concept).expanduser().rglob("*")):
