@@ -29,8 +29,15 @@
 #
 # Everything here runs on ShapesWorld, where the truth is known: the shipped micro-SD against itself with a
 # rank-4 LoRA fine-tuned on renders whose object was turned red (always) and large (two times in three), under
-# the original captions; the ShapesWorld oracle reads how much of that the LoRA really learned. `PERSVIZ_SCALE=full` runs the same code on SD 1.5
-# and your LoRA (`PERSVIZ_FINEXL_LORA`, a diffusers LoRA file or folder) with the ART concept bank.
+# the original captions; the ShapesWorld oracle reads how much of that the LoRA really learned.
+#
+# `PERSVIZ_SCALE=full` runs the same code on SD 1.5 with and without your concept's DreamBooth-LoRA
+# (`PERSVIZ_CONCEPT=CONCEPT_DIR`, the first folder if several, its `dreambooth` run from `persviz train dreambooth`)
+# or a LoRA you name (`PERSVIZ_FINEXL_LORA`, a diffusers LoRA file or folder, with `PERSVIZ_FINEXL_CLASS`): the
+# probes are SD 1.5 contextual prompts with the concept's class word (`PERSVIZ_PROBES`, default 24), the bank is the
+# ART bank with the paper's ", C" append, and the images are drawn at the paper's settings (50 steps, guidance 7;
+# `PERSVIZ_STEPS`, `PERSVIZ_GUIDANCE`, `PERSVIZ_BATCH_SIZE`) with VAE slicing. There is no ground truth there: the
+# benchmark sections stay ShapesWorld's.
 
 # %%
 # %matplotlib inline
@@ -39,25 +46,25 @@ import numpy as np
 from IPython.display import Markdown
 from persviz.finexl.decompose import append_compose, divergence_vector, explain, greedy_decompose, orthogonal_filter
 from persviz.finexl.benchmark import BENCHMARK_JSON, LORA_DIR, MIXTURES, level_weight_series, markdown_table
-from persviz.finexl.concepts import (ART_BANK, SHAPESWORLD_WORD_BANK, SHAPESWORLD_WORD_PHRASES, concept_directions,
-                                     rank_concepts, readable, shapesworld_compose)
+from persviz.finexl.concept_pair import concept_lora_pair, full_scale_inputs
+from persviz.finexl.concepts import (SHAPESWORLD_WORD_BANK, SHAPESWORLD_WORD_PHRASES, concept_directions, rank_concepts,
+                                     readable, shapesworld_compose)
 from persviz.finexl.generators import lora_pair, paired_samples, shapesworld_probes
 from persviz.finexl.plots import concept_cosine_heatmap, decomposition_bars, paired_strip, weight_vs_level
 from persviz.finexl.variants import explorer_variants
 from persviz.finexl.widgets import FineXLExplorer
-from persviz.prompts import fill, load_prompt_set
 from persviz.session import setup
 from persviz.tables import table
 
 sess = setup(evaluators=("clip",))  # the scale from PERSVIZ_SCALE, threads from OMP_NUM_THREADS
 pipe, clip = sess.pipe, sess.clip
 print(sess)
-if sess.full:  # SD 1.5 + your LoRA, CLIP ViT-L/14, the ART bank; f(C) by the paper's append (no grammar to write into)
-    lora = sess.require("finexl_lora", "a diffusers LoRA file or folder, e.g. a DreamBooth-LoRA's "
-                                       "pytorch_lora_weights.safetensors")
-    probes = fill(load_prompt_set("sd15_contextual")[:24], sess.setting("finexl_class", "dog"))
-    scenes = None
-    bank, composers, phrases, known = list(ART_BANK), {"append": append_compose}, {}, {}
+if sess.full:  # SD 1.5 ± your LoRA, CLIP ViT-L/14, the ART bank; f(C) by the paper's append (no grammar to write into)
+    inputs = full_scale_inputs(sess)  # PERSVIZ_FINEXL_LORA, else PERSVIZ_CONCEPT's DreamBooth-LoRA; else an error
+    print(inputs)
+    probes, scenes, label = inputs.probes, None, inputs.target.label
+    bank, composers, phrases, known = list(inputs.bank), {"append": append_compose}, {}, {}
+    base_gen, personal_gen = concept_lora_pair(pipe, inputs.target, **inputs.generation)
 else:     # the shipped micro-SD + the LoRA of "object red always, large two times in three"
     variant = "mix_large067_red100"
     lora = LORA_DIR / variant
@@ -67,7 +74,8 @@ else:     # the shipped micro-SD + the LoRA of "object red always, large two tim
     bench = json.loads(BENCHMARK_JSON.read_text())
     known = bench["variants"]["lora/" + variant]["truth"]  # realized levels, read by the ShapesWorld oracle
     print("trained rates:", MIXTURES[variant], " realized (oracle):", {k: round(v, 2) for k, v in known.items()})
-base_gen, personal_gen = lora_pair(pipe, lora)
+    label = f"LoRA {variant}"
+    base_gen, personal_gen = lora_pair(pipe, lora)
 
 # %% [markdown]
 # ## Paired samples
@@ -157,6 +165,8 @@ for title, dec in decs.items():
 
 # %% [markdown]
 # ## Weight against the known level
+# ShapesWorld ground truth; not recomputed at full scale.
+#
 # From the benchmark (`python -m persviz.finexl.benchmark`, read from `data/finexl/benchmark.json`, not recomputed):
 # the weight of the true concept for each single-aspect LoRA variant against its level as the oracle reads it.
 
@@ -164,12 +174,15 @@ for title, dec in decs.items():
 bench = json.loads(BENCHMARK_JSON.read_text())
 fig = Figure(figsize=(9, 3.4), layout="constrained")
 for ax, m in zip(fig.subplots(1, 2), ("finexl", "persviz")):
-    weight_vs_level(*level_weight_series(bench, "lora_single", m, phrases), ax=ax, title=f"LoRA variants, {m}",
+    weight_vs_level(*level_weight_series(bench, "lora_single", m, SHAPESWORLD_WORD_PHRASES), ax=ax,
+                    title=f"LoRA variants, {m}",
                     xlabel="realized level (oracle)")
 fig
 
 # %% [markdown]
 # ## The benchmark
+# ShapesWorld ground truth; not recomputed at full scale.
+#
 # Rows: methods; columns: variant group and metric. *top1*: the true concept has the highest positive weight.
 # *spearman*: rank agreement of the true concept's weight with the level, per concept, averaged. *multi aspect
 # error*: Σ|predicted level − true level| / Σ true level over all bank concepts (predicted level = weight / the
@@ -186,11 +199,11 @@ print("paper claims:", bench["paper_claims"])
 # %% [markdown]
 # ## Explore
 # Pick a model pair, tick concepts, switch the solver: the decomposition and the sentences follow. The pairs here
-# are this notebook's LoRA and a few renderer variants of known level (cheap to render).
+# are this notebook's LoRA and, on ShapesWorld, a few renderer variants of known level (cheap to render).
 
 # %%
 # the LoRA's V_div, and on ShapesWorld three renderer variants of exactly known level (scenes is None at full scale)
-variants, known_by = explorer_variants(v_div, known, "LoRA user" if sess.full else f"LoRA {variant}", clip, probes, scenes)
+variants, known_by = explorer_variants(v_div, known, label, clip, probes, scenes)
 explorer = FineXLExplorer(variants, f[list(f)[-1]], known=known_by, phrases=phrases, eps_ortho=0.03,
                           positive_only="grammar" in f, method="whitened_nnls")
 print(explorer.last["sentences"])
