@@ -1,4 +1,6 @@
 """``python -m persviz``: the same as the ``persviz`` console script."""
+import sys
+
 from persviz.cli import main
 
-main()
+sys.exit(main())

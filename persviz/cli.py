@@ -2,6 +2,7 @@
 
     persviz notebooks --out outputs                  # the main job: execute every notebook, write copies and figures
     persviz train textual-inversion --images DIR --class-word WORD --placeholder "<tok>" --out CONCEPT_DIR
+    persviz adopt ti RUN --out CONCEPT_DIR --images DIR --class-word WORD   # another tool's run, as it is
     persviz study CONCEPT_DIR                        # shift tracker, impacts, with/without-TEA table: JSON, figures
     persviz shapesworld train [--stages unet]        # retrain the ShapesWorld models (resumable)
     persviz shapesworld evaluate                     # re-measure them: data/shapesworld/metrics.json, MODEL_CARD.md
@@ -30,7 +31,7 @@ import torch
 from persviz import run_notebooks
 from persviz.finexl import benchmark as finexl_benchmark
 from persviz.generation import GUIDANCE
-from persviz import doctor, embedding_files
+from persviz import doctor, embedding_files, foreign_runs
 from persviz.io import to_jsonable, write_json
 from persviz.concept_folder import check_method, read_concept
 from persviz.loading import FULL_DEFAULTS, SHAPESWORLD, default_model, load_evaluator, load_pipeline
@@ -318,6 +319,31 @@ def _add_train(sub: Any) -> None:
     p.set_defaults(run=train)
 
 
+def _add_adopt(sub: Any) -> None:
+    p = sub.add_parser("adopt", help="register another tool's run folder (diffusers, A1111, kohya) in a concept folder",
+                       description=foreign_runs.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("method", choices=("textual-inversion", "ti", "dreambooth", "custom-diffusion"))
+    p.add_argument("run", help="the folder (or LoRA file) the other tool wrote; recorded, not copied")
+    p.add_argument("--out", required=True, help="the concept folder (created; an existing one is extended)")
+    p.add_argument("--images", required=True, help="folder of the concept's photos")
+    p.add_argument("--class-word", default=None, help="the concept's class, one token (e.g. dog, toy)")
+    p.add_argument("--token", default=None,
+                   help="the run's token where its files do not name it (DreamBooth's identifier: default sks)")
+    p.add_argument("--model", default=None,
+                   help="the model the run was trained on (default: the ShapesWorld micro-SD; SD 1.5 with "
+                        "PERSVIZ_SCALE=full)")
+
+    def adopt(a: argparse.Namespace) -> Any:
+        concept = foreign_runs.adopt_run(a.method, a.run, a.out, a.images, a.class_word, a.token,
+                                         a.model or default_model("pipeline"))
+        method = check_method(a.method)
+        run = concept.runs[method]
+        print(f"{method}: {run['source']} run {run['folder']} (token {run['token']!r}) in concept folder "
+              f"{concept.folder}")
+        return concept
+    p.set_defaults(run=adopt)
+
+
 # ----------------------------------------------------------------------------- inspect / fix (embedding files)
 
 
@@ -426,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     _add_notebooks(sub)
     _add_train(sub)
+    _add_adopt(sub)
     _add_study(sub)
     _add_shapesworld(sub)
     _add_tea(sub)
@@ -444,8 +471,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
         result = args.run(args)
     except ValueError as e:
         raise SystemExit(f"persviz {args.command}: {e}") from None
-    if argv is None and isinstance(result, int) and not isinstance(result, bool):
-        raise SystemExit(result)
+    if argv is None:  # the console script: sys.exit(main()) takes an exit code, never a result object
+        return result if isinstance(result, int) and not isinstance(result, bool) else 0
     return result
 
 

@@ -77,3 +77,19 @@ def test_command_line_passes_its_settings(monkeypatch, tmp_path) -> None:
              "--out", str(tmp_path / "c.json")])
     assert seen["args"] == ("s1", None, 3, (0.2, 0.6), "test")
     assert seen["kw"]["path"] == str(tmp_path / "c.json") and seen["kw"]["num_inference_steps"] == 25
+
+
+def test_the_console_script_exits_0_after_a_command_that_returns_an_object(tmp_path):
+    """`persviz train` returns a ConceptRun to Python callers; the console script must still exit 0."""
+    import shutil
+    import subprocess
+    import sys
+
+    from persviz.shapesworld.concepts import CONCEPTS_DIR
+    shutil.copytree(CONCEPTS_DIR / "checkers" / "images", tmp_path / "photos")
+    cmd = [sys.executable, "-m", "persviz", "train", "ti", "--images", str(tmp_path / "photos"), "--class-word",
+           "square", "--placeholder", "<c>", "--out", str(tmp_path / "c"), "--steps", "1", "--no-progress",
+           "--threads", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "textual_inversion: 1 steps" in done.stdout
