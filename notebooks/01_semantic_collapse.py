@@ -29,27 +29,42 @@
 #
 # The Textual Inversion runs (3000 steps, a snapshot every 100) were trained by
 # `persviz tea runs` and ship in the concept folders `data/shapesworld/concepts/<concept>/`; here we only read them.
-# Set `PERSVIZ_SCALE=full` and `PERSVIZ_TI_RUNS=<folder of your SD 1.5 runs>` to run on Stable Diffusion 1.5.
+#
+# **Your own concept, on Stable Diffusion 1.5.** Train a concept folder with `persviz train textual-inversion
+# --model stable-diffusion-v1-5/stable-diffusion-v1-5 --images DIR --class-word dog --placeholder '<my-dog>'
+# --out CONCEPT_DIR`, then run with `PERSVIZ_SCALE=full` and these environment variables:
+#
+# | variable | what | default |
+# |---|---|---|
+# | `PERSVIZ_CONCEPT` | the concept folder (absolute path); a second one, comma-separated, for section 4 | required at full scale |
+# | `PERSVIZ_STEPS` | sampler steps (DPM-Solver++) | 50, the paper's |
+# | `PERSVIZ_GUIDANCE` | classifier-free guidance | 7, the paper's |
+# | `PERSVIZ_BATCH_SIZE` | images per pipeline call | 8 |
+# | `PERSVIZ_PROBES` | contextual prompts of the live study (the paper's CustomConcept101 prompts of the class, else the SD 1.5 set) | 8 |
+#
+# At full scale the text-space metrics use the SD 1.5 prompt sets, there is no oracle (its columns are
+# ShapesWorld only), and section 4 needs two concepts.
 
 # %%
 # %matplotlib inline
-from pathlib import Path
-
 import numpy as np
-from persviz.embeddings import norm_ratio_and_cosine, token_row, vocab_norms
+from persviz.embeddings import vocab_norms
 from persviz.plots import image_grid
 from persviz.session import setup
-from persviz.shapesworld import concepts as cc
-from persviz.tea.shapesworld_runs import RUNS_DIR, placeholder, run_dir, snapshots
+from persviz.shapesworld.concepts import reference_signature
+from persviz.tea.concept_study import (at_fractions, class_row, dominance, probe_label, probes_for, reference_grid,
+                                       saved_study_rows, shift_sets, spaced_snapshots)
 from persviz.tea.plots import dominance_plot, impact_curves, norm_histogram, norm_ratio_curve, shift_grid
-from persviz.tea.study import dominance_over_steps, generate_probes, impacts_over_steps, learned_embedding
-from persviz.tea.tracker import load_json, to_shift_grid, track_semantic_shift
+from persviz.tea.study import generate_probes, impacts_over_steps, learned_embedding
+from persviz.tea.tracker import to_shift_grid, track_semantic_shift
 from persviz.tables import table
 
 sess = setup()  # PERSVIZ_SCALE=full switches to SD 1.5 (no oracle there); threads from OMP_NUM_THREADS
 pipe, clip, dino, oracle = sess.pipe, sess.clip, sess.dino, sess.oracle
-RUNS = Path(sess.setting("ti_runs", RUNS_DIR))  # PERSVIZ_TI_RUNS at full scale
-print(sess, "| runs in", RUNS)
+concepts, concept, other = sess.concepts(), sess.concept(), sess.second_concept()  # PERSVIZ_CONCEPT, or the shipped ones
+gen = sess.generation()  # steps, guidance, batch_size
+PH, CW, run = concept.placeholder, concept.class_word, concept.run_dir("textual_inversion")
+print(sess, "| studied:", concept.folder)
 
 # %% [markdown]
 # ## The personal concepts
@@ -58,11 +73,9 @@ print(sess, "| runs in", RUNS)
 # collapsed token will copy.
 
 # %%
-names = list(cc.CONCEPTS)
-refs = {n: cc.load_references(n) for n in names}
-image_grid(np.concatenate(list(refs.values())), len(names), 6,
-           row_labels=[f"{placeholder(n)}\n({cc.CONCEPTS[n].class_word})" for n in names],
-           title="reference images of the three concepts")
+images, width = reference_grid(concepts)
+image_grid(images, len(concepts), width, row_labels=[f"{c.placeholder}\n({c.class_word})" for c in concepts],
+           title="reference images of the three concepts" if len(concepts) == 3 else "reference images")
 
 # %% [markdown]
 # ## 1 · Existence in text space (Fig. 2)
@@ -73,11 +86,9 @@ image_grid(np.concatenate(list(refs.values())), len(names), 6,
 # and P_V* moves toward the simple prompts**.
 
 # %%
-concept = "candy"  # the concept whose collapse is clearest; the table below has all three
-run = run_dir("textual_inversion", concept, RUNS)
-track = track_semantic_shift(pipe, run, "shapesworld_contextual", "shapesworld_simple")
-steps, grid = to_shift_grid(track)
-shift_grid(steps, grid, title=f"semantic shift over Textual Inversion steps ({placeholder(concept)})")
+track = track_semantic_shift(pipe, run, *shift_sets(concept), class_word=CW, placeholder=PH)  # the concept
+steps, grid = to_shift_grid(track)  # whose collapse is clearest on ShapesWorld (⟨candy⟩); the table below has all
+shift_grid(steps, grid, title=f"semantic shift over Textual Inversion steps ({PH})")
 
 # %%
 first, last = f"step {track['step'][0]}", f"step {track['step'][-1]}"
@@ -92,9 +103,10 @@ table({k: {first: track[k][0], last: track[k][-1]} for k in (
 # prompt in the encoder's attention.
 
 # %%
-c_row = pipe.text_encoder.get_input_embeddings().weight[token_row(pipe, cc.CONCEPTS[concept].class_word)].detach()
-snaps = snapshots(run, every=100, with_init=c_row)
-marks = {s: float(v.norm()) for s, v in snaps if s in (0, 500, 1000, 2000, 3000)}
+c_row = class_row(pipe, concept)
+snaps = spaced_snapshots(run, 30, init=c_row)  # step 0 (the class word), then about 30 saved steps
+five = at_fractions(snaps, (0, 1 / 6, 1 / 3, 2 / 3, 1))  # 0, 500, 1000, 2000, 3000 of a 3000-step run
+marks = {s: float(v.norm()) for s, v in five}
 norm_histogram(vocab_norms(pipe), marks, class_norm=float(c_row.norm()), title="norms of all vocabulary rows, |V*| marked")
 
 # %%
@@ -110,42 +122,33 @@ norm_ratio_curve(track["step"], track["norm_ratio"], track["cosine"], title="|V*
 # are read below.
 
 # %%
-probes = cc.eval_prompts(concept, 8)
-sig = cc.oracle_signature(oracle, concept) if oracle is not None else None
-live = impacts_over_steps(pipe, [s for s in snaps if s[0] in (0, 500, 1000, 2000, 3000)], placeholder(concept),
-                          cc.CONCEPTS[concept].class_word, probes, refs[concept], clip, dino, oracle, sig)
+probes, refs = probes_for(concept, sess.n_probes(8)), concept.reference_images()
+sig = reference_signature(oracle, refs) if oracle is not None else None
+live = impacts_over_steps(pipe, five, PH, CW, probes, refs, clip, dino, oracle, sig, **gen)
 curves = {"CLIP-T context": live["clip_t_context"], "CLIP-I": live["clip_i"]}
 if "oracle_context" in live:  # ShapesWorld only
     curves["oracle context x100"] = 100 * np.array(live["oracle_context"])
-impact_curves(live["step"], curves, title=f"{placeholder(concept)}: context falls as the concept rises (live, 8 prompts)")
+impact_curves(live["step"], curves, title=f"{PH}: context falls as the concept rises (live, {len(probes)} prompts)")
 
 # %%
 columns = {"concept": "concept", "step": "step", "clip_t_context": "CLIP-T ctx", "clip_i": "CLIP-I",
            "dino_i": "DINO-I", "oracle_context": "oracle ctx", "oracle_concept": "oracle concept"}
-rows = []
-for n in names:  # first, middle and last saved step of each concept's run
-    im = load_json(run_dir("textual_inversion", n, RUNS) / "study.json")["images"]
-    rows += [{"concept": n, **{k: im[k][i] for k in columns if k in im}} for i in (0, len(im["step"]) // 2, -1)]
-table(rows, columns, formats={k: ".2f" for k in ("clip_t_context", "clip_i", "oracle_context", "oracle_concept")},
-      title="the full-size study (24 prompts x 2 seeds, written by the training script)")
-
+rows, title = saved_study_rows(concepts)  # first, middle and last saved step of each concept's run
+shown = {k: v for k, v in columns.items() if rows and k in rows[0]}  # no oracle columns at full scale
+(table(rows, shown, formats={k: ".2f" for k in ("clip_t_context", "clip_i", "oracle_context", "oracle_concept")
+                             if k in shown}, title=title + sess.oracle_note) if rows else print(title))
 
 # %% [markdown]
 # What it looks like: the same prompts and seeds at the class word's embedding (step 0), early and late.
 
 # %%
-def short(ctx):
-    second = f"{ctx['position']}, by {' '.join(ctx['second'])}\n" if "second" in ctx else ""
-    return f"{second}on {ctx['background']}"
-show = [0, 1000, 3000]
+show = at_fractions(snaps, (0, 1 / 3, 1))  # steps 0, 1000, 3000 of a 3000-step run
 rows = []
-for s, v in snaps:
-    if s in show:
-        with learned_embedding(pipe, placeholder(concept), v):
-            rows.append(generate_probes(pipe, probes[:6], placeholder(concept)))
-image_grid(np.concatenate(rows), len(show), 6, row_labels=[f"step {s}" for s in show],
-           col_labels=[short(p["context"]) for p in probes[:6]],
-           title=f"'a {placeholder(concept)} …' over training")
+for s, v in show:
+    with learned_embedding(pipe, PH, v):
+        rows.append(generate_probes(pipe, probes[:6], PH, **gen))
+image_grid(np.concatenate(rows), len(show), len(probes[:6]), row_labels=[f"step {s}" for s, _ in show],
+           col_labels=[probe_label(p) for p in probes[:6]], title=f"'a {PH} …' over training")
 
 # %% [markdown]
 # ## 4 · Multi-concept collapse (Fig. 5)
@@ -154,13 +157,14 @@ image_grid(np.concatenate(rows), len(show), 6, row_labels=[f"step {s}" for s in 
 # shows the more-trained token taking the picture over.
 
 # %%
-final_a = snapshots(run_dir("textual_inversion", "checkers", RUNS), every=3000)[-1][1]
-c_circle = pipe.text_encoder.get_input_embeddings().weight[token_row(pipe, "circle")].detach()
-snaps_b = [s for s in snapshots(run_dir("textual_inversion", "candy", RUNS), every=100, with_init=c_circle)
-           if s[0] in (0, 100, 200, 300, 500, 1000, 2000, 3000)]
-dom = dominance_over_steps(pipe, ("<checkers>", final_a), ("<candy>", snaps_b), "a {checkers} next to a {candy}",
-                           {"<checkers>": refs["checkers"][:1], "<candy>": refs["candy"][:1]}, clip, n_images=8)
-dominance_plot(dom["step"], dom["clip_i_<checkers>"], dom["clip_i_<candy>"], ["<checkers> (fixed)", "<candy> (varied)"])
+if other is None:
+    print("the multi-concept section needs two concepts: set PERSVIZ_CONCEPT=<concept folder>,<second concept "
+          "folder> (each with a Textual Inversion run); skipped")
+else:  # the second concept fixed at its final V*, the studied one along its run (steps 0, 100, ..., 3000)
+    a, b = other.token("textual_inversion"), concept.token("textual_inversion")
+    dom = dominance(pipe, other, concept, clip, (0, 1 / 30, 1 / 15, 1 / 10, 1 / 6, 1 / 3, 2 / 3, 1), **gen)
+(dominance_plot(dom["step"], dom[f"clip_i_{a}"], dom[f"clip_i_{b}"], [f"{a} (fixed)", f"{b} (varied)"])
+ if other is not None else None)
 
 # %% [markdown]
 # **Reading the figures.** Where the curves move as the paper reports, the mechanism is reproduced on a model

@@ -29,35 +29,46 @@
 # with the class word (the public code pairs positions unaligned; we keep that only for comparison).
 #
 # Everything below runs on the shipped ShapesWorld runs (`persviz tea runs`).
+#
+# **Your own concept, on Stable Diffusion 1.5.** Train a concept folder with `persviz train textual-inversion
+# --model stable-diffusion-v1-5/stable-diffusion-v1-5 --images DIR --class-word dog --placeholder '<my-dog>'
+# --out CONCEPT_DIR` (and `persviz train dreambooth` / `custom-diffusion` with the same `--out` for the table's
+# other rows), then run with `PERSVIZ_SCALE=full` and these environment variables:
+#
+# | variable | what | default |
+# |---|---|---|
+# | `PERSVIZ_CONCEPT` | the concept folder (absolute path) | required at full scale |
+# | `PERSVIZ_STEPS` | sampler steps (DPM-Solver++) | 50, the paper's |
+# | `PERSVIZ_GUIDANCE` | classifier-free guidance | 7, the paper's |
+# | `PERSVIZ_BATCH_SIZE` | images per pipeline call | 8 |
+# | `PERSVIZ_PROBES` | evaluation prompts (the paper's CustomConcept101 prompts of the class, else the SD 1.5 set) | 8 |
+#
+# At full scale there is no oracle (its columns and plot are ShapesWorld only).
 
 # %%
 # %matplotlib inline
-from pathlib import Path
-
 import numpy as np
 from persviz.embeddings import norm_ratio_and_cosine, token_row
 from persviz.session import setup
-from persviz.shapesworld import concepts as cc
-from persviz.tea.shapesworld_runs import RUNS_DIR, placeholder, run_dir, run_tea_rows, snapshots
+from persviz.shapesworld.concepts import reference_signature
 from persviz.tea.adjust import DEFAULTS, slerp_adjust
+from persviz.tea.concept_study import probes_for, saved_tea_table, spaced_snapshots, tea_table
 from persviz.tea.pipeline import tea
 from persviz.tea.plots import before_after_grid, sweep_heatmap, sweep_lines
 from persviz.tea.study import adaptive_vs_fixed, generate_probes, learned_embedding, score_images, tea_sweep
-from persviz.tea.tracker import load_json
 from persviz.tea.widgets import SnapshotExplorer, TEAExplorer, make_tea_generate_fn
 from persviz.tables import table
 
-sess = setup()  # PERSVIZ_SCALE=full: SD 1.5 (no oracle) with your runs in PERSVIZ_TI_RUNS
+sess = setup()  # PERSVIZ_SCALE=full: SD 1.5 (no oracle) with your concept folder in PERSVIZ_CONCEPT
 pipe, clip, dino, oracle = sess.pipe, sess.clip, sess.dino, sess.oracle
-RUNS = Path(sess.setting("ti_runs", RUNS_DIR))
-print(sess, "| runs in", RUNS)
-concept = "candy"
-C, refs = cc.CONCEPTS[concept], cc.load_references(concept)
-PH, sig = placeholder(concept), (cc.oracle_signature(oracle, concept) if oracle is not None else None)
-probes = cc.eval_prompts(concept, 8, seed=3)  # 8 prompts x 1 seed keep the notebook under 3 minutes: noisy
+concept, gen = sess.concept(), sess.generation()  # ⟨candy⟩ on ShapesWorld; steps, guidance, batch_size
+print(sess, "| studied:", concept.folder)
+PH, CW, refs, run = concept.placeholder, concept.class_word, concept.reference_images(), concept.run_dir("textual_inversion")
+sig = reference_signature(oracle, refs) if oracle is not None else None
+probes = probes_for(concept, sess.n_probes(8), seed=3)  # 8 prompts x 1 seed keep the notebook under 3 minutes: noisy
 
 def score(images, repeats=1):
-    return score_images(images, probes, C.class_word, refs, clip, dino, oracle, sig, repeats)
+    return score_images(images, probes, CW, refs, clip, dino, oracle, sig, repeats)
 
 
 # %% [markdown]
@@ -66,9 +77,9 @@ def score(images, repeats=1):
 # Textual Inversion knobs (rotation 0.2, scale 0.5).
 
 # %%
-pipe.load_textual_inversion(str(run_dir("textual_inversion", concept, RUNS) / "learned_embeds.safetensors"))
+pipe.load_textual_inversion(str(run / "learned_embeds.safetensors"))
 W = pipe.text_encoder.get_input_embeddings().weight.detach()
-v, c = W[token_row(pipe, PH)], W[token_row(pipe, C.class_word)]
+v, c = W[token_row(pipe, PH)], W[token_row(pipe, CW)]
 k = DEFAULTS["textual_inversion"]
 v2 = slerp_adjust(v, c, k["rotation"], k["scale"])
 for name, x in (("V*", v), ("TEA(V*)", v2)):
@@ -81,14 +92,14 @@ for name, x in (("V*", v), ("TEA(V*)", v2)):
 # with TEA the prompt's context comes back while the object stays the concept.
 
 # %%
-before = generate_probes(pipe, probes, PH)
-with tea(pipe, PH, C.class_word):
-    after = generate_probes(pipe, probes, PH)
+before = generate_probes(pipe, probes, PH, **gen)
+with tea(pipe, PH, CW):
+    after = generate_probes(pipe, probes, PH, **gen)
 before_after_grid(before, after, [p["template"].format(PH) for p in probes], title="Textual Inversion, TEA at (0.2, 0.5)")
 
 # %%
 s0, s1 = score(before), score(after)
-table({key: {"without": s0[key], "with TEA": s1[key]} for key in s0}, index="score")
+table({key: {"without": s0[key], "with TEA": s1[key]} for key in s0}, index="score", title=sess.oracle_note.strip() or None)
 
 # %% [markdown]
 # ## Sweeping the knobs (Table 1, Fig. 6)
@@ -97,7 +108,7 @@ table({key: {"without": s0[key], "with TEA": s1[key]} for key in s0}, index="sco
 
 # %%
 rotations, scales = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0], [0.0, 0.5, 1.0]
-grid = tea_sweep(pipe, probes, PH, C.class_word, score, rotations, scales)
+grid = tea_sweep(pipe, probes, PH, CW, score, rotations, scales, **gen)
 fig = sweep_heatmap(rotations, scales, grid["clip_t_context"], "CLIP-T context")
 fig
 
@@ -105,27 +116,30 @@ fig
 sweep_lines(rotations, scales, grid["clip_i"], "CLIP-I to the references")
 
 # %%
-sweep_lines(rotations, scales, grid["oracle_context"], "oracle: context read right")
+(sweep_lines(rotations, scales, grid["oracle_context"], "oracle: context read right") if oracle is not None
+ else print("oracle: ShapesWorld only"))
 
 # %% [markdown]
 # ## TI, DreamBooth and Custom Diffusion, with and without TEA (the paper's Table 6)
 # Each method's final run of ⟨candy⟩, the same 8 prompts and seeds. TI and Custom Diffusion get token-level
-# TEA on their learned token; DreamBooth-LoRA gets prompt-level TEA, aligned and (the public code's) unaligned.
+# TEA on their learned token; DreamBooth-LoRA gets prompt-level TEA, aligned and (the public code's) unaligned,
+# with both anchors: the fine-tuned text encoder (the paper) and the base one ("base anchor", as the authors'
+# follow-up work).
 
 # %%
-live_rows = {}
-for method in ("textual_inversion", "dreambooth", "custom_diffusion"):  # the TI token is loaded already (above) and is used as it is
-    for label, scores in run_tea_rows(pipe, method, concept, probes, score, root=RUNS).items():
-        live_rows[f"{method} {label}".replace(" none", "")] = scores
-keys = ["clip_t_full", "clip_t_context", "clip_i", "dino_i", "oracle_context", "oracle_concept"]
-table(live_rows, keys, index="method", title=f"{PH}, 8 prompts x 1 seed (live)")
+live_rows = tea_table(pipe, concept, probes, score, **gen)  # every run the concept folder has
+keys = [k for k in ("clip_t_full", "clip_t_context", "clip_i", "dino_i", "oracle_context", "oracle_concept")
+        if k in next(iter(live_rows.values()))]
+table(live_rows, keys, index="method", title=f"{PH}, {len(probes)} prompts x 1 seed (live){sess.oracle_note}")
 
 # %% [markdown]
-# The full-size table (all three concepts, 12 prompts × 2 seeds, written by the training script):
+# The full-size table (on ShapesWorld all three concepts, 12 prompts × 2 seeds, written by the training script;
+# for your concept, what `persviz study CONCEPT_DIR` wrote):
 
 # %%
-full = load_json(RUNS / "tea_table.json")
-table(full["mean"], keys, index="method", title="mean over the three concepts, 12 prompts x 2 seeds")
+saved = saved_tea_table(concept)  # (rows, title) or None
+(table(saved[0], keys, index="method", title=saved[1] + sess.oracle_note) if saved is not None
+ else print(f"no saved table for {concept.folder}: `persviz study {concept.folder}` writes one"))
 
 # %% [markdown]
 # **What the table says on ShapesWorld.** With TEA at the paper's knobs the oracle reads the context right more
@@ -147,7 +161,7 @@ table(full["mean"], keys, index="method", title="mean over the three concepts, 1
 # a small sample, so read the means, not single rows.
 
 # %%
-rows = adaptive_vs_fixed(pipe, probes[:6], PH, C.class_word, refs, clip, n_images=4)
+rows = adaptive_vs_fixed(pipe, probes[:6], PH, CW, refs, clip, n_images=4, **gen)
 cols = {"ctx fixed": ("fixed", 0), "ctx adaptive": ("adaptive", 0), "fidelity fixed": ("fixed", 1),
         "fidelity adaptive": ("adaptive", 1)}
 shown = [{"prompt": r["prompt"], "rotation": r["rotation"], "status": r["status"],
@@ -162,15 +176,16 @@ table(shown, ["prompt", "rotation", "status", *cols],
 # over the saved training steps. Their callbacks are plain functions, so they also run here without a browser.
 
 # %%
-explorer = TEAExplorer(make_tea_generate_fn(pipe, PH, C.class_word), prompt=probes[0]["template"].format(PH))
+explorer = TEAExplorer(make_tea_generate_fn(pipe, PH, CW, steps=gen["steps"], guidance=gen["guidance"]),
+                       prompt=probes[0]["template"].format(PH))
 explorer.button.click()
 explorer
 
 # %%
-snaps = dict(snapshots(run_dir("textual_inversion", concept, RUNS), every=500))
+snaps = dict(spaced_snapshots(run, 6))  # about 6 saved steps: every 500 of a 3000-step run
 def render(step):
     with learned_embedding(pipe, PH, snaps[step]):
-        imgs = generate_probes(pipe, probes[:4], PH)
+        imgs = generate_probes(pipe, probes[:4], PH, **gen)
     ratio, cos = norm_ratio_and_cosine(snaps[step], c)
     return {"|V*|/|c|": float(ratio), "cos(V*, c)": float(cos), "images": imgs}
 SnapshotExplorer(sorted(snaps), render, image_width=384)

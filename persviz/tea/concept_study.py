@@ -8,9 +8,10 @@ Written to ``CONCEPT_DIR/study/study.json`` with its figures beside it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from PIL import Image
 
 from persviz.concept_folder import Concept, read_concept
 from persviz.embeddings import token_row
@@ -25,9 +27,9 @@ from persviz.io import write_json
 from persviz.loading import SHAPESWORLD
 from persviz.paths import DATA_DIR
 from persviz.prompts import load_prompt_set
-from persviz.shapesworld.concepts import contextual_probes, reference_signature
+from persviz.shapesworld.concepts import CONCEPTS, contextual_probes, reference_signature
 from persviz.tea.plots import impact_curves, norm_ratio_curve, shift_grid
-from persviz.tea.study import impacts_over_steps, personalized, score_images, tea_rows
+from persviz.tea.study import dominance_over_steps, impacts_over_steps, personalized, score_images, tea_rows
 from persviz.tea.tracker import to_shift_grid, track_semantic_shift
 from persviz.trainers import METHODS, list_snapshots, load_snapshot_embedding
 
@@ -69,10 +71,33 @@ def full_scale_probes(class_word: str, n: int = 12) -> list[dict]:
 
 
 def probes_for(concept: Concept, n: int, seed: int = 0) -> list[dict]:
-    """ShapesWorld's grammar probes (oracle-readable contexts) or the SD 1.5 ones, by the concept's model."""
+    """ShapesWorld's grammar probes (oracle-readable contexts; a shipped concept's avoid its references'
+    backgrounds, as persviz.shapesworld.concepts.eval_prompts) or the SD 1.5 ones, by the concept's model."""
     if concept.model == SHAPESWORLD:
-        return contextual_probes(concept.class_word, n=n, seed=seed)
+        shipped = CONCEPTS.get(concept.name)
+        avoid = shipped.backgrounds if shipped is not None and shipped.class_word == concept.class_word else ()
+        return contextual_probes(concept.class_word, avoid, n=n, seed=seed)
     return full_scale_probes(concept.class_word, n)
+
+
+def reference_grid(concepts: Sequence[Concept]) -> tuple[np.ndarray, int]:
+    """The concepts' reference images for one image grid, a row each: as many per concept as the one with fewest
+    has, resized to the first concept's size where they differ; (images [rows * cols, H, W, 3], cols)."""
+    refs = [c.reference_images() for c in concepts]
+    cols, (h, w) = min(len(r) for r in refs), refs[0].shape[1:3]
+    rows = [r[:cols] if r.shape[1:3] == (h, w) else
+            np.stack([np.asarray(Image.fromarray(x).resize((w, h), Image.BICUBIC)) for x in r[:cols]]) for r in refs]
+    return np.concatenate(rows), cols
+
+
+def probe_label(probe: Mapping) -> str:
+    """A short label of a probe's context for an image grid: ShapesWorld's 'left, by blue circle\non white', else
+    the probe's context text."""
+    ctx = probe.get("context") or {}
+    if "background" not in ctx:
+        return probe["context_text"]
+    second = f"{ctx['position']}, by {' '.join(ctx['second'])}\n" if "second" in ctx else ""
+    return f"{second}on {ctx['background']}"
 
 
 def shift_sets(concept: Concept) -> tuple[str, str]:
@@ -81,15 +106,99 @@ def shift_sets(concept: Concept) -> tuple[str, str]:
         "sd15_contextual", "sd15_simple")
 
 
-def snapshots(run_dir: Path, every: int, init: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """(0, class-word row) then (step, V*) every `every` steps, and always the last snapshot."""
+def snapshots(run_dir: Path, every: int, init: torch.Tensor | None) -> list[tuple[int, torch.Tensor]]:
+    """(0, class-word row) then (step, V*) every `every` steps, and always the last snapshot (init None: no step 0)."""
     snaps = list_snapshots(run_dir)
     if not snaps:
         raise FileNotFoundError(f"no Textual Inversion snapshots in {run_dir}; train with `persviz train ti`")
     keep = [(k, p) for k, p in snaps if k % every == 0]
     if not keep or keep[-1][0] != snaps[-1][0]:
         keep.append(snaps[-1])
-    return [(0, init)] + [(k, load_snapshot_embedding(p).reshape(-1)) for k, p in keep]
+    return ([(0, init)] if init is not None else []) + [(k, load_snapshot_embedding(p).reshape(-1)) for k, p in keep]
+
+
+def spaced_snapshots(run_dir: Path, n: int, init: torch.Tensor | None = None) -> list[tuple[int, torch.Tensor]]:
+    """snapshots() about `n` apart over the run: every max(1, last step // n) steps (a 3000-step run, n=30: every
+    100), whatever length the run has."""
+    snaps = list_snapshots(run_dir)
+    last = snaps[-1][0] if snaps else 0
+    return snapshots(run_dir, max(1, last // max(1, n)), init)
+
+
+def at_fractions(snaps: Sequence[tuple[int, Any]], fractions: Sequence[float]) -> list[tuple[int, Any]]:
+    """The snapshots nearest to each fraction of the last step (0, 1/3, 1 of a 3000-step run: 0, 1000, 3000), each
+    once, in step order."""
+    if not snaps:
+        raise ValueError("no snapshots to pick from")
+    last = snaps[-1][0]
+    picked = {min(range(len(snaps)), key=lambda i: abs(snaps[i][0] - f * last)) for f in fractions}
+    return [snaps[i] for i in sorted(picked)]
+
+
+def final_embedding(concept: Concept) -> torch.Tensor:
+    """The last saved V* of the concept's Textual Inversion run, [D]."""
+    snaps = list_snapshots(concept.run_dir("textual_inversion"))
+    if not snaps:
+        raise FileNotFoundError(f"no Textual Inversion snapshots in {concept.run_dir('textual_inversion')}")
+    return load_snapshot_embedding(snaps[-1][1]).reshape(-1)
+
+
+def class_row(pipe: Any, concept: Concept) -> torch.Tensor:
+    """The input-embedding row of the concept's class word (V*'s starting point), a detached copy [D]."""
+    return pipe.text_encoder.get_input_embeddings().weight[token_row(pipe, concept.class_word)].detach().clone()
+
+
+def dominance(pipe: Any, fixed: Concept, varied: Concept, clip: Any, fractions: Sequence[float], n_images: int = 8,
+              seed: int = 0, progress: bool = True, **generation: Any) -> dict[str, list]:
+    """Multi-concept collapse of two concept folders (Fig. 5): 'a <fixed> next to a <varied>', `fixed` at its final
+    V*, `varied` from its class word along its run (the snapshots at `fractions` of its last step); CLIP-I to each
+    concept's first reference image (dominance_over_steps; keys 'clip_i_<token>')."""
+    a, b = fixed.token("textual_inversion"), varied.token("textual_inversion")
+    if a == b:
+        raise ValueError(f"both concepts learned the token {a!r}; the multi-concept prompt needs two different ones")
+    snaps = at_fractions(snapshots(varied.run_dir("textual_inversion"), 1, class_row(pipe, varied)), fractions)
+    template = f"a {{{a.strip('<>')}}} next to a {{{b.strip('<>')}}}"
+    anchors = {a: fixed.reference_images()[:1], b: varied.reference_images()[:1]}
+    return dominance_over_steps(pipe, (a, final_embedding(fixed)), (b, snaps), template, anchors, clip,
+                                n_images=n_images, seed=seed, progress=progress, **generation)
+
+
+@contextlib.contextmanager
+def set_aside(pipe: Any, token: str) -> Iterator[None]:
+    """Inside the block `token` is not in the tokenizer (a learned token already loaded is unloaded, so a run of the
+    same token can load); its row is loaded back on exit. Nothing happens for a token not loaded."""
+    if token not in pipe.tokenizer.get_added_vocab():
+        yield
+        return
+    row = pipe.text_encoder.get_input_embeddings().weight[token_row(pipe, token)].detach().clone()
+    pipe.unload_textual_inversion(token)
+    try:
+        yield
+    finally:
+        pipe.load_textual_inversion({token: row}, token=token)
+
+
+def tea_table(pipe: Any, concept: Concept, probes: Sequence[Mapping], score: Any,
+              methods: Sequence[str] | None = None, repeats: int = 1, seed: int = 0,
+              **generation: Any) -> dict[str, dict]:
+    """The with/without-TEA rows of every run of the concept (or `methods`), each run loaded for the call (a learned
+    token of the same name already in pipe is set aside meanwhile): 'textual_inversion', 'textual_inversion TEA',
+    'dreambooth', 'dreambooth TEA', 'dreambooth TEA unaligned' (anchored on the fine-tuned text encoder, the paper)
+    and the same two with ' base anchor' (anchored on the base text encoder), 'custom_diffusion', ... TEA."""
+    table: dict[str, dict] = {}
+    for method in methods or [m for m in METHODS if m in concept.runs]:
+        token = concept.token(method)
+        word = token if method == "textual_inversion" else f"{token} {concept.class_word}"
+        base_encoder = copy.deepcopy(pipe.text_encoder) if method == "dreambooth" else None
+        with set_aside(pipe, token), personalized(pipe, method, concept.run_dir(method)):
+            rows = tea_rows(pipe, method, word, token, concept.class_word, probes, score, repeats, seed, **generation)
+            if base_encoder is not None:
+                rows.update({f"{k} base anchor": v for k, v in tea_rows(
+                    pipe, method, word, token, concept.class_word, probes, score, repeats, seed,
+                    anchor_encoder=base_encoder, **generation).items() if k != "none"})
+        for label, scores in rows.items():
+            table[f"{method} {label}".replace(" none", "")] = scores
+    return table
 
 
 def study_concept(folder: Any, pipe: Any, clip: Any, dino: Any = None, oracle: Any = None,
@@ -123,25 +232,65 @@ def study_concept(folder: Any, pipe: Any, clip: Any, dino: Any = None, oracle: A
         out["images"] = impacts_over_steps(pipe, snapshots(run, settings.every, init), concept.placeholder,
                                            concept.class_word, probes, refs, clip, dino, oracle, signature,
                                            settings.repeats, settings.seed, progress=progress, **gen)
-    table: dict[str, dict] = {}
-    for method in methods or [m for m in METHODS if m in concept.runs]:
-        token = concept.token(method)
-        word = token if method == "textual_inversion" else f"{token} {concept.class_word}"
-        base_encoder = copy.deepcopy(pipe.text_encoder) if method == "dreambooth" else None
-        with personalized(pipe, method, concept.run_dir(method)):
-            rows = tea_rows(pipe, method, word, token, concept.class_word, probes, score, settings.repeats,
-                            settings.seed, **gen)
-            if base_encoder is not None:
-                rows.update({f"{k} base anchor": v for k, v in tea_rows(
-                    pipe, method, word, token, concept.class_word, probes, score, settings.repeats, settings.seed,
-                    anchor_encoder=base_encoder, **gen).items() if k != "none"})
-        for label, scores in rows.items():
-            table[f"{method} {label}".replace(" none", "")] = scores
-    out["tea_table"] = table
+    out["tea_table"] = tea_table(pipe, concept, probes, score, methods, settings.repeats, settings.seed, **gen)
     study_dir = Path(concept.folder) / STUDY_DIR
     write_json(study_dir / "study.json", out)
     out["figures"] = [str(p) for p in write_figures(out, study_dir)]
     return out
+
+
+def saved_study_rows(concepts: Sequence[Concept], at: Sequence[int] = (0, None, -1)) -> tuple[list[dict], str]:
+    """The image-space studies saved in concept folders, for a table: rows {'concept', 'step', scores...} at the
+    first, middle and last saved step of each, and a title (what wrote them, with how many prompts x seeds), or
+    no rows and a sentence saying how to write one. Read from CONCEPT/study/study.json (``persviz study``) or the
+    Textual Inversion run's study.json (the shipped runs' training script)."""
+    rows, title = [], None
+    for concept in concepts:
+        saved = saved_study(concept)
+        if saved is None or not saved.get("images"):
+            continue
+        im = saved["images"]
+        settings = saved.get("settings", {})
+        n, r = settings.get("n_probes", settings.get("probes")), settings.get("repeats")
+        title = title or f"the full-size study ({n} prompts x {r} seeds, written by {saved['written_by']})"
+        for i in dict.fromkeys(len(im["step"]) // 2 if i is None else i % len(im["step"]) for i in at):
+            rows.append({"concept": concept.name, **{k: v[i] for k, v in im.items()}})
+    if not rows:
+        names = ", ".join(str(c.folder) for c in concepts)
+        return [], f"no saved study in {names}: `persviz study CONCEPT_DIR` writes one"
+    return rows, title
+
+
+def saved_study(concept: Concept) -> dict | None:
+    """A concept folder's saved study with 'written_by': study/study.json, else its Textual Inversion run's
+    study.json (the shipped runs); None when it has neither."""
+    candidates = [(Path(concept.folder) / STUDY_DIR / "study.json", "persviz study")]
+    if "textual_inversion" in concept.runs:
+        candidates.append((concept.run_dir("textual_inversion") / "study.json", "the training script"))
+    for path, who in candidates:
+        if path.is_file():
+            return {**json.loads(path.read_text()), "written_by": who}
+    return None
+
+
+def saved_tea_table(concept: Concept) -> tuple[dict, str] | None:
+    """The saved with/without-TEA table of a concept and its title: study/study.json's (``persviz study``), else,
+    for a shipped ShapesWorld concept, the mean over the shipped concepts in tea_table.json beside the folders;
+    None when there is neither."""
+    saved = saved_study(concept)
+    if saved is not None and saved.get("tea_table"):
+        s = saved.get("settings", {})
+        return saved["tea_table"], f"{concept.placeholder}, {s.get('n_probes')} prompts x {s.get('repeats')} seeds (persviz study)"
+    shipped = Path(concept.folder).parent / "tea_table.json"
+    if concept.model == SHAPESWORLD and shipped.is_file():
+        d = json.loads(shipped.read_text())
+        names = next(iter(d["per_concept"].values()), {})
+        if concept.name in names:
+            words = {2: "two", 3: "three", 4: "four"}
+            s = d["settings"]
+            return d["mean"], (f"mean over the {words.get(len(names), len(names))} concepts, {s['probes']} prompts x "
+                               f"{s['repeats']} seeds")
+    return None
 
 
 def write_figures(study: Mapping, folder: Path) -> list[Path]:
@@ -166,5 +315,6 @@ def write_figures(study: Mapping, folder: Path) -> list[Path]:
     return written
 
 
-__all__ = ["PAPER_GENERATION", "STUDY_DIR", "StudySettings", "full_scale_probes", "probes_for", "shift_sets",
-           "study_concept", "write_figures"]
+__all__ = ["PAPER_GENERATION", "STUDY_DIR", "StudySettings", "at_fractions", "class_row", "dominance", "final_embedding",
+           "full_scale_probes", "reference_grid", "probe_label", "probes_for", "saved_study", "saved_study_rows", "saved_tea_table",
+           "set_aside", "shift_sets", "snapshots", "spaced_snapshots", "study_concept", "tea_table", "write_figures"]

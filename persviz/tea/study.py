@@ -111,8 +111,9 @@ def impacts_over_steps(pipe: Any, snapshots: Sequence[tuple[int, torch.Tensor]],
 
 def dominance_over_steps(pipe: Any, fixed: tuple[str, torch.Tensor], varied: tuple[str, Sequence[tuple[int, torch.Tensor]]],
                          template: str, anchors: Mapping[str, np.ndarray], clip: Any, n_images: int = 8,
-                         seed: int = 0, progress: bool = True) -> dict[str, list]:
+                         seed: int = 0, progress: bool = True, **generation: Any) -> dict[str, list]:
     """Multi-concept collapse (Fig. 5): one concept fixed, the other at each saved step; CLIP-I to each concept's anchor.
+    `generation` (steps, guidance, batch_size) goes to generate.
 
     template holds both placeholders by name, e.g. '{checkers} next to a {candy}' with placeholders as keys of
     anchors ({'<checkers>': images, '<candy>': images})."""
@@ -124,7 +125,7 @@ def dominance_over_steps(pipe: Any, fixed: tuple[str, torch.Tensor], varied: tup
     with learned_embedding(pipe, fixed_ph, fixed_vec):
         for step, vec in tqdm(list(var_snaps), desc="dominance", disable=not progress):
             with learned_embedding(pipe, var_ph, vec):
-                images = generate(pipe, [prompt] * n_images, seed=seed)
+                images = generate(pipe, [prompt] * n_images, seed=seed, **generation)
             table["step"].append(int(step))
             for k, ref in anchors.items():
                 table[f"clip_i_{k}"].append(float(clip_i(clip, images, ref, percent=True).mean()))
@@ -194,13 +195,15 @@ def tea_rows(pipe: Any, method: str, word: str, placeholder: str, class_word: st
 
 def tea_sweep(pipe: Any, probes: Sequence[Probe], placeholder: str, class_word: str,
               score: Callable[[np.ndarray], dict], rotations: Sequence[float], scales: Sequence[float],
-              repeats: int = 1, seed: int = 0, method: str = "textual_inversion", progress: bool = True) -> dict:
-    """Token-level TEA over a rotation x scale grid (Table 1, Fig. 6): {score key: array [R, S]}, same seeds everywhere."""
+              repeats: int = 1, seed: int = 0, method: str = "textual_inversion", progress: bool = True,
+              **generation: Any) -> dict:
+    """Token-level TEA over a rotation x scale grid (Table 1, Fig. 6): {score key: array [R, S]}, same seeds everywhere.
+    `generation` (steps, guidance, batch_size) goes to generate_probes."""
     grid: dict[str, np.ndarray] = {}
     cells = [(i, j) for i in range(len(rotations)) for j in range(len(scales))]
     for i, j in tqdm(cells, desc="TEA sweep", disable=not progress):
         with tea(pipe, placeholder, class_word, rotation=rotations[i], scale=scales[j], method=method):
-            out = score(generate_probes(pipe, probes, placeholder, repeats, seed))
+            out = score(generate_probes(pipe, probes, placeholder, repeats, seed, **generation))
         for k, v in out.items():
             grid.setdefault(k, np.full((len(rotations), len(scales)), np.nan))[i, j] = v
     return grid
@@ -209,17 +212,18 @@ def tea_sweep(pipe: Any, probes: Sequence[Probe], placeholder: str, class_word: 
 def adaptive_vs_fixed(pipe: Any, probes: Sequence[Probe], placeholder: str, class_word: str, references: np.ndarray,
                       clip: Any, fixed: tuple[float, float] = (0.2, 0.5), schedule: Optional[Sequence[float]] = None,
                       n_images: int = 4, target_frac: float = 1.0, floor_frac: float = 0.9, seed: int = 0,
-                      progress: bool = True) -> list[dict]:
+                      progress: bool = True, **generation: Any) -> list[dict]:
     """Adaptive TEA against the fixed knobs, per probe: rotation searched until the context CLIP-T reaches
     target_frac x that of the class-word prompt (what the base model gives), with CLIP-I kept >= floor_frac x that
     at rotation 0 (the same scale), so rotation 0 is always acceptable. Returns one row per probe: chosen
-    rotation, status, and the scores of the untouched token, the fixed knobs and the adaptive choice."""
+    rotation, status, and the scores of the untouched token, the fixed knobs and the adaptive choice.
+    `generation` (steps, guidance, batch_size) goes to every generation call."""
     rows = []
     for p in tqdm(list(probes), desc="adaptive TEA", disable=not progress):
         prompt = p["template"].format(placeholder)
         sc = make_tea_scorer(pipe, prompt, placeholder, class_word, clip, references, p["context_text"],
-                             n_images=n_images, seed=seed)
-        base = generate(pipe, [p["template"].format(class_word)] * n_images, seed=seed)
+                             n_images=n_images, seed=seed, **generation)
+        base = generate(pipe, [p["template"].format(class_word)] * n_images, seed=seed, **generation)
         target = target_frac * sc.score(base)[0]
         ctx0, fid0 = sc.score(sc.generate(0.0, fixed[1]))
         res = adaptive_tea(sc.generate, sc.score, schedule or SCHEDULE, target=target, floor=floor_frac * fid0,
