@@ -5,7 +5,7 @@
 - ``users``: ShapesWorld users with a known taste, sliding windows, splits by user, request validation;
 - ``model``: VisualTokenizer, InstructionEncoder, PersonalizationModule ("the LMM"), PigeonModel,
   ClipScorer and PigeonPipeline (generation through a diffusers StableDiffusionPipeline);
-- ``train``: ``python -m persviz.pigeon.train`` (stage 1 and stage 2, resumable; imported on demand);
+- ``train``: ``persviz pigeon train`` (stage 1 and stage 2, resumable; imported on demand);
 - ``study``: the comparison table against the ablations, kept-noise analysis, stage-2 pairs (imported on demand);
 - ``plots``, ``widgets``: figures and the ``PigeonExplorer`` (imported on demand: matplotlib, ipywidgets).
 """

@@ -1,6 +1,6 @@
 """Adaptive TEA: choose the rotation per prompt instead of the paper's fixed default (its Sec. 5.2 future work).
 
-The paper fixes rotation 0.2 / scale 0.5 for every prompt (METHODS.md Sec. 1). A larger rotation aligns the image
+The paper fixes rotation 0.2 / scale 0.5 for every prompt (docs/tea.md §2, §7). A larger rotation aligns the image
 better with the prompt's context and costs concept fidelity (its Table 1: CLIP-T of the context rises, CLIP-I falls).
 `adaptive_tea` walks a short rotation schedule upward for one prompt and stops at the first rotation whose context
 score reaches a target, never accepting one whose fidelity falls below a floor:

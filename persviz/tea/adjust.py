@@ -1,4 +1,4 @@
-"""Test-time embedding adjustment (TEA): the SLERP with norm matching of METHODS.md Sec. 1, Eq. 1/2.
+"""Test-time embedding adjustment (TEA): the SLERP with norm matching of docs/tea.md §2, Eq. 1/2.
 
 Pure tensor functions; hooking them into a pipeline happens elsewhere.
 """

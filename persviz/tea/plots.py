@@ -1,4 +1,4 @@
-"""Plots of the TEA semantic-collapse study (METHODS.md Sec. 1; paper Figs. 2-6, Table 1).
+"""Plots of the TEA semantic-collapse study (docs/tea.md §3-§6; paper Figs. 2-6, Table 1).
 
 Same convention as persviz.plots: every function returns a matplotlib Figure built without pyplot,
 draws on `ax` (or `axes`) when one is given, and never touches rcParams.
