@@ -323,7 +323,7 @@ def _add_adopt(sub: Any) -> None:
     p = sub.add_parser("adopt", help="register another tool's run folder (diffusers, A1111, kohya) in a concept folder",
                        description=foreign_runs.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("method", choices=("textual-inversion", "ti", "dreambooth", "custom-diffusion"))
-    p.add_argument("run", help="the folder (or LoRA file) the other tool wrote; recorded, not copied")
+    p.add_argument("run_folder", metavar="RUN", help="the folder (or LoRA file) the other tool wrote; recorded, not copied")
     p.add_argument("--out", required=True, help="the concept folder (created; an existing one is extended)")
     p.add_argument("--images", required=True, help="folder of the concept's photos")
     p.add_argument("--class-word", default=None, help="the concept's class, one token (e.g. dog, toy)")
@@ -334,7 +334,7 @@ def _add_adopt(sub: Any) -> None:
                         "PERSVIZ_SCALE=full)")
 
     def adopt(a: argparse.Namespace) -> Any:
-        concept = foreign_runs.adopt_run(a.method, a.run, a.out, a.images, a.class_word, a.token,
+        concept = foreign_runs.adopt_run(a.method, a.run_folder, a.out, a.images, a.class_word, a.token,
                                          a.model or default_model("pipeline"))
         method = check_method(a.method)
         run = concept.runs[method]

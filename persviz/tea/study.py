@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from persviz.embeddings import load_learned_embeds, token_row
+from persviz.embeddings import token_row
 from persviz.generation import GUIDANCE, STEPS, generate, generate_from_embeds
 from persviz.metrics import clip_i, clip_t_parts, dino_i, oracle_concept_context
 from persviz.tea.adaptive import SCHEDULE, adaptive_tea, make_tea_scorer
 from persviz.tea.pipeline import encode_prompt_level, tea
-from persviz.trainers import METHODS, load_custom_diffusion, load_dreambooth_lora
+from persviz.trainers import METHODS, load_custom_diffusion, load_dreambooth_lora, load_textual_inversion_run
 from persviz.trainers.core import PlaceholderRows
 
 Probe = Mapping[str, Any]
@@ -139,9 +139,7 @@ def personalized(pipe: Any, method: str, path: Any) -> Iterator[None]:
     Undone on exit: the token unloaded, the LoRA unloaded, the attention processors put back."""
     path = Path(path)
     if method == "textual_inversion":
-        f = path / "learned_embeds.safetensors" if path.is_dir() else path
-        tokens = list(load_learned_embeds(f))
-        pipe.load_textual_inversion(str(f))
+        tokens = load_textual_inversion_run(pipe, path)  # any format (diffusers, A1111), read by content
         try:
             yield
         finally:

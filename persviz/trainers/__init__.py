@@ -5,6 +5,8 @@ One name per method, in code, JSON keys and folders: ``METHODS``.
 from persviz.trainers.custom_diffusion import (
     CustomDiffusionConfig,
     CustomDiffusionResult,
+    custom_diffusion_embeddings,
+    custom_diffusion_weights,
     list_custom_diffusion_snapshots,
     load_custom_diffusion,
     train_custom_diffusion,
@@ -12,6 +14,7 @@ from persviz.trainers.custom_diffusion import (
 from persviz.trainers.dreambooth_lora import (
     DreamBoothLoRAConfig,
     DreamBoothLoRAResult,
+    find_lora_file,
     list_lora_snapshots,
     load_dreambooth_lora,
     train_dreambooth_lora,
@@ -21,17 +24,22 @@ from persviz.trainers.textual_inversion import (
     OBJECT_TEMPLATES,
     TextualInversionConfig,
     TextualInversionResult,
+    final_embedding,
     list_snapshots,
     load_snapshot_embedding,
+    load_textual_inversion_run,
+    run_token,
     train_textual_inversion,
 )
 
 METHODS: tuple[str, ...] = ("textual_inversion", "dreambooth", "custom_diffusion")
 
 __all__ = ["METHODS", "OBJECT_TEMPLATES", "TextualInversionConfig", "TextualInversionResult", "list_snapshots", "load_snapshot_embedding",
+           "final_embedding", "load_textual_inversion_run", "run_token",
            "train_textual_inversion",
            "DreamBoothLoRAConfig", "DreamBoothLoRAResult", "list_lora_snapshots", "load_dreambooth_lora",
            "train_dreambooth_lora",
            "CustomDiffusionConfig", "CustomDiffusionResult", "list_custom_diffusion_snapshots",
+           "custom_diffusion_embeddings", "custom_diffusion_weights", "find_lora_file",
            "load_custom_diffusion", "train_custom_diffusion",
            "LoRAFinetuneConfig", "train_lora_finetune"]

@@ -66,8 +66,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from persviz.embedding_files import check_fits, read_embedding_file
 from persviz.embeddings import class_word_id, save_learned_embeds
 from persviz.io import PathLike, atomic_folder, atomic_write
 from persviz.seeding import step_rng
@@ -102,10 +103,11 @@ from persviz.trainers.core import (
     tensors_sha256,
     token_ids,
     training_images,
-    weights_path,
 )
+from persviz.weight_files import read_weights
 
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
+WEIGHTS_BIN = "pytorch_custom_diffusion_weights.bin"  # unet.save_attn_procs(safe_serialization=False)
 EMBEDS_FILE = "learned_embeds.safetensors"
 AUG_PREFIXES: tuple[str, ...] = ("", "a far away ", "very small ", "zoomed in ", "close up ")  # the example's
 _KV = ("to_k_custom_diffusion.weight", "to_v_custom_diffusion.weight")
@@ -191,6 +193,8 @@ def list_custom_diffusion_snapshots(out_dir: PathLike) -> list[tuple[int, Path]]
 def _group(state_dict: dict[str, torch.Tensor], where: Any) -> dict[str, dict[str, torch.Tensor]]:
     """{processor name: {sub key: tensor}} of a Custom Diffusion state dict (diffusers' _process_custom_diffusion)."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
+    if not state_dict:
+        raise ValueError(f"{where} holds no weights; it is not a Custom Diffusion weights file")
     for key, v in state_dict.items():
         if "custom_diffusion" not in key:
             raise ValueError(f"{where} is not a Custom Diffusion weights file (key {key!r})")
@@ -204,8 +208,10 @@ def load_custom_diffusion(pipe: Any, path: PathLike, token: str | None = None) -
     """Load saved Custom Diffusion weights (and the modifier's embedding beside them) into pipe; returns pipe.
 
     Args:
-        path: a folder holding pytorch_custom_diffusion_weights.safetensors (a run's out_dir or a checkpoint-{k}
-            folder), or that file; learned_embeds.safetensors next to it is loaded with pipe.load_textual_inversion.
+        path: a folder holding pytorch_custom_diffusion_weights.safetensors or .bin (a run's out_dir, a checkpoint-{k}
+            folder, or the output folder of diffusers' train_custom_diffusion.py), or that file; the modifier
+            embedding next to it (learned_embeds.safetensors, or the example's ``<new1>.bin``:
+            ``custom_diffusion_embeddings``) is loaded with pipe.load_textual_inversion.
         token: load the embedding under this token instead of the stored one.
     The processors are the ones diffusers' ``unet.load_attn_procs`` builds; see the module docstring for why it is
     not called. To undo: ``pipe.unet.set_attn_processor(AttnProcessor2_0())`` and
@@ -213,12 +219,10 @@ def load_custom_diffusion(pipe: Any, path: PathLike, token: str | None = None) -
     """
     from diffusers.models.attention_processor import CustomDiffusionAttnProcessor  # heavy: diffusers
 
-    weights = weights_path(path, WEIGHTS_FILE, "Custom Diffusion weights",
-                           f"pass a folder holding {WEIGHTS_FILE} or the file "
-                           f"(list_custom_diffusion_snapshots(out_dir) lists a run's snapshots)")
+    weights = custom_diffusion_weights(path)
     unet = pipe.unet
     procs = dict(unet.attn_processors)
-    groups = _group(load_file(str(weights)), weights)
+    groups = _group(read_custom_diffusion_weights(weights), weights)
     with torch.random.fork_rng(devices=[]):  # nn.Linear initialises from the global generator
         for name, sd in groups.items():
             if name not in procs:
@@ -228,11 +232,57 @@ def load_custom_diffusion(pipe: Any, path: PathLike, token: str | None = None) -
                                                 hidden_size=k.shape[0], cross_attention_dim=k.shape[1])
             proc.load_state_dict(sd)
             procs[name] = proc.to(device=unet.device, dtype=unet.dtype)
+    embeds = [read_embedding_file(f) for f in custom_diffusion_embeddings(weights.parent)]
+    if token is not None and len(embeds) > 1:
+        raise ValueError(f"{weights.parent} holds {len(embeds)} modifier tokens; load it without token=")
+    for e in embeds:
+        check_fits(e, pipe.text_encoder)
     unet.set_attn_processor(procs)
-    embeds = weights.parent / EMBEDS_FILE
-    if embeds.is_file():
-        pipe.load_textual_inversion(str(embeds), **({} if token is None else {"token": token}))
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    for e in embeds:
+        pipe.load_textual_inversion({token or e.token: e.rows.to(weight.dtype)}, token=token or e.token)
     return pipe
+
+
+def custom_diffusion_weights(path: PathLike) -> Path:
+    """The processor weights of a Custom Diffusion run: the file itself, or a folder's
+    pytorch_custom_diffusion_weights.safetensors (persviz; diffusers' train_custom_diffusion.py) or .bin (the
+    example with --no_safe_serialization); a FileNotFoundError naming both."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    for name in (WEIGHTS_FILE, WEIGHTS_BIN):
+        if (p / name).is_file():
+            return p / name
+    raise FileNotFoundError(f"no Custom Diffusion weights at {p} ({WEIGHTS_FILE} or {WEIGHTS_BIN}); pass a folder "
+                            "holding one or the file (list_custom_diffusion_snapshots(out_dir) lists a run's snapshots)")
+
+
+def read_custom_diffusion_weights(path: PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a Custom Diffusion weights file, read by content (safetensors, or the torch file of
+    ``unet.save_attn_procs(..., safe_serialization=False)``, whose empty entries for weightless processors are
+    dropped)."""
+    sd, _, _ = read_weights(path)
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def custom_diffusion_embeddings(folder: PathLike) -> list[Path]:
+    """The modifier-token embeddings of a Custom Diffusion run folder: learned_embeds.safetensors (persviz), else
+    each ``<token>.bin`` that diffusers' train_custom_diffusion.py writes (save_new_embed: safetensors bytes in a
+    .bin, or a torch file), recognised by content."""
+    d = Path(folder).expanduser()
+    if (d / EMBEDS_FILE).is_file():
+        return [d / EMBEDS_FILE]
+    out = []
+    for f in sorted(d.iterdir()) if d.is_dir() else []:
+        if f.is_file() and f.suffix in (".bin", ".safetensors") and f.name not in (WEIGHTS_FILE, WEIGHTS_BIN):
+            try:
+                e = read_embedding_file(f)
+            except ValueError:
+                continue
+            if e.format in ("custom-diffusion", "diffusers"):
+                out.append(f)
+    return out
 
 
 # ----------------------------------------------------------------------------- processors

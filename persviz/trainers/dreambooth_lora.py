@@ -78,8 +78,8 @@ from persviz.trainers.core import (
     tensors_sha256,
     token_ids,
     training_images,
-    weights_path,
 )
+from persviz.weight_files import WEIGHT_SUFFIXES, lora_layout, read_weights, weight_keys
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 UNET_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -161,16 +161,46 @@ def list_lora_snapshots(out_dir: PathLike) -> list[tuple[int, Path]]:
 
 
 def load_dreambooth_lora(pipe: Any, path: PathLike, adapter_name: str | None = None) -> Any:
-    """Load a saved LoRA (a pytorch_lora_weights.safetensors file or a folder holding one) into pipe; returns pipe.
+    """Load a saved LoRA (a file, or a folder holding one: ``find_lora_file``) into pipe; returns pipe.
 
-    Same as ``pipe.load_lora_weights(path)``; ``pipe.unload_lora_weights()`` removes it again.
+    diffusers' layout (persviz, diffusers' ``train_dreambooth_lora.py``) and kohya's / A1111's (``lora_unet_*``,
+    ``lora_te_*``, ``.alpha``), told apart by the keys, read by content (safetensors or torch) and passed to
+    ``pipe.load_lora_weights``, which converts kohya's; ``pipe.unload_lora_weights()`` removes it again.
     """
-    f = weights_path(path, LORA_FILE, "LoRA weights",
-                     f"pass a {LORA_FILE} file or a folder holding one (list_lora_snapshots(out_dir) lists a run's "
-                     f"snapshots)")
+    f = find_lora_file(path)
+    sd, _, _ = read_weights(f)
+    layout = lora_layout(sd)
+    if layout not in ("diffusers", "kohya"):
+        raise ValueError(f"{f} is not an SD 1.x LoRA in diffusers' or kohya's layout (keys {sorted(sd)[:3]}); "
+                         "pass the LoRA file of a DreamBooth-LoRA run" if layout is None else
+                         f"{f} is an SDXL LoRA (lora_te1_/lora_te2_ keys): it was trained on another model")
     kw = {} if adapter_name is None else {"adapter_name": adapter_name}
-    pipe.load_lora_weights(str(f), **kw)
+    pipe.load_lora_weights(sd, **kw)  # diffusers converts kohya's layout (lora_state_dict)
     return pipe
+
+
+def find_lora_file(path: PathLike) -> Path:
+    """The LoRA file of a path: the file itself, or in a folder pytorch_lora_weights.safetensors (persviz, diffusers'
+    train_dreambooth_lora.py), its .bin (the example without safe serialization), else the one weights file
+    whose content is a LoRA (kohya / A1111 files have any name). A FileNotFoundError saying what was looked for."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise FileNotFoundError(f"no LoRA weights at {p}; pass a {LORA_FILE} file or a folder holding one")
+    for name in (LORA_FILE, "pytorch_lora_weights.bin"):
+        if (p / name).is_file():
+            return p / name
+    found = [f for f in sorted(p.iterdir()) if f.is_file() and f.suffix.lower() in WEIGHT_SUFFIXES
+             and lora_layout(weight_keys(f) or []) is not None]
+    if len(found) > 1:
+        raise FileNotFoundError(f"{p} holds several LoRA files ({', '.join(f.name for f in found)}); pass one of "
+                                "them")
+    if not found:
+        raise FileNotFoundError(f"no LoRA weights at {p}: no {LORA_FILE} and no file with LoRA keys (diffusers' "
+                                "unet.*lora_A / kohya's lora_unet_*.lora_down); pass a LoRA file or a folder holding "
+                                "one (list_lora_snapshots(out_dir) lists a run's snapshots)")
+    return found[0]
 
 
 # ----------------------------------------------------------------------------- adapters

@@ -46,7 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from persviz.embeddings import class_word_id, load_learned_embeds, save_learned_embeds
+from persviz.embedding_files import EmbeddingFile, EmbeddingFileError, check_fits, read_embedding_file
+from persviz.embeddings import class_word_id, save_learned_embeds
 from persviz.io import PathLike
 from persviz.seeding import step_rng
 from persviz.trainers.core import (  # CONFIG_FILE and RESUME_FILE are read from here too (persviz.tea.tracker, tests)
@@ -89,6 +90,9 @@ OBJECT_TEMPLATES: tuple[str, ...] = (
 
 FINAL_FILE = "learned_embeds.safetensors"
 _STEP_FILE = re.compile(r"learned_embeds-steps-(\d+)\.safetensors")
+_ANY_STEP_FILE = re.compile(r"learned_embeds-steps-(\d+)\.(?:safetensors|bin)")  # .bin: the example's --no_safe_serialization
+_A1111_STEP_FILE = re.compile(r"(.+)-(\d+)\.pt")  # A1111: embeddings/<name>-<step>.pt
+A1111_EMBEDDINGS = "embeddings"
 _FORMAT = 1
 
 
@@ -157,17 +161,82 @@ TextualInversionResult = TrainResult  # the name this trainer has always returne
 
 
 def list_snapshots(out_dir: PathLike) -> list[tuple[int, Path]]:
-    """The (step, path) of every learned_embeds-steps-{k}.safetensors in out_dir, sorted by step."""
-    return numbered(out_dir, _STEP_FILE)
+    """The (step, path) of every snapshot of a Textual Inversion run folder, sorted by step.
+
+    diffusers' naming first (persviz and diffusers' ``examples/textual_inversion/textual_inversion.py``:
+    ``learned_embeds-steps-{k}.safetensors``, ``.bin`` with its --no_safe_serialization); else Automatic1111's
+    (``textual_inversion/<date>/<name>/embeddings/<name>-{k}.pt``: the ``<name>`` folder or its ``embeddings/``).
+    The files' format is read from their content (``load_snapshot_embedding``)."""
+    found = numbered(out_dir, _ANY_STEP_FILE)  # FileNotFoundError for a missing folder
+    return found if found else a1111_snapshots(out_dir)
+
+
+def a1111_snapshots(folder: PathLike) -> list[tuple[int, Path]]:
+    """The (step, path) of Automatic1111's ``<name>-{k}.pt`` snapshots in folder (or its ``embeddings/``)."""
+    d = Path(folder).expanduser()
+    if (d / A1111_EMBEDDINGS).is_dir():
+        d = d / A1111_EMBEDDINGS
+    hits = [(m.group(1), int(m.group(2)), p) for p in sorted(d.iterdir())
+            if p.is_file() and (m := _A1111_STEP_FILE.fullmatch(p.name))]
+    names = sorted({n for n, _, _ in hits})
+    if len(names) > 1:
+        raise ValueError(f"{d} holds the snapshots of several embeddings ({', '.join(names)}); pass the folder of "
+                         "one training run (A1111's textual_inversion/<date>/<name>)")
+    return sorted((k, p) for _, k, p in hits)
+
+
+def final_embedding(path: PathLike) -> Path:
+    """The final embedding of a run: the file itself, or a folder's learned_embeds.safetensors / .bin (diffusers),
+    else A1111's ``<name>.pt`` beside its snapshots, else the run's last snapshot."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    for name in (FINAL_FILE, "learned_embeds.bin"):
+        if (p / name).is_file():
+            return p / name
+    snaps = list_snapshots(p)
+    if not snaps:
+        raise FileNotFoundError(f"{p} holds no Textual Inversion embedding ({FINAL_FILE}, learned_embeds-steps-<k> "
+                                "snapshots or A1111's <name>-<k>.pt); pass a run folder or an embedding file")
+    stem = _A1111_STEP_FILE.fullmatch(snaps[-1][1].name)
+    if stem:
+        for folder in (p, p / A1111_EMBEDDINGS):
+            if (folder / f"{stem.group(1)}.pt").is_file():
+                return folder / f"{stem.group(1)}.pt"
+    return snaps[-1][1]
 
 
 def load_snapshot_embedding(path: PathLike) -> torch.Tensor:
-    """The learned embedding in a saved file as float32 on the CPU: [D] for one vector, [n, D] for several."""
-    embeds = load_learned_embeds(path)
-    if len(embeds) != 1:
-        raise ValueError(f"{path} holds {len(embeds)} tokens {sorted(embeds)}; expected one")
-    v = next(iter(embeds.values())).float()
+    """The learned embedding in a saved file (any format ``embedding_files.read_embedding_file`` reads, by content)
+    as float32 on the CPU: [D] for one vector, [n, D] for several."""
+    try:
+        v = read_embedding_file(path).rows.float()
+    except EmbeddingFileError as err:
+        if not Path(path).expanduser().exists():
+            raise FileNotFoundError(str(err)) from None
+        raise
     return v[0] if v.shape[0] == 1 else v
+
+
+def run_token(f: EmbeddingFile) -> str:
+    """The token a run's embedding file stands for: its stored token, except for an A1111 snapshot
+    ``<name>-<step>.pt``, which A1111 saves under the name "<name>-<step>": there the run's ``<name>``."""
+    m = _A1111_STEP_FILE.fullmatch(f.path.name)
+    if f.format.startswith("a1111") and m and f.token in (f.path.stem, m.group(1)):
+        return m.group(1)
+    return f.token
+
+
+def load_textual_inversion_run(pipe: Any, path: PathLike, token: str | None = None) -> list[str]:
+    """Load a run's final embedding (``final_embedding``; any format, by content) into pipe with
+    ``pipe.load_textual_inversion``, under `token` (default: the stored one); returns the tokens added (token,
+    token_1, ...), for ``pipe.unload_textual_inversion``. An embedding of another width is refused first."""
+    f = read_embedding_file(final_embedding(path))
+    f = read_embedding_file(f.path, token or run_token(f))
+    check_fits(f, pipe.text_encoder)
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    pipe.load_textual_inversion({f.token: f.rows.to(weight.dtype)}, token=f.token)
+    return f.row_names
 
 
 # ----------------------------------------------------------------------------- inputs
