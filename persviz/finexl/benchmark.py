@@ -529,7 +529,7 @@ def _fmt(x: Any) -> str:
 def level_weight_series(result: Mapping[str, Any], group: str, method: str,
                         phrases: Optional[Mapping[str, str]] = None) -> tuple[dict[str, list], dict[str, list]]:
     """``(levels, weights)`` per true concept of a single-aspect group of a benchmark result, for
-    `finexl_plots.weight_vs_level`: each variant's known level and the method's weight on its true concept."""
+    `persviz.finexl.plots.weight_vs_level`: each variant's known level and the method's weight on its true concept."""
     phrases = phrases or {}
     levels: dict[str, list] = {}
     weights: dict[str, list] = {}

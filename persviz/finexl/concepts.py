@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 
 from persviz.finexl.decompose import Decomposition, check_v_div, concept_matrix, concept_direction
-from persviz.finexl.generators import parse_caption
+from persviz.finexl.generators import check_pairs, parse_caption
 from persviz.shapesworld.captions import caption_from, full_attributes
 from persviz.shapesworld.scene import BACKGROUNDS, COLORS, SIZES, TEXTURES
 from persviz.images import as_uint8
@@ -386,16 +386,6 @@ def png_data_url(image: np.ndarray, min_side: int = 0) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _pairs(base_images, personalized_images, max_pairs: int) -> tuple[np.ndarray, np.ndarray]:
-    b, p = as_uint8(base_images), as_uint8(personalized_images)
-    if b.shape != p.shape:
-        raise ValueError(f"base images {b.shape} and personalized images {p.shape} differ in shape: pass pairs "
-                         f"of the same prompt and seed at one size (see finexl_generators.paired_samples).")
-    if int(max_pairs) < 1:
-        raise ValueError(f"max_pairs must be >= 1, got {max_pairs}.")
-    return b[:int(max_pairs)], p[:int(max_pairs)]
-
-
 class _PairProposer:
     """Shared loop: ask about each pair, union the phrases, handle failures and the fallback."""
 
@@ -414,7 +404,7 @@ class _PairProposer:
         None, ConceptProposalError; otherwise a UserWarning and the fallback phrases.
         ``self.answers`` and ``self.errors`` keep the raw answers and error messages.
         """
-        b, p = _pairs(base_images, personalized_images, self.max_pairs)
+        b, p = check_pairs(base_images, personalized_images, self.max_pairs)
         self.answers: list[str] = []
         self.errors: list[str] = []
         phrases: list[str] = []

@@ -232,7 +232,7 @@ class RendererGenerator:
 
     Two renderers that differ only in their style (``Style()`` vs ``Style(warmth=0.6)``)
     are a base and a personalized model whose difference is known in every aspect: the
-    ground truth FineXL's weights are judged against (`finexl_concepts.known_levels`).
+    ground truth FineXL's weights are judged against (`persviz.finexl.concepts.known_levels`).
 
     A prompt is looked up in ``scenes`` when given, else parsed with `parse_caption`
     (free attributes drawn from the image's seed). Image i uses seed ``seed + i`` for the
@@ -539,6 +539,18 @@ def _check_pair_sizes(base: np.ndarray, personal: np.ndarray) -> None:
                          f"gives {personal.shape[1]}x{personal.shape[2]}: paired samples must have one size "
                          f"(the image encoder would otherwise see a resolution change as personalization). "
                          f"Generate both at one resolution, or pass resize=(H, W) to resample both to one size.")
+
+
+def check_pairs(base_images, personalized_images, max_pairs: int, hint: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """The first `max_pairs` (base, personalized) image pairs as uint8; a ValueError when the two sides differ in shape
+    (`hint` says how to get pairs of one size) or max_pairs < 1."""
+    b, p = as_uint8(base_images), as_uint8(personalized_images)
+    if b.shape != p.shape:
+        raise ValueError(f"base images {b.shape} and personalized images {p.shape} differ in shape: pass pairs of the "
+                         f"same prompt and seed at one size (see persviz.finexl.generators.paired_samples{hint}).")
+    if int(max_pairs) < 1:
+        raise ValueError(f"max_pairs must be >= 1, got {max_pairs}.")
+    return b[:int(max_pairs)], p[:int(max_pairs)]
 
 
 def paired_samples(base: ImageGenerator, personalized: ImageGenerator, prompts: Sequence[str],

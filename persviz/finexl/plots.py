@@ -19,7 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from persviz.finexl.decompose import Decomposition, explain
-from persviz.images import as_uint8
+from persviz.finexl.generators import check_pairs
 from persviz.metrics import spearman
 from persviz.plots import figure_and_ax, image_grid
 
@@ -244,12 +244,7 @@ def paired_strip(base_images: Any, personalized_images: Any, labels: Optional[Se
         labels: optional column labels (e.g. the prompts), shortened to 34 characters on two lines.
         max_pairs: show the first ``max_pairs`` pairs.
     """
-    b, p = as_uint8(base_images), as_uint8(personalized_images)
-    if b.shape != p.shape:
-        raise ValueError(f"base images {b.shape} and personalized images {p.shape} differ in shape: show pairs of "
-                         f"one size (see finexl_generators.paired_samples, resize=).")
-    if int(max_pairs) < 1:
-        raise ValueError(f"max_pairs must be >= 1, got {max_pairs}")
+    b, p = check_pairs(base_images, personalized_images, max_pairs, ", resize=")
     n = min(len(b), int(max_pairs))
     cols = None
     if labels is not None:

@@ -4,15 +4,15 @@ For every saved embedding V* of a run, encode three prompt sets with the pipelin
 P_V* (the contextual prompts with the placeholder), P_simple (the simple prompts with the placeholder)
 and, once for the whole run, P_c (the contextual prompts with the class word). Then per step:
 
-- inter-set distances d(P_V*, P_c): L2, Hausdorff, Mahalanobis, KL (``shift_metrics.shift_distances``);
-- intra-set distances of P_V* and of P_c: L2, Hausdorff, Mahalanobis (``shift_metrics.intra_distances``);
+- inter-set distances d(P_V*, P_c): L2, Hausdorff, Mahalanobis, KL (``persviz.tea.shift.shift_distances``);
+- intra-set distances of P_V* and of P_c: L2, Hausdorff, Mahalanobis (``persviz.tea.shift.intra_distances``);
 - d(P_V*, P_simple), the same four metrics (KL only when both sets hold as many prompts: it pairs row i
   with row i);
 - |V*| / |c| and cos(V*, c) (``embeddings.norm_ratio_and_cosine``), and |V*|.
 
     track = track_semantic_shift(pipe, "outputs/ti/square", "shapesworld_contextual", "shapesworld_simple")
     save_json(track, "outputs/ti/square/shift.json")
-    fig = tea_plots.shift_grid(*to_shift_grid(track))
+    fig = persviz.tea.plots.shift_grid(*to_shift_grid(track))
 
 Representation. A prompt is the text encoder's last hidden state, all 77 positions, flattened to
 77 x D features (``representation="full"``, the paper and the public code's
@@ -330,7 +330,7 @@ def track_semantic_shift(
 
 
 def to_shift_grid(track: Mapping[str, list]) -> tuple[list, dict[str, dict[str, list]]]:
-    """(steps, {metric: {curve: values}}) for ``tea_plots.shift_grid``; curves with missing values are left out."""
+    """(steps, {metric: {curve: values}}) for ``persviz.tea.plots.shift_grid``; curves with missing values are left out."""
     labels = {"inter": "inter d(P_V*, P_c)", "intra_vstar": "intra d(P_V*)", "intra_class": "intra d(P_c)",
               "vs_simple": "d(P_V*, P_simple)"}
     titles = {"l2": "L2", "hausdorff": "Hausdorff", "mahalanobis": "Mahalanobis", "kl": "KL"}

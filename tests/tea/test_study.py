@@ -1,4 +1,4 @@
-"""tea_study: a learned token at any step, the impacts table, dominance, on a tiny random pipeline."""
+"""persviz.tea.study: a learned token at any step, the impacts table, dominance, on a tiny random pipeline."""
 import numpy as np
 import pytest
 import torch
