@@ -229,6 +229,14 @@ def oracle_concept_context(
     best matches the concept, wherever it stands (ties go to the object at the named position), so a concept drawn in
     the wrong slot fails "position" only; a named second object must stand in another slot than the main one.
     """
+    return {k: float(v.mean()) for k, v in oracle_checks(oracle, images, concept, context).items()}
+
+
+def oracle_checks(
+    oracle: Any, images: ImagesLike, concept: Mapping[str, Any], context: Mapping[str, Any]
+) -> dict[str, np.ndarray]:
+    """Per image, whether the oracle reads the concept, the context, both and each named attribute right: bool [N]
+    arrays under the keys of oracle_concept_context (whose rates are their means)."""
     images = as_images(images)
     concept_named = _named(concept, CONCEPT_KEYS, "concept")
     context_named = _named(context, CONTEXT_KEYS, "context")
@@ -239,13 +247,12 @@ def oracle_concept_context(
         raise ValueError(f"the oracle returned {len(readings)} readings for {len(images)} images")
     named = {**concept_named, **context_named}
     checks = [_check(concept_named, context_named, r) for r in readings]
-    n = len(checks)
 
-    def rate(keys: Sequence[str]) -> float:
-        return sum(all(c[k] for k in keys) for c in checks) / n
+    def ok(keys: Sequence[str]) -> np.ndarray:
+        return np.array([all(c[k] for k in keys) for c in checks], dtype=bool)
 
-    out = {"concept": rate(list(concept_named)), "context": rate(list(context_named)), "both": rate(list(named))}
-    out.update({k: rate([k]) for k in named})
+    out = {"concept": ok(list(concept_named)), "context": ok(list(context_named)), "both": ok(list(named))}
+    out.update({k: ok([k]) for k in named})
     return out
 
 
@@ -263,5 +270,6 @@ def spearman(x: Any, y: Any) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-__all__ = ["clip_t", "clip_t_parts", "clip_i", "dino_i", "image_alignment", "oracle_concept_context", "spearman",
+__all__ = ["clip_t", "clip_t_parts", "clip_i", "dino_i", "image_alignment", "oracle_checks", "oracle_concept_context",
+           "spearman",
            "CONCEPT_KEYS", "CONTEXT_KEYS"]

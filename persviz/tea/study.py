@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from persviz.embeddings import token_row
 from persviz.generation import GUIDANCE, STEPS, generate, generate_from_embeds
-from persviz.metrics import clip_i, clip_t_parts, dino_i, oracle_concept_context
+from persviz.evaluation import score_per_image
+from persviz.metrics import clip_i
 from persviz.tea.adaptive import SCHEDULE, adaptive_tea, make_tea_scorer
 from persviz.tea.pipeline import encode_prompt_level, tea
 from persviz.trainers import METHODS, load_custom_diffusion, load_dreambooth_lora, load_textual_inversion_run
@@ -64,25 +65,10 @@ def score_images(images: np.ndarray, probes: Sequence[Probe], class_word: str, r
                  repeats: int = 1) -> dict[str, float]:
     """Mean CLIP-T (full / concept / context), CLIP-I, DINO-I and, on ShapesWorld, the oracle's concept and context rates.
 
-    images holds `repeats` images per probe, probe-major order ([p0 s0, p0 s1, ..., p1 s0, ...])."""
-    def rep(xs: list) -> list:
-        return [x for x in xs for _ in range(repeats)]
-    if len(images) != len(probes) * repeats:
-        raise ValueError(f"{len(images)} images for {len(probes)} probes x {repeats} repeats")
-    full = rep(probe_texts(probes, class_word))
-    concept = f"a {class_word}"
-    context = rep([p["context_text"] for p in probes])
-    t = clip_t_parts(clip, images, full, concept, context)
-    out = {f"clip_t_{k}": float(v.mean()) for k, v in t.items()}
-    out["clip_i"] = float(clip_i(clip, images, references, percent=True).mean())
-    if dino is not None:
-        out["dino_i"] = float(dino_i(dino, images, references).mean())
-    if oracle is not None:
-        rates = [oracle_concept_context(oracle, images[i * repeats:(i + 1) * repeats], signature or {}, p["context"])
-                 for i, p in enumerate(probes)]
-        out["oracle_concept"] = float(np.mean([r["concept"] for r in rates]))
-        out["oracle_context"] = float(np.mean([r["context"] for r in rates]))
-    return out
+    images holds `repeats` images per probe, probe-major order ([p0 s0, p0 s1, ..., p1 s0, ...]); the means of
+    persviz.evaluation.score_per_image (use persviz.evaluation.evaluate for per-image scores and intervals)."""
+    scores = score_per_image(images, probes, class_word, references, clip, dino, oracle, signature, repeats)
+    return {k: float(v.mean()) for k, v in scores.items()}
 
 
 def generate_probes(pipe: Any, probes: Sequence[Probe], word: str, repeats: int = 1, seed: int = 0,
