@@ -170,6 +170,18 @@ class Evaluation:
         return cls.from_json(json.loads(Path(path).read_text()))
 
 
+def probe_keys(probes: Sequence[Probe]) -> list[str]:
+    """Each probe's prompt id: its template ('a {} on a white background'); a template drawn k > 1 times is k
+    probes, each its own unit of the bootstrap ('... #2', '... #3'), as the probe set weighs it."""
+    seen: dict[str, int] = {}
+    keys = []
+    for p in probes:
+        t = p["template"].format("{}")
+        seen[t] = seen.get(t, 0) + 1
+        keys.append(t if seen[t] == 1 else f"{t} #{seen[t]}")
+    return keys
+
+
 def _counts(items: Mapping[str, Mapping[str, list]]) -> dict[str, dict[str, int]]:
     return {c: {"prompts": len(set(v["prompt"])), "images": len(v["prompt"])} for c, v in items.items()}
 
@@ -195,7 +207,7 @@ def evaluate(images: Mapping[str, np.ndarray], probes: Sequence[Probe], class_wo
     seeds = list(seeds) if seeds is not None else [r for _ in probes for r in range(repeats)]
     if len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {len(probes)} probes x {repeats} repeats")
-    prompts = [p["template"].format("{}") for p in probes for _ in range(repeats)]
+    prompts = [k for k in probe_keys(probes) for _ in range(repeats)]
     if len(set(zip(prompts, seeds))) != n:
         raise ValueError("two images share a (prompt, seed); give each image of a prompt its own seed")
     items, size = {}, None
@@ -261,7 +273,7 @@ def interval_rows(ev: Evaluation, conditions: Optional[Sequence[str]] = None, me
             iv = summary[c][m]
             row[m] = f"{iv.mean:.{digits}g} [{iv.low:.{digits}g}, {iv.high:.{digits}g}]"
         first = next(iter(summary[c].values()))
-        rows[c] = {**row, "n": f"{first.n_prompts} x {first.n_images // max(first.n_prompts, 1)}"}
+        rows[c] = {**row, "n": f"{first.n_prompts} prompts, {first.n_images} images"}
     return rows
 
 
@@ -273,4 +285,4 @@ def difference_rows(diffs: Mapping[str, Difference], digits: int = 3) -> list[di
 
 
 __all__ = ["Evaluation", "FORMAT", "METRICS", "combine", "describe_evaluator", "difference_rows", "evaluate",
-           "fingerprint", "interval_rows", "protocol_note", "score_per_image"]
+           "fingerprint", "interval_rows", "probe_keys", "protocol_note", "score_per_image"]

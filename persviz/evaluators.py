@@ -91,9 +91,9 @@ class HFDinoEvaluator:
         self.device, self.dtype, self.pooling, self.batch_size = device, dtype, pooling, batch_size
 
     @classmethod
-    def load(cls, name, device, dtype) -> "HFDinoEvaluator":
+    def load(cls, name, device, dtype, pooling: str = "mean") -> "HFDinoEvaluator":
         from transformers import AutoImageProcessor, AutoModel  # heavy: transformers
-        return cls(AutoModel.from_pretrained(name), AutoImageProcessor.from_pretrained(name), device, dtype)
+        return cls(AutoModel.from_pretrained(name), AutoImageProcessor.from_pretrained(name), device, dtype, pooling)
 
     @torch.no_grad()
     def embed_images(self, images) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Optional, Union
 
 from huggingface_hub import constants, try_to_load_from_cache
 
-from persviz.loading import CLIP_L14, DINO, SD15
+from persviz.loading import CLIP_L14, DINO, DINO_DREAMBENCH, SD15
 
 HF_CLI = "hf"  # huggingface_hub's command line (`huggingface-cli` is gone)
 
@@ -63,6 +63,12 @@ HUB_MODELS: dict[str, HubModel] = {
         files=("config.json", "model.safetensors", "preprocessor_config.json"),
         size="about 0.35 GB",
         purpose="DINOv2-base, the full-scale DINO image-similarity evaluator"),
+    DINO_DREAMBENCH: HubModel(
+        DINO_DREAMBENCH, "dino",  # an older repository: its weights may be only pytorch_model.bin on main
+        patterns=("config.json", "model.safetensors", "pytorch_model.bin", "preprocessor_config.json"),
+        files=("config.json", "model.safetensors", "preprocessor_config.json"),
+        size="about 0.09 GB",
+        purpose="DINO ViT-S/16, DreamBench's DINO-I (CLS token); optional, `load_evaluator(DINO_DREAMBENCH, kind='dino')`"),
 }
 
 

@@ -17,7 +17,8 @@ SHAPESWORLD = "shapesworld"
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 CLIP_L14 = "openai/clip-vit-large-patch14"
 OPEN_CLIP_L14 = "open_clip:ViT-L-14/openai"
-DINO = "facebook/dinov2-base"
+DINO = "facebook/dinov2-base"  # mean-pooled, as the TEA code
+DINO_DREAMBENCH = "facebook/dino-vits16"  # DINO ViT-S/16, CLS token, as DreamBench
 SCALE_ENV = "PERSVIZ_SCALE"
 FULL_DEFAULTS = {"pipeline": SD15, "clip": CLIP_L14, "dino": DINO}
 
@@ -89,13 +90,17 @@ def load_pipeline(model: Union[str, Path, object, None] = None, device: Optional
 
 
 def load_evaluator(model: Union[str, Path, None] = None, kind: str = "clip", device: Optional[str] = None,
-                   dtype: Optional[torch.dtype] = None):
+                   dtype: Optional[torch.dtype] = None, pooling: Optional[str] = None):
     """A CLIP-like (kind='clip'), DINO-like (kind='dino') evaluator or the ShapesWorld oracle (kind='oracle').
 
-    model: 'shapesworld' (default), a transformers Hub id or folder (CLIP ViT-L/14, DINOv2), or
-    'open_clip:ARCH/PRETRAINED' for open_clip (e.g. 'open_clip:ViT-L-14/openai')."""
+    model: 'shapesworld' (default), a transformers Hub id or folder (CLIP ViT-L/14, DINOv2, DINO ViT-S/16), or
+    'open_clip:ARCH/PRETRAINED' for open_clip (e.g. 'open_clip:ViT-L-14/openai').
+    pooling (DINO only): 'mean' of the last hidden states (the TEA code's DINOv2-base) or 'cls' (DreamBench's DINO
+    ViT-S/16); default 'cls' for DINO_DREAMBENCH, else 'mean'."""
     if kind not in ("clip", "dino", "oracle"):
         raise ValueError(f"kind must be 'clip', 'dino' or 'oracle', got {kind!r}")
+    if pooling is not None and kind != "dino":
+        raise ValueError(f"pooling is a DINO option; kind={kind!r} takes none")
     dev, dt = pick_device(device, dtype)
     name = model if model is not None else SHAPESWORLD  # never PERSVIZ_SCALE: callers name the model they want
     try:
@@ -108,7 +113,9 @@ def load_evaluator(model: Union[str, Path, None] = None, kind: str = "clip", dev
             return evaluators.OpenClipEvaluator.load(str(name)[len("open_clip:"):], dev, dt)
         if kind == "clip":
             return evaluators.HFClipEvaluator.load(_resolve(name, "clip"), dev, dt)
-        return evaluators.HFDinoEvaluator.load(_resolve(name, "dino"), dev, dt)
+        if pooling is None:
+            pooling = "cls" if str(name) == DINO_DREAMBENCH else "mean"
+        return evaluators.HFDinoEvaluator.load(_resolve(name, "dino"), dev, dt, pooling=pooling)
     except (OSError, RuntimeError) as err:
         if isinstance(err, (ModelNotAvailableError, DataNotFoundError)):
             raise

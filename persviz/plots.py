@@ -68,3 +68,49 @@ def grouped_bars(results: Mapping[str, Mapping[str, float]], ylabel: str = "accu
     if title:
         ax.set_title(title, fontsize=10)
     return fig
+
+
+def interval_plot(rows: Mapping[str, object], label: str, ax: Optional[Axes] = None,
+                  title: Optional[str] = None, reference: Optional[float] = None) -> Figure:
+    """Means with their intervals, one row each: {row label: Interval (mean, low, high)}, horizontal error bars;
+    `reference` draws a vertical line (0 for differences)."""
+    names = list(rows)
+    if not names:
+        raise ValueError("no rows to plot")
+    means = np.array([getattr(rows[n], "mean") for n in names], dtype=float)
+    lows = np.array([getattr(rows[n], "low") for n in names], dtype=float)
+    highs = np.array([getattr(rows[n], "high") for n in names], dtype=float)
+    fig, ax = figure_and_ax(ax, (4.8, 0.35 * len(names) + 1.0))
+    y = np.arange(len(names))[::-1]
+    ax.errorbar(means, y, xerr=[means - lows, highs - means], fmt="o", ms=4, capsize=3, color="C0")
+    if reference is not None:
+        ax.axvline(reference, color="k", lw=0.8, ls="--")
+    ax.set_yticks(y, names, fontsize=8)
+    ax.set_xlabel(label)
+    n = getattr(rows[names[0]], "n_prompts", None)
+    level = getattr(rows[names[0]], "level", 0.95)
+    ax.set_title(title or f"mean and {level:.0%} interval" + (f" ({n} prompts)" if n else ""), fontsize=10)
+    return fig
+
+
+def difference_plot(differences: Mapping[str, object], ax: Optional[Axes] = None, title: Optional[str] = None,
+                    alpha: float = 0.05) -> Figure:
+    """Paired differences with their intervals, one row per metric (persviz.stats.Difference), a line at 0; a row
+    whose Holm p is below `alpha` is drawn filled, the others open, with its Holm p written beside it."""
+    names = list(differences)
+    if not names:
+        raise ValueError("no differences to plot")
+    fig, ax = figure_and_ax(ax, (5.2, 0.35 * len(names) + 1.0))
+    y = np.arange(len(names))[::-1]
+    for yi, n in zip(y, names):
+        d = differences[n]
+        p = float(getattr(d, "p_holm", np.nan))
+        holds = p < alpha
+        ax.errorbar([d.mean], [yi], xerr=[[d.mean - d.low], [d.high - d.mean]], fmt="o", ms=5, capsize=3,
+                    color="C3", markerfacecolor="C3" if holds else "white")
+        ax.annotate(f"p={p:.2g}", (d.high, yi), xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
+    ax.axvline(0.0, color="k", lw=0.8, ls="--")
+    ax.set_yticks(y, names, fontsize=8)
+    ax.set_xlabel("difference (b - a)")
+    ax.set_title(title or f"paired differences; filled: Holm p < {alpha:g}", fontsize=10)
+    return fig

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
 from persviz.io import write_json
-from persviz.loading import CLIP_L14, DINO, SD15, load_pipeline
+from persviz.loading import CLIP_L14, DINO, DINO_DREAMBENCH, SD15, load_pipeline
 from persviz.paths import DATA_DIR
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -221,6 +221,20 @@ def dinov2_base_config(small: bool = False):
                         image_size=518, patch_size=14, layerscale_value=1.0, layer_norm_eps=1e-6)
 
 
+DINO_VITS16_PREPROCESSOR = {  # facebook/dino-vits16's preprocessor_config.json
+    "do_normalize": True, "do_resize": True, "image_mean": [0.485, 0.456, 0.406],
+    "image_processor_type": "ViTImageProcessor", "image_std": [0.229, 0.224, 0.225], "resample": 2,
+    "size": {"height": 224, "width": 224}}
+
+
+def dino_vits16_config(small: bool = False):
+    """transformers ViTConfig of DINO ViT-S/16 (384 x 12, 6 heads, patch 16, 224 px); small=True: 32 wide, 2 deep."""
+    from transformers import ViTConfig  # heavy: transformers
+    width, layers, heads = (32, 2, 4) if small else (384, 12, 6)
+    return ViTConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=4 * width, image_size=224, patch_size=16, qkv_bias=True)
+
+
 def _write_sd15_repo(folder: Path, small: bool) -> None:
     """SD 1.5's diffusers layout: model_index.json, scheduler, tokenizer, feature extractor, random-weight models."""
     source = sd15_config_dir()
@@ -250,6 +264,13 @@ def _write_dino_repo(folder: Path, small: bool) -> None:
     from transformers import Dinov2Model  # heavy: transformers
     Dinov2Model(dinov2_base_config(small)).save_pretrained(folder)
     write_json(folder / "preprocessor_config.json", DINOV2_PREPROCESSOR, indent=2)
+
+
+def _write_dino_vits16_repo(folder: Path, small: bool) -> None:
+    """DINO ViT-S/16's files: config and random weights, the real preprocessor config."""
+    from transformers import ViTModel  # heavy: transformers
+    ViTModel(dino_vits16_config(small)).save_pretrained(folder)
+    write_json(folder / "preprocessor_config.json", DINO_VITS16_PREPROCESSOR, indent=2)
 
 
 def offline_commit(hub_id: str) -> str:
@@ -301,15 +322,15 @@ def _file_into_cache(cache_dir: Path, hub_id: str, staged: Path) -> Path:
 
 
 def write_offline_hub_cache(cache_dir: Union[str, Path], small: bool = True, seed: int = 0) -> dict[str, Path]:
-    """Write SD 1.5, CLIP ViT-L/14 and DINOv2-base with **random weights** into a Hugging Face cache folder.
+    """Write SD 1.5, CLIP ViT-L/14, DINOv2-base and DINO ViT-S/16 with **random weights** into a Hugging Face cache.
 
-    The folder gets the real Hub ids (`persviz.loading.SD15`, `CLIP_L14`, `DINO`) in huggingface_hub's cache layout
+    The folder gets the real Hub ids (`persviz.loading.SD15`, `CLIP_L14`, `DINO`, `DINO_DREAMBENCH`) in huggingface_hub's cache layout
     (models--org--name/{blobs, refs/main, snapshots/<40-hex commit>, trees}); SD 1.5 in the diffusers layout
     (model_index.json, scheduler, tokenizer, feature_extractor, safetensors of unet/vae/text_encoder, no safety
     checker), CLIP as CLIPModel + CLIPProcessor files, DINOv2 as Dinov2Model + image processor. They are exactly the
     files `hf download ID --include ...` (persviz.hub_models) fetches, so with HF_HUB_CACHE=cache_dir and
     HF_HUB_OFFLINE=1, `persviz.loading.load_pipeline(SD15)`, `load_evaluator(CLIP_L14, kind='clip')` and
-    `load_evaluator(DINO, kind='dino')` load them as they would load the real weights. Random weights show nothing
+    `load_evaluator(DINO, kind='dino')` (and DINO_DREAMBENCH, CLS-pooled) load them as they would load the real weights. Random weights show nothing
     about the models: this is for testing the full-scale code paths offline.
 
     Args:
@@ -324,7 +345,8 @@ def write_offline_hub_cache(cache_dir: Union[str, Path], small: bool = True, see
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    writers = {SD15: _write_sd15_repo, CLIP_L14: _write_clip_repo, DINO: _write_dino_repo}
+    writers = {SD15: _write_sd15_repo, CLIP_L14: _write_clip_repo, DINO: _write_dino_repo,
+               DINO_DREAMBENCH: _write_dino_vits16_repo}
     out = {}
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".staging-") as tmp:
         for i, (hub_id, write) in enumerate(writers.items()):

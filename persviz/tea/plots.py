@@ -349,16 +349,27 @@ def sweep_lines(
     ax: Optional[Axes] = None,
     title: Optional[str] = None,
     cmap: str = "viridis",
+    low: Optional[ArrayLike] = None,
+    high: Optional[ArrayLike] = None,
 ) -> Figure:
-    """values [R, S] against one knob (`x`: "rotation" or "scale"), one line per value of the other (Fig. 6)."""
+    """values [R, S] against one knob (`x`: "rotation" or "scale"), one line per value of the other (Fig. 6);
+    `low`/`high` [R, S] (e.g. the evaluation protocol's 95 % interval) draw a band around each line."""
     r, s, v = _sweep(rotations, scales, values)
     if x not in ("rotation", "scale"):
         raise ValueError(f"x must be 'rotation' or 'scale'; got {x!r}")
+    if (low is None) != (high is None):
+        raise ValueError("pass both low and high (the interval's ends) or neither")
+    bands = None if low is None else (_sweep(r, s, low)[2], _sweep(r, s, high)[2])
     xs, others, other_name, rows = (r, s, "scale", v.T) if x == "rotation" else (s, r, "rotation", v)
+    if bands is not None:
+        bands = tuple(b.T if x == "rotation" else b for b in bands)
     fig, ax = figure_and_ax(ax, (5.0, 3.0))
     cm = matplotlib.colormaps[cmap]
     for k, (o, y) in enumerate(zip(others, rows)):
-        ax.plot(xs, y, marker="o", markersize=3, color=cm(k / max(1, len(others) - 1)), label=f"{other_name}={o:g}")
+        color = cm(k / max(1, len(others) - 1))
+        ax.plot(xs, y, marker="o", markersize=3, color=color, label=f"{other_name}={o:g}")
+        if bands is not None:
+            ax.fill_between(xs, bands[0][k], bands[1][k], color=color, alpha=0.18, linewidth=0)
     _finish(ax, title, x, label, legend=True)
     return fig
 

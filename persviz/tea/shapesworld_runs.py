@@ -14,17 +14,22 @@ since the CLIP here knows only its world's words.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from persviz.embeddings import token_row
+from persviz.evaluation import Evaluation, combine, evaluate
+from persviz.io import write_json
 from persviz.loading import load_evaluator
 from persviz.paths import SHAPESWORLD_DIR
 from persviz.shapesworld.concepts import CONCEPTS, CONCEPTS_DIR, eval_prompts, get_concept, load_references, oracle_signature
-from persviz.tea.study import impacts_over_steps, personalized, score_images, tea_rows
+from persviz.stats import N_BOOT, Difference, Interval
+from persviz.tea.study import adaptive_images, adaptive_vs_fixed, impacts_over_steps, personalized, tea_rows
 from persviz.tea.tracker import save_json, track_semantic_shift
 from persviz.trainers import (METHODS, list_snapshots, load_snapshot_embedding, train_custom_diffusion,
                               train_dreambooth_lora, train_textual_inversion)
@@ -131,26 +136,114 @@ def run_tea_rows(pipe, method: str, name: str, probes, score, repeats: int = 1, 
         return tea_rows(pipe, method, word, token, get_concept(name).class_word, probes, score, repeats, seed)
 
 
-def tea_table(pipe, judges: dict, methods: tuple = METHODS, n_probes: int = 12, repeats: int = 2, seed: int = 1,
-              root: Path = RUNS_DIR, write: bool = True) -> dict:
-    """Table 6 on ShapesWorld: every concept's final run of each method without and with TEA (default knobs);
-    scores averaged over concepts, per concept kept too; written to concepts/tea_table.json."""
-    per: dict = {}
-    for method in methods:
-        for name in CONCEPTS:
-            c, refs = get_concept(name), load_references(name)
-            probes = eval_prompts(name, n_probes, seed=seed)
-            sig = oracle_signature(judges["oracle"], name)
-
-            def score(images):
-                return score_images(images, probes, c.class_word, refs, judges["clip"], judges["dino"],
-                                    judges["oracle"], sig, repeats)
-            rows = run_tea_rows(pipe, method, name, probes, score, repeats, seed=1000, root=root)
-            for label, scores in rows.items():
-                per.setdefault(f"{method} {label}".replace(" none", ""), {})[name] = scores
-    mean = {row: {k: float(np.mean([v[k] for v in by.values()])) for k in next(iter(by.values()))}
-            for row, by in per.items()}
-    out = {"mean": mean, "per_concept": per, "settings": {"probes": n_probes, "repeats": repeats, "seed": seed}}
+def tea_table(pipe, judges: dict, methods: tuple = METHODS, n_probes: int = 24, repeats: int = 2, seed: int = 1,
+              root: Path = RUNS_DIR, write: bool = True, progress: bool = True) -> dict:
+    """Table 6 on ShapesWorld with the evaluation protocol: every concept's final run of each method without and
+    with TEA (default knobs), per-image scores kept; means with nested bootstrap intervals over the (concept,
+    prompt) units, and each method's with-TEA minus without-TEA differences with intervals and Wilcoxon p-values,
+    Holm-corrected across the metrics. Written to concepts/tea_table.json (read it with read_tea_table)."""
+    evaluations = {}
+    names = list(CONCEPTS)
+    for name in tqdm(names, desc="TEA table", disable=not progress):
+        c, refs = get_concept(name), load_references(name)
+        probes = eval_prompts(name, n_probes, seed=seed)
+        sig = oracle_signature(judges["oracle"], name)
+        images: dict[str, np.ndarray] = {}
+        for method in methods:
+            def keep(ims: np.ndarray) -> np.ndarray:
+                return ims
+            rows = run_tea_rows(pipe, method, name, probes, keep, repeats, seed=GENERATION_SEED, root=root)
+            images.update({f"{method} {label}".replace(" none", ""): ims for label, ims in rows.items()})
+        n = len(probes) * repeats
+        evaluations[name] = evaluate(images, probes, c.class_word, refs, judges["clip"], judges["dino"],
+                                     judges["oracle"], sig, repeats, seeds=[GENERATION_SEED + i for i in range(n)],
+                                     concept=name, scale="shapesworld")
+    out = summarize_tea_table(evaluations, {"probes": n_probes, "repeats": repeats, "seed": seed,
+                                            "generation_seed": GENERATION_SEED})
     if write:
-        save_json(out, root / "tea_table.json")
+        write_json(root / "tea_table.json", out)
     return out
+
+
+GENERATION_SEED = 1000  # image i of a row is seeded 1000 + i (probe-major), the same in every row
+
+
+def summarize_tea_table(evaluations: dict, settings: dict, n_boot: int = N_BOOT) -> dict:
+    """tea_table.json's content from per-concept Evaluations: 'mean' and 'per_concept' (means, as before),
+    'intervals' (over the concepts' prompts together), 'differences' (each method's TEA rows minus its untouched
+    row), 'evaluations' (the per-image scores) and the settings."""
+    both = combine(evaluations)
+    summary = both.summary(n_boot=n_boot)
+    per = {row: {name: {m: float(np.mean(ev.items[row][m])) for m in ev.metrics(row)}
+                 for name, ev in evaluations.items()} for row in both.conditions}
+    diffs = {}
+    for row in both.conditions:
+        method = row.split(" ")[0]
+        if row != method:
+            diffs[row] = {m: d.to_json() for m, d in both.compare(method, row, n_boot=n_boot).items()}
+    return {"format": "persviz tea table 2", "settings": settings, "meta": both.meta,
+            "mean": {row: {m: iv.mean for m, iv in s.items()} for row, s in summary.items()},
+            "intervals": {row: {m: iv.to_json() for m, iv in s.items()} for row, s in summary.items()},
+            "differences": diffs, "per_concept": per,
+            "evaluations": {name: ev.to_json() for name, ev in evaluations.items()}}
+
+
+def read_tea_table(path: Path = RUNS_DIR / "tea_table.json") -> dict:
+    """tea_table.json with its per-image scores as Evaluations ('evaluations': {concept: Evaluation})."""
+    d = json.loads(Path(path).read_text())
+    if "evaluations" not in d:
+        raise ValueError(f"{path} is a table of means only (written before the evaluation protocol); rewrite it "
+                         f"with `persviz tea runs --table`")
+    d["evaluations"] = {k: Evaluation.from_json(v) for k, v in d["evaluations"].items()}
+    return d
+
+
+def adaptive_table(pipe, judges: dict, n_probes: int = 8, n_images: int = 4, seed: int = 1,
+                   root: Path = RUNS_DIR, write: bool = True, progress: bool = True) -> dict:
+    """Adaptive against fixed TEA on the three concepts' Textual Inversion runs (n_probes prompts each, n_images
+    seeds per prompt): the rotation chosen per prompt (adaptive_vs_fixed), then the untouched token, the fixed
+    knobs and the adaptive choice generated on the same seeds and scored per image with the protocol.
+    Written to concepts/adaptive_tea.json: the per-prompt choices, intervals and the paired differences."""
+    evaluations, choices = {}, {}
+    for name in tqdm(list(CONCEPTS), desc="adaptive TEA", disable=not progress):
+        c, refs, ph = get_concept(name), load_references(name), placeholder(name)
+        probes = eval_prompts(name, n_probes, seed=seed)
+        with personalized(pipe, "textual_inversion", run_dir("textual_inversion", name, root)):
+            rows = adaptive_vs_fixed(pipe, probes, ph, c.class_word, refs, judges["clip"], n_images=n_images,
+                                     seed=GENERATION_SEED, progress=False)
+            images = adaptive_images(pipe, probes, ph, c.class_word, [r["rotation"] for r in rows],
+                                     n_images=n_images, seed=GENERATION_SEED)
+        choices[name] = [{k: r[k] for k in ("prompt", "rotation", "status", "tried", "target")} for r in rows]
+        evaluations[name] = evaluate(images, probes, c.class_word, refs, judges["clip"], judges["dino"],
+                                     judges["oracle"], oracle_signature(judges["oracle"], name), n_images,
+                                     seeds=[GENERATION_SEED + i for _ in probes for i in range(n_images)],
+                                     concept=name)
+    both = combine(evaluations)
+    summary = both.summary()
+    out = {"format": "persviz adaptive tea 1",
+           "settings": {"probes": n_probes, "images_per_prompt": n_images, "seed": seed, "fixed": [0.2, 0.5]},
+           "meta": both.meta, "choices": choices,
+           "intervals": {row: {m: iv.to_json() for m, iv in s.items()} for row, s in summary.items()},
+           "differences": {f"{b} - {a}": {m: d.to_json() for m, d in both.compare(a, b).items()}
+                           for a, b in (("untouched", "fixed"), ("untouched", "adaptive"), ("fixed", "adaptive"))},
+           "evaluations": {k: v.to_json() for k, v in evaluations.items()}}
+    if write:
+        write_json(root / "adaptive_tea.json", out)
+    return out
+
+
+def tea_table_rows(saved: dict, metrics: Optional[list] = None, digits: int = 3) -> tuple[dict, dict]:
+    """What a saved tea_table.json (or adaptive_tea.json) shows: ({row: {metric: 'mean [low, high]', 'n': ...}},
+    {comparison: {metric: Difference}}) from its 'intervals' and 'differences'."""
+    if "intervals" not in saved:
+        raise ValueError("this table has means only (written before the evaluation protocol); rewrite it with "
+                         "`persviz tea evaluate`")
+    rows = {}
+    for row, by in saved["intervals"].items():
+        ivs = {m: Interval(**v) for m, v in by.items() if metrics is None or m in metrics}
+        rows[row] = {m: f"{iv.mean:.{digits}g} [{iv.low:.{digits}g}, {iv.high:.{digits}g}]" for m, iv in ivs.items()}
+        first = next(iter(ivs.values()))
+        rows[row]["n"] = f"{first.n_prompts} prompts, {first.n_images} images"
+    diffs = {k: {m: Difference(**v) for m, v in by.items() if metrics is None or m in metrics}
+             for k, by in saved["differences"].items()}
+    return rows, diffs

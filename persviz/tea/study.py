@@ -218,3 +218,23 @@ def adaptive_vs_fixed(pipe: Any, probes: Sequence[Probe], placeholder: str, clas
                      "adaptive": (chosen.context, chosen.fidelity) if chosen else (float("nan"), float("nan")),
                      "rotation": res.rotation, "status": res.status, "tried": len(res.trace)})
     return rows
+
+
+def adaptive_images(pipe: Any, probes: Sequence[Probe], placeholder: str, class_word: str,
+                    rotations: Sequence[float], fixed: tuple[float, float] = (0.2, 0.5), n_images: int = 4,
+                    seed: int = 0, **generation: Any) -> dict[str, np.ndarray]:
+    """{'untouched', 'fixed', 'adaptive'}: n_images per probe (probe-major; each probe's images seeded seed,
+    seed + 1, ...) with the token as learned, at the fixed knobs, and at each probe's chosen rotation (the fixed
+    scale), for persviz.evaluation.evaluate. `rotations`: adaptive_vs_fixed's choice per probe."""
+    if len(rotations) != len(probes):
+        raise ValueError(f"{len(rotations)} rotations for {len(probes)} probes; pass one per probe")
+    out: dict[str, list] = {"untouched": [], "fixed": [], "adaptive": []}
+    for p, rot in zip(probes, rotations):
+        prompts = [p["template"].format(placeholder)] * n_images
+        out["untouched"].append(generate(pipe, prompts, seed=seed, **generation))
+        chosen = 0.0 if rot is None or rot != rot else float(rot)  # none acceptable: V*'s direction, fixed scale
+        for label, (r, s) in (("fixed", fixed), ("adaptive", (chosen, fixed[1]))):
+            with tea(pipe, placeholder, class_word, rotation=r, scale=s):
+                out[label].append(generate(pipe, prompts, seed=seed, **generation))
+    return {k: np.concatenate(v) for k, v in out.items()}
+

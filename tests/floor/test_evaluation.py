@@ -56,7 +56,7 @@ def test_evaluate_groups_by_prompt_and_seed_and_pairs_conditions():
     assert meta["image_size"] == [8, 8] and meta["references"]["count"] == 2
     assert meta["counts"]["with"] == {"prompts": 2, "images": 4} and meta["backbones"]["clip"] == "ToyJudge"
     rows = interval_rows(ev, n_boot=200)
-    assert rows["with"]["n"] == "2 x 2" and "[" in rows["with"]["clip_i"]
+    assert rows["with"]["n"] == "2 prompts, 4 images" and "[" in rows["with"]["clip_i"]
 
 
 def test_round_trip(tmp_path):
@@ -91,3 +91,11 @@ def test_combine_prefixes_prompts_by_concept():
     assert both.conditions == ["x"] and both.meta["counts"]["x"] == {"prompts": 4, "images": 8}
     assert both.items["x"]["prompt"][0] == "candy/a {} on a black background"
     assert set(both.meta["concepts"]) == {"candy", "spark"}
+
+
+def test_a_template_drawn_twice_is_two_probes():
+    probes = [PROBES[0], PROBES[1], PROBES[0]]
+    ev = evaluate({"a": images(0, 6)}, probes, "circle", images(1, 2), ToyJudge(), repeats=2)
+    prompts, groups, _ = ev.grouped("a", "clip_i")
+    assert prompts == ["a {} on a black background", "a {} at the left", "a {} on a black background #2"]
+    assert ev.summary(n_boot=100)["a"]["clip_i"].mean == pytest.approx(np.mean(ev.items["a"]["clip_i"]))

@@ -69,3 +69,20 @@ def test_figures_render_to_png_without_pyplot():
         fig.savefig(buf, format="png")
         img = Image.open(io.BytesIO(buf.getvalue()))
         assert img.format == "PNG" and img.size[0] > 10 and img.size[1] > 10
+
+
+def test_interval_and_difference_plots_draw_each_row():
+    from persviz.plots import difference_plot, interval_plot
+    from persviz.stats import Difference, Interval
+    rows = {"a": Interval(1.0, 0.5, 1.5, 10, 20), "b": Interval(2.0, 1.0, 3.0, 10, 20)}
+    fig = interval_plot(rows, "CLIP-I")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"] and "10 prompts" in ax.get_title()
+    diffs = {"x": Difference(0.5, 0.1, 0.9, 10, 20, p=0.01, p_holm=0.02),
+             "y": Difference(-0.1, -0.4, 0.2, 10, 20, p=0.5, p_holm=0.5)}
+    fig = difference_plot(diffs)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["p=0.02", "p=0.5"]
+    import pytest
+    with pytest.raises(ValueError, match="no rows"):
+        interval_plot({}, "x")

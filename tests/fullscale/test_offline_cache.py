@@ -1,4 +1,4 @@
-"""The offline cache: SD 1.5, CLIP ViT-L/14 and DINOv2-base under their real Hub ids load through persviz.loading
+"""The offline cache: SD 1.5, CLIP ViT-L/14, DINOv2-base and DINO ViT-S/16 under their real Hub ids load through persviz.loading
 offline exactly as the real downloads would; missing ids name the `hf download` line."""
 import fnmatch
 import json
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from persviz.hub_models import HUB_MODELS, download_command, is_cached
-from persviz.loading import CLIP_L14, DINO, SD15, ModelNotAvailableError, load_evaluator, load_pipeline
+from persviz.loading import CLIP_L14, DINO, DINO_DREAMBENCH, SD15, ModelNotAvailableError, load_evaluator, load_pipeline
 from persviz.sd15 import SMALL_SIDE, SMALL_TEXT_WIDTH, build_sd15_pipeline, offline_commit
 from tests.fullscale.conftest import point_hub_cache
 
@@ -88,6 +88,22 @@ def test_evaluators_load_offline(offline_sd15_cache):
     assert torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
+def test_dreambench_dino_is_the_cls_token(offline_sd15_cache):
+    """DreamBench's DINO-I: DINO ViT-S/16's CLS token; the TEA code's: DINOv2-base's mean over tokens."""
+    from persviz.evaluation import describe_evaluator
+    images = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    vits = load_evaluator(DINO_DREAMBENCH, kind="dino", device="cpu")
+    assert vits.pooling == "cls" and type(vits.model).__name__ == "ViTModel"
+    px = vits.processor(images=list(images), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        cls = vits.model(pixel_values=px).last_hidden_state[:, 0]
+    assert torch.allclose(vits.embed_images(images), torch.nn.functional.normalize(cls, dim=-1), atol=1e-5)
+    assert describe_evaluator(vits) == f"{DINO_DREAMBENCH} (CLS token)"
+    assert describe_evaluator(load_evaluator(DINO, kind="dino", device="cpu")) == f"{DINO} (mean-pooled)"
+    with pytest.raises(ValueError, match="pooling is a DINO option"):
+        load_evaluator(CLIP_L14, kind="clip", pooling="cls")
+
+
 def test_minimal_download_is_enough_for_diffusers(offline_sd15_cache, tmp_path, monkeypatch):
     """After `hf download SD15 --include ...` the cache records the whole repository's listing (trees/) but holds
     only the included files; diffusers checks the files it wants against that listing. It loads: the patterns
@@ -116,7 +132,8 @@ def test_an_id_missing_from_the_cache_names_the_download(offline_sd15_cache):
     assert "huggingface-cli" not in msg
 
 
-@pytest.mark.parametrize("hub_id,kind", [(SD15, None), (CLIP_L14, "clip"), (DINO, "dino")])
+@pytest.mark.parametrize("hub_id,kind", [(SD15, None), (CLIP_L14, "clip"), (DINO, "dino"),
+                                         (DINO_DREAMBENCH, "dino")])
 def test_known_ids_missing_name_their_minimal_download(empty_hub_cache, hub_id, kind):
     with pytest.raises(ModelNotAvailableError) as info:
         load_pipeline(hub_id) if kind is None else load_evaluator(hub_id, kind=kind)

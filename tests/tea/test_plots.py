@@ -160,3 +160,14 @@ def test_plots_refuse_mismatched_inputs(name):
     fn, msg = BAD[name]
     with pytest.raises(ValueError, match=msg):
         fn()
+
+
+def test_sweep_lines_draw_interval_bands_around_each_line():
+    fig, ax = new_ax()
+    v = _sweep()
+    tp.sweep_lines(ROT, SCA, v, "CLIP-T", x="rotation", ax=ax, low=v - 1, high=v + 2)
+    assert len(ax.lines) == len(SCA) and len(ax.collections) == len(SCA)
+    band = ax.collections[1].get_paths()[0].vertices  # scale 0.5: its line's values -1 .. +2
+    assert band[:, 1].min() == pytest.approx(v[:, 1].min() - 1) and band[:, 1].max() == pytest.approx(v[:, 1].max() + 2)
+    with pytest.raises(ValueError, match="both low and high"):
+        tp.sweep_lines(ROT, SCA, v, "CLIP-T", low=v)
