@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import torch
 from persviz import run_notebooks
 from persviz.finexl import benchmark as finexl_benchmark
 from persviz.generation import GUIDANCE
-from persviz import doctor, embedding_files, foreign_runs
+from persviz import doctor, embedding_files, foreign_runs, shards
 from persviz.io import to_jsonable, write_json
 from persviz.concept_folder import check_method, read_concept
 from persviz.loading import FULL_DEFAULTS, SHAPESWORLD, default_model, load_evaluator, load_pipeline
@@ -44,6 +45,7 @@ from persviz.shapesworld import evaluate as world_evaluate
 from persviz.shapesworld import train as world_train
 from persviz.shapesworld.concepts import CONCEPTS, CONCEPTS_DIR, write_references
 from persviz.tea import concept_study, fix_file, inspect_file, shapesworld_runs
+from persviz.tea import sweep as tea_sweep
 from persviz.trainers import METHODS, concept_runs
 
 
@@ -410,27 +412,107 @@ def _add_study(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--clip", default=None, help="CLIP evaluator (default: the scale's)")
     p.add_argument("--dino", default=None, help="DINO evaluator (default: the scale's)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _add_processes(p)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
     p.add_argument("--no-progress", action="store_true")
 
-    def study(a: argparse.Namespace) -> dict:
+    def study(a: argparse.Namespace) -> Any:
+        code = _relaunch(a)
+        if code is not None:
+            return code
         _threads(a.threads)
         concept = read_concept(a.concept)
         small = concept.model == SHAPESWORLD
-        pipe = load_pipeline(None if small else concept.model)
+        state = shards.process_state()
+        device = _process_device(state)
+        pipe = load_pipeline(None if small else concept.model, device=device)
         concept_runs.check_sd1(pipe, concept.model)
         if not small:
             pipe.vae.enable_slicing()  # decode one image at a time: 512 px batches fit a small GPU
-        clip = load_evaluator(a.clip or (None if small else FULL_DEFAULTS["clip"]), kind="clip")
-        dino = load_evaluator(a.dino or (None if small else FULL_DEFAULTS["dino"]), kind="dino")
-        oracle = load_evaluator(kind="oracle") if small else None
+        clip = load_evaluator(a.clip or (None if small else FULL_DEFAULTS["clip"]), kind="clip", device=device)
+        dino = load_evaluator(a.dino or (None if small else FULL_DEFAULTS["dino"]), kind="dino", device=device)
+        oracle = load_evaluator(kind="oracle", device=device) if small else None
         settings = concept_study.StudySettings(a.probes, a.repeats, a.every, a.steps, a.guidance, a.batch_size)
         methods = [check_method(m) for m in a.methods.split(",")] if a.methods else None
         out = concept_study.study_concept(concept.folder, pipe, clip, dino, oracle, settings, methods,
-                                          progress=not a.no_progress)
+                                          progress=not a.no_progress, state=state)
+        if out is None:  # not the main process: the main one gathers and writes
+            return None
         print(f"wrote {Path(concept.folder) / concept_study.STUDY_DIR / 'study.json'} and {len(out['figures'])} figures")
         return out
     p.set_defaults(run=study)
+
+
+def _add_processes(p: Any) -> None:
+    p.add_argument("--processes", type=int, default=1,
+                   help="processes to shard the grid over (accelerate launches them; one per GPU, or CPU processes "
+                        "over gloo); `accelerate launch -m persviz ...` works too")
+
+
+def _relaunch(a: argparse.Namespace) -> int | None:
+    """With --processes N > 1 outside a launch: the same command again in N processes through accelerate, its exit
+    code; None when this process is the one to run (one process, or already launched)."""
+    if a.processes < 1:
+        raise SystemExit(f"persviz {a.command}: --processes must be at least 1; got {a.processes}")
+    if a.processes == 1 or shards.launched():
+        return None
+    code = shards.relaunch(shards.strip_option(a.argv, "--processes"), a.processes, a.threads)
+    if code:
+        raise SystemExit(f"persviz {a.command}: a process of the {a.processes} failed (exit {code}); the cells written "
+                         "so far are kept, run the same command again to resume")
+    return code
+
+
+def _process_device(state: Any) -> str | None:
+    """This process's GPU when launched on several GPUs (each process its own), else the default device."""
+    return str(state.device) if state.device.type == "cuda" else None
+
+
+def _add_sweep(sub: Any) -> None:
+    p = sub.add_parser("sweep", help="token-level TEA over rotation x scale on a concept's Textual Inversion run, "
+                       "every image scored; sharded, resumable", description=tea_sweep.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("concept", help="the concept folder (with a Textual Inversion run)")
+    p.add_argument("--rotations", type=_floats, default=(0.0, 0.2, 0.4), help="comma-separated, in [0, 1]")
+    p.add_argument("--scales", type=_floats, default=(0.0, 0.5, 1.0), help="comma-separated, in [0, 1]")
+    p.add_argument("--prompts", type=int, default=48, help="contextual prompts")
+    p.add_argument("--seeds", type=int, default=2, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0, help="first generation seed")
+    p.add_argument("--chunk", type=int, default=None, help="prompts per cell (default: all prompts in one cell)")
+    p.add_argument("--out", required=True, help="results folder: cells/, manifest.json, sweep.json")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 25 ShapesWorld, 50 SD 1.5)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance (default: 4 ShapesWorld, 7 SD 1.5)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--clip", default=None, help="CLIP evaluator (default: the scale's)")
+    p.add_argument("--dino", default=None, help="DINO evaluator (default: the scale's)")
+    _add_processes(p)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
+    p.add_argument("--no-progress", action="store_true")
+
+    def sweep(a: argparse.Namespace) -> Any:
+        code = _relaunch(a)
+        if code is not None:
+            return code
+        _threads(a.threads)
+        tea_sweep.sweep_cells(a.rotations, a.scales, a.prompts, a.chunk)  # bad knobs fail before any model loads
+        concept = read_concept(a.concept)
+        small = concept.model == SHAPESWORLD
+        state = shards.process_state()
+        device = _process_device(state)
+        pipe = load_pipeline(None if small else concept.model, device=device)
+        concept_runs.check_sd1(pipe, concept.model)
+        clip = load_evaluator(a.clip or (None if small else FULL_DEFAULTS["clip"]), kind="clip", device=device)
+        dino = load_evaluator(a.dino or (None if small else FULL_DEFAULTS["dino"]), kind="dino", device=device)
+        oracle = load_evaluator(kind="oracle", device=device) if small else None
+        gen = concept_study.StudySettings(steps=a.steps, guidance=a.guidance, batch_size=a.batch_size).generation(small)
+        ev = tea_sweep.run_sweep(concept.folder, pipe, clip, dino, oracle, a.rotations, a.scales, a.prompts, a.seeds,
+                                 a.out, a.seed, a.chunk, gen["steps"], gen["guidance"], gen["batch_size"], state,
+                                 progress=not a.no_progress)
+        if ev is not None:
+            print(f"wrote {Path(a.out) / tea_sweep.SWEEP_JSON}: {len(ev.conditions)} conditions x "
+                  f"{a.prompts} prompts x {a.seeds} seeds ({state.num_processes} process(es))")
+        return ev
+    p.set_defaults(run=sweep)
 
 
 def _add_doctor(sub: Any) -> None:
@@ -454,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_adopt(sub)
     _add_study(sub)
+    _add_sweep(sub)
     _add_shapesworld(sub)
     _add_tea(sub)
     _add_finexl(sub)
@@ -467,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> Any:
     """Entry point of the ``persviz`` console script: runs the subcommand; an integer result is the exit code."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a --processes N run launches again
     try:
         result = args.run(args)
     except ValueError as e:

@@ -23,10 +23,12 @@ from PIL import Image
 
 from persviz.concept_folder import Concept, read_concept
 from persviz.embeddings import token_row
+from persviz.evaluation import describe_evaluator
 from persviz.io import write_json
 from persviz.loading import SHAPESWORLD
 from persviz.paths import DATA_DIR
 from persviz.prompts import load_prompt_set
+from persviz.shards import cell, run_cells
 from persviz.shapesworld.concepts import CONCEPTS, contextual_probes, reference_signature
 from persviz.tea.plots import impact_curves, norm_ratio_curve, shift_grid
 from persviz.tea.study import dominance_over_steps, impacts_over_steps, personalized, score_images, tea_rows
@@ -201,13 +203,26 @@ def tea_table(pipe: Any, concept: Concept, probes: Sequence[Mapping], score: Any
     return table
 
 
+def study_cells(concept: Concept, n_snapshots: int, methods: Sequence[str] | None = None) -> list[dict]:
+    """The study's parts as cells of persviz.shards: the tracker, each snapshot of the impacts, each method's TEA rows."""
+    cells = []
+    if "textual_inversion" in concept.runs:
+        cells.append(cell(part="text"))
+        cells += [cell(part="impacts", snapshot=i) for i in range(n_snapshots)]
+    return cells + [cell(part="tea", method=m) for m in methods or [m for m in METHODS if m in concept.runs]]
+
+
 def study_concept(folder: Any, pipe: Any, clip: Any, dino: Any = None, oracle: Any = None,
                   settings: StudySettings | None = None, methods: Sequence[str] | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, state: Any = None) -> dict | None:
     """Run the study of a concept folder on `pipe` (the concept's model) and write study/study.json and figures.
 
     oracle: ShapesWorld's attribute oracle (its columns only on ShapesWorld; None elsewhere). methods: the runs
-    to put in the TEA table (default: every run the folder has)."""
+    to put in the TEA table (default: every run the folder has). The parts (tracker, each snapshot of the impacts,
+    each method's TEA rows) are cells of persviz.shards, written to study/cells/ and sharded over the processes of
+    `state` (accelerate's PartialState; default: this process alone): a killed study resumes with the missing
+    parts, a study of other settings or snapshots starts over. Returns the study on the main process, None on the
+    others."""
     concept = read_concept(folder)
     settings = settings or StudySettings()
     shapesworld = concept.model == SHAPESWORLD
@@ -223,17 +238,40 @@ def study_concept(folder: Any, pipe: Any, clip: Any, dino: Any = None, oracle: A
     def score(images: np.ndarray) -> dict:
         return score_images(images, probes, concept.class_word, refs, clip, dino, oracle, signature, settings.repeats)
 
+    snaps = []
     if "textual_inversion" in concept.runs:
         run = concept.run_dir("textual_inversion")
-        contextual, simple = shift_sets(concept)
-        out["text"] = track_semantic_shift(pipe, run, contextual, simple, class_word=concept.class_word,
-                                           placeholder=concept.token("textual_inversion"), progress=progress)
         init = pipe.text_encoder.get_input_embeddings().weight[token_row(pipe, concept.class_word)].detach().clone()
-        out["images"] = impacts_over_steps(pipe, snapshots(run, settings.every, init), concept.placeholder,
-                                           concept.class_word, probes, refs, clip, dino, oracle, signature,
-                                           settings.repeats, settings.seed, progress=progress, **gen)
-    out["tea_table"] = tea_table(pipe, concept, probes, score, methods, settings.repeats, settings.seed, **gen)
+        snaps = snapshots(run, settings.every, init)
+    methods = list(methods or [m for m in METHODS if m in concept.runs])
+    cells = study_cells(concept, len(snaps), methods)
+
+    def compute(c: dict) -> dict:
+        if c["part"] == "text":
+            contextual, simple = shift_sets(concept)
+            return track_semantic_shift(pipe, run, contextual, simple, class_word=concept.class_word,
+                                        placeholder=concept.token("textual_inversion"), progress=False)
+        if c["part"] == "impacts":
+            table = impacts_over_steps(pipe, [snaps[c["snapshot"]]], concept.placeholder, concept.class_word, probes,
+                                       refs, clip, dino, oracle, signature, settings.repeats, settings.seed,
+                                       progress=False, **gen)
+            return {k: v[0] for k, v in table.items()}
+        return tea_table(pipe, concept, probes, score, [c["method"]], settings.repeats, settings.seed, **gen)
+
     study_dir = Path(concept.folder) / STUDY_DIR
+    grid = {**out["settings"], "methods": methods, "model": concept.model,
+            "snapshots": [[int(k), round(float(v.norm()), 6)] for k, v in snaps],
+            "judges": [describe_evaluator(j) for j in (clip, dino, oracle)]}
+    results = run_cells(cells, compute, study_dir, grid, state=state, progress=progress, desc="study",
+                        on_mismatch="restart")
+    if results is None:
+        return None
+    parts = [(c, results[c["id"]]) for c in cells]
+    if "textual_inversion" in concept.runs:
+        out["text"] = next(r for c, r in parts if c["part"] == "text")
+        rows = [r for c, r in parts if c["part"] == "impacts"]
+        out["images"] = {k: [r[k] for r in rows] for k in rows[0]}
+    out["tea_table"] = {k: v for c, r in parts if c["part"] == "tea" for k, v in r.items()}
     write_json(study_dir / "study.json", out)
     out["figures"] = [str(p) for p in write_figures(out, study_dir)]
     return out
@@ -317,4 +355,4 @@ def write_figures(study: Mapping, folder: Path) -> list[Path]:
 
 __all__ = ["PAPER_GENERATION", "STUDY_DIR", "StudySettings", "at_fractions", "class_row", "dominance", "final_embedding",
            "full_scale_probes", "reference_grid", "probe_label", "probes_for", "saved_study", "saved_study_rows", "saved_tea_table",
-           "set_aside", "shift_sets", "snapshots", "spaced_snapshots", "study_concept", "tea_table", "write_figures"]
+           "set_aside", "shift_sets", "snapshots", "spaced_snapshots", "study_cells", "study_concept", "tea_table", "write_figures"]
