@@ -262,6 +262,7 @@ def _add_pigeon(sub: Any) -> None:
             a.stage1, None if a.stage2.lower() == "none" else a.stage2, a.n_windows, _floats(a.noise_rates), a.split,
             seed=a.seed, batch_size=a.batch_size, num_inference_steps=a.steps, path=a.out)
         print(pigeon_study.format_table(rows))
+        print(pigeon_study.format_differences(rows))
         print(f"written to {a.out}")
         return rows
     p.set_defaults(run=study)

@@ -275,10 +275,27 @@ def kept_noise_plot(results: Sequence[Mapping[str, Any]], ax: Axes | None = None
 DEFAULT_BAR_METRICS = ("clip_i", "dino_i", "taste", "clip_t", "shape")
 
 
+def _bar_errors(rows: Sequence[Mapping[str, Any] | None], metric: str, values: Sequence[float]) -> Any:
+    """Error bars of one row's bars: [2, N] distances to the interval's ends where every present row has an
+    interval of ``metric``, else the SEMs ([N]), else None."""
+    present = [r for r in rows if r is not None]
+    if present and all(metric in (r.get("intervals") or {}) for r in present):
+        err = np.full((2, len(rows)), np.nan)
+        for i, (r, v) in enumerate(zip(rows, values)):
+            if r is not None and np.isfinite(v):
+                iv = r["intervals"][metric]
+                err[:, i] = [max(0.0, v - float(iv["low"])), max(0.0, float(iv["high"]) - v)]
+        return err
+    sem = [None if r is None else r.get(f"{metric}_sem") for r in rows]
+    return None if all(e is None for e in sem) else [np.nan if e is None else float(e) for e in sem]
+
+
 def comparison_bars(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = DEFAULT_BAR_METRICS,
                     axes: Sequence[Axes] | None = None) -> Figure:
     """The comparison table as grouped bars: one panel per metric, noise rates on x, one bar per row
-    (error bars: the standard error where the table has one); bars start at 0, read small gaps in the table."""
+    (error bars: the bootstrap 95 % interval over windows where the rows have "intervals", as
+    ``comparison_table`` writes them, else the standard error where the table has one); bars start at 0, read
+    small gaps in the table."""
     if not rows:
         raise ValueError("no rows to plot; pass comparison_table(...) or load_comparison(path)[0]")
     labels = {k: lab for k, lab, _ in METRICS}
@@ -301,8 +318,7 @@ def comparison_bars(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = 
             by_rate = {float(r["noise_rate"]): r for r in rows if r["row"] == name}
             vals = [by_rate[x].get(m, np.nan) if x in by_rate else np.nan for x in rates]
             vals = [np.nan if v is None else float(v) for v in vals]
-            err = [by_rate[x].get(f"{m}_sem") if x in by_rate else None for x in rates]
-            err = None if all(e is None for e in err) else [np.nan if e is None else float(e) for e in err]
+            err = _bar_errors([by_rate.get(x) for x in rates], m, vals)
             ax.bar(np.arange(len(rates)) + (i - (len(names) - 1) / 2) * width, vals, width, yerr=err,
                    color=colors(i), label=name, capsize=2, error_kw={"lw": 0.8})
             vals_all += [v for v in vals if np.isfinite(v)]

@@ -41,6 +41,7 @@ from persviz.pigeon.mask import HISTORY_TYPE, REFERENCE_TYPE, gumbel_topk_mask
 from persviz.pigeon.model import HISTORY_MODES, RATIOS, WEIGHTS_FILE, PigeonPipeline
 from persviz.pigeon.train import PAIRS_FILE
 from persviz.pigeon.users import PigeonDataset, as_image_tensor, make_datasets, taste_report, validate_request
+from persviz.stats import LEVEL, N_BOOT, bootstrap_mean, holm_table, paired_difference
 
 PIGEON_DIR = DATA_DIR / "pigeon"
 #: The comparison's rows: key -> label (the paper's baselines at ShapesWorld scale, then the two stages).
@@ -59,6 +60,9 @@ METRICS = (("clip_i", "CLIP-I to history (x100)", "personalization"),
            ("any_color", "oracle, object anywhere: favourite color", "personalization"),
            ("any_texture", "oracle, object anywhere: texture", "personalization"),
            ("any_shape", "oracle, object anywhere: requested shape", "semantic alignment"))
+#: Rows compared against the unmasked history (``paired_differences``): each stage minus "history without masks".
+BASELINE = "no_mask"
+COMPARED = ("stage1", "stage2")
 #: The oracle's strict reading looks in the target's slot (the reference's position); the "any_" columns judge
 #: the generated object wherever it stands, separating the taste from placing the object where the reference has it.
 #: The first chunk of a run's stage-2 pairs, shipped for the figures (pairs.pt itself is not).
@@ -179,7 +183,7 @@ def _mean_cos(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
 
 
 def score_generations(images: np.ndarray, histories: np.ndarray, windows: Sequence[Any], clip: Any, dino: Any,
-                      oracle: Any) -> dict[str, Any]:
+                      oracle: Any, per_item: bool = False) -> dict[str, Any]:
     """Personalization and semantic alignment of generated images, one per window.
 
     Args:
@@ -187,6 +191,9 @@ def score_generations(images: np.ndarray, histories: np.ndarray, windows: Sequen
         histories: uint8 [N, H, S, S, 3] their histories.
         windows: the N ``users.Window`` ground truths (instruction, taste, target slot).
         clip, dino, oracle: ``persviz.loading.load_evaluator`` of kinds "clip", "dino", "oracle".
+
+        per_item: also return "items": {metric: [score of each window]} (CLIP / DINO scores x100, the oracle's
+            0/1 hits); the means are their means.
 
     Returns:
         {metric: mean} for every key of ``METRICS``, "{metric}_sem" for the CLIP / DINO scores, and "n".
@@ -197,17 +204,28 @@ def score_generations(images: np.ndarray, histories: np.ndarray, windows: Sequen
                          f"pass one of each per request")
     flat = histories.reshape(n * h, *histories.shape[2:])
     out: dict[str, Any] = {"n": int(n)}
+    items: dict[str, list[float]] = {}
     for key, ev in (("clip_i", clip), ("dino_i", dino)):
         v = _mean_cos(ev.embed_images(images), ev.embed_images(flat).view(n, h, -1))
         out[key], out[f"{key}_sem"] = float(v.mean()), _sem(v)
+        items[key] = v.astype(np.float64).tolist()
     from persviz.metrics import clip_t  # heavy: persviz.metrics imports diffusers (the oracle)
 
     ct = clip_t(clip, images, [w.instruction for w in windows]).numpy()
     out["clip_t"], out["clip_t_sem"] = float(ct.mean()), _sem(ct)
+    items["clip_t"] = ct.astype(np.float64).tolist()
     readings = oracle.read(images)
     out.update(taste_report(readings, windows))
     out.update({f"any_{k}": v for k, v in taste_report(readings, windows, anywhere=True).items()
                 if k in ("taste", "color", "texture", "shape")})
+    if per_item:
+        hits = [taste_report([r], [w]) for r, w in zip(readings, windows)]  # one window at a time: 0/1 hits
+        hits_any = [taste_report([r], [w], anywhere=True) for r, w in zip(readings, windows)]
+        for k in ("shape", "color", "texture", "background", "taste", "all"):
+            items[k] = [float(x[k]) for x in hits]
+        for k in ("taste", "color", "texture", "shape"):
+            items[f"any_{k}"] = [float(x[k]) for x in hits_any]
+        out["items"] = items
     return out
 
 
@@ -222,7 +240,8 @@ def comparison_table(stage1: PigeonPipeline | PathLike, stage2: PigeonPipeline |
                      clip: Any = None, dino: Any = None, oracle: Any = None, seed: int = 0, batch_size: int = 8,
                      num_inference_steps: int = 25, guidance_scale: float = 4.0,
                      ratios: Sequence[float] = RATIOS, n_users: int | None = None, data_seed: int | None = None,
-                     path: PathLike | None = None, progress: bool = True) -> list[dict[str, Any]]:
+                     path: PathLike | None = None, progress: bool = True, n_boot: int = N_BOOT,
+                     level: float = LEVEL) -> list[dict[str, Any]]:
     """Pigeon against its ablations on held-out users, per noise rate (the paper's main table at ShapesWorld scale).
 
     Rows (``ROWS``), each with test-time ratio selection (``PigeonPipeline.select``) from the same latents:
@@ -239,12 +258,18 @@ def comparison_table(stage1: PigeonPipeline | PathLike, stage2: PigeonPipeline |
         seed: latents of batch starting at window j are drawn from ``seed + j`` (the same for every row).
         batch_size, num_inference_steps, guidance_scale, ratios: generation settings.
         n_users, data_seed: the user population (default: stage 1's training run, else 1000 users, seed 0).
-        path: if given, {"settings", "rows"} is written there as JSON (atomically).
+        path: if given, {"settings", "rows"} is written there as JSON (atomically). The run resumes: each finished
+            (noise rate, row) block is kept in ``<path>.partial`` (same settings and weights only) until the table
+            is written.
         progress: a tqdm bar.
+        n_boot, level: the bootstrap of the intervals (``with_intervals``, ``paired_differences``).
 
     Returns:
         One dict per (noise rate, row): "noise_rate", "row" (label), "key", "n", the metrics of ``METRICS``
-        (means; CLIP / DINO scores also "{key}_sem") and "ratio_counts" {ratio: times selected}.
+        (means; CLIP / DINO scores also "{key}_sem"), "ratio_counts" {ratio: times selected}, "items" (the
+        windows' dataset indices and every metric's per-window scores), "intervals" {metric: mean, low, high,
+        n_prompts (windows), n_images, level} and, on the stage rows, "vs_no_mask" {metric: the paired
+        difference stage - history without masks with its interval, Wilcoxon p and Holm's p across the metrics}.
     """
     for name, v in (("n_windows", n_windows), ("batch_size", batch_size), ("num_inference_steps", num_inference_steps)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -267,6 +292,15 @@ def comparison_table(stage1: PigeonPipeline | PathLike, stage2: PigeonPipeline |
         ds = heldout_dataset(rate, split, settings["n_users"], settings["data_seed"], settings["n_interactions"])
         data.append((float(rate), ds, pick_windows(ds, min(int(n_windows), len(ds)))))
     total = sum(math.ceil(len(idx) / batch_size) for _, _, idx in data) * len(runs)
+    run_settings = {"n_windows": int(n_windows), "noise_rates": [float(r) for r in noise_rates], "split": split,
+                    "seed": seed, "batch_size": batch_size, "num_inference_steps": num_inference_steps,
+                    "guidance_scale": guidance_scale, "ratios": [float(r) for r in ratios], **settings,
+                    "stage1": str(stage1) if not isinstance(stage1, PigeonPipeline) else "pipeline",
+                    "stage2": (None if stage2 is None else str(stage2)
+                               if not isinstance(stage2, PigeonPipeline) else "pipeline")}
+    partial = None if path is None else Path(path).with_name(Path(path).name + ".partial")
+    resume_key = json.dumps({**run_settings, "weights": [_weights_stamp(w) for w in (stage1, stage2)]})
+    done = _read_partial(partial, resume_key)
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=total, desc="comparison table", disable=not progress)
     try:
@@ -274,6 +308,10 @@ def comparison_table(stage1: PigeonPipeline | PathLike, stage2: PigeonPipeline |
             windows = [ds.window(i) for i in idx]
             histories = np.stack([ds.images(i)["history"] for i in idx])
             for key, pipe, mode in runs:
+                if (rate, key) in done:  # finished by an interrupted call with the same settings and weights
+                    rows.append(done[(rate, key)])
+                    bar.update(math.ceil(len(idx) / batch_size))
+                    continue
                 images, counts = [], [0] * len(ratios)
                 bar.set_postfix(noise=rate, row=key)
                 with history_mode(pipe, mode):
@@ -286,22 +324,94 @@ def comparison_table(stage1: PigeonPipeline | PathLike, stage2: PigeonPipeline |
                         for r in sel.ratio_index:
                             counts[r] += 1
                         bar.update(1)
-                scores = score_generations(np.concatenate(images), histories, windows, clip, dino, oracle)
+                scores = score_generations(np.concatenate(images), histories, windows, clip, dino, oracle,
+                                           per_item=True)
+                scores["items"] = {"window": [int(i) for i in idx], **scores["items"]}
                 rows.append({"noise_rate": rate, "row": ROWS[key], "key": key, **scores,
                              "ratio_counts": {f"{r:g}": c for r, c in zip(ratios, counts)}})
+                if partial is not None:
+                    write_json(partial, {"key": resume_key, "rows": rows})
     finally:
         bar.close()
+    rows = paired_differences(with_intervals(rows, n_boot, level), n_boot=n_boot, level=level)
     if path is not None:
-        record = {"settings": {"n_windows": int(n_windows), "noise_rates": [float(r) for r in noise_rates],
-                               "split": split, "seed": seed, "batch_size": batch_size,
-                               "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                               "ratios": [float(r) for r in ratios], **settings,
-                               "stage1": str(stage1) if not isinstance(stage1, PigeonPipeline) else "pipeline",
-                               "stage2": (None if stage2 is None else str(stage2)
-                                          if not isinstance(stage2, PigeonPipeline) else "pipeline")},
+        record = {"settings": {**run_settings, "n_boot": int(n_boot), "level": float(level),
+                               "intervals": "bootstrap over windows (one image per window), persviz.stats"},
                   "rows": rows}
         write_json(path, record)
+        if partial is not None and partial.is_file():
+            partial.unlink()
     return rows
+
+
+def _weights_stamp(weights: Any) -> Any:
+    """Size and mtime of a weights folder's file (a resume must not mix two trainings); None for a pipeline."""
+    if weights is None or isinstance(weights, PigeonPipeline):
+        return None
+    f = Path(weights).expanduser() / WEIGHTS_FILE
+    return [f.stat().st_size, f.stat().st_mtime_ns] if f.is_file() else None
+
+
+def _read_partial(partial: Path | None, key: str) -> dict[tuple[float, str], dict[str, Any]]:
+    """The finished blocks of an interrupted run with the same key, {(noise rate, row key): row}; else {}."""
+    if partial is None or not partial.is_file():
+        return {}
+    try:
+        rec = json.loads(partial.read_text())
+    except (OSError, ValueError):
+        return {}
+    if rec.get("key") != key:
+        return {}
+    return {(float(r["noise_rate"]), r["key"]): r for r in rec.get("rows", [])}
+
+
+def _items(row: Mapping[str, Any], metric: str) -> np.ndarray | None:
+    items = row.get("items") or {}
+    return None if metric not in items else np.asarray(items[metric], dtype=np.float64)
+
+
+def with_intervals(rows: Sequence[Mapping[str, Any]], n_boot: int = N_BOOT, level: float = LEVEL,
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """The rows with "intervals" {metric: Interval as JSON} for every metric of ``METRICS`` they have per-window
+    scores of: the mean over windows with its percentile bootstrap interval (``persviz.stats.bootstrap_mean``,
+    windows resampled; one image per window, so no seed level). Rows without "items" come back unchanged."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        iv = {}
+        for k, _, _ in METRICS:
+            v = _items(r, k)
+            if v is not None and v.size:
+                iv[k] = bootstrap_mean(v[:, None], n_boot, level, seed).to_json()
+        if iv:
+            r["intervals"] = iv
+        out.append(r)
+    return out
+
+
+def paired_differences(rows: Sequence[Mapping[str, Any]], against: str = BASELINE,
+                       compared: Sequence[str] = COMPARED, n_boot: int = N_BOOT, level: float = LEVEL,
+                       seed: int = 0) -> list[dict[str, Any]]:
+    """The rows with f"vs_{against}" on each ``compared`` row: per metric, row - ``against`` row of the same noise
+    rate on the same windows and latents (``persviz.stats.paired_difference``: mean, bootstrap interval over
+    windows, Wilcoxon p over windows) and Holm's p across the metrics of that row (``holm_table``)."""
+    base = {(float(r["noise_rate"]), r["key"]): r for r in rows}
+    out = []
+    for r in rows:
+        r = dict(r)
+        ref = base.get((float(r["noise_rate"]), against))
+        if r["key"] in compared and ref is not None and "items" in r and "items" in ref:
+            if list(r["items"].get("window", [])) != list(ref["items"].get("window", [])):
+                raise ValueError(f"rows {r['key']!r} and {against!r} at noise {r['noise_rate']:g} hold different "
+                                 f"windows; they cannot be paired")
+            diffs = {}
+            for k, _, _ in METRICS:
+                a, b = _items(ref, k), _items(r, k)
+                if a is not None and b is not None:
+                    diffs[k] = paired_difference(a[:, None], b[:, None], n_boot, level, seed)
+            r[f"vs_{against}"] = {k: d.to_json() for k, d in holm_table(diffs).items()}
+        out.append(r)
+    return out
 
 
 def load_comparison(path: PathLike) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -316,7 +426,9 @@ def load_comparison(path: PathLike) -> tuple[list[dict[str, Any]], dict[str, Any
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] | None = None) -> str:
-    """The comparison rows as a markdown table: one line per (noise rate, row), one column per metric."""
+    """The comparison rows as a markdown table: one line per (noise rate, row), one column per metric; each cell
+    the mean with its bootstrap 95 % interval over windows, "mean [low, high]" (files without per-window scores:
+    "mean ± SEM" where there is one)."""
     if not rows:
         raise ValueError("no rows to format; run comparison_table first")
     keys = list(metrics) if metrics is not None else [k for k, _, _ in METRICS]
@@ -330,12 +442,43 @@ def format_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] | Non
             if v is None or (isinstance(v, float) and not math.isfinite(v)):
                 cells.append("–")
                 continue
+            iv = (r.get("intervals") or {}).get(k)
             pm = r.get(f"{k}_sem")
             text = f"{v:.2f}"
-            if pm is not None and isinstance(pm, float) and math.isfinite(pm):
+            if iv is not None:
+                text += f" [{iv['low']:.2f}, {iv['high']:.2f}]"
+            elif pm is not None and isinstance(pm, float) and math.isfinite(pm):
                 text += f" ± {pm:.2f}"
             cells.append(text)
         lines.append(f"| {r['noise_rate']:g} | {r['row']} | {r.get('n', '')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_differences(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] | None = None,
+                       against: str = BASELINE) -> str:
+    """The paired differences of ``paired_differences`` as a markdown table: one line per (noise rate, stage),
+    each cell "difference [low, high] p (Holm p)" against the row ``against``."""
+    field = f"vs_{against}"
+    have = [r for r in rows if field in r]
+    if not have:
+        raise ValueError(f"no row holds {field!r}; compute them with paired_differences(rows) on rows with per-window "
+                         f"scores (comparison_table writes them)")
+    keys = list(metrics) if metrics is not None else [k for k, _, _ in METRICS if k in have[0][field]]
+    labels = {k: lab for k, lab, _ in METRICS}
+    lines = [f"| noise | minus {ROWS.get(against, against)} | n | " + " | ".join(labels.get(k, k) for k in keys) + " |",
+             "|" + "---|" * (3 + len(keys))]
+    for r in have:
+        cells = []
+        for k in keys:
+            d = r[field].get(k)
+            if d is None:
+                cells.append("–")
+                continue
+            p, q = d.get("p"), d.get("p_holm")
+            ptext = "" if p is None or not math.isfinite(p) else f" p={p:.2g} (Holm {q:.2g})"
+            cells.append(f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]{ptext}")
+        n = next(iter(r[field].values()))["n_prompts"] if r[field] else ""
+        lines.append(f"| {r['noise_rate']:g} | {r['row']} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -555,9 +698,9 @@ def pair_examples(pipe: PigeonPipeline, folder: PathLike, n: int = 4,
 # ----------------------------------------------------------------------------- command line
 
 
-__all__ = ["DATA_DEFAULTS", "METRICS", "NOISE_SWEEP", "PIGEON_DIR", "ROWS", "FullScaleNotSupportedError",
-           "comparison_table", "format_table", "heldout_dataset", "history_keep_mask", "history_mode",
-           "kept_noise_by_rate", "kept_noise_fraction", "load_comparison", "load_pairs", "load_stage",
-           "noise_fraction", "pair_examples", "pick_windows", "pooled_keep_mask", "reference_masks",
-           "require_shapesworld", "score_auc", "score_generations", "token_scores", "training_data_settings",
-           "window_masks"]
+__all__ = ["BASELINE", "COMPARED", "DATA_DEFAULTS", "METRICS", "NOISE_SWEEP", "PIGEON_DIR", "ROWS",
+           "FullScaleNotSupportedError", "comparison_table", "format_differences", "format_table", "heldout_dataset",
+           "history_keep_mask", "history_mode", "kept_noise_by_rate", "kept_noise_fraction", "load_comparison",
+           "load_pairs", "load_stage", "noise_fraction", "paired_differences", "pair_examples", "pick_windows",
+           "pooled_keep_mask", "reference_masks", "require_shapesworld", "score_auc", "score_generations",
+           "token_scores", "training_data_settings", "window_masks", "with_intervals"]

@@ -123,3 +123,21 @@ def test_comparison_bars_one_panel_per_metric() -> None:
         pp.comparison_bars(rows, metrics=("clip_t",), axes=axes)
     with pytest.raises(ValueError, match="no rows"):
         pp.comparison_bars([])
+
+
+def test_comparison_bars_draw_the_bootstrap_intervals() -> None:
+    rows = _rows()
+    for r in rows:
+        r["intervals"] = {"clip_i": {"mean": r["clip_i"], "low": r["clip_i"] - 1.0, "high": r["clip_i"] + 3.0}}
+    fig, ax = new_ax()
+    pp.comparison_bars(rows, metrics=("clip_i",), axes=[ax])
+    spans = []
+    for c in [c for c in ax.containers if getattr(c, "errorbar", None) is not None]:  # bars, not their error bars
+        (segments,) = [lc.get_segments() for lc in c.errorbar.lines[2]]
+        spans += [(s[0][1], s[1][1]) for s in segments]
+    want = [(r["clip_i"] - 1.0, r["clip_i"] + 3.0) for name in ROWS.values() for r in rows if r["row"] == name]
+    np.testing.assert_allclose(sorted(spans), sorted(want))
+    fig, ax = new_ax()  # without intervals: the SEMs, as before
+    pp.comparison_bars(_rows(), metrics=("clip_i",), axes=[ax])
+    (segments,) = [lc.get_segments() for lc in ax.containers[0].errorbar.lines[2]]
+    np.testing.assert_allclose([s[1][1] - s[0][1] for s in segments], 1.0)

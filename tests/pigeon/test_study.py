@@ -286,3 +286,81 @@ def test_shipped_pairs_sample_is_read_when_pairs_pt_is_absent(tmp_path) -> None:
     ar = torch.arange(n)
     assert torch.equal(pairs["scores"][ar, pairs["chosen_ratio"]], pairs["scores"].max(1).values)
     assert torch.equal(pairs["scores"][ar, pairs["rejected_ratio"]], pairs["scores"].min(1).values)
+
+
+# ---------------------------------------------------------------- intervals and paired differences
+def _item_rows(n=12, seed=0):
+    """Synthetic comparison rows with per-window scores: stage 1 = no mask + 2 on CLIP-I, stage 2 = no mask."""
+    rng = np.random.default_rng(seed)
+    base = {"clip_i": rng.normal(40, 5, n), "taste": (rng.random(n) < 0.5).astype(float)}
+    shift = {"no_history": {"clip_i": -30.0, "taste": 0.0}, "no_mask": {"clip_i": 0.0, "taste": 0.0},
+             "stage1": {"clip_i": 2.0, "taste": 0.0}, "stage2": {"clip_i": 0.0, "taste": 0.0}}
+    rows = []
+    for key, label in st.ROWS.items():
+        items = {"window": list(range(n)), **{k: (v + shift[key][k]).tolist() for k, v in base.items()}}
+        rows.append({"noise_rate": 0.2, "row": label, "key": key, "n": n,
+                     **{k: float(np.mean(v)) for k, v in base.items()}, "items": items})
+        for k in base:
+            rows[-1][k] += shift[key][k]
+    return rows
+
+
+def test_intervals_and_paired_differences_match_persviz_stats() -> None:
+    from persviz.stats import bootstrap_mean, holm_table, paired_difference
+    rows = st.paired_differences(st.with_intervals(_item_rows()))
+    by = {r["key"]: r for r in rows}
+    for r in rows:
+        for k in ("clip_i", "taste"):
+            iv = r["intervals"][k]
+            assert iv["low"] <= r[k] <= iv["high"] and iv["n_prompts"] == 12 and iv["n_images"] == 12
+            ref = bootstrap_mean(np.array(r["items"][k])[:, None])
+            assert iv == ref.to_json() and iv["mean"] == pytest.approx(r[k])
+        assert set(r["intervals"]) == {"clip_i", "taste"}  # only the metrics with per-window scores
+    assert "vs_no_mask" not in by["no_history"] and "vs_no_mask" not in by["no_mask"]
+    d1 = by["stage1"]["vs_no_mask"]
+    assert d1["clip_i"]["mean"] == pytest.approx(2.0) and d1["clip_i"]["low"] == pytest.approx(2.0)
+    assert d1["taste"]["mean"] == 0.0 and d1["taste"]["p"] == 1.0
+    want = holm_table({k: paired_difference(np.array(by["no_mask"]["items"][k])[:, None],
+                                            np.array(by["stage2"]["items"][k])[:, None]) for k in ("clip_i", "taste")})
+    assert by["stage2"]["vs_no_mask"] == {k: d.to_json() for k, d in want.items()}
+    md = st.format_table(rows, ["clip_i", "taste"])
+    iv = by["stage1"]["intervals"]["clip_i"]
+    assert f"{by['stage1']['clip_i']:.2f} [{iv['low']:.2f}, {iv['high']:.2f}]" in md
+    assert md.count("\n") == len(rows) + 1
+    diff_md = st.format_differences(rows, ["clip_i", "taste"])
+    assert diff_md.count("\n") == 3 and "+2.00 [+2.00, +2.00]" in diff_md and "Holm" in diff_md
+    # files without per-window scores: SEMs as before, no differences
+    old = [{k: v for k, v in r.items() if k not in ("items", "intervals", "vs_no_mask")} | {"clip_i_sem": 0.5}
+           for r in _item_rows()]
+    assert "± 0.50" in st.format_table(st.with_intervals(old), ["clip_i"])
+    with pytest.raises(ValueError, match="paired_differences"):
+        st.format_differences(st.paired_differences(old))
+    bad = _item_rows()
+    bad[3]["items"]["window"] = list(range(1, 13))
+    with pytest.raises(ValueError, match="different windows"):
+        st.paired_differences(bad)
+
+
+def test_comparison_table_stores_per_window_scores_and_resumes(tiny_pigeon_pipeline, clip_eval, dino, oracle,
+                                                               tmp_path) -> None:
+    pipe = tiny_pigeon_pipeline
+    path = tmp_path / "comparison.json"
+    kw = dict(noise_rates=(0.4,), clip=clip_eval, dino=dino, oracle=oracle, n_users=N_USERS, batch_size=2,
+              path=path, progress=False, n_boot=500, **FAST)
+    rows = st.comparison_table(pipe, pipe, 3, **kw)
+    assert not path.with_name(path.name + ".partial").exists()  # removed once the table is written
+    for r in rows:
+        assert len(r["items"]["window"]) == 3
+        for k, _, _ in st.METRICS:
+            assert np.mean(r["items"][k]) == pytest.approx(r[k])
+            assert r["intervals"][k]["low"] <= r[k] <= r["intervals"][k]["high"]
+    assert set(rows[-1]["vs_no_mask"]) == {k for k, _, _ in st.METRICS}
+    assert json.loads(path.read_text())["settings"]["n_boot"] == 500
+    # an interrupted run's finished blocks are reused when the settings match (planted: a marked first block)
+    marked = dict(rows[0], clip_i=123.0)
+    settings = {k: v for k, v in json.loads(path.read_text())["settings"].items()
+                if k not in ("n_boot", "level", "intervals")}
+    key = json.dumps({**settings, "weights": [None, None]})
+    path.with_name(path.name + ".partial").write_text(json.dumps({"key": key, "rows": [marked]}))
+    again = st.comparison_table(pipe, pipe, 3, **kw)
+    assert again[0]["clip_i"] == 123.0 and again[1]["clip_i"] == rows[1]["clip_i"]
