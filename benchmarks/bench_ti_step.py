@@ -12,18 +12,26 @@ The example calls text_encoder.train() and persviz trains with the text encoder 
 dropout at 0 the two modes compute the same function (up to kernel-level rounding), see the printed
 differences.
 
+Models: --model shapesworld (the micro-SD, default), sd15-random (SD 1.5's real architecture, 1.07 B parameters,
+random weights seeded by --seed, built offline by persviz.sd15.build_sd15_pipeline; default 128 px), a Hub id or a
+local pipeline folder. --profile adds a table of where the time of a step goes (per-phase timer, both loops).
+
     python benchmarks/bench_ti_step.py               # ShapesWorld micro-SD, 50 steps
+    python benchmarks/bench_ti_step.py --repeats 5 --profile --profile-steps 20
     python benchmarks/bench_ti_step.py --small       # 3 steps
-    python benchmarks/bench_ti_step.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda \
-        --initializer dog --steps 50
+    python benchmarks/bench_ti_step.py --model sd15-random --steps 20 --profile          # CPU, 128 px
+    python benchmarks/bench_ti_step.py --model sd15-random --resolution 512 --dtype float16 --device cuda --profile
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,63 +45,250 @@ from persviz.shapesworld import Obj, Scene, render_batch  # noqa: E402
 from persviz.trainers import OBJECT_TEMPLATES, TextualInversionConfig, load_snapshot_embedding, train_textual_inversion  # noqa: E402
 
 PLACEHOLDER = "<ti-bench>"
+SD15_RANDOM = "sd15-random"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase of each training step, from hooks that both loops pass through.
+
+    Forward pre/post hooks on the text encoder, the UNet and the VAE's encoder; torch.Tensor.backward wrapped;
+    the global optimizer-step hooks; plus any phase(name) block (the port's batch preparation and row restore).
+    step_done() closes a step; "other" is the rest of the step (host work: draws, noising, loss, zero_grad,
+    bookkeeping). On CUDA each boundary synchronizes, so the profiled run is slower than the timed one."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.cur: dict[str, float] = defaultdict(float)
+        self.steps: list[dict[str, float]] = []
+        self.order: list[str] = []
+        self.handles: list[Any] = []
+        self.t_step = 0.0
+        self._open: dict[str, float] = {}
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _add(self, name: str, dt: float) -> None:
+        if name not in self.order:
+            self.order.append(name)
+        self.cur[name] += dt
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = self.now()
+        try:
+            yield
+        finally:
+            self._add(name, self.now() - t0)
+
+    def modules(self, **named: torch.nn.Module) -> None:
+        for name, m in named.items():
+            label = f"{name} fwd"
+
+            def pre(mod, args, label=label):
+                self._open[label] = self.now()
+
+            def post(mod, args, out, label=label):
+                self._add(label, self.now() - self._open.pop(label))
+
+            self.handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+
+    def start(self) -> None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        def opt_pre(opt, args, kwargs):
+            self._open["optimizer step"] = self.now()
+
+        def opt_post(opt, args, kwargs):
+            self._add("optimizer step", self.now() - self._open.pop("optimizer step"))
+
+        self.handles += [register_optimizer_step_pre_hook(opt_pre), register_optimizer_step_post_hook(opt_post)]
+        self._backward = torch.Tensor.backward
+        timer = self
+
+        def backward(tensor, *args, **kwargs):
+            with timer.phase("backward"):
+                return timer._backward(tensor, *args, **kwargs)
+
+        torch.Tensor.backward = backward
+        self.t_step = self.now()
+
+    def step_done(self, *_args: Any) -> None:
+        t = self.now()
+        row = dict(self.cur)
+        row["step"] = t - self.t_step
+        self.steps.append(row)
+        self.cur = defaultdict(float)
+        self.t_step = t
+
+    def stop(self) -> None:
+        torch.Tensor.backward = self._backward
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def table(self, skip_first: int = 1) -> dict[str, float]:
+        """Median seconds per phase over the steps after the first `skip_first` (setup, warm-up)."""
+        rows = self.steps[skip_first:] or self.steps
+        out = {}
+        for name in self.order:
+            out[name] = statistics.median(r.get(name, 0.0) for r in rows)
+        out["other (host work)"] = statistics.median(r["step"] - sum(r.get(n, 0.0) for n in self.order) for r in rows)
+        out["step"] = statistics.median(r["step"] for r in rows)
+        return out
+
+
+def build_pipeline(args: Any) -> tuple[Any, torch.device]:
+    dtype = DTYPES[args.dtype]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.model == SD15_RANDOM:
+        from persviz.sd15 import build_sd15_pipeline
+        side = args.resolution or 128
+        pipe = build_sd15_pipeline(random_weights=True, sample_size=side if side % 64 == 0 else None, dtype=dtype,
+                                   device=device, seed=args.seed)
+    else:
+        pipe = load_pipeline(args.model, device=str(device), dtype=dtype)
+    return pipe, device
+
+
+def run_persviz(pipe: Any, images: np.ndarray, cfg: TextualInversionConfig, timer: PhaseTimer | None = None
+                ) -> dict[str, Any]:
+    stamps: list[float] = []
+
+    def tick(step: int, loss: float, emb: torch.Tensor) -> None:
+        stamps.append(time.perf_counter())
+        if timer is not None:
+            timer.step_done()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if timer is not None:
+            timer.modules(text_encoder=pipe.text_encoder, unet=pipe.unet, vae_encoder=pipe.vae.encoder)
+            timer.start()
+        try:
+            t0 = time.perf_counter()
+            stamps.append(t0)
+            res = train_textual_inversion(pipe, images, cfg, Path(tmp) / "run", progress=False, load_result=False,
+                                          callback=tick)
+            total = time.perf_counter() - t0
+        finally:
+            if timer is not None:
+                timer.stop()
+        rows = load_snapshot_embedding(res.final_path).reshape(1, -1)
+    # step 1 also holds the setup (VAE encoding of the images)
+    return {"losses": np.asarray(res.loss_history), "seconds": np.diff(stamps), "rows": rows, "total": total}
+
+
+def run_port(pipe: Any, images: np.ndarray, cfg: TextualInversionConfig, timer: PhaseTimer | None = None
+             ) -> dict[str, Any]:
+    hooks: dict[str, Any] = {}
+    if timer is not None:
+        hooks = dict(on_models=lambda text_encoder, vae, unet: timer.modules(
+            text_encoder=text_encoder, unet=unet, vae_encoder=vae.encoder), phase=timer.phase,
+            callback=timer.step_done)
+        timer.start()
+    try:
+        t0 = time.perf_counter()
+        port = train_like_diffusers_example(pipe, images, PLACEHOLDER, cfg.initializer, cfg.templates, cfg.steps,
+                                            learning_rate=cfg.lr, train_batch_size=cfg.batch_size,
+                                            resolution=cfg.resolution, flip_p=cfg.flip_p, seed=cfg.seed, **hooks)
+        port["total"] = time.perf_counter() - t0
+    finally:
+        if timer is not None:
+            timer.stop()
+    port["losses"] = np.asarray(port["losses"])
+    port["seconds"] = np.asarray(port["seconds"])
+    return port
+
+
+def print_profile(ours: dict[str, float], port: dict[str, float], steps: int) -> None:
+    names = [n for n in ("text_encoder fwd", "unet fwd", "backward", "optimizer step", "vae_encoder fwd",
+                         "batch (PIL, tokenizer)", "restore rows (index_no_updates)", "other (host work)")
+             if n in ours or n in port]
+    names += [n for n in list(ours) + list(port) if n not in names and n != "step"]
+    print(f"\nwhere a step goes (median ms over profiled steps 2..{steps}; phase timer, see PhaseTimer):")
+    print(f"{'phase':34s} {'persviz ms':>11s} {'%':>6s} {'port ms':>11s} {'%':>6s} {'port - persviz':>15s}")
+    for n in names + ["step"]:
+        a, b = ours.get(n, 0.0), port.get(n, 0.0)
+        print(f"{n:34s} {1e3 * a:11.2f} {100 * a / ours['step']:6.1f} {1e3 * b:11.2f} {100 * b / port['step']:6.1f} "
+              f"{1e3 * (b - a):15.2f}")
 
 
 def main() -> None:
     ap = parser(__doc__, "3 steps")
-    add_model_args(ap, "default: cuda if available, else cpu (float32 either way)")
+    add_model_args(ap, "default: cuda if available, else cpu")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                    help="the pipeline's dtype (default float32; the row trains in float32 either way)")
     ap.add_argument("--initializer", default="square", help="one-token class word (default 'square')")
     ap.add_argument("--steps", type=int, default=None, help="training steps of each run (default 50; --small 3)")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--flip-p", type=float, default=0.5)
-    ap.add_argument("--resolution", type=int, default=None, help="default: the pipeline's native size")
+    ap.add_argument("--resolution", type=int, default=None,
+                    help=f"default: the pipeline's native size ({SD15_RANDOM}: 128)")
+    ap.add_argument("--profile", action="store_true", help="also run --profile-steps steps of each loop under the "
+                    "phase timer and print where the time goes")
+    ap.add_argument("--profile-steps", type=int, default=6, help="steps of each profiled run (default 6)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed pairs of runs, alternated; the lowest median of "
+                    "each side is reported (default 1)")
+    ap.add_argument("--no-timing", action="store_true", help="with --profile: only the profiled runs")
     args = parse_args(ap)
     steps = args.steps or (3 if args.small else 50)
+    if args.model == SD15_RANDOM and args.resolution is None:
+        args.resolution = 128
 
-    pipe = load_pipeline(args.model, device=args.device, dtype=torch.float32)
+    pipe, device = build_pipeline(args)
     obj = Obj("square", "red", "striped", "large")  # four renders of one ShapesWorld concept
     images = render_batch([Scene(obj, bg) for bg in ("gray", "white", "navy", "beige")], seed=0)
-    templates = OBJECT_TEMPLATES
-    cfg = TextualInversionConfig(placeholder=PLACEHOLDER, initializer=args.initializer, steps=steps, lr=args.lr,
-                   batch_size=args.batch_size, save_every=steps + 1, seed=args.seed, templates=templates,
-                   resolution=args.resolution, flip_p=args.flip_p)
-    print(f"model {args.model} on {pipe.device}, torch threads {torch.get_num_threads()}; {steps} steps, batch "
-          f"{args.batch_size}, {len(images)} images, vocabulary {len(pipe.tokenizer)} rows x "
+
+    def config(n: int) -> TextualInversionConfig:
+        return TextualInversionConfig(placeholder=PLACEHOLDER, initializer=args.initializer, steps=n, lr=args.lr,
+                                      batch_size=args.batch_size, save_every=n + 1, seed=args.seed,
+                                      templates=OBJECT_TEMPLATES, resolution=args.resolution, flip_p=args.flip_p)
+
+    n_params = sum(p.numel() for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
+    print(f"model {args.model} ({n_params / 1e6:.1f} M parameters, {pipe.unet.dtype}) on {device}, torch threads "
+          f"{torch.get_num_threads()}; {steps} steps, batch {args.batch_size}, {len(images)} images at "
+          f"{args.resolution or 'native'} px, vocabulary {len(pipe.tokenizer)} rows x "
           f"{pipe.text_encoder.get_input_embeddings().weight.shape[1]}")
 
-    stamps: list[float] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        stamps.append(t0)
-        res = train_textual_inversion(pipe, images, cfg, Path(tmp) / "run", progress=False, load_result=False,
-                                      callback=lambda step, loss, emb: stamps.append(time.perf_counter()))
-        ours_total = time.perf_counter() - t0
-        ours_rows = load_snapshot_embedding(res.final_path).reshape(1, -1)
-    ours_steps = np.diff(stamps)  # step 1 also holds the setup (VAE encoding of the images)
-    ours_loss = np.asarray(res.loss_history)
+    if not (args.profile and args.no_timing):
+        cfg = config(steps)
 
-    t0 = time.perf_counter()
-    port = train_like_diffusers_example(pipe, images, PLACEHOLDER, args.initializer, templates, steps,
-                                        learning_rate=args.lr, train_batch_size=args.batch_size,
-                                        resolution=args.resolution, flip_p=args.flip_p, seed=args.seed)
-    port_total = time.perf_counter() - t0
-    port_loss = np.asarray(port["losses"])
+        def med(x: np.ndarray) -> float:
+            return float(statistics.median(x[1:] if len(x) > 1 else x))
 
-    def med(x: np.ndarray) -> float:
-        return float(statistics.median(x[1:] if len(x) > 1 else x))
+        meds: dict[str, list[float]] = {"persviz": [], "port": []}
+        for _ in range(max(1, args.repeats)):  # alternated, so that a burst of load on the machine hits both
+            ours = run_persviz(pipe, images, cfg)
+            port = run_port(pipe, images, cfg)
+            meds["persviz"].append(med(ours["seconds"]))
+            meds["port"].append(med(port["seconds"]))
+        mo, mp = min(meds["persviz"]), min(meds["port"])
+        of = f" (the lowest of {args.repeats} alternated runs each)" if args.repeats > 1 else ""
+        print(f"\nper step (median, step 1 left out){of}: persviz {1e3 * mo:.2f} ms, diffusers-example port "
+              f"{1e3 * mp:.2f} ms; ratio persviz / port {mo / mp:.3f} (port / persviz {mp / mo:.2f}x)")
+        if args.repeats > 1:
+            print("  medians of the runs (ms): persviz " + " ".join(f"{1e3 * x:.2f}" for x in meds["persviz"])
+                  + "; port " + " ".join(f"{1e3 * x:.2f}" for x in meds["port"]))
+        print(f"whole call: persviz {ours['total']:.2f} s, port {port['total']:.2f} s (setup included; persviz also "
+              f"writes config.json, resume_state.pt and the final embedding)")
+        diff = np.abs(ours["losses"] - port["losses"])
+        print(f"loss curves: max |diff| {diff.max():.3e} (max relative {(diff / np.abs(port['losses'])).max():.3e}) "
+              f"over {steps} steps; final embedding max |diff| {(ours['rows'] - port['rows']).abs().max().item():.3e}")
+        if steps <= 10:
+            print("persviz loss:", " ".join(f"{x:.6f}" for x in ours["losses"]))
+            print("port loss:   ", " ".join(f"{x:.6f}" for x in port["losses"]))
 
-    mo, mp = med(ours_steps), med(np.asarray(port["seconds"]))
-    print(f"\nper step (median, step 1 left out): persviz {1e3 * mo:.2f} ms, diffusers-example port "
-          f"{1e3 * mp:.2f} ms; ratio persviz / port {mo / mp:.3f} (port / persviz {mp / mo:.2f}x)")
-    print(f"whole call: persviz {ours_total:.2f} s, port {port_total:.2f} s (setup included; persviz also "
-          f"writes config.json, resume_state.pt and the final embedding)")
-    diff = np.abs(ours_loss - port_loss)
-    print(f"loss curves: max |diff| {diff.max():.3e} (max relative {(diff / np.abs(port_loss)).max():.3e}) over "
-          f"{steps} steps; final embedding max |diff| {(ours_rows - port['rows']).abs().max().item():.3e}")
-    if steps <= 10:
-        print("persviz loss:", " ".join(f"{x:.6f}" for x in ours_loss))
-        print("port loss:   ", " ".join(f"{x:.6f}" for x in port_loss))
+    if args.profile:
+        n = max(2, args.profile_steps)
+        t_ours, t_port = PhaseTimer(device), PhaseTimer(device)
+        run_persviz(pipe, images, config(n), t_ours)
+        run_port(pipe, images, config(n), t_port)
+        print_profile(t_ours.table(), t_port.table(), n)
 
 
 if __name__ == "__main__":

@@ -30,13 +30,19 @@ Changed, so that this loop and persviz's trainer see the same model and the same
   ``latent_dist.sample()`` takes ``generator=g``, ``torch.randn_like(latents)`` becomes
   ``torch.randn(latents.shape, generator=g)`` and ``torch.randint`` takes ``generator=g``.
 - transformers >= 5 has no ``text_encoder.text_model`` level: the frozen parts are read from the encoder itself;
-- images are given as uint8 arrays instead of read from a folder; center_crop is off, as in the example's default.
+- images are given as uint8 arrays instead of read from a folder; center_crop is off, as in the example's default;
+- float16 pipelines (GPU timing only): the text encoder copy is cast to float32, as the example keeps the trained
+  text encoder in full precision with ``--mixed_precision fp16`` (unet and vae in ``weight_dtype``), and the noise
+  takes the latents' dtype (the example's ``torch.randn_like(latents)``); no GradScaler. In float32 both are no-ops;
+- timing hooks only: ``on_models(text_encoder=, vae=, unet=)`` sees the copies before the loop, ``phase(name)`` (a
+  context manager) brackets the batch preparation and the row restore, ``callback(step, loss)`` runs after each step.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -75,13 +81,16 @@ def train_like_diffusers_example(
     flip_p: float = 0.5,
     seed: int = 0,
     num_vectors: int = 1,
+    on_models: Callable[..., None] | None = None,
+    phase: Callable[[str], Any] | None = None,
+    callback: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Run the example's loop on copies of pipe's models; returns losses, per-step seconds and learned rows [n, D]."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
     tokenizer = copy.deepcopy(pipe.tokenizer)
-    text_encoder = copy.deepcopy(pipe.text_encoder)
+    text_encoder = copy.deepcopy(pipe.text_encoder).float()  # float32 already, or as the example's fp16 run
     vae, unet = copy.deepcopy(pipe.vae), copy.deepcopy(pipe.unet)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     device = text_encoder.device
@@ -119,25 +128,29 @@ def train_like_diffusers_example(
     orig_embeds_params = text_encoder.get_input_embeddings().weight.data.clone()
     n_img = len(images)
     losses, seconds = [], []
+    phase = phase or (lambda name: contextlib.nullcontext())
+    if on_models is not None:
+        on_models(text_encoder=text_encoder, vae=vae, unet=unet)
 
     text_encoder.train()
     for step in range(max_train_steps):
         t0 = time.perf_counter()
         # the batch: persviz's draws (see the module docstring), the example's preprocessing
-        rng, g = step_rng(seed, step)
-        idx = rng.integers(n_img, size=train_batch_size)
-        flips = rng.random(train_batch_size) < flip_p if flip_p > 0 else np.zeros(train_batch_size, bool)
-        tmpl = rng.integers(len(templates), size=train_batch_size)
-        examples = [_example(images[i], bool(f), templates[k], placeholder_string, tokenizer, size)
-                    for i, f, k in zip(idx, flips, tmpl)]
-        pixel_values = torch.stack([e[0] for e in examples]).to(device)
-        input_ids = torch.stack([e[1] for e in examples]).to(device)
+        with phase("batch (PIL, tokenizer)"):
+            rng, g = step_rng(seed, step)
+            idx = rng.integers(n_img, size=train_batch_size)
+            flips = rng.random(train_batch_size) < flip_p if flip_p > 0 else np.zeros(train_batch_size, bool)
+            tmpl = rng.integers(len(templates), size=train_batch_size)
+            examples = [_example(images[i], bool(f), templates[k], placeholder_string, tokenizer, size)
+                        for i, f, k in zip(idx, flips, tmpl)]
+            pixel_values = torch.stack([e[0] for e in examples]).to(device)
+            input_ids = torch.stack([e[1] for e in examples]).to(device)
 
         # Convert images to latent space
         latents = vae.encode(pixel_values.to(dtype=vae.dtype)).latent_dist.sample(generator=g).detach()
         latents = latents * vae.config.scaling_factor
         # Sample noise that we'll add to the latents
-        noise = torch.randn(latents.shape, generator=g).to(device)
+        noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
         bsz = latents.shape[0]
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=g).to(device)
         timesteps = timesteps.long()
@@ -157,15 +170,18 @@ def train_like_diffusers_example(
         optimizer.zero_grad()
 
         # Let's make sure we don't update any embedding weights besides the newly added token
-        index_no_updates = torch.ones((len(tokenizer),), dtype=torch.bool)
-        index_no_updates[min(placeholder_token_ids): max(placeholder_token_ids) + 1] = False
-        with torch.no_grad():
-            text_encoder.get_input_embeddings().weight[index_no_updates] = orig_embeds_params[index_no_updates]
+        with phase("restore rows (index_no_updates)"):
+            index_no_updates = torch.ones((len(tokenizer),), dtype=torch.bool)
+            index_no_updates[min(placeholder_token_ids): max(placeholder_token_ids) + 1] = False
+            with torch.no_grad():
+                text_encoder.get_input_embeddings().weight[index_no_updates] = orig_embeds_params[index_no_updates]
 
         losses.append(loss.detach().item())
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - t0)
+        if callback is not None:
+            callback(step + 1, losses[-1])
 
     rows = text_encoder.get_input_embeddings().weight.detach()[placeholder_token_ids].float().cpu().clone()
     return {"losses": losses, "seconds": seconds, "rows": rows}
