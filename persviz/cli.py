@@ -158,10 +158,12 @@ def _add_finexl(sub: Any) -> None:
     p = fx.add_parser("benchmark", help="run the benchmark (writes data/finexl/benchmark.json and .md)")
     p.add_argument("--no-lora", action="store_true", help="renderer variants only")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--n-boot", type=int, default=finexl_benchmark.N_BOOT_BENCH,
+                   help="bootstrap draws over the probe prompts for the intervals (0: none)")
 
     def bench(a: argparse.Namespace) -> None:
         _threads(max(1, a.threads))
-        result = finexl_benchmark.run(lora=not a.no_lora)
+        result = finexl_benchmark.run(lora=not a.no_lora, n_boot=a.n_boot)
         print(finexl_benchmark.markdown_report(result))
         print(f"wrote {finexl_benchmark.BENCHMARK_JSON} and {finexl_benchmark.BENCHMARK_MD}")
     p.set_defaults(run=bench)

@@ -24,8 +24,16 @@ Methods (`METHOD_SPECS`; each ingredient separable):
 Commands::
 
     persviz finexl train     # the LoRA variants -> data/finexl/lora/ (resumable)
-    persviz finexl benchmark           # samples (cached), decompositions, metrics ->
-                                                 # data/finexl/benchmark.json and benchmark.md
+    persviz finexl benchmark           # samples (cached), decompositions, metrics, intervals ->
+                                                 # data/finexl/benchmark.json, benchmark.md, benchmark_items.npz
+
+Intervals (`bootstrap_benchmark`): the probe prompts are resampled with replacement, and within each drawn
+probe its seeds (`persviz.stats`' nested scheme); each draw recomputes every variant's V_div from the stored
+per-probe embedding differences (the same draw of probes for every variant) and runs every method and metric
+again. The concept directions f(C) and the oracle's realized levels stay those of the full probe set. 95 %
+percentile intervals of N_BOOT_BENCH = 1000 seeded draws on each weight, relative residual and summary metric;
+``top1_rate``: the fraction of draws where the true concept is top-1. The summary's top-1 rates also get an
+interval over the benchmark's items (its variants, `persviz.stats.bootstrap_mean`).
 """
 from __future__ import annotations
 
@@ -40,7 +48,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from persviz.finexl.decompose import Decomposition, append_compose, decompose, divergence_vector, greedy_decompose, orthogonal_filter
+from persviz.finexl.decompose import (
+    MIN_DIVERGENCE_NORM, Decomposition, append_compose, decompose, divergence_vector, greedy_decompose,
+    orthogonal_filter)
 from persviz.finexl.concepts import SHAPESWORLD_WORD_BANK, concept_directions, rank_concepts, shapesworld_compose
 from persviz.finexl.generators import (
     SCENE_ASPECTS,
@@ -51,17 +61,22 @@ from persviz.finexl.generators import (
     scene_shift_dataset,
     shapesworld_probes,
 )
-from persviz.io import atomic_path, atomic_write_bytes, atomic_write_text, to_jsonable, write_json
+from persviz.io import PathLike, atomic_path, atomic_write_bytes, atomic_write_text, to_jsonable, write_json
 from persviz.loading import load_evaluator, load_pipeline
 from persviz.metrics import spearman
 from persviz.paths import DATA_DIR
 from persviz.shapesworld.render import Style
+from persviz.stats import LEVEL, bootstrap_mean
 from persviz.trainers.lora_finetune import LORA_FILE, LoRAFinetuneConfig, load_lora, train_lora_finetune
 
 FINEXL_DIR = DATA_DIR / "finexl"
 LORA_DIR = FINEXL_DIR / "lora"
 BENCHMARK_JSON = FINEXL_DIR / "benchmark.json"
 BENCHMARK_MD = FINEXL_DIR / "benchmark.md"
+#: The per-item scores: every variant's per-probe, per-seed embedding differences and the concept directions.
+BENCHMARK_ITEMS = FINEXL_DIR / "benchmark_items.npz"
+#: Bootstrap draws over probe prompts (each draw reruns every decomposition; 10,000 would take ten times as long).
+N_BOOT_BENCH, BOOT_SEED = 1000, 0
 CACHE_DIR = DATA_DIR / "cache" / "finexl"
 
 #: Known levels of the single-aspect variants.
@@ -295,6 +310,39 @@ class Variant:
     spread: float
     rates: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    #: float32 [probes, seeds, D]: normalise(e_personal) - normalise(e_base) of each pair (V_div is their mean).
+    diffs: Optional[np.ndarray] = field(default=None, repr=False)
+
+
+def pair_differences(emb_personal: Any, emb_base: Any, n_seeds: int) -> np.ndarray:
+    """float32 [P, S, D]: the normalised embedding difference of each (probe, seed) pair, from embeddings stacked
+    seed-major as the benchmark renders them ([s0 p0, s0 p1, ..., s1 p0, ...])."""
+    p = np.asarray(emb_personal.detach().cpu() if hasattr(emb_personal, "detach") else emb_personal, np.float64)
+    b = np.asarray(emb_base.detach().cpu() if hasattr(emb_base, "detach") else emb_base, np.float64)
+    if p.shape != b.shape or p.ndim != 2 or p.shape[0] % int(n_seeds):
+        raise ValueError(f"embeddings {p.shape} and {b.shape}: pass [seeds x probes, D] of both, paired")
+    d = p / np.linalg.norm(p, axis=1, keepdims=True) - b / np.linalg.norm(b, axis=1, keepdims=True)
+    return d.reshape(int(n_seeds), -1, d.shape[1]).transpose(1, 0, 2).astype(np.float32)
+
+
+def bootstrap_v_div(diffs: np.ndarray, n_boot: int = N_BOOT_BENCH, seed: int = BOOT_SEED) -> np.ndarray:
+    """float64 [n_boot, D]: V_div of n_boot nested bootstrap draws of the probes (probes with replacement, then
+    each drawn probe's seeds with replacement), from per-pair differences [P, S, D]. The draws of indices are
+    `persviz.stats.bootstrap_draws`' with the same seed, so the projection of the draws on any direction u equals
+    bootstrap_draws of the per-pair projections diffs @ u."""
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.ndim != 3 or 0 in d.shape:
+        raise ValueError(f"diffs must be [probes, seeds, D] with at least one of each; got shape {d.shape}")
+    p, w = d.shape[:2]
+    rng = np.random.default_rng(seed)
+    which = rng.integers(0, p, size=(n_boot, p))
+    if w == 1:
+        return d[which, 0].mean(axis=1)
+    cols = np.floor(rng.random((n_boot, p, w)) * w).astype(np.int64)  # every probe has all S seeds
+    out = np.empty((n_boot, d.shape[2]))
+    for i in range(0, n_boot, 100):  # [100, P, S, D] at a time
+        out[i:i + 100] = d[which[i:i + 100, :, None], cols[i:i + 100]].mean(axis=(1, 2))
+    return out
 
 
 def renderer_levels() -> tuple[float, ...]:
@@ -339,14 +387,18 @@ class Bench:
                          rates: Optional[Mapping[str, float]] = None) -> Variant:
         """A renderer variant against the base renderer (same prompts, seeds, layouts)."""
         imgs = self._render(gen)
-        v, spread = divergence_vector(self.clip.embed_images(imgs), self._base_emb)
-        return Variant(name, group, dict(truth), v, spread, dict(rates or {}))
+        emb = self.clip.embed_images(imgs)
+        v, spread = divergence_vector(emb, self._base_emb)
+        return Variant(name, group, dict(truth), v, spread, dict(rates or {}),
+                       diffs=pair_differences(emb, self._base_emb, len(self.seeds)))
 
     def image_variant(self, name: str, group: str, base_images: np.ndarray, images: np.ndarray,
                       truth: Mapping[str, float], rates: Mapping[str, float], info: dict) -> Variant:
         """A variant from paired samples (e.g. the micro-SD base vs a LoRA)."""
-        v, spread = divergence_vector(self.clip.embed_images(images), self.clip.embed_images(base_images))
-        return Variant(name, group, dict(truth), v, spread, dict(rates), info)
+        emb, emb_base = self.clip.embed_images(images), self.clip.embed_images(base_images)
+        v, spread = divergence_vector(emb, emb_base)
+        return Variant(name, group, dict(truth), v, spread, dict(rates), info,
+                       diffs=pair_differences(emb, emb_base, len(self.seeds)))
 
     def explain(self, variant: Variant, method: str) -> Decomposition:
         """One method's decomposition of one variant."""
@@ -433,15 +485,22 @@ def lora_variants_measured(bench: Bench, names: Optional[Sequence[str]] = None, 
 def _calibration(bench: Bench, variants: Sequence[Variant], method: str) -> dict[str, float]:
     """Weight per unit level of each aspect word for one method: its weight on the renderer variant at p = 1
     (the projection coefficient on f(word) where the method gives the word no positive weight)."""
-    by_name = {v.name: v for v in variants}
-    f = bench.directions[METHOD_SPECS[method].compose]
+    by_name = {v.name: v.v_div for v in variants}
+    return calibration(bench.directions, {a: by_name[f"render/{a}_100"] for a in ASPECT_WORD}, method)
+
+
+def calibration(directions: Mapping[str, Mapping[str, torch.Tensor]], v_full: Mapping[str, torch.Tensor],
+                method: str) -> dict[str, float]:
+    """`_calibration` from the concept directions by composer and each aspect's V_div at p = 1 ({aspect: V_div})."""
+    spec = METHOD_SPECS[method]
+    f = directions[spec.compose]
     out = {}
     for a, word in ASPECT_WORD.items():
-        v = by_name[f"render/{a}_100"]
-        w = bench.explain(v, method).as_dict().get(word, 0.0)
+        v = v_full[a]
+        w = explain_with(spec, v, f).as_dict().get(word, 0.0)
         if w <= 1e-6:
             fw = f[word].double()
-            w = float(v.v_div.double() @ fw / (fw @ fw))
+            w = float(v.double() @ fw / (fw @ fw))
         out[word] = float(w)
     return out
 
@@ -459,8 +518,16 @@ def evaluate(bench: Bench, variants: Sequence[Variant], methods: Sequence[str] =
                                  "relative_residual": round(dec.relative_residual, 5)}
         rows[v.name] = row
     calib = {m: _calibration(bench, variants, m) for m in methods}
-    summary: dict[str, dict[str, Any]] = {}
     groups = sorted({v.group for v in variants})
+    summary = summarize(rows, calib, methods, groups)
+    return {"variants": rows, "summary": summary, "calibration": calib, "groups": groups}
+
+
+def summarize(rows: dict[str, dict[str, Any]], calib: Mapping[str, Mapping[str, float]], methods: Sequence[str],
+              groups: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The summary {method: {"group/metric": value}} of rows holding each method's weights and relative residual;
+    writes "top1", "predicted_levels" and "multi_aspect_error" into the rows' methods as it goes."""
+    summary: dict[str, dict[str, Any]] = {}
     for m in methods:
         s: dict[str, Any] = {}
         for g in groups:
@@ -497,10 +564,171 @@ def evaluate(bench: Bench, variants: Sequence[Variant], methods: Sequence[str] =
                     errs.append(e)
                 s[f"{g}/multi_aspect_error"] = float(np.mean(errs))
         summary[m] = s
-    return {"variants": rows, "summary": summary, "calibration": calib, "groups": groups}
+    return summary
+
+
+def _interval(x: np.ndarray, level: float = LEVEL) -> Optional[list[float]]:
+    """[low, high] percentile interval of the finite draws (None when none is finite)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if not x.size:
+        return None
+    lo, hi = np.quantile(x, [(1 - level) / 2, (1 + level) / 2])
+    return [round(float(lo), 5), round(float(hi), 5)]
+
+
+def bootstrap_benchmark(variants: Sequence[Variant], rows: dict[str, dict[str, Any]],
+                        directions: Mapping[str, Mapping[str, torch.Tensor]],
+                        methods: Sequence[str] = tuple(METHOD_SPECS), n_boot: int = N_BOOT_BENCH,
+                        seed: int = BOOT_SEED, level: float = LEVEL, progress: bool = True) -> dict[str, Any]:
+    """Intervals of the benchmark over probe prompts (see the module's docstring); writes into ``rows`` (as
+    `evaluate` returns them) each method's "weight_intervals" {concept: [low, high]} (the concepts it weighs and
+    the true ones), "relative_residual_interval" and, on single-aspect variants, "top1_rate" (fraction of draws).
+
+    Every variant needs ``diffs`` [P, S, D] with the same P and S; draw b resamples the same probes and seeds for
+    all of them. Returns {"n_boot", "seed", "level", "summary": {method: {"group/metric": [low, high]}},
+    "top1_items": {method: {"group/top1": persviz.stats Interval over the group's variants}}}. A draw whose V_div
+    vanishes (only unchanged probes drawn, possible at low rates) explains nothing: no weight, no top-1, its
+    residual left out; the row counts them ("zero_draws").
+    """
+    if not variants:
+        raise ValueError("no variants to bootstrap")
+    missing = [v.name for v in variants if v.diffs is None]
+    if missing:
+        raise ValueError(f"variants {missing[:3]} carry no per-pair differences (diffs); build them with Bench")
+    shapes = {v.diffs.shape for v in variants}
+    if len(shapes) != 1:
+        raise ValueError(f"variants' diffs differ in shape ({sorted(shapes)}): bootstrap variants of one benchmark")
+    draws = {v.name: bootstrap_v_div(v.diffs, n_boot, seed) for v in variants}
+    groups = sorted({v.group for v in variants})
+    full = {a: f"render/{a}_100" for a in ASPECT_WORD}
+    can_calibrate = all(n in draws for n in full.values())
+    per_key: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
+    weights: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    residual = {(v.name, m): np.empty(n_boot) for v in variants for m in methods}
+    top1 = {(v.name, m): np.zeros(n_boot, dtype=bool) for v in variants for m in methods}
+    zero_draws = {v.name: 0 for v in variants}
+    for v in variants:
+        for m in methods:
+            keep = set(rows[v.name]["methods"][m]["weights"]) | set(v.truth)
+            weights[(v.name, m)] = {c: np.zeros(n_boot) for c in keep}
+    for b in tqdm(range(n_boot), desc="bootstrap over probes", disable=not progress, leave=False):
+        rows_b: dict[str, dict[str, Any]] = {}
+        for v in variants:
+            vb = torch.from_numpy(draws[v.name][b])
+            rb = {k: rows[v.name][k] for k in ("group", "truth", "rates", "realized") if k in rows[v.name]}
+            rb["methods"] = {}
+            empty = float(vb.norm()) < MIN_DIVERGENCE_NORM  # every drawn probe unchanged (a low-rate variant)
+            zero_draws[v.name] += empty
+            for m in methods:
+                if empty:  # nothing to explain: no weight, no top-1, no residual
+                    w, res = {}, float("nan")
+                else:
+                    dec = explain_with(METHOD_SPECS[m], vb, directions[METHOD_SPECS[m].compose])
+                    w, res = dec.as_dict(), dec.relative_residual
+                rb["methods"][m] = {"weights": w, "relative_residual": res}
+                residual[(v.name, m)][b] = res
+                for c, arr in weights[(v.name, m)].items():
+                    arr[b] = w.get(c, 0.0)
+            rows_b[v.name] = rb
+        if can_calibrate:
+            v_full = {a: torch.from_numpy(draws[n][b]) for a, n in full.items()}
+            calib_b = {m: calibration(directions, v_full, m) for m in methods}
+        else:
+            calib_b = {m: {w: 1.0 for w in ASPECT_WORD.values()} for m in methods}
+        summary_b = summarize(rows_b, calib_b, methods, groups)
+        for m in methods:
+            for key, val in summary_b[m].items():
+                if isinstance(val, (int, float)):
+                    per_key[m].setdefault(key, []).append(float(val))
+            for n, rb in rows_b.items():
+                top1[(n, m)][b] = bool(rb["methods"][m].get("top1", False))
+    for v in variants:
+        if zero_draws[v.name]:
+            rows[v.name]["zero_draws"] = int(zero_draws[v.name])
+        for m in methods:
+            r = rows[v.name]["methods"][m]
+            r["weight_intervals"] = {c: _interval(a, level) for c, a in weights[(v.name, m)].items()}
+            r["relative_residual_interval"] = _interval(residual[(v.name, m)], level)
+            if "top1" in r:
+                r["top1_rate"] = round(float(top1[(v.name, m)].mean()), 4)
+    summary_iv = {m: {k: _interval(np.array(x), level) for k, x in per_key[m].items()} for m in methods}
+    items: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        items[m] = {}
+        for g in groups:
+            hits = [float(rows[v.name]["methods"][m]["top1"]) for v in variants
+                    if v.group == g and "top1" in rows[v.name]["methods"][m]]
+            if hits:
+                items[m][f"{g}/top1"] = bootstrap_mean(np.array(hits)[:, None], level=level, seed=seed).to_json()
+    return {"n_boot": int(n_boot), "seed": int(seed), "level": float(level),
+            "over": "probe prompts (seeds nested); f(C) and realized levels fixed", "summary": summary_iv,
+            "top1_items": items}
+
+
+def save_items(path: PathLike, variants: Sequence[Variant], bench: Any) -> Path:
+    """The per-item scores of the benchmark as a compressed .npz (atomically): "names", "groups", "diffs" float32
+    [variants, probes, seeds, D], "prompts", "seeds", "bank" and the concept directions "f_<composer>" [K, D]."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"names": np.array([v.name for v in variants]), "groups": np.array([v.group for v in variants]),
+              "diffs": np.stack([v.diffs for v in variants]).astype(np.float32),
+              "prompts": np.array(list(bench.prompts)), "seeds": np.array(list(bench.seeds)),
+              "bank": np.array(list(bench.bank))}
+    for k, f in bench.directions.items():
+        arrays[f"f_{k}"] = np.stack([np.asarray(f[c].detach().cpu(), np.float32) for c in bench.bank])
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+    return path
+
+
+def load_items(path: PathLike = BENCHMARK_ITEMS) -> dict[str, Any]:
+    """What `save_items` wrote: {"diffs": {variant: [P, S, D]}, "groups": {variant: group}, "prompts", "seeds",
+    "directions": {composer: {concept: float64 tensor [D]}}}; with a result's rows, enough for
+    `bootstrap_benchmark` (build `Variant`s with ``diffs``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no benchmark items at {path}; `persviz finexl benchmark` writes them")
+    with np.load(path) as z:
+        names = [str(x) for x in z["names"]]
+        bank = [str(x) for x in z["bank"]]
+        return {"diffs": dict(zip(names, z["diffs"])), "groups": dict(zip(names, (str(g) for g in z["groups"]))),
+                "prompts": [str(x) for x in z["prompts"]], "seeds": [int(x) for x in z["seeds"]],
+                "directions": {k[2:]: {c: torch.from_numpy(z[k][i].astype(np.float64)) for i, c in enumerate(bank)}
+                               for k in z.files if k.startswith("f_")}}
 
 
 PAPER_CLAIMS = {"single_aspect_accuracy_gain": 0.56, "multi_aspect_error_reduction": 0.50}
+
+
+def weight_interval_lines(result: Mapping[str, Any], methods: Sequence[str] = HEADLINE) -> list[str]:
+    """Markdown bullets summarising the weight intervals on the true concepts: per method and single-aspect group,
+    the median interval width relative to the weight, and how many variants' intervals exclude 0."""
+    out = ["Weight on the true concept, intervals over probes (median width / weight; variants whose interval "
+           "excludes 0):", ""]
+    for m in methods:
+        parts = []
+        for g in ("render_single", "lora_single", "style_knob"):
+            rel, pos, n = [], 0, 0
+            for row in result["variants"].values():
+                if row["group"] != g or len(row["truth"]) != 1 or m not in row["methods"]:
+                    continue
+                word = next(iter(row["truth"]))
+                iv = (row["methods"][m].get("weight_intervals") or {}).get(word)
+                if iv is None or None in iv:
+                    continue
+                n += 1
+                w = row["methods"][m]["weights"].get(word, 0.0)
+                pos += iv[0] > 0
+                if abs(w) > 1e-9:
+                    rel.append((iv[1] - iv[0]) / abs(w))
+            if n:
+                width = f"{np.median(rel):.2f}" if rel else "–"
+                parts.append(f"{g} {width}, {pos}/{n} > 0")
+        if parts:
+            out.append(f"- {m}: " + "; ".join(parts))
+    return out
 
 
 def ratios(summary: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
@@ -526,13 +754,25 @@ def _fmt(x: Any) -> str:
     return "–"
 
 
+def _fmt_iv(x: Any, iv: Any) -> str:
+    """"0.88 [0.83, 0.92]" (the value alone without an interval)."""
+    if iv is None or len(iv) != 2 or any(v is None for v in iv):
+        return _fmt(x)
+    return f"{_fmt(x)} [{_fmt(iv[0])}, {_fmt(iv[1])}]"
+
+
 def level_weight_series(result: Mapping[str, Any], group: str, method: str,
-                        phrases: Optional[Mapping[str, str]] = None) -> tuple[dict[str, list], dict[str, list]]:
+                        phrases: Optional[Mapping[str, str]] = None, intervals: bool = False) -> tuple:
     """``(levels, weights)`` per true concept of a single-aspect group of a benchmark result, for
-    `persviz.finexl.plots.weight_vs_level`: each variant's known level and the method's weight on its true concept."""
+    `persviz.finexl.plots.weight_vs_level`: each variant's known level and the method's weight on its true concept.
+
+    intervals: return ``(levels, weights, weight_intervals)``, the third ``{concept: [(low, high), ...]}`` from the
+    bootstrap over probes (None per point where the result has none); draw it with
+    ``weight_vs_level(levels, weights, intervals=weight_intervals)``."""
     phrases = phrases or {}
     levels: dict[str, list] = {}
     weights: dict[str, list] = {}
+    bounds: dict[str, list] = {}
     for row in result["variants"].values():
         if row["group"] != group:
             continue
@@ -542,9 +782,11 @@ def level_weight_series(result: Mapping[str, Any], group: str, method: str,
         name = phrases.get(word, word)
         levels.setdefault(name, []).append(level)
         weights.setdefault(name, []).append(row["methods"][method]["weights"].get(word, 0.0))
+        iv = (row["methods"][method].get("weight_intervals") or {}).get(word)
+        bounds.setdefault(name, []).append(None if iv is None else (float(iv[0]), float(iv[1])))
     if not levels:
         raise ValueError(f"no variants of group {group!r} in the result")
-    return levels, weights
+    return (levels, weights, bounds) if intervals else (levels, weights)
 
 
 def markdown_table(result: Mapping[str, Any]) -> str:
@@ -557,8 +799,32 @@ def markdown_table(result: Mapping[str, Any]) -> str:
     cols = [c for c in cols if any(f"{c[0]}/{c[1]}" in s for s in summary.values())]
     head = "| method | " + " | ".join(f"{g} {k.replace('_', ' ')}" for g, k in cols) + " |"
     lines = [head, "|" + " --- |" * (len(cols) + 1)]
+    ivs = (result.get("intervals") or {}).get("summary", {})
     for m, s in summary.items():
-        lines.append(f"| {m} | " + " | ".join(_fmt(s.get(f'{g}/{k}')) for g, k in cols) + " |")
+        iv = ivs.get(m, {})
+        lines.append(f"| {m} | " + " | ".join(_fmt_iv(s.get(f'{g}/{k}'), iv.get(f'{g}/{k}')) for g, k in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def top1_table(result: Mapping[str, Any]) -> str:
+    """The top-1 rates as markdown with both intervals: over probe prompts (bootstrap draws) and over the
+    benchmark's items (its variants); "k/n" counts the variants."""
+    iv = result.get("intervals") or {}
+    keys = [k for k in ("render_single/top1", "lora_single/top1", "lora_single/top1_realized", "style_knob/top1")
+            if any(k in s for s in result["summary"].values())]
+    lines = ["| method | " + " | ".join(k.replace("/", " ").replace("_", " ") for k in keys) + " |",
+             "|" + " --- |" * (len(keys) + 1)]
+    for m, s in result["summary"].items():
+        cells = []
+        for k in keys:
+            probe = (iv.get("summary", {}).get(m) or {}).get(k)
+            item = (iv.get("top1_items", {}).get(m) or {}).get(k)
+            text = _fmt_iv(s.get(k), probe)
+            if item:
+                hits = round(item["mean"] * item["n_prompts"])
+                text += f"; {hits}/{item['n_prompts']} items [{_fmt(item['low'])}, {_fmt(item['high'])}]"
+            cells.append(text)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -570,8 +836,19 @@ def markdown_report(result: Mapping[str, Any]) -> str:
              "concept, averaged; multi aspect error: sum |predicted - true level| / sum true level over the whole "
              "bank (predicted = weight / the method's weight for that aspect on the renderer at p = 1; false "
              "positives count); relative residual: |V_div - sum w f| / |V_div|, mean over the group. Renderer groups "
-             "have exact levels, LoRA groups the oracle's realized levels.", "",
-             markdown_table(result), "", "Improvement ratios (accuracy: relative gain; errors: relative reduction):", ""]
+             "have exact levels, LoRA groups the oracle's realized levels.", ""]
+    iv = result.get("intervals")
+    if iv:
+        lines += [f"Brackets: {iv['level']:.0%} percentile intervals over {iv['n_boot']} bootstrap draws of the "
+                  f"{result['setup']['n_probes']} probe prompts (seeds nested in probes; seed {iv['seed']}): each draw "
+                  "recomputes every V_div from the per-probe embedding differences (`benchmark_items.npz`) and reruns "
+                  "every decomposition and metric (f(C) and the oracle's realized levels fixed).", ""]
+    lines += [markdown_table(result), ""]
+    if iv:
+        lines += ["Top-1 with both intervals: over probe prompts, then over the benchmark's items (the group's "
+                  "variants, k/n correct; persviz.stats.bootstrap_mean):", "", top1_table(result), ""]
+        lines += weight_interval_lines(result) + [""]
+    lines += ["Improvement ratios (accuracy: relative gain; errors: relative reduction):", ""]
     for k, r in result["ratios"].items():
         keep = {kk: v for kk, v in r.items() if v is not None and ("top1" in kk or "multi" in kk or "spearman" in kk)}
         lines.append(f"- {k}: " + ", ".join(f"{kk} {v:+.2f}" for kk, v in keep.items()))
@@ -591,18 +868,29 @@ def markdown_report(result: Mapping[str, Any]) -> str:
 
 
 def run(lora: bool = True, progress: bool = True, out_json: Path = BENCHMARK_JSON,
-        out_md: Path = BENCHMARK_MD) -> dict[str, Any]:
-    """The whole benchmark: variants, methods, metrics; writes the JSON and the markdown table (atomically)."""
+        out_md: Path = BENCHMARK_MD, out_items: Optional[Path] = BENCHMARK_ITEMS, n_boot: int = N_BOOT_BENCH,
+        seed: int = BOOT_SEED) -> dict[str, Any]:
+    """The whole benchmark: variants, methods, metrics, intervals over probe prompts (``n_boot`` draws; 0: none);
+    writes the JSON, the markdown table and the per-item .npz (atomically)."""
     t0 = time.perf_counter()
     bench = Bench()
     variants = build_variants(bench, lora=lora, progress=progress)
     result = evaluate(bench, variants, progress=progress)
+    t1 = time.perf_counter()
+    if n_boot:
+        result["intervals"] = bootstrap_benchmark(variants, result["variants"], bench.directions, n_boot=n_boot,
+                                                  seed=seed, progress=progress)
+        result["intervals"]["seconds"] = round(time.perf_counter() - t1, 1)
+    if out_items is not None:
+        save_items(out_items, variants, bench)
+        result["items"] = {"file": Path(out_items).name, "diffs": "float32 [variants, probes, seeds, D]: "
+                           "normalise(e_personal) - normalise(e_base) per pair; f_<composer> [bank, D]"}
     result["ratios"] = ratios(result["summary"])
     result["paper_claims"] = PAPER_CLAIMS
     result["setup"] = {"n_probes": N_PROBES, "probe_seed": PROBE_SEED, "seeds": list(SEEDS), "e_ortho": E_ORTHO,
                        "e_decomp": E_DECOMP, "bank": list(SHAPESWORLD_WORD_BANK), "encoder": "ShapesWorld CLIP",
-                       "methods": {m: vars(s) for m, s in METHOD_SPECS.items()},
-                       "seconds": round(time.perf_counter() - t0, 1)}
+                       "methods": {m: vars(s) for m, s in METHOD_SPECS.items()}, "n_boot": int(n_boot),
+                       "boot_seed": int(seed), "seconds": round(time.perf_counter() - t0, 1)}
     Path(out_json).parent.mkdir(parents=True, exist_ok=True)
     result = to_jsonable(result)  # strict JSON, NaN as None: the returned result reads as the file does
     write_json(out_json, result)

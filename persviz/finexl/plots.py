@@ -5,7 +5,8 @@ pyplot, draws on ``ax`` when one is given, and never touches rcParams.
 
     fig = decomposition_bars(dec, known={"warm colors": 0.6})
     fig = concept_cosine_heatmap({c: f[c] for c in dec.names})
-    fig = weight_vs_level([0.2, 0.4, 0.6, 0.8], [0.05, 0.11, 0.2, 0.24])
+    fig = weight_vs_level([0.2, 0.4, 0.6, 0.8], [0.05, 0.11, 0.2, 0.24], intervals=[(0.03, 0.07), ...])
+    fig = top1_bars(json.loads(BENCHMARK_JSON.read_text()))       # the benchmark's top-1 rates with intervals
     fig = paired_strip(imgs_base, imgs_personal, labels=prompts)
 """
 from __future__ import annotations
@@ -43,12 +44,32 @@ def _vector(x: Any, name: str, n: Optional[int] = None) -> np.ndarray:
     return a
 
 
+def _errors(values: np.ndarray, intervals: Any, name: str) -> Optional[np.ndarray]:
+    """The [2, N] distances from each value down to its interval's low end and up to its high end (matplotlib's
+    asymmetric error bars); None when no interval is given; a missing interval (None) draws no bar (NaN)."""
+    if intervals is None:
+        return None
+    ivs = list(intervals)
+    if len(ivs) != values.size:
+        raise ValueError(f"{name} has {len(ivs)} intervals for {values.size} values; pass one (low, high) per value")
+    err = np.full((2, values.size), np.nan)
+    for i, iv in enumerate(ivs):
+        if iv is None or any(b is None for b in iv):
+            continue
+        lo, hi = (float(b) for b in iv)
+        if not lo <= hi:
+            raise ValueError(f"{name}[{i}] = ({lo}, {hi}): low must not exceed high")
+        err[:, i] = [max(0.0, values[i] - lo), max(0.0, hi - values[i])]
+    return err
+
+
 # ----------------------------------------------------------------------------- decomposition
 
 
 def decomposition_bars(decomposition: Union[Decomposition, Mapping[str, float]],
                        relative_residual: Optional[float] = None, known: Optional[Mapping[str, float]] = None,
-                       sentences: bool = False, ax: Optional[Axes] = None, title: Optional[str] = None) -> Figure:
+                       sentences: bool = False, ax: Optional[Axes] = None, title: Optional[str] = None,
+                       intervals: Optional[Mapping[str, Any]] = None) -> Figure:
     """Horizontal bars of the concept weights, with the unexplained part as a last gray bar.
 
     Args:
@@ -59,6 +80,8 @@ def decomposition_bars(decomposition: Union[Decomposition, Mapping[str, float]],
             (e.g. `persviz.finexl.concepts.known_levels`); names not among the bars are ignored.
         sentences: label the rows with `persviz.finexl.decompose.explain`'s sentences instead of the names.
         title: default: the method and ``e`` against ``e_decomp``.
+        intervals: optional ``{concept: (low, high)}`` drawn as error bars on the weights (e.g. a benchmark row's
+            "weight_intervals", the bootstrap over probe prompts); concepts without one get no bar.
 
     The residual bar is ``e = |V_div - sum_i w_i f(C_i)| / |V_div|`` (a fraction of |V_div|,
     0 = fully explained), not a weight; it is hatched and drawn in gray to keep it apart.
@@ -90,7 +113,9 @@ def decomposition_bars(decomposition: Union[Decomposition, Mapping[str, float]],
     rows = len(names) + (relative_residual is not None)
     fig, ax = figure_and_ax(ax, (6.0, 0.45 * rows + 1.2))
     y = np.arange(len(names))
-    bars = ax.barh(y, weights, color=[POSITIVE if w >= 0 else NEGATIVE for w in weights], label="weight w")
+    xerr = None if intervals is None else _errors(weights, [intervals.get(n) for n in names], "intervals")
+    bars = ax.barh(y, weights, color=[POSITIVE if w >= 0 else NEGATIVE for w in weights], label="weight w",
+                   xerr=xerr, capsize=2, error_kw={"lw": 0.8, "ecolor": "k"})
     ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
     ticks, ticklabels = list(y), [textwrap.shorten(s, 48, placeholder="...") for s in labels]
     if relative_residual is not None:
@@ -182,7 +207,8 @@ def _rho_text(rho: float) -> str:
 def weight_vs_level(levels: Union[Sequence[float], Mapping[str, Sequence[float]]],
                     weights: Union[Sequence[float], Mapping[str, Sequence[float]]],
                     labels: Optional[Sequence[str]] = None, ax: Optional[Axes] = None, title: Optional[str] = None,
-                    xlabel: str = "known level of personalization", ylabel: str = "FineXL weight w") -> Figure:
+                    xlabel: str = "known level of personalization", ylabel: str = "FineXL weight w",
+                    intervals: Optional[Union[Sequence[Any], Mapping[str, Sequence[Any]]]] = None) -> Figure:
     """Scatter of FineXL's weight against the known level, Spearman's rho in the title.
 
     The paper's single-aspect accuracy: does w rank models as their known level does?
@@ -191,18 +217,25 @@ def weight_vs_level(levels: Union[Sequence[float], Mapping[str, Sequence[float]]
         levels, weights: one value per model (>= 2); or ``{aspect: values}`` dicts with the same
             keys, one series per aspect (rho of each in the legend, their mean in the title).
         labels: optional text next to each point (single series only).
+        intervals: optional ``(low, high)`` per point (a dict by aspect for dict inputs; None for a point without
+            one), drawn as vertical error bars: e.g. the third value of
+            ``persviz.finexl.benchmark.level_weight_series(..., intervals=True)``, the bootstrap over probes.
     """
     if isinstance(levels, Mapping) or isinstance(weights, Mapping):
         if not (isinstance(levels, Mapping) and isinstance(weights, Mapping)) or set(levels) != set(weights):
             raise ValueError("levels and weights must both be dicts with the same aspects, or both sequences.")
         if not levels:
             raise ValueError("levels is empty: pass at least one aspect.")
-        series = {str(k): (levels[k], weights[k]) for k in levels}
+        if intervals is not None and (not isinstance(intervals, Mapping) or not set(intervals) <= set(levels)):
+            raise ValueError("intervals must be a dict with the aspects of levels and weights")
+        series = {str(k): (levels[k], weights[k], None if intervals is None else intervals.get(k)) for k in levels}
     else:
-        series = {None: (levels, weights)}
+        if isinstance(intervals, Mapping):
+            raise ValueError("intervals is a dict but levels and weights are sequences; pass one (low, high) per point")
+        series = {None: (levels, weights, intervals)}
     fig, ax = figure_and_ax(ax, (4.2, 3.4))
     rhos, sizes = [], []
-    for name, (lv, wv) in series.items():
+    for name, (lv, wv, iv) in series.items():
         x = _vector(lv, f"levels[{name!r}]" if name else "levels")
         y = _vector(wv, f"weights[{name!r}]" if name else "weights", x.size)
         if x.size < 2:
@@ -210,7 +243,10 @@ def weight_vs_level(levels: Union[Sequence[float], Mapping[str, Sequence[float]]
         rho = spearman(x, y)
         rhos.append(rho)
         sizes.append(x.size)
-        ax.scatter(x, y, s=24, label=f"{name} (ρ = {_rho_text(rho)})" if name else None, zorder=3)
+        points = ax.scatter(x, y, s=24, label=f"{name} (ρ = {_rho_text(rho)})" if name else None, zorder=3)
+        yerr = _errors(y, iv, f"intervals[{name!r}]" if name else "intervals")
+        if yerr is not None:
+            ax.errorbar(x, y, yerr=yerr, fmt="none", ecolor=points.get_facecolor()[0], capsize=2, lw=0.8, zorder=2)
         if name is None and labels is not None:
             if len(labels) != x.size:
                 raise ValueError(f"labels has {len(labels)} entries for {x.size} points")
@@ -228,6 +264,42 @@ def weight_vs_level(levels: Union[Sequence[float], Mapping[str, Sequence[float]]
     ax.set_ylabel(ylabel)
     ax.axhline(0.0, color="0.5", lw=0.6)
     ax.grid(alpha=0.3)
+    return fig
+
+
+def top1_bars(result: Mapping[str, Any], methods: Sequence[str] = ("naive", "finexl", "finexl_improved", "persviz"),
+              groups: Sequence[str] = ("render_single", "lora_single", "style_knob"), ax: Optional[Axes] = None,
+              title: Optional[str] = "top-1: the true concept has the highest positive weight") -> Figure:
+    """The benchmark's top-1 rates (``persviz.finexl.benchmark.run``'s result, or benchmark.json read back) as
+    grouped bars, one group per variant group, one bar per method; error bars: the interval over probe prompts
+    where the result has one (``result["intervals"]["summary"]``); the bar labels count the variants, k/n."""
+    summary = result.get("summary") if isinstance(result, Mapping) else None
+    if not summary:
+        raise ValueError("result has no 'summary'; pass persviz.finexl.benchmark.run()'s result or benchmark.json")
+    methods = [m for m in methods if m in summary]
+    groups = [g for g in groups if any(f"{g}/top1" in summary[m] for m in methods)]
+    if not methods or not groups:
+        raise ValueError("no top-1 rates of these methods and groups in the result")
+    ivs = (result.get("intervals") or {}).get("summary", {})
+    counts = {g: sum(1 for r in result.get("variants", {}).values() if r["group"] == g and len(r["truth"]) == 1)
+              for g in groups}
+    fig, ax = figure_and_ax(ax, (1.2 + 1.6 * len(groups), 3.4))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        vals = np.array([summary[m].get(f"{g}/top1", np.nan) for g in groups], dtype=np.float64)
+        vals = np.where(np.isfinite(vals), vals, np.nan)
+        err = _errors(vals, [(ivs.get(m) or {}).get(f"{g}/top1") for g in groups], f"{m} intervals") if ivs else None
+        x = np.arange(len(groups)) + (i - (len(methods) - 1) / 2) * width
+        bars = ax.bar(x, vals, width, yerr=err, label=m, capsize=2, error_kw={"lw": 0.8})
+        if counts and all(counts.values()):
+            ax.bar_label(bars, [f"{round(v * counts[g])}/{counts[g]}" if np.isfinite(v) else ""
+                                for v, g in zip(vals, groups)], fontsize=6, padding=2)
+    ax.set_xticks(np.arange(len(groups)), [g.replace("_", " ") for g in groups])
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("top-1 rate")
+    ax.legend(fontsize=7, loc="lower left")
+    if title:
+        ax.set_title(title + ("\nerror bars: 95 % interval over probe prompts" if ivs else ""), fontsize=9)
     return fig
 
 

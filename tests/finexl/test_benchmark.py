@@ -317,3 +317,127 @@ def test_level_weight_series_reads_single_aspect_rows_by_hand():
         level_weight_series(result, "mix", "m")
     with pytest.raises(ValueError, match="no variants"):
         level_weight_series(result, "nothing", "m")
+
+
+# ----------------------------------------------------------------------------- intervals over probe prompts
+
+
+def _planted(d=8):
+    """Orthonormal concept directions (the same for both composers) over a bank holding the aspect words."""
+    from persviz.finexl.benchmark import COMPOSERS
+    words = list(ASPECT_WORD.values()) + ["blue", "small"]
+    f = {w: torch.eye(d, dtype=torch.float64)[i] for i, w in enumerate(words)}
+    return {k: f for k in COMPOSERS}, f
+
+
+def _variants(diffs_by_name, truth_by_name, group="render_single"):
+    from persviz.finexl.benchmark import Variant
+    out = []
+    for name, d in diffs_by_name.items():
+        d = np.asarray(d, dtype=np.float32)
+        out.append(Variant(name, group, truth_by_name[name], torch.from_numpy(d.astype(np.float64).mean((0, 1))),
+                           0.0, diffs=d))
+    return out
+
+
+def _rows(variants, directions, methods):
+    from types import SimpleNamespace
+    from persviz.finexl.benchmark import evaluate
+    fake = SimpleNamespace(directions=directions, explain=lambda v, m: explain_with(
+        METHOD_SPECS[m], v.v_div, directions[METHOD_SPECS[m].compose]))
+    return evaluate(fake, variants, methods=methods, progress=False)
+
+
+def test_bootstrap_v_div_identical_probes_and_two_probes_by_hand():
+    from persviz.finexl.benchmark import bootstrap_v_div, pair_differences
+    from persviz.stats import bootstrap_draws
+    same = np.tile(np.array([0.1, -0.2, 0.3]), (5, 2, 1))  # every probe and seed: the same difference
+    draws = bootstrap_v_div(same, n_boot=200)
+    np.testing.assert_allclose(draws, np.tile(same[0, 0], (200, 1)), atol=1e-12)  # zero-width
+    a, b = np.array([1.0, 0.0]), np.array([0.0, 1.0])  # two probes, one seed: draws a, (a + b) / 2 or b
+    draws = bootstrap_v_div(np.stack([a, b])[:, None, :], n_boot=4000, seed=3)
+    kinds = {tuple(x) for x in np.round(draws, 12)}
+    assert kinds == {(1.0, 0.0), (0.5, 0.5), (0.0, 1.0)}
+    share = np.mean(np.isclose(draws[:, 0], 0.5))
+    assert share == pytest.approx(0.5, abs=0.03)  # P(one of each) = 1/2, P(a, a) = P(b, b) = 1/4
+    # the same index draws as persviz.stats: projections on u are bootstrap_draws of the projected pairs
+    diffs = np.random.default_rng(0).normal(size=(6, 2, 4))
+    u = np.array([0.3, -1.0, 0.5, 2.0])
+    np.testing.assert_allclose(bootstrap_v_div(diffs, 300, seed=7) @ u,
+                               bootstrap_draws(list(diffs @ u), 300, seed=7), atol=1e-12)
+    # pair_differences: seed-major embeddings -> [probe, seed, D], mean = divergence_vector's V_div
+    from persviz.finexl.decompose import divergence_vector
+    e_p, e_b = torch.randn(6, 4), torch.randn(6, 4)
+    d = pair_differences(e_p, e_b, n_seeds=2)
+    assert d.shape == (3, 2, 4)
+    np.testing.assert_allclose(d[1, 1], (e_p[4] / e_p[4].norm() - e_b[4] / e_b[4].norm()).numpy(), atol=1e-6)
+    np.testing.assert_allclose(d.mean((0, 1)), divergence_vector(e_p, e_b)[0].numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="probes, seeds, D"):
+        bootstrap_v_div(np.zeros((3, 4)))
+
+
+def test_bootstrap_benchmark_intervals_on_planted_variants():
+    from persviz.finexl.benchmark import bootstrap_benchmark, markdown_table, top1_table
+    directions, f = _planted()
+    methods = ("naive", "persviz")
+    rng = np.random.default_rng(0)
+    diffs, truth = {}, {}
+    for a, word in ASPECT_WORD.items():  # the p = 1 variants the calibration needs: identical probes
+        diffs[f"render/{a}_100"] = np.tile(f[word].numpy(), (4, 2, 1))
+        truth[f"render/{a}_100"] = {word: 1.0}
+    # a noisy one: three probes at 0.5 "red", one at 1.0 "blue": red is top-1 in most draws only
+    red, blue = f["red"].numpy(), f["blue"].numpy()
+    diffs["render/red_050"] = np.stack([np.stack([0.5 * red] * 2)] * 3 + [np.stack([1.0 * blue] * 2)])
+    truth["render/red_050"] = {"red": 0.5}
+    variants = _variants(diffs, truth)
+    # one changed probe of four: a draw of the other three only has V_div = 0, nothing to explain (P = (3/4)^4)
+    variants += _variants({"style/rare": np.stack([np.stack([red] * 2)] + [np.zeros((2, red.size))] * 3)},
+                          {"style/rare": {"red": 0.25}}, group="style_knob")
+    result = _rows(variants, directions, methods)
+    iv = bootstrap_benchmark(variants, result["variants"], directions, methods=methods, n_boot=400, progress=False)
+    for a, word in ASPECT_WORD.items():
+        row = result["variants"][f"render/{a}_100"]["methods"]["persviz"]
+        w = row["weights"][word]
+        assert row["weight_intervals"][word] == [pytest.approx(w), pytest.approx(w)]  # identical probes: width 0
+        assert row["top1_rate"] == 1.0
+    noisy = result["variants"]["render/red_050"]["methods"]["persviz"]
+    lo, hi = noisy["weight_intervals"]["red"]
+    assert lo < noisy["weights"]["red"] < hi and lo >= 0.0 and hi <= 0.5 + 1e-9
+    # k of the 4 drawn probes are blue's: red stays top-1 while 0.5 (4 - k) > k, i.e. k <= 1
+    from scipy.stats import binom
+    assert noisy["top1_rate"] == pytest.approx(binom.cdf(1, 4, 0.25), abs=0.06)
+    assert 0.0 <= noisy["relative_residual_interval"][0] <= noisy["relative_residual_interval"][1]
+    s = iv["summary"]["persviz"]["render_single/top1"]
+    assert s[0] <= result["summary"]["persviz"]["render_single/top1"] <= s[1] and s[0] >= 0.8
+    items = iv["top1_items"]["persviz"]["render_single/top1"]
+    assert items["n_prompts"] == 5 and items["low"] <= items["mean"] <= items["high"]
+    rare = result["variants"]["style/rare"]
+    assert rare["zero_draws"] / 400 == pytest.approx(0.75 ** 4, abs=0.07)
+    assert rare["methods"]["persviz"]["top1_rate"] == pytest.approx(1 - rare["zero_draws"] / 400)
+    result["intervals"] = iv
+    assert "[" in markdown_table(result) and "5/5 items" in top1_table(result)
+    with pytest.raises(ValueError, match="per-pair differences"):
+        bootstrap_benchmark([dataclasses.replace(variants[0], diffs=None)], result["variants"], directions,
+                            methods=methods, n_boot=2, progress=False)
+
+
+def test_level_weight_series_with_intervals():
+    from persviz.finexl.benchmark import level_weight_series
+    result = {"variants": {
+        "a": {"group": "g", "truth": {"red": 0.3},
+              "methods": {"m": {"weights": {"red": 0.1}, "weight_intervals": {"red": [0.05, 0.2]}}}},
+        "b": {"group": "g", "truth": {"red": 0.9}, "methods": {"m": {"weights": {"large": 0.2}}}}}}
+    levels, weights, ivs = level_weight_series(result, "g", "m", intervals=True)
+    assert levels == {"red": [0.3, 0.9]} and weights == {"red": [0.1, 0.0]} and ivs == {"red": [(0.05, 0.2), None]}
+
+
+def test_save_and_load_items_round_trip(tmp_path):
+    from types import SimpleNamespace
+    from persviz.finexl.benchmark import load_items, save_items
+    directions, f = _planted()
+    variants = _variants({"render/x": np.random.default_rng(1).normal(size=(3, 2, 8))}, {"render/x": {"red": 1.0}})
+    bench = SimpleNamespace(prompts=["p0", "p1", "p2"], seeds=[0, 1000], bank=list(f), directions=directions)
+    items = load_items(save_items(tmp_path / "items.npz", variants, bench))
+    np.testing.assert_array_equal(items["diffs"]["render/x"], variants[0].diffs)
+    assert items["seeds"] == [0, 1000] and items["groups"] == {"render/x": "render_single"}
+    assert torch.equal(items["directions"]["grammar"]["red"], f["red"])

@@ -178,3 +178,51 @@ def test_paired_strip_layout_and_pixels():
         fp.paired_strip(_images(2, 6), _images(2, 8))
     with pytest.raises(ValueError, match="labels has 1 entries for 2 pairs"):
         fp.paired_strip(_images(2), _images(2), labels=["x"])
+
+
+# ----------------------------------------------------------------------------- intervals
+
+
+def _bar_spans(container, axis=1):
+    eb = getattr(container, "errorbar", container)  # a bar's container holds its ErrorbarContainer
+    (segments,) = [lc.get_segments() for lc in eb.lines[2]]
+    return [(s[0][axis], s[1][axis]) for s in segments if np.all(np.isfinite(s))]  # NaN: a point without one
+
+
+def test_weight_vs_level_draws_intervals_as_error_bars():
+    fig, ax = new_ax()
+    fp.weight_vs_level([0.2, 0.5, 1.0], [0.1, 0.3, 0.5], intervals=[(0.05, 0.2), None, (0.4, 0.55)], ax=ax)
+    (bars,) = ax.containers
+    np.testing.assert_allclose(_bar_spans(bars), [(0.05, 0.2), (0.4, 0.55)])  # the point without one gets none
+    fig, ax = new_ax()
+    fp.weight_vs_level({"red": [0.5, 1.0], "large": [0.5, 1.0]}, {"red": [0.2, 0.4], "large": [0.1, 0.3]},
+                       intervals={"red": [(0.1, 0.3), (0.35, 0.5)]}, ax=ax)
+    assert len(ax.containers) == 1 and len(ax.collections) >= 2
+    with pytest.raises(ValueError, match="one \\(low, high\\) per value"):
+        fp.weight_vs_level([1, 2], [1, 2], intervals=[(0, 1)])
+    with pytest.raises(ValueError, match="low must not exceed high"):
+        fp.weight_vs_level([1, 2], [1, 2], intervals=[(0, 1), (3, 2)])
+
+
+def test_decomposition_bars_and_top1_bars_draw_intervals(dec):
+    fig, ax = new_ax()
+    fp.decomposition_bars(dec, ax=ax, intervals={"warmer colors": (0.5, 0.7), "blurry": (-0.3, -0.2)})
+    np.testing.assert_allclose(_bar_spans(ax.containers[0], axis=0), [(0.5, 0.7), (-0.3, -0.2)])
+    result = {"summary": {"naive": {"render_single/top1": 0.5, "lora_single/top1": 1.0},
+                          "persviz": {"render_single/top1": 1.0, "lora_single/top1": 0.5}},
+              "intervals": {"summary": {"naive": {"render_single/top1": [0.25, 0.75], "lora_single/top1": [1, 1]},
+                                        "persviz": {"render_single/top1": [0.75, 1.0],
+                                                    "lora_single/top1": [0.0, 1.0]}}},
+              "variants": {"a": {"group": "render_single", "truth": {"red": 1}},
+                           "b": {"group": "render_single", "truth": {"red": 0.5}},
+                           "c": {"group": "lora_single", "truth": {"red": 1}},
+                           "d": {"group": "lora_single", "truth": {"red": 1}}}}
+    fig, ax = new_ax()
+    assert fp.top1_bars(result, ax=ax) is fig
+    spans = [_bar_spans(c) for c in ax.containers if getattr(c, "errorbar", None) is not None]
+    np.testing.assert_allclose(spans, [[(0.25, 0.75), (1, 1)], [(0.75, 1.0), (0.0, 1.0)]])
+    assert "1/2" in [t.get_text() for t in ax.texts] and "interval" in ax.get_title()
+    fig = fp.top1_bars({k: v for k, v in result.items() if k != "intervals"})  # no intervals: plain bars
+    assert isinstance(fig, Figure) and "interval" not in fig.axes[0].get_title()
+    with pytest.raises(ValueError, match="summary"):
+        fp.top1_bars({})
