@@ -189,11 +189,13 @@ def _counts(items: Mapping[str, Mapping[str, list]]) -> dict[str, dict[str, int]
 def evaluate(images: Mapping[str, np.ndarray], probes: Sequence[Probe], class_word: str, references: np.ndarray,
              clip: Any, dino: Any = None, oracle: Any = None, signature: Optional[Mapping] = None, repeats: int = 1,
              seeds: Optional[Sequence[int]] = None, concept: Optional[str] = None, scale: str = "shapesworld",
-             expected_references: Optional[str] = None) -> Evaluation:
+             expected_references: Optional[str] = None, prompt_ids: Optional[Sequence[str]] = None) -> Evaluation:
     """Score each condition's images (probe-major, `repeats` per probe) with score_per_image and keep them per image.
 
     seeds: the generation seed of each image (default: 0..repeats-1 within each prompt), the same for every
-    condition so that conditions pair item by item. expected_references: the fingerprint of the concept's own
+    condition so that conditions pair item by item. prompt_ids: each probe's id (default probe_keys(probes); pass
+    probe_keys(all)[a:b] when `probes` is a slice of a larger probe set, so that ids do not depend on the slicing).
+    expected_references: the fingerprint of the concept's own
     reference set (fingerprint(concept.reference_images())); a ValueError when `references` differ from it.
     An empty condition, or one whose image count does not fit probes x repeats, is an error naming it."""
     if not images:
@@ -207,7 +209,11 @@ def evaluate(images: Mapping[str, np.ndarray], probes: Sequence[Probe], class_wo
     seeds = list(seeds) if seeds is not None else [r for _ in probes for r in range(repeats)]
     if len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {len(probes)} probes x {repeats} repeats")
-    prompts = [k for k in probe_keys(probes) for _ in range(repeats)]
+    ids = list(prompt_ids) if prompt_ids is not None else probe_keys(probes)
+    if len(ids) != len(probes) or len(set(ids)) != len(ids):
+        raise ValueError(f"prompt_ids must name each of the {len(probes)} probes once; got {len(ids)} "
+                         f"({len(set(ids))} distinct)")
+    prompts = [k for k in ids for _ in range(repeats)]
     if len(set(zip(prompts, seeds))) != n:
         raise ValueError("two images share a (prompt, seed); give each image of a prompt its own seed")
     items, size = {}, None

@@ -166,6 +166,7 @@ def tea_table(pipe, judges: dict, methods: tuple = METHODS, n_probes: int = 24, 
 
 
 GENERATION_SEED = 1000  # image i of a row is seeded 1000 + i (probe-major), the same in every row
+HELD_OUT_SEED = 2000  # adaptive TEA is scored on other seeds than those its rotation was chosen on
 
 
 def summarize_tea_table(evaluations: dict, settings: dict, n_boot: int = N_BOOT) -> dict:
@@ -201,8 +202,9 @@ def read_tea_table(path: Path = RUNS_DIR / "tea_table.json") -> dict:
 def adaptive_table(pipe, judges: dict, n_probes: int = 8, n_images: int = 4, seed: int = 1,
                    root: Path = RUNS_DIR, write: bool = True, progress: bool = True) -> dict:
     """Adaptive against fixed TEA on the three concepts' Textual Inversion runs (n_probes prompts each, n_images
-    seeds per prompt): the rotation chosen per prompt (adaptive_vs_fixed), then the untouched token, the fixed
-    knobs and the adaptive choice generated on the same seeds and scored per image with the protocol.
+    seeds per prompt): the rotation chosen per prompt (adaptive_vs_fixed, on seeds 1000...), then the untouched
+    token, the fixed knobs and the adaptive choice generated on held-out seeds (2000...: the choice is not scored
+    on the images it was made on) and scored per image with the protocol.
     Written to concepts/adaptive_tea.json: the per-prompt choices, intervals and the paired differences."""
     evaluations, choices = {}, {}
     for name in tqdm(list(CONCEPTS), desc="adaptive TEA", disable=not progress):
@@ -212,16 +214,17 @@ def adaptive_table(pipe, judges: dict, n_probes: int = 8, n_images: int = 4, see
             rows = adaptive_vs_fixed(pipe, probes, ph, c.class_word, refs, judges["clip"], n_images=n_images,
                                      seed=GENERATION_SEED, progress=False)
             images = adaptive_images(pipe, probes, ph, c.class_word, [r["rotation"] for r in rows],
-                                     n_images=n_images, seed=GENERATION_SEED)
+                                     n_images=n_images, seed=HELD_OUT_SEED)
         choices[name] = [{k: r[k] for k in ("prompt", "rotation", "status", "tried", "target")} for r in rows]
         evaluations[name] = evaluate(images, probes, c.class_word, refs, judges["clip"], judges["dino"],
                                      judges["oracle"], oracle_signature(judges["oracle"], name), n_images,
-                                     seeds=[GENERATION_SEED + i for _ in probes for i in range(n_images)],
+                                     seeds=[HELD_OUT_SEED + i for _ in probes for i in range(n_images)],
                                      concept=name)
     both = combine(evaluations)
     summary = both.summary()
     out = {"format": "persviz adaptive tea 1",
-           "settings": {"probes": n_probes, "images_per_prompt": n_images, "seed": seed, "fixed": [0.2, 0.5]},
+           "settings": {"probes": n_probes, "images_per_prompt": n_images, "seed": seed, "fixed": [0.2, 0.5],
+                        "chosen_on_seeds": GENERATION_SEED, "scored_on_seeds": HELD_OUT_SEED},
            "meta": both.meta, "choices": choices,
            "intervals": {row: {m: iv.to_json() for m, iv in s.items()} for row, s in summary.items()},
            "differences": {f"{b} - {a}": {m: d.to_json() for m, d in both.compare(a, b).items()}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from persviz.concept_folder import read_concept
-from persviz.evaluation import Evaluation, evaluate
+from persviz.evaluation import Evaluation, evaluate, probe_keys
 from persviz.generation import GUIDANCE, STEPS
 from persviz.io import PathLike
 from persviz.loading import SHAPESWORLD
@@ -87,6 +87,7 @@ def run_sweep(folder: PathLike, pipe: Any, clip: Any, dino: Any = None, oracle: 
     probes = probes_for(concept, n_probes, 0)
     if len(probes) < n_probes:
         raise ValueError(f"{concept.name} has {len(probes)} probes; ask for at most that many prompts")
+    keys = probe_keys(probes)  # ids of the whole probe set, whatever the chunking
     refs = concept.reference_images()
     signature = reference_signature(oracle, refs) if oracle is not None else None
     token = concept.token("textual_inversion")
@@ -102,6 +103,7 @@ def run_sweep(folder: PathLike, pipe: Any, clip: Any, dino: Any = None, oracle: 
             images = generate_probes(pipe, part, token, repeats, first, guidance, steps, batch_size)
         ev = evaluate({condition(c["rotation"], c["scale"]): images}, part, concept.class_word, refs, clip, dino,
                       oracle, signature, repeats, seeds=range(first, first + len(images)), concept=concept.name,
+                      prompt_ids=keys[a:b],
                       scale="shapesworld" if shapesworld else "full")
         return ev.to_json()
 

@@ -86,14 +86,25 @@ def owned_by(pattern: re.Pattern, *names: str) -> Callable[[str], bool]:
 
 
 def start_run(out_dir: PathLike, record: dict, owned: Callable[[str], bool], what: str,
-              hint: str) -> tuple[Path, dict | None, list[float], int]:
+              hint: str, final: str | tuple[str, ...] | None = None) -> tuple[Path, dict | None, list[float], int]:
     """Creates out_dir, checks that it holds this run or none (check_out_dir) and writes config.json.
 
+    final: the run's final weights file(s); a folder holding this run's config.json and them but no
+    resume_state.pt (a finished run shipped without it, as persviz's ShapesWorld runs) is finished: the step to
+    start at is `steps`, so nothing is retrained; asking it for more steps is an error (it cannot resume).
     Returns (out_dir as a Path, the saved resume state or None, the loss history so far, the step to start at).
     """
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    had_config = (out / CONFIG_FILE).is_file()
+    old_steps = json.loads((out / CONFIG_FILE).read_text()).get("steps") if had_config else None
     state = check_out_dir(out, record, owned, what, hint)
+    finals = (final,) if isinstance(final, str) else tuple(final or ())
+    if state is None and had_config and finals and all((out / f).is_file() for f in finals):
+        if old_steps != record["steps"]:
+            raise ValueError(f"{out} holds a finished run of {old_steps} steps without {RESUME_FILE}, so it cannot "
+                             f"be extended to {record['steps']}; ask for steps={old_steps} or use a new out_dir")
+        return out, None, [], int(record["steps"])
     write_json(out / CONFIG_FILE, record)
     if state is None:
         return out, None, [], 0

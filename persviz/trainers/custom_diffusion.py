@@ -430,7 +430,8 @@ def train_custom_diffusion(
               "pipeline_sha256": tensors_sha256(first_kv.to_k.weight, first_kv.to_v.weight)}
     out, state, history, start = start_run(
         out_dir, record, owned_by(CHECKPOINT, WEIGHTS_FILE, EMBEDS_FILE, CLASS_DIR), "Custom Diffusion weights",
-        "the weights of earlier steps: list_custom_diffusion_snapshots(out_dir)")
+        "the weights of earlier steps: list_custom_diffusion_snapshots(out_dir)",
+        final=(WEIGHTS_FILE, EMBEDS_FILE))
     cls_dir = out / CLASS_DIR if config.prior_preservation else None
     finals_there = (out / WEIGHTS_FILE).is_file() and (out / EMBEDS_FILE).is_file()
     if start < config.steps or not finals_there:

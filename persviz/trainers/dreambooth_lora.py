@@ -349,7 +349,8 @@ def train_dreambooth_lora(
               "images_sha256": sha256(pixels), "identifier_ids": ident,
               "dtype": f"{text_encoder.dtype}/{unet.dtype}", "pipeline_sha256": pipeline_sha256(unet, text_encoder)}
     out, state, history, start = start_run(out_dir, record, owned_by(CHECKPOINT, LORA_FILE, CLASS_DIR), "LoRA weights",
-                                           "the LoRA weights of earlier steps: list_lora_snapshots(out_dir)")
+                                           "the LoRA weights of earlier steps: list_lora_snapshots(out_dir)",
+                                           final=LORA_FILE)
     final = out / LORA_FILE
     cls_dir = out / CLASS_DIR if config.prior_preservation else None
     if start < config.steps or not final.is_file():

@@ -1,6 +1,7 @@
 """DreamBooth-LoRA and Custom Diffusion on a tiny random StableDiffusionPipeline: what trains, the saved formats,
 exact resume, the class-image cache, and the errors."""
 import copy
+import dataclasses
 import json
 import re
 
@@ -315,3 +316,21 @@ def test_clear_errors(tiny_sd_pipeline, red_square_images, tmp_path):
         train_custom_diffusion(pipe, images, _cd(), tmp_path / "h", progress=False)
     with pytest.raises(FileNotFoundError, match="no Custom Diffusion weights"):
         load_custom_diffusion(pipe, tmp_path / "h")
+
+
+def test_a_finished_run_shipped_without_resume_state_is_not_retrained(tiny_sd_pipeline_shared, red_square_images, tmp_path):
+    """persviz's ShapesWorld runs ship their final weights and config.json but no resume_state.pt: training again
+    must load them as they are, not start over from step 0 (and more steps cannot be resumed)."""
+    pipe, images = tiny_sd_pipeline_shared, red_square_images
+    for train, cfg, name, final in ((train_dreambooth_lora, _db(steps=2), "db", "pytorch_lora_weights.safetensors"),
+                                    (train_custom_diffusion, _cd(steps=2), "cd",
+                                     "pytorch_custom_diffusion_weights.safetensors")):
+        out = tmp_path / name
+        train(pipe, images, cfg, out, progress=False, load_result=False)
+        (out / RESUME_FILE).unlink()
+        before = (out / final).read_bytes()
+        result = train(pipe, images, cfg, out, progress=False, load_result=False)
+        assert (out / final).read_bytes() == before and not (out / RESUME_FILE).exists()
+        assert result.loss_history == []
+        with pytest.raises(ValueError, match="cannot be extended"):
+            train(pipe, images, dataclasses.replace(cfg, steps=3), out, progress=False, load_result=False)

@@ -62,7 +62,7 @@ def test_saved_studies_and_tables_of_the_shipped_concepts():
     assert title == "the full-size study (24 prompts x 2 seeds, written by the training script)"
     assert [r["concept"] for r in rows] == [n for n in CONCEPTS for _ in range(3)] and "oracle_context" in rows[0]
     table, title = cs.saved_tea_table(shipped("candy"))
-    assert title == "mean over the three concepts, 12 prompts x 2 seeds" and "dreambooth TEA" in table
+    assert title == "mean over the three concepts, 24 prompts x 2 seeds" and "dreambooth TEA" in table
 
 
 def test_a_concept_without_a_saved_study_says_how_to_write_one(tmp_path):
