@@ -186,7 +186,7 @@ def test_paired_strip_layout_and_pixels():
 def _bar_spans(container, axis=1):
     eb = getattr(container, "errorbar", container)  # a bar's container holds its ErrorbarContainer
     (segments,) = [lc.get_segments() for lc in eb.lines[2]]
-    return [(s[0][axis], s[1][axis]) for s in segments if np.all(np.isfinite(s))]  # NaN: a point without one
+    return [(s[0][axis], s[1][axis]) for s in segments if len(s) and np.all(np.isfinite(s))]  # none: no interval
 
 
 def test_weight_vs_level_draws_intervals_as_error_bars():

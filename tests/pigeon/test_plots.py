@@ -139,5 +139,6 @@ def test_comparison_bars_draw_the_bootstrap_intervals() -> None:
     np.testing.assert_allclose(sorted(spans), sorted(want))
     fig, ax = new_ax()  # without intervals: the SEMs, as before
     pp.comparison_bars(_rows(), metrics=("clip_i",), axes=[ax])
-    (segments,) = [lc.get_segments() for lc in ax.containers[0].errorbar.lines[2]]
+    first = next(c for c in ax.containers if getattr(c, "errorbar", None) is not None)
+    (segments,) = [lc.get_segments() for lc in first.errorbar.lines[2]]
     np.testing.assert_allclose([s[1][1] - s[0][1] for s in segments], 1.0)
