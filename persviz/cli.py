@@ -113,7 +113,8 @@ def _add_tea(sub: Any) -> None:
     p.add_argument("--concepts", default=",".join(CONCEPTS))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--study", action="store_true", help="also write each Textual Inversion run's study.json")
-    p.add_argument("--table", action="store_true", help="write concepts/tea_table.json (all methods, with/without TEA)")
+    p.add_argument("--table", action="store_true", help="write concepts/tea_table.json (all methods, with/without TEA, "
+                   "per-image scores and intervals)")
 
     def runs(a: argparse.Namespace) -> None:
         _threads(a.threads)
@@ -122,15 +123,42 @@ def _add_tea(sub: Any) -> None:
         if unknown:
             raise SystemExit(f"unknown method(s) {unknown}; choose from {METHODS}")
         pipe = load_pipeline()
-        judges = shapesworld_runs.evaluators() if a.study else None
+        judges = shapesworld_runs.evaluators() if a.study or a.table else None
         for method in methods:
             for name in a.concepts.split(","):
                 shapesworld_runs.RUNNERS[method](pipe, name)
                 if a.study and method == "textual_inversion":
                     shapesworld_runs.study_textual_inversion(pipe, name, judges)
         if a.table:
-            shapesworld_runs.tea_table(pipe, judges or shapesworld_runs.evaluators())
+            shapesworld_runs.tea_table(pipe, judges)
     p.set_defaults(run=runs)
+
+    p = tea.add_parser("evaluate", help="re-measure the shipped runs with the evaluation protocol (no training): "
+                       "concepts/tea_table.json and adaptive_tea.json, per-image scores and intervals")
+    p.add_argument("--what", default="table,adaptive", help="comma-separated: 'table' (with/without TEA, every "
+                   "method), 'adaptive' (adaptive against fixed TEA on the Textual Inversion runs)")
+    p.add_argument("--probes", type=int, default=24, help="prompts per concept of the table (2 seeds each; default 24)")
+    p.add_argument("--adaptive-probes", type=int, default=8, help="prompts per concept of adaptive TEA (4 seeds each)")
+    p.add_argument("--threads", type=int, default=None)
+
+    def evaluate_runs(a: argparse.Namespace) -> None:
+        _threads(a.threads)
+        what = [w for w in a.what.split(",") if w]
+        unknown = sorted(set(what) - {"table", "adaptive"})
+        if unknown:
+            raise SystemExit(f"unknown --what {unknown}; choose from table, adaptive")
+        missing = [str(shapesworld_runs.run_dir(m, n)) for m in METHODS for n in CONCEPTS
+                   if not shapesworld_runs.run_dir(m, n).is_dir()]
+        if missing:
+            raise SystemExit(f"no shipped run in {missing[0]}; train it with `persviz tea runs`")
+        pipe, judges = load_pipeline(), shapesworld_runs.evaluators()
+        if "table" in what:
+            print("wrote", shapesworld_runs.tea_table(pipe, judges, n_probes=a.probes) and
+                  shapesworld_runs.RUNS_DIR / "tea_table.json")
+        if "adaptive" in what:
+            print("wrote", shapesworld_runs.adaptive_table(pipe, judges, n_probes=a.adaptive_probes) and
+                  shapesworld_runs.RUNS_DIR / "adaptive_tea.json")
+    p.set_defaults(run=evaluate_runs)
 
 
 # ----------------------------------------------------------------------------- finexl

@@ -23,7 +23,7 @@ from PIL import Image
 
 from persviz.concept_folder import Concept, read_concept
 from persviz.embeddings import token_row
-from persviz.evaluation import describe_evaluator
+from persviz.evaluation import Evaluation, describe_evaluator, fingerprint, probe_keys, protocol_note, score_per_image
 from persviz.io import write_json
 from persviz.loading import SHAPESWORLD
 from persviz.paths import DATA_DIR
@@ -31,7 +31,7 @@ from persviz.prompts import load_prompt_set
 from persviz.shards import cell, run_cells
 from persviz.shapesworld.concepts import CONCEPTS, contextual_probes, reference_signature
 from persviz.tea.plots import impact_curves, norm_ratio_curve, shift_grid
-from persviz.tea.study import dominance_over_steps, impacts_over_steps, personalized, score_images, tea_rows
+from persviz.tea.study import dominance_over_steps, impacts_over_steps, personalized, tea_rows
 from persviz.tea.tracker import to_shift_grid, track_semantic_shift
 from persviz.trainers import METHODS, list_snapshots, load_snapshot_embedding
 
@@ -212,6 +212,35 @@ def study_cells(concept: Concept, n_snapshots: int, methods: Sequence[str] | Non
     return cells + [cell(part="tea", method=m) for m in methods or [m for m in METHODS if m in concept.runs]]
 
 
+STUDY_CELLS = "per-image TEA rows"  # what a study cell holds; cells of another layout are recomputed
+
+
+def tea_summary(per_image: Mapping[str, Mapping[str, list]], probes: Sequence[Mapping], settings: StudySettings,
+                concept: Concept, refs: np.ndarray, judges: Sequence[Any], shapesworld: bool) -> dict:
+    """study.json's TEA entries from per-image scores {row: {metric: [per image]}}: 'tea_table' (means, as
+    before), 'tea_evaluation' (an Evaluation: every image's scores, prompt and seed), 'tea_intervals' (95 %
+    nested bootstrap) and 'tea_differences' (each TEA row minus its method's untouched row, Wilcoxon + Holm)."""
+    n = len(probes) * settings.repeats
+    prompts = [k for k in probe_keys(probes) for _ in range(settings.repeats)]
+    seeds = [settings.seed + i for i in range(n)]  # tea_rows seeds image i with seed + i
+    clip, dino, oracle = judges
+    ev = Evaluation({row: {"prompt": prompts, "seed": seeds, **scores} for row, scores in per_image.items()},
+                    {"concept": concept.name, "class_word": concept.class_word,
+                     "scale": "shapesworld" if shapesworld else "full", "image_size": None,
+                     "backbones": {"clip": describe_evaluator(clip), "dino": describe_evaluator(dino),
+                                   "oracle": "shapesworld oracle" if oracle is not None else None},
+                     "references": {"count": int(len(refs)), "fingerprint": fingerprint(refs)},
+                     "counts": {r: {"prompts": len(set(prompts)), "images": n} for r in per_image},
+                     "protocol": protocol_note()})
+    summary = ev.summary()
+    diffs = {row: {m: d.to_json() for m, d in ev.compare(row.split(" ")[0], row).items()}
+             for row in ev.conditions if " " in row and row.split(" ")[0] in ev.items}
+    return {"tea_table": {row: {m: iv.mean for m, iv in by.items()} for row, by in summary.items()},
+            "tea_evaluation": ev.to_json(),
+            "tea_intervals": {row: {m: iv.to_json() for m, iv in by.items()} for row, by in summary.items()},
+            "tea_differences": diffs}
+
+
 def study_concept(folder: Any, pipe: Any, clip: Any, dino: Any = None, oracle: Any = None,
                   settings: StudySettings | None = None, methods: Sequence[str] | None = None,
                   progress: bool = True, state: Any = None) -> dict | None:
@@ -235,8 +264,10 @@ def study_concept(folder: Any, pipe: Any, clip: Any, dino: Any = None, oracle: A
     out: dict[str, Any] = {"concept": concept.to_json(), "settings": {**asdict(settings), **gen},
                            "judges": {"oracle": oracle is not None}}
 
-    def score(images: np.ndarray) -> dict:
-        return score_images(images, probes, concept.class_word, refs, clip, dino, oracle, signature, settings.repeats)
+    def score(images: np.ndarray) -> dict:  # per image, so the TEA table gets intervals (docs/evaluation.md)
+        scores = score_per_image(images, probes, concept.class_word, refs, clip, dino, oracle, signature,
+                                 settings.repeats)
+        return {k: [float(x) for x in v] for k, v in scores.items()}
 
     snaps = []
     if "textual_inversion" in concept.runs:
@@ -259,7 +290,7 @@ def study_concept(folder: Any, pipe: Any, clip: Any, dino: Any = None, oracle: A
         return tea_table(pipe, concept, probes, score, [c["method"]], settings.repeats, settings.seed, **gen)
 
     study_dir = Path(concept.folder) / STUDY_DIR
-    grid = {**out["settings"], "methods": methods, "model": concept.model,
+    grid = {**out["settings"], "methods": methods, "model": concept.model, "cells": STUDY_CELLS,
             "snapshots": [[int(k), round(float(v.norm()), 6)] for k, v in snaps],
             "judges": [describe_evaluator(j) for j in (clip, dino, oracle)]}
     results = run_cells(cells, compute, study_dir, grid, state=state, progress=progress, desc="study",
@@ -271,7 +302,8 @@ def study_concept(folder: Any, pipe: Any, clip: Any, dino: Any = None, oracle: A
         out["text"] = next(r for c, r in parts if c["part"] == "text")
         rows = [r for c, r in parts if c["part"] == "impacts"]
         out["images"] = {k: [r[k] for r in rows] for k in rows[0]}
-    out["tea_table"] = {k: v for c, r in parts if c["part"] == "tea" for k, v in r.items()}
+    per_image = {k: v for c, r in parts if c["part"] == "tea" for k, v in r.items()}
+    out.update(tea_summary(per_image, probes, settings, concept, refs, (clip, dino, oracle), shapesworld))
     write_json(study_dir / "study.json", out)
     out["figures"] = [str(p) for p in write_figures(out, study_dir)]
     return out

@@ -12,6 +12,7 @@ from PIL import Image
 
 from persviz.cli import main as cli_main
 from persviz.concept_folder import ConceptFolderError, read_concept
+from persviz.evaluation import Evaluation
 from persviz.shapesworld.concepts import CONCEPTS_DIR
 from persviz.trainers.recipes import recipe
 
@@ -145,6 +146,17 @@ def test_study_of_a_concept_folder(tmp_path, checkers_images):
     assert {"textual_inversion", "textual_inversion TEA", "dreambooth", "dreambooth TEA", "dreambooth TEA unaligned",
             "dreambooth TEA base anchor", "custom_diffusion", "custom_diffusion TEA"} <= rows
     assert all(0 <= r["oracle_context"] <= 1 for r in saved["tea_table"].values())
+    # every image's scores kept; the table's means are the Evaluation's, with intervals and paired differences
+    ev = Evaluation.from_json(saved["tea_evaluation"])
+    assert ev.meta["counts"]["textual_inversion"] == {"prompts": 2, "images": 2}
+    for row in rows:
+        assert saved["tea_table"][row]["clip_i"] == pytest.approx(np.mean(ev.items[row]["clip_i"]))
+        iv = saved["tea_intervals"][row]["clip_i"]
+        assert iv["low"] <= iv["mean"] <= iv["high"] and iv["n_prompts"] == 2
+    d = saved["tea_differences"]["dreambooth TEA base anchor"]["clip_i"]
+    assert d["mean"] == pytest.approx(np.mean(np.subtract(ev.items["dreambooth TEA base anchor"]["clip_i"],
+                                                          ev.items["dreambooth"]["clip_i"])))
+    assert set(saved["tea_differences"]) == rows - {"textual_inversion", "dreambooth", "custom_diffusion"}
     assert sorted(p.name for p in (out / "study").glob("*.png")) == ["impacts.png", "norm_ratio.png",
                                                                      "shift_grid.png"]
     assert len(study["figures"]) == 3
