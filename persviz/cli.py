@@ -31,6 +31,7 @@ import torch
 
 from persviz import run_notebooks
 from persviz.finexl import benchmark as finexl_benchmark
+from persviz.finexl import model_pair as finexl_explain
 from persviz.generation import GUIDANCE
 from persviz import doctor, embedding_files, foreign_runs, shards
 from persviz.io import to_jsonable, write_json
@@ -195,6 +196,64 @@ def _add_finexl(sub: Any) -> None:
         print(finexl_benchmark.markdown_report(result))
         print(f"wrote {finexl_benchmark.BENCHMARK_JSON} and {finexl_benchmark.BENCHMARK_MD}")
     p.set_defaults(run=bench)
+    p = fx.add_parser("explain", help="FineXL's paired samples and decomposition for one model pair (a model "
+                      "without and with one LoRA); sharded, resumable", description=finexl_explain.__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lora", required=True, help="a diffusers LoRA file or folder, a concept folder with a "
+                   "DreamBooth-LoRA run, or a shipped ShapesWorld variant of data/finexl/lora/ (e.g. red_100)")
+    p.add_argument("--class-word", default=None, help="the probes' class word at full scale (default: the "
+                   "concept's, else dog)")
+    p.add_argument("--model", default=None, help="the base model (default: a concept folder's model, else the "
+                   "ShapesWorld micro-SD; stable-diffusion-v1-5/stable-diffusion-v1-5 for SD 1.5)")
+    p.add_argument("--out", required=True, help="results folder: cells/, manifest.json, explain.json")
+    p.add_argument("--prompts", type=int, default=None, help="probe prompts (default: 48 ShapesWorld, 24 SD 1.5)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt (call seeds 0, 1000, ...)")
+    p.add_argument("--chunk", type=int, default=finexl_explain.CHUNK, help="prompts per cell")
+    p.add_argument("--methods", default=None, help="comma-separated benchmark methods (default: finexl,persviz on "
+                   "ShapesWorld, finexl,finexl_improved on SD 1.5)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 25 ShapesWorld, 50 SD 1.5)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance (default: 4 ShapesWorld, 7 SD 1.5)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--clip", default=None, help="CLIP evaluator (default: the scale's)")
+    _add_processes(p)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
+    p.add_argument("--no-progress", action="store_true")
+
+    def explain(a: argparse.Namespace) -> Any:
+        code = _relaunch(a)
+        if code is not None:
+            return code
+        _threads(a.threads)
+        target = finexl_explain.pair_target(a.lora, a.class_word)  # a missing LoRA fails before any model loads
+        model = a.model or (target.concept.model if target.concept is not None else SHAPESWORLD)
+        small = model == SHAPESWORLD
+        inputs = finexl_explain.pair_inputs(small, target.class_word, a.prompts)
+        if a.seeds < 1:
+            raise SystemExit(f"persviz {a.command}: --seeds must be at least 1; got {a.seeds}")
+        seeds = [j * max(1000, len(inputs["probes"])) for j in range(a.seeds)]
+        finexl_explain.explain_cells(len(inputs["probes"]), a.chunk)
+        state = shards.process_state()
+        device = _process_device(state)
+        pipe = load_pipeline(None if small else model, device=device)
+        concept_runs.check_sd1(pipe, model)
+        if not small:
+            pipe.vae.enable_slicing()  # decode one image at a time: 512 px batches fit a small GPU
+        clip = load_evaluator(a.clip or (None if small else FULL_DEFAULTS["clip"]), kind="clip", device=device)
+        gen = concept_study.StudySettings(steps=a.steps, guidance=a.guidance, batch_size=a.batch_size).generation(small)
+        methods = a.methods.split(",") if a.methods else inputs["methods"]
+        result = finexl_explain.explain_pair(
+            pipe, target.lora, inputs["probes"], a.out, seeds, a.chunk, clip, inputs["bank"], methods,
+            phrases=inputs["phrases"], steps=gen["steps"], guidance=gen["guidance"], batch_size=gen["batch_size"],
+            settings={"model": str(model), "label": target.label, "class_word": target.class_word,
+                      "clip": str(a.clip or (SHAPESWORLD if small else FULL_DEFAULTS["clip"]))},
+            state=state, progress=not a.no_progress)
+        if result is not None:
+            print(f"wrote {Path(a.out) / finexl_explain.EXPLAIN_JSON}: {target.label}, {result['counts']['pairs']} "
+                  f"pairs ({state.num_processes} process(es))")
+            for m, r in result["methods"].items():
+                print(f"  {m} (e = {r['relative_residual']:.2f}): " + "; ".join(r["sentences"]))
+        return result
+    p.set_defaults(run=explain)
 
 
 # ----------------------------------------------------------------------------- pigeon
