@@ -69,14 +69,21 @@ def test_command_line_and_evaluate(tmp_path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers, numpy 2
-def test_command_line_passes_its_settings(monkeypatch, tmp_path) -> None:
+def test_command_line_passes_its_settings(monkeypatch, tmp_path, capsys) -> None:
     seen = {}
+    # the stage rows of comparison_table carry "vs_no_mask" (paired differences), which the command prints
+    diff = {"mean": -0.5, "low": -1.0, "high": 0.1, "p": 0.2, "p_holm": 0.4, "n_prompts": 3, "n_images": 3,
+            "level": 0.95}
     monkeypatch.setattr(st, "comparison_table", lambda *a, **kw: seen.update(args=a, kw=kw) or [
-        {"noise_rate": 0.2, "row": "Pigeon stage 1", "n": 3, "clip_i": 1.0}])
+        {"noise_rate": 0.2, "row": "history without masks", "key": "no_mask", "n": 3, "clip_i": 1.5},
+        {"noise_rate": 0.2, "row": "Pigeon stage 1", "key": "stage1", "n": 3, "clip_i": 1.0,
+         "vs_no_mask": {"clip_i": diff}}])
     cli_main(["pigeon", "study", "--stage1", "s1", "--stage2", "none", "--n-windows", "3", "--noise-rates", "0.2,0.6",
              "--out", str(tmp_path / "c.json")])
     assert seen["args"] == ("s1", None, 3, (0.2, 0.6), "test")
     assert seen["kw"]["path"] == str(tmp_path / "c.json") and seen["kw"]["num_inference_steps"] == 25
+    out = capsys.readouterr().out
+    assert "minus history without masks" in out and "-0.50 [-1.00, +0.10] p=0.2 (Holm 0.4)" in out
 
 
 def test_the_console_script_exits_0_after_a_command_that_returns_an_object(tmp_path):
