@@ -165,9 +165,11 @@ class _Wrapped:
         out = self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                             attention_mask=attention_mask, **kwargs)
         if encoder_hidden_states is not None:
+            half = self.collector.conditional(hidden_states.shape[0])  # only the maps that are kept are computed
+            mask = attention_mask[half] if attention_mask is not None and attention_mask.ndim == 3 else attention_mask
             with torch.no_grad():
-                self.collector.add(self.index, probabilities(self.original, attn, hidden_states,
-                                                             encoder_hidden_states, attention_mask))
+                self.collector.add(self.index, probabilities(self.original, attn, hidden_states[half],
+                                                             encoder_hidden_states[half], mask))
         return out
 
 
@@ -238,12 +240,15 @@ class _Collector:
             raise ValueError(f"cannot place {n_pixels} query pixels on a grid of latent {H}x{W}")
         return h, w
 
+    def conditional(self, batch: int) -> slice:
+        """The conditional half of a classifier-free-guidance batch (diffusers stacks [uncond, cond]), or all of it."""
+        cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and batch % 2 == 0
+        return slice(batch // 2, None) if cfg else slice(None)
+
     def add(self, layer: int, probs: torch.Tensor) -> None:
         if self.latent is None:
             raise RuntimeError("cross-attention ran outside pipe.unet's forward; cannot tell the map's size")
-        batch = probs.shape[0]
-        cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and batch % 2 == 0
-        p = probs[batch // 2:] if cfg else probs  # diffusers stacks [uncond, cond]
+        p = probs  # the conditional half already (see conditional)
         n = p.shape[0]
         m = p.mean(1)  # [n, pixels, tokens], mean over heads
         h, w = self.grid(m.shape[1])
