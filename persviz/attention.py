@@ -21,8 +21,10 @@ What is kept (``keep``):
   * ``"aggregate"`` (default): the conditional half of the classifier-free-guidance batch (diffusers stacks
     [uncond, cond]; with guidance off the whole batch), mean over heads, each layer's map upsampled (bilinear) to
     ``size`` ("latent" or "image") and summed on the fly over layers and sampler steps, then divided by their
-    count (DAAM's aggregate). Memory: one float32 tensor of images × 77 × H × W, i.e. O(images × tokens × H × W),
-    independent of the number of steps and layers (SD 1.5 at 512², latent size: 1.3 MB an image).
+    count (DAAM's aggregate); beside it the same mean per own resolution (over the layers at 8×8, 4×4, ...; no
+    upsampling), for measures per resolution. Memory: float32 tensors of images × 77 × (H × W + Σ h × w), i.e.
+    O(images × tokens × H × W), independent of the number of steps and layers (SD 1.5 at 512², latent size:
+    about 1.8 MB an image).
   * ``"all"``: also every (layer, step) map at the layer's own resolution, [77, h, w] each, for one image (the
     widget's timestep and layer sliders): O(layers × steps × 77 × h × w).
 
@@ -45,7 +47,8 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttentionMaps", "attention_maps", "cross_attention_layers", "word_positions"]
+__all__ = ["AttentionMaps", "attention_maps", "cross_attention_layers", "inside_share", "mask_at", "probabilities",
+           "word_positions"]
 
 
 @dataclass
@@ -66,6 +69,8 @@ class AttentionMaps:
     special: dict[str, torch.Tensor] = field(default_factory=dict)
     words_share: Optional[torch.Tensor] = None  # [images] share of the whole mass on the prompt's word tokens
     token_maps: Optional[torch.Tensor] = None  # [images, 77, H, W] the aggregate of every token position
+    # {(h, w): [images, 77, h, w]} the same mean taken over the layers of each own resolution only (no upsampling)
+    resolution_maps: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     positions: list[dict[str, list[int]]] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     resolution: tuple[int, int] = (0, 0)
@@ -79,7 +84,28 @@ class AttentionMaps:
     def stored_elements(self) -> int:
         """Number of tensor elements held (the aggregate plus, for keep="all", every stored map)."""
         n = self.token_maps.numel() if self.token_maps is not None else 0
+        n += sum(t.numel() for t in self.resolution_maps.values())
         return n + sum(t.numel() for t in self.stored.values())
+
+    def word_maps(self, word: str) -> dict[Any, torch.Tensor]:
+        """{"all": [images, H, W] the aggregate, (h, w): [images, h, w] the mean over the layers at (h, w)}."""
+        if word not in self.words:
+            raise KeyError(f"word {word!r} was not collected; collected: {self.words}")
+        out: dict[Any, torch.Tensor] = {"all": self.maps[word]}
+        for res, m in self.resolution_maps.items():
+            out[res] = torch.stack([m[i, pos[word]].sum(0) for i, pos in enumerate(self.positions)])
+        return out
+
+    def region_shares(self, word: str, mask: Any) -> dict[Any, torch.Tensor]:
+        """{"all" | (h, w): [images]} the share of the word's attention that falls inside ``mask`` (a fractional
+        [H, W] or [images, H, W] region, area-averaged to each map's resolution); its leak out of the region is
+        1 minus it."""
+        return {k: inside_share(m, mask) for k, m in self.word_maps(word).items()}
+
+    def leak(self, word: str, mask: Any) -> dict[Any, torch.Tensor]:
+        """{"all" | (h, w): [images]} the share of the word's attention outside ``mask`` (its region): 1 minus
+        region_shares."""
+        return {k: 1 - v for k, v in self.region_shares(word, mask).items()}
 
     def layer_map(self, word: str, layer: int, step: int) -> torch.Tensor:
         """[h, w] the word's map in cross-attention layer ``layer`` (index into layer_names) at sampler step
@@ -103,6 +129,27 @@ class AttentionMaps:
         ups = [F.interpolate(m[None], size=self.resolution, mode="bilinear", align_corners=False)[0]
                for m in self.stored.values()]
         return torch.stack(ups).mean(0)
+
+
+def mask_at(mask: Any, size: tuple[int, int]) -> torch.Tensor:
+    """A fractional mask [..., H, W] area-averaged to size (h, w) (each cell: the fraction of it inside)."""
+    m = torch.as_tensor(mask).float()
+    lead = m.shape[:-2]
+    m = m.reshape(-1, 1, *m.shape[-2:])
+    if tuple(m.shape[-2:]) != tuple(size):
+        m = F.adaptive_avg_pool2d(m, tuple(size))
+    return m.reshape(*lead, *size)
+
+
+def inside_share(attention: torch.Tensor, mask: Any) -> torch.Tensor:
+    """[...] the share of each map's mass (attention [..., h, w]) inside the fractional mask ([h', w'] or one per
+    map, area-averaged to (h, w))."""
+    att = torch.as_tensor(attention).float()
+    m = mask_at(mask, tuple(att.shape[-2:]))
+    total = att.sum((-2, -1))
+    if bool((total <= 0).any()):
+        raise ValueError("an attention map without mass has no share inside a region")
+    return (att * m).sum((-2, -1)) / total
 
 
 def cross_attention_layers(unet: Any) -> dict[str, Any]:
@@ -224,6 +271,7 @@ class _Collector:
         self.count = 0
         self.steps_seen: set[int] = set()
         self.layers_seen: dict[int, tuple[int, int]] = {}
+        self.by_resolution: dict[tuple[int, int], list] = {}  # (h, w): [sum [n, 77, h, w], count]
 
     def unet_pre_hook(self, module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
@@ -254,6 +302,12 @@ class _Collector:
         h, w = self.grid(m.shape[1])
         m = m.transpose(1, 2).reshape(n, m.shape[2], h, w)
         self.layers_seen.setdefault(layer, (h, w))
+        own = self.by_resolution.get((h, w))
+        if own is None:
+            self.by_resolution[(h, w)] = [m.clone(), 1]
+        elif own[0].shape == m.shape:
+            own[0] += m
+            own[1] += 1
         self.steps_seen.add(self.step)
         if self.result.keep == "all":
             if n != 1:
@@ -306,6 +360,8 @@ class _Collector:
         r.prompts = prompts
         r.positions = [word_positions(self.pipe, p, r.words) for p in prompts]
         r.token_maps = agg
+        r.resolution_maps = {res: total / count for res, (total, count) in sorted(self.by_resolution.items(),
+                                                                                   reverse=True)}
         r.resolution = tuple(agg.shape[-2:])
         r.n_layers, r.n_steps = len(self.layers_seen), len(self.steps_seen)
         order = sorted(self.layers_seen)
