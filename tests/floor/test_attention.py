@@ -6,6 +6,7 @@ import types
 import pytest
 import torch
 from peft import LoraConfig
+from diffusers.models.attention_processor import CustomDiffusionAttnProcessor, CustomDiffusionAttnProcessor2_0
 from safetensors.torch import save_file
 
 from persviz.attention import attention_maps, cross_attention_layers, probabilities, word_positions
@@ -34,16 +35,36 @@ def with_lora(pipe):
     return pipe
 
 
-def with_custom_diffusion(pipe, folder):
-    """Random learned K/V in every cross-attention layer, saved as a run's weights file and loaded by persviz."""
+def with_custom_diffusion(pipe, folder, q_out=False, sdpa=False):
+    """Random learned K/V (and Q/out with q_out) in every cross-attention layer, saved as a run's weights file and
+    loaded by persviz (CustomDiffusionAttnProcessor); sdpa: then swapped for CustomDiffusionAttnProcessor2_0."""
     g = torch.Generator().manual_seed(2)
     sd = {}
     for name, attn in cross_attention_layers(pipe.unet).items():
-        for kv in ("to_k", "to_v"):
-            w = getattr(attn, kv).weight
-            sd[f"{name}.processor.{kv}_custom_diffusion.weight"] = torch.randn(w.shape, generator=g) * 0.3
+        for kv in ("to_k", "to_v") + (("to_q", "to_out.0") if q_out else ()):
+            w = (attn.to_out[0] if kv == "to_out.0" else getattr(attn, kv)).weight
+            key = "to_out_custom_diffusion.0" if kv == "to_out.0" else f"{kv}_custom_diffusion"
+            sd[f"{name}.processor.{key}.weight"] = torch.randn(w.shape, generator=g) * 0.3
+            if kv == "to_out.0":
+                sd[f"{name}.processor.{key}.bias"] = torch.zeros(w.shape[0])
     save_file(sd, str(folder / "pytorch_custom_diffusion_weights.safetensors"))
-    return load_custom_diffusion(pipe, folder)
+    load_custom_diffusion(pipe, folder)
+    if sdpa:
+        procs = dict(pipe.unet.attn_processors)
+        for name, p in procs.items():
+            if type(p) is CustomDiffusionAttnProcessor:
+                new = CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out=q_out, hidden_size=p.hidden_size,
+                                                      cross_attention_dim=p.cross_attention_dim)
+                new.load_state_dict(p.state_dict())
+                procs[name] = new
+        pipe.unet.set_attn_processor(procs)
+    return pipe
+
+
+SETUPS = {"default": lambda p, d: p, "lora": lambda p, d: with_lora(p),
+          "custom_diffusion": lambda p, d: with_custom_diffusion(p, d),
+          "custom_diffusion_q_out": lambda p, d: with_custom_diffusion(p, d, q_out=True),
+          "custom_diffusion_2_0": lambda p, d: with_custom_diffusion(p, d, sdpa=True)}
 
 
 def test_equal_keys_give_the_hand_worked_uniform_maps(tiny_sd_pipeline):
@@ -65,10 +86,9 @@ def test_equal_keys_give_the_hand_worked_uniform_maps(tiny_sd_pipeline):
     assert (m.resolution, m.n_layers, m.n_steps) == ((8, 8), 4, 2)
 
 
-@pytest.mark.parametrize("kind", ["default", "lora", "custom_diffusion"])
+@pytest.mark.parametrize("kind", list(SETUPS))
 def test_images_are_identical_and_processors_restored(tiny_sd_pipeline, tmp_path, kind):
-    pipe = {"default": lambda p: p, "lora": with_lora,
-            "custom_diffusion": lambda p: with_custom_diffusion(p, tmp_path)}[kind](tiny_sd_pipeline)
+    pipe = SETUPS[kind](tiny_sd_pipeline, tmp_path)
     before = processors(pipe)
     keys = set(pipe.unet.state_dict())
     plain = generate(pipe)
@@ -78,16 +98,16 @@ def test_images_are_identical_and_processors_restored(tiny_sd_pipeline, tmp_path
     assert abs(plain - inside).max() == 0
     after = processors(pipe)
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
-    if kind == "custom_diffusion":
-        assert any("CustomDiffusion" in type(p).__name__ for p in after.values())
+    if kind.startswith("custom_diffusion"):
+        names = {type(p).__name__ for p in after.values()}
+        assert ("CustomDiffusionAttnProcessor2_0" if kind.endswith("2_0") else "CustomDiffusionAttnProcessor") in names
     assert m.maps["square"].shape == (1, 8, 8) and float(m.maps["square"].sum()) > 0
 
 
-@pytest.mark.parametrize("kind", ["default", "lora", "custom_diffusion"])
+@pytest.mark.parametrize("kind", list(SETUPS))
 def test_recomputed_probabilities_reproduce_the_processors_output(tiny_sd_pipeline, tmp_path, kind):
     """softmax(QKᵀ·scale) from the processor's own projections, times its own V, gives its output."""
-    pipe = {"default": lambda p: p, "lora": with_lora,
-            "custom_diffusion": lambda p: with_custom_diffusion(p, tmp_path)}[kind](tiny_sd_pipeline)
+    pipe = SETUPS[kind](tiny_sd_pipeline, tmp_path)
     attn = next(iter(cross_attention_layers(pipe.unet).values()))
     g = torch.Generator().manual_seed(3)
     hs = torch.randn(2, 16, attn.to_q.in_features, generator=g)
@@ -96,9 +116,10 @@ def test_recomputed_probabilities_reproduce_the_processors_output(tiny_sd_pipeli
         out = attn(hs, encoder_hidden_states=enc)
         proc = attn.processor
         p = probabilities(proc, attn, hs, enc)
-        v = proc.to_v_custom_diffusion(enc) if kind == "custom_diffusion" else attn.to_v(enc)
+        v = proc.to_v_custom_diffusion(enc) if kind.startswith("custom_diffusion") else attn.to_v(enc)
         v = v.view(2, 77, attn.heads, -1).transpose(1, 2)
-        ref = attn.to_out[0]((p @ v).transpose(1, 2).reshape(2, 16, -1))
+        out_proj = proc.to_out_custom_diffusion[0] if kind == "custom_diffusion_q_out" else attn.to_out[0]
+        ref = out_proj((p @ v).transpose(1, 2).reshape(2, 16, -1))
     assert p.shape == (2, attn.heads, 16, 77)
     torch.testing.assert_close(ref, out, atol=1e-5, rtol=1e-4)
 
