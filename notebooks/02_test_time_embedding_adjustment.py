@@ -222,6 +222,7 @@ table(live_rows, keys, index="method", title=f"{PH}, {len(probes)} prompts x 1 s
 # metrics. For your concept, what `persviz study CONCEPT_DIR` wrote.
 
 # %%
+units = [("clip_t_full", "clip_t_context", "clip_i"), ("dino_i", "oracle_concept", "oracle_context")]
 shipped_table = RUNS_DIR / "tea_table.json"
 diffs = {}
 if sess.scale == "shapesworld" and shipped_table.is_file():
@@ -239,7 +240,6 @@ shown
 # %%
 if diffs:
     shown_rows = [r for r in ("textual_inversion TEA", "dreambooth TEA", "custom_diffusion TEA") if r in diffs]
-    units = [("clip_t_concept", "clip_t_context", "clip_i"), ("dino_i", "oracle_concept", "oracle_context")]
     fig = Figure(figsize=(5 * len(shown_rows), 4.6), layout="constrained")
     axes = fig.subplots(2, len(shown_rows), squeeze=False)
     for j, row in enumerate(shown_rows):
@@ -300,7 +300,12 @@ else:
 shown
 
 # %%
-difference_plot(adiffs["adaptive - fixed"], title="adaptive minus fixed TEA") if adiffs else None
+if adiffs:  # CLIP points on the left, cosines and rates on the right (one unit per panel)
+    fig = Figure(figsize=(10, 2.8), layout="constrained")
+    for ax, group in zip(fig.subplots(1, 2), units):
+        difference_plot({m: adiffs["adaptive - fixed"][m] for m in group if m in adiffs["adaptive - fixed"]}, ax=ax,
+                        title="adaptive minus fixed TEA")
+fig if adiffs else None
 
 # %% [markdown]
 # **What it says** (24 prompts × 4 held-out seeds, Holm across the metrics): adaptive TEA reaches what it aims
