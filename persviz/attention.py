@@ -312,7 +312,7 @@ class _Collector:
         if self.result.keep == "all":
             if n != 1:
                 raise ValueError(f'keep="all" stores the maps of one image; this call generates {n}')
-            self.result.stored[(layer, self.step)] = m[0].clone()
+            self.result.stored[(layer, self.step)] = m[0].float().cpu()  # off the GPU: layers x steps of them
         H, W = self.latent
         if self.result.size == "image":
             s = getattr(self.pipe, "vae_scale_factor", 8)
@@ -345,7 +345,7 @@ class _Collector:
         r = self.result
         if self.sum is None:
             return
-        agg = self.sum / self.count
+        agg = (self.sum / self.count).cpu()  # the results live on the CPU, whatever device generated
         n = agg.shape[0]
         if self.prompt is not None:
             prompts = self.prompt if len(self.prompt) == n else (
@@ -360,7 +360,7 @@ class _Collector:
         r.prompts = prompts
         r.positions = [word_positions(self.pipe, p, r.words) for p in prompts]
         r.token_maps = agg
-        r.resolution_maps = {res: total / count for res, (total, count) in sorted(self.by_resolution.items(),
+        r.resolution_maps = {res: (total / count).cpu() for res, (total, count) in sorted(self.by_resolution.items(),
                                                                                    reverse=True)}
         r.resolution = tuple(agg.shape[-2:])
         r.n_layers, r.n_steps = len(self.layers_seen), len(self.steps_seen)
