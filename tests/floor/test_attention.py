@@ -225,3 +225,15 @@ def test_clear_errors(tiny_sd_pipeline_shared):
         with attention_maps(pipe, words=["square"], keep="some"):
             pass
     assert all(type(p).__name__ != "_Wrapped" for p in pipe.unet.attn_processors.values())
+
+
+def test_image_size_and_keep_all_for_one_image_only(tiny_sd_pipeline_shared):
+    pipe = tiny_sd_pipeline_shared
+    with attention_maps(pipe, words=["square"], size="image") as m:
+        generate(pipe)
+    assert m.resolution == (8 * pipe.vae_scale_factor,) * 2 and m.maps["square"].shape == (1, *m.resolution)
+    before = processors(pipe)
+    with pytest.raises(ValueError, match='keep="all" stores the maps of one image; this call generates 2'):
+        with attention_maps(pipe, words=["square"], keep="all"):
+            generate(pipe, num_images_per_prompt=2)
+    assert all(processors(pipe)[k] is before[k] for k in before)
