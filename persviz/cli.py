@@ -211,13 +211,7 @@ def _add_finexl(sub: Any) -> None:
     p.add_argument("--chunk", type=int, default=finexl_explain.CHUNK, help="prompts per cell")
     p.add_argument("--methods", default=None, help="comma-separated benchmark methods (default: finexl,persviz on "
                    "ShapesWorld, finexl,finexl_improved on SD 1.5)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 25 ShapesWorld, 50 SD 1.5)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance (default: 4 ShapesWorld, 7 SD 1.5)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--clip", default=None, help="CLIP evaluator (default: the scale's)")
-    _add_processes(p)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
-    p.add_argument("--no-progress", action="store_true")
+    _add_grid_options(p, dino=False)
 
     def explain(a: argparse.Namespace) -> Any:
         code = _relaunch(a)
@@ -232,13 +226,7 @@ def _add_finexl(sub: Any) -> None:
             raise SystemExit(f"persviz {a.command}: --seeds must be at least 1; got {a.seeds}")
         seeds = [j * max(1000, len(inputs["probes"])) for j in range(a.seeds)]
         finexl_explain.explain_cells(len(inputs["probes"]), a.chunk)
-        state = shards.process_state()
-        device = _process_device(state)
-        pipe = load_pipeline(None if small else model, device=device)
-        concept_runs.check_sd1(pipe, model)
-        if not small:
-            pipe.vae.enable_slicing()  # decode one image at a time: 512 px batches fit a small GPU
-        clip = load_evaluator(a.clip or (None if small else FULL_DEFAULTS["clip"]), kind="clip", device=device)
+        state, pipe, clip, _, _ = _grid_models(a, model, judges=("clip",))
         gen = concept_study.StudySettings(steps=a.steps, guidance=a.guidance, batch_size=a.batch_size).generation(small)
         methods = a.methods.split(",") if a.methods else inputs["methods"]
         result = finexl_explain.explain_pair(
@@ -497,14 +485,7 @@ def _add_study(sub: Any) -> None:
     p.add_argument("--probes", type=int, default=12, help="contextual prompts")
     p.add_argument("--repeats", type=int, default=1, help="images per prompt")
     p.add_argument("--every", type=int, default=500, help="snapshot spacing of the image-space study")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 25 ShapesWorld, 50 SD 1.5)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance (default: 4 ShapesWorld, 7 SD 1.5)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--clip", default=None, help="CLIP evaluator (default: the scale's)")
-    p.add_argument("--dino", default=None, help="DINO evaluator (default: the scale's)")
-    _add_processes(p)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
-    p.add_argument("--no-progress", action="store_true")
+    _add_grid_options(p)
 
     def study(a: argparse.Namespace) -> Any:
         code = _relaunch(a)
@@ -512,16 +493,7 @@ def _add_study(sub: Any) -> None:
             return code
         _threads(a.threads)
         concept = read_concept(a.concept)
-        small = concept.model == SHAPESWORLD
-        state = shards.process_state()
-        device = _process_device(state)
-        pipe = load_pipeline(None if small else concept.model, device=device)
-        concept_runs.check_sd1(pipe, concept.model)
-        if not small:
-            pipe.vae.enable_slicing()  # decode one image at a time: 512 px batches fit a small GPU
-        clip = load_evaluator(a.clip or (None if small else FULL_DEFAULTS["clip"]), kind="clip", device=device)
-        dino = load_evaluator(a.dino or (None if small else FULL_DEFAULTS["dino"]), kind="dino", device=device)
-        oracle = load_evaluator(kind="oracle", device=device) if small else None
+        state, pipe, clip, dino, oracle = _grid_models(a, concept.model)
         settings = concept_study.StudySettings(a.probes, a.repeats, a.every, a.steps, a.guidance, a.batch_size)
         methods = [check_method(m) for m in a.methods.split(",")] if a.methods else None
         out = concept_study.study_concept(concept.folder, pipe, clip, dino, oracle, settings, methods,
@@ -558,6 +530,37 @@ def _process_device(state: Any) -> str | None:
     return str(state.device) if state.device.type == "cuda" else None
 
 
+def _add_grid_options(p: Any, dino: bool = True) -> None:
+    """The options of every sharded grid command: sampler, judges, processes, threads, progress."""
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 25 ShapesWorld, 50 SD 1.5)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance (default: 4 ShapesWorld, 7 SD 1.5)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--clip", default=None, help="CLIP evaluator (default: the scale's)")
+    if dino:
+        p.add_argument("--dino", default=None, help="DINO evaluator (default: the scale's)")
+    _add_processes(p)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _grid_models(a: argparse.Namespace, model: str, judges: tuple[str, ...] = ("clip", "dino", "oracle")) -> tuple:
+    """(process state, pipeline, clip, dino, oracle) of a sharded grid command on this process's device: the
+    model's pipeline (SD 1.x checked; at full scale the VAE decodes one image at a time) and the scale's judges
+    (None for those not asked; the oracle on ShapesWorld only)."""
+    state = shards.process_state()
+    device = _process_device(state)
+    small = str(model) == SHAPESWORLD
+    pipe = load_pipeline(None if small else model, device=device)
+    concept_runs.check_sd1(pipe, model)
+    if not small:
+        pipe.vae.enable_slicing()  # decode one image at a time: 512 px batches fit a small GPU
+    clip = load_evaluator(a.clip or (None if small else FULL_DEFAULTS["clip"]), kind="clip", device=device)
+    dino = (load_evaluator(a.dino or (None if small else FULL_DEFAULTS["dino"]), kind="dino", device=device)
+            if "dino" in judges else None)
+    oracle = load_evaluator(kind="oracle", device=device) if small and "oracle" in judges else None
+    return state, pipe, clip, dino, oracle
+
+
 def _add_sweep(sub: Any) -> None:
     p = sub.add_parser("sweep", help="token-level TEA over rotation x scale on a concept's Textual Inversion run, "
                        "every image scored; sharded, resumable", description=tea_sweep.__doc__,
@@ -570,14 +573,7 @@ def _add_sweep(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="first generation seed")
     p.add_argument("--chunk", type=int, default=None, help="prompts per cell (default: all prompts in one cell)")
     p.add_argument("--out", required=True, help="results folder: cells/, manifest.json, sweep.json")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 25 ShapesWorld, 50 SD 1.5)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance (default: 4 ShapesWorld, 7 SD 1.5)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--clip", default=None, help="CLIP evaluator (default: the scale's)")
-    p.add_argument("--dino", default=None, help="DINO evaluator (default: the scale's)")
-    _add_processes(p)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
-    p.add_argument("--no-progress", action="store_true")
+    _add_grid_options(p)
 
     def sweep(a: argparse.Namespace) -> Any:
         code = _relaunch(a)
@@ -587,13 +583,7 @@ def _add_sweep(sub: Any) -> None:
         tea_sweep.sweep_cells(a.rotations, a.scales, a.prompts, a.chunk)  # bad knobs fail before any model loads
         concept = read_concept(a.concept)
         small = concept.model == SHAPESWORLD
-        state = shards.process_state()
-        device = _process_device(state)
-        pipe = load_pipeline(None if small else concept.model, device=device)
-        concept_runs.check_sd1(pipe, concept.model)
-        clip = load_evaluator(a.clip or (None if small else FULL_DEFAULTS["clip"]), kind="clip", device=device)
-        dino = load_evaluator(a.dino or (None if small else FULL_DEFAULTS["dino"]), kind="dino", device=device)
-        oracle = load_evaluator(kind="oracle", device=device) if small else None
+        state, pipe, clip, dino, oracle = _grid_models(a, concept.model)
         gen = concept_study.StudySettings(steps=a.steps, guidance=a.guidance, batch_size=a.batch_size).generation(small)
         ev = tea_sweep.run_sweep(concept.folder, pipe, clip, dino, oracle, a.rotations, a.scales, a.prompts, a.seeds,
                                  a.out, a.seed, a.chunk, gen["steps"], gen["guidance"], gen["batch_size"], state,
