@@ -11,7 +11,8 @@ import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from persviz.plots import grouped_bars, image_grid  # noqa: E402
+from persviz.plots import difference_plot, grouped_bars, image_grid, interval_plot  # noqa: E402
+from persviz.stats import Difference, Interval  # noqa: E402
 
 from tests.helpers import new_ax  # noqa: E402
 
@@ -72,8 +73,6 @@ def test_figures_render_to_png_without_pyplot():
 
 
 def test_interval_and_difference_plots_draw_each_row():
-    from persviz.plots import difference_plot, interval_plot
-    from persviz.stats import Difference, Interval
     rows = {"a": Interval(1.0, 0.5, 1.5, 10, 20), "b": Interval(2.0, 1.0, 3.0, 10, 20)}
     fig = interval_plot(rows, "CLIP-I")
     ax = fig.axes[0]
@@ -83,6 +82,5 @@ def test_interval_and_difference_plots_draw_each_row():
     fig = difference_plot(diffs)
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert texts == ["p=0.02", "p=0.5"]
-    import pytest
     with pytest.raises(ValueError, match="no rows"):
         interval_plot({}, "x")
