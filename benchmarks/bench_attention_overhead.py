@@ -18,15 +18,11 @@ import time
 import numpy as np
 import torch
 
-from common import add_model_args, parse_args, parser
+from common import add_model_args, parse_args, parser, sync
 
 from persviz.attention import attention_maps
 from persviz.loading import load_pipeline
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -50,14 +46,14 @@ def main() -> None:
         return pipe(args.prompt, num_inference_steps=steps, generator=gen, output_type="np").images
 
     def timed(collect: bool):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         if collect:
             with attention_maps(pipe, words=args.words) as maps:
                 out = generate()
         else:
             out, maps = generate(), None
-        _sync(device)
+        sync(device)
         return out, maps, time.perf_counter() - t0
 
     timed(False)  # warm-up of both paths

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from common import add_model_args, parse_args, parser
+from common import add_model_args, parse_args, parser, sync
 
 from persviz.embeddings import class_word_id
 from persviz.loading import load_pipeline
@@ -28,10 +28,6 @@ from persviz.tea.pipeline import tea
 
 PLACEHOLDER = "<tea-bench>"
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -64,21 +60,21 @@ def main() -> None:
 
     def generate() -> tuple[np.ndarray, float]:
         gen = torch.Generator(device="cpu").manual_seed(args.seed)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         out = pipe(prompt, num_inference_steps=steps, num_images_per_prompt=n_img, generator=gen,
                    output_type="np").images
-        _sync(device)
+        sync(device)
         return out, time.perf_counter() - t0
 
     def generate_tea() -> tuple[np.ndarray, float]:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         with tea(pipe, PLACEHOLDER, args.class_word, args.rotation, args.scale):
             gen = torch.Generator(device="cpu").manual_seed(args.seed)
             out = pipe(prompt, num_inference_steps=steps, num_images_per_prompt=n_img, generator=gen,
                        output_type="np").images
-        _sync(device)
+        sync(device)
         return out, time.perf_counter() - t0
 
     first, _ = generate()  # warm-up of both paths
@@ -96,7 +92,7 @@ def main() -> None:
     for _ in range(n_cm):
         with tea(pipe, PLACEHOLDER, args.class_word, args.rotation, args.scale):
             pass
-    _sync(device)
+    sync(device)
     t_cm = (time.perf_counter() - t0) / n_cm
 
     mp, mt = statistics.median(plain_t), statistics.median(tea_t)

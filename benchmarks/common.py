@@ -28,3 +28,10 @@ def parse_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
     if args.threads:
         torch.set_num_threads(args.threads)
     return args
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work (timings of CUDA calls are asynchronous); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import sync
 
 from persviz.generation import generate
 from persviz.io import write_json
@@ -30,10 +31,6 @@ from persviz.trainers.recipes import recipe
 TRAIN = {"textual_inversion": train_textual_inversion, "dreambooth": train_dreambooth_lora,
          "custom_diffusion": train_custom_diffusion}
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -56,7 +53,7 @@ def time_training(pipe, method: str, images: np.ndarray, steps: int, out: Path, 
     stamps: list[float] = []
 
     def tick(*_args) -> None:
-        _sync(device)
+        sync(device)
         stamps.append(time.perf_counter())
     _reset_peak(device)
     start = time.perf_counter()
@@ -69,10 +66,10 @@ def time_training(pipe, method: str, images: np.ndarray, steps: int, out: Path, 
 def time_tracker(pipe, run: Path, device: torch.device) -> dict:
     prompts = ["a photo of a {} on a beach", "a {} in the snow", "a {} at night", "a painting of a {}"]
     _reset_peak(device)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     track = track_semantic_shift(pipe, run, prompts, ["a photo of a {}", "a {}"], progress=False)
-    _sync(device)
+    sync(device)
     return {"snapshots": len(track["step"]), "s": time.perf_counter() - start, "peak_gib": _peak_gib(device)}
 
 
@@ -81,14 +78,14 @@ def time_generation(pipe, placeholder: str, n: int, steps: int, side: int, devic
     out = {}
     for label, ctx in (("without TEA", None), ("with TEA", True)):
         _reset_peak(device)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         if ctx:
             with tea(pipe, placeholder, "dog"):
                 generate(pipe, prompts, steps=steps, guidance=7.0, batch_size=n, height=side, width=side)
         else:
             generate(pipe, prompts, steps=steps, guidance=7.0, batch_size=n, height=side, width=side)
-        _sync(device)
+        sync(device)
         out[label] = {"s_per_image": (time.perf_counter() - start) / n, "peak_gib": _peak_gib(device)}
     return out
 

@@ -201,7 +201,7 @@ def evaluate(images: Mapping[str, np.ndarray], probes: Sequence[Probe], class_wo
     if not images:
         raise ValueError("no condition given; pass {condition name: images}")
     refs = as_images(references, "references")
-    ref_id = fingerprint(refs)
+    ref_id = fingerprint(refs)  # checked here, recorded by evaluation_meta
     if expected_references is not None and ref_id != expected_references:
         raise ValueError(f"the references given are not {concept or 'the concept'}'s own reference set (fingerprint "
                          f"{ref_id}, expected {expected_references}); pass concept.reference_images()")
@@ -228,12 +228,19 @@ def evaluate(images: Mapping[str, np.ndarray], probes: Sequence[Probe], class_wo
         scores = score_per_image(ims, probes, class_word, refs, clip, dino, oracle, signature, repeats)
         items[cond] = {"prompt": prompts, "seed": [int(s) for s in seeds],
                        **{k: [float(x) for x in v] for k, v in scores.items()}}
-    meta = {"concept": concept, "class_word": class_word, "scale": scale, "image_size": size,
+    return Evaluation(items, evaluation_meta(items, concept, class_word, scale, size, refs, clip, dino, oracle))
+
+
+def evaluation_meta(items: Mapping[str, Mapping[str, list]], concept: Optional[str], class_word: str, scale: str,
+                    image_size: Optional[list], references: np.ndarray, clip: Any, dino: Any = None,
+                    oracle: Any = None) -> dict[str, Any]:
+    """What every Evaluation records: concept, class word, scale, image size, backbones, the reference set (count and
+    fingerprint), counts per condition and how the statistics are computed."""
+    return {"concept": concept, "class_word": class_word, "scale": scale, "image_size": image_size,
             "backbones": {"clip": describe_evaluator(clip), "dino": describe_evaluator(dino),
                           "oracle": "shapesworld oracle" if oracle is not None else None},
-            "references": {"count": int(len(refs)), "fingerprint": ref_id},
+            "references": {"count": int(len(references)), "fingerprint": fingerprint(references)},
             "counts": _counts(items), "protocol": protocol_note()}
-    return Evaluation(items, meta)
 
 
 def protocol_note(n_boot: int = N_BOOT, level: float = LEVEL) -> dict[str, Any]:
@@ -272,15 +279,15 @@ def interval_rows(ev: Evaluation, conditions: Optional[Sequence[str]] = None, me
                   n_boot: int = N_BOOT, seed: int = 0, digits: int = 3) -> dict[str, dict[str, str]]:
     """{condition: {metric: 'mean [low, high]'}} for persviz.tables.table, with each condition's prompts x images."""
     summary = ev.summary(n_boot=n_boot, seed=seed)
-    rows = {}
-    for c in conditions or ev.conditions:
-        row = {}
-        for m in metrics or ev.metrics(c):
-            iv = summary[c][m]
-            row[m] = f"{iv.mean:.{digits}g} [{iv.low:.{digits}g}, {iv.high:.{digits}g}]"
-        first = next(iter(summary[c].values()))
-        rows[c] = {**row, "n": f"{first.n_prompts} prompts, {first.n_images} images"}
-    return rows
+    return {c: format_intervals({m: summary[c][m] for m in metrics or ev.metrics(c)}, digits)
+            for c in conditions or ev.conditions}
+
+
+def format_intervals(intervals: Mapping[str, Interval], digits: int = 3) -> dict[str, str]:
+    """{metric: 'mean [low, high]'} and 'n': 'P prompts, N images' (of the first), one table row."""
+    row = {m: f"{iv.mean:.{digits}g} [{iv.low:.{digits}g}, {iv.high:.{digits}g}]" for m, iv in intervals.items()}
+    first = next(iter(intervals.values()))
+    return {**row, "n": f"{first.n_prompts} prompts, {first.n_images} images"}
 
 
 def difference_rows(diffs: Mapping[str, Difference], digits: int = 3) -> list[dict[str, Any]]:
@@ -291,4 +298,5 @@ def difference_rows(diffs: Mapping[str, Difference], digits: int = 3) -> list[di
 
 
 __all__ = ["Evaluation", "FORMAT", "METRICS", "combine", "describe_evaluator", "difference_rows", "evaluate",
-           "fingerprint", "interval_rows", "probe_keys", "protocol_note", "score_per_image"]
+           "evaluation_meta", "fingerprint", "format_intervals", "interval_rows", "probe_keys", "protocol_note",
+           "score_per_image"]

@@ -23,7 +23,7 @@ from PIL import Image
 
 from persviz.concept_folder import Concept, read_concept
 from persviz.embeddings import token_row
-from persviz.evaluation import Evaluation, describe_evaluator, fingerprint, probe_keys, protocol_note, score_per_image
+from persviz.evaluation import Evaluation, describe_evaluator, evaluation_meta, probe_keys, score_per_image
 from persviz.io import write_json
 from persviz.loading import SHAPESWORLD
 from persviz.paths import DATA_DIR
@@ -31,7 +31,7 @@ from persviz.prompts import load_prompt_set
 from persviz.shards import cell, run_cells
 from persviz.shapesworld.concepts import CONCEPTS, contextual_probes, reference_signature
 from persviz.tea.plots import impact_curves, norm_ratio_curve, shift_grid
-from persviz.tea.study import dominance_over_steps, impacts_over_steps, personalized, tea_rows
+from persviz.tea.study import dominance_over_steps, impacts_over_steps, personalized, rows_summary, tea_rows
 from persviz.tea.tracker import to_shift_grid, track_semantic_shift
 from persviz.trainers import METHODS, list_snapshots, load_snapshot_embedding
 
@@ -223,22 +223,12 @@ def tea_summary(per_image: Mapping[str, Mapping[str, list]], probes: Sequence[Ma
     n = len(probes) * settings.repeats
     prompts = [k for k in probe_keys(probes) for _ in range(settings.repeats)]
     seeds = [settings.seed + i for i in range(n)]  # tea_rows seeds image i with seed + i
-    clip, dino, oracle = judges
-    ev = Evaluation({row: {"prompt": prompts, "seed": seeds, **scores} for row, scores in per_image.items()},
-                    {"concept": concept.name, "class_word": concept.class_word,
-                     "scale": "shapesworld" if shapesworld else "full", "image_size": None,
-                     "backbones": {"clip": describe_evaluator(clip), "dino": describe_evaluator(dino),
-                                   "oracle": "shapesworld oracle" if oracle is not None else None},
-                     "references": {"count": int(len(refs)), "fingerprint": fingerprint(refs)},
-                     "counts": {r: {"prompts": len(set(prompts)), "images": n} for r in per_image},
-                     "protocol": protocol_note()})
-    summary = ev.summary()
-    diffs = {row: {m: d.to_json() for m, d in ev.compare(row.split(" ")[0], row).items()}
-             for row in ev.conditions if " " in row and row.split(" ")[0] in ev.items}
-    return {"tea_table": {row: {m: iv.mean for m, iv in by.items()} for row, by in summary.items()},
-            "tea_evaluation": ev.to_json(),
-            "tea_intervals": {row: {m: iv.to_json() for m, iv in by.items()} for row, by in summary.items()},
-            "tea_differences": diffs}
+    items = {row: {"prompt": prompts, "seed": seeds, **scores} for row, scores in per_image.items()}
+    ev = Evaluation(items, evaluation_meta(items, concept.name, concept.class_word,
+                                           "shapesworld" if shapesworld else "full", None, refs, *judges))
+    summary = rows_summary(ev)
+    return {"tea_table": summary["mean"], "tea_evaluation": ev.to_json(), "tea_intervals": summary["intervals"],
+            "tea_differences": summary["differences"]}
 
 
 def study_concept(folder: Any, pipe: Any, clip: Any, dino: Any = None, oracle: Any = None,

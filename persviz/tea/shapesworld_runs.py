@@ -23,13 +23,13 @@ import torch
 from tqdm.auto import tqdm
 
 from persviz.embeddings import token_row
-from persviz.evaluation import Evaluation, combine, evaluate
+from persviz.evaluation import Evaluation, combine, evaluate, format_intervals
 from persviz.io import write_json
 from persviz.loading import load_evaluator
 from persviz.paths import SHAPESWORLD_DIR
 from persviz.shapesworld.concepts import CONCEPTS, CONCEPTS_DIR, eval_prompts, get_concept, load_references, oracle_signature
 from persviz.stats import N_BOOT, Difference, Interval
-from persviz.tea.study import adaptive_images, adaptive_vs_fixed, impacts_over_steps, personalized, tea_rows
+from persviz.tea.study import adaptive_images, adaptive_vs_fixed, impacts_over_steps, personalized, rows_summary, tea_rows
 from persviz.tea.tracker import save_json, track_semantic_shift
 from persviz.trainers import (METHODS, list_snapshots, load_snapshot_embedding, train_custom_diffusion,
                               train_dreambooth_lora, train_textual_inversion)
@@ -174,18 +174,10 @@ def summarize_tea_table(evaluations: dict, settings: dict, n_boot: int = N_BOOT)
     'intervals' (over the concepts' prompts together), 'differences' (each method's TEA rows minus its untouched
     row), 'evaluations' (the per-image scores) and the settings."""
     both = combine(evaluations)
-    summary = both.summary(n_boot=n_boot)
     per = {row: {name: {m: float(np.mean(ev.items[row][m])) for m in ev.metrics(row)}
                  for name, ev in evaluations.items()} for row in both.conditions}
-    diffs = {}
-    for row in both.conditions:
-        method = row.split(" ")[0]
-        if row != method:
-            diffs[row] = {m: d.to_json() for m, d in both.compare(method, row, n_boot=n_boot).items()}
     return {"format": "persviz tea table 2", "settings": settings, "meta": both.meta,
-            "mean": {row: {m: iv.mean for m, iv in s.items()} for row, s in summary.items()},
-            "intervals": {row: {m: iv.to_json() for m, iv in s.items()} for row, s in summary.items()},
-            "differences": diffs, "per_concept": per,
+            **rows_summary(both, n_boot=n_boot), "per_concept": per,
             "evaluations": {name: ev.to_json() for name, ev in evaluations.items()}}
 
 
@@ -194,7 +186,7 @@ def read_tea_table(path: Path = RUNS_DIR / "tea_table.json") -> dict:
     d = json.loads(Path(path).read_text())
     if "evaluations" not in d:
         raise ValueError(f"{path} is a table of means only (written before the evaluation protocol); rewrite it "
-                         f"with `persviz tea runs --table`")
+                         f"with `persviz tea evaluate`")
     d["evaluations"] = {k: Evaluation.from_json(v) for k, v in d["evaluations"].items()}
     return d
 
@@ -221,14 +213,11 @@ def adaptive_table(pipe, judges: dict, n_probes: int = 8, n_images: int = 4, see
                                      seeds=[HELD_OUT_SEED + i for _ in probes for i in range(n_images)],
                                      concept=name)
     both = combine(evaluations)
-    summary = both.summary()
     out = {"format": "persviz adaptive tea 1",
            "settings": {"probes": n_probes, "images_per_prompt": n_images, "seed": seed, "fixed": [0.2, 0.5],
                         "chosen_on_seeds": GENERATION_SEED, "scored_on_seeds": HELD_OUT_SEED},
            "meta": both.meta, "choices": choices,
-           "intervals": {row: {m: iv.to_json() for m, iv in s.items()} for row, s in summary.items()},
-           "differences": {f"{b} - {a}": {m: d.to_json() for m, d in both.compare(a, b).items()}
-                           for a, b in (("untouched", "fixed"), ("untouched", "adaptive"), ("fixed", "adaptive"))},
+           **rows_summary(both, [("untouched", "fixed"), ("untouched", "adaptive"), ("fixed", "adaptive")]),
            "evaluations": {k: v.to_json() for k, v in evaluations.items()}}
     if write:
         write_json(root / "adaptive_tea.json", out)
@@ -241,12 +230,8 @@ def tea_table_rows(saved: dict, metrics: Optional[list] = None, digits: int = 3)
     if "intervals" not in saved:
         raise ValueError("this table has means only (written before the evaluation protocol); rewrite it with "
                          "`persviz tea evaluate`")
-    rows = {}
-    for row, by in saved["intervals"].items():
-        ivs = {m: Interval(**v) for m, v in by.items() if metrics is None or m in metrics}
-        rows[row] = {m: f"{iv.mean:.{digits}g} [{iv.low:.{digits}g}, {iv.high:.{digits}g}]" for m, iv in ivs.items()}
-        first = next(iter(ivs.values()))
-        rows[row]["n"] = f"{first.n_prompts} prompts, {first.n_images} images"
+    rows = {row: format_intervals({m: Interval(**v) for m, v in by.items() if metrics is None or m in metrics}, digits)
+            for row, by in saved["intervals"].items()}
     diffs = {k: {m: Difference(**v) for m, v in by.items() if metrics is None or m in metrics}
              for k, by in saved["differences"].items()}
     return rows, diffs

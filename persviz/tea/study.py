@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from persviz.embeddings import token_row
 from persviz.generation import GUIDANCE, STEPS, generate, generate_from_embeds
-from persviz.evaluation import score_per_image
+from persviz.evaluation import Evaluation, score_per_image
 from persviz.metrics import clip_i
+from persviz.stats import N_BOOT
 from persviz.tea.adaptive import SCHEDULE, adaptive_tea, make_tea_scorer
 from persviz.tea.pipeline import encode_prompt_level, tea
 from persviz.trainers import METHODS, load_custom_diffusion, load_dreambooth_lora, load_textual_inversion_run
@@ -237,4 +238,21 @@ def adaptive_images(pipe: Any, probes: Sequence[Probe], placeholder: str, class_
             with tea(pipe, placeholder, class_word, rotation=r, scale=s):
                 out[label].append(generate(pipe, prompts, seed=seed, **generation))
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def rows_summary(ev: Evaluation, pairs: Optional[Sequence[tuple[str, str]]] = None,
+                 n_boot: int = N_BOOT) -> dict[str, dict]:
+    """{'mean', 'intervals', 'differences'} of an Evaluation of TEA rows, JSON-ready: each row's means and 95 %
+    intervals; the paired differences b - a (Wilcoxon, Holm across the metrics) of `pairs`, keyed 'b - a', or by
+    default of each TEA row against its method's untouched row ('dreambooth TEA' - 'dreambooth'), keyed by the row."""
+    summary = ev.summary(n_boot=n_boot)
+    if pairs is None:
+        compared = {row: (row.split(" ")[0], row) for row in ev.conditions
+                    if " " in row and row.split(" ")[0] in ev.items}
+    else:
+        compared = {f"{b} - {a}": (a, b) for a, b in pairs}
+    return {"mean": {row: {m: iv.mean for m, iv in by.items()} for row, by in summary.items()},
+            "intervals": {row: {m: iv.to_json() for m, iv in by.items()} for row, by in summary.items()},
+            "differences": {k: {m: d.to_json() for m, d in ev.compare(a, b, n_boot=n_boot).items()}
+                            for k, (a, b) in compared.items()}}
 
