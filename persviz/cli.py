@@ -45,7 +45,7 @@ from persviz.pigeon.users import DEFAULT_NOISE_RATES, make_datasets
 from persviz.shapesworld import evaluate as world_evaluate
 from persviz.shapesworld import train as world_train
 from persviz.shapesworld.concepts import CONCEPTS, CONCEPTS_DIR, write_references
-from persviz.tea import concept_study, fix_file, inspect_file, shapesworld_runs
+from persviz.tea import attention_study, concept_study, fix_file, inspect_file, shapesworld_runs
 from persviz.tea import sweep as tea_sweep
 from persviz.trainers import METHODS, concept_runs
 
@@ -160,6 +160,41 @@ def _add_tea(sub: Any) -> None:
             print("wrote", shapesworld_runs.adaptive_table(pipe, judges, n_probes=a.adaptive_probes) and
                   shapesworld_runs.RUNS_DIR / "adaptive_tea.json")
     p.set_defaults(run=evaluate_runs)
+
+    p = tea.add_parser("attention", help="where the learned token looks: leak and context shares over the shipped "
+                       "Textual Inversion steps and with/without TEA (all methods), against ShapesWorld's regions",
+                       description=attention_study.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concepts", default=",".join(CONCEPTS))
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    p.add_argument("--ti-steps", default=",".join(str(s) for s in range(0, 3001, attention_study.STEP_EVERY)),
+                   help="Textual Inversion steps (0: the class word's row)")
+    p.add_argument("--probes", type=int, default=24, help="prompts per concept (tea_table's; default 24)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default 2)")
+    p.add_argument("--out", default=str(attention_study.STUDY_JSON))
+    p.add_argument("--work", default=None, help="the cells' folder (default: OUT without .json, + '.cells')")
+    _add_grid_options(p, dino=False)
+    p.set_defaults(batch_size=48)
+
+    def attention(a: argparse.Namespace) -> Any:
+        if _relaunch(a) is not None:
+            return None
+        _threads(a.threads)
+        methods = [check_method(m) for m in a.methods.split(",") if m]
+        try:
+            ti_steps = [int(s) for s in a.ti_steps.split(",") if s]
+        except ValueError:
+            raise SystemExit(f"--ti-steps takes comma-separated integers, e.g. 0,300,3000; got {a.ti_steps!r}")
+        state, pipe, _, _, oracle = _grid_models(a, SHAPESWORLD, judges=("oracle",))
+        gen = concept_study.StudySettings(steps=a.steps, guidance=a.guidance, batch_size=a.batch_size).generation(True)
+        out = Path(a.out)
+        study = attention_study.run_attention_study(
+            pipe, oracle, a.work or out.with_suffix(".cells"), out, [c for c in a.concepts.split(",") if c], ti_steps,
+            methods, a.probes, a.seeds, gen["guidance"], gen["steps"], gen["batch_size"], state=state,
+            progress=not a.no_progress)
+        if study is not None:
+            print(f"wrote {out}: {len(study['all']['intervals'])} conditions ({state.num_processes} process(es))")
+        return study
+    p.set_defaults(run=attention)
 
 
 # ----------------------------------------------------------------------------- finexl
