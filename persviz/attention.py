@@ -122,6 +122,28 @@ class AttentionMaps:
                              f"(0..{self.n_steps - 1})")
         return self.stored[(layer, step)][self.positions[0][word]].sum(0)
 
+    def view(self, word: str, layer: Optional[int] = None, step: Optional[int] = None, image: int = 0) -> torch.Tensor:
+        """[h, w] one image's map of a word: the aggregate (layer and step None), the mean over the layers at one
+        sampler step (upsampled to ``resolution``), one layer's mean over the steps (its own resolution) or one
+        (layer, step) map; the last three need keep="all". What the widget's sliders show."""
+        if word not in self.words:
+            raise KeyError(f"word {word!r} was not collected; collected: {self.words}")
+        if layer is None and step is None:
+            if not 0 <= image < len(self.positions):
+                raise IndexError(f"image {image} out of range: {len(self.positions)} images collected")
+            return self.maps[word][image]
+        if image != 0:
+            raise IndexError('per-layer, per-step maps are kept for one image (image 0)')
+        if layer is not None and step is not None:
+            return self.layer_map(word, layer, step)
+        if layer is not None:
+            self.layer_map(word, layer, 0)  # the range checks
+            return torch.stack([self.layer_map(word, layer, t) for t in range(self.n_steps)]).mean(0)
+        self.layer_map(word, 0, step)
+        ups = [F.interpolate(self.layer_map(word, i, step)[None, None], size=self.resolution, mode="bilinear",
+                             align_corners=False)[0, 0] for i in range(self.n_layers)]
+        return torch.stack(ups).mean(0)
+
     def aggregate_of_stored(self) -> torch.Tensor:
         """[77, H, W] the mean over every stored (layer, step) map, each upsampled to ``resolution`` (keep="all")."""
         if self.keep != "all":

@@ -165,6 +165,22 @@ def test_aggregate_equals_the_mean_of_the_stored_maps(tiny_sd_pipeline_shared):
         all_maps.layer_map("square", layer=0, step=3)
     with pytest.raises(ValueError, match='keep="all"'):
         agg.layer_map("square", 0, 0)
+    # the widget's views: aggregate, one step over the layers, one layer over the steps, one (layer, step)
+    torch.testing.assert_close(all_maps.view("square"), agg.maps["square"][0])
+    torch.testing.assert_close(all_maps.view("square", layer=1, step=2), one)
+    torch.testing.assert_close(all_maps.view("square", layer=1),
+                               sum(all_maps.layer_map("square", 1, t) for t in range(3)) / 3)
+    per_layer = [torch.nn.functional.interpolate(all_maps.layer_map("square", i, 2)[None, None], size=(8, 8),
+                                                 mode="bilinear", align_corners=False)[0, 0] for i in range(4)]
+    torch.testing.assert_close(all_maps.view("square", step=2), sum(per_layer) / 4)
+    # the mean over the steps of the one-step views is the aggregate (every layer is seen at every step)
+    torch.testing.assert_close(sum(all_maps.view("square", step=t) for t in range(3)) / 3, agg.maps["square"][0])
+    with pytest.raises(IndexError, match="step 5 out of range"):
+        all_maps.view("square", step=5)
+    with pytest.raises(ValueError, match='keep="all"'):
+        agg.view("square", layer=0)
+    with pytest.raises(KeyError, match="was not collected"):
+        all_maps.view("grass")
 
 
 def test_one_map_per_image_from_the_conditional_half(tiny_sd_pipeline_shared):
