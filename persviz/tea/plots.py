@@ -240,10 +240,14 @@ def impact_curves(
     reference: Optional[Mapping[str, float]] = None,
     title: Optional[str] = None,
     ylabel: str = "score (100 x cosine)",
+    bands: Optional[Mapping[str, tuple[ArrayLike, ArrayLike]]] = None,
+    reference_bands: Optional[Mapping[str, tuple[float, float]]] = None,
 ) -> Figure:
     """Two-way impact of training on generation: e.g. CLIP-T context, CLIP-T concept, CLIP-I vs step (Fig. 3).
 
-    `reference` ({series label: value}, e.g. the base model's score) is drawn as a dotted line in that series' colour.
+    `reference` ({series label: value}, e.g. the base model's score) is drawn as a dotted line in that series' colour;
+    `bands` ({series label: (low, high)}, one value per step) and `reference_bands` ({series label: (low, high)})
+    shade intervals (e.g. the evaluation protocol's 95 %) around a series and its reference.
     """
     x = _steps(steps)
     data = _series(x, series, "series")
@@ -255,10 +259,19 @@ def impact_curves(
         if unknown:
             raise ValueError(f"reference names {unknown}, which are not series; series are {list(data)}")
         ref = {str(k): float(_vector([v], f"reference[{k!r}]", finite=True)[0]) for k, v in reference.items()}
+    for name, given in (("bands", bands), ("reference_bands", reference_bands)):
+        unknown = [k for k in (given or {}) if str(k) not in data]
+        if unknown:
+            raise ValueError(f"{name} names {unknown}, which are not series; series are {list(data)}")
     fig, ax = figure_and_ax(ax, (5.0, 3.0))
     colors = _draw_lines(ax, x, data)
+    for k, (lo, hi) in (bands or {}).items():
+        lo, hi = _vector(lo, f"bands[{k!r}] low", len(x)), _vector(hi, f"bands[{k!r}] high", len(x))
+        ax.fill_between(x, lo, hi, color=colors[str(k)], alpha=0.18, linewidth=0)
     for k, v in ref.items():
         ax.axhline(v, color=colors[k], ls=":", lw=1.0)
+    for k, (lo, hi) in (reference_bands or {}).items():
+        ax.axhspan(float(lo), float(hi), color=colors[str(k)], alpha=0.08, linewidth=0)
     _finish(ax, title, _STEP, ylabel, legend=True)
     return fig
 

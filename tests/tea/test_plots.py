@@ -41,6 +41,10 @@ PLOTS = {
                                                          "CLIP-T concept": [20, 22, 24, 25, 26],
                                                          "CLIP-I": [60, 70, 75, 78, 80]},
                                                  reference={"CLIP-T context": 31.0}, ax=ax),
+    "impact_curves_bands": lambda ax: tp.impact_curves(STEPS, {"leak": [0.8, 0.7, 0.7, 0.6, 0.6]},
+                                                       bands={"leak": ([0.7] * 5, [0.9] * 5)},
+                                                       reference={"leak": 0.8}, reference_bands={"leak": (0.75, 0.85)},
+                                                       ax=ax),
     "dominance_plot": lambda ax: tp.dominance_plot(STEPS, [80, 75, 70, 65, 60], [50, 60, 70, 75, 80], ("dog", "cat"), ax=ax),
     "sweep_heatmap": lambda ax: tp.sweep_heatmap(ROT, SCA, _sweep(), "CLIP-T", ax=ax),
     "sweep_lines": lambda ax: tp.sweep_lines(ROT, SCA, _sweep(), "CLIP-T", x="rotation", ax=ax),
@@ -60,6 +64,7 @@ EXPECTED = {
     "shift_curves": {"lines": 3, "legend": 3, "axes": 1},
     "norm_ratio_curve": {"lines": 2, "legend": 2, "axes": 2},  # ratio + ratio=1 line; cosine on the twin axis
     "impact_curves": {"lines": 4, "legend": 3, "axes": 1},  # 3 series + 1 reference line
+    "impact_curves_bands": {"lines": 2, "legend": 1, "axes": 1, "collections": 1, "patches": 1},  # band, ref span
     "dominance_plot": {"lines": 2, "collections": 1, "legend": 2, "axes": 1},
     "sweep_heatmap": {"images": 1, "texts": len(ROT) * len(SCA), "axes": 2},  # + colorbar
     "sweep_lines": {"lines": len(SCA), "legend": len(SCA), "axes": 1},
@@ -142,6 +147,10 @@ BAD = {
     "norm_ratio_curve": (lambda: tp.norm_ratio_curve(STEPS, [1, 2, 3, 4, 5], [1, 2]), "cosine has 2 values"),
     "impact_curves": (lambda: tp.impact_curves(STEPS, {"CLIP-I": [1] * 6}), "6 values but there are 5 steps"),
     "impact_curves_ref": (lambda: tp.impact_curves(STEPS, {"CLIP-I": [1] * 5}, reference={"x": 1}), "not series"),
+    "impact_curves_band": (lambda: tp.impact_curves(STEPS, {"CLIP-I": [1] * 5}, bands={"CLIP-I": ([0] * 4, [2] * 4)}),
+                           "4 values"),
+    "impact_curves_band_name": (lambda: tp.impact_curves(STEPS, {"CLIP-I": [1] * 5}, bands={"x": ([0] * 5, [2] * 5)}),
+                                "bands names"),
     "dominance_plot": (lambda: tp.dominance_plot(STEPS, [1] * 5, [1] * 4, ("a", "b")), "clip_i_b has 4 values"),
     "dominance_labels": (lambda: tp.dominance_plot(STEPS, [1] * 5, [1] * 5, "ab"), "two names"),
     "sweep_heatmap": (lambda: tp.sweep_heatmap(ROT, SCA, _sweep().T, "x"), r"\[len\(rotations\), len\(scales\)\]"),
