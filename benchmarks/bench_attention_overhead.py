@@ -1,12 +1,15 @@
 """Generation time with and without the cross-attention collector (persviz.attention.attention_maps) on one pipeline.
 
-Loads the pipeline with persviz.loading.load_pipeline (default: the ShapesWorld micro-SD), then alternates plain
+Loads the pipeline with persviz.loading.load_pipeline (default: the ShapesWorld micro-SD; ``--model sd15-random``:
+SD 1.5's real architecture, 1.07 B parameters, with random weights, persviz.sd15), then alternates plain
 generations and generations inside ``attention_maps(pipe, words=...)`` (the default bounded aggregate) of the same
 prompt and seed. Prints the median time of each, their ratio (the collector's overhead), the stored size of the
 aggregate, and the check that the image is identical with and without the collector.
 
     python benchmarks/bench_attention_overhead.py           # ShapesWorld, 25 steps, 1 image, 10 repeats
     python benchmarks/bench_attention_overhead.py --small   # 2 steps, 2 repeats
+    python benchmarks/bench_attention_overhead.py --model sd15-random --resolution 256 --steps 10 --repeats 3 \
+        --prompt "a photo of a dog on a beach" --words dog beach --threads 2   # SD 1.5's architecture, CPU
     python benchmarks/bench_attention_overhead.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --prompt "a photo of a dog on a beach" --words dog beach --device cuda
 """
@@ -23,6 +26,7 @@ from common import add_model_args, parse_args, parser, sync
 from persviz.attention import attention_maps
 from persviz.loading import load_pipeline
 
+SD15_RANDOM = "sd15-random"
 
 
 def main() -> None:
@@ -32,13 +36,20 @@ def main() -> None:
     ap.add_argument("--words", nargs="+", default=["square", "circle", "background"], help="words to map (in the prompt)")
     ap.add_argument("--steps", type=int, default=None, help="inference steps (default 25; --small 2)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs of each (default 10; --small 2)")
+    ap.add_argument("--resolution", type=int, default=None, help="image side for sd15-random (default 256)")
     args = parse_args(ap)
     steps = args.steps or (2 if args.small else 25)
     repeats = args.repeats or (2 if args.small else 10)
 
-    pipe = load_pipeline(args.model, device=args.device)
+    if args.model == SD15_RANDOM:
+        from persviz.sd15 import build_sd15_pipeline
+        pipe = build_sd15_pipeline(random_weights=True, sample_size=args.resolution or 256, seed=args.seed,
+                                   device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    else:
+        pipe = load_pipeline(args.model, device=args.device)
     device = pipe.device
-    print(f"model {args.model} on {device} ({pipe.unet.dtype}), torch threads {torch.get_num_threads()}; "
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    print(f"model {args.model} on {device} ({pipe.unet.dtype}, {side}x{side} px), torch threads {torch.get_num_threads()}; "
           f"prompt {args.prompt!r}, words {args.words}, {steps} steps, 1 image, {repeats} repeats")
 
     def generate() -> np.ndarray:

@@ -51,6 +51,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from IPython.display import display
 from matplotlib.figure import Figure
 from persviz.embeddings import norm_ratio_and_cosine, token_row
 from persviz.evaluation import Evaluation, difference_rows, evaluate, interval_rows
@@ -58,9 +59,11 @@ from persviz.plots import difference_plot
 from persviz.session import setup
 from persviz.shapesworld.concepts import reference_signature
 from persviz.tea.adjust import DEFAULTS, slerp_adjust
+from persviz.tea.attention_explorer import AttentionExplorer, make_attention_maps_fn
+from persviz.tea.attention_study import read_attention_study, step_curve, study_differences
 from persviz.tea.concept_study import probes_for, saved_study, saved_tea_table, spaced_snapshots, tea_table
 from persviz.tea.pipeline import tea
-from persviz.tea.plots import before_after_grid, sweep_heatmap, sweep_lines
+from persviz.tea.plots import before_after_grid, impact_curves, sweep_heatmap, sweep_lines
 from persviz.tea.shapesworld_runs import RUNS_DIR, tea_table_rows
 from persviz.tea.sweep import SWEEP_JSON
 from persviz.tea.sweep_effects import sweep_arrays, sweep_effects
@@ -316,15 +319,55 @@ fig if adiffs else None
 # on other seeds.
 
 # %% [markdown]
+# ## Where V* looks, with and without TEA
+# Notebook 01 measured where V*'s cross-attention goes (`persviz tea attention`: its leak out of the object's
+# region, the context words' share, on ShapesWorld's ground truth). The same study ran each saved Textual
+# Inversion step again inside TEA, and the final DreamBooth and Custom Diffusion runs without and with it: does
+# the fix give the context words their attention back?
+
+# %%
+if oracle is None:
+    print("the attention study needs ShapesWorld's ground truth; at full scale the explorer below shows the maps")
+else:
+    att = read_attention_study()
+    fig = Figure(figsize=(10, 3.1), layout="constrained")
+    for ax, (metric, label) in zip(fig.subplots(1, 2), (("vstar_leak_excess", "V* leak − uniform map's"),
+                                                         ("context_share", "context words' share"))):
+        curves = {f"{label}{tag}": step_curve(att, metric, with_tea=t) for tag, t in (("", False), (", TEA", True))}
+        impact_curves(curves[label]["step"], {label: curves[label]["mean"]}, ax=ax, ylabel="share",
+                      bands={label: (curves[label]["low"], curves[label]["high"])}, title=label)
+        t = curves[f"{label}, TEA"]
+        ax.plot(t["step"], t["mean"], marker="s", markersize=3, ls="--", label="with TEA")
+        ax.fill_between(t["step"], t["low"], t["high"], alpha=0.15, linewidth=0)
+        ax.legend(fontsize=7)
+    display(fig)
+
+# %%
+if oracle is not None:
+    rows = []
+    for a, b in [(x, y) for x, y in att["comparisons"] if y.endswith(" TEA")]:
+        for m, d in study_differences(att, a, b).items():
+            if m in ("vstar_leak_excess", "context_share", "background_inside", "second_inside", "vstar_share"):
+                rows.append({"run": a, **difference_rows({m: d})[0]})
+    table(rows, title="with TEA minus without, per method (72 prompts × 2 seeds; Holm across each run's metrics)")
+
+# %% [markdown]
 # ## Turn the knobs yourself
-# Two stock ipywidgets: a TEA explorer (rotation, scale, prompt, seed → before/after and scores) and a slider
-# over the saved training steps. Their callbacks are plain functions, so they also run here without a browser.
+# Three stock ipywidgets: a TEA explorer (rotation, scale, prompt, seed → before/after and scores), an attention
+# explorer (a word of the prompt, a cross-attention layer and a sampler step → its map before/after TEA) and a
+# slider over the saved training steps. Their callbacks are plain functions, so they also run here without a browser.
 
 # %%
 explorer = TEAExplorer(make_tea_generate_fn(pipe, PH, CW, steps=gen["steps"], guidance=gen["guidance"]),
                        prompt=probes[0]["template"].format(PH))
 explorer.button.click()
 explorer
+
+# %%
+looks = AttentionExplorer(make_attention_maps_fn(pipe, PH, CW, steps=gen["steps"], guidance=gen["guidance"]),
+                          prompt=probes[1]["template"].format(PH))
+looks.button.click()  # then pick a word; layer and step -1 are the means over all of them
+looks
 
 # %%
 snaps = dict(spaced_snapshots(run, 6))  # about 6 saved steps: every 500 of a 3000-step run

@@ -41,14 +41,15 @@ import contextlib
 import functools
 import inspect
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttentionMaps", "attention_maps", "cross_attention_layers", "inside_share", "mask_at", "probabilities",
-           "word_positions"]
+__all__ = ["AttentionMaps", "FUNCTION_WORDS", "attention_maps", "content_words", "cross_attention_layers",
+           "inside_share", "mask_at", "probabilities", "prompt_words", "word_positions"]
 
 
 @dataclass
@@ -204,6 +205,20 @@ def word_positions(pipe: Any, prompt: str, words: Sequence[str]) -> dict[str, li
             raise ValueError(f"word {w!r} is not in the prompt {prompt!r} (its words: {prompt.split()})")
         out[w] = [1 + i + j for i in hits for j in range(len(wid))]
     return out
+
+
+FUNCTION_WORDS = frozenset("a an the of on at in to next with and photo picture".split())
+
+
+def prompt_words(prompt: str) -> list[str]:
+    """The distinct words of a prompt in order ('a <cat> on a red rug.' -> ['a', '<cat>', 'on', 'red', 'rug'])."""
+    words = [re.sub(r"^[^\w<]+|[^\w>]+$", "", w) for w in prompt.split()]
+    return list(dict.fromkeys(w for w in words if w))
+
+
+def content_words(prompt: str, drop: frozenset = FUNCTION_WORDS) -> list[str]:
+    """prompt_words without the function words ('a photo of <cat> on a red rug' -> ['<cat>', 'red', 'rug'])."""
+    return [w for w in prompt_words(prompt) if w.lower() not in drop]
 
 
 def _n_prompt_tokens(pipe: Any, prompt: str) -> int:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-import re
 from collections.abc import Callable
 from typing import Any, Optional
 
 import ipywidgets as W
 import numpy as np
 
-from persviz.attention import AttentionMaps, attention_maps
+from persviz.attention import AttentionMaps, attention_maps, prompt_words
 from persviz.attention_plots import overlay_rgb
 from persviz.generation import GUIDANCE, STEPS, generate
 from persviz.tea.pipeline import tea
@@ -26,12 +25,6 @@ from persviz.widgets import Explorer, html_table, one_image, png_bytes, status_h
 
 MapsFn = Callable[[str, int, bool], tuple[Any, AttentionMaps]]  # (prompt, seed, with TEA) -> (image, maps)
 ALL = -1  # the sliders' value for "mean over all layers / steps"
-
-
-def prompt_words(prompt: str) -> list[str]:
-    """The distinct words of a prompt in order ('a <cat> on a red rug.' -> ['a', '<cat>', 'on', 'red', 'rug'])."""
-    words = [re.sub(r"^[^\w<]+|[^\w>]+$", "", w) for w in prompt.split()]
-    return list(dict.fromkeys(w for w in words if w))
 
 
 def make_attention_maps_fn(pipe: Any, placeholder: str, class_word: str, method: str = "textual_inversion",
@@ -173,4 +166,4 @@ class AttentionExplorer(Explorer):
         return self.succeed(f"seed {self.runs['seed']}: {self.runs['prompt']}")
 
 
-__all__ = ["ALL", "AttentionExplorer", "make_attention_maps_fn", "prompt_words"]
+__all__ = ["ALL", "AttentionExplorer", "make_attention_maps_fn"]

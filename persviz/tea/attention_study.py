@@ -45,7 +45,7 @@ from persviz.io import PathLike, write_json
 from persviz.shards import cell, run_cells
 from persviz.shapesworld.concepts import CONCEPTS, CONCEPTS_DIR, eval_prompts, get_concept, load_references
 from persviz.shapesworld.regions import scene_regions
-from persviz.stats import N_BOOT
+from persviz.stats import N_BOOT, Difference
 from persviz.tea.pipeline import encode_prompt_level, tea
 from persviz.tea.shapesworld_runs import GENERATION_SEED, method_word, placeholder, run_dir, snapshots
 from persviz.tea.study import learned_embedding, personalized, probe_texts
@@ -54,8 +54,10 @@ from persviz.trainers import METHODS
 FORMAT = "persviz attention study 1"
 STUDY_JSON = CONCEPTS_DIR / "attention_study.json"
 STEP_EVERY = 300
+DIGITS = 5  # per-image measures are kept to 5 decimals (shares in [0, 1]); the statistics use the kept values
 OTHER_SLOT = {"left": "right", "right": "left"}
-BASE = ("vstar_share", "start_share", "context_share", "object_area", "placed")
+ATTENTION_ROWS = ("vstar_share", "vstar_leak", "vstar_leak_excess", "context_share", "background_inside",
+                  "object_area", "placed", "second_inside", "second_share")  # what tables show, in this order
 
 
 # ----------------------------------------------------------------------------- what a prompt's words are
@@ -260,7 +262,7 @@ def run_attention_study(pipe: Any, oracle: Any, work: PathLike, out: PathLike = 
     if results is None:
         return None
     study = gather_study(results, cells, settings, n_boot=n_boot)
-    write_json(Path(out), study)
+    write_json(Path(out), study, indent=None)  # per-image lists: one line (about 1 MB for the shipped study)
     return study
 
 
@@ -271,7 +273,8 @@ def _evaluations(results: Mapping[str, Any], cells: Sequence[Mapping[str, Any]],
         r = results[c["id"]][part]
         if r is not None:
             name = condition_name(c["method"], c["step"] if c["method"] == "textual_inversion" else None, c["tea"])
-            items.setdefault(c["concept"], {})[name] = r
+            items.setdefault(c["concept"], {})[name] = {k: v if k in ("prompt", "seed") else [round(x, DIGITS) for x in v]
+                                                        for k, v in r.items()}
     out = {}
     for name, it in items.items():
         counts = {k: {"prompts": len(set(v["prompt"])), "images": len(v["prompt"])} for k, v in it.items()}
@@ -335,6 +338,21 @@ def read_attention_study(path: PathLike = STUDY_JSON) -> dict:
     return d
 
 
+def study_differences(study: Mapping[str, Any], a: str, b: str) -> dict[str, Difference]:
+    """{metric: Difference} of b − a (one of the study's comparisons), the two-object measures included; the Holm
+    correction is across the metrics of each part (all images; two-object images)."""
+    out: dict[str, Difference] = {}
+    for part in ("all", "two_object"):
+        block = study.get(part, {}).get("differences", {})
+        key = f"{b} vs {a}"
+        if key not in block:
+            if part == "all":
+                raise KeyError(f"the study has no comparison {key!r}; it has {list(block)}")
+            continue
+        out.update({m: Difference(**d) for m, d in block[key].items()})
+    return out
+
+
 def step_curve(study: Mapping[str, Any], metric: str, with_tea: bool = False, part: str = "all",
                concept: Optional[str] = None) -> dict[str, np.ndarray]:
     """{'step', 'mean', 'low', 'high'} of one metric over the Textual Inversion steps (pooled over the concepts,
@@ -353,6 +371,6 @@ def step_curve(study: Mapping[str, Any], metric: str, with_tea: bool = False, pa
     return {"step": a[:, 0].astype(int), "mean": a[:, 1], "low": a[:, 2], "high": a[:, 3]}
 
 
-__all__ = ["FORMAT", "STUDY_JSON", "cell_measures", "comparisons", "condition_name", "context_words",
+__all__ = ["ATTENTION_ROWS", "FORMAT", "STUDY_JSON", "cell_measures", "comparisons", "condition_name", "context_words",
            "gather_study", "generate_with_maps", "image_measures", "layout", "placed", "read_attention_study",
-           "run_attention_study", "step_curve", "study_cells"]
+           "run_attention_study", "step_curve", "study_cells", "study_differences"]

@@ -3,9 +3,9 @@ step sliders redraw from the kept maps (what is shown equals AttentionMaps.view)
 import numpy as np
 import pytest
 
-from persviz.attention import attention_maps
+from persviz.attention import attention_maps, content_words, prompt_words
 from persviz.attention_plots import overlay_rgb
-from persviz.tea.attention_explorer import ALL, AttentionExplorer, make_attention_maps_fn, prompt_words
+from persviz.tea.attention_explorer import ALL, AttentionExplorer, make_attention_maps_fn
 from persviz.widgets import png_bytes
 
 from tests.helpers import random_vector
@@ -17,6 +17,7 @@ PROMPT = "a <cat> on a gray background"
 def test_prompt_words():
     assert prompt_words("a <cat> on a red rug.") == ["a", "<cat>", "on", "red", "rug"]
     assert prompt_words("  ") == []
+    assert content_words("a photo of <cat> on a red rug") == ["<cat>", "red", "rug"]
 
 
 def test_generate_then_pick_words_layers_and_steps(tiny_sd_pipeline):

@@ -116,7 +116,7 @@ def _fake_results(cells, rng):
         ids = [f"p{i}" for i in range(4) for _ in range(2)]
         shift = 0.2 if c["step"] == 3000 else 0.0
         out[c["id"]] = {"all": {"prompt": ids, "seed": [0, 1] * 4,
-                                "vstar_leak": list(rng.uniform(0.4, 0.6, 8) + shift)},
+                                "vstar_leak": list(np.round(rng.uniform(0.4, 0.6, 8) + shift, 5))},
                         "two_object": None}
     return out
 
@@ -139,6 +139,9 @@ def test_gathered_intervals_and_differences_are_the_protocols():
     got = study["all"]["differences"][f"{last} vs {ref}"]["vstar_leak"]
     assert got["mean"] == pytest.approx(d.mean) and got["p"] == pytest.approx(d.p)
     assert got["low"] > 0  # the planted +0.2 is found
+    assert at.study_differences(study, ref, last)["vstar_leak"].mean == pytest.approx(d.mean)
+    with pytest.raises(KeyError, match="no comparison"):
+        at.study_differences(study, last, ref)
     curve = at.step_curve(study, "vstar_leak")
     assert list(curve["step"]) == [0, 3000] and curve["mean"][1] == pytest.approx(iv.mean)
     assert list(at.step_curve(study, "vstar_leak", with_tea=True)["step"]) == [3000]
