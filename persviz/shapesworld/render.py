@@ -83,7 +83,8 @@ def styled_rgb(name_or_rgb, style: Style) -> np.ndarray:
     return np.clip(gray + style.saturation * (c - gray), 0, 255)
 
 
-def _paint(canvas, obj: Obj, cx: float, cy: float, radius: float, style: Style, X, Y, n: int) -> None:
+def _paint(canvas, obj: Obj, cx: float, cy: float, radius: float, style: Style, X, Y, n: int) -> np.ndarray:
+    """Paint one object onto the supersampled canvas; return the boolean mask of the pixels it painted."""
     r = radius * style.size_scale
     u, v = (X - cx) / r, (Y - cy) / r
     mask = shape_mask(obj.shape, u, v)
@@ -97,26 +98,66 @@ def _paint(canvas, obj: Obj, cx: float, cy: float, radius: float, style: Style, 
     tex = texture_mask(obj.texture, px + 64.0, py + 64.0, style.texture_density)
     canvas[mask & ~tex] = col
     canvas[mask & tex] = second
+    return mask | ring if style.outline > 0 else mask
+
+
+@dataclass(frozen=True)
+class Placed:
+    """An object at an exact place, without jitter: centre (cx, cy) and radius in units of the image side
+    (as ``SLOT_X`` and ``RADIUS``; y points down)."""
+
+    obj: Obj
+    cx: float
+    cy: float
+    radius: float
+
+    def __post_init__(self) -> None:
+        if not all(np.isfinite(v) for v in (self.cx, self.cy, self.radius)) or self.radius <= 0:
+            raise ValueError(f"a placed object needs a finite centre and a radius > 0; got cx={self.cx}, "
+                             f"cy={self.cy}, radius={self.radius}")
 
 
 def render(scene: Scene, style: Style = Style(), size: int = IMAGE_SIZE,
            rng: Optional[np.random.Generator] = None, jitter: float = 0.03) -> np.ndarray:
     """Render one scene to a uint8 array [size, size, 3]; rng adds position jitter and noise."""
+    return render_layers(scene, (), style, size, rng, jitter)[0]
+
+
+def render_layers(scene: Scene, under: Sequence[Placed] = (), style: Style = Style(), size: int = IMAGE_SIZE,
+                  rng: Optional[np.random.Generator] = None,
+                  jitter: float = 0.03) -> tuple[np.ndarray, np.ndarray]:
+    """Render a scene over extra objects placed exactly (painted first, so the scene's objects cover them).
+
+    With ``under=()`` the image is exactly ``render``'s (the same random draws in the same order).
+
+    Returns:
+        (uint8 image [size, size, 3], float coverage [len(under) + 1 (+ 1 with a second object), size, size]):
+        per object (``under`` in order, then the main object, then the second), the share of each pixel's
+        supersamples it shows after every later object is painted (the renderer's own masks; 0..1).
+    """
     n = size * SUPERSAMPLE
     X, Y = _grid(n)
     bg = styled_rgb(scene.background, style) * (1.0 - 0.85 * style.bg_darkness)
     canvas = np.empty((n, n, 3)); canvas[:] = bg
+    owner = np.full((n, n), -1, dtype=np.int16)
+    for k, p in enumerate(under):
+        owner[_paint(canvas, p.obj, p.cx, p.cy, p.radius, style, X, Y, n)] = k
     dx, dy = (rng.uniform(-jitter, jitter, 2) if rng is not None else (0.0, 0.0))
-    _paint(canvas, scene.obj, SLOT_X[scene.position] + dx, 0.5 + dy, RADIUS[scene.obj.size], style, X, Y, n)
+    owner[_paint(canvas, scene.obj, SLOT_X[scene.position] + dx, 0.5 + dy, RADIUS[scene.obj.size], style,
+                 X, Y, n)] = len(under)
     if scene.second is not None:
         ex, ey = (rng.uniform(-jitter, jitter, 2) if rng is not None else (0.0, 0.0))
-        _paint(canvas, scene.second, SLOT_X[scene.second_position] + ex, 0.5 + ey, SECOND_RADIUS, style, X, Y, n)
+        owner[_paint(canvas, scene.second, SLOT_X[scene.second_position] + ex, 0.5 + ey, SECOND_RADIUS, style,
+                     X, Y, n)] = len(under) + 1
+    n_obj = len(under) + 1 + (scene.second is not None)
+    coverage = np.stack([(owner == k).reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
+                         for k in range(n_obj)])
     img = canvas.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3))
     if style.blur > 0:
         img = gaussian_filter(img, sigma=(style.blur * size / IMAGE_SIZE, style.blur * size / IMAGE_SIZE, 0))
     if style.noise > 0:
         img = img + (rng if rng is not None else np.random.default_rng(0)).normal(0, style.noise, img.shape)
-    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+    return np.clip(np.round(img), 0, 255).astype(np.uint8), coverage
 
 
 def render_batch(scenes: Sequence[Scene], style: Style = Style(), size: int = IMAGE_SIZE,

@@ -79,3 +79,26 @@ def test_bad_scenes_and_styles_are_refused():
         Style(warmth=2.0)
     with pytest.raises(ValueError, match="finite"):
         Style(blur=float("nan"))
+
+
+def test_render_layers_without_extra_objects_is_render_and_its_coverage_is_the_objects_pixels():
+    from persviz.shapesworld.render import Placed, render_layers
+    for i, s in enumerate(sample_scenes(40, seed=5, p_second=0.5)):
+        img, cover = render_layers(s, rng=np.random.default_rng(i))
+        assert np.array_equal(img, render(s, rng=np.random.default_rng(i)))
+        assert cover.shape == (1 + (s.second is not None), 32, 32)
+    # a plain red square on black: its coverage is where the image is (partly) red, and sums to its area
+    scene = Scene(Obj("square", "red", size="large"), "black", "left")
+    img, cover = render_layers(scene, size=64)
+    side = 2 * 0.84 * RADIUS["large"] * 64
+    assert abs(cover[0].sum() - side ** 2) < 4 * side  # the area up to the supersampled edge
+    assert np.all((cover[0] == 1) == np.all(img == RGB["red"], axis=-1))
+    # an object placed under the main one: its visible coverage excludes what the main object paints over it
+    under = Placed(Obj("circle", "blue"), SLOT_X["left"] + 0.1, 0.5, 0.2)
+    img2, cover2 = render_layers(scene, [under], size=64)
+    assert cover2.shape == (2, 64, 64) and np.all(cover2.sum(0) <= 1 + 1e-12)
+    assert np.allclose(cover2[1], cover[0])  # the main object is painted last and shows whole
+    blue = np.all(img2 == RGB["blue"], axis=-1)
+    assert blue.any() and np.all(cover2[0][blue] == 1) and not np.any(blue & (cover2[1] > 0))
+    with pytest.raises(ValueError, match="radius"):
+        Placed(Obj("circle", "blue"), 0.5, 0.5, 0.0)
