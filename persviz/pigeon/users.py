@@ -18,6 +18,22 @@ from window to window (for evenly spaced residues such as {0, 2, 4} they stay pu
 residues are drawn per user, so across users every slot is noisy). ``noise_rate`` must therefore be
 a multiple of 1/5.
 
+Two noise regimes (``make_users(regime=...)``, ``REGIMES``):
+
+- ``regime="image"`` (the default, and the shipped results): whole-image noise, as described above. The
+  noise is whole images, so a mask that keeps a fixed share of every image's tokens cannot remove it.
+- ``regime="token"``: token-level noise. Every interaction is a liked image, and every HISTORY image
+  also shows distractor objects (a color that is not a favourite, a texture that is not the favourite)
+  in the half of the image the liked object leaves free (the liked object stands left or right). The
+  renderer knows where every pixel comes from (``shapesworld.render.render_layers``), so each of the
+  16 visual tokens (a 4x4 grid of 8x8 patches, the ShapesWorld CLIP's) is labelled: a *distractor
+  token* when at least half of its patch shows a distractor. ``noise_rate`` is then the share of
+  history tokens that are distractor tokens (at most ``MAX_TOKEN_NOISE_RATE``); at 0.2 a history
+  image has about 3.2 distractor tokens, about what Pigeon's history mask drops (20 % of 16). The
+  target is the liked image without its distractors (the content in the user's taste). Per-residue
+  token counts repeat with period 6 as above, so every window's rate lies within 1/80 of the
+  requested one (``PigeonDataset.token_noise_rate`` measures it from the renders).
+
 Everything is determined by ``seed``: user ``u`` is drawn from ``numpy.random.default_rng([seed, u])``
 (adding users does not change earlier ones) and the image of interaction ``i`` is rendered with the
 generator ``[seed, u, i, 0]`` (the same image in every window that contains it; its reference scene
@@ -29,9 +45,13 @@ Usage::
     splits = split_users(users, seed=0)             # {"train": [...], "val": [...], "test": [...]}
     train = PigeonDataset(splits["train"], seed=0)
     sample = train[0]   # history [5, 3, 32, 32], reference / target [3, 32, 32] in [-1, 1], instruction str
+
+    token_users = make_users(200, seed=0, noise_rates=(0.0, 0.2, 0.4), regime="token")
+    sample = PigeonDataset(token_users)[0]   # + "history_distractor_tokens" bool [5, 16]
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -43,7 +63,7 @@ import torch
 from torch.utils.data import Dataset
 
 from persviz.shapesworld.captions import concept_phrase
-from persviz.shapesworld.render import render
+from persviz.shapesworld.render import RADIUS, SLOT_X, SUPERSAMPLE, Placed, render_layers, shape_mask
 from persviz.shapesworld.scene import (BACKGROUNDS, COLORS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, TEXTURES, Obj, Scene,
                                  sample_scene)
 
@@ -56,6 +76,18 @@ DEFAULT_NOISE_RATES = (0.0, 0.2, 0.4, 0.6)
 #: Default split of the users.
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 SPLITS = ("train", "val", "test")
+#: Noise regimes: "image" (whole noise images; the default and the shipped results) and "token" (every history
+#: image shows a liked object beside distractor objects; ``noise_rate`` is the share of distractor tokens).
+REGIMES = ("image", "token")
+#: Default per-user noise rates of the token regime (share of distractor tokens in every history).
+DEFAULT_TOKEN_NOISE_RATES = (0.0, 0.2, 0.4)
+#: Visual tokens per image side: the ShapesWorld CLIP's 8-pixel patches on 32x32 images, a 4x4 grid of 16 tokens
+#: in row-major order (the order of the vision tower's patch embedding).
+TOKEN_GRID = 4
+#: Largest token-level noise rate: distractors fill at most the 8 patches of the free half of an image.
+MAX_TOKEN_NOISE_RATE = 0.5
+#: The renderer's position jitter (``PigeonDataset(jitter=...)``); the token regime keeps distractors clear of it.
+JITTER = 0.03
 
 
 # ----------------------------------------------------------------------------- taste and users
@@ -107,8 +139,11 @@ class User:
         taste: what the user likes.
         noise_rate: fraction of noise images in every history window (a multiple of 1/5).
         scenes: the interaction sequence (ground-truth scenes), length ``n_interactions``.
-        is_noise: per interaction, True for a noise image.
+        is_noise: per interaction, True for a noise image (never in the token regime).
         references: per interaction, the reference scene used when it is a target (None for noise).
+        regime: "image" (whole-image noise) or "token" (distractor tokens; ``noise_rate`` is their share).
+        distractors: token regime: per interaction, the distractor objects drawn beside the liked object when
+            the image is in a history (empty in the image regime).
     """
 
     user_id: int
@@ -117,6 +152,12 @@ class User:
     scenes: tuple[Scene, ...]
     is_noise: tuple[bool, ...]
     references: tuple[Scene | None, ...]
+    regime: str = "image"
+    distractors: tuple[tuple[Placed, ...], ...] = ()
+
+    def distractors_of(self, index: int) -> tuple[Placed, ...]:
+        """The distractor objects of interaction ``index`` as a history image (empty in the image regime)."""
+        return self.distractors[index] if self.distractors else ()
 
     def window_starts(self, history_len: int = HISTORY_LEN) -> list[int]:
         """Start index of each usable window (its target, at ``start + history_len``, is a liked image)."""
@@ -135,6 +176,7 @@ class Window:
     reference: Scene
     target: Scene
     instruction: str
+    history_distractors: tuple[tuple[Placed, ...], ...] = ()
 
 
 def instruction_for(scene: Scene) -> str:
@@ -164,11 +206,12 @@ def _draw_taste(rng: np.random.Generator, n_colors: Sequence[int]) -> Taste:
     return Taste(colors, TEXTURES[rng.integers(len(TEXTURES))], BACKGROUNDS[rng.integers(len(BACKGROUNDS))])
 
 
-def liked_scene(taste: Taste, rng: np.random.Generator) -> Scene:
-    """A single-object scene in the taste: varied shape, size and position; color from the favourites."""
+def liked_scene(taste: Taste, rng: np.random.Generator, positions: Sequence[str] = POSITIONS) -> Scene:
+    """A single-object scene in the taste: varied shape, size and position (one of ``positions``); color from
+    the favourites."""
     obj = Obj(SHAPES[rng.integers(len(SHAPES))], taste.colors[rng.integers(len(taste.colors))], taste.texture,
               SIZES[rng.integers(len(SIZES))])
-    return Scene(obj, taste.background, POSITIONS[rng.integers(len(POSITIONS))])
+    return Scene(obj, taste.background, positions[rng.integers(len(positions))])
 
 
 def noise_scene(taste: Taste, rng: np.random.Generator, p_second: float = 0.3) -> Scene:
@@ -189,25 +232,191 @@ def reference_scene(target: Scene, taste: Taste, rng: np.random.Generator) -> Sc
             return Scene(obj, bg, target.position)
 
 
+# ----------------------------------------------------------------------------- token-level noise
+
+
+def _check_token_rate(rate: Any) -> float:
+    """Validate a token-level noise rate (share of distractor tokens) in [0, MAX_TOKEN_NOISE_RATE]."""
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or math.isnan(float(rate)):
+        raise ValueError(f"noise rate must be a number in [0, {MAX_TOKEN_NOISE_RATE}]; got {rate!r}")
+    r = float(rate)
+    if not 0.0 <= r <= MAX_TOKEN_NOISE_RATE:
+        raise ValueError(f"token-level noise rate {r} is outside [0, {MAX_TOKEN_NOISE_RATE}]: it is the share of "
+                         f"history tokens that show a distractor, and distractors fill at most the 8 tokens of the "
+                         f"half the liked object leaves free; pass e.g. 0.2 or 0.4")
+    return r
+
+
+def _check_regime(regime: Any) -> str:
+    if regime not in REGIMES:
+        raise ValueError(f"regime={regime!r}; use 'image' (whole noise images) or 'token' (distractor tokens "
+                         f"inside liked images)")
+    return regime
+
+
+@functools.lru_cache(maxsize=None)
+def _half_width(shape: str) -> float:
+    """Largest |u| of a shape's mask in units of its radius (how far it reaches sideways from its centre)."""
+    g = np.linspace(-1.5, 1.5, 1201)
+    u, v = np.meshgrid(g, g, indexing="xy")
+    return float(np.abs(u[shape_mask(shape, u, v)]).max())
+
+
+@functools.lru_cache(maxsize=1)
+def distractor_layouts() -> dict[int, np.ndarray]:
+    """Where a distractor can stand in a 2x2-token block (16x16 px of a 32 px image) and how many tokens it takes.
+
+    The block's x = 0 is its edge towards the liked object. Every shape of ``SHAPES`` at radii 3..8 px and
+    centres on a 0.5 px grid is drawn with the renderer's ``shape_mask`` at its supersampling; a layout is kept
+    when the object lies wholly inside the block and every one of the 4 patches is clearly (by more than 1/64)
+    above or below half covered.
+
+    Returns:
+        {token count: float array [N, 5] of (shape index in SHAPES, radius px, centre x px, centre y px,
+        distance px of the object from the block's inner edge)} for counts 1 to 4.
+    """
+    side, ss = IMAGE_SIZE // 2, SUPERSAMPLE
+    c = (np.arange(side * ss) + 0.5) / ss
+    x, y = np.meshgrid(c, c, indexing="xy")
+    g = np.linspace(-1.5, 1.5, 1201)
+    gu, gv = np.meshgrid(g, g, indexing="xy")
+    rows: dict[int, list[np.ndarray]] = {k: [] for k in range(1, 5)}
+    centres = np.arange(0.0, side + 0.01, 0.5)
+    cx, cy = (a.ravel() for a in np.meshgrid(centres, centres, indexing="xy"))
+    for si, shape in enumerate(SHAPES):
+        m0 = shape_mask(shape, gu, gv)
+        u0, u1, v0, v1 = gu[m0].min(), gu[m0].max(), gv[m0].min(), gv[m0].max()
+        for r in np.arange(3.0, 8.01, 0.25):
+            ok = (cx + r * u0 >= 0) & (cx + r * u1 <= side) & (cy + r * v0 >= 0) & (cy + r * v1 <= side)
+            px, py = cx[ok], cy[ok]
+            if not len(px):
+                continue
+            m = shape_mask(shape, (x[None] - px[:, None, None]) / r, (y[None] - py[:, None, None]) / r)
+            half = side * ss // 2
+            share = m.reshape(len(px), 2, half, 2, half).mean(axis=(2, 4)).reshape(len(px), 4)
+            clear = np.all(np.abs(share - 0.5) > 1 / 64, axis=1)
+            count = (share >= 0.5).sum(1)
+            for k in range(1, 5):
+                sel = clear & (count == k)
+                if sel.any():
+                    rows[k].append(np.stack([np.full(sel.sum(), si), np.full(sel.sum(), r), px[sel], py[sel],
+                                             px[sel] + r * u0], 1))
+    return {k: np.concatenate(v) for k, v in rows.items() if v}
+
+
+def distractor_obj(taste: Taste, shape: str, rng: np.random.Generator) -> Obj:
+    """An object of no favourite color and not the favourite texture (its size is set by its placement)."""
+    colors = [c for c in COLORS if c not in taste.colors]
+    textures = [t for t in TEXTURES if t != taste.texture]
+    return Obj(shape, colors[rng.integers(len(colors))], textures[rng.integers(len(textures))], "small")
+
+
+def place_distractors(liked: Scene, taste: Taste, n_tokens: int, rng: np.random.Generator,
+                      jitter: float = JITTER) -> tuple[Placed, ...]:
+    """Distractor objects beside the liked object of a history image, covering about ``n_tokens`` of its tokens.
+
+    The liked object stands left or right; the distractors fill the other half (2 x 4 tokens): up to 4 tokens
+    one object in the top or bottom 2x2 block, 5 to 8 tokens one object per block. Layouts come from
+    ``distractor_layouts`` and stay clear of the liked object wherever the renderer's jitter puts it. Where no
+    layout takes the count next to a wide liked object (a large diamond leaves no room for 4), the next lower
+    count is used; the dataset measures the real labels from the renders.
+
+    Args:
+        liked: the liked scene (one object, at "left" or "right").
+        taste: the user's taste (distractors carry none of its colors and not its texture).
+        n_tokens: distractor tokens wanted, 0 to 8.
+        rng: the user's random stream.
+        jitter: the renderer's position jitter (units of the image side).
+    """
+    if liked.position not in ("left", "right") or liked.second is not None:
+        raise ValueError(f"distractors stand beside a single liked object at 'left' or 'right'; got position "
+                         f"{liked.position!r}" + (" with a second object" if liked.second is not None else ""))
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, (int, np.integer)) or not 0 <= n_tokens <= 8:
+        raise ValueError(f"n_tokens must be an int in 0..8 (the free half holds 8 tokens); got {n_tokens!r}")
+    if n_tokens == 0:
+        return ()
+    side = IMAGE_SIZE // 2
+    # px the liked object may reach into the free half (its slot is mirrored left / right), plus a 0.25 px margin
+    reach = (SLOT_X["left"] + jitter + RADIUS[liked.obj.size] * _half_width(liked.obj.shape)) * IMAGE_SIZE
+    intrusion = reach - side + 0.25
+    counts = [int(n_tokens)] if n_tokens <= 4 else [int(math.ceil(n_tokens / 2)), int(n_tokens // 2)]
+    blocks = [int(rng.integers(2))] if len(counts) == 1 else [int(b) for b in rng.permutation(2)]
+    table = distractor_layouts()
+    out = []
+    for count, block in zip(counts, blocks):
+        while count > 0:
+            rows = table.get(count)
+            rows = rows[rows[:, 4] >= intrusion] if rows is not None else None
+            if rows is not None and len(rows):
+                break
+            count -= 1
+        if count == 0:
+            continue
+        shapes = np.unique(rows[:, 0])
+        shape = int(shapes[rng.integers(len(shapes))])
+        rows = rows[rows[:, 0] == shape]
+        _, r, cx, cy, _ = rows[rng.integers(len(rows))]
+        x = side + cx if liked.position == "left" else side - cx
+        out.append(Placed(distractor_obj(taste, SHAPES[shape], rng), float(x / IMAGE_SIZE),
+                          float((cy + side * block) / IMAGE_SIZE), float(r / IMAGE_SIZE)))
+    return tuple(out)
+
+
+def token_counts(noise_rate: float, rng: np.random.Generator, history_len: int = HISTORY_LEN,
+                 n_tokens: int = TOKEN_GRID ** 2) -> list[int]:
+    """Distractor tokens per interaction residue (mod ``history_len + 1``) for a token-level noise rate.
+
+    The counts sum to ``S = round(noise_rate * n_tokens * (history_len + 1))``, differ by at most one, and the
+    residues with one more are drawn from ``rng``. A history covers every residue but its target's, so each
+    window holds ``S - c`` distractor tokens: within 1/(n_tokens * history_len) of the rate, and on average
+    ``S / (n_tokens * (history_len + 1))``, within 0.5 / 96 of it for 16 tokens and 5 images.
+    """
+    window = history_len + 1
+    total = int(round(_check_token_rate(noise_rate) * n_tokens * window))
+    base, extra = divmod(total, window)
+    counts = [base] * window
+    for i in rng.choice(window, size=extra, replace=False):
+        counts[int(i)] += 1
+    return counts
+
+
+def token_shares(coverage: np.ndarray, grid: int = TOKEN_GRID) -> np.ndarray:
+    """Share of each token's patch covered, [grid * grid] in row-major order, from a coverage map [S, S] in [0, 1]."""
+    cov = np.asarray(coverage, dtype=np.float64)
+    s = cov.shape[-1]
+    if cov.ndim != 2 or cov.shape[0] != s or s % grid:
+        raise ValueError(f"coverage must be a square map [S, S] with S a multiple of grid={grid}; got {cov.shape}")
+    p = s // grid
+    return cov.reshape(grid, p, grid, p).mean(axis=(1, 3)).reshape(-1)
+
+
 def make_user(user_id: int, seed: int = 0, noise_rate: float = 0.2, n_interactions: int = 12,
-              n_colors: Sequence[int] = (1, 2), history_len: int = HISTORY_LEN, p_second: float = 0.3) -> User:
-    """One user, fully determined by (seed, user_id).
+              n_colors: Sequence[int] = (1, 2), history_len: int = HISTORY_LEN, p_second: float = 0.3,
+              regime: str = "image") -> User:
+    """One user, fully determined by (seed, user_id, regime); the taste does not depend on the regime.
 
     Args:
         user_id: the user's index (>= 0).
         seed: data seed.
-        noise_rate: fraction of noise images in every history; a multiple of 1/history_len in [0, 1].
+        noise_rate: regime "image": fraction of noise images in every history, a multiple of 1/history_len in
+            [0, 1]; regime "token": share of distractor tokens in every history, in [0, MAX_TOKEN_NOISE_RATE].
         n_interactions: length of the interaction sequence; at least ``2 * history_len + 1`` so that
             every user has usable windows whatever its noise positions.
         n_colors: the possible numbers of favourite colors (drawn uniformly).
         history_len: history images per window.
-        p_second: probability of a second object in a noise scene.
+        p_second: probability of a second object in a noise scene (image regime).
+        regime: "image" (whole noise images, the default) or "token" (liked images with distractor tokens);
+            see the module docstring.
     """
+    _check_regime(regime)
     if isinstance(user_id, bool) or not isinstance(user_id, (int, np.integer)) or user_id < 0:
         raise ValueError(f"user_id must be an int >= 0; got {user_id!r}")
     if isinstance(history_len, bool) or not isinstance(history_len, (int, np.integer)) or history_len < 1:
         raise ValueError(f"history_len must be a positive int; got {history_len!r}")
-    rate, k = _check_noise_rate(noise_rate, history_len)
+    if regime == "token":
+        rate, k = _check_token_rate(noise_rate), 0
+    else:
+        rate, k = _check_noise_rate(noise_rate, history_len)
     window = history_len + 1
     if n_interactions < 2 * history_len + 1:
         raise ValueError(f"n_interactions={n_interactions} is too short: with windows of {window} a user needs "
@@ -218,6 +427,15 @@ def make_user(user_id: int, seed: int = 0, noise_rate: float = 0.2, n_interactio
         raise ValueError(f"p_second must lie in [0, 1]; got {p_second}")
     rng = np.random.default_rng([seed, int(user_id)])
     taste = _draw_taste(rng, n_colors)
+    if regime == "token":
+        counts = token_counts(rate, rng, history_len)
+        scenes, refs, placed = [], [], []
+        for i in range(n_interactions):
+            scenes.append(liked_scene(taste, rng, ("left", "right")))
+            refs.append(reference_scene(scenes[-1], taste, rng))
+            placed.append(place_distractors(scenes[-1], taste, counts[i % window], rng))
+        return User(int(user_id), taste, rate, tuple(scenes), (False,) * n_interactions, tuple(refs), "token",
+                    tuple(placed))
     noise_residues = set(int(x) for x in rng.choice(window, size=k, replace=False))
     scenes, is_noise, refs = [], [], []
     for i in range(n_interactions):
@@ -232,21 +450,25 @@ def make_user(user_id: int, seed: int = 0, noise_rate: float = 0.2, n_interactio
     return User(int(user_id), taste, rate, tuple(scenes), tuple(is_noise), tuple(refs))
 
 
-def make_users(n_users: int, seed: int = 0, noise_rates: float | Sequence[float] = DEFAULT_NOISE_RATES,
+def make_users(n_users: int, seed: int = 0, noise_rates: float | Sequence[float] | None = None,
                n_interactions: int = 12, n_colors: Sequence[int] = (1, 2), history_len: int = HISTORY_LEN,
-               p_second: float = 0.3) -> list[User]:
+               p_second: float = 0.3, regime: str = "image") -> list[User]:
     """``n_users`` users; user ``u`` gets ``noise_rates[u % len(noise_rates)]`` (a float: the same for all).
 
-    See ``make_user`` for the other arguments.
+    ``noise_rates`` defaults to ``DEFAULT_NOISE_RATES`` (regime "image": whole noise images) or
+    ``DEFAULT_TOKEN_NOISE_RATES`` (regime "token": share of distractor tokens). See ``make_user`` for the rest.
     """
+    _check_regime(regime)
+    if noise_rates is None:
+        noise_rates = DEFAULT_TOKEN_NOISE_RATES if regime == "token" else DEFAULT_NOISE_RATES
     if isinstance(n_users, bool) or not isinstance(n_users, (int, np.integer)) or n_users < 1:
         raise ValueError(f"n_users must be a positive int; got {n_users!r}")
     rates = (noise_rates,) if isinstance(noise_rates, numbers.Real) else tuple(noise_rates)
     if not rates:
         raise ValueError("noise_rates is empty; pass e.g. (0.0, 0.2, 0.4)")
     for r in rates:
-        _check_noise_rate(r, history_len)
-    return [make_user(u, seed, rates[u % len(rates)], n_interactions, n_colors, history_len, p_second)
+        _check_token_rate(r) if regime == "token" else _check_noise_rate(r, history_len)
+    return [make_user(u, seed, rates[u % len(rates)], n_interactions, n_colors, history_len, p_second, regime)
             for u in range(int(n_users))]
 
 
@@ -396,7 +618,7 @@ def windows_of(users: Sequence[User], history_len: int = HISTORY_LEN) -> list[Wi
             target, ref = u.scenes[t], u.references[t]
             assert ref is not None
             out.append(Window(u.user_id, s, u.taste, u.scenes[s:t], u.is_noise[s:t], ref, target,
-                              instruction_for(target)))
+                              instruction_for(target), tuple(u.distractors_of(j) for j in range(s, t))))
     return out
 
 
@@ -404,9 +626,12 @@ class PigeonDataset(Dataset):
     """Sliding windows of ShapesWorld users as tensors.
 
     Item ``i`` is a dict: ``history`` float [5, 3, S, S], ``reference`` and ``target`` float [3, S, S]
-    (all in [-1, 1]), ``history_is_noise`` bool [5], ``user_id`` and ``start`` long scalars and
+    (all in [-1, 1]), ``history_is_noise`` bool [5] (whole noise images, image regime),
+    ``history_distractor_tokens`` bool [5, 16] (token regime: True where at least half of a token's patch
+    shows a distractor; all False in the image regime), ``user_id`` and ``start`` long scalars and
     ``instruction`` (str; ``torch.utils.data.default_collate`` makes a list of them). ``window(i)``
-    gives the ground-truth scenes. Images are rendered on first use and kept (uint8).
+    gives the ground-truth scenes. Images are rendered on first use and kept (uint8). In the token regime the
+    history images carry their distractors and the target is the liked image without them.
 
     Args:
         users: the users (e.g. one split of ``split_users``).
@@ -414,16 +639,21 @@ class PigeonDataset(Dataset):
         image_size: rendered size.
         history_len: history images per window.
         jitter: position jitter of the renderer.
+        grid: visual tokens per image side (``TOKEN_GRID``: the ShapesWorld CLIP's 4 x 4 patches).
     """
 
     def __init__(self, users: Sequence[User], seed: int = 0, image_size: int = IMAGE_SIZE,
-                 history_len: int = HISTORY_LEN, jitter: float = 0.03) -> None:
+                 history_len: int = HISTORY_LEN, jitter: float = JITTER, grid: int = TOKEN_GRID) -> None:
         if not users:
             raise ValueError("users is empty; pass at least one User (make_users)")
+        if image_size % grid:
+            raise ValueError(f"image_size={image_size} must be a multiple of grid={grid} (tokens per side)")
         self.users = {u.user_id: u for u in users}
         self.seed, self.image_size, self.history_len, self.jitter = seed, image_size, history_len, jitter
+        self.grid = grid
         self.windows = windows_of(users, history_len)
         self._cache: dict[tuple[int, int, int], np.ndarray] = {}
+        self._tokens: dict[tuple[int, int], np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -432,24 +662,49 @@ class PigeonDataset(Dataset):
         """The ground truth of item i."""
         return self.windows[i]
 
-    def image(self, user_id: int, index: int, reference: bool = False) -> np.ndarray:
-        """uint8 [S, S, 3] of interaction ``index`` of a user (or of its reference scene)."""
-        key = (user_id, index, int(reference))
+    def image(self, user_id: int, index: int, reference: bool = False, clean: bool = False) -> np.ndarray:
+        """uint8 [S, S, 3] of interaction ``index`` of a user (or of its reference scene); ``clean`` leaves its
+        distractors out (the target of a token-regime window; the same image in the image regime)."""
+        u = self.users[user_id]
+        kind = 1 if reference else 2 if clean and u.distractors_of(index) else 0
+        key = (user_id, index, kind)
         if key not in self._cache:
-            u = self.users[user_id]
             scene = u.references[index] if reference else u.scenes[index]
             if scene is None:
                 raise ValueError(f"interaction {index} of user {user_id} is a noise image and has no reference")
+            under = u.distractors_of(index) if kind == 0 else ()
             rng = np.random.default_rng([self.seed, user_id, index, int(reference)])
-            self._cache[key] = render(scene, size=self.image_size, rng=rng, jitter=self.jitter)
+            img, cover = render_layers(scene, under, size=self.image_size, rng=rng, jitter=self.jitter)
+            self._cache[key] = img
+            if kind == 0 and not reference:
+                shares = token_shares(cover[:len(under)].sum(0), self.grid)
+                self._tokens[(user_id, index)] = shares >= 0.5
         return self._cache[key]
+
+    def distractor_tokens(self, user_id: int, index: int) -> np.ndarray:
+        """bool [grid * grid] (row-major) of interaction ``index`` as a history image: True where at least half of
+        the token's patch shows a distractor (the renderer's own masks). All False in the image regime."""
+        if (user_id, index) not in self._tokens:
+            self.image(user_id, index)
+        return self._tokens[(user_id, index)]
+
+    def history_tokens(self, i: int) -> np.ndarray:
+        """bool [H, grid * grid]: the distractor tokens of item i's history images."""
+        w = self.windows[i]
+        return np.stack([self.distractor_tokens(w.user_id, j) for j in range(w.start, w.start + self.history_len)])
+
+    def token_noise_rate(self, indices: Sequence[int] | None = None) -> float:
+        """Share of history tokens that are distractor tokens over the windows ``indices`` (default: all)."""
+        idx = range(len(self)) if indices is None else indices
+        return float(np.mean([self.history_tokens(int(i)).mean() for i in idx]))
 
     def images(self, i: int) -> dict[str, np.ndarray]:
         """uint8 images of item i: history [5, S, S, 3], reference and target [S, S, 3]."""
         w = self.windows[i]
         t = w.start + self.history_len
         return {"history": np.stack([self.image(w.user_id, j) for j in range(w.start, t)]),
-                "reference": self.image(w.user_id, t, reference=True), "target": self.image(w.user_id, t)}
+                "reference": self.image(w.user_id, t, reference=True),
+                "target": self.image(w.user_id, t, clean=True)}
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not -len(self) <= i < len(self):
@@ -459,13 +714,17 @@ class PigeonDataset(Dataset):
         return {"history": to_model_images(im["history"]), "reference": to_model_images(im["reference"]),
                 "target": to_model_images(im["target"]),
                 "history_is_noise": torch.tensor(w.history_is_noise, dtype=torch.bool),
+                "history_distractor_tokens": torch.from_numpy(self.history_tokens(i)),
                 "user_id": torch.tensor(w.user_id), "start": torch.tensor(w.start), "instruction": w.instruction}
 
 
-def make_datasets(n_users: int, seed: int = 0, noise_rates: float | Sequence[float] = DEFAULT_NOISE_RATES,
+def make_datasets(n_users: int, seed: int = 0, noise_rates: float | Sequence[float] | None = None,
                   n_interactions: int = 12, fractions: Sequence[float] = DEFAULT_FRACTIONS,
                   **user_kw: Any) -> dict[str, PigeonDataset]:
-    """Users, split by user, as {"train", "val", "test"} datasets (a split with no users is left out)."""
+    """Users, split by user, as {"train", "val", "test"} datasets (a split with no users is left out).
+
+    ``noise_rates`` None: the regime's defaults; ``user_kw`` go to ``make_users`` (e.g. ``regime="token"``).
+    """
     splits = split_users(make_users(n_users, seed, noise_rates, n_interactions, **user_kw), fractions, seed)
     return {k: PigeonDataset(v, seed) for k, v in splits.items() if v}
 
