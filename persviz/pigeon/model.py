@@ -382,8 +382,9 @@ class PigeonInputs:
 
 
 #: How ``PigeonModel.prepare`` treats the history (``PigeonModel.history_mode``): "mask" (Pigeon: keep the
-#: high-score tokens at ``config.history_ratio``), "keep" (mask ratio 0: every history token kept) or "none"
-#: (every history token zeroed before scoring and masked: the model reads only the reference and instruction).
+#: high-score tokens at ``config.history_ratio``), "keep" (every history token read as it is, no history mask and
+#: so no gradient through one: the unmasked-history row and the trained baseline) or "none" (every history token
+#: zeroed before scoring and masked: the model reads only the reference and instruction).
 HISTORY_MODES = ("mask", "keep", "none")
 
 
@@ -489,6 +490,8 @@ class PigeonModel(nn.Module):
             history_ratio=0.0 if mode == "keep" else cfg.history_ratio)
         if mode == "none":
             hist_mask = torch.zeros_like(hist_mask)
+        elif mode == "keep":  # every history token as it is: no gradient reaches the generator through the history
+            hist_m, hist_mask = hist_tok, torch.ones_like(hist_mask)
         text_states, text_mask = self.text(texts, cfg.text_max_length)
         prompt_states = None
         if cfg.condition == "text+tokens":

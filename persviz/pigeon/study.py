@@ -6,11 +6,18 @@
   oracle's taste hit rates) and semantic alignment (CLIP-T to the instruction, the oracle's shape accuracy).
 - ``kept_noise_fraction`` / ``kept_noise_by_rate``: which history tokens the mask generator keeps, against
   the ground truth of which history images are noise.
+- ``mask_measures``: at token-level noise (users regime "token"), the kept-noise share of Pigeon's history mask
+  against a perfect mask and chance, and the AUC of its scores against the per-token ground truth, with
+  bootstrap intervals over windows (``comparison_table`` attaches them to the stage rows as "masks").
 - ``history_mode``: switch the history off ("none") or its masking off ("keep") for a block.
 - ``window_masks``, ``pair_examples``: the inputs of ``persviz.pigeon.plots``.
 
 Pigeon exists here at ShapesWorld scale only: at full scale (``PERSVIZ_SCALE=full``) it would need LaVIT-7B and
 SDXL (github ``YiyanXu/Pigeon``), which persviz neither ships nor loads; ``require_shapesworld`` says so.
+
+Token-level noise (``persviz pigeon study --regime token``): the stage-1 run's regime is read from its config.json;
+with ``baseline=`` (the trained baseline, ``persviz pigeon train --stage baseline``) the table gets a
+"trained baseline" row and the stage rows a paired difference against it ("vs_baseline").
 
 Usage (or ``persviz pigeon study --n-windows 50``, which writes data/pigeon/comparison.json)::
 
@@ -38,9 +45,11 @@ from persviz.io import PathLike, write_json
 from persviz.loading import load_evaluator
 from persviz.paths import DATA_DIR
 from persviz.pigeon.mask import HISTORY_TYPE, REFERENCE_TYPE, gumbel_topk_mask
+from persviz.pigeon.measures import token_auc, window_measures
 from persviz.pigeon.model import HISTORY_MODES, RATIOS, WEIGHTS_FILE, PigeonPipeline
 from persviz.pigeon.train import PAIRS_FILE
-from persviz.pigeon.users import PigeonDataset, as_image_tensor, make_datasets, taste_report, validate_request
+from persviz.pigeon.users import (REGIMES, PigeonDataset, as_image_tensor, make_datasets, taste_report,
+                                  validate_request)
 from persviz.stats import LEVEL, N_BOOT, bootstrap_mean, holm_table, paired_difference
 
 PIGEON_DIR = DATA_DIR / "pigeon"
@@ -63,6 +72,15 @@ METRICS = (("clip_i", "CLIP-I to history (x100)", "personalization"),
 #: Rows compared against the unmasked history (``paired_differences``): each stage minus "history without masks".
 BASELINE = "no_mask"
 COMPARED = ("stage1", "stage2")
+#: The trained baseline's row key (``comparison_table(baseline=...)``); the stage rows are also paired against it.
+TRAINED_BASELINE = "baseline"
+#: Every row's label: ``ROWS`` and the trained baseline's (a row only when ``comparison_table`` gets one).
+ROW_LABELS = {"no_history": ROWS["no_history"], "no_mask": ROWS["no_mask"],
+              TRAINED_BASELINE: "trained baseline (every history token)", "stage1": ROWS["stage1"],
+              "stage2": ROWS["stage2"]}
+#: The mask measures (``mask_measures``): key -> label.
+MASK_MEASURES = {"kept_noise_share": "kept-noise share, Pigeon's mask", "perfect": "kept-noise share, perfect mask",
+                 "chance": "kept-noise share, chance", "score_auc": "score AUC, taste over distractor tokens"}
 #: The oracle's strict reading looks in the target's slot (the reference's position); the "any_" columns judge
 #: the generated object wherever it stands, separating the taste from placing the object where the reference has it.
 #: The first chunk of a run's stage-2 pairs, shipped for the figures (pairs.pt itself is not).
@@ -112,10 +130,18 @@ def training_data_settings(folder: PathLike | None = None) -> dict[str, int]:
     return out
 
 
+def training_regime(folder: PathLike | None = None) -> str:
+    """The noise regime of the run in ``folder`` (its config.json; runs written before regimes existed: "image")."""
+    if folder is not None and (Path(folder) / "config.json").is_file():
+        return str(json.loads((Path(folder) / "config.json").read_text()).get("regime", "image"))
+    return "image"
+
+
 def heldout_dataset(noise_rate: float, split: str = "test", n_users: int = DATA_DEFAULTS["n_users"],
                     data_seed: int = DATA_DEFAULTS["data_seed"],
-                    n_interactions: int = DATA_DEFAULTS["n_interactions"]) -> PigeonDataset:
-    """The ``split`` users of the training population, every one at ``noise_rate``.
+                    n_interactions: int = DATA_DEFAULTS["n_interactions"], regime: str = "image") -> PigeonDataset:
+    """The ``split`` users of the training population, every one at ``noise_rate`` (of the ``regime``: whole noise
+    images for "image", distractor tokens for "token").
 
     Splits depend only on (n_users, data_seed), and a user's taste on (data_seed, user_id), so with the training
     run's settings these are the same held-out users with the same tastes; only the noise rate (and so their
@@ -123,7 +149,7 @@ def heldout_dataset(noise_rate: float, split: str = "test", n_users: int = DATA_
     """
     if split not in ("train", "val", "test"):
         raise ValueError(f"split={split!r}; use 'test' (held-out users), 'val' or 'train'")
-    sets = make_datasets(n_users, data_seed, float(noise_rate), n_interactions)
+    sets = make_datasets(n_users, data_seed, float(noise_rate), n_interactions, regime=regime)
     if split not in sets:
         raise ValueError(f"the {split!r} split of {n_users} users is empty; use more users")
     return sets[split]
@@ -241,13 +267,15 @@ def comparison_table(stage1: PigeonPipeline | PathLike, stage2: PigeonPipeline |
                      num_inference_steps: int = 25, guidance_scale: float = 4.0,
                      ratios: Sequence[float] = RATIOS, n_users: int | None = None, data_seed: int | None = None,
                      path: PathLike | None = None, progress: bool = True, n_boot: int = N_BOOT,
-                     level: float = LEVEL) -> list[dict[str, Any]]:
+                     level: float = LEVEL, baseline: PigeonPipeline | PathLike | None = None,
+                     regime: str | None = None) -> list[dict[str, Any]]:
     """Pigeon against its ablations on held-out users, per noise rate (the paper's main table at ShapesWorld scale).
 
     Rows (``ROWS``), each with test-time ratio selection (``PigeonPipeline.select``) from the same latents:
     "reference only (no history)" (stage 1, every history token zeroed and masked: it reads the reference and
     the instruction only), "history without masks" (stage 1, history mask ratio 0), "Pigeon stage 1",
-    "Pigeon stage 2" (left out when ``stage2`` is None).
+    "Pigeon stage 2" (left out when ``stage2`` is None), and with ``baseline`` "trained baseline (every history
+    token)" (that run's weights, every history token read, as it was trained).
 
     Args:
         stage1, stage2: PigeonPipelines or weights folders (stage 2 loads with stage 1's diffusion pipeline).
@@ -263,13 +291,18 @@ def comparison_table(stage1: PigeonPipeline | PathLike, stage2: PigeonPipeline |
             is written.
         progress: a tqdm bar.
         n_boot, level: the bootstrap of the intervals (``with_intervals``, ``paired_differences``).
+        baseline: the trained baseline (``persviz pigeon train --stage baseline``): a PigeonPipeline or folder.
+        regime: the held-out users' noise, "image" or "token"; None: stage 1's training regime (its config.json).
+            At "token" the stage rows carry "masks" (``mask_measures`` of stage 1's mask generator on the same
+            windows; stage 2 trains only the personalization module, so its masks are stage 1's).
 
     Returns:
         One dict per (noise rate, row): "noise_rate", "row" (label), "key", "n", the metrics of ``METRICS``
         (means; CLIP / DINO scores also "{key}_sem"), "ratio_counts" {ratio: times selected}, "items" (the
         windows' dataset indices and every metric's per-window scores), "intervals" {metric: mean, low, high,
         n_prompts (windows), n_images, level} and, on the stage rows, "vs_no_mask" {metric: the paired
-        difference stage - history without masks with its interval, Wilcoxon p and Holm's p across the metrics}.
+        difference stage - history without masks with its interval, Wilcoxon p and Holm's p across the metrics}
+        (with a baseline also on its row, and "vs_baseline" on the stage rows: stage - trained baseline).
     """
     for name, v in (("n_windows", n_windows), ("batch_size", batch_size), ("num_inference_steps", num_inference_steps)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -281,15 +314,24 @@ def comparison_table(stage1: PigeonPipeline | PathLike, stage2: PigeonPipeline |
         settings["n_users"] = int(n_users)
     if data_seed is not None:
         settings["data_seed"] = int(data_seed)
+    if regime is None:
+        regime = training_regime(stage1 if not isinstance(stage1, PigeonPipeline) else None)
+    if regime not in REGIMES:
+        raise ValueError(f"regime={regime!r}; use 'image' (whole noise images) or 'token' (distractor tokens)")
     p1 = load_stage(stage1, name="stage1")
     p2 = load_stage(stage2, sd=p1.sd, name="stage2") if stage2 is not None else None
+    pb = load_stage(baseline, sd=p1.sd, name="baseline") if baseline is not None else None
     clip, dino, oracle = _evaluators(clip, dino, oracle)
-    runs = [("no_history", p1, "none"), ("no_mask", p1, "keep"), ("stage1", p1, "mask")]
+    runs = [("no_history", p1, "none"), ("no_mask", p1, "keep")]
+    if pb is not None:
+        runs.append((TRAINED_BASELINE, pb, "keep"))
+    runs.append(("stage1", p1, "mask"))
     if p2 is not None:
         runs.append(("stage2", p2, "mask"))
     data = []
     for rate in noise_rates:
-        ds = heldout_dataset(rate, split, settings["n_users"], settings["data_seed"], settings["n_interactions"])
+        ds = heldout_dataset(rate, split, settings["n_users"], settings["data_seed"], settings["n_interactions"],
+                             regime)
         data.append((float(rate), ds, pick_windows(ds, min(int(n_windows), len(ds)))))
     total = sum(math.ceil(len(idx) / batch_size) for _, _, idx in data) * len(runs)
     run_settings = {"n_windows": int(n_windows), "noise_rates": [float(r) for r in noise_rates], "split": split,
@@ -298,8 +340,12 @@ def comparison_table(stage1: PigeonPipeline | PathLike, stage2: PigeonPipeline |
                     "stage1": str(stage1) if not isinstance(stage1, PigeonPipeline) else "pipeline",
                     "stage2": (None if stage2 is None else str(stage2)
                                if not isinstance(stage2, PigeonPipeline) else "pipeline")}
+    if pb is not None or regime != "image":  # (keys absent from the image-regime tables written before them)
+        run_settings.update(regime=regime, baseline=(None if baseline is None else str(baseline)
+                                                     if not isinstance(baseline, PigeonPipeline) else "pipeline"))
     partial = None if path is None else Path(path).with_name(Path(path).name + ".partial")
-    resume_key = json.dumps({**run_settings, "weights": [_weights_stamp(w) for w in (stage1, stage2)]})
+    weights = [_weights_stamp(w) for w in (stage1, stage2)] + ([_weights_stamp(baseline)] if pb is not None else [])
+    resume_key = json.dumps({**run_settings, "weights": weights})
     done = _read_partial(partial, resume_key)
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=total, desc="comparison table", disable=not progress)
@@ -327,13 +373,20 @@ def comparison_table(stage1: PigeonPipeline | PathLike, stage2: PigeonPipeline |
                 scores = score_generations(np.concatenate(images), histories, windows, clip, dino, oracle,
                                            per_item=True)
                 scores["items"] = {"window": [int(i) for i in idx], **scores["items"]}
-                rows.append({"noise_rate": rate, "row": ROWS[key], "key": key, **scores,
-                             "ratio_counts": {f"{r:g}": c for r, c in zip(ratios, counts)}})
+                row = {"noise_rate": rate, "row": ROW_LABELS[key], "key": key, **scores,
+                       "ratio_counts": {f"{r:g}": c for r, c in zip(ratios, counts)}}
+                if regime == "token" and key in COMPARED:
+                    # stage 2 freezes the mask generator: its masks are stage 1's, measured with stage 1's model
+                    row["masks"] = mask_measures(p1, ds, idx, batch_size=batch_size, n_boot=n_boot, level=level)
+                rows.append(row)
                 if partial is not None:
                     write_json(partial, {"key": resume_key, "rows": rows})
     finally:
         bar.close()
-    rows = paired_differences(with_intervals(rows, n_boot, level), n_boot=n_boot, level=level)
+    compared = COMPARED + ((TRAINED_BASELINE,) if pb is not None else ())
+    rows = paired_differences(with_intervals(rows, n_boot, level), n_boot=n_boot, level=level, compared=compared)
+    if pb is not None:
+        rows = paired_differences(rows, against=TRAINED_BASELINE, n_boot=n_boot, level=level)
     if path is not None:
         record = {"settings": {**run_settings, "n_boot": int(n_boot), "level": float(level),
                                "intervals": "bootstrap over windows (one image per window), persviz.stats"},
@@ -465,7 +518,7 @@ def format_differences(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]
                          f"scores (comparison_table writes them)")
     keys = list(metrics) if metrics is not None else [k for k, _, _ in METRICS if k in have[0][field]]
     labels = {k: lab for k, lab, _ in METRICS}
-    lines = [f"| noise | minus {ROWS.get(against, against)} | n | " + " | ".join(labels.get(k, k) for k in keys) + " |",
+    lines = [f"| noise | minus {ROW_LABELS.get(against, against)} | n | " + " | ".join(labels.get(k, k) for k in keys) + " |",
              "|" + "---|" * (3 + len(keys))]
     for r in have:
         cells = []
@@ -479,6 +532,26 @@ def format_differences(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]
             cells.append(f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]{ptext}")
         n = next(iter(r[field].values()))["n_prompts"] if r[field] else ""
         lines.append(f"| {r['noise_rate']:g} | {r['row']} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_mask_measures(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The "masks" of the stage-1 rows (token-level noise) as a markdown table: per noise rate the measured share
+    of distractor tokens, the kept-noise share of Pigeon's mask, of a perfect mask and of chance, and the score
+    AUC, each "mean [low, high]" (bootstrap over windows)."""
+    have = [r for r in rows if "masks" in r and r.get("key") == "stage1"]
+    if not have:
+        raise ValueError("no stage-1 row holds 'masks'; they come from comparison_table on token-level noise "
+                         "(regime 'token')")
+    lines = ["| noise (requested) | distractor tokens | n | " + " | ".join(MASK_MEASURES.values()) + " |",
+             "|" + "---|" * (3 + len(MASK_MEASURES))]
+    for r in have:
+        m = r["masks"]
+        cells = []
+        for k in MASK_MEASURES:
+            iv = m["intervals"].get(k)
+            cells.append("–" if iv is None else f"{iv['mean']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}]")
+        lines.append(f"| {r['noise_rate']:g} | {m['noise_rate']:.3f} | {m['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -608,6 +681,48 @@ def kept_noise_by_rate(pipe: PigeonPipeline, n_windows: int, noise_rates: Sequen
     return out
 
 
+def mask_measures(pipe: PigeonPipeline, dataset: PigeonDataset, indices: Sequence[int], batch_size: int = 16,
+                  n_boot: int = N_BOOT, level: float = LEVEL) -> dict[str, Any]:
+    """Pigeon's inference history mask on windows ``indices`` against the per-token ground truth (distractor
+    tokens, ``PigeonDataset`` item "history_distractor_tokens"; see ``persviz.pigeon.measures``).
+
+    Returns:
+        "noise_rate" (share of distractor tokens), "n" (windows), "kept_noise_share" (share of the kept tokens that
+        are distractors), "perfect" (that of a mask keeping as many tokens per image and dropping the distractors
+        first), "chance" (that of a random mask of the same size), "score_auc" (P(taste token scores above a
+        distractor token) within each image, averaged per window), "score_auc_pooled" (ranked over all tokens
+        of all windows together), "history_ratio", "items" (the windows and every measure per window) and
+        "intervals" {measure: mean with its bootstrap interval over windows (``persviz.stats.bootstrap_mean``)}.
+    """
+    idx = [int(i) for i in indices]
+    if not idx:
+        raise ValueError("indices is empty; pass the windows to measure (e.g. pick_windows(dataset, 50))")
+    model = pipe.model
+    h = model.config.n_history
+    ratio = 0.0 if model.history_mode == "keep" else model.config.history_ratio
+    keeps, scores, noise = [], [], []
+    for j in range(0, len(idx), batch_size):
+        b = default_collate([dataset[i] for i in idx[j:j + batch_size]])
+        full = token_scores(pipe, b["history"], b["reference"])
+        keeps.append(history_keep_mask(pipe, full))
+        scores.append(full[:, :h])
+        noise.append(b["history_distractor_tokens"])
+    keep, s, m = torch.cat(keeps), torch.cat(scores), torch.cat(noise)
+    per = window_measures(keep, s, m, ratio)
+    out: dict[str, Any] = {"noise_rate": float(m.float().mean()), "n": len(idx), "history_ratio": float(ratio)}
+    intervals = {}
+    for k in ("kept_noise_share", "perfect", "chance", "score_auc"):
+        v = np.asarray(per[k], dtype=np.float64)
+        v = v[np.isfinite(v)]
+        out[k] = float(v.mean()) if v.size else float("nan")
+        if v.size:
+            intervals[k] = bootstrap_mean(v[:, None], n_boot, level).to_json()
+    out["score_auc_pooled"] = token_auc(s, m, per="all")
+    out["items"] = {"window": idx, **per}
+    out["intervals"] = intervals
+    return out
+
+
 # ----------------------------------------------------------------------------- one window, pairs
 
 
@@ -678,7 +793,8 @@ def pair_examples(pipe: PigeonPipeline, folder: PathLike, n: int = 4,
     ratios = tuple(ratios if ratios is not None else rec.get("ratios", RATIOS))
     ds = make_datasets(int(rec.get("n_users", DATA_DEFAULTS["n_users"])), int(rec.get("data_seed", 0)),
                        tuple(rec.get("noise_rates", (0.0, 0.2, 0.4, 0.6))),
-                       int(rec.get("n_interactions", DATA_DEFAULTS["n_interactions"])))["train"]
+                       int(rec.get("n_interactions", DATA_DEFAULTS["n_interactions"])),
+                       regime=rec.get("regime", "image"))["train"]
     valid = torch.nonzero(pairs["chosen_ratio"] != pairs["rejected_ratio"]).flatten()[:n]
     if len(valid) == 0:
         raise ValueError("every stored pair is a tie (chosen = rejected ratio); nothing to show")
@@ -698,8 +814,9 @@ def pair_examples(pipe: PigeonPipeline, folder: PathLike, n: int = 4,
 # ----------------------------------------------------------------------------- command line
 
 
-__all__ = ["BASELINE", "COMPARED", "DATA_DEFAULTS", "METRICS", "NOISE_SWEEP", "PIGEON_DIR", "ROWS",
-           "FullScaleNotSupportedError", "comparison_table", "format_differences", "format_table", "heldout_dataset",
+__all__ = ["BASELINE", "COMPARED", "DATA_DEFAULTS", "MASK_MEASURES", "METRICS", "NOISE_SWEEP", "PIGEON_DIR", "ROWS",
+           "ROW_LABELS", "TRAINED_BASELINE", "FullScaleNotSupportedError", "comparison_table", "format_differences",
+           "format_mask_measures", "format_table", "heldout_dataset", "mask_measures", "training_regime",
            "history_keep_mask", "history_mode", "kept_noise_by_rate", "kept_noise_fraction", "load_comparison",
            "load_pairs", "load_stage", "noise_fraction", "paired_differences", "pair_examples", "pick_windows",
            "pooled_keep_mask", "reference_masks", "require_shapesworld", "score_auc", "score_generations",

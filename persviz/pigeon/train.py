@@ -3,6 +3,19 @@
     persviz pigeon train --stage 1                 # -> data/pigeon/stage1/
     persviz pigeon train --stage 2                 # from data/pigeon/stage1 -> data/pigeon/stage2/
     persviz pigeon train --stage 1 --tiny --steps 4 --out /tmp/pigeon-smoke   # random tiny parts
+    persviz pigeon train --stage 1 --regime token          # token-level noise -> data/pigeon/token/stage1/
+    persviz pigeon train --stage 2 --regime token          # from data/pigeon/token/stage1 -> .../stage2/
+    persviz pigeon train --stage baseline --regime token   # the trained baseline -> data/pigeon/token/baseline/
+
+Regimes (``TrainConfig.regime``, ``--regime``): "image" (the default and the shipped runs) trains on users with
+whole noise images; "token" on users whose every history image shows the liked object beside distractor
+objects, ``noise_rates`` being the share of distractor tokens (``users`` module docstring).
+
+The trained baseline (``TrainConfig(history_mask=False)``, ``--stage baseline``): stage 1's losses, data and
+steps, but the personalization module reads every history token as it is (``PigeonModel.history_mode =
+"keep"``: no history mask, no gradient through one). The reference is masked as in stage 1 (its ratio drawn
+from U[0, 1], high-score tokens masked) so that the same test-time ratio selection applies to every row of
+the comparison; the mask generator thus trains only through the reference mask.
 
 Stage 1, masked preference reconstruction: for a window (5 history images, a reference and an
 instruction, the target) the model's conditioning must let the frozen UNet denoise the TARGET's
@@ -59,7 +72,8 @@ from persviz.seeding import step_rng
 from persviz.trainers.core import TrainResult, check_out_dir, ddpm, run_steps
 from persviz.pigeon.losses import diffusion_dpo_loss
 from persviz.pigeon.model import RATIOS, PigeonPipeline, load_weights, read_config, save_weights
-from persviz.pigeon.users import DEFAULT_NOISE_RATES, PigeonDataset, make_datasets, taste_report
+from persviz.pigeon.users import (DEFAULT_NOISE_RATES, DEFAULT_TOKEN_NOISE_RATES, REGIMES, PigeonDataset,
+                                  make_datasets, taste_report)
 
 OUT_DIR = DATA_DIR / "pigeon"
 TRAIN_CONFIG_FILE = "config.json"
@@ -69,6 +83,8 @@ SNAPSHOT_DIR = "snapshots"
 _SNAPSHOT = re.compile(r"pigeon-steps-(\d+)\.safetensors")
 _FORMAT = 1
 DEFAULT_LR = {1: 3e-4, 2: 1e-5}
+#: Fields added after the shipped runs, left out of a run's config.json at their defaults (so those runs resume).
+_NEW_FIELDS = {"regime": "image", "history_mask": True}
 
 
 @dataclass(frozen=True)
@@ -96,13 +112,17 @@ class TrainConfig:
         keep_snapshots: snapshot files kept (the newest).
         seed: training seed (batches, masks, noise, timesteps, dropout).
         n_users, data_seed, noise_rates, n_interactions: the ShapesWorld users (``users.make_datasets``);
-            training uses the "train" split.
+            training uses the "train" split. ``noise_rates`` None: the regime's defaults (``DEFAULT_NOISE_RATES``
+            for "image", ``DEFAULT_TOKEN_NOISE_RATES`` for "token").
         init_from: stage 2: the stage-1 folder (pigeon.safetensors).
         ratios: stage 2: reference mask ratios of the candidates.
         beta: stage 2: DPO beta (diffusers convention; Pigeon 0.1, diffusers example 2500).
         n_pairs: stage 2: preference pairs generated (one per drawn training window).
         pair_batch: stage 2: windows per generation chunk (a chunk is the unit of resume).
         pair_steps, guidance_scale: stage 2: sampler steps and guidance of the candidates.
+        regime: the users' noise: "image" (whole noise images; default) or "token" (distractor tokens inside
+            liked images; ``noise_rates`` are shares of distractor tokens, at most 0.5).
+        history_mask: False trains the baseline (stage 1 only): every history token read, no history mask.
     """
 
     stage: int = 1
@@ -119,7 +139,7 @@ class TrainConfig:
     seed: int = 0
     n_users: int = 1000
     data_seed: int = 0
-    noise_rates: tuple[float, ...] = DEFAULT_NOISE_RATES
+    noise_rates: tuple[float, ...] | None = None
     n_interactions: int = 12
     init_from: str | None = None
     ratios: tuple[float, ...] = RATIOS
@@ -128,10 +148,22 @@ class TrainConfig:
     pair_batch: int = 16
     pair_steps: int = 20
     guidance_scale: float = 4.0
+    regime: str = "image"
+    history_mask: bool = True
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2; got {self.stage!r}")
+        if self.regime not in REGIMES:
+            raise ValueError(f"regime={self.regime!r}; use 'image' (whole noise images) or 'token' (distractor "
+                             f"tokens inside liked images)")
+        if not isinstance(self.history_mask, bool):
+            raise ValueError(f"history_mask must be True (Pigeon) or False (the baseline); got {self.history_mask!r}")
+        if self.stage == 2 and not self.history_mask:
+            raise ValueError("the baseline (history_mask=False) trains with stage 1's losses only; pass stage=1")
+        if self.noise_rates is None:
+            object.__setattr__(self, "noise_rates",
+                               DEFAULT_TOKEN_NOISE_RATES if self.regime == "token" else DEFAULT_NOISE_RATES)
         for name in ("steps", "batch_size", "save_every", "keep_snapshots", "n_users", "n_interactions",
                      "n_pairs", "pair_batch", "pair_steps"):
             v = getattr(self, name)
@@ -208,6 +240,16 @@ def _write_snapshot(model: Any, out: Path, step: int, keep: int) -> None:
                         lambda p: save_file(model.trainable_state_dict(), p))
     for _, p in _snapshots(out)[:-keep]:
         p.unlink()
+
+
+def run_record(config: TrainConfig) -> dict[str, Any]:
+    """The settings a run's config.json holds (lists for tuples); fields added since the shipped runs are left
+    out at their defaults, so those runs' folders still resume."""
+    rec = {**asdict(config), "noise_rates": list(config.noise_rates), "ratios": list(config.ratios)}
+    for k, v in _NEW_FIELDS.items():
+        if rec[k] == v:
+            del rec[k]
+    return rec
 
 
 def _check_run(out: Path, record: dict[str, Any]) -> dict[str, Any] | None:
@@ -287,13 +329,14 @@ def train(pipe: PigeonPipeline, config: TrainConfig, out_dir: PathLike, progress
     """
     model = pipe.model
     flags = [(p, p.requires_grad) for m in model.trainable_modules().values() for p in m.parameters()]
-    was = model.training
+    was, mode = model.training, model.history_mode
     try:
         return _train(pipe, config, out_dir, progress, callback, backbone)
-    finally:  # requires_grad flags and train/eval mode as they were (stage 2 freezes the MaskGenerator)
+    finally:  # requires_grad flags, train/eval and history mode as they were (stage 2 freezes the MaskGenerator)
         for p, f in flags:
             p.requires_grad_(f)
         model.train(was)
+        model.history_mode = mode
 
 
 def _train(pipe: PigeonPipeline, config: TrainConfig, out_dir: PathLike, progress: bool,
@@ -304,12 +347,13 @@ def _train(pipe: PigeonPipeline, config: TrainConfig, out_dir: PathLike, progres
     device = model.device
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    record = {"format": _FORMAT, **asdict(config), "noise_rates": list(config.noise_rates),
-              "ratios": list(config.ratios), "model": model.config.to_dict(), "backbone": backbone}
+    record = {"format": _FORMAT, **run_record(config), "model": model.config.to_dict(), "backbone": backbone}
     state = _check_run(out, record)
     write_json(out / TRAIN_CONFIG_FILE, record)
 
-    ds = make_datasets(config.n_users, config.data_seed, config.noise_rates, config.n_interactions)["train"]
+    ds = make_datasets(config.n_users, config.data_seed, config.noise_rates, config.n_interactions,
+                       regime=config.regime)["train"]
+    model.history_mode = "mask" if config.history_mask else "keep"  # train() restores it
     sched = ddpm(pipe.sd)  # the pipeline's scheduler config as a DDPMScheduler (the training noise schedule)
     n_t = int(sched.config.num_train_timesteps)
     ref_module = None
@@ -439,7 +483,10 @@ def _train(pipe: PigeonPipeline, config: TrainConfig, out_dir: PathLike, progres
                       postfix=lambda: {k: f"{last[k]:.3f}" for k in ("implicit_acc", "aux") if k in last})
         finally:
             model.train(was)
-    final = save_weights(model, out, extra={"stage": config.stage, "steps": config.steps, "backbone": backbone})
+    extra = {"stage": config.stage, "steps": config.steps, "backbone": backbone}
+    if config.regime != "image" or not config.history_mask:
+        extra.update(regime=config.regime, history_mask=config.history_mask)
+    final = save_weights(model, out, extra=extra)
     return TrainResult(out_dir=out, steps=config.steps, loss_history=losses,
                        snapshot_paths=[p for _, p in _snapshots(out)], final_path=final, stats=stats)
 
