@@ -6,7 +6,9 @@ The method is described in ``docs/tea.md``. The public API::
 
 Figures and explorers live in the submodules ``persviz.tea.plots`` and ``persviz.tea.widgets``; the loop reference
 implementations the tests and benchmarks compare against in ``persviz.tea.reference``; the shipped ShapesWorld runs
-in ``persviz.tea.shapesworld_runs``.
+in ``persviz.tea.shapesworld_runs``; where the learned token looks (cross-attention leak over training and under
+TEA, on ShapesWorld's ground truth) in ``persviz.tea.attention_study`` and its explorer in
+``persviz.tea.attention_explorer``.
 """
 from persviz.tea.adaptive import SCHEDULE, AdaptiveResult, TeaScorer, TraceStep, adaptive_tea, make_tea_scorer
 from persviz.tea.adjust import DEFAULTS, align_positions, check_knob, prompt_level_adjust, slerp_adjust

@@ -188,7 +188,7 @@ def study_cells(concepts: Sequence[str] = tuple(CONCEPTS), steps: Sequence[int] 
 
 
 @contextlib.contextmanager
-def _loaded(pipe: Any, c: Mapping[str, Any], root: Path) -> Iterator[None]:
+def loaded_cell(pipe: Any, c: Mapping[str, Any], root: Path) -> Iterator[None]:
     """The cell's model state: a TI snapshot row (step 0: the class word's row) or a final DB / CD run."""
     name, method = c["concept"], c["method"]
     if method == "textual_inversion":
@@ -219,7 +219,7 @@ def cell_measures(pipe: Any, oracle: Any, c: Mapping[str, Any], n_probes: int = 
     prompts = [t for t in probe_texts(probes, word) for _ in range(repeats)]
     seeds = [GENERATION_SEED + i for i in range(len(prompts))]
     rows: list[dict[str, float]] = []
-    with _loaded(pipe, c, root):
+    with loaded_cell(pipe, c, root):
         embeds = None
         adjust = contextlib.nullcontext()
         if c["tea"] and method == "dreambooth":
@@ -371,6 +371,6 @@ def step_curve(study: Mapping[str, Any], metric: str, with_tea: bool = False, pa
     return {"step": a[:, 0].astype(int), "mean": a[:, 1], "low": a[:, 2], "high": a[:, 3]}
 
 
-__all__ = ["ATTENTION_ROWS", "FORMAT", "STUDY_JSON", "cell_measures", "comparisons", "condition_name", "context_words",
-           "gather_study", "generate_with_maps", "image_measures", "layout", "placed", "read_attention_study",
-           "run_attention_study", "step_curve", "study_cells", "study_differences"]
+__all__ = ["ATTENTION_ROWS", "FORMAT", "STUDY_JSON", "cell_measures", "comparisons", "condition_name",
+           "context_words", "gather_study", "generate_with_maps", "image_measures", "layout", "loaded_cell", "placed",
+           "read_attention_study", "run_attention_study", "step_curve", "study_cells", "study_differences"]

@@ -99,7 +99,7 @@ def test_a_cell_generates_the_tea_tables_images(shapesworld_pipeline, oracle, mo
     monkeypatch.setattr(at, "image_measures", keep)
     c = {"concept": "candy", "method": "textual_inversion", "step": 3000, "tea": False, "id": "x"}
     out = at.cell_measures(pipe, oracle, c, n_probes=2, repeats=1, steps=6)
-    with at._loaded(pipe, c, at.CONCEPTS_DIR):
+    with at.loaded_cell(pipe, c, at.CONCEPTS_DIR):
         plain = generate_probes(pipe, eval_prompts("candy", 2, seed=1), "<candy>", 1, GENERATION_SEED, steps=6)
     np.testing.assert_array_equal(seen[0], plain)
     assert out["all"]["seed"] == [GENERATION_SEED, GENERATION_SEED + 1]
