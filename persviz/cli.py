@@ -311,8 +311,9 @@ def _add_pigeon(sub: Any) -> None:
                       description=pigeon_train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("1", "2", "baseline"), default="1",
                    help="1, 2, or baseline (stage 1's losses, every history token read, no history mask)")
-    p.add_argument("--regime", choices=REGIMES, default="image",
-                   help="the users' noise: image (whole noise images) or token (distractor tokens in liked images)")
+    p.add_argument("--regime", choices=REGIMES, default=None,
+                   help="the users' noise: image (whole noise images) or token (distractor tokens in liked images); "
+                        "default image, stage 2: the regime of its stage-1 run (--init)")
     p.add_argument("--out", default=None, help="output folder (default data/pigeon/stage{N} or baseline; "
                                                  "with --regime token under data/pigeon/token/)")
     p.add_argument("--init", default=None, help="stage 2: the stage-1 folder (default: stage1 beside --out)")
@@ -348,13 +349,15 @@ def _add_pigeon(sub: Any) -> None:
         root = _pigeon_root(a.regime)
         out = Path(a.out) if a.out else root / ("baseline" if a.stage == "baseline" else f"stage{stage}")
         init = None
+        regime = a.regime or "image"
         if stage == 2:
             init = a.init or str((Path(a.out).parent if a.out else root) / "stage1")
+            regime = a.regime or pigeon_study.training_regime(init)
         config = pigeon_train.TrainConfig(
             stage=stage, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
             snr_gamma=a.snr_gamma or None, aux_weight=a.aux_weight, save_every=a.save_every, seed=a.seed,
             n_users=a.n_users, data_seed=a.data_seed, noise_rates=a.noise_rates, init_from=init, beta=a.beta,
-            n_pairs=a.n_pairs, pair_steps=a.pair_steps, guidance_scale=a.guidance_scale, regime=a.regime,
+            n_pairs=a.n_pairs, pair_steps=a.pair_steps, guidance_scale=a.guidance_scale, regime=regime,
             history_mask=a.stage != "baseline")
         pipe, backbone = _pigeon_pipeline(a, stage, init)
         result = pigeon_train.train(pipe, config, out, progress=not a.no_progress, backbone=backbone)

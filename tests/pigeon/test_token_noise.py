@@ -17,7 +17,7 @@ from persviz.pigeon import measures as ms
 from persviz.pigeon.users import (DEFAULT_TOKEN_NOISE_RATES, HISTORY_LEN, MAX_TOKEN_NOISE_RATE, TOKEN_GRID,
                                   PigeonDataset, Taste, distractor_layouts, make_user, make_users, place_distractors,
                                   token_counts, token_shares)
-from persviz.shapesworld.render import SUPERSAMPLE, render, shape_mask
+from persviz.shapesworld.render import SUPERSAMPLE, render, render_layers, shape_mask
 from persviz.shapesworld.scene import IMAGE_SIZE, Obj, Scene
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -66,9 +66,11 @@ def test_distractor_tokens_are_the_patches_a_distractor_covers_at_least_half(tok
             assert np.array_equal(labels, shares >= 0.5), (u.user_id, j, shares)
             assert np.all(np.abs(shares - 0.5) > 1 / 64)  # no borderline patch
             # the liked object never covers a distractor pixel: the visible distractor area is the geometric one
-            img = ds.image(u.user_id, j)
-            clean = ds.image(u.user_id, j, clean=True)
-            assert not np.array_equal(img, clean)
+            rng = np.random.default_rng([0, u.user_id, j, 0])
+            img, cover = render_layers(u.scenes[j], placed, rng=rng)
+            assert np.allclose(token_shares(cover[:len(placed)].sum(0)), shares)
+            assert np.array_equal(img, ds.image(u.user_id, j))
+            assert not np.array_equal(img, ds.image(u.user_id, j, clean=True)) or not placed
             checked += int(labels.sum())
     assert checked > 100
 

@@ -127,8 +127,10 @@ def test_command_line_trains_every_stage_on_token_noise(tmp_path) -> None:
               "1", "--no-progress"]
     s1 = cli_main(["pigeon", "train", "--stage", "1", "--out", str(tmp_path / "stage1"), *common])
     base = cli_main(["pigeon", "train", "--stage", "baseline", "--out", str(tmp_path / "baseline"), *common])
+    common.remove("--regime")
+    common.remove("token")  # stage 2 takes its stage-1 run's regime; --init defaults to the stage1 beside --out
     s2 = cli_main(["pigeon", "train", "--stage", "2", "--out", str(tmp_path / "stage2"), "--n-pairs", "2",
-                   "--pair-steps", "2", *common])  # --init defaults to the stage1 beside --out
+                   "--pair-steps", "2", *common])
     for r in (s1, base, s2):
         assert r.steps == 1 and all(math.isfinite(x) for x in r.losses)
     recs = {n: json.loads((tmp_path / n / "config.json").read_text()) for n in ("stage1", "baseline", "stage2")}
