@@ -209,7 +209,7 @@ if oracle is None:
           "shares above are the measure")
 else:
     att = read_attention_study()
-    fig = Figure(figsize=(10, 3.1))
+    fig = Figure(figsize=(10, 3.1), layout="constrained")
     for ax, (metric, label) in zip(fig.subplots(1, 3), (("vstar_leak_excess", "V* leak − uniform map's"),
                                                          ("context_share", "context words' share"),
                                                          ("second_inside", "2nd object's words inside it"))):

@@ -337,8 +337,8 @@ else:
         impact_curves(curves[label]["step"], {label: curves[label]["mean"]}, ax=ax, ylabel="share",
                       bands={label: (curves[label]["low"], curves[label]["high"])}, title=label)
         t = curves[f"{label}, TEA"]
-        ax.plot(t["step"], t["mean"], marker="s", markersize=3, ls="--", label="with TEA")
-        ax.fill_between(t["step"], t["low"], t["high"], alpha=0.15, linewidth=0)
+        ax.plot(t["step"], t["mean"], marker="s", markersize=3, ls="--", color="tab:orange", label="with TEA")
+        ax.fill_between(t["step"], t["low"], t["high"], color="tab:orange", alpha=0.15, linewidth=0)
         ax.legend(fontsize=7)
     display(fig)
 
