@@ -21,6 +21,7 @@ from persviz.attention import AttentionMaps, attention_maps, prompt_words
 from persviz.attention_plots import overlay_rgb
 from persviz.generation import GUIDANCE, STEPS, generate
 from persviz.tea.pipeline import tea
+from persviz.tea.widgets import prompt_and_seed_problem
 from persviz.widgets import Explorer, html_table, one_image, png_bytes, status_html
 
 MapsFn = Callable[[str, int, bool], tuple[Any, AttentionMaps]]  # (prompt, seed, with TEA) -> (image, maps)
@@ -105,10 +106,9 @@ class AttentionExplorer(Explorer):
     def update(self) -> bool:
         """Generate before and after TEA for the prompt and seed, then draw; False (the error shown) on failure."""
         s = self.state
-        if not s["prompt"].strip():
-            return self.fail("error: the prompt is empty; type a prompt that contains the learned token")
-        if s["seed"] < 0:
-            return self.fail(f"error: seed must be >= 0; got {s['seed']}")
+        problem = prompt_and_seed_problem(s["prompt"], s["seed"])
+        if problem:
+            return self.fail(problem)
 
         def compute() -> dict[str, Any]:
             runs = {"prompt": s["prompt"], "seed": s["seed"]}

@@ -25,6 +25,15 @@ ScoreFn = Callable[[str, np.ndarray, np.ndarray], Mapping[str, Any]]
 RenderFn = Callable[[int], Mapping[str, Any]]
 
 
+def prompt_and_seed_problem(prompt: str, seed: int) -> str | None:
+    """The error an explorer shows for an empty prompt or a negative seed; None when both are fine."""
+    if not prompt.strip():
+        return "error: the prompt is empty; type a prompt that contains the learned token"
+    if seed < 0:
+        return f"error: seed must be >= 0; got {seed}"
+    return None
+
+
 class TEAExplorer(Explorer):
     """Rotation/scale sliders, prompt and seed, a "generate" button; shows the images before/after TEA and scores.
 
@@ -99,10 +108,9 @@ class TEAExplorer(Explorer):
     def update(self) -> bool:
         """Generate for the current state and show it; returns False (and shows the error) instead of raising."""
         s = self.state
-        if not s["prompt"].strip():
-            return self.fail("error: the prompt is empty; type a prompt that contains the learned token")
-        if s["seed"] < 0:
-            return self.fail(f"error: seed must be >= 0; got {s['seed']}")
+        problem = prompt_and_seed_problem(s["prompt"], s["seed"])
+        if problem:
+            return self.fail(problem)
 
         def compute() -> tuple[np.ndarray, np.ndarray, tuple[bytes, bytes], dict[str, Any], str]:
             out = self.generate_fn(s["prompt"], s["seed"], s["rotation"], s["scale"])
