@@ -84,8 +84,8 @@ table({name: {"class": cls, "M parameters": n / 1e6} for name, (cls, n) in loadi
 
 # %% [markdown]
 # ## Prompt × seed
-# Each row is one prompt, each column one seed (25 steps; guidance 4 on ShapesWorld, 7.5 on SD 1.5). Attributes named in the
-# prompt are the ones the model must get right; the others are free.
+# Each row is one prompt, each column one seed (25 steps, or `PERSVIZ_STEPS`; guidance 4 on ShapesWorld, 7.5 on
+# SD 1.5). Attributes named in the prompt are the ones the model must get right; the others are free.
 
 # %%
 prompts = (["a photo of a corgi on a beach", "a red car in the snow", "a watercolor painting of a cat"] if sess.full else
@@ -94,8 +94,10 @@ prompts = (["a photo of a corgi on a beach", "a red car in the snow", "a waterco
             "a small pink cross at the left next to a cyan circle on a beige background",
             "a large orange dotted circle in the center on a gray background"])
 seeds = range(6)
-guidance = 7.5 if sess.full else 4.0
-images = np.concatenate([generate(sess.pipe, [p] * len(seeds), seed=0, guidance=guidance) for p in prompts])  # image i: seed i
+guidance = sess.number("guidance", 7.5 if sess.full else 4.0, float)  # PERSVIZ_GUIDANCE overrides (full scale)
+steps = sess.number("steps", 25)  # PERSVIZ_STEPS overrides (full scale)
+images = np.concatenate([generate(sess.pipe, [p] * len(seeds), seed=0, guidance=guidance, steps=steps)
+                         for p in prompts])  # image i: seed i
 image_grid(images, len(prompts), len(seeds), row_labels=prompts, col_labels=[f"seed {s}" for s in seeds])
 
 # %% [markdown]

@@ -76,6 +76,29 @@ def token_overlay(image: Any, keep: Any = None, frame: tuple[int, int, int] | No
     return out
 
 
+def truth_overlay(image: Any, marked: Any, color: tuple[int, int, int] = NOISE_COLOR, scale: int = 4,
+                  border: int = 2) -> np.ndarray:
+    """One image enlarged ``scale`` times with its patch grid and the ``marked`` patches (bool [n], e.g. the
+    ground-truth distractor tokens) tinted ``color``; uint8 like ``token_overlay``."""
+    img = as_uint8(image)[0]
+    big = img.repeat(scale, 0).repeat(scale, 1).astype(np.float32)
+    side = big.shape[0]
+    mk = np.asarray(marked, dtype=bool).reshape(-1)
+    g = _grid_side(len(mk))
+    p = side / g
+    tint = np.asarray(color, np.float32)
+    for t in np.flatnonzero(mk):
+        r, c = divmod(int(t), g)
+        sl = (slice(int(r * p), int((r + 1) * p)), slice(int(c * p), int((c + 1) * p)))
+        big[sl] = 0.45 * big[sl] + 0.55 * tint
+    for i in range(1, g):
+        big[int(i * p), :] = 0.5 * big[int(i * p), :] + 0.5 * 255.0
+        big[:, int(i * p)] = 0.5 * big[:, int(i * p)] + 0.5 * 255.0
+    out = np.full((side + 2 * border, side + 2 * border, 3), 255, np.uint8)
+    out[border:border + side, border:border + side] = np.clip(big, 0, 255).astype(np.uint8)
+    return out
+
+
 def _score_tile(scores: Any, size: int, vmin: float, vmax: float, cmap: str = "viridis") -> np.ndarray:
     """Token scores [n] as a colored side x side heat map, enlarged to ``size`` pixels (uint8)."""
     s = np.asarray(scores, dtype=np.float32).reshape(-1)
@@ -118,7 +141,7 @@ def _show(ax: Axes, canvas: np.ndarray) -> None:
 
 def mask_overlay(history: Any, reference: Any, history_mask: Any, reference_mask: Any = None,
                  history_is_noise: Any = None, scores: Any = None, title: str | None = None,
-                 ax: Axes | None = None, scale: int = 4) -> Figure:
+                 ax: Axes | None = None, scale: int = 4, distractor_tokens: Any = None) -> Figure:
     """The history and reference with their kept (clear) and masked (dark, hatched) tokens; noise images framed red.
 
     Args:
@@ -129,6 +152,9 @@ def mask_overlay(history: Any, reference: Any, history_mask: Any, reference_mask
         title: the figure title.
         ax: draw here (one axes); default a new Figure.
         scale: enlargement of each 32-pixel image.
+        distractor_tokens: bool [H, n] per-token ground truth (token-level noise, ``study.window_masks``'s
+            "history_distractor_tokens"), or None: drawn as a row of the history with the distractor tokens
+            tinted red, and each image's label counts the distractor tokens the mask kept.
     """
     hist = as_uint8(history)
     hm = np.asarray(history_mask, dtype=np.float32)
@@ -149,6 +175,13 @@ def mask_overlay(history: Any, reference: Any, history_mask: Any, reference_mask
         vmin, vmax = float(sc.min()), float(sc.max())
         heat = [_score_tile(s, size, vmin, vmax) for s in sc]
         tiles.append(heat[:-1] + [None, heat[-1]])
+    truth = None
+    if distractor_tokens is not None:
+        truth = np.asarray(distractor_tokens, dtype=bool)
+        if truth.shape != hm.shape:
+            raise ValueError(f"distractor_tokens must be [H, n] = {list(hm.shape)} like history_mask; got "
+                             f"{list(truth.shape)}")
+        tiles.append([truth_overlay(im, t, NOISE_COLOR, scale) for im, t in zip(hist, truth)])
     canvas, boxes = tile_canvas(tiles, row_gap=int(9 * scale))
     fig, ax = figure_and_ax(ax, (1.2 * len(row), 1.5 * len(tiles) + 0.6))
     _show(ax, canvas)
@@ -156,6 +189,8 @@ def mask_overlay(history: Any, reference: Any, history_mask: Any, reference_mask
         if i < len(hist):
             kept = int((hm[i] >= 0.5).sum())
             label = f"{'noise' if noise[i] else 'history'} {i + 1}\n{kept}/{hm.shape[1]} kept"
+            if truth is not None:
+                label += f", {int(((hm[i] >= 0.5) & truth[i]).sum())}/{int(truth[i].sum())} distr."
             color = _MPL["noise"] if noise[i] else "k"
         elif i == len(hist) + 1:
             kept = len(np.asarray(reference_mask).reshape(-1)) if reference_mask is None else \
@@ -167,7 +202,11 @@ def mask_overlay(history: Any, reference: Any, history_mask: Any, reference_mask
     if scores is not None:
         x0, y0, _, h = boxes[1][0]
         ax.text(x0 - 4, y0 + h / 2, f"scores\n[{vmin:.2f},\n{vmax:.2f}]", ha="right", va="center", fontsize=7)
-    ax.set_ylim(canvas.shape[0] + (int(9 * scale) if scores is None else 0), -2)
+    if truth is not None:
+        x0, y0, _, h = boxes[-1][0]
+        ax.text(x0 - 4, y0 + h / 2, "ground\ntruth:\ndistractor\ntokens", ha="right", va="center", fontsize=7,
+                color=_MPL["noise"])
+    ax.set_ylim(canvas.shape[0] + (int(9 * scale) if len(tiles) == 1 else 0), -2)
     if title:
         ax.set_title(title, fontsize=9)
     return fig
@@ -335,4 +374,5 @@ def comparison_bars(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = 
     return fig
 
 
-__all__ = ["comparison_bars", "kept_noise_plot", "mask_overlay", "pairs_plot", "ratio_sweep", "token_overlay"]
+__all__ = ["comparison_bars", "kept_noise_plot", "mask_overlay", "pairs_plot", "ratio_sweep", "token_overlay",
+           "truth_overlay"]

@@ -732,14 +732,18 @@ def window_masks(pipe: PigeonPipeline, dataset: PigeonDataset, index: int,
 
     Returns:
         "history" uint8 [H, S, S, 3], "reference" uint8 [S, S, 3], "history_is_noise" bool [H],
-        "scores" [H + 1, n], "history_mask" [H, n], "reference_mask" [n] (1 = kept), "instruction", "window".
+        "scores" [H + 1, n], "history_mask" [H, n], "reference_mask" [n] (1 = kept), "instruction", "window";
+        on token-level noise also "history_distractor_tokens" bool [H, n] (the renderer's ground truth).
     """
     item, im = dataset[index], dataset.images(index)
     with _eval_mode(pipe), torch.no_grad():
         inputs = pipe.model.prepare(item["history"], item["reference"], item["instruction"], reference_ratio,
                                     training=False)
     scores = token_scores(pipe, item["history"], item["reference"])[0]
-    return {"history": im["history"], "reference": im["reference"], "target": im["target"],
+    extra = {}
+    if "history_distractor_tokens" in item:  # token-level noise: the per-token ground truth
+        extra["history_distractor_tokens"] = item["history_distractor_tokens"].numpy()
+    return {**extra, "history": im["history"], "reference": im["reference"], "target": im["target"],
             "history_is_noise": item["history_is_noise"].numpy(), "scores": scores.numpy(),
             "history_mask": inputs.history_mask[0].detach().cpu().numpy(),
             "reference_mask": inputs.reference_mask[0, 0].detach().cpu().numpy(),

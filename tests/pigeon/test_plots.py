@@ -74,6 +74,32 @@ def test_mask_overlay_on_given_ax_and_alone() -> None:
         pp.mask_overlay(hist, ref, hm, scores=np.zeros((H, N)))
 
 
+def test_truth_overlay_tints_exactly_the_marked_patches() -> None:
+    img = np.full((S, S, 3), 200, np.uint8)
+    marked = np.zeros(N, bool)
+    marked[5] = True  # row 1, column 1 of the 4 x 4 grid: pixels 8..15 of the 32-pixel image
+    out = pp.truth_overlay(img, marked, (255, 0, 0), scale=1, border=0)
+    expected = 0.45 * 200 + 0.55 * np.array([255, 0, 0])  # the blend, by hand
+    assert np.abs(out[10:14, 10:14].astype(float) - expected).max() <= 1
+    assert (out[1:7, 1:7] == 200).all() and (out[17:23, 25:31] == 200).all()  # unmarked patches untouched
+    with pytest.raises(ValueError, match="square patch grid"):
+        pp.truth_overlay(img, np.ones(15, bool))
+
+
+def test_mask_overlay_draws_the_ground_truth_and_counts_the_kept_distractors() -> None:
+    hist, ref = _images(H), _images(1)[0]
+    hm = np.ones((H, N))
+    hm[0, :3] = 0  # image 1 drops tokens 0, 1, 2
+    truth = np.zeros((H, N), bool)
+    truth[0, 1:5] = True  # 4 distractor tokens in image 1, of which the mask keeps 3 and 4 (2 of 4)
+    fig, ax = new_ax()
+    assert pp.mask_overlay(hist, ref, hm, distractor_tokens=truth, ax=ax) is fig
+    texts = " ".join(t.get_text() for t in ax.texts)
+    assert "13/16 kept, 2/4 distr." in texts and "16/16 kept, 0/0 distr." in texts and "ground" in texts
+    with pytest.raises(ValueError, match="distractor_tokens"):
+        pp.mask_overlay(hist, ref, hm, distractor_tokens=truth[:, :8])
+
+
 def test_ratio_sweep_marks_the_selected_ratio() -> None:
     sel = _selection()
     fig, ax = new_ax()
