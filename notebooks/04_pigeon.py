@@ -48,7 +48,7 @@ import numpy as np
 from IPython.display import Markdown, display
 
 from persviz.paths import DATA_DIR
-from persviz.pigeon import PigeonPipeline, make_datasets
+from persviz.pigeon import PigeonPipeline, make_datasets, read_config
 from persviz.pigeon import plots as pp
 from persviz.pigeon import study as st
 from persviz.pigeon.widgets import PigeonExplorer
@@ -263,20 +263,24 @@ pp.mask_overlay(tm["history"], tm["reference"], tm["history_mask"], tm["referenc
 # Three references for the share of distractors among the *kept* history tokens: a **perfect** mask (same number
 # kept per image, distractor tokens dropped first), **chance** (a random mask of that size keeps distractors at
 # their rate) and Pigeon's mask. The **AUC** is the probability that a taste token of an image scores above a
-# distractor token of the same image (0.5: no separation; 1: the mask could drop exactly the distractors).
-# Computed live on 24 held-out windows per noise rate (no generation, a few seconds), then the 48-window table that
-# the comparison below stores, with bootstrap 95 % intervals over windows.
+# distractor token of the same image (0.5: no separation; 1: the mask could drop exactly the distractors); beside
+# it the AUC of the untrained mask generator stage 1 started from (seed 0), which says whether training moved the
+# scores toward the ground truth. Computed live on 24 held-out windows per noise rate (no generation, a few
+# seconds), then the 48-window table that the comparison below stores, with bootstrap 95 % intervals over windows.
 
 # %%
+untrained = PigeonPipeline.from_shapesworld(config=read_config(TOKEN / "stage1"), sd=pipe1.sd, seed=0)  # stage 1's init
 live = []
 for rate in (0.2, 0.4):
     d = st.heldout_dataset(rate, regime="token")
-    r = st.mask_measures(tok1, d, st.pick_windows(d, 24))
+    idx = st.pick_windows(d, 24)
+    r, r0 = st.mask_measures(tok1, d, idx), st.mask_measures(untrained, d, idx)
     live.append({"requested": rate, **{k: r[k] for k in ("noise_rate", "kept_noise_share", "perfect", "chance",
-                                                          "score_auc")}})
-display(table(live, {"requested": "noise (requested)", "noise_rate": "distractor tokens", "kept_noise_share": "kept (Pigeon)",
-                     "perfect": "kept (perfect)", "chance": "kept (chance)", "score_auc": "AUC"},
-              title="token stage 1, 24 held-out windows per rate (live)"))
+                                                          "score_auc")}, "auc_untrained": r0["score_auc"]})
+display(table(live, {"requested": "noise (requested)", "noise_rate": "distractor tokens",
+                     "kept_noise_share": "kept (Pigeon)", "perfect": "kept (perfect)", "chance": "kept (chance)",
+                     "score_auc": "AUC", "auc_untrained": "AUC, untrained"},
+              title="token stage 1 and its untrained initialization, 24 held-out windows per rate (live)"))
 trows, tsettings = st.load_comparison(TOKEN / "comparison.json")
 print({k: tsettings[k] for k in ("n_windows", "noise_rates", "regime", "num_inference_steps") if k in tsettings})
 display(Markdown(st.format_mask_measures(trows)))

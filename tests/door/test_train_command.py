@@ -26,6 +26,10 @@ def checkers_images(tmp_path):
     return folder
 
 
+# one step and 2 class images for the prior-preservation methods (their recipes' 200 take most of a minute each)
+FAST_PRIOR = ("--steps", "1", "--num-class-images", "2")
+
+
 def train(method, images, out, *extra):
     return cli_main(["train", method, "--images", str(images), "--class-word", "square", "--placeholder", "<chk>",
                      "--out", str(out), "--steps", "2", "--save-every", "1", "--no-progress", *extra])
@@ -34,7 +38,7 @@ def train(method, images, out, *extra):
 def test_three_methods_into_one_concept_folder(tmp_path, checkers_images):
     out = tmp_path / "checkers"
     for method in ("ti", "dreambooth", "custom-diffusion"):
-        run = train(method, checkers_images, out, *(["--steps", "1"] if method != "ti" else []))
+        run = train(method, checkers_images, out, *(FAST_PRIOR if method != "ti" else []))
         assert run.result.steps in (1, 2)
     concept = read_concept(out)
     assert (concept.placeholder, concept.class_word, concept.model) == ("<chk>", "square", "shapesworld")
@@ -101,7 +105,7 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path, checkers_images
 
 def test_dreambooth_takes_an_existing_identifier_and_a_multi_word_class(tmp_path, checkers_images):
     run = cli_main(["train", "dreambooth", "--images", str(checkers_images), "--class-word", "red square",
-                    "--placeholder", "<chk>", "--out", str(tmp_path / "db"), "--steps", "1", "--no-progress"])
+                    "--placeholder", "<chk>", "--out", str(tmp_path / "db"), *FAST_PRIOR, "--no-progress"])
     assert run.concept.token("dreambooth") == "sks"
 
 
@@ -136,8 +140,8 @@ def test_study_of_a_concept_folder(tmp_path, checkers_images):
     """`persviz study` after `persviz train` of all three methods: JSON and figures, with the oracle on ShapesWorld."""
     out = tmp_path / "checkers"
     train("ti", checkers_images, out, "--steps", "4", "--save-every", "2")
-    train("dreambooth", checkers_images, out, "--steps", "1")
-    train("custom-diffusion", checkers_images, out, "--steps", "1")
+    train("dreambooth", checkers_images, out, *FAST_PRIOR)
+    train("custom-diffusion", checkers_images, out, *FAST_PRIOR)
     study = cli_main(["study", str(out), "--probes", "2", "--every", "2", "--steps", "2", "--no-progress"])
     saved = json.loads((out / "study" / "study.json").read_text())
     assert saved["text"]["step"] == [2, 4] and len(saved["text"]["norm_ratio"]) == 2
