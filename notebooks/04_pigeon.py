@@ -246,8 +246,6 @@ pp.comparison_bars(rows, metrics=("clip_i", "dino_i", "any_taste", "background",
 # %%
 TOKEN = DATA_DIR / "pigeon" / "token"
 tok1 = st.load_stage(TOKEN / "stage1", sd=pipe1.sd, name="token stage 1")
-tok2 = st.load_stage(TOKEN / "stage2", sd=pipe1.sd, name="token stage 2")
-tok_base = st.load_stage(TOKEN / "baseline", sd=pipe1.sd, name="token baseline")
 tds = st.heldout_dataset(0.4, regime="token")
 ti = st.pick_windows(tds, 1)[0]
 tm = st.window_masks(tok1, tds, ti, reference_ratio=0.5)

@@ -36,6 +36,33 @@ def _grid_side(n_tokens: int) -> int:
     return g
 
 
+def _enlarged(image: Any, scale: int) -> np.ndarray:
+    """An image enlarged ``scale`` times (nearest neighbour), float32 [S*scale, S*scale, 3]."""
+    img = as_uint8(image)[0]
+    return img.repeat(scale, 0).repeat(scale, 1).astype(np.float32)
+
+
+def _patch(t: int, g: int, p: float) -> tuple[slice, slice]:
+    """The pixel slices of patch ``t`` (row-major) of a g x g grid of p-pixel patches."""
+    r, c = divmod(int(t), g)
+    return slice(int(r * p), int((r + 1) * p)), slice(int(c * p), int((c + 1) * p))
+
+
+def _grid_and_frame(big: np.ndarray, g: int | None, frame: tuple[int, int, int] | None, border: int) -> np.ndarray:
+    """Lighten the lines between the g x g patches (none for g None) and put the image on a ``frame``-coloured
+    border (white without one); uint8."""
+    side = big.shape[0]
+    p = side / (g or 1)
+    for i in range(1, g or 0):
+        big[int(i * p), :] = 0.5 * big[int(i * p), :] + 0.5 * 255.0
+        big[:, int(i * p)] = 0.5 * big[:, int(i * p)] + 0.5 * 255.0
+    out = np.full((side + 2 * border, side + 2 * border, 3), 255, np.uint8)
+    if frame is not None:
+        out[:] = np.asarray(frame, np.uint8)
+    out[border:border + side, border:border + side] = np.clip(big, 0, 255).astype(np.uint8)
+    return out
+
+
 def token_overlay(image: Any, keep: Any = None, frame: tuple[int, int, int] | None = None, scale: int = 4,
                   border: int = 2) -> np.ndarray:
     """One image enlarged ``scale`` times with its patch grid; masked patches (keep 0) darkened and hatched.
@@ -50,53 +77,33 @@ def token_overlay(image: Any, keep: Any = None, frame: tuple[int, int, int] | No
     Returns:
         uint8 [S*scale + 2*border, S*scale + 2*border, 3].
     """
-    img = as_uint8(image)[0]
-    big = img.repeat(scale, 0).repeat(scale, 1).astype(np.float32)
-    side = big.shape[0]
-    if keep is not None:
-        k = np.asarray(keep, dtype=np.float32).reshape(-1)
-        g = _grid_side(len(k))
-        p = side / g
-        yy, xx = np.mgrid[0:side, 0:side]
-        hatch = ((yy + xx) % 6) < 2
-        for t, kv in enumerate(k):
-            if kv >= 0.5:
-                continue
-            r, c = divmod(t, g)
-            sl = (slice(int(r * p), int((r + 1) * p)), slice(int(c * p), int((c + 1) * p)))
-            big[sl] = 0.4 * big[sl] + 0.6 * 25.0
-            big[sl][hatch[sl]] = 150.0
-        for i in range(1, g):
-            big[int(i * p), :] = 0.5 * big[int(i * p), :] + 0.5 * 255.0
-            big[:, int(i * p)] = 0.5 * big[:, int(i * p)] + 0.5 * 255.0
-    out = np.full((side + 2 * border, side + 2 * border, 3), 255, np.uint8)
-    if frame is not None:
-        out[:] = np.asarray(frame, np.uint8)
-    out[border:border + side, border:border + side] = np.clip(big, 0, 255).astype(np.uint8)
-    return out
+    big = _enlarged(image, scale)
+    if keep is None:
+        return _grid_and_frame(big, None, frame, border)
+    k = np.asarray(keep, dtype=np.float32).reshape(-1)
+    g = _grid_side(len(k))
+    p = big.shape[0] / g
+    yy, xx = np.mgrid[0:big.shape[0], 0:big.shape[0]]
+    hatch = ((yy + xx) % 6) < 2
+    for t in np.flatnonzero(k < 0.5):
+        sl = _patch(t, g, p)
+        big[sl] = 0.4 * big[sl] + 0.6 * 25.0
+        big[sl][hatch[sl]] = 150.0
+    return _grid_and_frame(big, g, frame, border)
 
 
 def truth_overlay(image: Any, marked: Any, color: tuple[int, int, int] = NOISE_COLOR, scale: int = 4,
                   border: int = 2) -> np.ndarray:
     """One image enlarged ``scale`` times with its patch grid and the ``marked`` patches (bool [n], e.g. the
     ground-truth distractor tokens) tinted ``color``; uint8 like ``token_overlay``."""
-    img = as_uint8(image)[0]
-    big = img.repeat(scale, 0).repeat(scale, 1).astype(np.float32)
-    side = big.shape[0]
+    big = _enlarged(image, scale)
     mk = np.asarray(marked, dtype=bool).reshape(-1)
     g = _grid_side(len(mk))
-    p = side / g
-    tint = np.asarray(color, np.float32)
+    p = big.shape[0] / g
     for t in np.flatnonzero(mk):
-        r, c = divmod(int(t), g)
-        sl = (slice(int(r * p), int((r + 1) * p)), slice(int(c * p), int((c + 1) * p)))
-        big[sl] = 0.45 * big[sl] + 0.55 * tint
-    for i in range(1, g):
-        big[int(i * p), :] = 0.5 * big[int(i * p), :] + 0.5 * 255.0
-        big[:, int(i * p)] = 0.5 * big[:, int(i * p)] + 0.5 * 255.0
-    out = np.full((side + 2 * border, side + 2 * border, 3), 255, np.uint8)
-    out[border:border + side, border:border + side] = np.clip(big, 0, 255).astype(np.uint8)
-    return out
+        sl = _patch(t, g, p)
+        big[sl] = 0.45 * big[sl] + 0.55 * np.asarray(color, np.float32)
+    return _grid_and_frame(big, g, None, border)
 
 
 def _score_tile(scores: Any, size: int, vmin: float, vmax: float, cmap: str = "viridis") -> np.ndarray:

@@ -55,7 +55,6 @@ def test_history_carries_the_taste_of_heldout_users(stage1) -> None:
     assert reports["mask"]["taste"] >= reports["none"]["taste"] + 0.25
 
 
-
 def test_token_comparison_mask_measures_recompute_from_the_shipped_stage1() -> None:
     rows, settings = load_comparison(TOKEN / "comparison.json")
     assert settings["regime"] == "token" and settings["n_windows"] == 48
