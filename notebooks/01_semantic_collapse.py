@@ -89,12 +89,13 @@ image_grid(images, len(concepts), width, row_labels=[f"{c.placeholder}\n({c.clas
 # ## 1 · Existence in text space (Fig. 2)
 # Take 200 contextual prompts with the class word, P_c ("a {} at the left next to a red circle"), the same
 # prompts with V*, P_V*, and 200 simple prompts ("a photo of a {}"). Embed each through the text encoder (the
-# 77 × D last hidden state, as the paper) at every saved step and measure the distance between the sets with
-# four metrics. Collapse reads as: **inter-set distance d(P_V*, P_c) rises, the intra-set spread of P_V* falls,
-# and P_V* moves toward the simple prompts**.
+# 77 × D last hidden state, as the paper) at every 300th step (10 of the 30 saved snapshots; `persviz study`
+# tracks every one) and measure the distance between the sets with four metrics. Collapse reads as: **inter-set
+# distance d(P_V*, P_c) rises, the intra-set spread of P_V* falls, and P_V* moves toward the simple prompts**.
 
 # %%
-track = track_semantic_shift(pipe, run, *shift_sets(concept), class_word=CW, placeholder=PH)  # the concept
+track = track_semantic_shift(pipe, spaced_snapshots(run, 10), *shift_sets(concept), class_word=CW,
+                             placeholder=PH)  # every 300th step of the concept
 steps, grid = to_shift_grid(track)  # whose collapse is clearest on ShapesWorld (⟨candy⟩); the table below has all
 shift_grid(steps, grid, title=f"semantic shift over Textual Inversion steps ({PH})")
 
