@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,8 +35,9 @@ from persviz.finexl import benchmark as finexl_benchmark
 from persviz.finexl import model_pair as finexl_explain
 from persviz.generation import GUIDANCE
 from persviz import doctor, embedding_files, foreign_runs, shards
-from persviz.io import to_jsonable, write_json
-from persviz.concept_folder import check_method, read_concept
+from persviz.errors import PersvizError, TrainingInterrupted, describe, one_line
+from persviz.io import check_write, confined, to_jsonable, write_json
+from persviz.concept_folder import check_method, concept_paths, format_paths, read_concept
 from persviz.loading import FULL_DEFAULTS, SHAPESWORLD, default_model, load_evaluator, load_pipeline
 from persviz.paths import SHAPESWORLD_DIR
 from persviz.pigeon import study as pigeon_study
@@ -564,6 +566,9 @@ def _add_study(sub: Any) -> None:
             return code
         _threads(a.threads)
         concept = read_concept(a.concept)
+        check_write(Path(concept.folder) / concept_study.STUDY_DIR)  # a study/ that leads out fails before any model loads
+        if shards.process_state().is_main_process:
+            print(format_paths(concept))
         state, pipe, clip, dino, oracle = _grid_models(a, concept.model)
         settings = concept_study.StudySettings(a.probes, a.repeats, a.every, a.steps, a.guidance, a.batch_size)
         methods = [check_method(m) for m in a.methods.split(",")] if a.methods else None
@@ -670,10 +675,20 @@ def _add_doctor(sub: Any) -> None:
     p = sub.add_parser("doctor", help="versions, device, which full-scale Hub models are cached, what to download",
                        description=doctor.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("concept", nargs="?", default=None,
+                   help="a concept folder whose recorded paths to show (default: PERSVIZ_CONCEPT, if set)")
 
     def run(a: argparse.Namespace) -> int:
         report = doctor.diagnose()
-        print(json.dumps(report, indent=2) if a.json else doctor.format_report(report))
+        folders = [a.concept] if a.concept else [c for c in os.environ.get("PERSVIZ_CONCEPT", "").split(",") if c]
+        concepts = [read_concept(f) for f in folders]
+        if a.json:
+            report = {**report, "concepts": {str(c.folder): concept_paths(c) for c in concepts}}
+            print(json.dumps(report, indent=2))
+        else:
+            print(doctor.format_report(report))
+            for c in concepts:
+                print(format_paths(c))
         return 0
     p.set_defaults(run=run)
 
@@ -698,14 +713,58 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+DEBUG_ENV = "PERSVIZ_DEBUG"
+INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
+
+
+def _write_root(a: argparse.Namespace) -> Path | None:
+    """The folder the command was given to write in (a concept folder, a results folder), or None: every write of
+    the command must resolve inside it (persviz.io.confined)."""
+    if a.command in ("train", "adopt", "sweep", "notebooks") or (a.command == "finexl" and a.action == "explain"):
+        return Path(a.out)
+    if a.command == "study":
+        return Path(a.concept)
+    if a.command == "fix":
+        return Path(a.out).expanduser().absolute().parent
+    return None
+
+
+def _run(args: argparse.Namespace) -> Any:
+    root = _write_root(args)
+    if root is None:
+        return args.run(args)
+    root = root.expanduser()
+    if root.exists() and not root.is_dir():
+        raise PersvizError(f"{root} is a file, not a folder; name a folder (a new one is created)")
+    with confined(root):
+        return args.run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> Any:
-    """Entry point of the ``persviz`` console script: runs the subcommand; an integer result is the exit code."""
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a --processes N run launches again
+    """Entry point of the ``persviz`` console script: runs the subcommand; an integer result is the exit code.
+
+    Every error ends the command with one line naming the problem and the fix (persviz.errors.describe), without
+    colour codes; ``--debug`` (anywhere on the line) or PERSVIZ_DEBUG=1 shows the traceback instead. Ctrl-C says
+    where training stopped and exits 130."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in raw or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    args = build_parser().parse_args([a for a in raw if a != "--debug"])
+    args.argv = raw  # what a --processes N run launches again
     try:
-        result = args.run(args)
-    except ValueError as e:
-        raise SystemExit(f"persviz {args.command}: {e}") from None
+        result = _run(args)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        print(f"persviz {args.command}: " + (one_line(str(e)) if isinstance(e, TrainingInterrupted) else
+                                             "interrupted (Ctrl-C); run the same command again to go on"),
+              file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
+    except Exception as e:
+        if debug:
+            raise
+        raise SystemExit(f"persviz {args.command}: {describe(e)}") from None
     if argv is None:  # the console script: sys.exit(main()) takes an exit code, never a result object
         return result if isinstance(result, int) and not isinstance(result, bool) else 0
     return result

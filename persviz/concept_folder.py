@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from persviz.errors import PersvizError
+from persviz.images import read_image
 from persviz.io import PathLike, atomic_folder, write_json
 from persviz.trainers import METHODS
 
@@ -31,7 +32,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FORMAT = 1
 
 
-class ConceptFolderError(ValueError):
+class ConceptFolderError(PersvizError, ValueError):
     """A concept folder that cannot be read or does not match what was asked; the message says how to fix it."""
 
 
@@ -55,7 +56,12 @@ class Concept:
                 f"the concept in {self.folder} has no {method} run; train one with `persviz train "
                 f"{method.replace('_', '-')} --images {self.folder / IMAGES_DIR} --class-word {self.class_word} "
                 f"--placeholder '{self.placeholder}' --out {self.folder}`")
-        return Path(self.folder) / self.runs[method]["folder"]
+        run = Path(self.folder) / self.runs[method]["folder"]
+        if not run.exists():
+            raise ConceptFolderError(f"the {method} run of {self.folder} is recorded at {run}, which does not exist; "
+                                     "put the run back there, or adopt it again from where it is now with "
+                                     "`persviz adopt`")
+        return run
 
     def token(self, method: str) -> str:
         """The token a run of `method` learned (DreamBooth: its identifier, e.g. 'sks')."""
@@ -99,13 +105,7 @@ def image_files(folder: PathLike) -> list[Path]:
 def load_images(paths: list[Path]) -> np.ndarray:
     """Images as uint8 [N, H, W, 3]; each must open as an image, and all must share one size (a ValueError
     naming the odd one otherwise: the trainers centre-crop and resize, so resize them to one size first)."""
-    arrays = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                arrays.append(np.asarray(im.convert("RGB")))
-        except (UnidentifiedImageError, OSError) as e:
-            raise ConceptFolderError(f"{p} is not a readable image ({e}); remove it or replace it") from None
+    arrays = [read_image(p) for p in paths]
     sizes = {a.shape for a in arrays}
     if len(sizes) > 1:
         first = arrays[0].shape
@@ -124,16 +124,65 @@ def read_concept(folder: PathLike) -> Concept:
                                  "`persviz train textual-inversion --images DIR --class-word WORD --placeholder "
                                  f"'<my-concept>' --out {folder}`")
     try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConceptFolderError(f"{path} is not valid JSON ({e}); fix it or train the concept again") from None
+    check_concept_record(d, path)
+    d = dict(d)
+    d.pop("format")
+    return Concept(**d, folder=folder)
+
+
+def check_concept_record(d: Any, path: Path) -> None:
+    """A ConceptFolderError naming the first field of concept.json that is missing or of the wrong type."""
+    def bad(what: str) -> ConceptFolderError:
+        return ConceptFolderError(f"{path} is not a persviz concept record: {what}; fix it (see "
+                                  "data/shapesworld/concepts/*/concept.json for the format) or train the concept again")
+    if not isinstance(d, dict):
+        raise bad(f"it holds a JSON {type(d).__name__}, not an object")
     if d.get("format") != FORMAT:
         raise ConceptFolderError(f"{path} has format {d.get('format')!r}; this persviz reads format {FORMAT}")
     missing = [k for k in ("placeholder", "class_word", "model") if not d.get(k)]
     if missing:
         raise ConceptFolderError(f"{path} lacks {', '.join(missing)}")
-    d.pop("format")
-    return Concept(**d, folder=folder)
+    unknown = sorted(set(d) - {"format", "placeholder", "class_word", "model", "images", "runs", "name"})
+    if unknown:
+        raise bad(f"unknown field(s) {unknown}")
+    for k in ("placeholder", "class_word", "model", "name"):
+        if k in d and not isinstance(d[k], str):
+            raise bad(f"'{k}' is a {type(d[k]).__name__}, not a string")
+    if not isinstance(d.get("images", []), list) or not all(isinstance(x, str) for x in d.get("images", [])):
+        raise bad("'images' is not a list of paths")
+    runs = d.get("runs", {})
+    if not isinstance(runs, dict):
+        raise bad("'runs' is not an object")
+    for method, run in runs.items():
+        if not isinstance(run, dict) or not isinstance(run.get("folder"), str) or not isinstance(run.get("token"), str):
+            raise bad(f"run {method!r} needs a 'folder' and a 'token' (strings)")
+
+
+def concept_paths(concept: Concept) -> list[dict[str, Any]]:
+    """Every path concept.json names, resolved: [{'what', 'recorded', 'resolved', 'inside', 'exists'}]; 'inside'
+    tells whether it lies in the concept folder (persviz writes nowhere else; an adopted run outside is read only)."""
+    root = Path(concept.folder).resolve()
+    items = [(f"image {i + 1}", p) for i, p in enumerate(concept.images)]
+    items += [(f"{m} run", r["folder"]) for m, r in concept.runs.items()]
+    out = []
+    for what, recorded in items:
+        resolved = (root / recorded).resolve()
+        out.append({"what": what, "recorded": recorded, "resolved": str(resolved), "exists": resolved.exists(),
+                    "inside": resolved == root or root in resolved.parents})
+    return out
+
+
+def format_paths(concept: Concept) -> str:
+    """concept_paths as lines a person reads: where each recorded path leads, and which are outside the folder."""
+    lines = [f"paths recorded in {Path(concept.folder) / CONCEPT_FILE}:"]
+    for p in concept_paths(concept):
+        where = "inside the folder" if p["inside"] else "OUTSIDE the folder (read only)"
+        lines.append(f"  {p['what']}: {p['recorded']} -> {p['resolved']} ({where}"
+                     f"{'' if p['exists'] else ', MISSING'})")
+    return "\n".join(lines)
 
 
 def write_concept(concept: Concept) -> Path:
@@ -168,11 +217,12 @@ def adopt_images(concept: Concept, images: PathLike) -> None:
         return
 
     def copy(tmp: Path) -> None:
-        tmp.mkdir(parents=True)
+        tmp.mkdir(parents=True, exist_ok=True)
         for p in image_files(images):
             shutil.copy2(p, tmp / p.name)
     atomic_folder(target, copy)
 
 
-__all__ = ["CONCEPT_FILE", "IMAGES_DIR", "Concept", "ConceptFolderError", "adopt_images", "check_method",
+__all__ = ["CONCEPT_FILE", "IMAGES_DIR", "Concept", "ConceptFolderError", "adopt_images", "check_concept_record",
+           "check_method", "concept_paths", "format_paths",
            "image_files", "load_images", "prepare_concept", "read_concept", "write_concept"]

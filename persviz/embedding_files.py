@@ -36,6 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from persviz.errors import PersvizError
 from persviz.io import PathLike, atomic_write_bytes
 
 
@@ -48,7 +49,7 @@ SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SNAPSHOT = re.compile(r"learned_embeds(?:_2)?-steps-(\d+)")
 
 
-class EmbeddingFileError(ValueError):
+class EmbeddingFileError(PersvizError, ValueError):
     """An embedding file that cannot be read, or does not fit the model; the message names the problem and the fix."""
 
 

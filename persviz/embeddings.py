@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from persviz.errors import PersvizError
 from persviz.io import PathLike, atomic_path
 
 DIFFUSERS_SAFE = "learned_embeds.safetensors"
@@ -24,6 +25,10 @@ DIFFUSERS_BIN = "learned_embeds.bin"
 
 
 # ----------------------------------------------------------------------------- reading and writing
+
+
+class EmbeddingLoadError(PersvizError, ValueError):
+    """A learned-embedding file that does not load safely (damaged, or holding code)."""
 
 
 def _read_file(path: Path) -> Mapping[str, Any]:
@@ -40,10 +45,10 @@ def _read_file(path: Path) -> Mapping[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors come in many classes
-        raise ValueError(
-            f"could not read {path} as a torch file with weights_only=True ({type(err).__name__}: {err}); "
-            f"convert it to .safetensors, or load it yourself and pass the dict"
-        ) from None
+        raise EmbeddingLoadError(
+            f"could not read {path} as a torch file with weights_only=True ({type(err).__name__}: it is damaged or "
+            f"holds code, not only tensors); convert it to .safetensors in a session you trust, or load it yourself "
+            f"and pass the dict") from None
 
 
 def _as_rows(x: Any, where: str) -> torch.Tensor:

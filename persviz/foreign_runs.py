@@ -44,7 +44,7 @@ from typing import Any
 from persviz.concept_folder import (CONCEPT_FILE, Concept, ConceptFolderError, adopt_images, check_method,
                                     prepare_concept, read_concept, write_concept)
 from persviz.embedding_files import EmbeddingFileError, check_fits, read_embedding_file
-from persviz.io import PathLike
+from persviz.io import PathLike, confined
 from persviz.loading import SHAPESWORLD, load_pipeline
 from persviz.trainers.concept_runs import check_sd1, model_id
 from persviz.trainers.core import CONFIG_FILE
@@ -298,9 +298,10 @@ def adopt_run(method: str, run: PathLike, out: PathLike, images: PathLike, class
         check_run_fits(found, pipe, class_word)
     except EmbeddingFileError as err:
         raise ConceptFolderError(str(err)) from None
-    adopt_images(concept, images)
-    concept.runs[method] = {"folder": str(found.path), "token": found.token, "source": found.source}
-    write_concept(concept)
+    with confined(concept.folder):  # the run itself is only read: persviz writes into the concept folder alone
+        adopt_images(concept, images)
+        concept.runs[method] = {"folder": str(found.path), "token": found.token, "source": found.source}
+        write_concept(concept)
     return concept
 
 

@@ -10,6 +10,7 @@ from typing import Optional, Union
 
 import torch
 
+from persviz.errors import PersvizError
 from persviz import evaluators
 from persviz.paths import DataNotFoundError, shapesworld_dir
 
@@ -23,7 +24,7 @@ SCALE_ENV = "PERSVIZ_SCALE"
 FULL_DEFAULTS = {"pipeline": SD15, "clip": CLIP_L14, "dino": DINO}
 
 
-class ModelNotAvailableError(OSError):
+class ModelNotAvailableError(OSError, PersvizError):
     """A model could not be loaded from a local folder, the local cache or the Hub."""
 
 

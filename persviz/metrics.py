@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from scipy.stats import spearmanr
 
+from persviz.images import to_rgb
 from persviz.shapesworld.oracle import check_attributes
 from persviz.shapesworld.scene import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, TEXTURES
 
@@ -44,7 +45,7 @@ def as_images(images: ImagesLike, name: str = "images") -> np.ndarray:
         if bad:
             raise ValueError(f"{name} is a list, so every item must be a PIL image; item {bad[0]} is a "
                              f"{type(images[bad[0]]).__name__} (pass arrays stacked as one uint8 array [N, H, W, 3])")
-        arrays = [np.asarray(im.convert("RGB")) for im in images]
+        arrays = [to_rgb(im) for im in images]
         sizes = sorted({a.shape[:2] for a in arrays})
         if len(sizes) > 1:
             raise ValueError(f"{name} mixes image sizes {sizes}; resize them to one size first")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from persviz.errors import PersvizError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 DATA_ENV = "PERSVIZ_DATA"
@@ -22,7 +23,7 @@ REPO_DATA_DIR = PACKAGE_ROOT.parent / "data"
 MARKER = "shapesworld"  # a data folder holds at least shapesworld/
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(FileNotFoundError, PersvizError):
     """persviz's data folder (ShapesWorld models, study files) is neither in PERSVIZ_DATA nor beside the package."""
 
 

@@ -9,7 +9,8 @@ A cell is a small JSON-able dict with a stable, filename-safe ``id``. The proces
 positions i with ``i % num_processes == k`` that have no result file yet, computes each and writes it atomically
 (``persviz.io.write_json``) as ``folder/cells/<id>.json``; then every process waits for the others and the main
 process reads all cell files into one result, in the grid's order. ``folder/manifest.json`` holds the grid and the
-settings; a folder that holds another grid is refused (or, with ``on_mismatch='restart'``, its cells are deleted).
+settings; a folder that holds another grid is refused (or, with ``on_mismatch='restart'``, the cell files its manifest lists are
+deleted, and nothing else).
 A cell's result must depend on the cell only (its seeds included), never on its position or its process, so the
 sharded result equals the single-process one. More processes than cells: the extra processes compute nothing
 (each prints one line saying so) and wait for the others. A process that raises ends the launch (accelerate's
@@ -24,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -36,7 +36,7 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from persviz.io import PathLike, to_jsonable, write_json
+from persviz.io import PathLike, check_write, confined, remove_file, to_jsonable, write_json
 
 FORMAT = "persviz shards 1"
 CELLS_DIR = "cells"
@@ -155,11 +155,34 @@ def _check_manifest(folder: Path, want: dict, on_mismatch: str, main: bool) -> N
             raise ValueError(f"the results folder {folder} holds a different grid or settings ({path} differs); "
                              "use a new --out or delete it")
         if main:
-            print(f"{folder} held another grid: its cells are deleted and the grid starts over", flush=True)
-            shutil.rmtree(folder / CELLS_DIR, ignore_errors=True)
+            removed = remove_cells(folder, have)
+            print(f"{folder} held another grid: its {removed} cell result(s) are deleted and the grid starts over",
+                  flush=True)
             write_json(path, want)
     elif main:
         write_json(path, want)
+
+
+def remove_cells(folder: Path, old_manifest: Any) -> int:
+    """Delete the result files of the cells an earlier persviz manifest lists (cells/<id>.json, regular files whose
+    content names that cell), and nothing else: other files, links and folders in cells/ stay. Returns the count."""
+    cells = old_manifest.get("cells") if isinstance(old_manifest, dict) else None
+    ids = [c.get("id") for c in cells if isinstance(c, dict)] if isinstance(cells, list) else []
+    removed = 0
+    for cid in ids:
+        if not isinstance(cid, str) or not _ID.match(cid):
+            continue
+        f = cell_path(folder, cid)
+        if f.is_symlink() or not f.is_file():
+            continue
+        try:
+            ours = json.loads(f.read_text()).get("cell", {}).get("id") == cid
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            ours = False
+        if ours:
+            remove_file(f)
+            removed += 1
+    return removed
 
 
 def run_cells(cells: Sequence[Mapping[str, Any]], compute: Callable[[dict], Any], folder: PathLike,
@@ -176,7 +199,12 @@ def run_cells(cells: Sequence[Mapping[str, Any]], compute: Callable[[dict], Any]
     if on_mismatch not in ("error", "restart"):
         raise ValueError(f"on_mismatch must be 'error' or 'restart'; got {on_mismatch!r}")
     cells = check_cells(cells)
-    folder = Path(folder)
+    with confined(check_write(folder)):
+        return _run_cells(cells, compute, Path(folder), settings, state, progress, desc, on_mismatch)
+
+
+def _run_cells(cells: list[dict], compute: Callable[[dict], Any], folder: Path, settings: Optional[Mapping[str, Any]],
+               state: Any, progress: bool, desc: str, on_mismatch: str) -> Optional[dict[str, Any]]:
     state = state if state is not None else process_state()
     rank, n, main = int(state.process_index), int(state.num_processes), bool(state.is_main_process)
     _check_manifest(folder, manifest(cells, settings), on_mismatch, main)
@@ -206,4 +234,5 @@ def gather(folder: PathLike, cells: Sequence[Mapping[str, Any]]) -> dict[str, An
 
 
 __all__ = ["CELLS_DIR", "FORMAT", "MANIFEST", "cell", "cell_path", "check_cells", "done_cells", "free_port", "gather",
-           "launch_command", "launched", "manifest", "process_state", "relaunch", "run_cells", "strip_option"]
+           "launch_command", "launched", "manifest", "process_state", "relaunch", "remove_cells", "run_cells",
+           "strip_option"]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from persviz.errors import PersvizError
 from persviz.embedding_files import sniff_container
 from persviz.io import PathLike
 
@@ -22,7 +23,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 
-class WeightFileError(ValueError):
+class WeightFileError(PersvizError, ValueError):
     """A weights file that cannot be read; the message names the problem and the fix."""
 
 

@@ -2,7 +2,8 @@
 
 Run from the repository root: ``python requirements/update_lock.py`` (needs ``uv``: ``pip install uv``).
 The lock's first line records a hash of pyproject's dependency lists; ``tests/floor/test_install.py`` fails when
-pyproject changed and the lock was not regenerated. Where pip on this machine applies a global constraints file
+pyproject changed and the lock was not regenerated. The current lock's pins are kept where they still satisfy
+pyproject (uv's preference for an existing output file); delete the lock first to move every pin to the newest. Where pip on this machine applies a global constraints file
 (``pip config get global.constraint``), the lock is resolved within it, so that pip can install what was locked.
 """
 from __future__ import annotations
@@ -58,6 +59,8 @@ def main() -> None:
         cmd += ["-c", c]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "lock.txt"
+        if LOCK.exists():  # uv keeps an existing output file's pins where they still satisfy pyproject
+            out.write_text(LOCK.read_text())
         subprocess.run(cmd + ["-o", str(out)], check=True)
         body = out.read_text()
     text = (f"{HEADER}{dependency_hash()}\n"

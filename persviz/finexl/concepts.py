@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from persviz.errors import PersvizError
 from persviz.finexl.decompose import Decomposition, check_v_div, concept_matrix, concept_direction
 from persviz.finexl.generators import check_pairs, parse_caption
 from persviz.shapesworld.captions import caption_from, full_attributes
@@ -266,7 +267,7 @@ def bank_candidates(v_div: torch.Tensor, text_encoder_fn: Callable[[list[str]], 
 # ----------------------------------------------------------------------------- proposers
 
 
-class ConceptProposalError(RuntimeError):
+class ConceptProposalError(PersvizError, RuntimeError):
     """A vision-language model gave no usable concept list (timeout, HTTP error, garbage answer)."""
 
 

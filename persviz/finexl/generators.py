@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from persviz.trainers.lora_finetune import load_lora
 from persviz.generation import GUIDANCE, STEPS, generate
-from persviz.images import as_uint8
+from persviz.images import as_uint8, read_image
 from persviz.shapesworld.captions import PREFIXES, caption
 from persviz.shapesworld.render import Style, render_batch
 from persviz.shapesworld.scene import (BACKGROUNDS, COLORS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, TEXTURES, Obj, Scene,
@@ -394,11 +394,7 @@ def scene_shift_dataset(n: int, rates: Mapping[str, float], seed: int = 0, p_sec
 
 
 def _load_image(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except OSError as err:
-        raise ValueError(f"could not read image {path}: {err}") from None
+    return read_image(path)
 
 
 def _same_size(images: list[np.ndarray], names: Sequence[str], where: str) -> np.ndarray:

@@ -40,8 +40,9 @@ import torch
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
+from persviz.errors import PersvizError
 from persviz.images import as_uint8
-from persviz.io import PathLike, write_json
+from persviz.io import PathLike, load_state, write_json
 from persviz.loading import load_evaluator
 from persviz.paths import DATA_DIR
 from persviz.pigeon.mask import HISTORY_TYPE, REFERENCE_TYPE, gumbel_topk_mask
@@ -91,7 +92,7 @@ NOISE_SWEEP = (0.0, 0.2, 0.4, 0.6)
 DATA_DEFAULTS = {"n_users": 1000, "data_seed": 0, "n_interactions": 12}
 
 
-class FullScaleNotSupportedError(RuntimeError):
+class FullScaleNotSupportedError(PersvizError, RuntimeError):
     """Pigeon runs on ShapesWorld only; full scale needs LaVIT + SDXL."""
 
 
@@ -778,7 +779,7 @@ def load_pairs(folder: PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no {PAIRS_FILE} in {path.parent}: stage 2 writes it before it trains "
                                 f"(`persviz pigeon train --stage 2`)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_state(path, "run `persviz pigeon train --stage 2` again to write it")
     keys = ("window", "chosen", "rejected", "chosen_ratio", "rejected_ratio", "scores")
     if not state.get(keys[0]):
         raise ValueError(f"{path} holds no pairs yet (stage 2 is still generating them?)")

@@ -67,7 +67,7 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from persviz.paths import DATA_DIR
-from persviz.io import PathLike, atomic_save, atomic_write, write_json
+from persviz.io import PathLike, atomic_save, atomic_write, load_state, write_json
 from persviz.seeding import step_rng
 from persviz.trainers.core import TrainResult, check_out_dir, ddpm, run_steps
 from persviz.pigeon.losses import diffusion_dpo_loss
@@ -277,7 +277,7 @@ def build_pairs(pipe: PigeonPipeline, ds: PigeonDataset, config: TrainConfig, pa
     keys = ("window", "chosen", "rejected", "chosen_ratio", "rejected_ratio", "scores")
     state: dict[str, Any] = {"done": 0, **{k: [] for k in keys}}
     if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_state(path, "move it away and the pairs are generated again")
     if state["done"] < n:
         model = pipe.model
         was = model.training

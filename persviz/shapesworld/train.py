@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from tqdm.auto import tqdm
 from transformers import BitImageProcessor, CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
-from persviz.io import atomic_folder, atomic_save, write_json
+from persviz.io import atomic_folder, atomic_save, load_state, write_json
 from persviz.seeding import step_rng
 from persviz.paths import DATA_DIR, SHAPESWORLD_DIR
 from persviz.shapesworld.captions import caption
@@ -52,7 +52,7 @@ def run_loop(name: str, steps: int, state: dict, step_fn: Callable[[int], float]
     snap = CACHE / f"{name}.pt"
     start = 0
     if snap.exists():
-        saved = torch.load(snap, map_location=DEVICE, weights_only=False)
+        saved = load_state(snap, f"delete it to retrain the {name} stage from its start", map_location=DEVICE)
         for k, obj in state.items():
             obj.load_state_dict(saved[k])
         start = saved["step"]
@@ -118,7 +118,7 @@ def stage_clip(args) -> None:
         for m in (model, tok, processor):
             m.save_pretrained(out)
         copy_bpe_files(out)
-    atomic_folder(SHAPESWORLD_DIR / "clip", save)
+    atomic_folder(SHAPESWORLD_DIR / "clip", save, replace=True)
 
 
 def stage_vae(args) -> None:
@@ -143,7 +143,7 @@ def stage_vae(args) -> None:
     with torch.no_grad():
         z = vae.encode(to_tensor(data["images"][:2000]).to(DEVICE)).latent_dist.mean
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-    atomic_folder(SHAPESWORLD_DIR / "sd" / "vae", vae.save_pretrained)
+    atomic_folder(SHAPESWORLD_DIR / "sd" / "vae", vae.save_pretrained, replace=True)
 
 
 def stage_vae_decoder(args) -> None:
@@ -175,7 +175,7 @@ def stage_vae_decoder(args) -> None:
     def save(out: Path) -> None:
         vae.save_pretrained(out)
         (out / "decoder_finetune.json").write_text(json.dumps({"steps": steps, "batch": 32, "encoder": "frozen"}))
-    atomic_folder(SHAPESWORLD_DIR / "sd" / "vae", save)
+    atomic_folder(SHAPESWORLD_DIR / "sd" / "vae", save, replace=True)
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -214,7 +214,7 @@ def stage_oracle(args) -> None:
         return loss.item()
 
     run_loop("oracle", steps, {"model": oracle, "opt": opt, "sched": sched}, step)
-    atomic_folder(SHAPESWORLD_DIR / "oracle", oracle.save_pretrained)
+    atomic_folder(SHAPESWORLD_DIR / "oracle", oracle.save_pretrained, replace=True)
 
 
 def shift(x: torch.Tensor, g: torch.Generator, max_px: int = 2) -> torch.Tensor:
@@ -248,14 +248,14 @@ def stage_dino(args) -> None:
 
     run_loop("dino", steps, {"model": model, "head": head, "opt": opt, "sched": sched}, step)
     processor = BitImageProcessor(do_resize=False, do_center_crop=False, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    atomic_folder(SHAPESWORLD_DIR / "dino", lambda out: [m.save_pretrained(out) for m in (model, processor)])
+    atomic_folder(SHAPESWORLD_DIR / "dino", lambda out: [m.save_pretrained(out) for m in (model, processor)], replace=True)
 
 
 def encoded_latents(vae, images: np.ndarray) -> torch.Tensor:
     """Scaled latent means of a uint8 image set, cached beside the training data."""
     path = CACHE / f"latents_{len(images)}.pt"
     if path.exists():
-        return torch.load(path)
+        return load_state(path, "delete it and the latents are encoded again")
     out = []
     with torch.no_grad():
         for i in tqdm(range(0, len(images), 1000), desc="encode latents"):
@@ -317,7 +317,7 @@ def stage_unet(args) -> None:
         return loss.item()
 
     run_loop("unet", steps, {"model": unet, "ema": ema, "opt": opt, "sched": sched}, step, save_every=100)
-    atomic_folder(SHAPESWORLD_DIR / "sd" / "unet", ema.save_pretrained)
+    atomic_folder(SHAPESWORLD_DIR / "sd" / "unet", ema.save_pretrained, replace=True)
 
 
 def stage_pipeline(args) -> None:
@@ -333,7 +333,7 @@ def stage_pipeline(args) -> None:
         record = sd / "vae" / "decoder_finetune.json"  # keep the provenance of the fine-tuned decoder
         if record.exists():
             shutil.copy(record, out / "vae" / record.name)
-    atomic_folder(sd, save)
+    atomic_folder(sd, save, replace=True)
 
 
 STAGE_FN = {name: globals()[f"stage_{name}"] for name in STAGES}

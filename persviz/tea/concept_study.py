@@ -24,7 +24,7 @@ from PIL import Image
 from persviz.concept_folder import Concept, read_concept
 from persviz.embeddings import token_row
 from persviz.evaluation import Evaluation, describe_evaluator, evaluation_meta, probe_keys, score_per_image
-from persviz.io import write_json
+from persviz.io import atomic_write, confined, write_json
 from persviz.loading import SHAPESWORLD
 from persviz.paths import DATA_DIR
 from persviz.prompts import load_prompt_set
@@ -241,8 +241,15 @@ def study_concept(folder: Any, pipe: Any, clip: Any, dino: Any = None, oracle: A
     each method's TEA rows) are cells of persviz.shards, written to study/cells/ and sharded over the processes of
     `state` (accelerate's PartialState; default: this process alone): a killed study resumes with the missing
     parts, a study of other settings or snapshots starts over. Returns the study on the main process, None on the
-    others."""
+    others. Every write stays inside the concept folder (persviz.io.confined): a study/ that is a link leading out
+    is refused before anything is written."""
     concept = read_concept(folder)
+    with confined(concept.folder):
+        return _study_concept(concept, pipe, clip, dino, oracle, settings, methods, progress, state)
+
+
+def _study_concept(concept: Concept, pipe: Any, clip: Any, dino: Any, oracle: Any, settings: StudySettings | None,
+                   methods: Sequence[str] | None, progress: bool, state: Any) -> dict | None:
     settings = settings or StudySettings()
     shapesworld = concept.model == SHAPESWORLD
     if oracle is not None and not shapesworld:
@@ -358,8 +365,8 @@ def write_figures(study: Mapping, folder: Path) -> list[Path]:
     written = []
 
     def save(fig: Any, name: str) -> None:
-        path = folder / f"{name}.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        path = atomic_write(folder / f"{name}.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120,
+                                                                            bbox_inches="tight"))
         plt.close(fig)
         written.append(path)
 

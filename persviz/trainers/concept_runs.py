@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from persviz.concept_folder import Concept, adopt_images, check_method, prepare_concept, write_concept
-from persviz.io import PathLike
+from persviz.concept_folder import (Concept, ConceptFolderError, adopt_images, check_method, prepare_concept,
+                                    write_concept)
+from persviz.io import PathLike, check_write, confined
 from persviz.loading import SHAPESWORLD, load_pipeline
 from persviz.trainers.custom_diffusion import train_custom_diffusion
 from persviz.trainers.dreambooth_lora import train_dreambooth_lora
@@ -73,6 +74,9 @@ def train_concept(method: str, images: PathLike, class_word: str, placeholder: s
     concept = prepare_concept(out, images, placeholder, class_word, mid)
     token = (identifier or DREAMBOOTH_IDENTIFIER) if method == "dreambooth" else placeholder
     known = concept.runs.get(method)
+    if known and known.get("source"):
+        raise ConceptFolderError(f"the {method} run of {concept.folder} is adopted from {known['folder']} "
+                                 f"({known['source']}), which persviz only reads; train into another --out folder")
     if known and known["token"] != token:
         raise ValueError(f"the {method} run in {concept.folder} learned {known['token']!r}, not {token!r}; use the "
                          "same token to extend it, or another --out folder")
@@ -81,12 +85,13 @@ def train_concept(method: str, images: PathLike, class_word: str, placeholder: s
     check_sd1(pipe, mid)
     check_tokens(pipe.tokenizer, method, token, class_word)
     config = recipe(method, token, class_word, shapesworld=mid == SHAPESWORLD, **settings)
-    adopt_images(concept, images)
-    concept.runs[method] = {"folder": method, "token": token}
-    write_concept(concept)
-    run_dir = concept.run_dir(method)
-    result = TRAINERS[method](pipe, concept.reference_images(), config, run_dir, progress=progress,
-                              load_result=False)
+    with confined(concept.folder):
+        adopt_images(concept, images)
+        concept.runs[method] = {"folder": method, "token": token}
+        write_concept(concept)
+        run_dir = check_write(Path(concept.folder) / method)
+        result = TRAINERS[method](pipe, concept.reference_images(), config, run_dir, progress=progress,
+                                  load_result=False)
     return ConceptRun(concept, method, run_dir, result)
 
 

@@ -29,7 +29,9 @@ from tqdm.auto import tqdm
 
 from persviz.embeddings import single_token_id
 from persviz import generation
-from persviz.io import PathLike, atomic_save, atomic_write, write_json
+from persviz.images import read_image, to_rgb
+from persviz.errors import DamagedFileError, TrainingInterrupted
+from persviz.io import PathLike, atomic_save, atomic_write, load_state, make_dir, write_json
 
 CONFIG_FILE = "config.json"
 RESUME_FILE = "resume_state.pt"
@@ -64,7 +66,13 @@ def check_out_dir(out_dir: Path, record: dict, owned: Callable[[str], bool], wha
         if stray:
             raise ValueError(f"{out_dir} holds {what} ({sorted(stray)[:3]}) but no {CONFIG_FILE}; use a new out_dir")
         return None
-    old = json.loads(cfg.read_text())
+    try:
+        old = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        old = None
+    if not isinstance(old, dict):
+        raise DamagedFileError(f"{cfg} is not a persviz run record (not a JSON object); move the folder away or use a "
+                               "new out_dir")
     diff = sorted(k for k in set(old) | set(record) if k != "steps" and old.get(k) != record.get(k))
     if diff:
         lines = "; ".join(f"{k}: {short(old.get(k))} there, {short(record.get(k))} now" for k in diff)
@@ -73,7 +81,11 @@ def check_out_dir(out_dir: Path, record: dict, owned: Callable[[str], bool], wha
     state_path = out_dir / RESUME_FILE
     if not state_path.is_file():
         return None
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    state = load_state(state_path, f"move it away (or delete it) and run the same command again: the run restarts "
+                                   f"from step 0 in {out_dir}")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise DamagedFileError(f"{state_path} is not a persviz resume state (no step in it); move it away and run "
+                               "the same command again")
     if state["step"] > record["steps"]:
         raise ValueError(f"{out_dir} holds a run already at step {state['step']} > steps={record['steps']}; pass "
                          f"steps >= {state['step']} ({hint})")
@@ -94,8 +106,7 @@ def start_run(out_dir: PathLike, record: dict, owned: Callable[[str], bool], wha
     start at is `steps`, so nothing is retrained; asking it for more steps is an error (it cannot resume).
     Returns (out_dir as a Path, the saved resume state or None, the loss history so far, the step to start at).
     """
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(Path(out_dir).expanduser())
     had_config = (out / CONFIG_FILE).is_file()
     old_steps = json.loads((out / CONFIG_FILE).read_text()).get("steps") if had_config else None
     state = check_out_dir(out, record, owned, what, hint)
@@ -302,7 +313,7 @@ def prepare_images(images: Any, resolution: int) -> np.ndarray:
     arrays = []
     for i, im in enumerate(items):
         if isinstance(im, Image.Image):
-            a = np.asarray(im.convert("RGB"))
+            a = to_rgb(im)
         else:
             a = np.asarray(im)
             if a.dtype != np.uint8 or a.ndim != 3 or a.shape[-1] != 3:
@@ -563,24 +574,31 @@ def run_steps(*, start: int, steps: int, save_every: int, step: Callable[[int], 
     Exact resume is the caller's part: step s must draw its randomness from (seed, s) only (persviz.seeding.step_rng)
     and save_state must write everything the next step reads, so that a run resumed from the state at step k goes on
     as the uninterrupted one. An exception in step or after stops the loop (the bar is closed); the last state
-    written is the one to resume from.
+    written is the one to resume from. Ctrl-C becomes a TrainingInterrupted (a KeyboardInterrupt) that says at which
+    step it stopped and which saved step the same command resumes from.
     """
     bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress)
     avg = None
+    saved, done = (start or None), start
     try:
         for s in range(start, steps):
             loss = step(s)
             history.append(loss)
-            k = s + 1
+            k = done = s + 1
             if snapshot is not None and k % save_every == 0:
                 snapshot(k)
             if k % save_every == 0 or k == steps:
                 save_state(k)
+                saved = k
             avg = loss if avg is None else 0.98 * avg + 0.02 * loss
             bar.update(1)
             bar.set_postfix(loss=f"{avg:.4f}", **(postfix() if postfix is not None else {}))
             if after is not None:
                 after(k, loss)
+    except KeyboardInterrupt:
+        kept = (f"the state of step {saved} is kept and the same command resumes from it" if saved else
+                "no state was saved yet, so the same command starts it again")
+        raise TrainingInterrupted(f"{desc} stopped after {done} of {steps} steps (Ctrl-C); {kept}", done, saved) from None
     finally:
         bar.close()
 
@@ -635,7 +653,7 @@ def class_images(pipe: Any, config: Any, folder: Path, res: int, progress: bool)
                 pipe.__dict__.pop("_progress_bar_config", None)
             else:
                 pipe._progress_bar_config = old_bar
-    arrays = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    arrays = np.stack([read_image(p) for p in paths])
     if arrays.shape[1:] != (res, res, 3):
         raise ValueError(f"the class images in {folder} are {arrays.shape[1:3]}, not {res}x{res}; delete the folder")
     digest = sha256(arrays)

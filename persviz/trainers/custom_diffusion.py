@@ -465,7 +465,7 @@ def train_custom_diffusion(
                 run_steps(start=start, steps=config.steps, save_every=config.save_every, step=step,
                           history=history,
                           snapshot=lambda k: atomic_folder(out / f"checkpoint-{k}",
-                                                           lambda d: _save(d, kv, mod, rows)),
+                                                           lambda d: _save(d, kv, mod, rows), replace=True),
                           save_state=save_state, after=after, desc=f"custom diffusion {mod}", progress=progress)
             _save(out, kv, mod, rows)
     if load_result:

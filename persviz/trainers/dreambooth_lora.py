@@ -377,7 +377,7 @@ def train_dreambooth_lora(
             if start < config.steps:
                 step = _make_step(pipe, config, pixels, cls_pixels, device, opt, scaler, plist, unet_dtype)
                 run_steps(start=start, steps=config.steps, save_every=config.save_every, step=step,
-                          history=history, snapshot=lambda k: atomic_folder(out / f"checkpoint-{k}", save),
+                          history=history, snapshot=lambda k: atomic_folder(out / f"checkpoint-{k}", save, replace=True),
                           save_state=save_state, after=callback, desc=f"dreambooth-lora {config.identifier}",
                           progress=progress)
             atomic_write(final, lambda tmp: save_lora(tmp.parent, unet, text_encoder, config.train_text_encoder,

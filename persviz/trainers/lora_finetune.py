@@ -168,7 +168,7 @@ def train_lora_finetune(pipe: Any, images: Any, captions: Sequence[str], config:
             if start < config.steps:
                 step = _make_step(pipe, config, pixels, caps, device, opt, scaler, plist, unet_dtype)
                 run_steps(start=start, steps=config.steps, save_every=config.save_every, step=step,
-                          history=history, snapshot=lambda k: atomic_folder(out / f"checkpoint-{k}", save),
+                          history=history, snapshot=lambda k: atomic_folder(out / f"checkpoint-{k}", save, replace=True),
                           save_state=save_state, after=callback, desc=f"lora {out.name}", progress=progress)
             atomic_write(final, lambda tmp: save_lora(tmp.parent, unet, text_encoder, False, weight_name=tmp.name))
     if load_result:

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from persviz.errors import DamagedFileError, NotOursError, OutsideFolderError
 from persviz.io import (atomic_folder, atomic_path, atomic_save, atomic_write, atomic_write_bytes, atomic_write_text,
-                        to_jsonable, write_json)
+                        confined, load_state, make_dir, remove_file, to_jsonable, write_json)
+from tests.payloads import Payload
 
 
 class Boom(Exception):
@@ -67,7 +69,7 @@ def test_bytes_text_and_torch_writers_round_trip(tmp_path):
     assert atomic_write_bytes(tmp_path / "b", b"\x00\xffab").read_bytes() == b"\x00\xffab"
     assert atomic_write_text(tmp_path / "t", "héllo\n").read_bytes() == "héllo\n".encode("utf-8")
     state = {"w": torch.arange(6.0).reshape(2, 3), "step": 7}
-    back = torch.load(atomic_save(state, tmp_path / "s.pt"))
+    back = torch.load(atomic_save(state, tmp_path / "s.pt"), weights_only=True)
     assert back["step"] == 7 and torch.equal(back["w"], state["w"])
     assert sorted(os.listdir(tmp_path)) == ["b", "s.pt", "t"]
 
@@ -83,16 +85,92 @@ def test_atomic_folder_keeps_the_old_folder_whole_when_save_raises(tmp_path):
         raise Boom()
 
     with pytest.raises(Boom):
-        atomic_folder(folder, bad_save)
+        atomic_folder(folder, bad_save, replace=True)
     assert os.listdir(folder) == ["a.txt"] and (folder / "a.txt").read_text() == "old a"
+    assert os.listdir(tmp_path) == ["run"]  # the temporary folder went with the failed save
 
     def good_save(tmp: Path):
         tmp.mkdir()
         (tmp / "b.txt").write_text("new b")
 
-    assert atomic_folder(folder, good_save) == folder
+    assert atomic_folder(folder, good_save, replace=True) == folder
     assert os.listdir(folder) == ["b.txt"]  # the old folder is replaced as a whole, not merged
     assert os.listdir(tmp_path) == ["run"]  # no temporary folder left once a save succeeds
+
+
+def test_atomic_folder_never_replaces_a_folder_unless_told_it_is_persviz_own(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "mine.jpg").write_bytes(b"user's")
+    with pytest.raises(NotOursError, match="already exists"):
+        atomic_folder(folder, lambda tmp: tmp.mkdir())
+    assert (folder / "mine.jpg").read_bytes() == b"user's" and os.listdir(tmp_path) == ["images"]
+
+
+def test_atomic_folder_leaves_a_tmp_folder_it_did_not_create(tmp_path):
+    (tmp_path / "run.tmp").mkdir()  # the old code's fixed temporary name: someone else's now
+    (tmp_path / "run.tmp" / "keep.txt").write_text("theirs")
+    atomic_folder(tmp_path / "run", lambda tmp: (tmp.mkdir(), (tmp / "x").write_text("1")))
+    assert (tmp_path / "run.tmp" / "keep.txt").read_text() == "theirs"
+    assert sorted(os.listdir(tmp_path)) == ["run", "run.tmp"]
+
+
+def test_atomic_write_replaces_a_link_at_the_target_and_never_the_file_it_points_to(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious")
+    (tmp_path / "out").mkdir()
+    link = tmp_path / "out" / "impacts.png"
+    link.symlink_to(outside)
+    atomic_write_bytes(link, b"png")  # no confined folder: the link itself is replaced
+    assert outside.read_text() == "precious" and not link.is_symlink() and link.read_bytes() == b"png"
+
+
+def test_confined_refuses_writes_through_links_that_lead_out(tmp_path):
+    concept, elsewhere = tmp_path / "C", tmp_path / "elsewhere"
+    concept.mkdir(), elsewhere.mkdir()
+    (elsewhere / "impacts.png").write_text("theirs")
+    (concept / "study").symlink_to(elsewhere)
+    (concept / "fig.png").symlink_to(elsewhere / "impacts.png")
+    with confined(concept):
+        for target in (concept / "study" / "study.json", concept / "fig.png", concept / ".." / "x.json"):
+            with pytest.raises(OutsideFolderError, match="leads outside"):
+                write_json(target, {"a": 1})
+        with pytest.raises(OutsideFolderError):
+            make_dir(concept / "study" / "cells")
+        with pytest.raises(OutsideFolderError):
+            atomic_folder(concept / "study" / "images", lambda tmp: tmp.mkdir())
+        with pytest.raises(OutsideFolderError):  # a folder confined inside must itself stay inside
+            with confined(concept / "study"):
+                pass
+        write_json(concept / "inside" / "ok.json", {"a": 1})  # inside: written
+    assert sorted(os.listdir(elsewhere)) == ["impacts.png"] and (elsewhere / "impacts.png").read_text() == "theirs"
+    assert json.loads((concept / "inside" / "ok.json").read_text()) == {"a": 1}
+    write_json(concept / "study" / "free.json", {})  # outside the block nothing is checked
+    assert (elsewhere / "free.json").is_file()
+
+
+def test_remove_file_unlinks_a_link_and_never_a_folder(tmp_path):
+    target = tmp_path / "theirs.txt"
+    target.write_text("x")
+    (tmp_path / "link.json").symlink_to(target)
+    remove_file(tmp_path / "link.json")
+    assert target.read_text() == "x" and not (tmp_path / "link.json").exists()
+    (tmp_path / "d").mkdir()
+    with pytest.raises(NotOursError):
+        remove_file(tmp_path / "d")
+    assert (tmp_path / "d").is_dir()
+
+
+def test_load_state_refuses_code_and_damage_with_a_sentence(tmp_path):
+    marker = tmp_path / "ran"
+    payload = tmp_path / "state.pt"
+    torch.save({"step": 1, "x": Payload(marker)}, payload)
+    with pytest.raises(DamagedFileError, match="delete it"):
+        load_state(payload, "delete it")
+    assert not marker.exists()
+    (tmp_path / "cut.pt").write_bytes(payload.read_bytes()[:40])
+    with pytest.raises(DamagedFileError, match="does not load"):
+        load_state(tmp_path / "cut.pt", "delete it")
 
 
 def test_to_jsonable_turns_numpy_torch_paths_and_non_finite_values_into_plain_json():
