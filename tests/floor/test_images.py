@@ -25,10 +25,12 @@ def test_pil_images_of_any_mode_become_rgb():
     rgb = Image.new("RGB", (4, 3), (10, 20, 30))
     grey = Image.new("L", (4, 3), 77)
     rgba = Image.new("RGBA", (4, 3), (1, 2, 3, 0))
+    rgba.putpixel((0, 0), (1, 2, 3, 255))
     out = as_uint8([rgb, grey, rgba])
     assert out.shape == (3, 3, 4, 3)  # PIL size is (W, H)
     assert out[0, 2, 3].tolist() == [10, 20, 30] and out[1, 0, 0].tolist() == [77, 77, 77]
-    assert out[2, 1, 1].tolist() == [1, 2, 3]
+    # alpha is composited over white (persviz.images.to_rgb): transparent pixels are white, opaque ones keep their colour
+    assert out[2, 1, 1].tolist() == [255, 255, 255] and out[2, 0, 0].tolist() == [1, 2, 3]
     assert as_uint8(rgb).shape == (1, 3, 4, 3)
 
 
