@@ -45,7 +45,7 @@ def _bad_inputs(tmp_path):
     safetensors.torch.save_file({"<w>": torch.ones(1, 32)}, str(tmp_path / "w32.safetensors"))
     return [
         ([str(tmp_path / "missing.safetensors")], "no file at"),
-        ([str(tmp_path / "notes.pt")], "neither a safetensors nor a torch file"),
+        ([str(tmp_path / "notes.pt")], "neither a safetensors, a torch file nor an A1111 image embedding"),
         ([str(tmp_path / "xl.safetensors")], "SDXL embedding .* SD 1.x"),
         ([str(tmp_path / "w32.safetensors")], "width 32 .* 128 wide: the embedding was trained on another model"),
         ([CHECKERS, "--class-word", "squarecircle"], "tokenizes to"),

@@ -113,7 +113,7 @@ def test_a1111_kohya_safetensors_named_by_the_file(tmp_path):
     safetensors.torch.save_file({"emb_params": embs}, str(tmp_path / "kohya-cat.safetensors"),
                                 metadata={"ss_output_name": "kohya-cat"})
     f = read_embedding_file(tmp_path / "kohya-cat.safetensors")
-    assert (f.format, f.token, f.n_vectors) == ("a1111-safetensors", "kohya-cat", 4)
+    assert (f.format, f.token, f.n_vectors) == ("kohya", "kohya-cat", 4)
     assert f.metadata["safetensors:ss_output_name"] == "kohya-cat"
     assert read_embedding_file(tmp_path / "kohya-cat.safetensors", token="<k>").token == "<k>"
 
@@ -160,7 +160,7 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(EmbeddingFileError, match="no file at"):
         read_embedding_file(tmp_path / "missing.pt")
     (tmp_path / "notes.pt").write_text("hello, not an embedding")
-    with pytest.raises(EmbeddingFileError, match="neither a safetensors nor a torch file"):
+    with pytest.raises(EmbeddingFileError, match="neither a safetensors, a torch file nor an A1111 image embedding"):
         read_embedding_file(tmp_path / "notes.pt")
     (tmp_path / "lfs.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\n")
     with pytest.raises(EmbeddingFileError, match="git lfs pull"):
