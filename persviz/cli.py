@@ -540,7 +540,8 @@ def _add_fix(sub: Any) -> None:
                        description=fix_file.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help="the embedding file to repair (left as it is)")
     p.add_argument("--class-word", required=True, help="the concept's class, one token (e.g. dog)")
-    p.add_argument("--out", required=True, help="the new file (never the input)")
+    p.add_argument("--out", required=True, help="the new file (never the input); an A1111 image embedding is written "
+                   "as NAME.safetensors")
     p.add_argument("--rotation", type=float, default=None, help="default: tea.DEFAULTS[method]")
     p.add_argument("--scale", type=float, default=None, help="default: tea.DEFAULTS[method]")
     p.add_argument("--method", default="textual_inversion", help="whose TEA defaults to use")

@@ -176,7 +176,8 @@ class InspectReport:
             tail = [r.name for r in self.rows if r.in_tail]
             model = "" if self.model in ("shapesworld", "") else f" --model {self.model}"
             fix = f"persviz fix {Path(f['path']).name} --class-word {self.class_word or 'WORD'} --out FIXED{model}"
-            lines.append(f"diagnosis: the norm of {', '.join(tail)} lies beyond the vocabulary's p{TAIL} (the norm drift "
+            named = ", ".join(tail[:8]) + (f" and {len(tail) - 8} more rows" if len(tail) > 8 else "")
+            lines.append(f"diagnosis: the norm of {named} lies beyond the vocabulary's p{TAIL} (the norm drift "
                          f"of semantic collapse, docs/tea.md §4); TEA pulls it back: {fix} "
                          f"(rotation {self.knobs.get('rotation')}, scale {self.knobs.get('scale')})")
         else:

@@ -239,8 +239,8 @@ def test_broken_rows_are_diagnosed_and_refused(tiny_sd_pipeline_shared, tmp_path
 
 
 def test_a_long_embedding_prints_its_edges_and_the_statistics_of_all(tiny_sd_pipeline_shared, tmp_path):
-    v = _rows(40, scale=1.0)
-    v[20] *= 100  # the drifted row sits in the part left out: the statistics must still show it
+    v = _rows(40, scale=0.01)
+    v[20] *= 1000  # the only drifted row sits in the part left out: the statistics must still show it
     path, _ = _write(tmp_path, "diffusers", v)
     r = inspect_embedding(path, tiny_sd_pipeline_shared, class_word="square")
     lines = r.to_text().splitlines()
@@ -250,7 +250,10 @@ def test_a_long_embedding_prints_its_edges_and_the_statistics_of_all(tiny_sd_pip
     stats = next(ln for ln in lines if ln.startswith("all "))
     norms = v.norm(dim=-1).double()
     assert f"max {float(norms.max()):.3f}" in stats and f"median {float(norms.median()):.3f}" in stats
-    assert "<cat>_20" in lines[-1]  # the diagnosis names it
+    assert "the norm of <cat>_20 lies beyond" in lines[-1]  # the diagnosis names it
+    many = inspect_embedding(path, tiny_sd_pipeline_shared, class_word="square")
+    object.__setattr__(many, "rows", tuple(type(x)(**{**x.__dict__, "percentile": 100.0}) for x in many.rows))
+    assert "<cat>_7 and 32 more rows lies beyond" in many.to_text().splitlines()[-1]  # at most 8 names
     assert len(lines) < 40 and len(r.to_dict()["rows"]) == 40
 
 
