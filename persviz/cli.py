@@ -511,13 +511,23 @@ def _text_model(a: argparse.Namespace) -> tuple[Any, Any]:
 def _add_inspect(sub: Any) -> None:
     p = sub.add_parser("inspect", help="the collapse diagnosis of one embedding file (any tool's format)",
                        description=inspect_file.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("file", help="a Textual Inversion / Custom Diffusion token file (diffusers, A1111, kohya)")
+    p.add_argument("file", help="a Textual Inversion / Custom Diffusion token file (diffusers, A1111 .pt or image "
+                   "embedding, kohya, the original Textual Inversion), or a folder of several: each is listed")
     p.add_argument("--model", default=None, help="Hub id or folder (default: ShapesWorld; SD 1.5 with PERSVIZ_SCALE=full)")
     p.add_argument("--class-word", default=None, help="one-token class word: adds |V*|/|c| and cos(V*, c)")
     p.add_argument("--nearest", type=int, default=5, help="nearest vocabulary words per row")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    def run(a: argparse.Namespace) -> inspect_file.InspectReport:
+    def run(a: argparse.Namespace) -> Any:
+        if Path(a.file).expanduser().is_dir() and not any((Path(a.file).expanduser() / n).is_file()
+                                                          for n in embedding_files.FOLDER_FILES):
+            embedding_files.read_embedding_folder(a.file)  # a folder without embeddings: its sentence, no model load
+            found = inspect_file.inspect_folder(a.file, _text_model(a), a.class_word, a.nearest,
+                                                model_name=str(a.model or default_model("pipeline")))
+            print(json.dumps(to_jsonable({str(p): r.to_dict() if isinstance(r, inspect_file.InspectReport) else
+                                          {"error": str(r)} for p, r in found}), indent=1) if a.json
+                  else inspect_file.folder_text(a.file, found))
+            return found
         f = embedding_files.read_embedding_file(a.file)
         tokenizer, encoder = _text_model(a)
         report = inspect_file.inspect_file(f, (tokenizer, encoder), a.class_word, a.nearest,
@@ -532,7 +542,8 @@ def _add_fix(sub: Any) -> None:
                        description=fix_file.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help="the embedding file to repair (left as it is)")
     p.add_argument("--class-word", required=True, help="the concept's class, one token (e.g. dog)")
-    p.add_argument("--out", required=True, help="the new file (never the input)")
+    p.add_argument("--out", required=True, help="the new file (never the input); an A1111 image embedding is written "
+                   "as NAME.safetensors")
     p.add_argument("--rotation", type=float, default=None, help="default: tea.DEFAULTS[method]")
     p.add_argument("--scale", type=float, default=None, help="default: tea.DEFAULTS[method]")
     p.add_argument("--method", default="textual_inversion", help="whose TEA defaults to use")
@@ -542,7 +553,7 @@ def _add_fix(sub: Any) -> None:
     def run(a: argparse.Namespace) -> fix_file.FixResult:
         fix_file.check_knobs(a.method, a.rotation, a.scale)
         f = embedding_files.read_embedding_file(a.file)
-        fix_file.out_path(f.path, a.out, a.force)
+        fix_file.out_path(f.path, a.out, a.force, f.format == "a1111-image")
         result = fix_file.fix_embedding(f.path, _text_model(a), a.class_word, a.out, a.rotation, a.scale,
                                         a.method, a.force)
         print(result.to_text())

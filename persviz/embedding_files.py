@@ -5,21 +5,40 @@
     write_like(f, new_rows, "fixed.safetensors")                      # same layout, dtype, container, metadata
 
 Containers, told apart by their first bytes: safetensors (8-byte little-endian header length, then a JSON ``{``),
-torch zip files (``PK``), legacy torch pickles (``0x80``). Layouts, told apart by their keys (the conventions of
-diffusers' ``loaders/textual_inversion.py``, Automatic1111's ``textual_inversion.py`` and kohya's sd-scripts):
+torch zip files (``PK``), legacy torch pickles (``0x80``), pictures (PNG, WebP, AVIF, JPEG XL: A1111's image
+embeddings, read by ``persviz.image_embeddings`` without pickle). Layouts, told apart by their keys (the conventions
+of diffusers' ``loaders/textual_inversion.py``, Automatic1111's ``textual_inversion.py``, kohya's sd-scripts and the
+original Textual Inversion's ``embedding_manager.py``); every format names the tool that writes it (``TOOLS``):
 
 =====================  ===================================================================================
 format                 content
 =====================  ===================================================================================
 ``diffusers``          {token: [n, D]} (or [D]); per-row names {tok, tok_1, ...} are one multi-vector token.
                        diffusers' ``textual_inversion.py`` writes it as ``learned_embeds.safetensors`` (or
-                       ``.bin``), and its snapshots as ``learned_embeds-steps-N.*``: ``step`` = N.
+                       ``.bin``), and its snapshots as ``learned_embeds-steps-N.*``.
 ``custom-diffusion``   {token: [D]} as safetensors bytes, what diffusers' ``train_custom_diffusion.py``
                        (``save_new_embed``) writes to ``<new1>.bin``.
 ``a1111``              {"string_to_param": {"*": [n, D]}, "string_to_token", "name", "step", ...} (a .pt).
-``a1111-safetensors``  {"emb_params": [n, D]} (A1111 / kohya); the token is the file name.
+``a1111-image``        the same dict carried by a picture (text chunk ``sd-ti-embedding``, else the pixels).
+``kohya``              {"emb_params": [n, D]} (.safetensors with kohya's ``modelspec.*`` metadata, or .pt);
+                       the token: ``modelspec.title`` (kohya's output name, by default its --token_string),
+                       else the file name without kohya's ``-stepNNNNNNNN`` / ``-NNNNNN`` suffix.
+``textual-inversion``  the original Textual Inversion (rinongal/textual_inversion): {"string_to_token",
+                       "string_to_param": nn.ParameterDict {"*": [n, D]}}, read with torch.load
+                       weights_only=True and an allow-list of exactly ``torch.nn.ParameterDict``.
 ``sdxl``               {"clip_l": [n, 768], "clip_g": [n, 1280]}: described, refused against SD 1.x models.
 =====================  ===================================================================================
+
+Steps: ``metadata["step"]`` is the number a user of the file's tool sees, one convention for ``inspect``, ``adopt``
+and the tracker (``trainers.list_snapshots`` names snapshots by the same number):
+
+- diffusers: N of ``learned_embeds-steps-N`` (its ``global_step``: N optimizer steps done).
+- A1111 (.pt and pictures): N of ``<name>-N`` (A1111's ``steps_done``, in its file names, UI and preview captions);
+  the file stores ``step`` = N - 1 (kept as ``metadata["stored_step"]``). A final ``<name>.pt`` has no N: its stored
+  ``step``.
+- kohya: N of ``<name>-stepNNNNNNNN`` (its ``global_step``); ``<name>-NNNNNN`` is epoch N (``metadata["epoch"]``,
+  no step); the final ``<name>.*`` carries none.
+- original Textual Inversion: N of ``embeddings_gs-N.pt`` (PyTorch Lightning's ``global_step`` when saved).
 """
 from __future__ import annotations
 
@@ -37,16 +56,34 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from persviz.errors import PersvizError
+from persviz.image_embeddings import ImageEmbeddingError, read_image_embedding, sniff_image
 from persviz.io import PathLike, atomic_write_bytes
 
 
-FORMATS = ("diffusers", "custom-diffusion", "a1111", "a1111-safetensors", "sdxl")
-CONTAINERS = ("safetensors", "torch-zip", "torch-pickle")
+FORMATS = ("diffusers", "custom-diffusion", "a1111", "a1111-image", "kohya", "textual-inversion", "sdxl")
+#: the tool that writes each format, as inspect names it
+TOOLS = {
+    "diffusers": "diffusers (examples/textual_inversion/textual_inversion.py)",
+    "custom-diffusion": "diffusers (examples/custom_diffusion/train_custom_diffusion.py)",
+    "a1111": "Automatic1111 stable-diffusion-webui (Textual Inversion .pt)",
+    "a1111-image": "Automatic1111 stable-diffusion-webui (image embedding)",
+    "kohya": "kohya-ss sd-scripts (train_textual_inversion.py)",
+    "textual-inversion": "the original Textual Inversion (rinongal/textual_inversion)",
+    "sdxl": "an SDXL embedding (kohya's sdxl_train_textual_inversion.py, A1111)",
+}
+CONTAINERS = ("safetensors", "torch-zip", "torch-pickle", "png", "webp", "avif", "jxl")
+IMAGE_CONTAINERS = ("png", "webp", "avif", "jxl")
+#: the classes the original Textual Inversion's .pt needs beyond torch.load's weights-only defaults
+ORIGINAL_TI_GLOBALS = (torch.nn.ParameterDict,)
 FOLDER_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")
 #: text-encoder widths of the common model families, for error messages
 FAMILIES = {768: "SD 1.x (CLIP ViT-L/14)", 1024: "SD 2.x (OpenCLIP ViT-H/14)", 1280: "SDXL's second encoder (OpenCLIP ViT-bigG)"}
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SNAPSHOT = re.compile(r"learned_embeds(?:_2)?-steps-(\d+)")
+A1111_STEP = re.compile(r"(.+)-(\d+)")  # A1111's <name>-<steps_done>
+KOHYA_STEP = re.compile(r"(.+)-step(\d{8})")  # kohya's train_util.STEP_FILE_NAME "{}-step{:08d}"
+KOHYA_EPOCH = re.compile(r"(.+)-(\d{6})")  # kohya's train_util.EPOCH_FILE_NAME "{}-{:06d}"
+ORIGINAL_TI_STEP = re.compile(r"embeddings_gs-(\d+)")  # the original Textual Inversion's checkpoints
 
 
 class EmbeddingFileError(PersvizError, ValueError):
@@ -80,6 +117,17 @@ class EmbeddingFile:
         """diffusers' names of the rows once loaded: token, token_1, ..."""
         return [self.token] + [f"{self.token}_{i}" for i in range(1, self.n_vectors)]
 
+    @property
+    def tool(self) -> str:
+        """The tool that writes this format (TOOLS)."""
+        return TOOLS[self.format]
+
+    @property
+    def broken_rows(self) -> list[str]:
+        """Names of the rows holding NaN or Inf (a diverged training step): such a token cannot be used or fixed."""
+        bad = ~torch.isfinite(self.rows.float()).all(dim=-1)
+        return [n for n, b in zip(self.row_names, bad.tolist()) if b]
+
     def describe(self) -> str:
         """One line: format, container, token, shape, dtype, step."""
         if self.format == "sdxl":
@@ -87,14 +135,18 @@ class EmbeddingFile:
         else:
             shape = f"{self.n_vectors} x {self.width}"
         step = f", step {self.metadata['step']}" if self.metadata.get("step") is not None else ""
-        return f"{self.format} ({self.container}): token {self.token!r}, {shape}, {str(self.dtype).replace('torch.', '')}{step}"
+        return (f"{self.format} ({self.container}): token {self.token!r}, {shape}, "
+                f"{str(self.dtype).replace('torch.', '')}{step}; written by {self.tool}")
 
 
 # ----------------------------------------------------------------------------- containers
 
 
 def sniff_container(head: bytes, size: int) -> str | None:
-    """'safetensors', 'torch-zip', 'torch-pickle' from a file's first bytes (>= 9) and its size; None if unknown."""
+    """One of CONTAINERS from a file's first bytes (>= 16) and its size; None if unknown."""
+    image = sniff_image(head)
+    if image is not None:
+        return image
     if len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
         if 2 <= n <= size - 8 and head[8:9] == b"{":
@@ -110,8 +162,8 @@ def _unknown_file(path: Path, head: bytes) -> EmbeddingFileError:
     if head.startswith(b"version https://git-lfs"):
         return EmbeddingFileError(f"{path} is a Git LFS pointer, not the file itself; run `git lfs pull` and retry")
     return EmbeddingFileError(
-        f"{path} is neither a safetensors nor a torch file (first bytes {head[:8]!r}); pass a Textual Inversion "
-        f"embedding (.safetensors, .bin or .pt)")
+        f"{path} is neither a safetensors, a torch file nor an A1111 image embedding (first bytes {head[:8]!r}); "
+        f"pass a Textual Inversion embedding (.safetensors, .bin, .pt or A1111's .png)")
 
 
 def _load(path: Path) -> tuple[Any, str, dict[str, str]]:
@@ -122,12 +174,22 @@ def _load(path: Path) -> tuple[Any, str, dict[str, str]]:
         for name in FOLDER_FILES:
             if (path / name).is_file():
                 return _load(path / name)
-        raise EmbeddingFileError(f"{path} is a folder without {' or '.join(FOLDER_FILES)}; pass the file itself")
+        found = embedding_candidates(path)
+        what = (f"it holds {len(found)} embedding files ({', '.join(p.name for p in found[:6])}"
+                f"{', ...' if len(found) > 6 else ''}): pass one of them, or the folder to `persviz inspect`, which "
+                "lists them all") if found else "and no embedding files"
+        raise EmbeddingFileError(f"{path} is a folder without {' or '.join(FOLDER_FILES)}; {what}")
     with open(path, "rb") as fh:
         head = fh.read(64)
     container = sniff_container(head, path.stat().st_size)
     if container is None:
         raise _unknown_file(path, head)
+    if container in IMAGE_CONTAINERS:
+        try:
+            data, where = read_image_embedding(path)
+        except ImageEmbeddingError as err:
+            raise EmbeddingFileError(str(err)) from None
+        return data, container, {"embedded in": where}
     if container == "safetensors":
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -137,13 +199,29 @@ def _load(path: Path) -> tuple[Any, str, dict[str, str]]:
             raise EmbeddingFileError(f"{path} looks like safetensors but cannot be read ({err}); the file may be "
                                      f"truncated, download or copy it again") from None
     try:
-        with open(path, "rb") as fh:  # a file object: torch.load would pick its reader by the suffix
+        with open(path, "rb") as fh, torch.serialization.safe_globals(list(ORIGINAL_TI_GLOBALS)):
+            # a file object: torch.load would pick its reader by the suffix; the allow-list is the original Textual
+            # Inversion's nn.ParameterDict, nothing else beyond weights_only's tensors and containers
             return torch.load(fh, map_location="cpu", weights_only=True), container, {}
     except Exception as err:  # pickle errors come in many classes
         raise EmbeddingFileError(
             f"{path} is a torch file that does not load with weights_only=True ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}); open it yourself in a trusted session and save "
             f"{{token: tensor}} as .safetensors") from None
+
+
+def embedding_candidates(folder: Path) -> list[Path]:
+    """The files of a folder whose first bytes are an embedding container (safetensors, torch, picture), sorted;
+    A1111's optimizer states (``*.optim``) and preview pictures (``*.preview.*``) left out as A1111 does."""
+    out = []
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.suffix == ".optim" or p.stem.endswith(".preview"):
+            continue
+        with open(p, "rb") as fh:
+            head = fh.read(64)
+        if sniff_container(head, p.stat().st_size) is not None:
+            out.append(p)
+    return out
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -174,6 +252,11 @@ def _diffusers_rows(sd: Mapping[str, Any], path: Path) -> tuple[str, torch.Tenso
         names = [roots[0]] + [f"{roots[0]}_{i}" for i in range(1, len(sd))]
         if set(names) == set(sd):
             vs = [_tensor(sd[k], f"embedding {k!r}", path) for k in names]
+            widths = sorted({int(v.shape[-1]) for v in vs})
+            if len(widths) > 1:
+                raise EmbeddingFileError(
+                    f"{path} holds rows of mixed widths {widths} under {names[0]!r}, {names[1]!r}, ...: the rows of "
+                    f"one token must share the text encoder's width, so re-save them from one model")
             if all(v.numel() == v.shape[-1] for v in vs):
                 return str(roots[0]), torch.stack([v.reshape(-1) for v in vs]), names
     raise EmbeddingFileError(
@@ -186,6 +269,49 @@ def _plain(x: Any) -> Any:
     if isinstance(x, torch.Tensor) and x.numel() == 1:
         return x.item()
     return x if isinstance(x, (str, int, float, bool, type(None))) else repr(x)[:80]
+
+
+def _string_to_param(obj: Mapping[str, Any], p: Path, container: str) -> tuple[str, str, torch.Tensor]:
+    """(format, token, rows) of a {"string_to_param": ...} file: A1111's (with its "name") or the original TI's."""
+    params = obj["string_to_param"]
+    params = getattr(params, "_parameters", params)  # nn.ParameterDict (the original TI; A1111 files of torch 1.11)
+    a1111 = "name" in obj or container in IMAGE_CONTAINERS
+    who = "an A1111" if a1111 else "a Textual Inversion"
+    if not isinstance(params, Mapping) or len(params) != 1:
+        inner = _keys(params) if isinstance(params, Mapping) else type(params).__name__
+        raise EmbeddingFileError(f"{p}: {who} embedding needs string_to_param with one placeholder {{'*': [n, D]}}; "
+                                 f"found {inner}; save each placeholder to its own file")
+    ((key, value),) = params.items()
+    rows = _tensor(value, f"string_to_param[{key!r}]", p)
+    if not a1111:
+        return "textual-inversion", str(key), rows
+    name = obj.get("name")
+    fmt = "a1111-image" if container in IMAGE_CONTAINERS else "a1111"
+    return fmt, str(name) if isinstance(name, str) and name else p.stem, rows
+
+
+def tool_step(fmt: str, path: Path, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """{"step": N} in the tool's own convention (module docstring), plus A1111's stored step or kohya's epoch."""
+    stem = path.stem
+    if fmt in ("diffusers", "custom-diffusion") and (m := SNAPSHOT.fullmatch(stem)):
+        return {"step": int(m.group(1))}
+    if fmt in ("a1111", "a1111-image"):
+        stored = meta.get("step")
+        stored = stored if isinstance(stored, int) and not isinstance(stored, bool) else None
+        out: dict[str, Any] = {"stored_step": stored}
+        for label in (meta.get("name"), stem):
+            m = A1111_STEP.fullmatch(str(label or ""))
+            if m and stored is not None and int(m.group(2)) == stored + 1:
+                return out | {"step": int(m.group(2))}
+        return out | {"step": stored}
+    if fmt == "kohya":
+        if m := KOHYA_STEP.fullmatch(stem):
+            return {"step": int(m.group(2))}
+        if m := KOHYA_EPOCH.fullmatch(stem):
+            return {"epoch": int(m.group(2))}
+    if fmt == "textual-inversion" and (m := ORIGINAL_TI_STEP.fullmatch(stem)):
+        return {"step": int(m.group(1))}
+    return {}
 
 
 def read_embedding_file(path: PathLike, token: str | None = None) -> EmbeddingFile:
@@ -203,22 +329,19 @@ def read_embedding_file(path: PathLike, token: str | None = None) -> EmbeddingFi
     if not isinstance(obj, Mapping) or not obj:
         what = "an empty dict" if isinstance(obj, Mapping) else f"a bare {type(obj).__name__}"
         raise EmbeddingFileError(f"{p} holds {what}, not {{token: tensor}}; it is not a Textual Inversion embedding")
-    meta: dict[str, Any] = {f"safetensors:{k}": v for k, v in st_meta.items()}
-    snap = SNAPSHOT.fullmatch(p.stem)
-    if snap:
-        meta["step"] = int(snap.group(1))
+    if container in IMAGE_CONTAINERS:
+        meta: dict[str, Any] = dict(st_meta)
+    else:
+        meta = {f"safetensors:{k}": v for k, v in st_meta.items()}
     parts: dict[str, torch.Tensor] = {}
     if "string_to_param" in obj:
-        params = obj["string_to_param"]
-        if not isinstance(params, Mapping) or "*" not in params:
-            inner = _keys(params) if isinstance(params, Mapping) else type(params).__name__
-            raise EmbeddingFileError(f"{p}: an A1111 embedding needs string_to_param = {{'*': [n, D]}}; found {inner}")
-        fmt, rows = "a1111", _tensor(params["*"], "string_to_param['*']", p)
-        name = obj.get("name")
-        tok = str(name) if isinstance(name, str) and name else p.stem
+        fmt, tok, rows = _string_to_param(obj, p, container)
         meta.update({k: _plain(obj[k]) for k in ("name", "step", "sd_checkpoint", "sd_checkpoint_name") if k in obj})
     elif "emb_params" in obj:
-        fmt, rows, tok = "a1111-safetensors", _tensor(obj["emb_params"], "emb_params", p), p.stem
+        fmt, rows = "kohya", _tensor(obj["emb_params"], "emb_params", p)
+        title = st_meta.get("modelspec.title")
+        stem = KOHYA_STEP.fullmatch(p.stem) or KOHYA_EPOCH.fullmatch(p.stem)
+        tok = title if title else (stem.group(1) if stem else p.stem)
     elif {"clip_l", "clip_g"} <= set(obj):
         parts = {k: _tensor(obj[k], k, p).reshape(-1, obj[k].shape[-1]) for k in ("clip_l", "clip_g")}
         fmt, rows, tok = "sdxl", parts["clip_l"], p.stem
@@ -231,11 +354,29 @@ def read_embedding_file(path: PathLike, token: str | None = None) -> EmbeddingFi
             f"{p} has an unknown layout (keys {_keys(obj)}); expected diffusers' {{token: [n, D]}}, A1111's "
             f"'string_to_param' (.pt) or 'emb_params' (.safetensors), or SDXL's 'clip_l' + 'clip_g'")
     rows = rows.reshape(-1, rows.shape[-1])
+    meta.update(tool_step(fmt, p, meta))
     if token is not None:
         if not isinstance(token, str) or not token.strip():
             raise EmbeddingFileError(f"token must be a non-empty string; got {token!r}")
         tok = token
     return EmbeddingFile(p, fmt, container, tok, rows, rows.dtype, meta, parts, obj)
+
+
+def read_embedding_folder(folder: PathLike) -> list[tuple[Path, EmbeddingFile | EmbeddingFileError]]:
+    """Every embedding file of a folder (embedding_candidates) read, or the sentence saying why it cannot be."""
+    d = Path(folder).expanduser()
+    if not d.is_dir():
+        raise EmbeddingFileError(f"{d} is not a folder; pass a folder of embeddings or one file")
+    out: list[tuple[Path, EmbeddingFile | EmbeddingFileError]] = []
+    for p in embedding_candidates(d):
+        try:
+            out.append((p, read_embedding_file(p)))
+        except EmbeddingFileError as err:
+            out.append((p, err))
+    if not out:
+        raise EmbeddingFileError(f"{d} holds no embedding files (.safetensors, .bin, .pt or A1111's .png); pass the "
+                                 "folder that holds them")
+    return out
 
 
 # ----------------------------------------------------------------------------- against a model
@@ -269,11 +410,17 @@ def _rebuild(f: EmbeddingFile, rows: torch.Tensor) -> Any:
     raw = f.raw
     if f.format == "a1111":
         out = dict(raw)
-        inner = dict(raw["string_to_param"])
+        inner = dict(getattr(raw["string_to_param"], "_parameters", raw["string_to_param"]))
         inner["*"] = rows.reshape(inner["*"].shape).clone()
         out["string_to_param"] = inner
         return out
-    if f.format == "a1111-safetensors":
+    if f.format == "textual-inversion":  # an nn.ParameterDict again, as embedding_manager.py saves it
+        out = dict(raw)
+        ((key, old),) = getattr(raw["string_to_param"], "_parameters", raw["string_to_param"]).items()
+        out["string_to_param"] = torch.nn.ParameterDict(
+            {key: torch.nn.Parameter(rows.reshape(old.shape).clone(), requires_grad=old.requires_grad)})
+        return out
+    if f.format == "kohya":
         return dict(raw) | {"emb_params": rows.reshape(raw["emb_params"].shape).clone()}
     _, _, names = _diffusers_rows(raw, f.path)
     out = dict(raw)
@@ -288,6 +435,9 @@ def write_like(f: EmbeddingFile, rows: torch.Tensor, out: PathLike) -> Path:
     The output reads back with the same tools as f (diffusers' load_textual_inversion, A1111, kohya)."""
     if f.format == "sdxl":
         raise EmbeddingFileError("SDXL embeddings are read for description only; they cannot be rewritten here")
+    if f.format == "a1111-image":
+        raise EmbeddingFileError(f"{f.path.name} is an A1111 image embedding; write its rows with write_portable, a "
+                                 ".safetensors that A1111, kohya and diffusers load")
     rows = torch.as_tensor(rows).detach().cpu()
     if tuple(rows.shape) != tuple(f.rows.shape):
         raise EmbeddingFileError(f"rows must have the file's shape {tuple(f.rows.shape)}; got {tuple(rows.shape)}")
@@ -302,13 +452,30 @@ def write_like(f: EmbeddingFile, rows: torch.Tensor, out: PathLike) -> Path:
     return atomic_write_bytes(Path(out).expanduser(), data)
 
 
+def write_portable(f: EmbeddingFile, rows: torch.Tensor, out: PathLike) -> Path:
+    """Write `rows` [n, D] as {token: rows} float32 .safetensors (atomically), the layout A1111 (one tensor, named
+    after the file), kohya (its first tensor) and diffusers' load_textual_inversion (token: the key) all load."""
+    o = Path(out).expanduser()
+    if o.suffix != ".safetensors":
+        raise EmbeddingFileError(f"{o.name}: the portable file is a .safetensors; pass --out NAME.safetensors (A1111 "
+                                 f"names the token after the file, e.g. {f.token}.safetensors)")
+    rows = torch.as_tensor(rows).detach().cpu().float().contiguous()
+    if tuple(rows.shape) != tuple(f.rows.shape):
+        raise EmbeddingFileError(f"rows must have the file's shape {tuple(f.rows.shape)}; got {tuple(rows.shape)}")
+    meta = {"format": "pt", "persviz:source": f"{f.path.name} ({f.format})"}
+    if f.metadata.get("step") is not None:
+        meta["persviz:step"] = str(f.metadata["step"])
+    return atomic_write_bytes(o, safetensors_bytes({f.token: rows}, metadata=meta))
+
+
 def summary(f: EmbeddingFile) -> dict[str, Any]:
     """The file's description as a JSON-ready dict."""
-    return {"path": str(f.path), "format": f.format, "container": f.container, "token": f.token,
+    return {"path": str(f.path), "format": f.format, "tool": f.tool, "container": f.container, "token": f.token,
             "rows": f.n_vectors, "width": f.width, "dtype": str(f.dtype).replace("torch.", ""),
             "metadata": json.loads(json.dumps(dict(f.metadata), default=str)),
             "parts": {k: list(v.shape) for k, v in f.parts.items()}}
 
 
-__all__ = ["CONTAINERS", "FORMATS", "EmbeddingFile", "EmbeddingFileError", "check_fits", "read_embedding_file",
-           "sniff_container", "summary", "write_like"]
+__all__ = ["CONTAINERS", "FORMATS", "TOOLS", "EmbeddingFile", "EmbeddingFileError", "check_fits",
+           "embedding_candidates", "read_embedding_file", "read_embedding_folder", "sniff_container", "summary",
+           "tool_step", "write_like", "write_portable"]

@@ -11,8 +11,13 @@ textual_inversion
   ``diffusers``        diffusers' ``examples/textual_inversion/textual_inversion.py``: ``learned_embeds-steps-N``
                        snapshots (.safetensors, .bin) and ``learned_embeds.safetensors``; token: the file's key
   ``a1111``            Automatic1111's ``textual_inversion/<date>/<name>/embeddings/<name>-N.pt`` (the ``<name>``
-                       folder or its ``embeddings/``); token: the files' ``name``; final: ``<name>.pt`` if beside
-                       them, else the last snapshot (A1111 writes the final to its embeddings dir, the same rows)
+                       folder or its ``embeddings/``), else its ``image_embeddings/<name>-N.png`` (image
+                       embeddings); token: the files' ``name`` (no brackets: A1111 names an embedding after its
+                       file); final: ``<name>.pt`` if beside them, else the last snapshot
+  ``kohya``            kohya's sd-scripts ``train_textual_inversion.py``: ``<name>-stepNNNNNNNN.safetensors`` / ``.pt``
+                       snapshots and the final ``<name>.safetensors``; token: ``modelspec.title`` or ``<name>``
+  ``textual-inversion``  the original Textual Inversion: ``checkpoints/embeddings_gs-N.pt`` and ``embeddings.pt``
+                       (token "*", the string_to_param key; pass --token only to confirm it)
   (both)               the tracker reads the snapshots (``trainers.list_snapshots`` / ``load_snapshot_embedding``),
                        ``personalized`` the final (``trainers.load_textual_inversion_run``)
 dreambooth
@@ -43,7 +48,7 @@ from typing import Any
 
 from persviz.concept_folder import (CONCEPT_FILE, Concept, ConceptFolderError, adopt_images, check_method,
                                     prepare_concept, read_concept, write_concept)
-from persviz.embedding_files import EmbeddingFileError, check_fits, read_embedding_file
+from persviz.embedding_files import EmbeddingFileError, check_fits, embedding_candidates, read_embedding_file
 from persviz.io import PathLike, confined
 from persviz.loading import SHAPESWORLD, load_pipeline
 from persviz.trainers.concept_runs import check_sd1, model_id
@@ -57,7 +62,9 @@ from persviz.weight_files import lora_layout, read_weights
 
 LOOKED_FOR = {
     "textual_inversion": "learned_embeds-steps-<k>.safetensors / .bin snapshots (persviz, diffusers' "
-                         "textual_inversion.py) or Automatic1111's embeddings/<name>-<k>.pt",
+                         "textual_inversion.py), kohya's <name>-step<k:08d>.safetensors, the original Textual "
+                         "Inversion's checkpoints/embeddings_gs-<k>.pt or Automatic1111's embeddings/<name>-<k>.pt "
+                         "or image_embeddings/<name>-<k>.png",
     "dreambooth": "pytorch_lora_weights.safetensors / .bin (persviz, diffusers' train_dreambooth_lora.py) or a LoRA "
                   "file in kohya's / A1111's layout (lora_unet_*.lora_down.weight)",
     "custom_diffusion": "pytorch_custom_diffusion_weights.safetensors / .bin (persviz, diffusers' "
@@ -95,11 +102,32 @@ def _not_found(method: str, path: Path, why: str = "") -> ConceptFolderError:
                               f"looked for {LOOKED_FOR[method]}")
 
 
-def _asked_token(token: str | None, stored: str, path: Path) -> str:
+def _asked_token(token: str | None, stored: str, path: Path, fmt: str = "") -> str:
     if token is not None and token != stored:
-        raise ConceptFolderError(f"the embedding in {path} is stored under {stored!r}, not {token!r}; drop --token "
-                                 f"or pass --token '{stored}'")
+        why = ""
+        if fmt.startswith("a1111") and token.strip("<>") == stored:
+            why = (f" (A1111 names an embedding after its file and its users write it in prompts as {stored}, "
+                   f"without brackets)")
+        raise ConceptFolderError(f"the embedding in {path} is stored under {stored!r}, not {token!r}{why}; drop "
+                                 f"--token or pass --token '{stored}'")
     return stored
+
+
+SOURCES = {"a1111": "a1111", "a1111-image": "a1111", "kohya": "kohya", "textual-inversion": "textual-inversion"}
+
+
+def _no_snapshots(path: Path) -> ConceptFolderError:
+    """What a folder without one run's numbered snapshots holds instead, in one sentence."""
+    try:
+        found = embedding_candidates(path)
+    except OSError:
+        found = []
+    if not found:
+        return _not_found("textual_inversion", path, "no snapshots")
+    names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
+    return _not_found("textual_inversion", path, f"it holds {len(found)} embedding file(s) ({names}) but no numbered "
+                      "snapshots of one training run (an embeddings folder, not a run; `persviz inspect` the folder "
+                      "to see each)")
 
 
 def _textual_inversion(path: Path, token: str | None) -> ForeignRun:
@@ -110,7 +138,7 @@ def _textual_inversion(path: Path, token: str | None) -> ForeignRun:
     except ValueError as err:
         raise _not_found("textual_inversion", path, str(err)) from None
     if not snaps:
-        raise _not_found("textual_inversion", path, "no snapshots")
+        raise _no_snapshots(path)
     files = [snaps[0][1], snaps[-1][1], final_embedding(path)]
     read = [read_embedding_file(f) for f in files]  # EmbeddingFileError (a ValueError) names the file and the fix
     if any(f.format == "sdxl" for f in read):
@@ -121,8 +149,8 @@ def _textual_inversion(path: Path, token: str | None) -> ForeignRun:
                                  "folder of one run")
     cfg = _persviz_config(path)
     fmt = read[-1].format
-    source = "persviz" if cfg.get("placeholder") else ("a1111" if fmt.startswith("a1111") else "diffusers")
-    return ForeignRun("textual_inversion", path, source, _asked_token(token, run_token(read[-1]), files[-1]),
+    source = "persviz" if cfg.get("placeholder") else SOURCES.get(fmt, "diffusers")
+    return ForeignRun("textual_inversion", path, source, _asked_token(token, run_token(read[-1]), files[-1], fmt),
                       cfg.get("initializer"), tuple(dict.fromkeys(files)))
 
 

@@ -5,7 +5,9 @@
 
 Each row V* of the file becomes slerp_adjust(V*, c, rotation, scale) (Eq. 1) with c the class word's input
 embedding, exactly what ``persviz.tea.tea`` writes into the model at test time; the new file keeps the input's
-format, container, dtype, keys and metadata (persviz.embedding_files.write_like) and is written atomically.
+format, container, dtype, keys and metadata (persviz.embedding_files.write_like) and is written atomically. An A1111
+image embedding (a picture) becomes a float32 ``.safetensors`` {token: [n, D]} (``write_portable``), which A1111,
+kohya and diffusers load; an embedding with NaN or Inf rows is refused (it is broken, not collapsed).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Any
 
 import torch
 
-from persviz.embedding_files import EmbeddingFileError, check_fits, read_embedding_file, write_like
+from persviz.embedding_files import EmbeddingFileError, check_fits, read_embedding_file, write_like, write_portable
 from persviz.embeddings import class_word_id, norm_ratio_and_cosine, single_token_id
 from persviz.tea.adjust import slerp_adjust
 from persviz.tea.inspect_file import model_parts
@@ -40,11 +42,16 @@ class FixResult:
     cosine_before: tuple[float, ...]
     ratio_after: tuple[float, ...]
     cosine_after: tuple[float, ...]
+    written_format: str = ""  # the output's format when it differs from the input's (an image -> safetensors)
 
     def to_text(self) -> str:
         lines = [f"wrote {self.out} ({self.format}, token {self.token!r}, {self.before.shape[0]} x "
-                 f"{self.before.shape[1]}, {str(self.before.dtype).replace('torch.', '')}): TEA toward "
+                 f"{self.before.shape[1]}, {str(self.after.dtype).replace('torch.', '')}): TEA toward "
                  f"{self.class_word!r}, rotation {self.rotation}, scale {self.scale}"]
+        if self.written_format:
+            lines.append(f"  the input is an A1111 image embedding; the fixed token is written as {self.written_format}"
+                         f" {{{self.token!r}: [{self.before.shape[0]}, {self.before.shape[1]}]}}, which A1111 (named "
+                         f"after the file: {self.out.stem}), kohya and diffusers' load_textual_inversion load")
         for i in range(len(self.ratio_before)):
             lines.append(f"  row {i}: |V*|/|c| {self.ratio_before[i]:.2f} -> {self.ratio_after[i]:.2f}, "
                          f"cos(V*, c) {self.cosine_before[i]:.3f} -> {self.cosine_after[i]:.3f}")
@@ -58,12 +65,12 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
-def out_path(source: Path, out: str | os.PathLike, force: bool = False) -> Path:
-    """Where the fixed file goes (a folder: the input's file name inside it); refuses the input and, without
-    force, an existing file."""
+def out_path(source: Path, out: str | os.PathLike, force: bool = False, portable: bool = False) -> Path:
+    """Where the fixed file goes (a folder: the input's file name inside it, as .safetensors when portable);
+    refuses the input and, without force, an existing file."""
     o = Path(out).expanduser()
     if o.is_dir():
-        o = o / source.name
+        o = o / (source.stem + ".safetensors" if portable else source.name)
     if _same_file(source, o) or source.resolve() == o.resolve():
         raise EmbeddingFileError(f"--out {o} is the input file; fix never overwrites its input, so pick a new file name")
     if o.exists() and not force:
@@ -87,19 +94,23 @@ def fix_embedding(path: str | os.PathLike, pipe_or_parts: Any, class_word: str, 
     """
     rotation, scale = check_knobs(method, rotation, scale)
     f = read_embedding_file(path, token=token)
+    if f.broken_rows:
+        raise EmbeddingFileError(f"{f.path.name} is broken: {', '.join(f.broken_rows[:8])} hold NaN or Inf values (a "
+                                 "diverged training step), which TEA cannot repair; retrain or take an earlier snapshot")
     tokenizer, encoder = model_parts(pipe_or_parts)
     check_fits(f, encoder)
     cid = class_word_id(tokenizer, class_word)
     if single_token_id(tokenizer, f.token) == cid:
         raise ValueError(f"class word {class_word!r} is the learned token itself; pass the class word (e.g. 'dog')")
-    target = out_path(f.path, out, force)
+    portable = f.format == "a1111-image"
+    target = out_path(f.path, out, force, portable)
     weight = encoder.get_input_embeddings().weight.detach()
     c = weight[cid].cpu()
     # the operation `tea` does on the loaded rows (same inputs, same dtype promotion), stored in the file's dtype
     after = slerp_adjust(f.rows, c, rotation, scale).to(f.dtype)
-    written = write_like(f, after, target)
+    written = write_portable(f, after, target) if portable else write_like(f, after, target)
     rb, cb = norm_ratio_and_cosine(f.rows, c)
     ra, ca = norm_ratio_and_cosine(after, c)
     tup = lambda x: tuple(float(v) for v in x)  # noqa: E731
     return FixResult(f.path, written, f.format, f.token, class_word, rotation, scale, f.rows, after,
-                     tup(rb), tup(cb), tup(ra), tup(ca))
+                     tup(rb), tup(cb), tup(ra), tup(ca), "float32 .safetensors" if portable else "")

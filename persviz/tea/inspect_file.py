@@ -10,13 +10,15 @@ with ``load_text_model`` (the ShapesWorld model by default, a Hub id or a local 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 
-from persviz.embedding_files import EmbeddingFile, check_fits, read_embedding_file, summary
+from persviz.embedding_files import (EmbeddingFile, EmbeddingFileError, check_fits, read_embedding_file,
+                                     read_embedding_folder, summary)
 from persviz.embeddings import class_word_id, norm_ratio_and_cosine, prompt_parts
 from persviz.loading import default_model, unavailable_error
 from persviz.paths import shapesworld_dir
@@ -24,6 +26,8 @@ from persviz.tea.adjust import DEFAULTS
 
 PERCENTILES = (5, 50, 95)
 TAIL = 95  # a row norm beyond this percentile of the vocabulary is the norm drift of semantic collapse
+LONG = 32  # an embedding with more rows prints its first and last EDGE rows and the statistics of all
+EDGE = 8
 
 
 def load_text_model(model: Union[str, Path, None] = None, device: str | None = None) -> tuple[Any, Any]:
@@ -97,14 +101,44 @@ class InspectReport:
     knobs: dict[str, float] = field(default_factory=dict)  # TEA's defaults for the suggestion
 
     @property
+    def broken(self) -> list[str]:
+        """The rows holding NaN or Inf: the embedding is broken (a diverged training step)."""
+        return [r.name for r in self.rows if not math.isfinite(r.norm)]
+
+    @property
     def collapsed(self) -> bool:
         """A row's norm in the vocabulary's far tail (> p95), the norm drift of semantic collapse."""
         return any(r.in_tail for r in self.rows)
 
+    def _row_line(self, r: RowReport) -> str:
+        vn = self.vocab_norms
+        if not math.isfinite(r.norm):
+            return f"{r.name[:14]:<14} {'NaN/Inf':>8}  (broken row)"
+        pct = ">max" if r.norm > vn["max"] else f"p{r.percentile:.0f}"
+        line = f"{r.name[:14]:<14} {r.norm:>8.3f} {pct:>6}"
+        if self.class_word is not None:
+            line += f" {r.ratio:>9.2f} {r.cosine:>10.3f}"
+        return line + "  " + ", ".join(f"{w} {c:.2f}" for w, c in r.nearest)
+
+    def _statistics(self) -> list[str]:
+        """The statistics of every row, for long embeddings: norms, share in the tail, ratio and cosine."""
+        ok = [r for r in self.rows if math.isfinite(r.norm)]
+        if not ok:
+            return [f"all     {len(self.rows)} rows broken (NaN/Inf)"]
+        norms = torch.tensor([r.norm for r in ok], dtype=torch.float64)
+        line = (f"all     {len(self.rows)} rows: |V*| min {float(norms.min()):.3f}  median {float(norms.median()):.3f}  "
+                f"max {float(norms.max()):.3f}; {sum(r.in_tail for r in ok)} beyond the vocabulary's p{TAIL}")
+        if self.class_word is not None:
+            ratio = torch.tensor([r.ratio for r in ok], dtype=torch.float64)
+            cos = torch.tensor([r.cosine for r in ok], dtype=torch.float64)
+            line += (f"; |V*|/|c| median {float(ratio.median()):.2f} (max {float(ratio.max()):.2f}), "
+                     f"cos(V*, c) median {float(cos.median()):.3f}")
+        return [line]
+
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "model": self.model, "width": self.width, "vocab_size": self.vocab_size,
                 "vocab_norms": self.vocab_norms, "class_word": self.class_word, "class_norm": self.class_norm,
-                "collapsed": self.collapsed,
+                "collapsed": self.collapsed, "broken": self.broken,
                 "rows": [{"name": r.name, "norm": r.norm, "percentile": r.percentile, "ratio": r.ratio,
                           "cosine": r.cosine, "nearest": [list(x) for x in r.nearest]} for r in self.rows]}
 
@@ -116,6 +150,7 @@ class InspectReport:
             f"file    {f['path']}",
             f"format  {f['format']} ({f['container']})  token {f['token']!r}  {f['rows']} x {f['width']}  "
             f"{f['dtype']}{step}",
+            f"tool    {f['tool']}",
             f"model   {self.model or 'the given text encoder'}: text encoder {self.width} wide, {self.vocab_size} vocabulary rows",
             "vocab   row norms  " + "  ".join(f"{k} {v:.3f}" for k, v in vn.items()),
         ]
@@ -125,18 +160,24 @@ class InspectReport:
         if self.class_word is not None:
             head += f" {'|V*|/|c|':>9} {'cos(V*,c)':>10}"
         lines += ["", head + "  nearest words (cosine)"]
-        for r in self.rows:
-            pct = ">max" if r.norm > vn["max"] else f"p{r.percentile:.0f}"
-            line = f"{r.name[:14]:<14} {r.norm:>8.3f} {pct:>6}"
-            if self.class_word is not None:
-                line += f" {r.ratio:>9.2f} {r.cosine:>10.3f}"
-            lines.append(line + "  " + ", ".join(f"{w} {c:.2f}" for w, c in r.nearest))
+        if len(self.rows) > LONG:
+            lines += [self._row_line(r) for r in self.rows[:EDGE]]
+            lines.append(f"... {len(self.rows) - 2 * EDGE} rows left out (--json lists every row) ...")
+            lines += [self._row_line(r) for r in self.rows[-EDGE:]]
+            lines += self._statistics()
+        else:
+            lines += [self._row_line(r) for r in self.rows]
         lines.append("")
-        if self.collapsed:
+        if self.broken:
+            lines.append(f"diagnosis: the embedding is broken: {', '.join(self.broken[:8])}"
+                         f"{' and more' if len(self.broken) > 8 else ''} hold NaN or Inf values (a diverged training "
+                         f"step), so the token cannot be used or fixed; retrain it or take an earlier snapshot")
+        elif self.collapsed:
             tail = [r.name for r in self.rows if r.in_tail]
             model = "" if self.model in ("shapesworld", "") else f" --model {self.model}"
             fix = f"persviz fix {Path(f['path']).name} --class-word {self.class_word or 'WORD'} --out FIXED{model}"
-            lines.append(f"diagnosis: the norm of {', '.join(tail)} lies beyond the vocabulary's p{TAIL} (the norm drift "
+            named = ", ".join(tail[:8]) + (f" and {len(tail) - 8} more rows" if len(tail) > 8 else "")
+            lines.append(f"diagnosis: the norm of {named} lies beyond the vocabulary's p{TAIL} (the norm drift "
                          f"of semantic collapse, docs/tea.md §4); TEA pulls it back: {fix} "
                          f"(rotation {self.knobs.get('rotation')}, scale {self.knobs.get('scale')})")
         else:
@@ -163,14 +204,17 @@ def inspect_file(f: EmbeddingFile, pipe_or_parts: Any, class_word: str | None = 
     Vn = V / V.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     sims = (rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)) @ Vn.T
     sims[:, ~keep] = -2.0
+    sims = torch.nan_to_num(sims, nan=-2.0)
     top = sims.topk(min(k, int(keep.sum())), dim=-1)
+    finite = torch.isfinite(rows).all(dim=-1)
     out = []
     for i, name in enumerate(f.row_names):
-        nv = float(rows[i].norm())
+        nv = float(rows[i].norm()) if finite[i] else math.nan
         out.append(RowReport(
-            name=name, norm=nv, percentile=100.0 * float((norms < nv).double().mean()),
+            name=name, norm=nv, percentile=100.0 * float((norms < nv).double().mean()) if finite[i] else math.nan,
             ratio=None if c is None else float(ratio[i]), cosine=None if c is None else float(cos[i]),
-            nearest=tuple((_word(tokenizer, ids[j]), float(s)) for s, j in zip(top.values[i], top.indices[i]))))
+            nearest=() if not finite[i] else
+            tuple((_word(tokenizer, ids[j]), float(s)) for s, j in zip(top.values[i], top.indices[i]))))
     return InspectReport(summary(f), model_name, int(V.shape[-1]), int(V.shape[0]),
                          vocab_norms, class_word, None if c is None else float(c.norm()), tuple(out),
                          dict(DEFAULTS["textual_inversion"]))
@@ -188,3 +232,37 @@ def inspect_embedding(path: str | Path, pipe_or_parts: Any, class_word: str | No
     Raises ValueError (EmbeddingFileError for the file) naming the problem and the fix.
     """
     return inspect_file(read_embedding_file(path), pipe_or_parts, class_word, k, model_name)
+
+
+def inspect_folder(folder: str | Path, pipe_or_parts: Any, class_word: str | None = None, k: int = 5,
+                   model_name: str = "") -> list[tuple[Path, InspectReport | EmbeddingFileError]]:
+    """inspect_file for every embedding file of a folder (several embeddings, not one run): a report, or the
+    sentence saying why that file cannot be read or does not fit the model."""
+    out: list[tuple[Path, InspectReport | EmbeddingFileError]] = []
+    for path, f in read_embedding_folder(folder):
+        if not isinstance(f, EmbeddingFileError):
+            try:
+                f = inspect_file(f, pipe_or_parts, class_word, k, model_name)
+            except EmbeddingFileError as err:
+                f = err
+        out.append((path, f))
+    return out
+
+
+def folder_text(folder: str | Path, found: list[tuple[Path, InspectReport | EmbeddingFileError]]) -> str:
+    """One line per embedding of inspect_folder's result: format, token, rows, step and the diagnosis."""
+    lines = [f"folder  {folder}: {len(found)} embedding file(s)"]
+    for path, r in found:
+        if isinstance(r, EmbeddingFileError):
+            lines.append(f"  {path.name}: not read: {r}")
+            continue
+        f = r.file
+        step = f", step {f['metadata']['step']}" if f["metadata"].get("step") is not None else ""
+        worst = max((x.norm for x in r.rows if math.isfinite(x.norm)), default=math.nan)
+        state = ("BROKEN (NaN/Inf rows)" if r.broken else
+                 f"norm drift (max |V*| {worst:.3f} beyond p{TAIL} {r.vocab_norms[f'p{TAIL}']:.3f})" if r.collapsed
+                 else f"no norm drift (max |V*| {worst:.3f})")
+        lines.append(f"  {path.name}: {f['format']} ({f['tool']}), token {f['token']!r}, {f['rows']} x {f['width']}"
+                     f"{step}: {state}")
+    lines.append("inspect one file for its rows and nearest words: persviz inspect FOLDER/FILE")
+    return "\n".join(lines)

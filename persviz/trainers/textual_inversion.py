@@ -92,7 +92,11 @@ FINAL_FILE = "learned_embeds.safetensors"
 _STEP_FILE = re.compile(r"learned_embeds-steps-(\d+)\.safetensors")
 _ANY_STEP_FILE = re.compile(r"learned_embeds-steps-(\d+)\.(?:safetensors|bin)")  # .bin: the example's --no_safe_serialization
 _A1111_STEP_FILE = re.compile(r"(.+)-(\d+)\.pt")  # A1111: embeddings/<name>-<step>.pt
+_A1111_IMAGE_FILE = re.compile(r"(.+)-(\d+)\.(?:png|webp|avif|jxl)")  # A1111: image_embeddings/<name>-<step>.png
+_KOHYA_STEP_FILE = re.compile(r"(.+)-step(\d{8})\.(?:safetensors|pt)")  # kohya: <output_name>-step{:08d}
+_ORIGINAL_STEP_FILE = re.compile(r"embeddings_gs-(\d+)\.pt")  # the original Textual Inversion's checkpoints/
 A1111_EMBEDDINGS = "embeddings"
+A1111_IMAGE_EMBEDDINGS = "image_embeddings"
 _FORMAT = 1
 
 
@@ -164,25 +168,52 @@ def list_snapshots(out_dir: PathLike) -> list[tuple[int, Path]]:
     """The (step, path) of every snapshot of a Textual Inversion run folder, sorted by step.
 
     diffusers' naming first (persviz and diffusers' ``examples/textual_inversion/textual_inversion.py``:
-    ``learned_embeds-steps-{k}.safetensors``, ``.bin`` with its --no_safe_serialization); else Automatic1111's
-    (``textual_inversion/<date>/<name>/embeddings/<name>-{k}.pt``: the ``<name>`` folder or its ``embeddings/``).
-    The files' format is read from their content (``load_snapshot_embedding``)."""
+    ``learned_embeds-steps-{k}.safetensors``, ``.bin`` with its --no_safe_serialization); else kohya's
+    (``<name>-step{k:08d}.safetensors`` / ``.pt``), the original Textual Inversion's (``embeddings_gs-{k}.pt``, in
+    the folder or its ``checkpoints/``), Automatic1111's (``textual_inversion/<date>/<name>/embeddings/<name>-{k}.pt``:
+    the ``<name>`` folder or its ``embeddings/``, else its ``image_embeddings/<name>-{k}.png``). k is the step in the
+    tool's convention (``embedding_files`` module docstring). The files' format is read from their content."""
     found = numbered(out_dir, _ANY_STEP_FILE)  # FileNotFoundError for a missing folder
-    return found if found else a1111_snapshots(out_dir)
+    for finder in (kohya_snapshots, original_snapshots, a1111_snapshots):
+        found = found or finder(out_dir)
+    return found
+
+
+def kohya_snapshots(folder: PathLike) -> list[tuple[int, Path]]:
+    """The (step, path) of kohya's ``<name>-step{k:08d}.safetensors`` / ``.pt`` snapshots (one run's) in folder."""
+    hits = [(m.group(1), int(m.group(2)), p) for p in sorted(Path(folder).expanduser().iterdir())
+            if p.is_file() and (m := _KOHYA_STEP_FILE.fullmatch(p.name))]
+    _one_run(Path(folder), {n for n, _, _ in hits})
+    return sorted((k, p) for _, k, p in hits)
+
+
+def original_snapshots(folder: PathLike) -> list[tuple[int, Path]]:
+    """The (step, path) of the original Textual Inversion's ``embeddings_gs-{k}.pt`` in folder or its checkpoints/."""
+    d = Path(folder).expanduser()
+    d = d / "checkpoints" if (d / "checkpoints").is_dir() else d
+    return numbered(d, _ORIGINAL_STEP_FILE, lambda p: p.is_file())
+
+
+def _one_run(d: Path, names: set[str]) -> None:
+    if len(names) > 1:
+        raise ValueError(f"{d} holds the snapshots of several embeddings ({', '.join(sorted(names))}); pass the "
+                         "folder of one training run (A1111's textual_inversion/<date>/<name>, kohya's output_dir of "
+                         "one --output_name)")
 
 
 def a1111_snapshots(folder: PathLike) -> list[tuple[int, Path]]:
     """The (step, path) of Automatic1111's ``<name>-{k}.pt`` snapshots in folder (or its ``embeddings/``)."""
-    d = Path(folder).expanduser()
-    if (d / A1111_EMBEDDINGS).is_dir():
-        d = d / A1111_EMBEDDINGS
-    hits = [(m.group(1), int(m.group(2)), p) for p in sorted(d.iterdir())
-            if p.is_file() and (m := _A1111_STEP_FILE.fullmatch(p.name))]
-    names = sorted({n for n, _, _ in hits})
-    if len(names) > 1:
-        raise ValueError(f"{d} holds the snapshots of several embeddings ({', '.join(names)}); pass the folder of "
-                         "one training run (A1111's textual_inversion/<date>/<name>)")
-    return sorted((k, p) for _, k, p in hits)
+    base = Path(folder).expanduser()
+    for d, pattern in ((base / A1111_EMBEDDINGS, _A1111_STEP_FILE), (base, _A1111_STEP_FILE),
+                       (base / A1111_IMAGE_EMBEDDINGS, _A1111_IMAGE_FILE), (base, _A1111_IMAGE_FILE)):
+        if not d.is_dir():
+            continue
+        hits = [(m.group(1), int(m.group(2)), p) for p in sorted(d.iterdir())
+                if p.is_file() and (m := pattern.fullmatch(p.name))]
+        if hits:
+            _one_run(d, {n for n, _, _ in hits})
+            return sorted((k, p) for _, k, p in hits)
+    return []
 
 
 def final_embedding(path: PathLike) -> Path:
@@ -198,12 +229,20 @@ def final_embedding(path: PathLike) -> Path:
     if not snaps:
         raise FileNotFoundError(f"{p} holds no Textual Inversion embedding ({FINAL_FILE}, learned_embeds-steps-<k> "
                                 "snapshots or A1111's <name>-<k>.pt); pass a run folder or an embedding file")
-    stem = _A1111_STEP_FILE.fullmatch(snaps[-1][1].name)
+    last = snaps[-1][1]
+    kohya = _KOHYA_STEP_FILE.fullmatch(last.name)
+    if kohya:  # kohya's train_util.get_last_ckpt_name: <output_name>.<ext> beside the snapshots
+        for ext in (".safetensors", ".pt"):
+            if (last.parent / f"{kohya.group(1)}{ext}").is_file():
+                return last.parent / f"{kohya.group(1)}{ext}"
+    if _ORIGINAL_STEP_FILE.fullmatch(last.name) and (last.parent / "embeddings.pt").is_file():
+        return last.parent / "embeddings.pt"
+    stem = _A1111_STEP_FILE.fullmatch(last.name) or _A1111_IMAGE_FILE.fullmatch(last.name)
     if stem:
         for folder in (p, p / A1111_EMBEDDINGS):
             if (folder / f"{stem.group(1)}.pt").is_file():
                 return folder / f"{stem.group(1)}.pt"
-    return snaps[-1][1]
+    return last
 
 
 def load_snapshot_embedding(path: PathLike) -> torch.Tensor:
@@ -221,7 +260,7 @@ def load_snapshot_embedding(path: PathLike) -> torch.Tensor:
 def run_token(f: EmbeddingFile) -> str:
     """The token a run's embedding file stands for: its stored token, except for an A1111 snapshot
     ``<name>-<step>.pt``, which A1111 saves under the name "<name>-<step>": there the run's ``<name>``."""
-    m = _A1111_STEP_FILE.fullmatch(f.path.name)
+    m = _A1111_STEP_FILE.fullmatch(f.path.name) or _A1111_IMAGE_FILE.fullmatch(f.path.name)
     if f.format.startswith("a1111") and m and f.token in (f.path.stem, m.group(1)):
         return m.group(1)
     return f.token

@@ -9,6 +9,7 @@ import torch
 from persviz.cli import main
 from persviz.embedding_files import read_embedding_file
 from persviz.paths import SHAPESWORLD_DIR
+from tests.tool_formats import a1111_image_embedding, kohya_save
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CHECKERS = str(SHAPESWORLD_DIR / "concepts/checkers/textual_inversion/learned_embeds.safetensors")
@@ -45,7 +46,7 @@ def _bad_inputs(tmp_path):
     safetensors.torch.save_file({"<w>": torch.ones(1, 32)}, str(tmp_path / "w32.safetensors"))
     return [
         ([str(tmp_path / "missing.safetensors")], "no file at"),
-        ([str(tmp_path / "notes.pt")], "neither a safetensors nor a torch file"),
+        ([str(tmp_path / "notes.pt")], "neither a safetensors, a torch file nor an A1111 image embedding"),
         ([str(tmp_path / "xl.safetensors")], "SDXL embedding .* SD 1.x"),
         ([str(tmp_path / "w32.safetensors")], "width 32 .* 128 wide: the embedding was trained on another model"),
         ([CHECKERS, "--class-word", "squarecircle"], "tokenizes to"),
@@ -75,3 +76,29 @@ def test_fix_refuses_its_input_and_a_bad_knob(tmp_path):
     with pytest.raises(SystemExit, match="rotation must be a number in"):
         main(["fix", CHECKERS, "--class-word", "square", "--out", str(tmp_path / "o.safetensors"), "--rotation", "3"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_image_embeddings_folders_and_broken_files_through_the_command(tmp_path, capsys):
+    """An A1111 image embedding (writer: tests/tool_formats.py) inspected and fixed into a portable .safetensors;
+    a folder of several embeddings listed; NaN rows refused by fix in one sentence."""
+    rows = read_embedding_file(CHECKERS).rows
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    png = a1111_image_embedding(folder / "checkers-20.png", rows, "checkers-20", 19, text_chunk=False)
+    kohya_save(folder / "small.safetensors", rows * 0.01, "small")
+    report = main(["inspect", str(png), "--class-word", "square"])
+    out = capsys.readouterr().out
+    assert "a1111-image (png)" in out and "step 20" in out and "Automatic1111" in out and report.collapsed
+    result = main(["fix", str(png), "--class-word", "square", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert result.out == tmp_path / "checkers-20.safetensors" and "A1111" in out and "diffusers" in out
+    assert read_embedding_file(result.out).token == "checkers-20"
+    main(["inspect", str(folder)])
+    out = capsys.readouterr().out
+    assert "2 embedding file(s)" in out and "checkers-20.png: a1111-image" in out and "small.safetensors: kohya" in out
+    bad = rows.clone()
+    bad[0, 0] = float("nan")
+    safetensors.torch.save_file({"<nan>": bad}, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(SystemExit, match="is broken: <nan> hold NaN or Inf"):
+        main(["fix", str(tmp_path / "nan.safetensors"), "--class-word", "square", "--out", str(tmp_path / "n2.safetensors")])
+    assert not (tmp_path / "n2.safetensors").exists()

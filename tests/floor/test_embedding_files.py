@@ -14,14 +14,20 @@ Sources of the fixtures' save code (reproduced, since the scripts cannot run her
   reads it too); SDXL (sdxl_train_textual_inversion.py): ``{"clip_l": [n, 768], "clip_g": [n, 1280]}``.
 """
 import struct
+import zlib
+from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
 
-from persviz.embedding_files import (EmbeddingFileError, check_fits, read_embedding_file, sniff_container, summary,
-                                     write_like)
+from persviz.embedding_files import (EmbeddingFileError, check_fits, read_embedding_file, read_embedding_folder,
+                                     sniff_container, summary, tool_step, write_like, write_portable)
+from persviz.image_embeddings import decode_pixels, lcg_bytes
 from persviz.paths import SHAPESWORLD_DIR
+from tests.tool_formats import (a1111_image_embedding, a1111_load, kohya_load, kohya_run, kohya_save,
+                                original_ti_save, preview)
 
 D = 32
 
@@ -113,7 +119,7 @@ def test_a1111_kohya_safetensors_named_by_the_file(tmp_path):
     safetensors.torch.save_file({"emb_params": embs}, str(tmp_path / "kohya-cat.safetensors"),
                                 metadata={"ss_output_name": "kohya-cat"})
     f = read_embedding_file(tmp_path / "kohya-cat.safetensors")
-    assert (f.format, f.token, f.n_vectors) == ("a1111-safetensors", "kohya-cat", 4)
+    assert (f.format, f.token, f.n_vectors) == ("kohya", "kohya-cat", 4)
     assert f.metadata["safetensors:ss_output_name"] == "kohya-cat"
     assert read_embedding_file(tmp_path / "kohya-cat.safetensors", token="<k>").token == "<k>"
 
@@ -160,7 +166,7 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(EmbeddingFileError, match="no file at"):
         read_embedding_file(tmp_path / "missing.pt")
     (tmp_path / "notes.pt").write_text("hello, not an embedding")
-    with pytest.raises(EmbeddingFileError, match="neither a safetensors nor a torch file"):
+    with pytest.raises(EmbeddingFileError, match="neither a safetensors, a torch file nor an A1111 image embedding"):
         read_embedding_file(tmp_path / "notes.pt")
     (tmp_path / "lfs.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\n")
     with pytest.raises(EmbeddingFileError, match="git lfs pull"):
@@ -211,3 +217,116 @@ def test_write_like_keeps_the_format(tmp_path, kind):
         elif k != "string_to_param":
             assert g.raw[k] == f.raw[k]
     assert list(tmp_path.glob(".*.tmp")) == []
+
+
+# ----------------------------------------------------------------------------- issue 21: every tool's files
+# Fixture writers: tests/tool_formats.py (own code reproducing each tool's format; upstream files and commits there).
+
+
+def test_a1111_lcg_is_the_reference_stream():
+    """image_embedding.py's own self-test lists the first values; the first by hand: 1013904223 = 255 * 3976094 + 253."""
+    assert lcg_bytes(100).tolist()[:13] == [253, 242, 127, 44, 157, 27, 239, 133, 38, 79, 167, 4, 177]
+    assert lcg_bytes(100).tolist()[91:] == [204, 86, 73, 222, 44, 198, 118, 240, 97]
+
+
+def test_a_hand_built_pixel_block_decodes():
+    """Two rows, payload zlib('{"name": "x"}'): every pixel computed here nibble by nibble, no writer involved."""
+    payload = np.frombuffer(zlib.compress(b'{"name": "x"}', 9), np.uint8)
+    h, n = 2, len(payload)
+    size = n + (h - n % h)
+    size = size + (h * 3 - size % (h * 3))
+    key = lcg_bytes(size) & 0x0F
+    low = (np.resize(payload & 0x0F, size) ^ key) | 0x10  # a high nibble of 1: every channel > 0, as A1111's dots
+    high = (np.resize(payload >> 4, size) ^ key) | 0x20
+    middle = np.full((h, 2, 3), 0x33, np.uint8)
+    black = np.zeros((h, 1, 3), np.uint8)
+    pixels = np.concatenate([low.reshape(h, -1, 3), black, middle, black, high.reshape(h, -1, 3)], axis=1)
+    pixels = np.pad(pixels.astype(np.uint8), ((1, 1), (1, 1), (0, 0)))  # a black frame is cropped away
+    assert decode_pixels(pixels) == {"name": "x"}
+    assert decode_pixels(np.full((4, 4, 3), 200, np.uint8)) is None  # no black columns: no embedding
+
+
+@pytest.mark.parametrize("carrier", ["text chunk", "pixels", "webp pixels"])
+def test_a1111_image_embedding(tmp_path, carrier):
+    vec = rows(2)
+    path = tmp_path / ("candy-20.webp" if carrier == "webp pixels" else "candy-20.png")
+    a1111_image_embedding(path, vec, "candy-20", 19, text_chunk=carrier == "text chunk",
+                          fmt="WEBP" if carrier == "webp pixels" else "PNG")
+    f = read_embedding_file(path)
+    assert (f.format, f.container, f.token, f.dtype) == ("a1111-image", path.suffix[1:], "candy-20", torch.float32)
+    assert f.metadata["embedded in"] == carrier.replace("webp ", "")
+    assert (f.metadata["step"], f.metadata["stored_step"]) == (20, 19)  # A1111's steps_done, as in its file name
+    assert torch.equal(f.rows, vec)  # JSON floats of float32 values come back exactly
+    assert "Automatic1111" in f.describe()
+    with pytest.raises(EmbeddingFileError, match="write_portable"):
+        write_like(f, f.rows, tmp_path / "x.png")
+    out = write_portable(f, f.rows * 0.5, tmp_path / "candy.safetensors")
+    assert a1111_load(out)[0] == "candy" and torch.equal(a1111_load(out)[1], vec * 0.5)
+    assert torch.equal(kohya_load(out), vec * 0.5)
+
+
+def test_a_picture_without_an_embedding_is_one_sentence(tmp_path):
+    preview().save(tmp_path / "candy-20.preview.png")
+    preview().save(tmp_path / "photo.png")
+    with pytest.raises(EmbeddingFileError, match="picture without an embedding .* preview image"):
+        read_embedding_file(tmp_path / "photo.png")
+    (tmp_path / "x.jxl").write_bytes(b"\xff\x0a" + bytes(30))
+    with pytest.raises(EmbeddingFileError, match="jxl file Pillow cannot open.*pillow-jxl-plugin"):
+        read_embedding_file(tmp_path / "x.jxl")
+
+
+def test_kohya_files_are_kohya_with_their_token_and_step(tmp_path):
+    run = kohya_run(tmp_path / "out", "zwxcat", [20, 40], lambda k: rows(2, seed=k))
+    f = read_embedding_file(run / "zwxcat-step00000020.safetensors")
+    assert (f.format, f.token, f.metadata["step"], f.n_vectors) == ("kohya", "zwxcat", 20, 2)
+    assert "kohya-ss sd-scripts" in f.describe()
+    final = read_embedding_file(run / "zwxcat.safetensors")
+    assert final.token == "zwxcat" and "step" not in final.metadata
+    epoch = read_embedding_file(kohya_save(tmp_path / "cat-000003.pt", rows(1), "cat", torch.float16))
+    assert (epoch.format, epoch.token, epoch.dtype, epoch.metadata["epoch"]) == ("kohya", "cat", torch.float16, 3)
+    titled = kohya_save(tmp_path / "renamed-step00000100.safetensors", rows(1), "<my-cat>")
+    assert read_embedding_file(titled).token == "<my-cat>"  # the metadata's title wins over the file name
+
+
+def test_the_original_textual_inversion_pt_through_an_allow_list(tmp_path):
+    path = original_ti_save(tmp_path / "embeddings_gs-6099.pt", rows(2))
+    with pytest.raises(Exception, match="ParameterDict"), open(path, "rb") as fh:
+        torch.load(fh, weights_only=True)  # without the allow-list torch >= 2.6 refuses it
+    f = read_embedding_file(path)
+    assert (f.format, f.token, f.metadata["step"], f.n_vectors) == ("textual-inversion", "*", 6099, 2)
+    assert torch.equal(f.rows, rows(2)) and "original Textual Inversion" in f.describe()
+    out = read_embedding_file(write_like(f, f.rows * 2, tmp_path / "embeddings.pt"))
+    assert out.format == "textual-inversion" and torch.equal(out.rows, rows(2) * 2)
+    with pytest.raises(Exception, match="ParameterDict"):  # kohya's torch.load (weights_only by default in torch
+        kohya_load(tmp_path / "embeddings.pt")  # >= 2.6) fails on this format, as the issue reports
+    torch.save({"string_to_param": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")  # a class off the list
+    with pytest.raises(EmbeddingFileError, match="does not load with weights_only=True"):
+        read_embedding_file(tmp_path / "module.pt")
+
+
+def test_one_step_convention():
+    """Each tool's number as its users see it (embedding_files' docstring), from hand-written names and stored steps."""
+    a1111 = {"name": "candy-20", "step": 19}
+    assert tool_step("a1111", Path("candy-20.pt"), a1111)["step"] == 20
+    assert tool_step("a1111", Path("renamed.pt"), a1111)["step"] == 20  # the stored name says it too
+    assert tool_step("a1111", Path("candy.pt"), {"name": "candy", "step": 3000})["step"] == 3000  # the final
+    assert tool_step("diffusers", Path("learned_embeds-steps-500.safetensors"), {}) == {"step": 500}
+    assert tool_step("kohya", Path("cat-step00000020.safetensors"), {}) == {"step": 20}
+    assert tool_step("kohya", Path("cat-000002.safetensors"), {}) == {"epoch": 2}
+    assert tool_step("textual-inversion", Path("embeddings_gs-499.pt"), {}) == {"step": 499}
+
+
+def test_mixed_widths_and_several_embeddings_are_sentences(tmp_path):
+    safetensors.torch.save_file({"<t>": torch.zeros(D), "<t>_1": torch.zeros(D + 8)}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(EmbeddingFileError, match=r"mixed widths \[32, 40\]"):
+        read_embedding_file(tmp_path / "m.safetensors")
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    a1111_save(folder / "candy.pt", "candy", rows(1))
+    kohya_save(folder / "dog.safetensors", rows(2), "dog")
+    (folder / "candy.pt.optim").write_bytes((folder / "candy.pt").read_bytes())  # A1111's optimizer state: skipped
+    with pytest.raises(EmbeddingFileError, match=r"holds 2 embedding files \(candy.pt, dog.safetensors\)"):
+        read_embedding_file(folder)
+    found = read_embedding_folder(folder)
+    assert [(p.name, f.format, f.token) for p, f in found] == [("candy.pt", "a1111", "candy"),
+                                                               ("dog.safetensors", "kohya", "dog")]

@@ -22,7 +22,9 @@ from persviz.foreign_runs import adopt_run, detect_run
 from persviz.tea.study import personalized
 from persviz.tea.tracker import track_semantic_shift
 from persviz.trainers import list_snapshots, load_snapshot_embedding
+from persviz.embedding_files import read_embedding_file
 from tests.helpers import D, random_vector
+from tests.tool_formats import a1111_image_embedding, kohya_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -288,3 +290,58 @@ def test_bad_runs_write_nothing(tmp_path, tiny_sd_pipeline, photos, case, messag
     with pytest.raises(ValueError, match=message):
         adopt_run(method, run, out, photos, class_word=class_word, pipe=tiny_sd_pipeline)
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- issue 21: kohya, A1111 pictures, steps
+
+
+def test_a_kohya_run_folder_is_adopted_tracked_and_loaded(tmp_path, tiny_sd_pipeline, photos):
+    """kohya-ss sd-scripts train_textual_inversion.py --save_every_n_steps 20 (writer: tests/tool_formats.py)."""
+    run = kohya_run(tmp_path / "kohya_out", "zwxtoy", [20, 40], lambda k: random_vector(k, 1))
+    assert [k for k, _ in list_snapshots(run)] == [20, 40]
+    found = detect_run("textual_inversion", run)
+    assert (found.source, found.token) == ("kohya", "zwxtoy")
+    assert [p.name for p in found.files] == ["zwxtoy-step00000020.safetensors", "zwxtoy-step00000040.safetensors",
+                                             "zwxtoy.safetensors"]
+    track = track_semantic_shift(tiny_sd_pipeline, run, PROMPTS, class_word="square", placeholder="zwxtoy",
+                                 progress=False)
+    assert track["step"] == [20, 40]
+    concept = adopt_run("ti", run, tmp_path / "concept", photos, class_word="square", pipe=tiny_sd_pipeline)
+    assert concept.runs["textual_inversion"]["source"] == "kohya" and concept.placeholder == "zwxtoy"
+
+
+def test_an_a1111_image_embeddings_folder_is_adopted_with_the_same_steps(tmp_path, tiny_sd_pipeline, photos):
+    """A1111's train_embedding with 'save images with embedding': image_embeddings/<name>-<steps_done>.png holding
+    step = steps_done - 1; inspect, the tracker and adopt all say steps_done."""
+    folder = tmp_path / "textual_inversion" / "2026-01-01" / "candy" / "image_embeddings"
+    folder.mkdir(parents=True)
+    for k in (10, 20):
+        a1111_image_embedding(folder / f"candy-{k}.png", random_vector(k, 1), f"candy-{k}", k - 1,
+                              text_chunk=k == 10)  # the second one is read from its pixels
+    assert [k for k, _ in list_snapshots(folder)] == [10, 20]
+    assert [k for k, _ in list_snapshots(folder.parent)] == [10, 20]  # the run's folder finds its image_embeddings/
+    assert read_embedding_file(folder / "candy-20.png").metadata["step"] == 20
+    track = track_semantic_shift(tiny_sd_pipeline, folder, PROMPTS, class_word="square", placeholder="candy",
+                                 progress=False)
+    assert track["step"] == [10, 20]
+    found = detect_run("textual_inversion", folder)
+    assert (found.source, found.token) == ("a1111", "candy")
+    with pytest.raises(ValueError, match=r"write it in prompts as candy, without brackets.*--token 'candy'"):
+        detect_run("textual_inversion", folder, token="<candy>")
+    adopt_run("ti", folder.parent, tmp_path / "concept", photos, class_word="square", pipe=tiny_sd_pipeline)
+    assert read_concept(tmp_path / "concept").token("textual_inversion") == "candy"
+
+
+def test_an_embeddings_folder_is_not_a_run_and_says_what_it_holds(tmp_path, tiny_sd_pipeline, photos):
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    for name in ("candy", "dog"):
+        torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": random_vector(1, 1)}, "name": name,
+                    "step": 100}, folder / f"{name}.pt")
+    with pytest.raises(ValueError, match=r"holds 2 embedding file\(s\) \(candy.pt, dog.pt\) but no numbered snapshots"):
+        adopt_run("ti", folder, tmp_path / "concept", photos, class_word="square", pipe=tiny_sd_pipeline)
+    for name in ("candy", "dog"):
+        (folder / f"{name}-5.pt").write_bytes((folder / f"{name}.pt").read_bytes())
+    with pytest.raises(ValueError, match=r"snapshots of several embeddings \(candy, dog\)"):
+        adopt_run("ti", folder, tmp_path / "concept", photos, class_word="square", pipe=tiny_sd_pipeline)
+    assert not (tmp_path / "concept").exists()

@@ -15,8 +15,9 @@ from persviz.embeddings import class_word_id, norm_ratio_and_cosine
 from persviz.paths import SHAPESWORLD_DIR
 from persviz.tea.adjust import DEFAULTS, slerp_adjust
 from persviz.tea.fix_file import fix_embedding
-from persviz.tea.inspect_file import inspect_embedding, load_text_model
+from persviz.tea.inspect_file import folder_text, inspect_embedding, inspect_folder, load_text_model
 from persviz.tea.pipeline import tea
+from tests.tool_formats import a1111_image_embedding, a1111_load, kohya_load, kohya_save, original_ti_save
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 D = 32
@@ -171,3 +172,102 @@ def test_load_text_model_reads_the_shapesworld_encoder_only():
     assert encoder.get_input_embeddings().weight.shape[-1] == 128 and tokenizer("square")["input_ids"]
     r = inspect_embedding(CHECKERS, (tokenizer, encoder), "square", model_name="shapesworld")
     assert r.rows[0].name == "<checkers>" and r.collapsed and "--model" not in r.to_text()
+
+
+# ----------------------------------------------------------------------------- issue 21 / 20: other tools' files
+
+
+@pytest.mark.parametrize("kind", ["a1111-image-text", "a1111-image-pixels", "kohya-step", "kohya-pt-fp16",
+                                  "textual-inversion"])
+def test_fixed_foreign_files_load_in_the_loaders(tiny_sd_pipeline_shared, tmp_path, kind):
+    """fix on each tool's file (writers: tests/tool_formats.py) gives tea's rows; the fixed file loads in diffusers'
+    load_textual_inversion (the same image as tea), in kohya's load_weights checks and A1111's load_from_file checks
+    (reproduced in tests/tool_formats.py, marked so) where those tools can read the format."""
+    v = _rows(2)
+    if kind.startswith("a1111-image"):
+        src = a1111_image_embedding(tmp_path / "cat-20.png", v, "cat-20", 19, text_chunk=kind.endswith("text"))
+        out = tmp_path / "fixed"
+        out.mkdir()
+    elif kind == "kohya-step":
+        src = kohya_save(tmp_path / "cat-step00000020.safetensors", v, "<cat>")
+        out = tmp_path / "fixed.safetensors"
+    elif kind == "kohya-pt-fp16":
+        v = v.half()
+        src = kohya_save(tmp_path / "cat.pt", v, "cat", torch.float16)
+        out = tmp_path / "fixed.pt"
+    else:
+        src = original_ti_save(tmp_path / "embeddings_gs-99.pt", v)
+        out = tmp_path / "fixed.pt"
+    result = fix_embedding(src, tiny_sd_pipeline_shared, "square", out, token="<cat>")
+    fixed = read_embedding_file(result.out)
+    if kind.startswith("a1111-image"):  # a picture becomes a portable float32 safetensors named after the input
+        assert result.out == out / "cat-20.safetensors" and fixed.format == "diffusers" and "A1111" in result.to_text()
+    else:
+        assert fixed.format == read_embedding_file(src).format and fixed.dtype == v.dtype
+    c = tiny_sd_pipeline_shared.text_encoder.get_input_embeddings().weight.detach()[
+        class_word_id(tiny_sd_pipeline_shared.tokenizer, "square")]
+    assert torch.equal(fixed.rows.float(), slerp_adjust(v, c, *DEFAULTS["textual_inversion"].values()).to(v.dtype).float())
+    if kind == "textual-inversion":  # diffusers' and kohya's torch.load (weights_only under torch >= 2.6) refuse it
+        with pytest.raises(Exception, match="ParameterDict"):
+            kohya_load(result.out)
+        return
+    assert torch.equal(kohya_load(result.out).float(), fixed.rows.float())
+    assert torch.equal(a1111_load(result.out)[1], fixed.rows.float())
+    prompt = "a <cat> on a gray background"
+    with_tea, loaded = copy.deepcopy(tiny_sd_pipeline_shared), copy.deepcopy(tiny_sd_pipeline_shared)
+    with_tea.load_textual_inversion({"<cat>": v.float()}, token="<cat>")
+    loaded.load_textual_inversion(str(result.out), token="<cat>")
+    with tea(with_tea, "<cat>", "square"):
+        a = _gen(with_tea, prompt)
+    assert float(np.abs(a - _gen(loaded, prompt)).max()) <= (1e-6 if v.dtype == torch.float32 else 0.1)
+
+
+def test_broken_rows_are_diagnosed_and_refused(tiny_sd_pipeline_shared, tmp_path):
+    v = _rows(2)
+    v[1, 3] = float("nan")
+    path, _ = _write(tmp_path, "diffusers", v)
+    r = inspect_embedding(path, tiny_sd_pipeline_shared, class_word="square")
+    assert r.broken == ["<cat>_1"] and r.to_dict()["broken"] == ["<cat>_1"]
+    text = r.to_text()
+    assert "the embedding is broken: <cat>_1 hold NaN or Inf" in text and "no norm drift" not in text
+    assert "NaN/Inf" in text.splitlines()[-3]
+    v[1, 3] = float("inf")
+    safetensors.torch.save_file({"<cat>": v}, str(tmp_path / "inf.safetensors"))
+    with pytest.raises(EmbeddingFileError, match="is broken: <cat>_1 hold NaN or Inf"):
+        fix_embedding(tmp_path / "inf.safetensors", tiny_sd_pipeline_shared, "square", tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_long_embedding_prints_its_edges_and_the_statistics_of_all(tiny_sd_pipeline_shared, tmp_path):
+    v = _rows(40, scale=0.01)
+    v[20] *= 1000  # the only drifted row sits in the part left out: the statistics must still show it
+    path, _ = _write(tmp_path, "diffusers", v)
+    r = inspect_embedding(path, tiny_sd_pipeline_shared, class_word="square")
+    lines = r.to_text().splitlines()
+    rows = [ln.split()[0] for ln in lines if ln.startswith("<cat>")]
+    assert rows == ["<cat>"] + [f"<cat>_{i}" for i in range(1, 8)] + [f"<cat>_{i}" for i in range(32, 40)]
+    assert any("24 rows left out" in ln for ln in lines)
+    stats = next(ln for ln in lines if ln.startswith("all "))
+    norms = v.norm(dim=-1).double()
+    assert f"max {float(norms.max()):.3f}" in stats and f"median {float(norms.median()):.3f}" in stats
+    assert "the norm of <cat>_20 lies beyond" in lines[-1]  # the diagnosis names it
+    many = inspect_embedding(path, tiny_sd_pipeline_shared, class_word="square")
+    object.__setattr__(many, "rows", tuple(type(x)(**{**x.__dict__, "percentile": 100.0}) for x in many.rows))
+    assert "<cat>_7 and 32 more rows lies beyond" in many.to_text().splitlines()[-1]  # at most 8 names
+    assert len(lines) < 40 and len(r.to_dict()["rows"]) == 40
+
+
+def test_inspect_lists_a_folder_of_several_embeddings(tiny_sd_pipeline_shared, tmp_path):
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": _rows(1)}, "name": "candy", "step": 3000},
+               folder / "candy.pt")
+    kohya_save(folder / "dog.safetensors", _rows(2, scale=0.01), "dog")
+    a1111_image_embedding(folder / "cat-20.png", _rows(1), "cat-20", 19)
+    safetensors.torch.save_file({"<w>": torch.ones(1, 16)}, str(folder / "wide.safetensors"))
+    found = inspect_folder(folder, tiny_sd_pipeline_shared)
+    assert [p.name for p, _ in found] == ["candy.pt", "cat-20.png", "dog.safetensors", "wide.safetensors"]
+    text = folder_text(folder, found)
+    assert "cat-20.png: a1111-image" in text and "step 20" in text and "dog.safetensors: kohya" in text
+    assert "candy.pt: a1111" in text and "step 3000" in text and "wide.safetensors: not read" in text
+    assert "norm drift" in text and "no norm drift" in text
