@@ -119,7 +119,7 @@ class FineXLExplorer(Explorer):
         finally:
             self._quiet = False
         self.next_status = (f"ticked the orthogonality filter's choice for {self.variant.value}: {len(kept)} of "
-                       f"{len(self.concepts)} concepts (tick or untick to change it)")
+                            f"{len(self.concepts)} concepts (tick or untick to change it)")
         self.update()
         return kept
 

@@ -136,10 +136,10 @@ class TEAExplorer(Explorer):
         return {"prompt": self.prompt.value, "seed": int(self.seed.value),
                 "rotation": float(self.rotation.value), "scale": float(self.scale.value)}
 
-    def status(self, s: dict[str, Any]) -> str:
-        """The status line of a generation at inputs s."""
+    def status(self, s: dict[str, Any], with_note: bool = True) -> str:
+        """The status line of a generation at inputs s (with the note when s are the starting inputs)."""
         line = f"seed {s['seed']}, rotation {s['rotation']:.2f}, scale {s['scale']:.2f}: {s['prompt']}"
-        return f"{line} ({self.note})" if self.note and s == self.note_state else line
+        return f"{line} ({self.note})" if with_note and self.note and s == self.note_state else line
 
     def on_input(self) -> None:
         """An input changed: the images on screen are marked stale, or current again when the inputs are theirs."""
@@ -147,7 +147,7 @@ class TEAExplorer(Explorer):
             return
         shown = {k: self.last[k] for k in self.state}
         if self.state != shown:
-            self.mark_stale(f"the images below are for {self.status(shown)}; press generate for the new inputs")
+            self.mark_stale(f"the images below are for {self.status(shown, False)}; press generate for the new inputs")
         elif self.stale:
             self.succeed(self.status(shown))
 
