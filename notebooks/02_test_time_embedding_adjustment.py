@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 from IPython.display import display
 from matplotlib.figure import Figure
-from persviz.embeddings import norm_ratio_and_cosine, token_row
+from persviz.embeddings import load_learned_token, norm_ratio_and_cosine, token_row
 from persviz.evaluation import Evaluation, difference_rows, evaluate, interval_rows
 from persviz.plots import difference_plot
 from persviz.session import setup
@@ -89,7 +89,7 @@ def score(images, repeats=1):
 # Textual Inversion knobs (rotation 0.2, scale 0.5).
 
 # %%
-pipe.load_textual_inversion(str(run / "learned_embeds.safetensors"))
+load_learned_token(pipe, str(run / "learned_embeds.safetensors"))  # pipe.load_textual_inversion, without its resize notice
 W = pipe.text_encoder.get_input_embeddings().weight.detach()
 v, c = W[token_row(pipe, PH)], W[token_row(pipe, CW)]
 k = DEFAULTS["textual_inversion"]
@@ -363,10 +363,14 @@ if oracle is not None:
 # Three stock ipywidgets: a TEA explorer (rotation, scale, prompt, seed → before/after and scores), an attention
 # explorer (a word of the prompt, a cross-attention layer and a sampler step → its map before/after TEA) and a
 # slider over the saved training steps. Their callbacks are plain functions, so they also run here without a browser.
+# The TEA explorer opens on the prompt, seed and knobs where the saved sweep's ground truth changes most (its status
+# line says which); a changed input marks the images on screen as stale until "generate" is pressed.
 
 # %%
-explorer = TEAExplorer(make_tea_generate_fn(pipe, PH, CW, steps=gen["steps"], guidance=gen["guidance"]),
-                       prompt=probes[0]["template"].format(PH))
+# it opens where the saved sweep shows TEA most (the oracle's context, ShapesWorld), at that prompt, seed and knobs
+tea_fn = make_tea_generate_fn(pipe, PH, CW, steps=gen["steps"], guidance=gen["guidance"])
+explorer = (TEAExplorer.from_sweep(tea_fn, sweep, PH) if sweep is not None
+            else TEAExplorer(tea_fn, prompt=probes[0]["template"].format(PH)))
 explorer.button.click()
 explorer
 

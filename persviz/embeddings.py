@@ -174,6 +174,35 @@ def save_learned_embeds(embeds: Mapping[str, torch.Tensor], path: PathLike) -> P
     return p
 
 
+def _rows_to_add(embeds: Any, token: str | None) -> int | None:
+    """How many rows diffusers' load_textual_inversion will add for embeds (None when persviz cannot read it)."""
+    if isinstance(embeds, torch.Tensor):
+        return 1 if embeds.ndim == 1 else int(embeds.shape[0])
+    try:
+        return sum(int(v.shape[0]) for v in load_learned_embeds(embeds, token).values())
+    except (ValueError, FileNotFoundError, TypeError):
+        return None
+
+
+def load_learned_token(pipe: Any, embeds: Any, token: str | None = None) -> None:
+    """``pipe.load_textual_inversion(embeds, token=token)`` without transformers' "mean_resizing" notice.
+
+    The text encoder's embedding matrix is first grown to its final size with ``mean_resizing=False`` (diffusers then
+    finds it large enough and writes every new row itself), so the result equals diffusers' own load."""
+    encoder, n = pipe.text_encoder, _rows_to_add(embeds, token)
+    before = encoder.get_input_embeddings().weight.shape[0]
+    need = len(pipe.tokenizer) + (n or 0)
+    grown = n is not None and need > before
+    if grown:
+        encoder.resize_token_embeddings(need, mean_resizing=False)
+    try:
+        pipe.load_textual_inversion(embeds, token=token)
+    except BaseException:
+        if grown and encoder.get_input_embeddings().weight.shape[0] == need:
+            encoder.resize_token_embeddings(before)  # shrinking: the refused load leaves the matrix as it was
+        raise
+
+
 # ----------------------------------------------------------------------------- vocabulary rows
 
 

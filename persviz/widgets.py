@@ -93,6 +93,11 @@ def status_html(text: str) -> str:
     return f'<span style="color:#555">{html.escape(text)}</span>'
 
 
+def stale_html(text: str) -> str:
+    """A notice (amber, not an error's red) that the output on screen belongs to earlier inputs."""
+    return f'<span style="color:#8a5a00">&#9888; {html.escape(text)}</span>'
+
+
 T = TypeVar("T")
 
 
@@ -105,8 +110,11 @@ class Explorer:
     inside ``attempt`` (an exception is shown in `message` and kept in `error`, not raised into the notebook's log),
     then puts the result on screen, sets `last` and calls ``succeed``.
 
+    A change of input either recomputes at once or calls ``mark_stale`` (the output on screen stays, `stale` is True
+    and `message` says which inputs it belongs to) until the next success.
+
     Attributes: last (the last successful result, or None), error (the last error text, or None; None after a
-    success).
+    success), stale (True while the output on screen belongs to earlier inputs).
     """
 
     message: Any
@@ -117,6 +125,7 @@ class Explorer:
     def __init__(self) -> None:
         self.last: Any = None
         self.error: str | None = None
+        self.stale = False
 
     @property
     def state(self) -> dict[str, Any]:
@@ -135,10 +144,15 @@ class Explorer:
         return False
 
     def succeed(self, status: str = "") -> bool:
-        """Clears `error` and shows status (an empty message for ""); returns True."""
-        self.error = None
+        """Clears `error` and `stale` and shows status (an empty message for ""); returns True."""
+        self.error, self.stale = None, False
         self.message.value = status_html(status) if status else ""
         return True
+
+    def mark_stale(self, text: str) -> None:
+        """Marks the output on screen as belonging to earlier inputs (`stale`) and says so in `message`."""
+        self.stale = True
+        self.message.value = stale_html(text)
 
     def attempt(self, compute: Callable[[], T], context: str = "error",
                 busy: str | None = None) -> tuple[bool, T | None]:

@@ -4,7 +4,8 @@
     ex                 # last expression of a cell: shows ex.widget
 
 Pick a model pair in the dropdown and toggle concepts: the decomposition of that pair's V_div
-over the ticked concepts is solved again, and the bars and sentences update. Tests drive it as a
+over the ticked concepts is solved again, and the bars and sentences update. Another model pair ticks the
+orthogonality filter's choice for that pair (the status line says so). Tests drive it as a
 user would: set ``ex.variant.value`` or ``ex.checks[name].value``, then read ``ex.last`` and ``ex.error``.
 """
 from __future__ import annotations
@@ -41,10 +42,11 @@ class FineXLExplorer(Explorer):
         variants: ``{model pair name: V_div [D]}`` (e.g. one per personalized model against its base).
         concepts: ``{concept: f(C) [D]}``, all candidates that may be ticked.
         selected: concepts ticked at the start (default: the orthogonality filter's choice for the
-            first variant, at ``eps_ortho``).
+            first variant, at ``eps_ortho``). Picking another variant ticks the filter's choice for it.
         method: "lstsq" or "whitened_nnls" at the start.
         known: optional ``{model pair name: {concept: known level}}`` drawn as markers.
-        phrases: optional readable names for the sentences (``SHAPESWORLD_WORD_PHRASES``).
+        phrases: optional readable names for the checkboxes, the bars and the sentences
+            (``SHAPESWORLD_WORD_PHRASES``).
         e_decomp, eps_ortho, positive_only: the residual bound and the filter's settings
             (`persviz.finexl.decompose.orthogonal_filter`; the "filter" button and the default selection).
 
@@ -82,13 +84,17 @@ class FineXLExplorer(Explorer):
         self.method = W.ToggleButtons(options=list(METHODS), value=method, description="solver")
         self.checks = {c: W.Checkbox(value=c in selected, description=self.phrases.get(c, c), indent=False,
                                      layout=W.Layout(width="13em")) for c in self.concepts}
-        self.filter_button = W.Button(description="tick the filter's choice", icon="filter")
+        self.filter_button = W.Button(description="tick the filter's choice", icon="filter",
+                                      tooltip="tick the concepts the orthogonality filter keeps for this model pair",
+                                      layout=W.Layout(width="18em"))
         self.plot = W.Image(format="png", width=int(image_width))
         self.sentences = W.HTML("")
         self.message = W.HTML("")
-        for w in (self.variant, self.method, *self.checks.values()):
+        for w in (self.method, *self.checks.values()):
             w.observe(lambda _change: self.update(), names="value")
+        self.variant.observe(lambda _change: self.tick_filter(), names="value")
         self.filter_button.on_click(lambda _b: self.tick_filter())
+        self.next_status = ""  # the status line after the next solve
         boxes = list(self.checks.values())
         grid = W.GridBox(boxes, layout=W.Layout(grid_template_columns="repeat(4, 13em)"))
         self.widget = W.VBox([W.HBox([self.variant, self.filter_button]), self.method, grid, self.message,
@@ -112,6 +118,8 @@ class FineXLExplorer(Explorer):
                 box.value = c in kept
         finally:
             self._quiet = False
+        self.next_status = (f"ticked the orthogonality filter's choice for {self.variant.value}: {len(kept)} of "
+                            f"{len(self.concepts)} concepts (tick or untick to change it)")
         self.update()
         return kept
 
@@ -132,7 +140,8 @@ class FineXLExplorer(Explorer):
 
         def compute() -> tuple[Decomposition, list[str], bytes]:
             dec, sentences = self.compute()
-            fig = decomposition_bars(dec, known=self.known.get(s["variant"]), title=f"{s['variant']}: "
+            known = {self.phrases.get(c, c): x for c, x in self.known.get(s["variant"], {}).items()}
+            fig = decomposition_bars(readable(dec, self.phrases), known=known or None, title=f"{s['variant']}: "
                                      f"{s['method']}, e = {dec.relative_residual:.2f}")
             return dec, sentences, figure_png(fig)
 
@@ -143,7 +152,8 @@ class FineXLExplorer(Explorer):
         self.plot.value = png
         self.sentences.value = _html_list(sentences)
         self.last = {**s, "decomposition": dec, "sentences": sentences}
-        return self.succeed()
+        status, self.next_status = self.next_status, ""
+        return self.succeed(status)
 
 
 __all__ = ["FineXLExplorer", "figure_png"]

@@ -6,6 +6,8 @@
 
 Tests drive it as a user would: set ``explorer.user.value`` / ``explorer.window.value``, call
 ``explorer.button.click()`` (or ``update()``), then read ``explorer.last`` and ``explorer.error``.
+Picking another user or window redraws the history at once and clears the generations of the previous window
+(the status line says to press generate); another seed keeps them on screen, marked stale, until generate.
 """
 from __future__ import annotations
 
@@ -39,7 +41,9 @@ class PigeonExplorer(Explorer):
 
     Attributes: user, window (Dropdown), seed (IntText), button (Button), message, scores (HTML),
     history_image, sweep_image (Image), widget (VBox), last (dict of the last generation or None),
-    masks (the last ``study.window_masks``), error (last error text or None). Errors are shown, not raised.
+    shown (the inputs of the generation on screen, or None when none is), masks (the last ``study.window_masks``),
+    error (last error text or None), stale (True while the generation shown is for another seed).
+    Errors are shown, not raised.
     """
 
     def __init__(self, pipe: PigeonPipeline, dataset: PigeonDataset, ratios: Sequence[float] = RATIOS,
@@ -59,6 +63,8 @@ class PigeonExplorer(Explorer):
         self.pipe, self.dataset, self.ratios = pipe, dataset, tuple(float(r) for r in ratios)
         self.steps, self.guidance, self.scale = int(num_inference_steps), float(guidance_scale), int(scale)
         self.masks: dict[str, Any] | None = None
+        self.shown: dict[str, Any] | None = None
+        self.history_window: int | None = None  # the window whose history is on screen
         users = sorted({w.user_id for w in dataset.windows})
         opts = [(f"user {u}: {dataset.users[u].taste.describe()} (noise {dataset.users[u].noise_rate:g})", u)
                 for u in users]
@@ -70,9 +76,11 @@ class PigeonExplorer(Explorer):
         self.message = W.HTML(status_html("pick a user and a window, then press generate"))
         self.history_image = W.Image(format="png")
         self.sweep_image = W.Image(format="png")
+        self.sweep_image.layout.display = "none"
         self.scores = W.HTML("")
         self.user.observe(self.on_user, names="value")
         self.window.observe(lambda _change: self.show_history(), names="value")
+        self.seed.observe(lambda _change: self.on_seed(), names="value")
         self.button.on_click(lambda _b: self.update())
         self.widget = W.VBox([self.user, W.HBox([self.window, self.seed, self.button]), self.message,
                               W.HTML("<b>history (red frame: noise) and reference; "
@@ -107,6 +115,8 @@ class PigeonExplorer(Explorer):
         """Draw the selected window's history and reference with the kept tokens (no generation)."""
         idx = self.window.value
         if idx is None:
+            self.clear_generation()
+            self.history_image.value, self.history_window = b"", None
             return self.fail("error: this user has no window; pick another user")
 
         def compute() -> tuple[dict[str, Any], bytes]:
@@ -117,14 +127,41 @@ class PigeonExplorer(Explorer):
             return m, png_bytes(tile_canvas([row])[0])
 
         ok, done = self.attempt(compute)
+        if self.shown is not None and self.shown["window"] != int(idx):
+            self.clear_generation()  # another window's generations, shown under this window's history
         if not ok:
+            if self.history_window != int(idx):
+                self.history_image.value = b""  # another window's history: the error replaces it
+                self.history_window = None
             return False
         m, png = done
-        self.masks = m
+        self.masks, self.history_window = m, int(idx)
         self.history_image.value = png
         w = m["window"]
-        return self.succeed(f"user {w.user_id} likes {w.taste.describe()}; request '{w.instruction}'; "
-                            f"{int(np.sum(m['history_is_noise']))} of {len(m['history'])} history images are noise")
+        status = (f"user {w.user_id} likes {w.taste.describe()}; request '{w.instruction}'; "
+                  f"{int(np.sum(m['history_is_noise']))} of {len(m['history'])} history images are noise")
+        if self.shown is None:
+            return self.succeed(status + "; press generate for its generations")
+        self.succeed(status)
+        self.on_seed()
+        return True
+
+    def clear_generation(self) -> None:
+        """Empties the generations and the score table (they belonged to another window)."""
+        self.sweep_image.value = b""
+        self.sweep_image.layout.display = "none"
+        self.scores.value = ""
+        self.shown = None
+
+    def on_seed(self) -> None:
+        """Another seed: the generations on screen are marked stale (the same seed again: current once more)."""
+        if self.shown is None:
+            return
+        seed = int(self.seed.value)
+        if seed != self.shown["seed"]:
+            self.mark_stale(f"the generations below are for seed {self.shown['seed']}; press generate for seed {seed}")
+        elif self.stale:
+            self.succeed(self.shown["status"])
 
     def update(self) -> bool:
         """Generate at every ratio for the selected window and show candidates, scores and the selection."""
@@ -159,10 +196,13 @@ class PigeonExplorer(Explorer):
             return False
         sel, rm, j, png, table = done
         self.sweep_image.value = png
+        self.sweep_image.layout.display = None
         self.scores.value = html_table(table)
         self.last = {**s, "selection": sel, "selected_ratio": self.ratios[j], "scores": table,
                      "reference_masks": rm}
-        return self.succeed(f"selected ratio {self.ratios[j]:g} (max of 0.5 CLIP-T + 0.5 history score)")
+        status = f"selected ratio {self.ratios[j]:g} (max of 0.5 CLIP-T + 0.5 history score)"
+        self.shown = {**s, "status": status}
+        return self.succeed(status)
 
 
 __all__ = ["PigeonExplorer"]

@@ -59,8 +59,10 @@ class AttentionExplorer(Explorer):
 
     Attributes: prompt (Text), seed (IntText), button (Button), word (Dropdown), layer, step (IntSlider),
     before_image, after_image (Image), shares (HTML), message (HTML), widget (VBox), last (dict: the inputs, the
-    images, the maps shown, the shares; None before a success), error (text or None). Errors (an empty prompt, a
-    negative seed, an exception of maps_fn) are shown in `message`; the previous run stays on screen.
+    images, the maps shown, the shares; None before a success), error (text or None), stale (True while the prompt
+    or seed differs from the generated run's). Errors (an empty prompt, a negative seed, an exception of maps_fn) are
+    shown in `message`; the previous run stays on screen. A new prompt or seed keeps the run on screen, marked stale
+    in the status line, until generate (the word picker and sliders still redraw that run).
     """
 
     kept_note = " (the maps below are from the previous run)"
@@ -89,6 +91,8 @@ class AttentionExplorer(Explorer):
         self.button.on_click(lambda _b: self.update())
         for w in (self.word, self.layer, self.step):
             w.observe(lambda _change: self.redraw(), names="value")
+        for w in (self.prompt, self.seed):
+            w.observe(lambda _change: self.on_input(), names="value")
         self.widget = W.VBox([
             W.HBox([self.prompt, self.seed, self.button]),
             W.HBox([self.word, self.layer, self.step]), self.where, self.message,
@@ -162,8 +166,21 @@ class AttentionExplorer(Explorer):
                  f"({maps.layer_resolutions[layer][0]}×{maps.layer_resolutions[layer][1]})")
         when = "all steps" if step is None else f"step {step} (t = {maps.timesteps[step]:g})"
         self.where.value = status_html(f"{where}, {when}")
-        self.last = {**s, "before": self.runs["before"][0], "after": self.runs["after"][0], **done}
-        return self.succeed(f"seed {self.runs['seed']}: {self.runs['prompt']}")
+        self.last = {**s, "prompt": self.runs["prompt"], "seed": self.runs["seed"],  # the run's, even when stale
+                     "before": self.runs["before"][0], "after": self.runs["after"][0], **done}
+        self.succeed(f"seed {self.runs['seed']}: {self.runs['prompt']}")
+        self.on_input()
+        return True
+
+    def on_input(self) -> None:
+        """A new prompt or seed: the run on screen is marked stale (current again when they are set back)."""
+        if self.runs is None:
+            return
+        s, shown = self.state, f"seed {self.runs['seed']}: {self.runs['prompt']}"
+        if (s["prompt"], s["seed"]) != (self.runs["prompt"], self.runs["seed"]):
+            self.mark_stale(f"the maps below are for {shown}; press generate for the new prompt and seed")
+        elif self.stale:
+            self.succeed(shown)
 
 
 __all__ = ["ALL", "AttentionExplorer", "make_attention_maps_fn"]

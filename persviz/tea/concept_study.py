@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from persviz.concept_folder import Concept, read_concept
-from persviz.embeddings import token_row
+from persviz.embeddings import load_learned_token, token_row
 from persviz.evaluation import Evaluation, describe_evaluator, evaluation_meta, probe_keys, score_per_image
 from persviz.io import atomic_write, confined, write_json
 from persviz.loading import SHAPESWORLD
@@ -177,7 +177,7 @@ def set_aside(pipe: Any, token: str) -> Iterator[None]:
     try:
         yield
     finally:
-        pipe.load_textual_inversion({token: row}, token=token)
+        load_learned_token(pipe, {token: row}, token=token)
 
 
 def tea_table(pipe: Any, concept: Concept, probes: Sequence[Mapping], score: Any,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from persviz.embeddings import token_row
+from persviz.embeddings import load_learned_token, token_row
 from persviz.generation import GUIDANCE, STEPS, generate, generate_from_embeds
 from persviz.evaluation import Evaluation, score_per_image
 from persviz.metrics import clip_i
@@ -44,7 +44,7 @@ def learned_embedding(pipe: Any, placeholder: str, vector: torch.Tensor) -> Iter
         raise ValueError(f"embedding of size {vector.numel()} does not fit the text encoder's width {weight.shape[1]}")
     known = placeholder in pipe.tokenizer.get_added_vocab()
     if not known:
-        pipe.load_textual_inversion({placeholder: vector.to(weight.dtype)}, token=placeholder)
+        load_learned_token(pipe, {placeholder: vector.to(weight.dtype)}, token=placeholder)
         try:
             yield
         finally:

@@ -46,4 +46,49 @@ def sweep_effects(ev: Evaluation, metrics: Optional[Sequence[str]] = None, n_boo
     return [{"cell": c, "metric": m, "difference": d.mean, "low": d.low, "high": d.high, "p": d.p, "p_holm": q,
              "holds": bool(q < alpha), "prompts": d.n_prompts} for (c, m, d), q in zip(raw, adjusted)]
 
-__all__ = ["sweep_arrays", "sweep_effects"]
+def showcase(ev: Evaluation, metric: Optional[str] = None, keep: Optional[str] = None) -> dict[str, Any]:
+    """The image of a saved sweep where TEA raises `metric` most over the same prompt and seed at rotation 0, scale 0.
+
+    metric: default "oracle_context" (the ground truth) when the sweep has it, else "clip_t_context". Ties go to an
+    image whose `keep` (default "oracle_concept" when present) is highest after TEA (the object stays the concept),
+    then to the smallest rotation, then scale. Returns {'prompt' (a template with {} for the token), 'seed',
+    'rotation', 'scale', 'metric', 'before', 'after', 'gain', 'keep', 'kept', 'searched' (images compared)}."""
+    grid = ev.meta.get("grid")
+    if not grid:
+        raise ValueError("this evaluation has no sweep grid in its meta; write it with `persviz sweep`")
+    base = condition(0.0, 0.0)
+    if base not in ev.items:
+        raise ValueError("the sweep has no rotation 0, scale 0 cell to compare with; include 0 in both knobs")
+    metrics = ev.metrics(base)
+    metric = metric or ("oracle_context" if "oracle_context" in metrics else "clip_t_context")
+    keep = keep or ("oracle_concept" if "oracle_concept" in metrics else None)
+    if metric not in metrics:
+        raise ValueError(f"the sweep has no {metric!r}; it has {metrics}")
+
+    def by_image(cond: str, m: str) -> dict[tuple[str, int], float]:
+        it = ev.items[cond]
+        return {(p, int(sd)): float(x) for p, sd, x in zip(it["prompt"], it["seed"], it[m])}
+
+    before = by_image(base, metric)
+    best, best_key, searched = None, None, 0
+    for rot in sorted(grid["rotations"]):
+        for sc in sorted(grid["scales"]):
+            cond = condition(rot, sc)
+            if cond == base or cond not in ev.items:
+                continue
+            after = by_image(cond, metric)
+            kept = by_image(cond, keep) if keep else {}
+            for img, x in after.items():
+                searched += 1
+                key = (x - before[img], kept.get(img, 0.0))
+                if best_key is None or key > best_key:  # strictly better: ties keep the smaller knobs
+                    best_key = key
+                    best = {"prompt": img[0], "seed": img[1], "rotation": float(rot), "scale": float(sc),
+                            "metric": metric, "before": before[img], "after": x, "gain": x - before[img],
+                            "keep": keep, "kept": kept.get(img)}
+    if best is None:
+        raise ValueError("the sweep has no cell besides rotation 0, scale 0")
+    return {**best, "searched": searched}
+
+
+__all__ = ["showcase", "sweep_arrays", "sweep_effects"]

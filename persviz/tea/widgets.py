@@ -4,7 +4,8 @@
     explorer          # last expression of a cell: shows explorer.widget
 
 Tests drive them the way a user would: set `explorer.rotation.value`, call `explorer.button.click()`,
-then read `explorer.last`, `explorer.error` and the widgets' values.
+then read `explorer.last`, `explorer.error` and the widgets' values. ``TEAExplorer.from_sweep`` opens on the prompt,
+seed and knobs where a saved sweep shows TEA's effect most (persviz.tea.sweep_effects.showcase).
 """
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ from typing import Any, Optional
 import ipywidgets as W
 import numpy as np
 
+from persviz.evaluation import Evaluation
 from persviz.generation import GUIDANCE, STEPS, generate
+from persviz.io import PathLike
 from persviz.tea.adjust import DEFAULTS, check_knob
 from persviz.tea.pipeline import tea
+from persviz.tea.sweep_effects import showcase
 from persviz.widgets import Explorer, html_table, one_image, png_bytes, status_html, tile_images
 
 GenerateFn = Callable[[str, int, float, float], tuple[Any, Any]]
@@ -44,12 +48,16 @@ class TEAExplorer(Explorer):
         rotation, scale: the sliders' starting values, in [0, 1] (paper's Textual Inversion defaults).
         auto: also regenerate whenever a slider is released (generation can be slow; off by default).
         image_width: display width of each image in pixels (the PNG keeps its own resolution).
+        note: a sentence about the starting inputs (e.g. where they come from), shown in the status line at the
+            start and after a generation at exactly those inputs.
 
     Attributes: rotation, scale (FloatSlider), prompt (Text), seed (IntText), button (Button),
     before_image, after_image (Image), scores, message (HTML), widget (the VBox to display),
     last (dict of the last successful run, or None), error (the last error text, or None).
     Errors (an empty prompt, a negative seed, an exception from generate_fn or score_fn) are shown
-    in `message` instead of being raised; the images of the previous run stay on screen.
+    in `message` instead of being raised; the images of the previous run stay on screen. A change of prompt,
+    seed or knob (without auto) keeps the images on screen and marks them stale (`stale`, and the status line says
+    which inputs they are for) until generate is pressed or the inputs are set back.
     """
 
     kept_note = " (the images below are from the previous run)"
@@ -64,6 +72,7 @@ class TEAExplorer(Explorer):
         seed: int = 0,
         auto: bool = False,
         image_width: int = 256,
+        note: str = "",
     ) -> None:
         if not callable(generate_fn):
             raise ValueError("generate_fn must be callable: (prompt, seed, rotation, scale) -> (before, after)")
@@ -80,11 +89,15 @@ class TEAExplorer(Explorer):
         self.prompt = W.Text(value=str(prompt), description="prompt", layout=W.Layout(width="32em"))
         self.seed = W.IntText(value=int(seed), description="seed", layout=W.Layout(width="12em"))
         self.button = W.Button(description="generate", button_style="primary", icon="play")
-        self.message = W.HTML(status_html("set the knobs and press generate"))
+        self.note, self.note_state = str(note), self.state
+        self.message = W.HTML(status_html(f"{self.note}; press generate" if self.note
+                                          else "set the knobs and press generate"))
         self.before_image = W.Image(format="png", width=int(image_width))
         self.after_image = W.Image(format="png", width=int(image_width))
         self.scores = W.HTML("")
         self.button.on_click(lambda _b: self.update())
+        for w in (self.rotation, self.scale, self.prompt, self.seed):  # before auto's: a failed regenerate's error wins
+            w.observe(lambda _change: self.on_input(), names="value")
         if auto:
             for w in (self.rotation, self.scale):
                 w.observe(lambda _change: self.update(), names="value")
@@ -99,11 +112,44 @@ class TEAExplorer(Explorer):
             self.scores,
         ])
 
+    @classmethod
+    def from_sweep(cls, generate_fn: GenerateFn, sweep: Evaluation | PathLike, placeholder: str,
+                   metric: Optional[str] = None, **kwargs: Any) -> "TEAExplorer":
+        """A TEAExplorer opened on the prompt, seed and knobs where a saved sweep (``persviz sweep``'s sweep.json)
+        shows TEA raising `metric` most (persviz.tea.sweep_effects.showcase), saying so in its status line."""
+        ev = sweep if isinstance(sweep, Evaluation) else Evaluation.load(sweep)
+        best = showcase(ev, metric)
+        m, b, a = best["metric"], best["before"], best["after"]
+        if m.startswith("oracle_"):
+            said = (f"the oracle read the {m[len('oracle_'):]} {'right' if b else 'wrong'} before TEA and "
+                    f"{'right' if a else 'wrong'} after")
+        else:
+            said = f"{m} {b:.3g} before TEA, {a:.3g} after"
+        note = (f"opened where the saved sweep shows TEA most ({best['searched']} images searched): at rotation "
+                f"{best['rotation']:g}, scale {best['scale']:g}, seed {best['seed']} {said}")
+        return cls(generate_fn, prompt=best["prompt"].format(placeholder), seed=best["seed"],
+                   rotation=best["rotation"], scale=best["scale"], note=note, **kwargs)
+
     @property
     def state(self) -> dict[str, Any]:
         """The current inputs: prompt, seed, rotation, scale."""
         return {"prompt": self.prompt.value, "seed": int(self.seed.value),
                 "rotation": float(self.rotation.value), "scale": float(self.scale.value)}
+
+    def status(self, s: dict[str, Any], with_note: bool = True) -> str:
+        """The status line of a generation at inputs s (with the note when s are the starting inputs)."""
+        line = f"seed {s['seed']}, rotation {s['rotation']:.2f}, scale {s['scale']:.2f}: {s['prompt']}"
+        return f"{line} ({self.note})" if with_note and self.note and s == self.note_state else line
+
+    def on_input(self) -> None:
+        """An input changed: the images on screen are marked stale, or current again when the inputs are theirs."""
+        if self.last is None:
+            return
+        shown = {k: self.last[k] for k in self.state}
+        if self.state != shown:
+            self.mark_stale(f"the images below are for {self.status(shown, False)}; press generate for the new inputs")
+        elif self.stale:
+            self.succeed(self.status(shown))
 
     def update(self) -> bool:
         """Generate for the current state and show it; returns False (and shows the error) instead of raising."""
@@ -127,7 +173,7 @@ class TEAExplorer(Explorer):
         self.before_image.value, self.after_image.value = pngs
         self.scores.value = table
         self.last = {**s, "before": before, "after": after, "scores": scores}
-        return self.succeed(f"seed {s['seed']}, rotation {s['rotation']:.2f}, scale {s['scale']:.2f}: {s['prompt']}")
+        return self.succeed(self.status(s))
 
 
 class SnapshotExplorer(Explorer):

@@ -69,7 +69,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from persviz.embedding_files import check_fits, read_embedding_file
-from persviz.embeddings import class_word_id, save_learned_embeds
+from persviz.embeddings import class_word_id, load_learned_token, save_learned_embeds
 from persviz.io import PathLike, atomic_folder, atomic_write
 from persviz.seeding import step_rng
 from persviz.trainers.core import (
@@ -240,7 +240,7 @@ def load_custom_diffusion(pipe: Any, path: PathLike, token: str | None = None) -
     unet.set_attn_processor(procs)
     weight = pipe.text_encoder.get_input_embeddings().weight
     for e in embeds:
-        pipe.load_textual_inversion({token or e.token: e.rows.to(weight.dtype)}, token=token or e.token)
+        load_learned_token(pipe, {token or e.token: e.rows.to(weight.dtype)}, token=token or e.token)
     return pipe
 
 

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from persviz.embedding_files import EmbeddingFile, EmbeddingFileError, check_fits, read_embedding_file
-from persviz.embeddings import class_word_id, save_learned_embeds
+from persviz.embeddings import class_word_id, load_learned_token, save_learned_embeds
 from persviz.io import PathLike
 from persviz.seeding import step_rng
 from persviz.trainers.core import (  # CONFIG_FILE and RESUME_FILE are read from here too (persviz.tea.tracker, tests)
@@ -274,7 +274,7 @@ def load_textual_inversion_run(pipe: Any, path: PathLike, token: str | None = No
     f = read_embedding_file(f.path, token or run_token(f))
     check_fits(f, pipe.text_encoder)
     weight = pipe.text_encoder.get_input_embeddings().weight
-    pipe.load_textual_inversion({f.token: f.rows.to(weight.dtype)}, token=f.token)
+    load_learned_token(pipe, {f.token: f.rows.to(weight.dtype)}, token=f.token)
     return f.row_names
 
 
@@ -390,6 +390,6 @@ def train_textual_inversion(
 
     final = save_learned_embeds(learned(), out / FINAL_FILE)
     if load_result:
-        pipe.load_textual_inversion(str(final), token=ph)
+        load_learned_token(pipe, str(final), token=ph)
     return TextualInversionResult(out_dir=out, steps=config.steps, loss_history=history,
                     snapshot_paths=[p for _, p in list_snapshots(out)], final_path=final)

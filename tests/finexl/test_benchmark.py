@@ -272,9 +272,18 @@ def test_shipped_lora_shifts_its_aspect(variant, shapesworld_pipeline, oracle):
 # ----------------------------------------------------------------------------- the explorer widget
 
 
-def test_finexl_explorer_callbacks():
+def test_finexl_explorer_callbacks(monkeypatch):
+    import persviz.finexl.widgets as fw
     from persviz.finexl.widgets import FineXLExplorer
 
+    drawn = []
+
+    def bars(*args, **kwargs):  # the real plot, its row labels and markers kept for the test
+        fig = real_bars(*args, **kwargs)
+        drawn.append(([t.get_text() for t in fig.axes[0].get_yticklabels()], kwargs.get("known")))
+        return fig
+    real_bars = fw.decomposition_bars
+    monkeypatch.setattr(fw, "decomposition_bars", bars)
     e = torch.eye(4, dtype=torch.float64)
     concepts = {"a": e[0], "b": e[1], "c": e[0] + e[2]}
     variants = {"pair 1": 0.6 * e[0] + 0.3 * e[1], "pair 2": 0.5 * e[1] + 0.2 * e[3]}
@@ -283,11 +292,21 @@ def test_finexl_explorer_callbacks():
     assert ex.error is None and ex.last["concepts"] == ["a", "b"]
     assert ex.last["decomposition"].as_dict() == pytest.approx({"a": 0.6, "b": 0.3})
     assert ex.last["sentences"][0] == "much more alpha (0.60)" and ex.plot.value[:4] == b"\x89PNG"
+    # the bars carry the checkboxes' names (phrases), the known level's marker too
+    labels, known = drawn[-1]
+    ticked = {ex.checks[c].description for c in ex.state["concepts"]}
+    assert ticked == {"alpha", "b"} and ticked <= set(labels) and "a" not in labels and known == {"alpha": 0.6}
+    em = float(ex.filter_button.layout.width.removesuffix("em"))
+    assert em >= 0.6 * len(ex.filter_button.description) + 2  # room for the whole label and its icon
     ex.checks["b"].value = False  # untick: solved again on a alone
     assert ex.last["concepts"] == ["a"] and ex.last["decomposition"].relative_residual > 0.4
+    # another pair: the filter's choice for it replaces the ticks. By hand: V_div = 0.5 e1 + 0.2 e3 ranks b first
+    # (|cos| 0.93), then a and c (cos 0, dict order); a is orthogonal to b (kept), c has cos 0.71 with a (> 0.1)
     ex.variant.value = "pair 2"
-    assert ex.last["variant"] == "pair 2"
-    ex.checks["a"].value = False  # nothing ticked: an error in the widget, not an exception
+    assert ex.last["variant"] == "pair 2" and ex.state["concepts"] == ["a", "b"] == ex.last["concepts"]
+    assert "filter&#x27;s choice for pair 2: 2 of 3 concepts" in ex.message.value and ex.error is None
+    assert ex.last["decomposition"].as_dict() == pytest.approx({"a": 0.0, "b": 0.5}, abs=1e-9)
+    ex.checks["a"].value = ex.checks["b"].value = False  # nothing ticked: an error in the widget, not an exception
     assert ex.error is not None and "no concept is ticked" in ex.message.value
     kept = ex.tick_filter()
     assert kept and ex.state["concepts"] == [c for c in concepts if c in kept] and ex.error is None

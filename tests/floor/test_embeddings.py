@@ -1,5 +1,7 @@
 """persviz.embeddings on a real (tiny, random) StableDiffusionPipeline: embedding files (diffusers, .bin, A1111) and
 the statistics of the token-embedding matrix."""
+import contextlib
+import logging
 import os
 
 import pytest
@@ -10,6 +12,7 @@ from persviz.embeddings import (
     class_word_id,
     embedding_matrix,
     load_learned_embeds,
+    load_learned_token,
     norm_ratio_and_cosine,
     save_learned_embeds,
     token_row,
@@ -42,6 +45,68 @@ def test_save_then_load_textual_inversion_round_trip(tmp_path, tiny_sd_pipeline)
     pipe.load_textual_inversion(str(out))
     assert torch.equal(_W(pipe).detach()[[token_row(pipe, "<dog>"), token_row(pipe, "<dog>_1")]], m)
     assert torch.equal(load_learned_embeds(out)["<dog>"], m)
+
+
+class _Records(logging.Handler):
+    """The messages transformers' and diffusers' loggers emit while attached."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _library_messages():
+    """Every message of the transformers and diffusers loggers inside the block (warning_once's memory cleared, so a
+    notice already printed earlier in the process is printed again); their levels and warnings' filters are kept."""
+    from transformers.utils import logging as tf_logging
+    tf_logging.warning_once.cache_clear()
+    handler = _Records()
+    loggers = [logging.getLogger(n) for n in ("transformers", "diffusers")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+
+
+NOTICE = "mean_resizing"
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_load_learned_token_equals_diffusers_load_without_the_resize_notice(tmp_path, tiny_sd_pipeline, multi):
+    import copy
+    import warnings
+    from transformers.utils import logging as tf_logging
+
+    path = save_learned_embeds({"<cat>": _vec(6, n=3 if multi else 1)}, tmp_path / "cat")
+    ours, theirs = tiny_sd_pipeline, copy.deepcopy(tiny_sd_pipeline)
+    with _library_messages() as said:
+        theirs.load_textual_inversion(str(path))
+    assert any(NOTICE in m for m in said)  # the reference: diffusers' own load prints the notice
+    level, filters = tf_logging.get_verbosity(), list(warnings.filters)
+    with _library_messages() as said:
+        load_learned_token(ours, str(path))
+        tf_logging.get_logger("transformers.modeling_utils").warning("a real problem")
+    assert not any(NOTICE in m for m in said) and "a real problem" in said  # real warnings still come through
+    assert tf_logging.get_verbosity() == level and warnings.filters == filters  # nothing silenced globally
+    assert torch.equal(_W(ours).detach(), _W(theirs).detach())  # the same rows, the same size
+    assert ours.tokenizer.get_added_vocab() == theirs.tokenizer.get_added_vocab()
+    assert ours.text_encoder.config.vocab_size == theirs.text_encoder.config.vocab_size == len(ours.tokenizer)
+    # a dict, as persviz's callers pass it; a refused load leaves the matrix as it was
+    row = _vec(7)
+    load_learned_token(ours, {"<dog>": row}, token="<dog>")
+    theirs.load_textual_inversion({"<dog>": row}, token="<dog>")
+    assert torch.equal(_W(ours).detach(), _W(theirs).detach())
+    size = _W(ours).shape
+    with pytest.raises(ValueError, match="already in tokenizer"):
+        load_learned_token(ours, {"<dog>": row}, token="<dog>")
+    assert _W(ours).shape == size and ours.text_encoder.config.vocab_size == size[0]
 
 
 def test_a1111_files_load_and_convert(tmp_path, tiny_sd_pipeline):

@@ -126,3 +126,11 @@ def test_explorer_attempt_shows_errors_instead_of_raising():
     ex.last = 42
     assert ex.fail("oops") is False and ex.error == "oops" and "oops (earlier result kept)" in ex.message.value
     assert ex.attempt(boom, busy="working")[0] is False and ex.button.disabled is False
+
+
+def test_explorer_mark_stale_is_a_notice_until_the_next_success():
+    ex = _Tiny()
+    ex.mark_stale("the images below are for seed <1>")
+    assert ex.stale and ex.error is None
+    assert html.escape("seed <1>") in ex.message.value and "#b00020" not in ex.message.value  # not an error's red
+    assert ex.succeed("done") and not ex.stale and "&#9888;" not in ex.message.value

@@ -250,6 +250,7 @@ def test_explorer_callbacks(tiny_pigeon_pipeline, ds) -> None:
     pipe = tiny_pigeon_pipeline
     ex = PigeonExplorer(pipe, ds, num_inference_steps=2)
     assert ex.history_image.value and ex.masks is not None and ex.error is None
+    assert ex.shown is None and "press generate" in ex.message.value and not ex.sweep_image.value
     users = [v for _, v in ex.user.options]
     ex.user.value = users[1]
     assert all(ds.window(i).user_id == users[1] for _, i in ex.window.options)
@@ -261,6 +262,32 @@ def test_explorer_callbacks(tiny_pigeon_pipeline, ds) -> None:
     assert ex.last["selected_ratio"] == RATIOS[sel.ratio_index[0]]
     assert ex.last["reference_masks"].sum(1).tolist() == [16, 12, 8, 4, 1]
     assert "selected" in ex.scores.value and ex.sweep_image.value
+    assert ex.shown["window"] == ex.window.value and ex.sweep_image.layout.display is None
+    first_png = ex.sweep_image.value
+    # another seed: the generations stay, marked stale, until generate; the same seed again makes them current
+    ex.seed.value = 3
+    assert ex.stale and "for seed 0; press generate for seed 3" in ex.message.value and ex.sweep_image.value
+    assert "#b00020" not in ex.message.value  # a notice, not an error's red
+    ex.seed.value = 0
+    assert not ex.stale and "selected ratio" in ex.message.value
+    # another window of the same user: its history at once, the previous window's generations and scores cleared
+    windows = [i for _, i in ex.window.options]
+    assert len(windows) > 1
+    ex.window.value = windows[1]
+    assert ex.masks["window"] == ds.window(windows[1]) and ex.shown is None
+    assert ex.sweep_image.value == b"" and ex.sweep_image.layout.display == "none" and ex.scores.value == ""
+    assert "press generate" in ex.message.value and ex.error is None
+    ex.button.click()  # generate again: the new window's generations
+    assert ex.shown["window"] == windows[1] and ex.last["window"] == windows[1]
+    assert ex.sweep_image.value and ex.sweep_image.value != first_png
+    item = ds[windows[1]]
+    ref = pipe.select(item["history"], item["reference"], item["instruction"], ratios=RATIOS, generator=0,
+                      num_inference_steps=2)
+    assert torch.equal(ref.candidates, ex.last["selection"].candidates)  # the images are this window's
+    # another user: the same
+    ex.user.value = users[2]
+    assert ex.shown is None and ex.sweep_image.value == b"" and ex.scores.value == ""
+    assert ex.masks["window"].user_id == users[2]
     ex.seed.value = -1
     assert ex.update() is False and "seed" in ex.error
     ex.seed.value = 0

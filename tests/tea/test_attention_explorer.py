@@ -51,6 +51,18 @@ def test_generate_then_pick_words_layers_and_steps(tiny_sd_pipeline):
     assert "all steps" in ex.where.value and "layer 1" in ex.where.value
     share = ex.last["shares"]["before"]["share of word attention"]
     assert share == pytest.approx(float(ex.runs["before"][1].shares["background"][0]))
+    # a new prompt or seed: the run stays on screen, marked stale, also through a redraw; generate makes it current
+    ex.prompt.value = "a <cat> on a red background"
+    assert ex.stale and "the maps below are for seed 1: a &lt;cat&gt; on a gray background" in ex.message.value
+    assert "#b00020" not in ex.message.value and calls == [False, True]
+    ex.layer.value = 0  # redraws the kept run: still stale
+    assert ex.stale and ex.last["prompt"] == PROMPT and ex.last["layer"] == 0 and calls == [False, True]
+    ex.prompt.value = PROMPT  # back to the run's prompt: current again
+    assert not ex.stale and "seed 1: a &lt;cat&gt; on a gray background" in ex.message.value
+    ex.seed.value = 2
+    assert ex.stale and "press generate" in ex.message.value
+    ex.button.click()
+    assert not ex.stale and calls == [False, True] * 2 and ex.runs["seed"] == 2
 
 
 def test_errors_are_shown(tiny_sd_pipeline_with_cat):

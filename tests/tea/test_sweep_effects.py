@@ -5,7 +5,7 @@ import pytest
 from persviz.evaluation import Evaluation
 from persviz.stats import bootstrap_mean, holm, paired_difference
 from persviz.tea.sweep import UNTOUCHED, condition
-from persviz.tea.sweep_effects import sweep_arrays, sweep_effects
+from persviz.tea.sweep_effects import showcase, sweep_arrays, sweep_effects
 
 ROT, SCA = [0.0, 0.5], [0.0, 1.0]
 
@@ -50,3 +50,26 @@ def test_a_sweep_without_its_grid_or_origin_says_so():
     del ev.items[condition(0, 0)]
     with pytest.raises(ValueError, match="rotation 0, scale 0"):
         sweep_effects(ev)
+
+
+def test_showcase_is_the_image_with_the_largest_gain_ties_to_a_kept_concept_then_the_smaller_knobs():
+    def cell(ctx, concept, clip):
+        return {"prompt": ["a", "a", "b", "b"], "seed": [0, 1, 2, 3], "oracle_context": ctx,
+                "oracle_concept": concept, "clip_t_context": clip}
+
+    items = {condition(0, 0): cell([0, 1, 0, 0], [1, 1, 1, 1], [10, 10, 10, 10]),
+             condition(0, 1): cell([0, 1, 1, 0], [1, 1, 0, 1], [10, 10, 30, 10]),   # b/2 gains, concept lost
+             condition(0.5, 0): cell([1, 1, 1, 0], [0, 1, 1, 1], [11, 10, 10, 50]),  # a/0 lost, b/2 gains and kept
+             condition(0.5, 1): cell([1, 0, 1, 1], [1, 1, 1, 1], [10, 10, 10, 10])}  # a/0, b/2, b/3 gain and kept
+    ev = Evaluation({UNTOUCHED: items[condition(0, 0)], **items}, {"grid": {"rotations": ROT, "scales": SCA}})
+    best = showcase(ev)
+    assert (best["prompt"], best["seed"], best["rotation"], best["scale"]) == ("b", 2, 0.5, 0.0)
+    assert (best["metric"], best["before"], best["after"], best["gain"], best["kept"]) == ("oracle_context", 0, 1, 1, 1)
+    assert best["searched"] == 12  # 3 cells x 4 images, the untouched cell left out
+    clip = showcase(ev, "clip_t_context")
+    assert (clip["prompt"], clip["seed"], clip["rotation"], clip["scale"], clip["gain"]) == ("b", 3, 0.5, 0.0, 40)
+    for it in items.values():
+        del it["oracle_context"], it["oracle_concept"]
+    assert showcase(ev)["metric"] == "clip_t_context"  # no oracle (full scale): CLIP-T of the context
+    with pytest.raises(ValueError, match="no 'dino_i'"):
+        showcase(ev, "dino_i")

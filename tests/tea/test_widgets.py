@@ -182,3 +182,76 @@ def test_make_tea_generate_fn_same_seed_with_and_without_tea():
     ex = TEAExplorer(fn, prompt="a photo of square")
     ex.button.click()
     assert "must contain the learned token" in ex.message.value
+
+
+# ----------------------------------------------------------------------------- stale images, the sweep's default
+
+
+def test_tea_explorer_marks_its_images_stale_when_an_input_changes():
+    gen = FakeGenerate()
+    ex = TEAExplorer(gen, prompt="a <cat>")
+    ex.seed.value = 2  # nothing on screen yet: nothing to mark
+    assert not ex.stale and "press generate" in ex.message.value
+    ex.button.click()
+    shown = ex.after_image.value
+    for widget, value in ((ex.rotation, 0.6), (ex.scale, 0.1), (ex.prompt, "a <cat> on a beach"), (ex.seed, 5)):
+        old = widget.value
+        widget.value = value
+        assert ex.stale and "the images below are for seed 2, rotation 0.20, scale 0.50: a &lt;cat&gt;" in ex.message.value
+        assert "press generate" in ex.message.value and "#b00020" not in ex.message.value  # a notice, not an error
+        assert ex.after_image.value == shown and len(gen.calls) == 1  # kept on screen, nothing generated
+        widget.value = old  # back to the inputs of the images: current again
+        assert not ex.stale and "seed 2, rotation 0.20" in ex.message.value
+    ex.rotation.value = 0.6
+    ex.button.click()
+    assert not ex.stale and gen.calls[-1] == ("a <cat>", 2, 0.6, 0.5) and ex.after_image.value != shown
+    auto = TEAExplorer(gen, prompt="a <cat>", auto=True)
+    auto.button.click()
+    auto.scale.value = 0.25  # auto: a slider regenerates, never stale
+    assert not auto.stale and gen.calls[-1] == ("a <cat>", 0, 0.2, 0.25)
+    auto.prompt.value = "a <cat> in the snow"  # the prompt is not auto: stale
+    assert auto.stale
+
+
+def _sweep_argmax(path):
+    """The images of the shipped sweep with the largest oracle-context gain over rotation 0, scale 0 (same prompt and
+    seed), read from the JSON by hand: {(prompt, seed, rotation, scale): oracle_concept after} for every tie."""
+    import json
+    import re
+    items = json.loads(path.read_text())["items"]
+    base = items["rotation 0, scale 0"]
+    ctx0 = {(p, s): x for p, s, x in zip(base["prompt"], base["seed"], base["oracle_context"])}
+    gains = {}
+    for cell, it in items.items():
+        m = re.fullmatch(r"rotation ([\d.]+), scale ([\d.]+)", cell)
+        if m is None or cell == "rotation 0, scale 0":
+            continue
+        for p, s, x, k in zip(it["prompt"], it["seed"], it["oracle_context"], it["oracle_concept"]):
+            gains[(p, s, float(m.group(1)), float(m.group(2)))] = (x - ctx0[(p, s)], k)
+    top = max(g for g, _ in gains.values())
+    return top, {key: k for key, (g, k) in gains.items() if g == top}, len(gains)
+
+
+def test_tea_explorer_from_the_shipped_sweep_opens_where_the_oracle_sees_the_largest_context_gain():
+    from persviz.paths import DATA_DIR
+
+    path = DATA_DIR / "shapesworld" / "concepts" / "candy" / "sweep" / "sweep.json"
+    top, ties, n = _sweep_argmax(path)
+    gen = FakeGenerate()
+    ex = TEAExplorer.from_sweep(gen, path, "<candy>")
+    s = ex.state
+    assert "<candy>" in s["prompt"] and "{}" not in s["prompt"]
+    key = (s["prompt"].replace("<candy>", "{}"), s["seed"], s["rotation"], s["scale"])
+    assert top > 0 and key in ties  # an image with the largest gain of the whole sweep
+    best_kept = max(ties.values())
+    assert ties[key] == best_kept  # among those, the concept still read right after TEA
+    assert (s["rotation"], s["scale"]) == min((r, sc) for (_, _, r, sc), k in ties.items() if k == best_kept)
+    msg = ex.message.value
+    assert "saved sweep" in msg and f"{n} images searched" in msg and f"seed {s['seed']}" in msg
+    assert f"rotation {s['rotation']:g}, scale {s['scale']:g}" in msg and "context wrong before TEA and right after" in msg
+    ex.button.click()
+    assert gen.calls == [(s["prompt"], s["seed"], s["rotation"], s["scale"])]
+    assert "saved sweep" in ex.message.value  # the note stays while the inputs are the sweep's
+    ex.seed.value = s["seed"] + 1
+    ex.button.click()
+    assert "saved sweep" not in ex.message.value
