@@ -48,6 +48,8 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from persviz.text_stack import text_stack
+
 __all__ = ["AttentionMaps", "FUNCTION_WORDS", "attention_maps", "content_words", "cross_attention_layers",
            "inside_share", "mask_at", "probabilities", "prompt_words", "word_positions"]
 
@@ -193,7 +195,7 @@ def word_positions(pipe: Any, prompt: str, words: Sequence[str]) -> dict[str, li
     """{word: token positions} of each word in the tokenized prompt (position 0 is the start token); a
     multi-vector placeholder expands to its rows (``pipe.maybe_convert_prompt``). Raises ValueError naming a word
     that is not in the prompt."""
-    tok = pipe.tokenizer
+    tok = text_stack(pipe).primary.tokenizer
     convert = getattr(pipe, "maybe_convert_prompt", None)
     conv = (lambda s: convert(s, tok)) if convert is not None else (lambda s: s)  # noqa: E731
     ids = _ids(tok, conv(prompt))[: tok.model_max_length - 2]
@@ -222,7 +224,7 @@ def content_words(prompt: str, drop: frozenset = FUNCTION_WORDS) -> list[str]:
 
 
 def _n_prompt_tokens(pipe: Any, prompt: str) -> int:
-    tok = pipe.tokenizer
+    tok = text_stack(pipe).primary.tokenizer
     convert = getattr(pipe, "maybe_convert_prompt", None)
     text = convert(prompt, tok) if convert is not None else prompt
     return min(len(_ids(tok, text)), tok.model_max_length - 2)

@@ -38,6 +38,7 @@ from persviz import doctor, embedding_files, foreign_runs, shards
 from persviz.errors import PersvizError, TrainingInterrupted, describe, one_line
 from persviz.io import check_write, confined, to_jsonable, write_json
 from persviz.concept_folder import check_method, concept_paths, format_paths, read_concept
+from persviz.methods import get_method
 from persviz.loading import FULL_DEFAULTS, SHAPESWORLD, default_model, load_evaluator, load_pipeline
 from persviz.paths import SHAPESWORLD_DIR
 from persviz.pigeon import study as pigeon_study
@@ -130,7 +131,7 @@ def _add_tea(sub: Any) -> None:
         for method in methods:
             for name in a.concepts.split(","):
                 shapesworld_runs.RUNNERS[method](pipe, name)
-                if a.study and method == "textual_inversion":
+                if a.study and get_method(method).row_snapshots:
                     shapesworld_runs.study_textual_inversion(pipe, name, judges)
         if a.table:
             shapesworld_runs.tea_table(pipe, judges)

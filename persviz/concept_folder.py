@@ -24,7 +24,7 @@ import numpy as np
 from persviz.errors import PersvizError
 from persviz.images import read_image
 from persviz.io import PathLike, atomic_folder, write_json
-from persviz.trainers import METHODS
+from persviz.methods import get_method
 
 CONCEPT_FILE = "concept.json"
 IMAGES_DIR = "images"
@@ -79,11 +79,9 @@ class Concept:
 
 
 def check_method(method: str) -> str:
-    """`method` if it is one of METHODS ('textual-inversion' and 'ti' accepted for 'textual_inversion')."""
-    m = {"ti": "textual_inversion"}.get(method, method).replace("-", "_")
-    if m not in METHODS:
-        raise ConceptFolderError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return m
+    """The registry name of `method` (command-line names and aliases accepted: 'textual-inversion', 'ti');
+    an UnknownMethodError (a ValueError) listing the methods otherwise."""
+    return get_method(method).name
 
 
 def image_files(folder: PathLike) -> list[Path]:

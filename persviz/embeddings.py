@@ -18,7 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from persviz.errors import PersvizError
+from persviz.methods.tokens import single_token_id
 from persviz.io import PathLike, atomic_path
+from persviz.text_stack import text_stack
 
 DIFFUSERS_SAFE = "learned_embeds.safetensors"
 DIFFUSERS_BIN = "learned_embeds.bin"
@@ -189,9 +191,10 @@ def load_learned_token(pipe: Any, embeds: Any, token: str | None = None) -> None
 
     The text encoder's embedding matrix is first grown to its final size with ``mean_resizing=False`` (diffusers then
     finds it large enough and writes every new row itself), so the result equals diffusers' own load."""
-    encoder, n = pipe.text_encoder, _rows_to_add(embeds, token)
+    text = text_stack(pipe).primary
+    encoder, n = text.encoder, _rows_to_add(embeds, token)
     before = encoder.get_input_embeddings().weight.shape[0]
-    need = len(pipe.tokenizer) + (n or 0)
+    need = len(text.tokenizer) + (n or 0)
     grown = n is not None and need > before
     if grown:
         encoder.resize_token_embeddings(need, mean_resizing=False)
@@ -207,9 +210,13 @@ def load_learned_token(pipe: Any, embeds: Any, token: str | None = None) -> None
 
 
 def prompt_parts(obj: Any) -> tuple[Any, Any]:
-    """(tokenizer or None, text encoder or None) of a pipeline, a (tokenizer, text_encoder) pair or either alone."""
+    """(tokenizer or None, text encoder or None) of a pipeline (its text stack's first encoder), a (tokenizer,
+    text_encoder) pair or either alone."""
     if isinstance(obj, (tuple, list)) and len(obj) == 2:
         return obj[0], obj[1]
+    if hasattr(obj, "text_encoder") and hasattr(obj, "tokenizer") and hasattr(obj, "unet"):
+        text = text_stack(obj).primary  # a diffusion pipeline: its family lays out its encoders
+        return text.tokenizer, text.encoder
     if hasattr(obj, "text_encoder") or hasattr(obj, "tokenizer"):
         return getattr(obj, "tokenizer", None), getattr(obj, "text_encoder", None)
     if hasattr(obj, "get_input_embeddings"):
@@ -220,14 +227,6 @@ def prompt_parts(obj: Any) -> tuple[Any, Any]:
         f"expected a diffusers pipeline, a (tokenizer, text_encoder) pair, a tokenizer or a text encoder; "
         f"got {type(obj).__name__}"
     )
-
-
-def single_token_id(tokenizer: Any, word: str) -> int | None:
-    """The id of `word` if it tokenizes to exactly one token (vocabulary or added token), else None."""
-    if not isinstance(word, str) or not word.strip():
-        return None
-    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-    return int(ids[0]) if len(ids) == 1 else None
 
 
 def tokens_of(tokenizer: Any, word: str) -> list[str]:

@@ -50,13 +50,15 @@ from persviz.concept_folder import (CONCEPT_FILE, Concept, ConceptFolderError, a
                                     prepare_concept, read_concept, write_concept)
 from persviz.embedding_files import EmbeddingFileError, check_fits, embedding_candidates, read_embedding_file
 from persviz.io import PathLike, confined
-from persviz.loading import SHAPESWORLD, load_pipeline
-from persviz.trainers.concept_runs import check_sd1, model_id
+from persviz.families import assemble_pipeline, family_of
+from persviz.methods import get_method
+from persviz.text_stack import text_stack
+from persviz.trainers.concept_runs import model_id
 from persviz.trainers.core import CONFIG_FILE
-from persviz.trainers.custom_diffusion import (custom_diffusion_embeddings, custom_diffusion_weights,
+from persviz.trainers.custom_diffusion import (KEY_MARK, custom_diffusion_embeddings, custom_diffusion_weights,
                                                read_custom_diffusion_weights)
 from persviz.trainers.dreambooth_lora import find_lora_file
-from persviz.trainers.recipes import DREAMBOOTH_IDENTIFIER, check_tokens
+from persviz.methods.tokens import DREAMBOOTH_IDENTIFIER
 from persviz.trainers.textual_inversion import final_embedding, list_snapshots, run_token
 from persviz.weight_files import lora_layout, read_weights
 
@@ -194,7 +196,7 @@ def _custom_diffusion(path: Path, token: str | None) -> ForeignRun:
         sd = read_custom_diffusion_weights(weights)
     except (FileNotFoundError, ValueError) as err:
         raise _not_found("custom_diffusion", path, str(err)) from None
-    if not sd or not all("custom_diffusion" in k for k in sd):
+    if not sd or not all(KEY_MARK in k for k in sd):
         raise _not_found("custom_diffusion", path, f"{weights.name} has keys {sorted(sd)[:3]}")
     embeds = custom_diffusion_embeddings(weights.parent)
     tokens = {read_embedding_file(e).token: e for e in embeds}
@@ -221,8 +223,8 @@ def detect_run(method: str, run: PathLike, token: str | None = None) -> ForeignR
     path = Path(run).expanduser().resolve()
     if not path.exists():
         raise ConceptFolderError(f"no run at {path}; pass the folder the other tool wrote")
-    return {"textual_inversion": _textual_inversion, "dreambooth": _dreambooth,
-            "custom_diffusion": _custom_diffusion}[method](path, token)
+    return {"token_rows": _textual_inversion, "lora": _dreambooth,
+            "attention_kv": _custom_diffusion}[get_method(method).weights](path, token)
 
 
 # ----------------------------------------------------------------------------- against the model
@@ -253,15 +255,17 @@ def _another_model(what: str, width: int, need: int) -> ConceptFolderError:
 def check_run_fits(found: ForeignRun, pipe: Any, class_word: str) -> None:
     """Errors before anything is written: the token and class word against the tokenizer, every width against the
     model (embeddings: ``check_fits``; LoRA and Custom Diffusion weights: their input widths and layer names)."""
-    width = int(pipe.text_encoder.get_input_embeddings().weight.shape[-1])
+    text = text_stack(pipe).primary
+    width = text.width
     cross_dim = int(pipe.unet.config.cross_attention_dim)
-    if found.method == "textual_inversion":
+    weights_kind = get_method(found.method).weights
+    if weights_kind == "token_rows":
         for f in found.files:
-            check_fits(read_embedding_file(f), pipe.text_encoder)
-    elif found.method == "custom_diffusion":
+            check_fits(read_embedding_file(f), text.encoder)
+    elif weights_kind == "attention_kv":
         weights, *embeds = found.files
         for e in embeds:
-            check_fits(read_embedding_file(e), pipe.text_encoder)
+            check_fits(read_embedding_file(e), text.encoder)
         procs = pipe.unet.attn_processors
         for key, v in read_custom_diffusion_weights(weights).items():
             layer, _, sub = key.partition(".processor.")
@@ -284,7 +288,7 @@ def check_run_fits(found: ForeignRun, pipe: Any, class_word: str) -> None:
         for w in sorted(cross - {cross_dim}):
             raise _another_model(f"the cross-attention LoRA in {found.files[0].name}", w, cross_dim)
     try:
-        check_tokens(pipe.tokenizer, found.method, found.token, class_word)
+        get_method(found.method).check_tokens(text.tokenizer, found.token, class_word)
     except ValueError as err:
         raise ConceptFolderError(f"{err} (pass the run's own with --token / --class-word)") from None
 
@@ -313,15 +317,15 @@ def adopt_run(method: str, run: PathLike, out: PathLike, images: PathLike, class
     if existing is not None:
         placeholder = existing.placeholder
     else:
-        placeholder = found.token if method != "dreambooth" else f"<{found.token}>"
+        placeholder = get_method(method).concept_placeholder(found.token)
     concept = prepare_concept(folder, images, placeholder, class_word, mid)
     known = concept.runs.get(method)
     if known and Path(concept.folder, known["folder"]).resolve() != found.path:
         raise ConceptFolderError(f"the concept in {folder} already has a {method} run ({known['folder']}); adopt "
                                  "the run into another --out folder")
     if pipe is None:
-        pipe = load_pipeline(None if mid == SHAPESWORLD else mid)
-    check_sd1(pipe, mid)
+        pipe = assemble_pipeline(mid)
+    family_of(pipe, mid)
     try:
         check_run_fits(found, pipe, class_word)
     except EmbeddingFileError as err:

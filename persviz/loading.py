@@ -67,6 +67,11 @@ def unavailable_error(name: str, err: Exception) -> ModelNotAvailableError:
         f"the embedded default that ships with persviz.")
 
 
+def is_embedded(model: object) -> bool:
+    """Whether `model` names the embedded ShapesWorld micro-SD ('shapesworld' or None), not a full-scale model."""
+    return model is None or str(model) == SHAPESWORLD
+
+
 def _resolve(model: Union[str, Path], sub: str) -> Union[str, Path]:
     return shapesworld_dir() / sub if str(model) == SHAPESWORLD else model
 

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
 
+from persviz.families import assemble_pipeline, family_of
 from persviz import loading
 from persviz.concept_folder import Concept, ConceptFolderError, read_concept
 from persviz.generation import GUIDANCE, STEPS
@@ -192,9 +192,7 @@ def paper_sampling(pipe: Any) -> Any:
     """The TEA paper's sampler on an SD 1.x pipeline: DPM-Solver++ (diffusers' DPMSolverMultistepScheduler with
     algorithm_type 'dpmsolver++', from the pipeline's own scheduler config) and VAE slicing (decode one image at a
     time, so 512 px batches fit a small GPU). Returns the pipeline, changed in place."""
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
-    pipe.vae.enable_slicing()
-    return pipe
+    return family_of(pipe).prepare(pipe, embedded=False)
 
 
 def setup(pipeline: bool = True, evaluators: Iterable[str] = EVALUATORS, scale: Optional[str] = None,
@@ -222,9 +220,7 @@ def setup(pipeline: bool = True, evaluators: Iterable[str] = EVALUATORS, scale: 
     session = Session(scale=scale, settings=read_settings(scale), threads=n)
     session.generation(), session.n_probes(1)  # a bad number fails before the models load
     if pipeline:
-        session.pipe = loading.load_pipeline(models["pipeline"], device=device, dtype=dtype)
-        if full:
-            paper_sampling(session.pipe)
+        session.pipe = assemble_pipeline(models["pipeline"], device=device, dtype=dtype)  # the paper's sampler at full scale
     for kind in kinds:
         if kind == "oracle":
             session.oracle = None if full else loading.load_evaluator(loading.SHAPESWORLD, kind="oracle", device=device,

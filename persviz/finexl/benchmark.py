@@ -67,7 +67,8 @@ from persviz.metrics import spearman
 from persviz.paths import DATA_DIR
 from persviz.shapesworld.render import Style
 from persviz.stats import LEVEL, bootstrap_mean
-from persviz.trainers.lora_finetune import LORA_FILE, LoRAFinetuneConfig, load_lora, train_lora_finetune
+from persviz.methods import get_method
+from persviz.trainers.lora_finetune import LORA_FILE, load_lora
 
 FINEXL_DIR = DATA_DIR / "finexl"
 LORA_DIR = FINEXL_DIR / "lora"
@@ -143,14 +144,15 @@ def train_variants(names: Optional[Sequence[str]] = None, steps: int = 450, batc
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}: choose from {list(variants)}.")
     pipe = load_pipeline(device=device, dtype=torch.float32)  # adapters and base in float32 also on a GPU
-    config = LoRAFinetuneConfig(steps=int(steps), batch_size=int(batch_size), lr=float(lr),
-                                save_every=max(1, int(steps) // 2))
+    finetune = get_method("lora_finetune", concept_only=False)  # the registry's LoRA fine-tune (persviz.methods)
+    config = finetune.recipe("", "", shapesworld=True, steps=int(steps), batch_size=int(batch_size), lr=float(lr),
+                             save_every=max(1, int(steps) // 2))
     shipped = {}
     for name in tqdm(names, desc="LoRA variants", disable=not progress):
         captions, images, applied = scene_shift_dataset(n_images, variants[name], seed=TRAIN_SEED)
         t0 = time.perf_counter()
-        res = train_lora_finetune(pipe, images, captions, config, Path(runs_dir) / name, progress=progress,
-                                  load_result=False)
+        res = finetune.train(pipe, (images, captions), config, Path(runs_dir) / name, progress=progress,
+                             load_result=False)
         dest = Path(out_dir) / name
         dest.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(dest / LORA_FILE, res.final_path.read_bytes())

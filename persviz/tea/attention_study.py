@@ -37,8 +37,9 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
+from persviz.text_stack import text_stack
+from persviz.methods import get_method, tracked_method
 from persviz.attention import AttentionMaps, attention_maps, inside_share, word_positions
-from persviz.embeddings import token_row
 from persviz.evaluation import Evaluation, combine, probe_keys, protocol_note
 from persviz.generation import GUIDANCE, STEPS
 from persviz.io import PathLike, write_json
@@ -164,8 +165,7 @@ def generate_with_maps(pipe: Any, prompts: Sequence[str], word: str, seed: int =
 # ----------------------------------------------------------------------------- the study's conditions
 def condition_name(method: str, step: Optional[int] = None, with_tea: bool = False) -> str:
     """'textual_inversion step 300', 'textual_inversion step 300 TEA', 'dreambooth', 'custom_diffusion TEA'."""
-    name = f"{method} step {step}" if method == "textual_inversion" else method
-    return name + (" TEA" if with_tea else "")
+    return get_method(method).condition(step) + (" TEA" if with_tea else "")
 
 
 def study_cells(concepts: Sequence[str] = tuple(CONCEPTS), steps: Sequence[int] = tuple(range(0, 3001, STEP_EVERY)),
@@ -179,7 +179,7 @@ def study_cells(concepts: Sequence[str] = tuple(CONCEPTS), steps: Sequence[int] 
     for name in concepts:
         get_concept(name)
         for m in methods:
-            if m == "textual_inversion":
+            if get_method(m).row_snapshots:
                 out += [cell(concept=name, method=m, step=int(s), tea=t) for s in steps for t in (False, True)
                         if not (t and s == 0)]
             else:
@@ -191,9 +191,9 @@ def study_cells(concepts: Sequence[str] = tuple(CONCEPTS), steps: Sequence[int] 
 def loaded_cell(pipe: Any, c: Mapping[str, Any], root: Path) -> Iterator[None]:
     """The cell's model state: a TI snapshot row (step 0: the class word's row) or a final DB / CD run."""
     name, method = c["concept"], c["method"]
-    if method == "textual_inversion":
+    if get_method(method).row_snapshots:
         cw = get_concept(name).class_word
-        init = pipe.text_encoder.get_input_embeddings().weight[token_row(pipe, cw)].detach().clone()
+        init = text_stack(pipe).primary.word_row(cw)
         snaps = dict(snapshots(run_dir(method, name, root), 100, init))
         if c["step"] not in snaps:
             raise ValueError(f"{name}'s Textual Inversion run has no snapshot at step {c['step']}; saved: "
@@ -222,7 +222,7 @@ def cell_measures(pipe: Any, oracle: Any, c: Mapping[str, Any], n_probes: int = 
     with loaded_cell(pipe, c, root):
         embeds = None
         adjust = contextlib.nullcontext()
-        if c["tea"] and method == "dreambooth":
+        if c["tea"] and get_method(method).tea_level == "prompt":
             plain = [t for t in probe_texts(probes, cw) for _ in range(repeats)]
             embeds = encode_prompt_level(pipe, prompts, plain, placeholder=token, class_word=cw)
         elif c["tea"]:
@@ -272,7 +272,7 @@ def _evaluations(results: Mapping[str, Any], cells: Sequence[Mapping[str, Any]],
     for c in cells:
         r = results[c["id"]][part]
         if r is not None:
-            name = condition_name(c["method"], c["step"] if c["method"] == "textual_inversion" else None, c["tea"])
+            name = condition_name(c["method"], c["step"], c["tea"])
             items.setdefault(c["concept"], {})[name] = {k: v if k in ("prompt", "seed") else [round(x, DIGITS) for x in v]
                                                         for k, v in r.items()}
     out = {}
@@ -287,14 +287,15 @@ def comparisons(steps: Sequence[int], methods: Sequence[str] = METHODS) -> list[
     """The paired comparisons the study reports (a, b: b − a): the last TI step against step 0 (the class word),
     TEA against none at the last step, and each other method's TEA against none and against the class word."""
     last = max(steps)
-    ref = condition_name("textual_inversion", 0)
+    tracked = tracked_method(methods)
+    ref = condition_name(tracked.name, 0) if tracked is not None else None
     out = []
-    if "textual_inversion" in methods:
-        out += [(ref, condition_name("textual_inversion", last)),
-                (condition_name("textual_inversion", last), condition_name("textual_inversion", last, True))]
+    if tracked is not None:
+        out += [(ref, condition_name(tracked.name, last)),
+                (condition_name(tracked.name, last), condition_name(tracked.name, last, True))]
     for m in methods:
-        if m != "textual_inversion":
-            out += [(m, condition_name(m, with_tea=True))] + ([(ref, m)] if "textual_inversion" in methods else [])
+        if tracked is None or m != tracked.name:
+            out += [(m, condition_name(m, with_tea=True))] + ([(ref, m)] if tracked is not None else [])
     return out
 
 
@@ -304,7 +305,7 @@ def gather_study(results: Mapping[str, Any], cells: Sequence[Mapping[str, Any]],
     three concepts' prompts together and per concept, and the paired differences of `comparisons`."""
     meta = {"protocol": protocol_note(n_boot), "settings": dict(settings)}
     evs, twos = _evaluations(results, cells, "all", meta), _evaluations(results, cells, "two_object", meta)
-    steps = sorted({c["step"] for c in cells if c["method"] == "textual_inversion"})
+    steps = sorted({c["step"] for c in cells if get_method(c["method"]).row_snapshots})
     methods = list(dict.fromkeys(c["method"] for c in cells))
     pairs = comparisons(steps or [0], methods)
     out: dict[str, Any] = {"format": FORMAT, "settings": dict(settings), "protocol": meta["protocol"],

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from persviz.text_stack import text_stack
+from persviz.methods import get_method, tracked_method
 from persviz.concept_folder import Concept, read_concept
-from persviz.embeddings import load_learned_token, token_row
+from persviz.embeddings import load_learned_token
 from persviz.evaluation import Evaluation, describe_evaluator, evaluation_meta, probe_keys, score_per_image
 from persviz.io import atomic_write, confined, write_json
 from persviz.loading import SHAPESWORLD
@@ -147,7 +149,7 @@ def final_embedding(concept: Concept) -> torch.Tensor:
 
 def class_row(pipe: Any, concept: Concept) -> torch.Tensor:
     """The input-embedding row of the concept's class word (V*'s starting point), a detached copy [D]."""
-    return pipe.text_encoder.get_input_embeddings().weight[token_row(pipe, concept.class_word)].detach().clone()
+    return text_stack(pipe).primary.word_row(concept.class_word)
 
 
 def dominance(pipe: Any, fixed: Concept, varied: Concept, clip: Any, fractions: Sequence[float], n_images: int = 8,
@@ -169,10 +171,10 @@ def dominance(pipe: Any, fixed: Concept, varied: Concept, clip: Any, fractions: 
 def set_aside(pipe: Any, token: str) -> Iterator[None]:
     """Inside the block `token` is not in the tokenizer (a learned token already loaded is unloaded, so a run of the
     same token can load); its row is loaded back on exit. Nothing happens for a token not loaded."""
-    if token not in pipe.tokenizer.get_added_vocab():
+    if not text_stack(pipe).primary.has_added(token):
         yield
         return
-    row = pipe.text_encoder.get_input_embeddings().weight[token_row(pipe, token)].detach().clone()
+    row = text_stack(pipe).primary.word_row(token)
     pipe.unload_textual_inversion(token)
     try:
         yield
@@ -190,8 +192,9 @@ def tea_table(pipe: Any, concept: Concept, probes: Sequence[Mapping], score: Any
     table: dict[str, dict] = {}
     for method in methods or [m for m in METHODS if m in concept.runs]:
         token = concept.token(method)
-        word = token if method == "textual_inversion" else f"{token} {concept.class_word}"
-        base_encoder = copy.deepcopy(pipe.text_encoder) if method == "dreambooth" else None
+        m = get_method(method)
+        word = m.slot_word(token, concept.class_word)
+        base_encoder = copy.deepcopy(text_stack(pipe).primary.encoder) if m.tea_level == "prompt" else None
         with set_aside(pipe, token), personalized(pipe, method, concept.run_dir(method)):
             rows = tea_rows(pipe, method, word, token, concept.class_word, probes, score, repeats, seed, **generation)
             if base_encoder is not None:
@@ -206,7 +209,7 @@ def tea_table(pipe: Any, concept: Concept, probes: Sequence[Mapping], score: Any
 def study_cells(concept: Concept, n_snapshots: int, methods: Sequence[str] | None = None) -> list[dict]:
     """The study's parts as cells of persviz.shards: the tracker, each snapshot of the impacts, each method's TEA rows."""
     cells = []
-    if "textual_inversion" in concept.runs:
+    if tracked_method(concept.runs) is not None:
         cells.append(cell(part="text"))
         cells += [cell(part="impacts", snapshot=i) for i in range(n_snapshots)]
     return cells + [cell(part="tea", method=m) for m in methods or [m for m in METHODS if m in concept.runs]]
@@ -267,9 +270,10 @@ def _study_concept(concept: Concept, pipe: Any, clip: Any, dino: Any, oracle: An
         return {k: [float(x) for x in v] for k, v in scores.items()}
 
     snaps = []
-    if "textual_inversion" in concept.runs:
-        run = concept.run_dir("textual_inversion")
-        init = pipe.text_encoder.get_input_embeddings().weight[token_row(pipe, concept.class_word)].detach().clone()
+    tracked = tracked_method(concept.runs)
+    if tracked is not None:
+        run = concept.run_dir(tracked.name)
+        init = text_stack(pipe).primary.word_row(concept.class_word)
         snaps = snapshots(run, settings.every, init)
     methods = list(methods or [m for m in METHODS if m in concept.runs])
     cells = study_cells(concept, len(snaps), methods)
@@ -295,7 +299,7 @@ def _study_concept(concept: Concept, pipe: Any, clip: Any, dino: Any, oracle: An
     if results is None:
         return None
     parts = [(c, results[c["id"]]) for c in cells]
-    if "textual_inversion" in concept.runs:
+    if tracked is not None:
         out["text"] = next(r for c, r in parts if c["part"] == "text")
         rows = [r for c, r in parts if c["part"] == "impacts"]
         out["images"] = {k: [r[k] for r in rows] for k in rows[0]}
@@ -332,8 +336,9 @@ def saved_study(concept: Concept) -> dict | None:
     """A concept folder's saved study with 'written_by': study/study.json, else its Textual Inversion run's
     study.json (the shipped runs); None when it has neither."""
     candidates = [(Path(concept.folder) / STUDY_DIR / "study.json", "persviz study")]
-    if "textual_inversion" in concept.runs:
-        candidates.append((concept.run_dir("textual_inversion") / "study.json", "the training script"))
+    tracked = tracked_method(concept.runs)
+    if tracked is not None:
+        candidates.append((concept.run_dir(tracked.name) / "study.json", "the training script"))
     for path, who in candidates:
         if path.is_file():
             return {**json.loads(path.read_text()), "written_by": who}

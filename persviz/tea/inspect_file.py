@@ -48,7 +48,7 @@ def load_text_model(model: Union[str, Path, None] = None, device: str | None = N
 
 
 def model_parts(pipe_or_parts: Any) -> tuple[Any, Any]:
-    """(tokenizer, text_encoder) of a pipeline or pair, both required."""
+    """(tokenizer, text_encoder) of a pipeline or pair, both required (persviz.embeddings.prompt_parts, checked)."""
     tokenizer, encoder = prompt_parts(pipe_or_parts)
     if tokenizer is None or encoder is None:
         raise ValueError("pass a pipeline with a tokenizer and a text_encoder, or a (tokenizer, text_encoder) pair")

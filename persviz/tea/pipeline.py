@@ -18,7 +18,7 @@ import torch
 
 from persviz.embeddings import prompt_parts, single_token_id, tokens_of, class_word_id, token_row
 from persviz.tea.adjust import DEFAULTS, check_knob, align_positions, prompt_level_adjust, slerp_adjust
-from persviz.trainers.core import PlaceholderRows
+from persviz.text_stack import PlaceholderRows
 
 
 @dataclass(frozen=True)

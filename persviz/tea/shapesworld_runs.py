@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from persviz.embeddings import token_row
+from persviz.text_stack import text_stack
+from persviz.methods import get_method
 from persviz.evaluation import Evaluation, combine, evaluate, format_intervals
 from persviz.io import write_json
 from persviz.loading import load_evaluator
@@ -110,7 +111,7 @@ def study_textual_inversion(pipe, name: str, judges: dict, every: int = 300, n_p
     (every `every` steps and the initial class-word row); written to the run folder as study.json."""
     c, run = get_concept(name), run_dir("textual_inversion", name, root)
     text = track_semantic_shift(pipe, run, "shapesworld_contextual", "shapesworld_simple")
-    init = pipe.text_encoder.get_input_embeddings().weight[token_row(pipe, c.class_word)].detach().clone()
+    init = text_stack(pipe).primary.word_row(c.class_word)
     images = impacts_over_steps(pipe, snapshots(run, every, init), placeholder(name), c.class_word,
                                 eval_prompts(name, n_probes), load_references(name), judges["clip"], judges["dino"],
                                 judges["oracle"], oracle_signature(judges["oracle"], name), repeats=repeats)
@@ -131,7 +132,7 @@ def run_tea_rows(pipe, method: str, name: str, probes, score, repeats: int = 1, 
                  root: Path = RUNS_DIR) -> dict:
     """tea_rows of a concept's final run of a method, loaded for the call (a TI token already in pipe is used as is)."""
     word, token = method_word(method, name)
-    ready = method == "textual_inversion" and placeholder(name) in pipe.tokenizer.get_added_vocab()
+    ready = get_method(method).row_snapshots and text_stack(pipe).primary.has_added(placeholder(name))
     with contextlib.nullcontext() if ready else personalized(pipe, method, run_dir(method, name, root)):
         return tea_rows(pipe, method, word, token, get_concept(name).class_word, probes, score, repeats, seed)
 

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from persviz.text_stack import text_stack
+from persviz.methods import get_method
 from persviz.embeddings import load_learned_token, token_row
 from persviz.generation import GUIDANCE, STEPS, generate, generate_from_embeds
 from persviz.evaluation import Evaluation, score_per_image
@@ -25,7 +27,7 @@ from persviz.stats import N_BOOT
 from persviz.tea.adaptive import SCHEDULE, adaptive_tea, make_tea_scorer
 from persviz.tea.pipeline import encode_prompt_level, tea
 from persviz.trainers import METHODS, load_custom_diffusion, load_dreambooth_lora, load_textual_inversion_run
-from persviz.trainers.core import PlaceholderRows
+from persviz.text_stack import PlaceholderRows
 
 Probe = Mapping[str, Any]
 
@@ -39,10 +41,11 @@ def learned_embedding(pipe: Any, placeholder: str, vector: torch.Tensor) -> Iter
     vector = torch.as_tensor(vector).detach().float().reshape(-1)
     if not torch.isfinite(vector).all():
         raise ValueError(f"the embedding of {placeholder!r} holds NaN or inf; pick another snapshot")
-    weight = pipe.text_encoder.get_input_embeddings().weight
+    text = text_stack(pipe).primary
+    weight = text.rows
     if vector.numel() != weight.shape[1]:
         raise ValueError(f"embedding of size {vector.numel()} does not fit the text encoder's width {weight.shape[1]}")
-    known = placeholder in pipe.tokenizer.get_added_vocab()
+    known = text.has_added(placeholder)
     if not known:
         load_learned_token(pipe, {placeholder: vector.to(weight.dtype)}, token=placeholder)
         try:
@@ -50,7 +53,7 @@ def learned_embedding(pipe: Any, placeholder: str, vector: torch.Tensor) -> Iter
         finally:
             pipe.unload_textual_inversion(placeholder)
         return
-    with PlaceholderRows(vector[None], [token_row(pipe, placeholder)]).written(pipe.text_encoder):
+    with PlaceholderRows(vector[None], [token_row(pipe, placeholder)]).written(text.encoder):
         yield
 
 
@@ -124,30 +127,8 @@ def personalized(pipe: Any, method: str, path: Any) -> Iterator[None]:
     """The pipeline with a finished run loaded ('textual_inversion': learned_embeds; 'dreambooth': LoRA; 'custom_diffusion': K/V processors + token).
 
     Undone on exit: the token unloaded, the LoRA unloaded, the attention processors put back."""
-    path = Path(path)
-    if method == "textual_inversion":
-        tokens = load_textual_inversion_run(pipe, path)  # any format (diffusers, A1111), read by content
-        try:
-            yield
-        finally:
-            pipe.unload_textual_inversion(tokens)
-    elif method == "dreambooth":
-        load_dreambooth_lora(pipe, path)
-        try:
-            yield
-        finally:
-            pipe.unload_lora_weights()
-    elif method == "custom_diffusion":
-        procs = dict(pipe.unet.attn_processors)
-        before = set(pipe.tokenizer.get_added_vocab())
-        load_custom_diffusion(pipe, path)
-        try:
-            yield
-        finally:
-            pipe.unet.set_attn_processor(procs)
-            pipe.unload_textual_inversion(sorted(set(pipe.tokenizer.get_added_vocab()) - before))
-    else:
-        raise ValueError(f"unknown method {method!r}; choose 'textual_inversion', 'dreambooth' or 'custom_diffusion'")
+    with get_method(method).loaded(pipe, Path(path)):  # each method's load and undo (persviz.methods)
+        yield
 
 
 def tea_rows(pipe: Any, method: str, word: str, placeholder: str, class_word: str, probes: Sequence[Probe],
@@ -161,11 +142,10 @@ def tea_rows(pipe: Any, method: str, word: str, placeholder: str, class_word: st
     positions aligned and, for comparison, unaligned as in the public code. `anchor_encoder`: DreamBooth's
     prompt-level anchor from this text encoder (e.g. the base model's) instead of the fine-tuned one in pipe.
     `generation` (steps, guidance, batch_size) goes to the generation calls."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    m = get_method(method)
     r, s = knobs if knobs is not None else (None, None)
     rows = {"none": score(generate_probes(pipe, probes, word, repeats, seed, **generation))}
-    if method == "dreambooth":
+    if m.tea_level == "prompt":
         personal = [t for t in probe_texts(probes, word) for _ in range(repeats)]
         plain = [t for t in probe_texts(probes, class_word) for _ in range(repeats)]
         for label, aligned in (("TEA", True), ("TEA unaligned", False)):

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from persviz.methods import tracked_method
 from persviz.concept_folder import read_concept
 from persviz.evaluation import Evaluation, evaluate, probe_keys
 from persviz.generation import GUIDANCE, STEPS
@@ -78,7 +79,7 @@ def run_sweep(folder: PathLike, pipe: Any, clip: Any, dino: Any = None, oracle: 
     """The sweep of a concept folder's Textual Inversion run, its cells in OUT/cells/, the result OUT/sweep.json
     (returned on the main process; None on the others). A killed run resumes with the missing cells."""
     concept = read_concept(folder)
-    if "textual_inversion" not in concept.runs:
+    if tracked_method(concept.runs) is None:
         raise ValueError(f"{concept.folder} has no Textual Inversion run; train one with `persviz train ti`")
     shapesworld = concept.model == SHAPESWORLD
     if oracle is not None and not shapesworld:

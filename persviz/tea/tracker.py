@@ -43,7 +43,7 @@ from persviz.tea import shift as sm
 from persviz.embeddings import prompt_parts, single_token_id, class_word_id, norm_ratio_and_cosine
 from persviz.io import PathLike, write_json
 from persviz.prompts import PLACEHOLDER, load_prompt_set
-from persviz.trainers.core import PlaceholderRows
+from persviz.text_stack import PlaceholderRows
 from persviz.trainers.textual_inversion import CONFIG_FILE, list_snapshots, load_snapshot_embedding
 
 RunLike = Union[PathLike, Sequence[tuple[int, Any]], Mapping[int, Any]]

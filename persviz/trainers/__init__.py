@@ -1,6 +1,7 @@
 """Personalization trainers that take any StableDiffusionPipeline (the ShapesWorld micro-SD or SD 1.5).
 
-One name per method, in code, JSON keys and folders: ``METHODS``.
+One name per method, in code, JSON keys and folders: ``METHODS`` (the registry of ``persviz.methods``, where each
+method's trainer, loader and recipe are reached through one protocol).
 """
 from persviz.trainers.custom_diffusion import (
     CustomDiffusionConfig,
@@ -32,7 +33,7 @@ from persviz.trainers.textual_inversion import (
     train_textual_inversion,
 )
 
-METHODS: tuple[str, ...] = ("textual_inversion", "dreambooth", "custom_diffusion")
+from persviz.methods import METHODS  # the registry's names (persviz.methods), kept here for older imports
 
 __all__ = ["METHODS", "OBJECT_TEMPLATES", "TextualInversionConfig", "TextualInversionResult", "list_snapshots", "load_snapshot_embedding",
            "final_embedding", "load_textual_inversion_run", "run_token",

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from persviz.embeddings import single_token_id
 from persviz import generation
 from persviz.images import read_image, to_rgb
+from persviz.text_stack import PlaceholderRows
 from persviz.errors import DamagedFileError, TrainingInterrupted
 from persviz.io import PathLike, atomic_save, atomic_write, load_state, make_dir, write_json
 
@@ -412,59 +413,6 @@ def placeholder_positions(input_ids: torch.Tensor, token_ids: Sequence[int]) -> 
     elsewhere): what a PlaceholderRows hook reads."""
     hits = input_ids[..., None] == torch.as_tensor(list(token_ids), device=input_ids.device)
     return hits.any(-1), hits.int().argmax(-1)
-
-
-class PlaceholderRows:
-    """The one way persviz makes a placeholder mean a vector: rows [n, D] for the placeholder's n tokens.
-
-    As a forward hook of a text encoder's input embedding (``with PlaceholderRows(rows).hooked(encoder):``, the
-    trainers and the shift tracker): the output gets rows[sel] (cast to its dtype) where `mask` is set (the caller
-    sets mask and sel per batch, e.g. from ``placeholder_positions``; None: the output as it is). The embedding
-    matrix is not touched, so a float32 row (a leaf that trains) works inside a float16 encoder and no other row can
-    change.
-
-    Written into the matrix (``with PlaceholderRows(rows, ids).written(encoder):``, tea() and learned_embedding):
-    for a pipeline that tokenizes prompts itself and already holds the tokens ids; rows cast to the matrix's dtype,
-    the exact old rows written back on exit (also after an exception).
-    """
-
-    def __init__(self, rows: torch.Tensor, ids: Sequence[int] = ()) -> None:
-        self.rows = rows
-        self.ids = tuple(int(i) for i in ids)
-        self.mask: torch.Tensor | None = None
-        self.sel: torch.Tensor | None = None
-
-    def __call__(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        if self.mask is None:
-            return output
-        return torch.where(self.mask.unsqueeze(-1), self.rows.to(output.dtype)[self.sel], output)
-
-    @contextlib.contextmanager
-    def hooked(self, encoder: Any) -> Iterator["PlaceholderRows"]:
-        """The hook on encoder's input embedding inside the block; removed (and mask cleared) on exit."""
-        handle = encoder.get_input_embeddings().register_forward_hook(self)
-        try:
-            yield self
-        finally:
-            self.mask = None
-            handle.remove()
-
-    @contextlib.contextmanager
-    def written(self, encoder: Any) -> Iterator[torch.Tensor]:
-        """rows written into encoder's input-embedding matrix at ids inside the block; yields the old rows (a copy),
-        written back on exit."""
-        weight = encoder.get_input_embeddings().weight
-        if len(self.ids) != len(self.rows):
-            raise ValueError(f"{len(self.rows)} rows for {len(self.ids)} token ids")
-        idx = torch.tensor(self.ids, device=weight.device)
-        with torch.no_grad():
-            original = weight[idx].detach().clone()
-            weight[idx] = self.rows.to(weight.device, weight.dtype)
-        try:
-            yield original
-        finally:
-            with torch.no_grad():
-                weight[idx] = original
 
 
 @contextlib.contextmanager

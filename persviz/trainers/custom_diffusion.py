@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
+from persviz.text_stack import text_stack
 from persviz.embedding_files import check_fits, read_embedding_file
 from persviz.embeddings import class_word_id, load_learned_token, save_learned_embeds
 from persviz.io import PathLike, atomic_folder, atomic_write
@@ -185,6 +186,9 @@ CustomDiffusionResult = TrainResult
 # ----------------------------------------------------------------------------- saved runs
 
 
+KEY_MARK = "_custom_diffusion."  # diffusers names the processors' weights '...processor.to_k_custom_diffusion.weight'
+
+
 def list_custom_diffusion_snapshots(out_dir: PathLike) -> list[tuple[int, Path]]:
     """The (step, folder) of every checkpoint-{k} folder in out_dir holding the weights file, sorted by step."""
     return checkpoints(out_dir, WEIGHTS_FILE)
@@ -196,7 +200,7 @@ def _group(state_dict: dict[str, torch.Tensor], where: Any) -> dict[str, dict[st
     if not state_dict:
         raise ValueError(f"{where} holds no weights; it is not a Custom Diffusion weights file")
     for key, v in state_dict.items():
-        if "custom_diffusion" not in key:
+        if KEY_MARK not in key:
             raise ValueError(f"{where} is not a Custom Diffusion weights file (key {key!r})")
         n = 3 if "to_out" in key else 2
         parts = key.split(".")
@@ -236,9 +240,9 @@ def load_custom_diffusion(pipe: Any, path: PathLike, token: str | None = None) -
     if token is not None and len(embeds) > 1:
         raise ValueError(f"{weights.parent} holds {len(embeds)} modifier tokens; load it without token=")
     for e in embeds:
-        check_fits(e, pipe.text_encoder)
+        check_fits(e, text_stack(pipe).primary.encoder)
     unet.set_attn_processor(procs)
-    weight = pipe.text_encoder.get_input_embeddings().weight
+    weight = text_stack(pipe).primary.rows
     for e in embeds:
         load_learned_token(pipe, {token or e.token: e.rows.to(weight.dtype)}, token=token or e.token)
     return pipe
@@ -397,7 +401,8 @@ def train_custom_diffusion(
         load_result: load the final result into pipe (False: leave pipe as it was).
     """
     check_call(pipe, config, CustomDiffusionConfig)
-    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    text = text_stack(pipe).primary
+    tokenizer, text_encoder, unet, vae = text.tokenizer, text.encoder, pipe.unet, pipe.vae
     mod = config.modifier_token
     check_new_token(tokenizer, mod, "modifier_token",
                     f"remove it with pipe.unload_textual_inversion({mod!r}) or use a fresh pipeline")
@@ -481,7 +486,7 @@ def _make_step(pipe: Any, config: CustomDiffusionConfig, pixels: np.ndarray, cls
                unet_dtype: torch.dtype, hook: PlaceholderRows,
                tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> Callable[[int], float]:
     """The training step s: the example's augmentation, batch, noise and timesteps from step_rng(seed, s)."""
-    text_encoder, unet, vae = pipe.text_encoder, pipe.unet, pipe.vae
+    text_encoder, unet, vae = text_stack(pipe).primary.encoder, pipe.unet, pipe.vae
     ids_table, mask_table, sel_table = tables
     noising = Noising(pipe)
     res, n_img, B = pixels.shape[1], len(pixels), config.batch_size

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from persviz.text_stack import text_stack
 from persviz.embeddings import single_token_id
 from persviz.io import PathLike, atomic_folder, atomic_write
 from persviz.seeding import step_rng
@@ -338,7 +339,8 @@ def train_dreambooth_lora(
         load_result: load the final LoRA into pipe (False: leave pipe as it was).
     """
     check_call(pipe, config, DreamBoothLoRAConfig)
-    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    text = text_stack(pipe).primary
+    tokenizer, text_encoder, unet, vae = text.tokenizer, text.encoder, pipe.unet, pipe.vae
     for name, m in (("unet", unet), ("text_encoder", text_encoder)):
         if has_lora(m):
             raise ValueError(f"pipe's {name} already holds LoRA layers (from pipe.load_lora_weights or an earlier "
@@ -393,13 +395,14 @@ def _make_step(pipe: Any, config: DreamBoothLoRAConfig, pixels: np.ndarray, cls_
                device: torch.device, opt: torch.optim.Optimizer, scaler: Any, params: list[torch.Tensor],
                unet_dtype: torch.dtype) -> Callable[[int], float]:
     """The training step s (inside the adapters' context): batch, noise and timesteps from step_rng(seed, s)."""
-    text_encoder, unet, vae = pipe.text_encoder, pipe.unet, pipe.vae
+    text = text_stack(pipe).primary
+    text_encoder, unet, vae = text.encoder, pipe.unet, pipe.vae
     noising = Noising(pipe)
     flip = config.flip_p > 0
     mean, std = latent_stats(vae, pixels, flip, device)
     if cls_pixels is not None:
         cmean, cstd = latent_stats(vae, cls_pixels, flip, device)
-    ids = token_ids(pipe.tokenizer, [config.instance_prompt, config.class_prompt]).to(device)
+    ids = token_ids(text.tokenizer, [config.instance_prompt, config.class_prompt]).to(device)
     fixed_cond = None
     if not config.train_text_encoder:  # the text encoder does not change: encode the two prompts once
         with torch.no_grad():

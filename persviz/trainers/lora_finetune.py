@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from persviz.text_stack import text_stack
 from persviz.io import PathLike, atomic_folder, atomic_write
 from persviz.seeding import step_rng
 from persviz.trainers.core import (
@@ -111,8 +112,9 @@ def _encode_captions(pipe: Any, captions: list[str], device: torch.device) -> tu
     """(text embeddings [U, L, D] of the distinct captions, index [N] of each caption among them)."""
     uniq = list(dict.fromkeys(captions))
     where = {c: i for i, c in enumerate(uniq)}
-    ids = token_ids(pipe.tokenizer, uniq).to(device)
-    emb = torch.cat([pipe.text_encoder(ids[i:i + 64])[0] for i in range(0, len(ids), 64)])
+    text = text_stack(pipe).primary
+    ids = token_ids(text.tokenizer, uniq).to(device)
+    emb = torch.cat([text.encoder(ids[i:i + 64])[0] for i in range(0, len(ids), 64)])
     return emb, np.array([where[c] for c in captions])
 
 
@@ -134,7 +136,7 @@ def train_lora_finetune(pipe: Any, images: Any, captions: Sequence[str], config:
     if not isinstance(config, LoRAFinetuneConfig):
         raise ValueError(f"config must be a LoRAFinetuneConfig; got {type(config).__name__}")
     check_pipe(pipe)
-    unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
+    unet, text_encoder, vae = pipe.unet, text_stack(pipe).primary.encoder, pipe.vae
     for name, m in (("unet", unet), ("text_encoder", text_encoder)):
         if has_lora(m):
             raise ValueError(f"pipe's {name} already holds LoRA layers (from pipe.load_lora_weights or an earlier "

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from persviz.text_stack import text_stack
 from persviz.embedding_files import EmbeddingFile, EmbeddingFileError, check_fits, read_embedding_file
 from persviz.embeddings import class_word_id, load_learned_token, save_learned_embeds
 from persviz.io import PathLike
@@ -272,8 +273,9 @@ def load_textual_inversion_run(pipe: Any, path: PathLike, token: str | None = No
     token_1, ...), for ``pipe.unload_textual_inversion``. An embedding of another width is refused first."""
     f = read_embedding_file(final_embedding(path))
     f = read_embedding_file(f.path, token or run_token(f))
-    check_fits(f, pipe.text_encoder)
-    weight = pipe.text_encoder.get_input_embeddings().weight
+    text = text_stack(pipe).primary
+    check_fits(f, text.encoder)
+    weight = text.rows
     load_learned_token(pipe, {f.token: f.rows.to(weight.dtype)}, token=f.token)
     return f.row_names
 
@@ -322,7 +324,8 @@ def train_textual_inversion(
         load_result: load the final embedding into pipe (False: leave pipe as it was).
     """
     check_call(pipe, config, TextualInversionConfig)
-    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    text = text_stack(pipe).primary
+    tokenizer, text_encoder, unet, vae = text.tokenizer, text.encoder, pipe.unet, pipe.vae
     ph = config.placeholder
     check_new_token(tokenizer, ph, "placeholder",
                     f"remove it with pipe.unload_textual_inversion({ph!r}) or use a fresh pipeline")

@@ -127,3 +127,50 @@ def test_the_checker_catches_each_kind_of_offence(tmp_path, monkeypatch):
     assert any("tea/a.py" in b and "persviz.cli" in b for b in bad)
     assert not any("cli.py" in b for b in bad)
     assert priv and "_hidden" in priv[0]
+
+
+# ----------------------------------------------------------------------------- methods and families as objects
+
+REGISTRIES = ("methods", "families")  # persviz/methods/, persviz/families/: the only places a name may be compared
+
+
+def _string_literals(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return [e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+    return []
+
+
+def name_comparisons(source: str, names: set[str], where: str = "<source>") -> list[str]:
+    """'where:line: names' of every comparison (==, !=, in, not in, is) with a string literal (or a literal tuple,
+    list or set of them) that is one of `names`."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            hits = [v for opnd in (node.left, *node.comparators) for v in _string_literals(opnd) if v in names]
+            if hits:
+                found.append(f"{where}:{node.lineno}: {hits}")
+    return found
+
+
+def test_name_comparisons_are_found_by_the_check():
+    names = {"dreambooth", "sd1"}
+    src = ('if m == "dreambooth": pass\nif m in ("x", "sd1"): pass\nif "dreambooth" not in runs: pass\n'
+           'if m.name == other: pass\nx = {"dreambooth": 1}\n')
+    assert name_comparisons(src, names) == ["<source>:1: ['dreambooth']", "<source>:2: ['sd1']",
+                                            "<source>:3: ['dreambooth']"]
+
+
+def test_no_method_or_family_name_is_compared_outside_the_registries():
+    """The code asks the method or family object (persviz.methods, persviz.families) instead of comparing its name;
+    the names stay as JSON keys, folder names and command-line choices."""
+    from persviz.families import FAMILIES
+    from persviz.methods import REGISTRY
+    names = set(REGISTRY) | set(FAMILIES)
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.relative_to(PACKAGE).parts[0] in REGISTRIES:
+            continue
+        found += name_comparisons(path.read_text(), names, str(path.relative_to(ROOT)))
+    assert not found, "compare the object's properties, not its name:\n" + "\n".join(found)

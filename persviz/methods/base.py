@@ -1,0 +1,76 @@
+"""The protocol every personalization method implements: how it is trained, loaded into a pipeline and undone,
+which token it learns, how TEA applies to it. One module per method beside this one; ``persviz.methods`` is the
+registry. Nothing outside ``persviz/methods/`` compares a method's name: code asks the method object instead.
+
+This module and the method modules import no heavy library at their top, so the command line can list the methods
+without loading torch; each method imports its trainer when it runs.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Method:
+    """One personalization method (subclassed once per method module).
+
+    name: the one name in code, JSON keys and folders ('textual_inversion'); cli_name: on the command line
+    ('textual-inversion'); aliases: other names accepted ('ti'). learns_token: trains a new token row (Textual
+    Inversion, Custom Diffusion) rather than binding an existing identifier (DreamBooth). tea_level: 'token' (Eq. 1
+    on the learned row) or 'prompt' (Eq. 2 on the prompt's hidden states). row_snapshots: its snapshots are rows of
+    the learned token over steps (what the semantic-shift tracker reads). concept_method: personalizes a concept
+    (the three of the TEA paper); False for a method used elsewhere (FineXL's LoRA fine-tune). needs_class_word:
+    prompts name the class word beside the token ('sks dog', '<new1> dog'); Textual Inversion's token stands alone.
+    weights: what its run files hold, for reading other tools' runs: 'token_rows' (learned embeddings), 'lora'
+    (LoRA adapters), 'attention_kv' (Custom Diffusion's K/V weights with the modifier token's row)."""
+
+    name: str
+    cli_name: str
+    aliases: tuple[str, ...] = ()
+    learns_token: bool = True
+    tea_level: str = "token"
+    row_snapshots: bool = False
+    concept_method: bool = True
+    needs_class_word: bool = True
+    weights: str = "token_rows"
+
+    def slot_word(self, token: str, class_word: str) -> str:
+        """What fills a probe's slot: the learned token alone, or with the class word ('sks dog', '<new1> dog')."""
+        return f"{token} {class_word}" if self.needs_class_word else token
+
+    def concept_placeholder(self, token: str) -> str:
+        """The concept's placeholder for a run that learned `token` (DreamBooth's identifier gets brackets)."""
+        return token if self.learns_token else f"<{token}>"
+
+    def condition(self, step: int | None = None) -> str:
+        """A condition's name in the studies: the method, with the step where its snapshots are rows over steps."""
+        return f"{self.name} step {step}" if self.row_snapshots and step is not None else self.name
+
+    def recipe(self, token: str, class_word: str, shapesworld: bool, **overrides: Any) -> Any:
+        """The run's config: the method's defaults for the model (ShapesWorld's or the paper's), with overrides."""
+        raise NotImplementedError
+
+    def train(self, pipe: Any, images: Any, config: Any, out: Path, progress: bool = True,
+              load_result: bool = False) -> Any:
+        """Train (or resume) a run into `out` with the method's trainer; returns its result."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def loaded(self, pipe: Any, run: Path) -> Iterator[None]:
+        """The pipeline with a finished run loaded; undone on exit."""
+        raise NotImplementedError
+        yield
+
+    def snapshots(self, run: Path) -> list[tuple[int, Path]]:
+        """(step, path) of the run's saved snapshots or checkpoints, by step."""
+        raise NotImplementedError
+
+    def check_tokens(self, tokenizer: Any, token: str, class_word: str) -> None:
+        """Before anything is written: the token and class word against the tokenizer (a ValueError saying why)."""
+
+
+__all__ = ["Method"]

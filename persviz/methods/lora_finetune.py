@@ -1,0 +1,49 @@
+"""The UNet LoRA fine-tune on captioned images as a persviz method (FineXL's personalized models of known level).
+
+It personalizes no concept token: its data is (images, captions) and its runs are explained by FineXL, not studied
+by TEA. Added as one module (this one) and one line of the registry, the proof that a method needs nothing more.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from persviz.methods.base import Method
+
+
+@dataclass(frozen=True)
+class LoRAFinetune(Method):
+    """Text-to-image LoRA on the UNet (diffusers' train_text_to_image_lora.py); images come with their captions."""
+
+    def recipe(self, token: str, class_word: str, shapesworld: bool, **overrides: Any) -> Any:
+        from persviz.trainers.lora_finetune import LoRAFinetuneConfig  # heavy: the trainers
+        from persviz.trainers.recipes import apply_overrides  # heavy: the trainers
+        overrides.pop("num_class_images", None)
+        return apply_overrides(LoRAFinetuneConfig(), overrides)
+
+    def train(self, pipe: Any, images: Any, config: Any, out: Path, progress: bool = True,
+              load_result: bool = False) -> Any:
+        """images: (uint8 images [N, H, W, 3], one caption per image)."""
+        from persviz.trainers.lora_finetune import train_lora_finetune  # heavy: the trainers
+        pixels, captions = images
+        return train_lora_finetune(pipe, pixels, captions, config, out, progress=progress, load_result=load_result)
+
+    @contextlib.contextmanager
+    def loaded(self, pipe: Any, run: Path) -> Iterator[None]:
+        from persviz.trainers.lora_finetune import load_lora  # heavy: the trainers
+        load_lora(pipe, Path(run))
+        try:
+            yield
+        finally:
+            pipe.unload_lora_weights()
+
+    def snapshots(self, run: Path) -> list[tuple[int, Path]]:
+        from persviz.trainers.dreambooth_lora import list_lora_snapshots  # heavy: the trainers
+        return list_lora_snapshots(run)
+
+
+METHOD = LoRAFinetune("lora_finetune", "lora-finetune", learns_token=False,
+                      tea_level="none", concept_method=False, weights="lora")
