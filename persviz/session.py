@@ -137,7 +137,7 @@ class Session:
         out = []
         for folder in self.concept_folders():
             concept = read_concept(folder)
-            if (concept.model == loading.SHAPESWORLD) == self.full:
+            if loading.is_embedded(concept.model) == self.full:
                 want = f"PERSVIZ_SCALE={loading.SHAPESWORLD}" if self.full else "PERSVIZ_SCALE=full"
                 raise ConceptFolderError(f"the concept in {concept.folder} was trained on {concept.model!r}, but "
                                          f"this session runs at scale {self.scale}; run with {want}, or train the "

@@ -27,7 +27,7 @@ from persviz.concept_folder import Concept, read_concept
 from persviz.embeddings import load_learned_token
 from persviz.evaluation import Evaluation, describe_evaluator, evaluation_meta, probe_keys, score_per_image
 from persviz.io import atomic_write, confined, write_json
-from persviz.loading import SHAPESWORLD
+from persviz.loading import is_embedded
 from persviz.paths import DATA_DIR
 from persviz.prompts import load_prompt_set
 from persviz.shards import cell, run_cells
@@ -77,7 +77,7 @@ def full_scale_probes(class_word: str, n: int = 12) -> list[dict]:
 def probes_for(concept: Concept, n: int, seed: int = 0) -> list[dict]:
     """ShapesWorld's grammar probes (oracle-readable contexts; a shipped concept's avoid its references'
     backgrounds, as persviz.shapesworld.concepts.eval_prompts) or the SD 1.5 ones, by the concept's model."""
-    if concept.model == SHAPESWORLD:
+    if is_embedded(concept.model):
         shipped = CONCEPTS.get(concept.name)
         avoid = shipped.backgrounds if shipped is not None and shipped.class_word == concept.class_word else ()
         return contextual_probes(concept.class_word, avoid, n=n, seed=seed)
@@ -106,7 +106,7 @@ def probe_label(probe: Mapping) -> str:
 
 def shift_sets(concept: Concept) -> tuple[str, str]:
     """The prompt sets of the semantic-shift metrics at the concept's scale."""
-    return ("shapesworld_contextual", "shapesworld_simple") if concept.model == SHAPESWORLD else (
+    return ("shapesworld_contextual", "shapesworld_simple") if is_embedded(concept.model) else (
         "sd15_contextual", "sd15_simple")
 
 
@@ -254,7 +254,7 @@ def study_concept(folder: Any, pipe: Any, clip: Any, dino: Any = None, oracle: A
 def _study_concept(concept: Concept, pipe: Any, clip: Any, dino: Any, oracle: Any, settings: StudySettings | None,
                    methods: Sequence[str] | None, progress: bool, state: Any) -> dict | None:
     settings = settings or StudySettings()
-    shapesworld = concept.model == SHAPESWORLD
+    shapesworld = is_embedded(concept.model)
     if oracle is not None and not shapesworld:
         raise ValueError("the oracle reads ShapesWorld scenes only; pass oracle=None for this concept")
     gen = settings.generation(shapesworld)
@@ -354,7 +354,7 @@ def saved_tea_table(concept: Concept) -> tuple[dict, str] | None:
         s = saved.get("settings", {})
         return saved["tea_table"], f"{concept.placeholder}, {s.get('n_probes')} prompts x {s.get('repeats')} seeds (persviz study)"
     shipped = Path(concept.folder).parent / "tea_table.json"
-    if concept.model == SHAPESWORLD and shipped.is_file():
+    if is_embedded(concept.model) and shipped.is_file():
         d = json.loads(shipped.read_text())
         names = next(iter(d["per_concept"].values()), {})
         if concept.name in names:

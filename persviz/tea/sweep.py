@@ -18,7 +18,7 @@ from persviz.concept_folder import read_concept
 from persviz.evaluation import Evaluation, evaluate, probe_keys
 from persviz.generation import GUIDANCE, STEPS
 from persviz.io import PathLike
-from persviz.loading import SHAPESWORLD
+from persviz.loading import is_embedded
 from persviz.shards import cell, run_cells
 from persviz.shapesworld.concepts import reference_signature
 from persviz.tea.adjust import check_knob
@@ -81,7 +81,7 @@ def run_sweep(folder: PathLike, pipe: Any, clip: Any, dino: Any = None, oracle: 
     concept = read_concept(folder)
     if tracked_method(concept.runs) is None:
         raise ValueError(f"{concept.folder} has no Textual Inversion run; train one with `persviz train ti`")
-    shapesworld = concept.model == SHAPESWORLD
+    shapesworld = is_embedded(concept.model)
     if oracle is not None and not shapesworld:
         raise ValueError("the oracle reads ShapesWorld scenes only; pass oracle=None for this concept")
     cells = sweep_cells(rotations, scales, n_probes, chunk)
