@@ -2,6 +2,7 @@
 
 One name per method, in code, JSON keys and folders: ``METHODS``.
 """
+from persviz.constants import METHODS
 from persviz.trainers.custom_diffusion import (
     CustomDiffusionConfig,
     CustomDiffusionResult,
@@ -32,7 +33,6 @@ from persviz.trainers.textual_inversion import (
     train_textual_inversion,
 )
 
-METHODS: tuple[str, ...] = ("textual_inversion", "dreambooth", "custom_diffusion")
 
 __all__ = ["METHODS", "OBJECT_TEMPLATES", "TextualInversionConfig", "TextualInversionResult", "list_snapshots", "load_snapshot_embedding",
            "final_embedding", "load_textual_inversion_run", "run_token",
