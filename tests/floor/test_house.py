@@ -2,7 +2,8 @@
 
 Walks every module's imports with ast (top level and inside functions) and fails listing every offender:
 the floor importing a room or the door, a room importing another room or the door, anything below importing the
-door, and a ``_private`` name used across modules (imported, or read as an attribute of an imported module).
+door, a ``_private`` name used across modules (imported, or read as an attribute of an imported module), and an
+import cycle among persviz's modules (a imports b imports ... imports a, at the top or inside a function).
 """
 from __future__ import annotations
 
@@ -127,3 +128,76 @@ def test_the_checker_catches_each_kind_of_offence(tmp_path, monkeypatch):
     assert any("tea/a.py" in b and "persviz.cli" in b for b in bad)
     assert not any("cli.py" in b for b in bad)
     assert priv and "_hidden" in priv[0]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """{module: the persviz modules it imports}, top level and inside functions; `from pkg import sub` is pkg.sub."""
+    paths = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+    graph = {}
+    for mod, path in paths.items():
+        found = set()
+        for _, name, names in imports(path):
+            found |= {f"{name}.{n}" if f"{name}.{n}" in paths else name for n in names} if names else {name}
+        graph[mod] = {m for m in found if m in paths and m != mod}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles: each group of modules that reach one another (Tarjan's strongly connected components of
+    more than one module), sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(found)
+
+
+def test_no_import_cycles():
+    """No persviz module reaches itself through imports (the constant or function both need goes to its owner)."""
+    found = cycles(import_graph())
+    assert not found, "import cycles among persviz's modules:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_the_cycle_check_finds_planted_cycles(tmp_path):
+    """Three modules in a ring (one link inside a function), a submodule imported as `from persviz import f`, a
+    relative import; modules that only lead into a cycle are not part of it."""
+    pkg = tmp_path / "persviz"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from persviz.b import x\n")
+    (pkg / "b.py").write_text("def f():\n    from persviz import c  # cycle\n")
+    (pkg / "c.py").write_text("import persviz.a\n")
+    (pkg / "d.py").write_text("from persviz.a import y\nfrom persviz import constants_not_a_module\n")
+    (pkg / "sub" / "e.py").write_text("from . import f\n")
+    (pkg / "sub" / "f.py").write_text("from persviz.sub.e import z\n")
+    (pkg / "g.py").write_text("from persviz import d\n")
+    globals()["ROOT"], globals()["PACKAGE"] = tmp_path, pkg
+    try:
+        graph = import_graph()
+    finally:
+        globals()["ROOT"], globals()["PACKAGE"] = Path(__file__).resolve().parents[2], Path(
+            __file__).resolve().parents[2] / "persviz"
+    assert graph["persviz.b"] == {"persviz.c"} and graph["persviz.d"] == {"persviz.a", "persviz"}
+    assert cycles(graph) == [["persviz.a", "persviz.b", "persviz.c"], ["persviz.sub.e", "persviz.sub.f"]]
+    assert cycles({"x": {"y"}, "y": set()}) == []
