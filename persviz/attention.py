@@ -48,7 +48,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from persviz.text_stack import text_stack
+from persviz.families import text_stack
 
 __all__ = ["AttentionMaps", "FUNCTION_WORDS", "attention_maps", "content_words", "cross_attention_layers",
            "inside_share", "mask_at", "probabilities", "prompt_words", "word_positions"]

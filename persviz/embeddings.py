@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from persviz.errors import PersvizError
 from persviz.methods.tokens import single_token_id
 from persviz.io import PathLike, atomic_path
-from persviz.text_stack import text_stack
+from persviz.families import text_stack
 
 DIFFUSERS_SAFE = "learned_embeds.safetensors"
 DIFFUSERS_BIN = "learned_embeds.bin"

@@ -52,7 +52,7 @@ from persviz.embedding_files import EmbeddingFileError, check_fits, embedding_ca
 from persviz.io import PathLike, confined
 from persviz.families import assemble_pipeline, family_of
 from persviz.methods import get_method
-from persviz.text_stack import text_stack
+from persviz.families import text_stack
 from persviz.trainers.concept_runs import model_id
 from persviz.trainers.core import CONFIG_FILE
 from persviz.trainers.custom_diffusion import (KEY_MARK, custom_diffusion_embeddings, custom_diffusion_weights,

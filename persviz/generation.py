@@ -7,8 +7,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from persviz.constants import GUIDANCE
+
 STEPS = 25
-GUIDANCE = 4.0
 
 
 @torch.no_grad()

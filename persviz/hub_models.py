@@ -1,6 +1,7 @@
 """The Hugging Face Hub models persviz uses at full scale: what to download, about how big, and what for.
 
-One table, `HUB_MODELS` (Hub id -> `HubModel`), read by the loader's error messages (`persviz.loading`) and by
+Their ids (`SD15`, `CLIP_L14`, `DINO`, `DINO_DREAMBENCH`, also importable from `persviz.loading`) and one table,
+`HUB_MODELS` (Hub id -> `HubModel`), read by the loader's error messages (`persviz.loading`) and by
 `persviz doctor`. Each entry lists the minimal files: `hf download ID --include ...` with these patterns fetches
 exactly what `persviz.loading.load_pipeline` / `load_evaluator` read (fp32 safetensors only; no .bin, .ckpt,
 fp16 or non-EMA copies, no safety checker: load_pipeline passes safety_checker=None). Sizes are about the fp32
@@ -18,8 +19,10 @@ from typing import Optional, Union
 
 from huggingface_hub import constants, try_to_load_from_cache
 
-from persviz.loading import CLIP_L14, DINO, DINO_DREAMBENCH, SD15
-
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+CLIP_L14 = "openai/clip-vit-large-patch14"
+DINO = "facebook/dinov2-base"  # mean-pooled, as the TEA code
+DINO_DREAMBENCH = "facebook/dino-vits16"  # DINO ViT-S/16, CLS token, as DreamBench
 HF_CLI = "hf"  # huggingface_hub's command line (`huggingface-cli` is gone)
 
 

@@ -12,15 +12,11 @@ import torch
 
 from persviz.errors import PersvizError
 from persviz import evaluators
+from persviz.constants import SCALE_ENV, SHAPESWORLD
+from persviz.hub_models import CLIP_L14, DINO, DINO_DREAMBENCH, SD15, download_hint
 from persviz.paths import DataNotFoundError, shapesworld_dir
 
-SHAPESWORLD = "shapesworld"
-SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-CLIP_L14 = "openai/clip-vit-large-patch14"
 OPEN_CLIP_L14 = "open_clip:ViT-L-14/openai"
-DINO = "facebook/dinov2-base"  # mean-pooled, as the TEA code
-DINO_DREAMBENCH = "facebook/dino-vits16"  # DINO ViT-S/16, CLS token, as DreamBench
-SCALE_ENV = "PERSVIZ_SCALE"
 FULL_DEFAULTS = {"pipeline": SD15, "clip": CLIP_L14, "dino": DINO}
 
 
@@ -53,14 +49,13 @@ def pick_device(device: Optional[str] = None, dtype: Optional[torch.dtype] = Non
 
 
 def unavailable_error(name: str, err: Exception) -> ModelNotAvailableError:
-    from persviz import hub_models  # its table imports this module's ids
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     local = Path(str(name)).expanduser()
     if local.exists():
         return ModelNotAvailableError(f"'{name}' exists but is not a loadable model folder: {err}")
     why = ("downloads are off (HF_HUB_OFFLINE=1)" if offline else "the Hugging Face Hub could not be reached")
     how = (f"`open_clip.create_model_and_transforms('{name[10:].split('/')[0]}', pretrained='{name.split('/')[-1]}')`"
-           if name.startswith("open_clip:") else hub_models.download_hint(name))
+           if name.startswith("open_clip:") else download_hint(name))
     return ModelNotAvailableError(
         f"Model '{name}' is not in the local Hugging Face cache and {why}. Download it once where there is "
         f"internet ({how}), or pass the path of a local folder that holds it; or use '{SHAPESWORLD}', "

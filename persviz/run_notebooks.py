@@ -20,7 +20,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,12 +34,12 @@ from tqdm.auto import tqdm
 from persviz.io import PathLike, atomic_write, atomic_write_bytes, write_json
 from huggingface_hub import constants as hub_constants
 
-from persviz.loading import FULL_DEFAULTS, SCALE_ENV, SHAPESWORLD
+from persviz.constants import SCALE_ENV, SCALES, SHAPESWORLD
+from persviz.loading import FULL_DEFAULTS
 from persviz.paths import SHAPESWORLD_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = ROOT / "notebooks"
-SCALES = (SHAPESWORLD, "full")
 FORMATS = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf"}
 # Notebooks that run at ShapesWorld scale only, and why.
 SHAPESWORLD_ONLY: Mapping[str, str] = {
@@ -227,9 +226,3 @@ def run_all(notebooks: Sequence[PathLike] = (), out: PathLike = "outputs", scale
 def exit_code(runs: Sequence[NotebookRun]) -> int:
     """0 when every notebook that applies at the scale ran, 1 when one failed."""
     return int(any(r.status == "failed" for r in runs))
-
-
-if __name__ == "__main__":
-    from persviz.cli import main
-
-    sys.exit(main(["notebooks", *sys.argv[1:]]))

@@ -1,11 +1,12 @@
 """A diffusion pipeline's text encoders, in order, each with its tokenizer, name and width; and the one way persviz
 makes a placeholder mean a vector in an encoder (``PlaceholderRows``).
 
-    stack = family_of(pipe).text_stack(pipe)     # persviz.families: SD 1.x has one encoder, 'clip_l'
+    stack = text_stack(pipe)                     # persviz.families.text_stack: SD 1.x has one encoder, 'clip_l'
     stack.primary.tokenizer, stack.primary.encoder, stack.primary.width
     [e.name for e in stack]                      # ['clip_l']; SDXL will have ['clip_l', 'clip_g']
 
-Code that reaches a diffusion pipeline's tokenizer or text encoder goes through ``text_stack(pipe)``, so a family
+Code that reaches a diffusion pipeline's tokenizer or text encoder goes through ``persviz.families.text_stack(pipe)``
+(the family lays out its encoders), so a family
 of several encoders (SDXL: clip_l and clip_g; Flux: clip_l and t5) needs no change there, only its family module.
 """
 from __future__ import annotations
@@ -37,10 +38,13 @@ class TextEncoder:
         return self.encoder.get_input_embeddings().weight
 
     def word_row(self, word: str) -> torch.Tensor:
-        """A copy of the row of a one-token word (a class word, a learned token); a ValueError naming similar
-        words for a word of several tokens."""
-        from persviz.embeddings import token_row  # cycle: embeddings -> methods -> families -> text_stack
-        return self.rows[token_row((self.tokenizer, self.encoder), word)].detach().clone()
+        """A copy of the row of a one-token word (a class word, a learned token); a ValueError for a word of
+        several tokens."""
+        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{word!r} is {len(ids)} tokens for the {self.name} tokenizer "
+                             f"({self.tokenizer.tokenize(word)}); pick a word that is one token")
+        return self.rows[int(ids[0])].detach().clone()
 
     def has_added(self, token: str) -> bool:
         """Whether `token` was added to the tokenizer (a learned token loaded into the pipeline)."""
@@ -70,12 +74,6 @@ class TextStack:
             if e.name == name:
                 return e
         raise KeyError(f"no text encoder {name!r}; this pipeline has {[e.name for e in self.encoders]}")
-
-
-def text_stack(pipe: Any) -> TextStack:
-    """The text encoders of a diffusion pipeline, as its family lays them out (persviz.families)."""
-    from persviz.families import family_of  # cycle: families -> text_stack (its family modules build stacks)
-    return family_of(pipe).text_stack(pipe)
 
 
 class PlaceholderRows:
@@ -132,4 +130,4 @@ class PlaceholderRows:
 
 
 
-__all__ = ["PlaceholderRows", "TextEncoder", "TextStack", "text_stack"]
+__all__ = ["PlaceholderRows", "TextEncoder", "TextStack"]

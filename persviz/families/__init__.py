@@ -37,6 +37,11 @@ def family_of(pipe: Any, model: str | None = None) -> Family:
     raise UnsupportedModelError(refusals[0])
 
 
+def text_stack(pipe: Any) -> Any:
+    """The text encoders of a diffusion pipeline (persviz.text_stack.TextStack), as its family lays them out."""
+    return family_of(pipe).text_stack(pipe)
+
+
 def assemble_pipeline(model: Any = None, device: str | None = None, dtype: Any = None) -> Any:
     """The pipeline of `model` ('shapesworld' or None: the embedded micro-SD; a Hub id, a folder, or a loaded
     pipeline), loaded (persviz.loading.load_pipeline), checked against the families and prepared for persviz's
@@ -49,4 +54,4 @@ def assemble_pipeline(model: Any = None, device: str | None = None, dtype: Any =
     return family.prepare(pipe, embedded=is_embedded(model))
 
 
-__all__ = ["FAMILIES", "Family", "UnsupportedModelError", "assemble_pipeline", "family_of"]
+__all__ = ["FAMILIES", "Family", "UnsupportedModelError", "assemble_pipeline", "family_of", "text_stack"]

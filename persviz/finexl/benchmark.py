@@ -61,6 +61,8 @@ from persviz.finexl.generators import (
     scene_shift_dataset,
     shapesworld_probes,
 )
+from persviz.constants import FINEXL_CACHE_DIR as CACHE_DIR
+from persviz.constants import N_BOOT_BENCH
 from persviz.io import PathLike, atomic_path, atomic_write_bytes, atomic_write_text, to_jsonable, write_json
 from persviz.loading import load_evaluator, load_pipeline
 from persviz.metrics import spearman
@@ -76,9 +78,7 @@ BENCHMARK_JSON = FINEXL_DIR / "benchmark.json"
 BENCHMARK_MD = FINEXL_DIR / "benchmark.md"
 #: The per-item scores: every variant's per-probe, per-seed embedding differences and the concept directions.
 BENCHMARK_ITEMS = FINEXL_DIR / "benchmark_items.npz"
-#: Bootstrap draws over probe prompts (each draw reruns every decomposition; 10,000 would take ten times as long).
-N_BOOT_BENCH, BOOT_SEED = 1000, 0
-CACHE_DIR = DATA_DIR / "cache" / "finexl"
+BOOT_SEED = 0
 
 #: Known levels of the single-aspect variants.
 LEVELS: tuple[float, ...] = (0.33, 0.67, 1.0)

@@ -28,6 +28,7 @@ from persviz.finexl.concepts import (ART_BANK, SHAPESWORLD_WORD_BANK, SHAPESWORL
                                      rank_concepts, readable)
 from persviz.finexl.decompose import check_v_div, explain
 from persviz.finexl.generators import lora_pair, shapesworld_probes
+from persviz.constants import EXPLAIN_CHUNK as CHUNK
 from persviz.generation import GUIDANCE, STEPS
 from persviz.io import PathLike, write_json
 from persviz.shards import cell, run_cells
@@ -35,7 +36,6 @@ from persviz.shards import cell, run_cells
 EXPLAIN_JSON = "explain.json"
 FORMAT = "persviz finexl explain 1"
 SEEDS: tuple[int, ...] = (0, 1000)
-CHUNK = 8
 #: The methods reported by default: on ShapesWorld the paper's FineXL and persviz's (grammar f(C)); at full scale
 #: (no caption grammar) the paper's and its whitened-NNLS improvement.
 SHAPESWORLD_METHODS: tuple[str, ...] = ("finexl", "persviz")

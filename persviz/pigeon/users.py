@@ -62,6 +62,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+# REGIMES, the noise regimes: "image" (whole noise images; the default and the shipped results) and "token"
+# (every history image shows a liked object beside distractor objects; ``noise_rate`` is the share of distractor
+# tokens); in persviz.constants so that the command line shows them without importing torch.
+from persviz.constants import REGIMES
 from persviz.shapesworld.captions import concept_phrase
 from persviz.shapesworld.render import RADIUS, SLOT_X, SUPERSAMPLE, Placed, render_layers, shape_mask
 from persviz.shapesworld.scene import (BACKGROUNDS, COLORS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, TEXTURES, Obj, Scene,
@@ -76,9 +80,6 @@ DEFAULT_NOISE_RATES = (0.0, 0.2, 0.4, 0.6)
 #: Default split of the users.
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 SPLITS = ("train", "val", "test")
-#: Noise regimes: "image" (whole noise images; the default and the shipped results) and "token" (every history
-#: image shows a liked object beside distractor objects; ``noise_rate`` is the share of distractor tokens).
-REGIMES = ("image", "token")
 #: Default per-user noise rates of the token regime (share of distractor tokens in every history).
 DEFAULT_TOKEN_NOISE_RATES = (0.0, 0.2, 0.4)
 #: Visual tokens per image side: the ShapesWorld CLIP's 8-pixel patches on 32x32 images, a 4x4 grid of 16 tokens

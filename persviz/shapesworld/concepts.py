@@ -13,13 +13,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from persviz.constants import CONCEPTS_DIR
 from persviz.io import atomic_write, write_json
-from persviz.paths import SHAPESWORLD_DIR
 from persviz.shapesworld.captions import context_phrase
 from persviz.shapesworld.render import render_batch
 from persviz.shapesworld.scene import BACKGROUNDS, COLORS, POSITIONS, RGB, SHAPES, Obj, Scene
 
-CONCEPTS_DIR = SHAPESWORLD_DIR / "concepts"
 N_REFERENCES = 6
 
 

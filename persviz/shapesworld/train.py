@@ -25,6 +25,7 @@ from transformers import BitImageProcessor, CLIPImageProcessor, CLIPTextModel, C
 
 from persviz.io import atomic_folder, atomic_save, load_state, write_json
 from persviz.seeding import step_rng
+from persviz.constants import STAGES, TRAIN_SIZE
 from persviz.paths import DATA_DIR, SHAPESWORLD_DIR
 from persviz.shapesworld.captions import caption
 from persviz.shapesworld.data import cached_dataset, decode_scene
@@ -34,7 +35,6 @@ from persviz.shapesworld.tokenizer import build_tokenizer_files
 from persviz.trainers.core import run_steps
 
 CACHE = DATA_DIR / "cache"
-STAGES = ("tokenizer", "clip", "vae", "vae_decoder", "oracle", "dino", "unet", "pipeline")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -73,8 +73,6 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 [N,H,W,3] -> float [N,3,H,W] in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
-
-TRAIN_SIZE = 100_000
 
 
 def train_set(n: int = TRAIN_SIZE) -> dict:

@@ -37,9 +37,11 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from persviz.text_stack import text_stack
+from persviz.families import text_stack
 from persviz.methods import get_method, tracked_method
 from persviz.attention import AttentionMaps, attention_maps, inside_share, word_positions
+from persviz.constants import ATTENTION_STEP_EVERY as STEP_EVERY
+from persviz.constants import ATTENTION_STUDY_JSON as STUDY_JSON
 from persviz.evaluation import Evaluation, combine, probe_keys, protocol_note
 from persviz.generation import GUIDANCE, STEPS
 from persviz.io import PathLike, write_json
@@ -53,8 +55,6 @@ from persviz.tea.study import learned_embedding, personalized, probe_texts
 from persviz.trainers import METHODS
 
 FORMAT = "persviz attention study 1"
-STUDY_JSON = CONCEPTS_DIR / "attention_study.json"
-STEP_EVERY = 300
 DIGITS = 5  # per-image measures are kept to 5 decimals (shares in [0, 1]); the statistics use the kept values
 OTHER_SLOT = {"left": "right", "right": "left"}
 ATTENTION_ROWS = ("vstar_share", "vstar_leak", "vstar_leak_excess", "context_share", "background_inside",

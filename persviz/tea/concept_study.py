@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from persviz.text_stack import text_stack
+from persviz.families import text_stack
 from persviz.methods import get_method, tracked_method
 from persviz.concept_folder import Concept, read_concept
 from persviz.embeddings import load_learned_token

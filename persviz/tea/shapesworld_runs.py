@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from persviz.text_stack import text_stack
+from persviz.families import text_stack
 from persviz.methods import get_method
 from persviz.evaluation import Evaluation, combine, evaluate, format_intervals
 from persviz.io import write_json

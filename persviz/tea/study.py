@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from persviz.text_stack import text_stack
+from persviz.families import text_stack
 from persviz.methods import get_method
 from persviz.embeddings import load_learned_token, token_row
 from persviz.generation import GUIDANCE, STEPS, generate, generate_from_embeds

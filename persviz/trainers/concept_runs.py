@@ -19,7 +19,7 @@ from persviz.families import assemble_pipeline, family_of
 from persviz.loading import SHAPESWORLD, is_embedded
 from persviz.methods import get_method
 from persviz.methods.tokens import DREAMBOOTH_IDENTIFIER
-from persviz.text_stack import text_stack
+from persviz.families import text_stack
 
 
 @dataclass

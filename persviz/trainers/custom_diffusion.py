@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from persviz.text_stack import text_stack
+from persviz.families import text_stack
 from persviz.embedding_files import check_fits, read_embedding_file
 from persviz.embeddings import class_word_id, load_learned_token, save_learned_embeds
 from persviz.io import PathLike, atomic_folder, atomic_write

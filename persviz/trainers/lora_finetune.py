@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from persviz.text_stack import text_stack
+from persviz.families import text_stack
 from persviz.io import PathLike, atomic_folder, atomic_write
 from persviz.seeding import step_rng
 from persviz.trainers.core import (

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from persviz.text_stack import text_stack
+from persviz.families import text_stack
 from persviz.embedding_files import EmbeddingFile, EmbeddingFileError, check_fits, read_embedding_file
 from persviz.embeddings import class_word_id, load_learned_token, save_learned_embeds
 from persviz.io import PathLike

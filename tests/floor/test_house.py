@@ -1,8 +1,10 @@
-"""The house: three rooms (tea, finexl, pigeon) over one floor, one door (cli, __main__, run_notebooks) on top.
+"""The house: three rooms (tea, finexl, pigeon) over one floor, one door (cli, __main__, the subcommands of
+persviz.commands, run_notebooks) on top.
 
 Walks every module's imports with ast (top level and inside functions) and fails listing every offender:
 the floor importing a room or the door, a room importing another room or the door, anything below importing the
-door, and a ``_private`` name used across modules (imported, or read as an attribute of an imported module).
+door, a ``_private`` name used across modules (imported, or read as an attribute of an imported module), and an
+import cycle among persviz's modules (a imports b imports ... imports a, at the top or inside a function).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "persviz"
 ROOMS = ("persviz.tea", "persviz.finexl", "persviz.pigeon")
-DOOR = ("persviz.cli", "persviz.__main__", "persviz.run_notebooks")
+DOOR = ("persviz.cli", "persviz.__main__", "persviz.commands", "persviz.run_notebooks")  # a package: its modules too
 
 
 def module_name(path: Path) -> str:
@@ -22,7 +24,7 @@ def module_name(path: Path) -> str:
 
 def place(module: str) -> str:
     """'door', a room's name, or 'floor'."""
-    if module in DOOR:
+    if any(module == d or module.startswith(d + ".") for d in DOOR):
         return "door"
     for room in ROOMS:
         if module == room or module.startswith(room + "."):
@@ -115,6 +117,9 @@ def test_the_checker_catches_each_kind_of_offence(tmp_path, monkeypatch):
     (pkg / "tea" / "a.py").write_text("from persviz.finexl import y\nfrom ..cli import main\n")
     (pkg / "finexl" / "b.py").write_text("from persviz.io import _hidden\n")
     (pkg / "cli.py").write_text("from persviz.tea import a\n")
+    (pkg / "commands").mkdir()
+    (pkg / "commands" / "tea.py").write_text("def run():\n    from persviz.tea import a\n")
+    (pkg / "loading.py").write_text("from persviz.commands.tea import run\n")
     globals()["ROOT"], globals()["PACKAGE"] = tmp_path, pkg
     try:
         bad = offenders()
@@ -125,8 +130,82 @@ def test_the_checker_catches_each_kind_of_offence(tmp_path, monkeypatch):
     assert any("io.py" in b and "floor imports no room" in b for b in bad)
     assert any("tea/a.py" in b and "rooms do not import each other" in b for b in bad)
     assert any("tea/a.py" in b and "persviz.cli" in b for b in bad)
-    assert not any("cli.py" in b for b in bad)
+    assert not any("cli.py" in b or "commands/tea.py" in b for b in bad)
+    assert any("loading.py" in b and "nothing below the door imports it" in b for b in bad)
     assert priv and "_hidden" in priv[0]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """{module: the persviz modules it imports}, top level and inside functions; `from pkg import sub` is pkg.sub."""
+    paths = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+    graph = {}
+    for mod, path in paths.items():
+        found = set()
+        for _, name, names in imports(path):
+            found |= {f"{name}.{n}" if f"{name}.{n}" in paths else name for n in names} if names else {name}
+        graph[mod] = {m for m in found if m in paths and m != mod}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles: each group of modules that reach one another (Tarjan's strongly connected components of
+    more than one module), sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(found)
+
+
+def test_no_import_cycles():
+    """No persviz module reaches itself through imports (the constant or function both need goes to its owner)."""
+    found = cycles(import_graph())
+    assert not found, "import cycles among persviz's modules:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_the_cycle_check_finds_planted_cycles(tmp_path):
+    """Three modules in a ring (one link inside a function), a submodule imported as `from persviz import f`, a
+    relative import; modules that only lead into a cycle are not part of it."""
+    pkg = tmp_path / "persviz"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from persviz.b import x\n")
+    (pkg / "b.py").write_text("def f():\n    from persviz import c  # cycle\n")
+    (pkg / "c.py").write_text("import persviz.a\n")
+    (pkg / "d.py").write_text("from persviz.a import y\nfrom persviz import constants_not_a_module\n")
+    (pkg / "sub" / "e.py").write_text("from . import f\n")
+    (pkg / "sub" / "f.py").write_text("from persviz.sub.e import z\n")
+    (pkg / "g.py").write_text("from persviz import d\n")
+    globals()["ROOT"], globals()["PACKAGE"] = tmp_path, pkg
+    try:
+        graph = import_graph()
+    finally:
+        globals()["ROOT"], globals()["PACKAGE"] = Path(__file__).resolve().parents[2], Path(
+            __file__).resolve().parents[2] / "persviz"
+    assert graph["persviz.b"] == {"persviz.c"} and graph["persviz.d"] == {"persviz.a", "persviz"}
+    assert cycles(graph) == [["persviz.a", "persviz.b", "persviz.c"], ["persviz.sub.e", "persviz.sub.f"]]
+    assert cycles({"x": {"y"}, "y": set()}) == []
 
 
 # ----------------------------------------------------------------------------- methods and families as objects

@@ -16,11 +16,10 @@ import pytest
 import torch
 
 from persviz import methods
-from persviz.families import FAMILIES, UnsupportedModelError, assemble_pipeline, family_of
+from persviz.families import FAMILIES, UnsupportedModelError, assemble_pipeline, family_of, text_stack
 from persviz.methods import METHODS, REGISTRY, UnknownMethodError, get_method, tracked_method
 from persviz.methods.base import Method
 from persviz.shapesworld.concepts import CONCEPTS_DIR
-from persviz.text_stack import text_stack
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,0 +1,46 @@
+"""The names and numbers the command line shows before it runs anything, owned here so that building its parser
+(``persviz --help``) imports no torch: this module imports only ``persviz.paths`` and the method registry
+(``persviz.methods``), both light.
+
+The library modules that use them import them from here (``persviz.trainers.METHODS``,
+``persviz.shapesworld.train.STAGES``, ``persviz.pigeon.users.REGIMES`` ... stay where they were, as the same
+objects). ``CONCEPT_NAMES`` is the one copy: the keys of ``persviz.shapesworld.concepts.CONCEPTS``, in order
+(tests/floor/test_constants.py checks that they agree).
+"""
+from __future__ import annotations
+
+from persviz.methods import METHODS  # the method registry is light too: persviz.methods imports no torch
+from persviz.paths import DATA_DIR, SHAPESWORLD_DIR
+
+# ----------------------------------------------------------------------------- scale (persviz.loading, the notebooks)
+SHAPESWORLD = "shapesworld"  # the embedded default model name
+SCALE_ENV = "PERSVIZ_SCALE"
+SCALES = (SHAPESWORLD, "full")
+
+# ----------------------------------------------------------------------------- methods (persviz.methods)
+#: One name per personalization method, in code, JSON keys and folders: the registry's (imported above).
+
+# ----------------------------------------------------------------------------- generation (persviz.generation)
+GUIDANCE = 4.0  # classifier-free guidance of ShapesWorld's micro-SD
+
+# ----------------------------------------------------------------------------- ShapesWorld (persviz.shapesworld)
+#: The stages of `persviz shapesworld train`, in the order they run (persviz.shapesworld.train).
+STAGES = ("tokenizer", "clip", "vae", "vae_decoder", "oracle", "dino", "unet", "pipeline")
+TRAIN_SIZE = 100_000  # rendered training images
+CONCEPT_NAMES = ("checkers", "candy", "spark")  # the shipped personal concepts (persviz.shapesworld.concepts)
+CONCEPTS_DIR = SHAPESWORLD_DIR / "concepts"
+
+# ----------------------------------------------------------------------------- TEA (persviz.tea.attention_study)
+ATTENTION_STUDY_JSON = CONCEPTS_DIR / "attention_study.json"
+ATTENTION_STEP_EVERY = 300  # Textual Inversion steps between the attention study's snapshots
+
+# ----------------------------------------------------------------------------- FineXL (persviz.finexl)
+#: Bootstrap draws over probe prompts (each draw reruns every decomposition; 10,000 would take ten times as long).
+N_BOOT_BENCH = 1000
+FINEXL_CACHE_DIR = DATA_DIR / "cache" / "finexl"
+EXPLAIN_CHUNK = 8  # prompts per cell of `persviz finexl explain` (persviz.finexl.model_pair.CHUNK)
+
+# ----------------------------------------------------------------------------- Pigeon (persviz.pigeon.users)
+#: Noise regimes: "image" (whole noise images; the default and the shipped results) and "token" (every history
+#: image shows a liked object beside distractor objects; ``noise_rate`` is the share of distractor tokens).
+REGIMES = ("image", "token")
