@@ -9,6 +9,7 @@ import os
 from importlib import metadata
 from typing import Any, Optional
 
+from persviz.families import FAMILIES
 from persviz import hub_models
 from persviz.loading import SCALE_ENV, full_scale, pick_device
 from persviz.sd15 import offline_commit
@@ -49,9 +50,11 @@ def diagnose() -> dict[str, Any]:
                           "cached": not missing, "missing": missing, "commit": commit,
                           "random_weights": commit == offline_commit(hub_id),
                           "download": hub_models.download_command(hub_id)}
+    families = {f.name: {"label": f.label, "hub_ids": list(f.hub_ids),
+                         "cached": [h for h in f.hub_ids if models.get(h, {}).get("cached")]} for f in FAMILIES.values()}
     return {"versions": {name: package_version(name) for name in PACKAGES},
             "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-            "scale": scale, "offline": hub_offline(), "hub_cache": str(cache), "models": models}
+            "scale": scale, "offline": hub_offline(), "hub_cache": str(cache), "models": models, "families": families}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -66,6 +69,9 @@ def format_report(report: dict[str, Any]) -> str:
         mark = "cached " if state["cached"] else "MISSING"
         note = " (persviz's random weights: write_offline_hub_cache)" if state.get("random_weights") else ""
         lines.append(f"  {mark} {hub_id:<44} {state['kind']:<8} {state['size']}{note}")
+    lines += ["", "model families:"]
+    for name, fam in report.get("families", {}).items():
+        lines.append(f"  {name:<6} {fam['label']:<24} {len(fam['cached'])} of {len(fam['hub_ids'])} Hub models cached")
     missing = {hub_id: s for hub_id, s in report["models"].items() if not s["cached"]}
     if missing:
         lines += ["", "to download next (where there is internet; then HF_HUB_OFFLINE=1 works):"]

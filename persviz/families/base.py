@@ -36,6 +36,17 @@ class Family:
         """The pipeline set up for persviz's studies (sampler, memory); returns it, changed in place."""
         return pipe
 
+    def download_commands(self) -> list[str]:
+        """The minimal `hf download` line of each of its Hub models (what `persviz doctor` and the offline errors
+        print)."""
+        from persviz.hub_models import download_command  # heavy: huggingface_hub
+        return [download_command(h) for h in self.hub_ids]
+
+    def write_test_cache(self, cache_dir: Any, small: bool = True, seed: int = 0) -> dict[str, Any]:
+        """Reduced-width random components of its architecture written into a Hugging Face cache under its real
+        Hub ids (the offline tests of the full-scale path); {hub id: snapshot folder}."""
+        raise NotImplementedError
+
     def generation_defaults(self, embedded: bool) -> dict[str, Any]:
         """steps, guidance and batch size of generation for an embedded model of the family or a full-scale one."""
         return dict(self.embedded_generation if embedded else self.generation)

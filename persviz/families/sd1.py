@@ -33,6 +33,10 @@ class StableDiffusion1(Family):
         from persviz.text_stack import TextEncoder, TextStack  # heavy: torch
         return TextStack((TextEncoder("clip_l", pipe.tokenizer, pipe.text_encoder),))
 
+    def write_test_cache(self, cache_dir: Any, small: bool = True, seed: int = 0) -> dict[str, Any]:
+        from persviz.sd15 import write_offline_hub_cache  # heavy: diffusers, transformers
+        return write_offline_hub_cache(cache_dir, small=small, seed=seed)
+
     def prepare(self, pipe: Any, embedded: bool) -> Any:
         """At full scale the TEA paper's sampler: DPM-Solver++ (from the pipeline's own scheduler config) and VAE
         slicing (one image decoded at a time, so 512 px batches fit a small GPU); the embedded model as saved."""

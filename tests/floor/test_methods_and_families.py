@@ -157,3 +157,16 @@ def test_the_assembler_leaves_the_embedded_model_as_saved_and_prepares_full_scal
     assert isinstance(full.scheduler, DPMSolverMultistepScheduler)
     assert full.scheduler.config.algorithm_type == "dpmsolver++" and full.vae.use_slicing
     assert assemble_pipeline(shapesworld_pipeline) is shapesworld_pipeline  # a loaded pipeline: checked, as it is
+
+
+def test_a_family_names_its_downloads_and_writes_its_offline_test_cache(tmp_path):
+    from persviz.hub_models import download_command
+    from persviz.sd15 import offline_commit
+    sd1 = FAMILIES["sd1"]
+    assert sd1.download_commands() == [download_command("stable-diffusion-v1-5/stable-diffusion-v1-5")]
+    assert sd1.download_commands()[0].startswith("hf download stable-diffusion-v1-5/stable-diffusion-v1-5")
+    written = sd1.write_test_cache(tmp_path)
+    hub = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert hub in written
+    ref = tmp_path / ("models--" + hub.replace("/", "--")) / "refs" / "main"
+    assert ref.read_text().strip() == offline_commit(hub)
