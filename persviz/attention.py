@@ -48,6 +48,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from persviz.families.base import Pipeline
 from persviz.families import text_stack
 
 __all__ = ["AttentionMaps", "FUNCTION_WORDS", "attention_maps", "content_words", "cross_attention_layers",
@@ -191,7 +192,7 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def word_positions(pipe: Any, prompt: str, words: Sequence[str]) -> dict[str, list[int]]:
+def word_positions(pipe: Pipeline, prompt: str, words: Sequence[str]) -> dict[str, list[int]]:
     """{word: token positions} of each word in the tokenized prompt (position 0 is the start token); a
     multi-vector placeholder expands to its rows (``pipe.maybe_convert_prompt``). Raises ValueError naming a word
     that is not in the prompt."""
@@ -223,7 +224,7 @@ def content_words(prompt: str, drop: frozenset = FUNCTION_WORDS) -> list[str]:
     return [w for w in prompt_words(prompt) if w.lower() not in drop]
 
 
-def _n_prompt_tokens(pipe: Any, prompt: str) -> int:
+def _n_prompt_tokens(pipe: Pipeline, prompt: str) -> int:
     tok = text_stack(pipe).primary.tokenizer
     convert = getattr(pipe, "maybe_convert_prompt", None)
     text = convert(prompt, tok) if convert is not None else prompt
@@ -300,7 +301,7 @@ def probabilities(proc: Any, attn: Any, hidden_states: torch.Tensor, encoder_hid
 
 
 class _Collector:
-    def __init__(self, pipe: Any, result: AttentionMaps, prompt: Union[str, Sequence[str], None]):
+    def __init__(self, pipe: Pipeline, result: AttentionMaps, prompt: Union[str, Sequence[str], None]):
         self.pipe, self.result = pipe, result
         self.prompt = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
         self.called_prompts: Optional[list[str]] = None
@@ -418,7 +419,7 @@ class _Collector:
 
 
 @contextlib.contextmanager
-def attention_maps(pipe: Any, words: Sequence[str], prompt: Union[str, Sequence[str], None] = None,
+def attention_maps(pipe: Pipeline, words: Sequence[str], prompt: Union[str, Sequence[str], None] = None,
                    keep: str = "aggregate", size: str = "latent") -> Iterator[AttentionMaps]:
     """Collects the cross-attention maps of the generations run inside the block (see the module docstring).
 

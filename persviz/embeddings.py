@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from persviz.families.base import Pipeline
 from persviz.errors import PersvizError
 from persviz.methods.tokens import single_token_id
 from persviz.io import PathLike, atomic_path
@@ -186,7 +187,7 @@ def _rows_to_add(embeds: Any, token: str | None) -> int | None:
         return None
 
 
-def load_learned_token(pipe: Any, embeds: Any, token: str | None = None) -> None:
+def load_learned_token(pipe: Pipeline, embeds: Any, token: str | None = None) -> None:
     """``pipe.load_textual_inversion(embeds, token=token)`` without transformers' "mean_resizing" notice.
 
     The text encoder's embedding matrix is first grown to its final size with ``mean_resizing=False`` (diffusers then
@@ -285,7 +286,7 @@ def token_row(pipe_or_tokenizer_and_encoder: Any, word: str) -> int:
     return tid
 
 
-def embedding_matrix(pipe: Any) -> torch.Tensor:
+def embedding_matrix(pipe: Pipeline) -> torch.Tensor:
     """The text encoder's input-embedding weights [V, D] (detached; shares memory with the model)."""
     _, encoder = prompt_parts(pipe)
     if encoder is None:
@@ -293,7 +294,7 @@ def embedding_matrix(pipe: Any) -> torch.Tensor:
     return encoder.get_input_embeddings().weight.detach()
 
 
-def vocab_norms(pipe: Any) -> torch.Tensor:
+def vocab_norms(pipe: Pipeline) -> torch.Tensor:
     """The L2 norm of every row of the input-embedding matrix, float32 [V] on the CPU (Fig. 4's histogram)."""
     W = embedding_matrix(pipe)
     if W.device.type == "meta":

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from persviz.families.base import Pipeline
 from persviz.concept_folder import (CONCEPT_FILE, Concept, ConceptFolderError, adopt_images, check_method,
                                     prepare_concept, read_concept, write_concept)
 from persviz.embedding_files import EmbeddingFileError, check_fits, embedding_candidates, read_embedding_file
@@ -252,7 +253,7 @@ def _another_model(what: str, width: int, need: int) -> ConceptFolderError:
                               "model; pass the model it was trained on with --model")
 
 
-def check_run_fits(found: ForeignRun, pipe: Any, class_word: str) -> None:
+def check_run_fits(found: ForeignRun, pipe: Pipeline, class_word: str) -> None:
     """Errors before anything is written: the token and class word against the tokenizer, every width against the
     model (embeddings: ``check_fits``; LoRA and Custom Diffusion weights: their input widths and layer names)."""
     text = text_stack(pipe).primary
@@ -297,7 +298,7 @@ def check_run_fits(found: ForeignRun, pipe: Any, class_word: str) -> None:
 
 
 def adopt_run(method: str, run: PathLike, out: PathLike, images: PathLike, class_word: str | None = None,
-              token: str | None = None, model: str | PathLike | None = None, pipe: Any = None) -> Concept:
+              token: str | None = None, model: str | PathLike | None = None, pipe: Pipeline = None) -> Concept:
     """Register the run folder of another tool (or of persviz) as `method`'s run of the concept folder `out`,
     created as ``persviz train`` does (images copied in, concept.json written atomically) or extended; returns the
     concept. The run is not copied: its absolute path and source are recorded. Every check runs first.

@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 import torch
 
+from persviz.families.base import Pipeline
 from persviz.families import assemble_pipeline, family_of
 from persviz import loading
 from persviz.concept_folder import Concept, ConceptFolderError, read_concept
@@ -63,7 +64,7 @@ class Session:
     """What a notebook works with: models (None where not asked for or not available) and the settings in force."""
 
     scale: str
-    pipe: Any = None
+    pipe: Pipeline = None
     clip: Any = None
     dino: Any = None
     oracle: Any = None
@@ -188,7 +189,7 @@ def default_threads(env: Optional[Mapping[str, str]] = None) -> int:
     return int(env.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1))
 
 
-def paper_sampling(pipe: Any) -> Any:
+def paper_sampling(pipe: Pipeline) -> Any:
     """The TEA paper's sampler on an SD 1.x pipeline: DPM-Solver++ (diffusers' DPMSolverMultistepScheduler with
     algorithm_type 'dpmsolver++', from the pipeline's own scheduler config) and VAE slicing (decode one image at a
     time, so 512 px batches fit a small GPU). Returns the pipeline, changed in place."""

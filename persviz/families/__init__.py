@@ -14,6 +14,7 @@ import os
 from importlib import import_module
 from typing import Any
 
+from persviz.families.base import Pipeline
 from persviz.errors import PersvizError
 from persviz.families.base import Family
 
@@ -25,7 +26,7 @@ class UnsupportedModelError(PersvizError, ValueError):
     """A pipeline of no family persviz supports; the message says what it is and what persviz takes."""
 
 
-def family_of(pipe: Any, model: str | None = None) -> Family:
+def family_of(pipe: Pipeline, model: str | None = None) -> Family:
     """The family `pipe` belongs to; an UnsupportedModelError with the first family's sentence when none takes it."""
     name = str(model) if model is not None else type(pipe).__name__
     refusals = []
@@ -37,7 +38,7 @@ def family_of(pipe: Any, model: str | None = None) -> Family:
     raise UnsupportedModelError(refusals[0])
 
 
-def text_stack(pipe: Any) -> Any:
+def text_stack(pipe: Pipeline) -> Any:
     """The text encoders of a diffusion pipeline (persviz.text_stack.TextStack), as its family lays them out."""
     return family_of(pipe).text_stack(pipe)
 

@@ -7,7 +7,18 @@ This module imports no heavy library at its top; a family imports diffusers when
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+
+class Pipeline(Protocol):
+    """What persviz uses of a diffusers text-to-image pipeline (any family): its denoiser, VAE and scheduler, and a
+    call that generates; its text encoders are reached through ``persviz.families.text_stack(pipe)``."""
+
+    unet: Any
+    vae: Any
+    scheduler: Any
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -24,15 +35,15 @@ class Family:
     generation: dict[str, Any] = field(default_factory=dict)
     embedded_generation: dict[str, Any] = field(default_factory=dict)
 
-    def refusal(self, pipe: Any, model: str) -> str | None:
+    def refusal(self, pipe: Pipeline, model: str) -> str | None:
         """None when `pipe` belongs to this family; else one sentence saying what it is and what persviz takes."""
         raise NotImplementedError
 
-    def text_stack(self, pipe: Any) -> Any:
+    def text_stack(self, pipe: Pipeline) -> Any:
         """The pipeline's text encoders in order (persviz.text_stack.TextStack)."""
         raise NotImplementedError
 
-    def prepare(self, pipe: Any, embedded: bool) -> Any:
+    def prepare(self, pipe: Pipeline, embedded: bool) -> Any:
         """The pipeline set up for persviz's studies (sampler, memory); returns it, changed in place."""
         return pipe
 
@@ -52,4 +63,4 @@ class Family:
         return dict(self.embedded_generation if embedded else self.generation)
 
 
-__all__ = ["Family"]
+__all__ = ["Family", "Pipeline"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from persviz.families.base import Pipeline
 from persviz.families.base import Family
 
 SD1_WIDTH = 768  # CLIP ViT-L/14's text width: SD 1.x
@@ -15,7 +16,7 @@ SD2_WIDTH = 1024  # OpenCLIP ViT-H's: SD 2.x (SDXL has two text encoders)
 class StableDiffusion1(Family):
     """SD 1.x pipelines (diffusers' StableDiffusionPipeline), the embedded micro-SD and reduced-width test models."""
 
-    def refusal(self, pipe: Any, model: str) -> str | None:
+    def refusal(self, pipe: Pipeline, model: str) -> str | None:
         kind = type(pipe).__name__
         if getattr(pipe, "text_encoder_2", None) is not None or "XL" in kind:
             return (f"{model} is an SDXL pipeline ({kind}); persviz trains and studies Stable Diffusion 1.x only: use "
@@ -29,7 +30,7 @@ class StableDiffusion1(Family):
                     f"1.x's {SD1_WIDTH}; persviz supports Stable Diffusion 1.x only")
         return None
 
-    def text_stack(self, pipe: Any) -> Any:
+    def text_stack(self, pipe: Pipeline) -> Any:
         from persviz.text_stack import TextEncoder, TextStack  # heavy: torch
         return TextStack((TextEncoder("clip_l", pipe.tokenizer, pipe.text_encoder),))
 
@@ -37,7 +38,7 @@ class StableDiffusion1(Family):
         from persviz.sd15 import write_offline_hub_cache  # heavy: diffusers, transformers
         return write_offline_hub_cache(cache_dir, small=small, seed=seed)
 
-    def prepare(self, pipe: Any, embedded: bool) -> Any:
+    def prepare(self, pipe: Pipeline, embedded: bool) -> Any:
         """At full scale the TEA paper's sampler: DPM-Solver++ (from the pipeline's own scheduler config) and VAE
         slicing (one image decoded at a time, so 512 px batches fit a small GPU); the embedded model as saved."""
         if not embedded:

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from persviz.families.base import Pipeline
 from persviz.finexl.decompose import (
     MIN_DIVERGENCE_NORM, Decomposition, append_compose, decompose, divergence_vector, greedy_decompose,
     orthogonal_filter)
@@ -169,7 +170,7 @@ def train_variants(names: Optional[Sequence[str]] = None, steps: int = 450, batc
     return shipped
 
 
-def lora_pipeline(name: Optional[str], pipe: Any = None, lora_dir: Path = LORA_DIR) -> Any:
+def lora_pipeline(name: Optional[str], pipe: Pipeline = None, lora_dir: Path = LORA_DIR) -> Any:
     """The micro-SD with the shipped LoRA of a variant loaded (None: the base); reuses ``pipe`` when given."""
     pipe = load_pipeline() if pipe is None else pipe
     pipe.unload_lora_weights()  # a no-op without LoRA
@@ -409,7 +410,7 @@ class Bench:
 
 
 
-def lora_samples(name: Optional[str], prompts: Sequence[str], seeds: Sequence[int], pipe: Any = None,
+def lora_samples(name: Optional[str], prompts: Sequence[str], seeds: Sequence[int], pipe: Pipeline = None,
                  cache_dir: Path = CACHE_DIR / "samples") -> np.ndarray:
     """uint8 [len(seeds) * P, 32, 32, 3] of the micro-SD (with variant ``name``'s LoRA; None: base), cached on disk.
 

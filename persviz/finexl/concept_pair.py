@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from persviz.families.base import Pipeline
 from persviz.concept_folder import CONCEPT_FILE, Concept, ConceptFolderError, read_concept
 from persviz.finexl.concepts import ART_BANK
 from persviz.finexl.generators import LoRAToggleGenerator, lora_pair
@@ -101,7 +102,7 @@ def session_target(sess: Any) -> FineXLTarget:
     return lora_target(sess.concept(), class_word)
 
 
-def concept_lora_pair(pipe: Any, concept_or_lora: Union[Concept, FineXLTarget, str, Path],
+def concept_lora_pair(pipe: Pipeline, concept_or_lora: Union[Concept, FineXLTarget, str, Path],
                       **kwargs: Any) -> tuple[LoRAToggleGenerator, LoRAToggleGenerator]:
     """``(base, personalized)`` generators: `pipe` without and with the LoRA of `lora_target(concept_or_lora)`
     (a concept, a concept folder, a LoRA file or folder). kwargs (steps, guidance, batch_size, pipeline arguments)

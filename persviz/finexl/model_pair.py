@@ -21,6 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from persviz.families.base import Pipeline
 from persviz.finexl.benchmark import COMPOSERS, E_DECOMP, LORA_DIR, METHOD_SPECS, N_PROBES, PROBE_SEED, explain_with
 from persviz.finexl.concept_pair import N_PROBES as FULL_PROBES
 from persviz.finexl.concept_pair import FineXLTarget, class_probes, lora_target
@@ -154,7 +155,7 @@ def check_methods(methods: Sequence[str], composers: Sequence[str]) -> list[str]
     return methods
 
 
-def explain_pair(pipe: Any, lora: PathLike, probes: Sequence[str], out: PathLike, seeds: Sequence[int] = SEEDS,
+def explain_pair(pipe: Pipeline, lora: PathLike, probes: Sequence[str], out: PathLike, seeds: Sequence[int] = SEEDS,
                  chunk: Optional[int] = CHUNK, clip: Any = None, bank: Sequence[str] = (),
                  methods: Sequence[str] = SHAPESWORLD_METHODS, composers: Optional[Sequence[str]] = None,
                  phrases: Optional[Mapping[str, str]] = None, steps: int = STEPS, guidance: float = GUIDANCE,

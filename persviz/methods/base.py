@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from persviz.families.base import Pipeline
 
 
 @dataclass(frozen=True)
@@ -54,13 +55,13 @@ class Method:
         """The run's config: the method's defaults for the model (ShapesWorld's or the paper's), with overrides."""
         raise NotImplementedError
 
-    def train(self, pipe: Any, images: Any, config: Any, out: Path, progress: bool = True,
+    def train(self, pipe: Pipeline, images: Any, config: Any, out: Path, progress: bool = True,
               load_result: bool = False) -> Any:
         """Train (or resume) a run into `out` with the method's trainer; returns its result."""
         raise NotImplementedError
 
     @contextlib.contextmanager
-    def loaded(self, pipe: Any, run: Path) -> Iterator[None]:
+    def loaded(self, pipe: Pipeline, run: Path) -> Iterator[None]:
         """The pipeline with a finished run loaded; undone on exit."""
         raise NotImplementedError
         yield

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from persviz.families.base import Pipeline
 from persviz.methods.base import Method
 from persviz.methods.tokens import SHAPESWORLD_SAMPLING, check_new_token_and_class_word
 
@@ -25,13 +26,13 @@ class CustomDiffusion(Method):
             cfg = replace(cfg, steps=1000, lr=1e-4, save_every=100, augment=False, **SHAPESWORLD_SAMPLING)
         return apply_overrides(cfg, overrides)
 
-    def train(self, pipe: Any, images: Any, config: Any, out: Path, progress: bool = True,
+    def train(self, pipe: Pipeline, images: Any, config: Any, out: Path, progress: bool = True,
               load_result: bool = False) -> Any:
         from persviz.trainers.custom_diffusion import train_custom_diffusion  # heavy: the trainers
         return train_custom_diffusion(pipe, images, config, out, progress=progress, load_result=load_result)
 
     @contextlib.contextmanager
-    def loaded(self, pipe: Any, run: Path) -> Iterator[None]:
+    def loaded(self, pipe: Pipeline, run: Path) -> Iterator[None]:
         from persviz.trainers.custom_diffusion import load_custom_diffusion  # heavy: the trainers
         procs = dict(pipe.unet.attn_processors)
         before = set(pipe.tokenizer.get_added_vocab())

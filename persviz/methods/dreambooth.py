@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from persviz.families.base import Pipeline
 from persviz.methods.base import Method
 from persviz.methods.tokens import DREAMBOOTH_IDENTIFIER, SHAPESWORLD_SAMPLING, check_identifier
 
@@ -26,13 +27,13 @@ class DreamBoothLoRA(Method):
             cfg = replace(cfg, lr=1e-3, save_every=100, **SHAPESWORLD_SAMPLING)
         return apply_overrides(cfg, overrides)
 
-    def train(self, pipe: Any, images: Any, config: Any, out: Path, progress: bool = True,
+    def train(self, pipe: Pipeline, images: Any, config: Any, out: Path, progress: bool = True,
               load_result: bool = False) -> Any:
         from persviz.trainers.dreambooth_lora import train_dreambooth_lora  # heavy: the trainers
         return train_dreambooth_lora(pipe, images, config, out, progress=progress, load_result=load_result)
 
     @contextlib.contextmanager
-    def loaded(self, pipe: Any, run: Path) -> Iterator[None]:
+    def loaded(self, pipe: Pipeline, run: Path) -> Iterator[None]:
         from persviz.trainers.dreambooth_lora import load_dreambooth_lora  # heavy: the trainers
         load_dreambooth_lora(pipe, Path(run))
         try:

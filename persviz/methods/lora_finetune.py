@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from persviz.families.base import Pipeline
 from persviz.methods.base import Method
 
 
@@ -24,7 +25,7 @@ class LoRAFinetune(Method):
         overrides.pop("num_class_images", None)
         return apply_overrides(LoRAFinetuneConfig(), overrides)
 
-    def train(self, pipe: Any, images: Any, config: Any, out: Path, progress: bool = True,
+    def train(self, pipe: Pipeline, images: Any, config: Any, out: Path, progress: bool = True,
               load_result: bool = False) -> Any:
         """images: (uint8 images [N, H, W, 3], one caption per image)."""
         from persviz.trainers.lora_finetune import train_lora_finetune  # heavy: the trainers
@@ -32,7 +33,7 @@ class LoRAFinetune(Method):
         return train_lora_finetune(pipe, pixels, captions, config, out, progress=progress, load_result=load_result)
 
     @contextlib.contextmanager
-    def loaded(self, pipe: Any, run: Path) -> Iterator[None]:
+    def loaded(self, pipe: Pipeline, run: Path) -> Iterator[None]:
         from persviz.trainers.lora_finetune import load_lora  # heavy: the trainers
         load_lora(pipe, Path(run))
         try:

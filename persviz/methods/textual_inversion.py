@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from persviz.families.base import Pipeline
 from persviz.methods.base import Method
 from persviz.methods.tokens import check_new_token_and_class_word
 
@@ -25,13 +26,13 @@ class TextualInversion(Method):
         overrides.pop("num_class_images", None)  # no class images in Textual Inversion
         return apply_overrides(cfg, overrides)
 
-    def train(self, pipe: Any, images: Any, config: Any, out: Path, progress: bool = True,
+    def train(self, pipe: Pipeline, images: Any, config: Any, out: Path, progress: bool = True,
               load_result: bool = False) -> Any:
         from persviz.trainers.textual_inversion import train_textual_inversion  # heavy: the trainers
         return train_textual_inversion(pipe, images, config, out, progress=progress, load_result=load_result)
 
     @contextlib.contextmanager
-    def loaded(self, pipe: Any, run: Path) -> Iterator[None]:
+    def loaded(self, pipe: Pipeline, run: Path) -> Iterator[None]:
         from persviz.trainers.textual_inversion import load_textual_inversion_run  # heavy: the trainers
         tokens = load_textual_inversion_run(pipe, Path(run))  # any format (diffusers, A1111, kohya), read by content
         try:

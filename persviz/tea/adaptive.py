@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Optional, Union
 
+from persviz.families.base import Pipeline
 from persviz.generation import GUIDANCE, STEPS, generate
 from persviz.metrics import ImagesLike, clip_score, as_images, mean_cosine, as_texts
 from persviz.tea.adjust import check_knob
@@ -182,7 +183,7 @@ class TeaScorer(NamedTuple):
 
 
 def make_tea_scorer(
-    pipe: Any,
+    pipe: Pipeline,
     prompt: str,
     placeholder: str,
     class_word: str,

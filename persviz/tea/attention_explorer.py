@@ -17,6 +17,7 @@ from typing import Any, Optional
 import ipywidgets as W
 import numpy as np
 
+from persviz.families.base import Pipeline
 from persviz.attention import AttentionMaps, attention_maps, prompt_words
 from persviz.attention_plots import overlay_rgb
 from persviz.generation import GUIDANCE, STEPS, generate
@@ -28,7 +29,7 @@ MapsFn = Callable[[str, int, bool], tuple[Any, AttentionMaps]]  # (prompt, seed,
 ALL = -1  # the sliders' value for "mean over all layers / steps"
 
 
-def make_attention_maps_fn(pipe: Any, placeholder: str, class_word: str, method: str = "textual_inversion",
+def make_attention_maps_fn(pipe: Pipeline, placeholder: str, class_word: str, method: str = "textual_inversion",
                            steps: int = STEPS, guidance: float = GUIDANCE, **pipe_kwargs: Any) -> MapsFn:
     """An AttentionExplorer maps_fn: one image of the prompt (seeded as persviz.generation.generate) with every
     word's per-(layer, step) maps, untouched or inside token-level TEA (persviz.tea.pipeline.tea)."""

@@ -37,6 +37,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
+from persviz.families.base import Pipeline
 from persviz.families import text_stack
 from persviz.methods import get_method, tracked_method
 from persviz.attention import AttentionMaps, attention_maps, inside_share, word_positions
@@ -103,7 +104,7 @@ def _maps_of(maps: AttentionMaps, i: int, positions: Sequence[int]) -> dict[Any,
     return out
 
 
-def image_measures(pipe: Any, maps: AttentionMaps, images: np.ndarray, probes: Sequence[Mapping[str, Any]],
+def image_measures(pipe: Pipeline, maps: AttentionMaps, images: np.ndarray, probes: Sequence[Mapping[str, Any]],
                    word: str, class_word: str, readings: Sequence[Mapping[str, Any]]) -> list[dict[str, float]]:
     """The measures of the module docstring for each image (probe i of `probes` is image i's), from the collected
     maps, the images and the oracle's readings of them."""
@@ -143,7 +144,7 @@ def image_measures(pipe: Any, maps: AttentionMaps, images: np.ndarray, probes: S
 
 
 # ----------------------------------------------------------------------------- generating with the collector
-def generate_with_maps(pipe: Any, prompts: Sequence[str], word: str, seed: int = 0, guidance: float = GUIDANCE,
+def generate_with_maps(pipe: Pipeline, prompts: Sequence[str], word: str, seed: int = 0, guidance: float = GUIDANCE,
                        steps: int = STEPS, batch_size: int = 48, embeds: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                        ) -> Iterator[tuple[int, np.ndarray, AttentionMaps]]:
     """Yields (first image index, uint8 images, their AttentionMaps) batch by batch; image i is seeded seed + i as
@@ -188,7 +189,7 @@ def study_cells(concepts: Sequence[str] = tuple(CONCEPTS), steps: Sequence[int] 
 
 
 @contextlib.contextmanager
-def loaded_cell(pipe: Any, c: Mapping[str, Any], root: Path) -> Iterator[None]:
+def loaded_cell(pipe: Pipeline, c: Mapping[str, Any], root: Path) -> Iterator[None]:
     """The cell's model state: a TI snapshot row (step 0: the class word's row) or a final DB / CD run."""
     name, method = c["concept"], c["method"]
     if get_method(method).row_snapshots:
@@ -205,7 +206,7 @@ def loaded_cell(pipe: Any, c: Mapping[str, Any], root: Path) -> Iterator[None]:
             yield
 
 
-def cell_measures(pipe: Any, oracle: Any, c: Mapping[str, Any], n_probes: int = 24, repeats: int = 2,
+def cell_measures(pipe: Pipeline, oracle: Any, c: Mapping[str, Any], n_probes: int = 24, repeats: int = 2,
                   probe_seed: int = 1, guidance: float = GUIDANCE, steps: int = STEPS, batch_size: int = 48,
                   root: Path = CONCEPTS_DIR) -> dict[str, Any]:
     """One cell's per-image measures: {'prompt', 'seed', metric: [...]} for all images and for the two-object ones
@@ -240,7 +241,7 @@ def cell_measures(pipe: Any, oracle: Any, c: Mapping[str, Any], n_probes: int = 
     return {"all": every, "two_object": two}
 
 
-def run_attention_study(pipe: Any, oracle: Any, work: PathLike, out: PathLike = STUDY_JSON,
+def run_attention_study(pipe: Pipeline, oracle: Any, work: PathLike, out: PathLike = STUDY_JSON,
                         concepts: Sequence[str] = tuple(CONCEPTS), steps: Sequence[int] = tuple(range(0, 3001, STEP_EVERY)),
                         methods: Sequence[str] = METHODS, n_probes: int = 24, repeats: int = 2,
                         guidance: float = GUIDANCE, sampler_steps: int = STEPS, batch_size: int = 48,

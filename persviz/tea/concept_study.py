@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from persviz.families.base import Pipeline
 from persviz.families import text_stack
 from persviz.methods import get_method, tracked_method
 from persviz.concept_folder import Concept, read_concept
@@ -147,12 +148,12 @@ def final_embedding(concept: Concept) -> torch.Tensor:
     return load_snapshot_embedding(snaps[-1][1]).reshape(-1)
 
 
-def class_row(pipe: Any, concept: Concept) -> torch.Tensor:
+def class_row(pipe: Pipeline, concept: Concept) -> torch.Tensor:
     """The input-embedding row of the concept's class word (V*'s starting point), a detached copy [D]."""
     return text_stack(pipe).primary.word_row(concept.class_word)
 
 
-def dominance(pipe: Any, fixed: Concept, varied: Concept, clip: Any, fractions: Sequence[float], n_images: int = 8,
+def dominance(pipe: Pipeline, fixed: Concept, varied: Concept, clip: Any, fractions: Sequence[float], n_images: int = 8,
               seed: int = 0, progress: bool = True, **generation: Any) -> dict[str, list]:
     """Multi-concept collapse of two concept folders (Fig. 5): 'a <fixed> next to a <varied>', `fixed` at its final
     V*, `varied` from its class word along its run (the snapshots at `fractions` of its last step); CLIP-I to each
@@ -168,7 +169,7 @@ def dominance(pipe: Any, fixed: Concept, varied: Concept, clip: Any, fractions: 
 
 
 @contextlib.contextmanager
-def set_aside(pipe: Any, token: str) -> Iterator[None]:
+def set_aside(pipe: Pipeline, token: str) -> Iterator[None]:
     """Inside the block `token` is not in the tokenizer (a learned token already loaded is unloaded, so a run of the
     same token can load); its row is loaded back on exit. Nothing happens for a token not loaded."""
     if not text_stack(pipe).primary.has_added(token):
@@ -182,7 +183,7 @@ def set_aside(pipe: Any, token: str) -> Iterator[None]:
         load_learned_token(pipe, {token: row}, token=token)
 
 
-def tea_table(pipe: Any, concept: Concept, probes: Sequence[Mapping], score: Any,
+def tea_table(pipe: Pipeline, concept: Concept, probes: Sequence[Mapping], score: Any,
               methods: Sequence[str] | None = None, repeats: int = 1, seed: int = 0,
               **generation: Any) -> dict[str, dict]:
     """The with/without-TEA rows of every run of the concept (or `methods`), each run loaded for the call (a learned
@@ -234,7 +235,7 @@ def tea_summary(per_image: Mapping[str, Mapping[str, list]], probes: Sequence[Ma
             "tea_differences": summary["differences"]}
 
 
-def study_concept(folder: Any, pipe: Any, clip: Any, dino: Any = None, oracle: Any = None,
+def study_concept(folder: Any, pipe: Pipeline, clip: Any, dino: Any = None, oracle: Any = None,
                   settings: StudySettings | None = None, methods: Sequence[str] | None = None,
                   progress: bool = True, state: Any = None) -> dict | None:
     """Run the study of a concept folder on `pipe` (the concept's model) and write study/study.json and figures.
@@ -251,7 +252,7 @@ def study_concept(folder: Any, pipe: Any, clip: Any, dino: Any = None, oracle: A
         return _study_concept(concept, pipe, clip, dino, oracle, settings, methods, progress, state)
 
 
-def _study_concept(concept: Concept, pipe: Any, clip: Any, dino: Any, oracle: Any, settings: StudySettings | None,
+def _study_concept(concept: Concept, pipe: Pipeline, clip: Any, dino: Any, oracle: Any, settings: StudySettings | None,
                    methods: Sequence[str] | None, progress: bool, state: Any) -> dict | None:
     settings = settings or StudySettings()
     shapesworld = is_embedded(concept.model)

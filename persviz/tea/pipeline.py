@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from persviz.families.base import Pipeline
 from persviz.embeddings import prompt_parts, single_token_id, tokens_of, class_word_id, token_row
 from persviz.tea.adjust import DEFAULTS, check_knob, align_positions, prompt_level_adjust, slerp_adjust
 from persviz.text_stack import PlaceholderRows
@@ -73,7 +74,7 @@ def _class_id(tokenizer: Any, class_word: str, placeholder_ids: Sequence[int]) -
 
 @contextmanager
 def tea(
-    pipe: Any,
+    pipe: Pipeline,
     placeholder: str,
     class_word: str,
     rotation: float | None = None,
@@ -140,7 +141,7 @@ def _span_start(ids: list[int], ph: list[int]) -> int | None:
 
 @torch.no_grad()
 def encode_prompt_level(
-    pipe: Any,
+    pipe: Pipeline,
     prompt_personal: str | Sequence[str],
     prompt_class: str | Sequence[str],
     rotation: float | None = None,

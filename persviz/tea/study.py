@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from persviz.families.base import Pipeline
 from persviz.families import text_stack
 from persviz.methods import get_method
 from persviz.embeddings import load_learned_token, token_row
@@ -33,7 +34,7 @@ Probe = Mapping[str, Any]
 
 
 @contextlib.contextmanager
-def learned_embedding(pipe: Any, placeholder: str, vector: torch.Tensor) -> Iterator[None]:
+def learned_embedding(pipe: Pipeline, placeholder: str, vector: torch.Tensor) -> Iterator[None]:
     """Inside the block the pipeline's tokenizer knows `placeholder` with embedding `vector` [D]; restored on exit.
 
     A placeholder already loaded has its row written in place (PlaceholderRows.written, as tea() does); a new one is
@@ -75,14 +76,14 @@ def score_images(images: np.ndarray, probes: Sequence[Probe], class_word: str, r
     return {k: float(v.mean()) for k, v in scores.items()}
 
 
-def generate_probes(pipe: Any, probes: Sequence[Probe], word: str, repeats: int = 1, seed: int = 0,
+def generate_probes(pipe: Pipeline, probes: Sequence[Probe], word: str, repeats: int = 1, seed: int = 0,
                     guidance: float = GUIDANCE, steps: int = STEPS, batch_size: int = 50) -> np.ndarray:
     """`repeats` images per probe (probe-major) with `word` in the slot; image i is seeded seed + i."""
     prompts = [t for t in probe_texts(probes, word) for _ in range(repeats)]
     return generate(pipe, prompts, seed=seed, guidance=guidance, steps=steps, batch_size=batch_size)
 
 
-def impacts_over_steps(pipe: Any, snapshots: Sequence[tuple[int, torch.Tensor]], placeholder: str, class_word: str,
+def impacts_over_steps(pipe: Pipeline, snapshots: Sequence[tuple[int, torch.Tensor]], placeholder: str, class_word: str,
                        probes: Sequence[Probe], references: np.ndarray, clip: Any, dino: Any = None,
                        oracle: Any = None, signature: Optional[Mapping] = None, repeats: int = 1, seed: int = 0,
                        progress: bool = True, **generation: Any) -> dict[str, list]:
@@ -99,7 +100,7 @@ def impacts_over_steps(pipe: Any, snapshots: Sequence[tuple[int, torch.Tensor]],
     return table
 
 
-def dominance_over_steps(pipe: Any, fixed: tuple[str, torch.Tensor], varied: tuple[str, Sequence[tuple[int, torch.Tensor]]],
+def dominance_over_steps(pipe: Pipeline, fixed: tuple[str, torch.Tensor], varied: tuple[str, Sequence[tuple[int, torch.Tensor]]],
                          template: str, anchors: Mapping[str, np.ndarray], clip: Any, n_images: int = 8,
                          seed: int = 0, progress: bool = True, **generation: Any) -> dict[str, list]:
     """Multi-concept collapse (Fig. 5): one concept fixed, the other at each saved step; CLIP-I to each concept's anchor.
@@ -123,7 +124,7 @@ def dominance_over_steps(pipe: Any, fixed: tuple[str, torch.Tensor], varied: tup
 
 
 @contextlib.contextmanager
-def personalized(pipe: Any, method: str, path: Any) -> Iterator[None]:
+def personalized(pipe: Pipeline, method: str, path: Any) -> Iterator[None]:
     """The pipeline with a finished run loaded ('textual_inversion': learned_embeds; 'dreambooth': LoRA; 'custom_diffusion': K/V processors + token).
 
     Undone on exit: the token unloaded, the LoRA unloaded, the attention processors put back."""
@@ -131,7 +132,7 @@ def personalized(pipe: Any, method: str, path: Any) -> Iterator[None]:
         yield
 
 
-def tea_rows(pipe: Any, method: str, word: str, placeholder: str, class_word: str, probes: Sequence[Probe],
+def tea_rows(pipe: Pipeline, method: str, word: str, placeholder: str, class_word: str, probes: Sequence[Probe],
              score: Callable[[np.ndarray], dict], repeats: int = 1, seed: int = 0,
              knobs: Optional[tuple[float, float]] = None, anchor_encoder: Any = None,
              **generation: Any) -> dict[str, dict]:
@@ -158,7 +159,7 @@ def tea_rows(pipe: Any, method: str, word: str, placeholder: str, class_word: st
     return rows
 
 
-def tea_sweep(pipe: Any, probes: Sequence[Probe], placeholder: str, class_word: str,
+def tea_sweep(pipe: Pipeline, probes: Sequence[Probe], placeholder: str, class_word: str,
               score: Callable[[np.ndarray], dict], rotations: Sequence[float], scales: Sequence[float],
               repeats: int = 1, seed: int = 0, method: str = "textual_inversion", progress: bool = True,
               **generation: Any) -> dict:
@@ -174,7 +175,7 @@ def tea_sweep(pipe: Any, probes: Sequence[Probe], placeholder: str, class_word: 
     return grid
 
 
-def adaptive_vs_fixed(pipe: Any, probes: Sequence[Probe], placeholder: str, class_word: str, references: np.ndarray,
+def adaptive_vs_fixed(pipe: Pipeline, probes: Sequence[Probe], placeholder: str, class_word: str, references: np.ndarray,
                       clip: Any, fixed: tuple[float, float] = (0.2, 0.5), schedule: Optional[Sequence[float]] = None,
                       n_images: int = 4, target_frac: float = 1.0, floor_frac: float = 0.9, seed: int = 0,
                       progress: bool = True, **generation: Any) -> list[dict]:
@@ -201,7 +202,7 @@ def adaptive_vs_fixed(pipe: Any, probes: Sequence[Probe], placeholder: str, clas
     return rows
 
 
-def adaptive_images(pipe: Any, probes: Sequence[Probe], placeholder: str, class_word: str,
+def adaptive_images(pipe: Pipeline, probes: Sequence[Probe], placeholder: str, class_word: str,
                     rotations: Sequence[float], fixed: tuple[float, float] = (0.2, 0.5), n_images: int = 4,
                     seed: int = 0, **generation: Any) -> dict[str, np.ndarray]:
     """{'untouched', 'fixed', 'adaptive'}: n_images per probe (probe-major; each probe's images seeded seed,

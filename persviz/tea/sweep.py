@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from persviz.families.base import Pipeline
 from persviz.methods import tracked_method
 from persviz.concept_folder import read_concept
 from persviz.evaluation import Evaluation, evaluate, probe_keys
@@ -71,7 +72,7 @@ def gather_sweep(results: Mapping[str, Mapping], cells: Sequence[Mapping], meta:
     return Evaluation(items, {**first.meta, "counts": counts, **meta})
 
 
-def run_sweep(folder: PathLike, pipe: Any, clip: Any, dino: Any = None, oracle: Any = None,
+def run_sweep(folder: PathLike, pipe: Pipeline, clip: Any, dino: Any = None, oracle: Any = None,
               rotations: Sequence[float] = (0.0, 0.2), scales: Sequence[float] = (0.0, 0.5), n_probes: int = 48,
               repeats: int = 2, out: PathLike = "sweep", seed: int = 0, chunk: Optional[int] = None,
               steps: int = STEPS, guidance: float = GUIDANCE, batch_size: int = 8, state: Any = None,

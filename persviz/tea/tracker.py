@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from persviz.families.base import Pipeline
 from persviz.tea import shift as sm
 from persviz.embeddings import prompt_parts, single_token_id, class_word_id, norm_ratio_and_cosine
 from persviz.io import PathLike, write_json
@@ -130,7 +131,7 @@ def _steps_of(run: RunLike) -> tuple[list[tuple[int, Any]], dict]:
 class _PromptEncoder:
     """Encodes prompt sets through the pipeline's text encoder, with V* written at the placeholder by a hook."""
 
-    def __init__(self, pipe: Any, placeholder: str, class_word: str, n_vectors: int, representation: str,
+    def __init__(self, pipe: Pipeline, placeholder: str, class_word: str, n_vectors: int, representation: str,
                  batch_size: int) -> None:
         tokenizer, encoder = prompt_parts(pipe)
         if tokenizer is None or encoder is None:
@@ -220,7 +221,7 @@ def _check_choice(value: Any, name: str, choices: Iterable[str]) -> None:
 
 
 def track_semantic_shift(
-    pipe: Any,
+    pipe: Pipeline,
     run: RunLike,
     prompts: Sequence[str] | str,
     simple_prompts: Sequence[str] | str | None = None,

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import ipywidgets as W
 import numpy as np
 
+from persviz.families.base import Pipeline
 from persviz.evaluation import Evaluation
 from persviz.generation import GUIDANCE, STEPS, generate
 from persviz.io import PathLike
@@ -245,7 +246,7 @@ class SnapshotExplorer(Explorer):
 
 
 def make_tea_generate_fn(
-    pipe: Any,
+    pipe: Pipeline,
     placeholder: str,
     class_word: str,
     method: str = "textual_inversion",

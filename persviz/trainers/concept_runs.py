@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from persviz.families.base import Pipeline
 from persviz.concept_folder import (Concept, ConceptFolderError, adopt_images, check_method, prepare_concept,
                                     write_concept)
 from persviz.io import PathLike, check_write, confined
@@ -40,14 +41,14 @@ def model_id(model: str | PathLike | None) -> str:
     return str(path.resolve()) if path.exists() else str(model)
 
 
-def check_sd1(pipe: Any, model: str) -> None:
+def check_sd1(pipe: Pipeline, model: str) -> None:
     """An UnsupportedModelError (a ValueError) for a pipeline of no family persviz supports (persviz.families:
     today SD 1.x, ShapesWorld's micro-SD and SD-1.5-architecture test models of reduced width)."""
     family_of(pipe, model)
 
 
 def train_concept(method: str, images: PathLike, class_word: str, placeholder: str, out: PathLike,
-                  model: str | PathLike | None = None, identifier: str | None = None, pipe: Any = None,
+                  model: str | PathLike | None = None, identifier: str | None = None, pipe: Pipeline = None,
                   progress: bool = True, **settings: Any) -> ConceptRun:
     """Train (or resume) one method's run of a concept into the folder `out`; returns the run.
 

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from persviz.families.base import Pipeline
 from persviz.embeddings import single_token_id
 from persviz import generation
 from persviz.images import read_image, to_rgb
@@ -282,20 +283,20 @@ def check_new_token(tokenizer: Any, token: str, what: str, unload_hint: str) -> 
 # ----------------------------------------------------------------------------- inputs
 
 
-def check_pipe(pipe: Any) -> None:
+def check_pipe(pipe: Pipeline) -> None:
     for part in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
         if getattr(pipe, part, None) is None:
             raise ValueError(f"pipe has no {part}; pass a StableDiffusionPipeline")
 
 
-def check_call(pipe: Any, config: Any, config_type: type) -> None:
+def check_call(pipe: Pipeline, config: Any, config_type: type) -> None:
     """A ValueError unless config is a config_type and pipe a StableDiffusionPipeline (check_pipe)."""
     if not isinstance(config, config_type):
         raise ValueError(f"config must be a {config_type.__name__}; got {type(config).__name__}")
     check_pipe(pipe)
 
 
-def pipe_device(pipe: Any) -> torch.device:
+def pipe_device(pipe: Pipeline) -> torch.device:
     return torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
 
 
@@ -334,7 +335,7 @@ def prepare_images(images: Any, resolution: int) -> np.ndarray:
     return np.ascontiguousarray(np.stack(out))
 
 
-def resolution(pipe: Any, requested: int | None, config_name: str) -> int:
+def resolution(pipe: Pipeline, requested: int | None, config_name: str) -> int:
     """The training resolution: `requested`, or the pipeline's native size (unet sample_size * vae_scale_factor)."""
     f = int(getattr(pipe, "vae_scale_factor", 8))
     if requested is not None:
@@ -349,7 +350,7 @@ def resolution(pipe: Any, requested: int | None, config_name: str) -> int:
     return r
 
 
-def training_images(pipe: Any, images: Any, config: Any) -> tuple[torch.device, int, np.ndarray]:
+def training_images(pipe: Pipeline, images: Any, config: Any) -> tuple[torch.device, int, np.ndarray]:
     """(the pipeline's execution device, the training resolution, the images prepared at it: prepare_images)."""
     device = pipe_device(pipe)
     res = resolution(pipe, config.resolution, type(config).__name__)
@@ -364,7 +365,7 @@ def check_resolution(cfg: Any) -> None:
         object.__setattr__(cfg, "resolution", int(r))
 
 
-def ddpm(pipe: Any):
+def ddpm(pipe: Pipeline):
     """The pipeline's scheduler config as a DDPMScheduler (keys DDPM does not take are dropped)."""
     from diffusers import DDPMScheduler  # heavy: diffusers
 
@@ -478,7 +479,7 @@ class Noising:
     """The examples' forward process: VAE latents (a posterior sample, less the VAE's shift_factor, times its
     scaling_factor) noised at uniform timesteps by the pipeline's scheduler config read as a DDPMScheduler."""
 
-    def __init__(self, pipe: Any) -> None:
+    def __init__(self, pipe: Pipeline) -> None:
         self.scheduler = ddpm(pipe)
         self.n_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.scale = float(pipe.vae.config.scaling_factor)
@@ -554,7 +555,7 @@ def run_steps(*, start: int, steps: int, save_every: int, step: Callable[[int], 
 # ----------------------------------------------------------------------------- class images (prior preservation)
 
 
-def class_images(pipe: Any, config: Any, folder: Path, res: int, progress: bool) -> np.ndarray:
+def class_images(pipe: Pipeline, config: Any, folder: Path, res: int, progress: bool) -> np.ndarray:
     """uint8 [num, res, res, 3]: the prior-preservation images, generated once by the (base) pipeline and cached.
 
     The settings come from the config: num = num_class_images images of class_prompt, generated with class_steps

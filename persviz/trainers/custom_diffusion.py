@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
+from persviz.families.base import Pipeline
 from persviz.families import text_stack
 from persviz.embedding_files import check_fits, read_embedding_file
 from persviz.embeddings import class_word_id, load_learned_token, save_learned_embeds
@@ -208,7 +209,7 @@ def _group(state_dict: dict[str, torch.Tensor], where: Any) -> dict[str, dict[st
     return groups
 
 
-def load_custom_diffusion(pipe: Any, path: PathLike, token: str | None = None) -> Any:
+def load_custom_diffusion(pipe: Pipeline, path: PathLike, token: str | None = None) -> Any:
     """Load saved Custom Diffusion weights (and the modifier's embedding beside them) into pipe; returns pipe.
 
     Args:
@@ -377,7 +378,7 @@ def augmented(pixels: np.ndarray, i: int, flip: bool, scale: int, top: int, left
 
 
 def train_custom_diffusion(
-    pipe: Any,
+    pipe: Pipeline,
     images: Any,
     config: CustomDiffusionConfig,
     out_dir: PathLike,
@@ -481,7 +482,7 @@ def train_custom_diffusion(
                                  class_images_dir=cls_dir)
 
 
-def _make_step(pipe: Any, config: CustomDiffusionConfig, pixels: np.ndarray, cls_pixels: np.ndarray | None,
+def _make_step(pipe: Pipeline, config: CustomDiffusionConfig, pixels: np.ndarray, cls_pixels: np.ndarray | None,
                device: torch.device, opt: torch.optim.Optimizer, scaler: Any, params: list[torch.Tensor],
                unet_dtype: torch.dtype, hook: PlaceholderRows,
                tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> Callable[[int], float]:

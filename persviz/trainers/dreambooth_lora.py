@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from persviz.families.base import Pipeline
 from persviz.families import text_stack
 from persviz.embeddings import single_token_id
 from persviz.io import PathLike, atomic_folder, atomic_write
@@ -161,7 +162,7 @@ def list_lora_snapshots(out_dir: PathLike) -> list[tuple[int, Path]]:
     return [(k, p / LORA_FILE) for k, p in checkpoints(out_dir, LORA_FILE)]
 
 
-def load_dreambooth_lora(pipe: Any, path: PathLike, adapter_name: str | None = None) -> Any:
+def load_dreambooth_lora(pipe: Pipeline, path: PathLike, adapter_name: str | None = None) -> Any:
     """Load a saved LoRA (a file, or a folder holding one: ``find_lora_file``) into pipe; returns pipe.
 
     diffusers' layout (persviz, diffusers' ``train_dreambooth_lora.py``) and kohya's / A1111's (``lora_unet_*``,
@@ -313,7 +314,7 @@ def _check_identifier(tokenizer: Any, config: DreamBoothLoRAConfig) -> list[int]
 
 
 def train_dreambooth_lora(
-    pipe: Any,
+    pipe: Pipeline,
     images: Any,
     config: DreamBoothLoRAConfig,
     out_dir: PathLike,
@@ -391,7 +392,7 @@ def train_dreambooth_lora(
                                 class_images_dir=cls_dir)
 
 
-def _make_step(pipe: Any, config: DreamBoothLoRAConfig, pixels: np.ndarray, cls_pixels: np.ndarray | None,
+def _make_step(pipe: Pipeline, config: DreamBoothLoRAConfig, pixels: np.ndarray, cls_pixels: np.ndarray | None,
                device: torch.device, opt: torch.optim.Optimizer, scaler: Any, params: list[torch.Tensor],
                unet_dtype: torch.dtype) -> Callable[[int], float]:
     """The training step s (inside the adapters' context): batch, noise and timesteps from step_rng(seed, s)."""

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from persviz.families.base import Pipeline
 from persviz.families import text_stack
 from persviz.io import PathLike, atomic_folder, atomic_write
 from persviz.seeding import step_rng
@@ -108,7 +109,7 @@ def _captions(captions: Sequence[str], n: int) -> list[str]:
 
 
 @torch.no_grad()
-def _encode_captions(pipe: Any, captions: list[str], device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+def _encode_captions(pipe: Pipeline, captions: list[str], device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
     """(text embeddings [U, L, D] of the distinct captions, index [N] of each caption among them)."""
     uniq = list(dict.fromkeys(captions))
     where = {c: i for i, c in enumerate(uniq)}
@@ -118,7 +119,7 @@ def _encode_captions(pipe: Any, captions: list[str], device: torch.device) -> tu
     return emb, np.array([where[c] for c in captions])
 
 
-def train_lora_finetune(pipe: Any, images: Any, captions: Sequence[str], config: LoRAFinetuneConfig,
+def train_lora_finetune(pipe: Pipeline, images: Any, captions: Sequence[str], config: LoRAFinetuneConfig,
                         out_dir: PathLike, progress: bool = True, callback: Callable[[int, float], None] | None = None,
                         load_result: bool = True) -> TrainResult:
     """Fine-tune UNet LoRA adapters on (image, caption) pairs; resumes the run already in out_dir, if any.
@@ -179,7 +180,7 @@ def train_lora_finetune(pipe: Any, images: Any, captions: Sequence[str], config:
                        snapshot_paths=[p for _, p in list_lora_snapshots(out)], final_path=final)
 
 
-def _make_step(pipe: Any, config: LoRAFinetuneConfig, pixels: np.ndarray, captions: list[str], device: torch.device,
+def _make_step(pipe: Pipeline, config: LoRAFinetuneConfig, pixels: np.ndarray, captions: list[str], device: torch.device,
                opt: torch.optim.Optimizer, scaler: Any, params: list[torch.Tensor],
                unet_dtype: torch.dtype) -> Callable[[int], float]:
     """The training step s (inside the adapters' context): images, latent sample, noise, timesteps from step_rng."""
@@ -204,7 +205,7 @@ def _make_step(pipe: Any, config: LoRAFinetuneConfig, pixels: np.ndarray, captio
 __all__ = ["LoRAFinetuneConfig", "train_lora_finetune", "list_lora_snapshots", "LORA_FILE"]
 
 
-def load_lora(pipe: Any, path: PathLike, adapter_name: str = "default_0") -> None:
+def load_lora(pipe: Pipeline, path: PathLike, adapter_name: str = "default_0") -> None:
     """Load a diffusers-format LoRA (a pytorch_lora_weights.safetensors file or its folder) into `pipe`.
 
     A UNet-only LoRA (this module's fine-tunes, FineXL's variants) goes straight into the UNet: diffusers'

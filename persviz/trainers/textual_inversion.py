@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from persviz.families.base import Pipeline
 from persviz.families import text_stack
 from persviz.embedding_files import EmbeddingFile, EmbeddingFileError, check_fits, read_embedding_file
 from persviz.embeddings import class_word_id, load_learned_token, save_learned_embeds
@@ -267,7 +268,7 @@ def run_token(f: EmbeddingFile) -> str:
     return f.token
 
 
-def load_textual_inversion_run(pipe: Any, path: PathLike, token: str | None = None) -> list[str]:
+def load_textual_inversion_run(pipe: Pipeline, path: PathLike, token: str | None = None) -> list[str]:
     """Load a run's final embedding (``final_embedding``; any format, by content) into pipe with
     ``pipe.load_textual_inversion``, under `token` (default: the stored one); returns the tokens added (token,
     token_1, ...), for ``pipe.unload_textual_inversion``. An embedding of another width is refused first."""
@@ -300,7 +301,7 @@ def _prompt_tables(tok: Any, config: TextualInversionConfig, first_id: int, init
 
 
 def train_textual_inversion(
-    pipe: Any,
+    pipe: Pipeline,
     images: Any,
     config: TextualInversionConfig,
     out_dir: PathLike,
