@@ -5,10 +5,11 @@ and a fingerprint of the images and the pipeline, compared on resume), snapshots
 ``resume_state.pt``; the randomness of step s drawn from ``step_rng(seed, s)`` only, so that a resumed run equals an
 uninterrupted one bit for bit; the pipeline's weights, flags and modes restored on exit.
 
-Shared beyond them: ``run_steps``, the one resumable training loop (also of the LoRA fine-tune, Pigeon's two stages
-and the ShapesWorld stages), ``TrainResult``, the one result of a training call, and ``PlaceholderRows``, the one way
-persviz makes a placeholder token mean a vector (a hook during training and tracking; rows written in place for
-``persviz.tea.pipeline.tea`` and ``persviz.tea.study.learned_embedding``).
+The config validators live in ``persviz.trainers.config_checks``, the prior-preservation images in
+``persviz.trainers.class_images``. Shared beyond them: ``run_steps``, the one resumable training loop (also of the
+LoRA fine-tune, Pigeon's two stages and the ShapesWorld stages), and ``TrainResult``, the one result of a training
+call. ``PlaceholderRows``, the one way persviz makes a placeholder token mean a vector, lives with the text encoders
+in ``persviz.text_stack``.
 """
 from __future__ import annotations
 
@@ -28,12 +29,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from persviz.families.base import Pipeline
-from persviz.embeddings import single_token_id
-from persviz import generation
-from persviz.images import read_image, to_rgb
-from persviz.text_stack import PlaceholderRows
+from persviz.images import to_rgb
 from persviz.errors import DamagedFileError, TrainingInterrupted
-from persviz.io import PathLike, atomic_save, atomic_write, load_state, make_dir, write_json
+from persviz.io import PathLike, atomic_save, load_state, make_dir, write_json
 
 CONFIG_FILE = "config.json"
 RESUME_FILE = "resume_state.pt"
@@ -184,102 +182,6 @@ class TrainResult:
         return self.loss_history
 
 
-# ----------------------------------------------------------------------------- config checks
-
-
-def as_int(cfg: Any, name: str, minimum: int) -> None:
-    """Checks that cfg.<name> is an int >= minimum and stores it as a Python int (frozen dataclasses too)."""
-    v = getattr(cfg, name)
-    if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
-        raise ValueError(f"{name} must be an int; got {v!r}")
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {v}")
-    object.__setattr__(cfg, name, int(v))
-
-
-def as_float(cfg: Any, name: str, low: float, high: float = float("inf"), open_low: bool = False) -> None:
-    """Checks that cfg.<name> is a finite number in [low, high] ((low, high] if open_low) and stores a float."""
-    v = getattr(cfg, name)
-    ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and np.isfinite(v)
-    if ok:
-        ok = (v > low if open_low else v >= low) and v <= high
-    if not ok:
-        rng = f"{'(' if open_low else '['}{low}, {high}]"
-        raise ValueError(f"{name} must be a number in {rng}; got {v!r}")
-    object.__setattr__(cfg, name, float(v))
-
-
-def as_bool(cfg: Any, name: str) -> None:
-    if not isinstance(getattr(cfg, name), bool):
-        raise ValueError(f"{name} must be True or False; got {getattr(cfg, name)!r}")
-
-
-def as_word(cfg: Any, name: str, example: str) -> None:
-    """Checks that cfg.<name> is a non-empty string without whitespace."""
-    v = getattr(cfg, name)
-    if not isinstance(v, str) or not v or any(c.isspace() for c in v):
-        raise ValueError(f"{name} must be a non-empty string without spaces, e.g. {example!r}; got {v!r}")
-
-
-def as_prompt(cfg: Any, name: str) -> None:
-    v = getattr(cfg, name)
-    if not isinstance(v, str) or not v.strip():
-        raise ValueError(f"{name} must be a non-empty string; got {v!r}")
-
-
-def as_class_word(cfg: Any) -> None:
-    if not isinstance(cfg.class_word, str) or not cfg.class_word.strip():
-        raise ValueError(f"class_word must be the concept's class such as 'square' or 'dog'; got {cfg.class_word!r}")
-
-
-def default_prompts(cfg: Any, instance_prompt: str) -> None:
-    """Fills in instance_prompt (with the given default) and class_prompt ("a photo of a {class_word}") where None,
-    and checks both are non-empty strings."""
-    if cfg.instance_prompt is None:
-        object.__setattr__(cfg, "instance_prompt", instance_prompt)
-    if cfg.class_prompt is None:
-        object.__setattr__(cfg, "class_prompt", f"a photo of a {cfg.class_word}")
-    as_prompt(cfg, "instance_prompt")
-    as_prompt(cfg, "class_prompt")
-
-
-# the ints of the DreamBooth-LoRA and Custom Diffusion configs, with their minimums
-COMMON_INTS: tuple[tuple[str, int], ...] = (
-    ("steps", 1), ("batch_size", 1), ("save_every", 1), ("seed", 0), ("num_class_images", 1), ("class_seed", 0),
-    ("class_steps", 1), ("class_batch_size", 1))
-
-
-def check_common_fields(cfg: Any, ints: Sequence[tuple[str, int]] = (), bools: Sequence[str] = ()) -> None:
-    """Checks (and normalises) the fields the DreamBooth-LoRA and Custom Diffusion configs share: COMMON_INTS,
-    prior_preservation, lr, weight_decay, flip_p, prior_loss_weight, class_guidance, max_grad_norm, resolution.
-
-    Args:
-        ints: (name, minimum) of the config's own ints, checked before the shared ones.
-        bools: the config's own flags, checked before prior_preservation.
-    """
-    for name, low in (*ints, *COMMON_INTS):
-        as_int(cfg, name, low)
-    for name in (*bools, "prior_preservation"):
-        as_bool(cfg, name)
-    as_float(cfg, "lr", 0.0, open_low=True)
-    as_float(cfg, "weight_decay", 0.0)
-    as_float(cfg, "flip_p", 0.0, 1.0)
-    as_float(cfg, "prior_loss_weight", 0.0)
-    as_float(cfg, "class_guidance", 0.0)
-    if cfg.max_grad_norm is not None:
-        as_float(cfg, "max_grad_norm", 0.0, open_low=True)
-    check_resolution(cfg)
-
-
-def check_new_token(tokenizer: Any, token: str, what: str, unload_hint: str) -> None:
-    """A ValueError if `token` is already one token of the tokenizer (a word of the vocabulary or an added token)."""
-    existing = single_token_id(tokenizer, token)
-    if existing is not None:
-        how = (unload_hint if existing >= tokenizer.vocab_size
-               else "pick a string that is not a word, such as '<my-concept>'")
-        raise ValueError(f"{what} {token!r} is already a token of the pipeline's tokenizer (id {existing}); {how}")
-
-
 # ----------------------------------------------------------------------------- inputs
 
 
@@ -355,14 +257,6 @@ def training_images(pipe: Pipeline, images: Any, config: Any) -> tuple[torch.dev
     device = pipe_device(pipe)
     res = resolution(pipe, config.resolution, type(config).__name__)
     return device, res, prepare_images(images, res)
-
-
-def check_resolution(cfg: Any) -> None:
-    r = cfg.resolution
-    if r is not None and (not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 1):
-        raise ValueError(f"resolution must be a positive int or None; got {r!r}")
-    if r is not None:
-        object.__setattr__(cfg, "resolution", int(r))
 
 
 def ddpm(pipe: Pipeline):
@@ -550,66 +444,3 @@ def run_steps(*, start: int, steps: int, save_every: int, step: Callable[[int], 
         raise TrainingInterrupted(f"{desc} stopped after {done} of {steps} steps (Ctrl-C); {kept}", done, saved) from None
     finally:
         bar.close()
-
-
-# ----------------------------------------------------------------------------- class images (prior preservation)
-
-
-def class_images(pipe: Pipeline, config: Any, folder: Path, res: int, progress: bool) -> np.ndarray:
-    """uint8 [num, res, res, 3]: the prior-preservation images, generated once by the (base) pipeline and cached.
-
-    The settings come from the config: num = num_class_images images of class_prompt, generated with class_steps
-    inference steps and guidance class_guidance, class_batch_size at a time. Image i is generated with seed
-    class_seed + i (persviz.generation.generate), so it does not depend on the batching nor on an interruption;
-    each is written as folder/{i:05d}.png when done, and a later call generates only the missing ones. When all are
-    there, folder/manifest.json records the settings and a sha256 of the images, checked on reuse.
-    """
-    prompt, num, seed = config.class_prompt, config.num_class_images, config.class_seed
-    steps, guidance, batch_size = config.class_steps, config.class_guidance, config.class_batch_size
-    folder.mkdir(parents=True, exist_ok=True)
-    settings = {"prompt": prompt, "num_images": num, "seed": seed, "steps": steps, "guidance": guidance,
-                "resolution": res}
-    paths = [folder / f"{i:05d}.png" for i in range(num)]
-    manifest = folder / CLASS_MANIFEST
-    if manifest.is_file():
-        saved = json.loads(manifest.read_text())
-        if saved.get("settings") != settings:
-            raise ValueError(f"{folder} holds class images made with {saved.get('settings')}, not {settings}; "
-                             f"delete the folder to generate them again")
-    missing = [i for i, p in enumerate(paths) if not p.is_file()]
-    if missing:
-        if manifest.is_file():
-            raise ValueError(f"{folder} lost class images {missing[:5]}; delete the folder to generate them again")
-        old_bar = getattr(pipe, "_progress_bar_config", None)
-        pipe.set_progress_bar_config(disable=True)
-        bar = tqdm(total=num, initial=num - len(missing), desc=f"class images '{prompt}'", disable=not progress)
-        try:
-            runs: list[list[int]] = []
-            for i in missing:  # runs of consecutive indices, at most batch_size long
-                if runs and runs[-1][-1] == i - 1 and len(runs[-1]) < batch_size:
-                    runs[-1].append(i)
-                else:
-                    runs.append([i])
-            for run in runs:
-                imgs = generation.generate(pipe, [prompt] * len(run), seed=seed + run[0], guidance=guidance,
-                                           steps=steps, batch_size=len(run), height=res, width=res)
-                for i, im in zip(run, imgs):
-                    atomic_write(paths[i], lambda tmp, im=im: Image.fromarray(im).save(tmp, format="PNG"))
-                bar.update(len(run))
-        finally:
-            bar.close()
-            if old_bar is None:
-                pipe.__dict__.pop("_progress_bar_config", None)
-            else:
-                pipe._progress_bar_config = old_bar
-    arrays = np.stack([read_image(p) for p in paths])
-    if arrays.shape[1:] != (res, res, 3):
-        raise ValueError(f"the class images in {folder} are {arrays.shape[1:3]}, not {res}x{res}; delete the folder")
-    digest = sha256(arrays)
-    if manifest.is_file():
-        if json.loads(manifest.read_text()).get("sha256") != digest:
-            raise ValueError(f"the class images in {folder} were changed since they were generated; delete the "
-                             f"folder to generate them again")
-    else:
-        write_json(manifest, {"settings": settings, "sha256": digest})
-    return arrays

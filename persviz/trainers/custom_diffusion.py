@@ -74,22 +74,16 @@ from persviz.embedding_files import check_fits, read_embedding_file
 from persviz.embeddings import class_word_id, load_learned_token, save_learned_embeds
 from persviz.io import PathLike, atomic_folder, atomic_write
 from persviz.seeding import step_rng
+from persviz.text_stack import PlaceholderRows
 from persviz.trainers.core import (
     CHECKPOINT,
     CLASS_DIR,
     RESUME_FILE,
     Noising,
-    PlaceholderRows,
     TrainResult,
     adamw,
-    as_class_word,
-    as_word,
     check_call,
-    check_common_fields,
-    check_new_token,
     checkpoints,
-    class_images,
-    default_prompts,
     draw_images,
     encode_stats,
     frozen,
@@ -105,6 +99,14 @@ from persviz.trainers.core import (
     tensors_sha256,
     token_ids,
     training_images,
+)
+from persviz.trainers.class_images import class_images
+from persviz.trainers.config_checks import (
+    as_class_word,
+    as_word,
+    check_common_fields,
+    check_new_token,
+    default_prompts,
 )
 from persviz.weight_files import read_weights
 

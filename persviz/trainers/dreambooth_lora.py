@@ -60,13 +60,8 @@ from persviz.trainers.core import (
     Noising,
     TrainResult,
     adamw,
-    as_class_word,
-    as_word,
     check_call,
-    check_common_fields,
     checkpoints,
-    class_images,
-    default_prompts,
     draw_images,
     frozen,
     latent_stats,
@@ -80,6 +75,13 @@ from persviz.trainers.core import (
     tensors_sha256,
     token_ids,
     training_images,
+)
+from persviz.trainers.class_images import class_images
+from persviz.trainers.config_checks import (
+    as_class_word,
+    as_word,
+    check_common_fields,
+    default_prompts,
 )
 from persviz.weight_files import WEIGHT_SUFFIXES, lora_layout, read_weights, weight_keys
 

@@ -40,10 +40,7 @@ from persviz.trainers.core import (
     Noising,
     TrainResult,
     adamw,
-    as_float,
-    as_int,
     check_pipe,
-    check_resolution,
     frozen,
     latent_stats,
     optimizer_step,
@@ -55,6 +52,11 @@ from persviz.trainers.core import (
     start_run,
     token_ids,
     training_images,
+)
+from persviz.trainers.config_checks import (
+    as_float,
+    as_int,
+    check_resolution,
 )
 from persviz.trainers.dreambooth_lora import LORA_FILE, has_lora, lora_adapters, pipeline_sha256, save_lora, list_lora_snapshots
 

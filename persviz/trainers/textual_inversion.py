@@ -52,18 +52,15 @@ from persviz.embedding_files import EmbeddingFile, EmbeddingFileError, check_fit
 from persviz.embeddings import class_word_id, load_learned_token, save_learned_embeds
 from persviz.io import PathLike
 from persviz.seeding import step_rng
+from persviz.text_stack import PlaceholderRows
+from persviz.trainers.config_checks import as_int, as_word, check_new_token, check_resolution
 from persviz.trainers.core import (  # CONFIG_FILE and RESUME_FILE are read from here too (persviz.tea.tracker, tests)
     CONFIG_FILE,
     RESUME_FILE,
     Noising,
-    PlaceholderRows,
     TrainResult,
     adamw,
-    as_int,
-    as_word,
     check_call,
-    check_new_token,
-    check_resolution,
     draw_images,
     frozen,
     latent_stats,
