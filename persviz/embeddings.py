@@ -210,9 +210,16 @@ def load_learned_token(pipe: Pipeline, embeds: Any, token: str | None = None) ->
 # ----------------------------------------------------------------------------- vocabulary rows
 
 
-def prompt_parts(obj: Any) -> tuple[Any, Any]:
+def prompt_parts(obj: Any, required: bool = False) -> tuple[Any, Any]:
     """(tokenizer or None, text encoder or None) of a pipeline (its text stack's first encoder), a (tokenizer,
-    text_encoder) pair or either alone."""
+    text_encoder) pair or either alone; required: both must be there (a ValueError saying what to pass otherwise)."""
+    tokenizer, encoder = _prompt_parts(obj)
+    if required and (tokenizer is None or encoder is None):
+        raise ValueError("pass a pipeline with a tokenizer and a text_encoder, or a (tokenizer, text_encoder) pair")
+    return tokenizer, encoder
+
+
+def _prompt_parts(obj: Any) -> tuple[Any, Any]:
     if isinstance(obj, (tuple, list)) and len(obj) == 2:
         return obj[0], obj[1]
     if hasattr(obj, "text_encoder") and hasattr(obj, "tokenizer") and hasattr(obj, "unet"):

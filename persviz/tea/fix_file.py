@@ -19,9 +19,8 @@ from typing import Any
 import torch
 
 from persviz.embedding_files import EmbeddingFileError, check_fits, read_embedding_file, write_like, write_portable
-from persviz.embeddings import class_word_id, norm_ratio_and_cosine, single_token_id
+from persviz.embeddings import class_word_id, norm_ratio_and_cosine, prompt_parts, single_token_id
 from persviz.tea.adjust import slerp_adjust
-from persviz.tea.inspect_file import model_parts
 from persviz.tea.pipeline import check_knobs
 
 
@@ -97,7 +96,7 @@ def fix_embedding(path: str | os.PathLike, pipe_or_parts: Any, class_word: str, 
     if f.broken_rows:
         raise EmbeddingFileError(f"{f.path.name} is broken: {', '.join(f.broken_rows[:8])} hold NaN or Inf values (a "
                                  "diverged training step), which TEA cannot repair; retrain or take an earlier snapshot")
-    tokenizer, encoder = model_parts(pipe_or_parts)
+    tokenizer, encoder = prompt_parts(pipe_or_parts, required=True)
     check_fits(f, encoder)
     cid = class_word_id(tokenizer, class_word)
     if single_token_id(tokenizer, f.token) == cid:

@@ -47,14 +47,6 @@ def load_text_model(model: Union[str, Path, None] = None, device: str | None = N
     return tokenizer, encoder.to(device or "cpu").eval()
 
 
-def model_parts(pipe_or_parts: Any) -> tuple[Any, Any]:
-    """(tokenizer, text_encoder) of a pipeline or pair, both required (persviz.embeddings.prompt_parts, checked)."""
-    tokenizer, encoder = prompt_parts(pipe_or_parts)
-    if tokenizer is None or encoder is None:
-        raise ValueError("pass a pipeline with a tokenizer and a text_encoder, or a (tokenizer, text_encoder) pair")
-    return tokenizer, encoder
-
-
 def vocabulary(tokenizer: Any, encoder: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, rows float32 [V, D]) of the tokenizer's own vocabulary (no added tokens such as loaded placeholders)."""
     W = encoder.get_input_embeddings().weight.detach()
@@ -188,7 +180,7 @@ class InspectReport:
 def inspect_file(f: EmbeddingFile, pipe_or_parts: Any, class_word: str | None = None, k: int = 5,
                  model_name: str = "") -> InspectReport:
     """inspect_embedding for an already read EmbeddingFile."""
-    tokenizer, encoder = model_parts(pipe_or_parts)
+    tokenizer, encoder = prompt_parts(pipe_or_parts, required=True)
     check_fits(f, encoder)
     ids, V = vocabulary(tokenizer, encoder)
     norms = V.norm(dim=-1)
