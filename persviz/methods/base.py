@@ -74,4 +74,20 @@ class Method:
         """Before anything is written: the token and class word against the tokenizer (a ValueError saying why)."""
 
 
-__all__ = ["Method"]
+@contextlib.contextmanager
+def lora_loaded(pipe: Any, load: Any) -> Iterator[None]:
+    """load() puts LoRA adapters into the pipeline; they are unloaded on exit (also after an exception)."""
+    load()
+    try:
+        yield
+    finally:
+        pipe.unload_lora_weights()
+
+
+def lora_snapshots(run: Path) -> list[tuple[int, Path]]:
+    """(step, checkpoint-k/pytorch_lora_weights.safetensors) of a LoRA run, by step."""
+    from persviz.trainers.dreambooth_lora import list_lora_snapshots  # heavy: the trainers
+    return list_lora_snapshots(run)
+
+
+__all__ = ["Method", "lora_loaded", "lora_snapshots"]

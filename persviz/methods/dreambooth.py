@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from persviz.families.base import Pipeline
-from persviz.methods.base import Method
+from persviz.methods.base import Method, lora_loaded, lora_snapshots
 from persviz.methods.tokens import DREAMBOOTH_IDENTIFIER, SHAPESWORLD_SAMPLING, check_identifier
 
 
@@ -32,18 +31,12 @@ class DreamBoothLoRA(Method):
         from persviz.trainers.dreambooth_lora import train_dreambooth_lora  # heavy: the trainers
         return train_dreambooth_lora(pipe, images, config, out, progress=progress, load_result=load_result)
 
-    @contextlib.contextmanager
-    def loaded(self, pipe: Pipeline, run: Path) -> Iterator[None]:
+    def loaded(self, pipe: Pipeline, run: Path) -> contextlib.AbstractContextManager[None]:
         from persviz.trainers.dreambooth_lora import load_dreambooth_lora  # heavy: the trainers
-        load_dreambooth_lora(pipe, Path(run))
-        try:
-            yield
-        finally:
-            pipe.unload_lora_weights()
+        return lora_loaded(pipe, lambda: load_dreambooth_lora(pipe, Path(run)))
 
     def snapshots(self, run: Path) -> list[tuple[int, Path]]:
-        from persviz.trainers.dreambooth_lora import list_lora_snapshots  # heavy: the trainers
-        return list_lora_snapshots(run)
+        return lora_snapshots(run)
 
     def check_tokens(self, tokenizer: Any, token: str, class_word: str) -> None:
         check_identifier(token)

@@ -6,13 +6,12 @@ by TEA. Added as one module (this one) and one line of the registry, the proof t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from persviz.families.base import Pipeline
-from persviz.methods.base import Method
+from persviz.methods.base import Method, lora_loaded, lora_snapshots
 
 
 @dataclass(frozen=True)
@@ -32,18 +31,12 @@ class LoRAFinetune(Method):
         pixels, captions = images
         return train_lora_finetune(pipe, pixels, captions, config, out, progress=progress, load_result=load_result)
 
-    @contextlib.contextmanager
-    def loaded(self, pipe: Pipeline, run: Path) -> Iterator[None]:
+    def loaded(self, pipe: Pipeline, run: Path) -> contextlib.AbstractContextManager[None]:
         from persviz.trainers.lora_finetune import load_lora  # heavy: the trainers
-        load_lora(pipe, Path(run))
-        try:
-            yield
-        finally:
-            pipe.unload_lora_weights()
+        return lora_loaded(pipe, lambda: load_lora(pipe, Path(run)))
 
     def snapshots(self, run: Path) -> list[tuple[int, Path]]:
-        from persviz.trainers.dreambooth_lora import list_lora_snapshots  # heavy: the trainers
-        return list_lora_snapshots(run)
+        return lora_snapshots(run)
 
 
 METHOD = LoRAFinetune("lora_finetune", "lora-finetune", learns_token=False,
