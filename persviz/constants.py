@@ -1,15 +1,12 @@
 """The names and numbers the command line shows before it runs anything, owned here so that building its parser
-(``persviz --help``) imports no torch: this module imports only ``persviz.paths`` and the method registry
-(``persviz.methods``), both light.
+(``persviz --help``) imports no torch: this module imports only ``persviz.paths`` (standard library).
 
-The library modules that use them import them from here (``persviz.trainers.METHODS``,
-``persviz.shapesworld.train.STAGES``, ``persviz.pigeon.users.REGIMES`` ... stay where they were, as the same
-objects). ``CONCEPT_NAMES`` is the one copy: the keys of ``persviz.shapesworld.concepts.CONCEPTS``, in order
+The library modules that use them import them from here (``persviz.shapesworld.train.STAGES``,
+``persviz.pigeon.users.REGIMES`` ... stay where they were, as the same objects). ``CONCEPT_NAMES`` is the one copy: the keys of ``persviz.shapesworld.concepts.CONCEPTS``, in order
 (tests/floor/test_constants.py checks that they agree).
 """
 from __future__ import annotations
 
-from persviz.methods import METHODS  # the method registry is light too: persviz.methods imports no torch
 from persviz.paths import DATA_DIR, SHAPESWORLD_DIR
 
 # ----------------------------------------------------------------------------- scale (persviz.loading, the notebooks)
@@ -17,8 +14,8 @@ SHAPESWORLD = "shapesworld"  # the embedded default model name
 SCALE_ENV = "PERSVIZ_SCALE"
 SCALES = (SHAPESWORLD, "full")
 
-# ----------------------------------------------------------------------------- methods (persviz.methods)
-#: One name per personalization method, in code, JSON keys and folders: the registry's (imported above).
+# ----------------------------------------------------------------------------- methods
+#: The methods' names are the registry's (persviz.methods, light too: it imports no torch); not repeated here.
 
 # ----------------------------------------------------------------------------- generation (persviz.generation)
 GUIDANCE = 4.0  # classifier-free guidance of ShapesWorld's micro-SD

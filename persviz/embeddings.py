@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from persviz.families.base import Pipeline
 from persviz.errors import PersvizError
-from persviz.methods.tokens import single_token_id
+from persviz.tokens import single_token_id
 from persviz.io import PathLike, atomic_path
 from persviz.families import text_stack
 

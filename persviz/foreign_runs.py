@@ -59,7 +59,7 @@ from persviz.trainers.core import CONFIG_FILE
 from persviz.trainers.custom_diffusion import (KEY_MARK, custom_diffusion_embeddings, custom_diffusion_weights,
                                                read_custom_diffusion_weights)
 from persviz.trainers.dreambooth_lora import find_lora_file
-from persviz.methods.tokens import DREAMBOOTH_IDENTIFIER
+from persviz.tokens import DREAMBOOTH_IDENTIFIER
 from persviz.trainers.textual_inversion import final_embedding, list_snapshots, run_token
 from persviz.weight_files import lora_layout, read_weights
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from persviz.commands.common import add_grid_options, doc, floats, grid_models, relaunch, threads
-from persviz.constants import METHODS
+from persviz.methods import METHODS
 
 
 def add_parser(sub: Any) -> None:

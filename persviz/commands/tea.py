@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from persviz.commands.common import add_grid_options, doc, grid_models, relaunch, threads
-from persviz.constants import ATTENTION_STEP_EVERY, ATTENTION_STUDY_JSON, CONCEPT_NAMES, METHODS
+from persviz.constants import ATTENTION_STEP_EVERY, ATTENTION_STUDY_JSON, CONCEPT_NAMES
+from persviz.methods import METHODS
 
 
 def add_parser(sub: Any) -> None:

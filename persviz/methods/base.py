@@ -27,7 +27,8 @@ class Method:
     (the three of the TEA paper); False for a method used elsewhere (FineXL's LoRA fine-tune). needs_class_word:
     prompts name the class word beside the token ('sks dog', '<new1> dog'); Textual Inversion's token stands alone.
     weights: what its run files hold, for reading other tools' runs: 'token_rows' (learned embeddings), 'lora'
-    (LoRA adapters), 'attention_kv' (Custom Diffusion's K/V weights with the modifier token's row)."""
+    (LoRA adapters), 'attention_kv' (Custom Diffusion's K/V weights with the modifier token's row). tea_rotation,
+    tea_scale: the knobs of the TEA paper's runs for the method (its public code's rho and alpha)."""
 
     name: str
     cli_name: str
@@ -38,6 +39,8 @@ class Method:
     concept_method: bool = True
     needs_class_word: bool = True
     weights: str = "token_rows"
+    tea_rotation: float = 0.2
+    tea_scale: float = 0.5
 
     def slot_word(self, token: str, class_word: str) -> str:
         """What fills a probe's slot: the learned token alone, or with the class word ('sks dog', '<new1> dog')."""

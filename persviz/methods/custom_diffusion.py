@@ -9,7 +9,7 @@ from typing import Any
 
 from persviz.families.base import Pipeline
 from persviz.methods.base import Method
-from persviz.methods.tokens import SHAPESWORLD_SAMPLING, check_new_token_and_class_word
+from persviz.tokens import SHAPESWORLD_SAMPLING, check_new_token_and_class_word
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 from persviz.families.base import Pipeline
 from persviz.methods.base import Method, lora_loaded, lora_snapshots
-from persviz.methods.tokens import DREAMBOOTH_IDENTIFIER, SHAPESWORLD_SAMPLING, check_identifier
+from persviz.tokens import DREAMBOOTH_IDENTIFIER, SHAPESWORLD_SAMPLING, check_identifier
 
 
 @dataclass(frozen=True)
@@ -42,5 +42,6 @@ class DreamBoothLoRA(Method):
         check_identifier(token)
 
 
-METHOD = DreamBoothLoRA("dreambooth", "dreambooth", learns_token=False, tea_level="prompt", weights="lora")
+METHOD = DreamBoothLoRA("dreambooth", "dreambooth", learns_token=False, tea_level="prompt", weights="lora",
+                        tea_rotation=0.1, tea_scale=0.5)
 IDENTIFIER = DREAMBOOTH_IDENTIFIER

@@ -12,14 +12,13 @@ from typing import Mapping
 
 import torch
 
-#: Knobs used in the paper's runs, per personalization method (public code: rho = rotation, alpha = scale).
+from persviz.methods import METHODS, REGISTRY
+
+#: Knobs used in the paper's runs, per personalization method (public code: rho = rotation, alpha = scale); each
+#: method's module holds its own (persviz.methods: tea_rotation, tea_scale).
 DEFAULTS: Mapping[str, Mapping[str, float]] = MappingProxyType(
-    {
-        "textual_inversion": MappingProxyType({"rotation": 0.2, "scale": 0.5}),
-        "dreambooth": MappingProxyType({"rotation": 0.1, "scale": 0.5}),
-        "custom_diffusion": MappingProxyType({"rotation": 0.2, "scale": 0.5}),
-    }
-)
+    {name: MappingProxyType({"rotation": REGISTRY[name].tea_rotation, "scale": REGISTRY[name].tea_scale})
+     for name in METHODS})
 
 _PARALLEL_EPS = 1e-6
 

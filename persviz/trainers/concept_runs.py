@@ -19,7 +19,7 @@ from persviz.io import PathLike, check_write, confined
 from persviz.families import assemble_pipeline, family_of
 from persviz.loading import SHAPESWORLD, is_embedded
 from persviz.methods import get_method
-from persviz.methods.tokens import DREAMBOOTH_IDENTIFIER
+from persviz.tokens import DREAMBOOTH_IDENTIFIER
 from persviz.families import text_stack
 
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from persviz.methods import get_method
-from persviz.methods.tokens import DREAMBOOTH_IDENTIFIER, SHAPESWORLD_SAMPLING
+from persviz.tokens import DREAMBOOTH_IDENTIFIER, SHAPESWORLD_SAMPLING
 
 SHAPESWORLD_TEMPLATES = ("a {}", "a photo of a {}", "an image of a {}", "a picture of a {}")
 # Which command-line names each config calls its settings by.

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from persviz import constants
+from persviz import constants, methods
 from persviz.shapesworld.concepts import CONCEPTS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +22,7 @@ def test_the_moved_constants_are_the_library_s_own():
     from persviz.pigeon import users
     from persviz.shapesworld import train
     from persviz.tea import attention_study
-    assert trainers.METHODS is constants.METHODS and train.STAGES is constants.STAGES
+    assert trainers.METHODS is methods.METHODS and train.STAGES is constants.STAGES
     assert users.REGIMES is constants.REGIMES and attention_study.STUDY_JSON is constants.ATTENTION_STUDY_JSON
     assert generation.GUIDANCE == 4.0 and loading.SHAPESWORLD == "shapesworld" == constants.SCALES[0]
 

@@ -1,4 +1,4 @@
-"""Token checks and shared settings of the methods (light: no torch at import)."""
+"""Token checks and the settings the methods share (light: no torch at import; the floor and the methods use them)."""
 from __future__ import annotations
 
 from typing import Any
