@@ -65,7 +65,8 @@ from persviz.finexl.generators import (
 from persviz.constants import FINEXL_CACHE_DIR as CACHE_DIR
 from persviz.constants import N_BOOT_BENCH
 from persviz.io import PathLike, atomic_path, atomic_write_bytes, atomic_write_text, to_jsonable, write_json
-from persviz.loading import load_evaluator, load_pipeline
+from persviz.families import assemble_pipeline
+from persviz.loading import load_evaluator
 from persviz.metrics import spearman
 from persviz.paths import DATA_DIR
 from persviz.shapesworld.render import Style
@@ -144,7 +145,7 @@ def train_variants(names: Optional[Sequence[str]] = None, steps: int = 450, batc
     unknown = [n for n in names if n not in variants]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}: choose from {list(variants)}.")
-    pipe = load_pipeline(device=device, dtype=torch.float32)  # adapters and base in float32 also on a GPU
+    pipe = assemble_pipeline(device=device, dtype=torch.float32)  # adapters and base in float32 also on a GPU
     finetune = get_method("lora_finetune", concept_only=False)  # the registry's LoRA fine-tune (persviz.methods)
     config = finetune.recipe("", "", shapesworld=True, steps=int(steps), batch_size=int(batch_size), lr=float(lr),
                              save_every=max(1, int(steps) // 2))
@@ -172,7 +173,7 @@ def train_variants(names: Optional[Sequence[str]] = None, steps: int = 450, batc
 
 def lora_pipeline(name: Optional[str], pipe: Pipeline = None, lora_dir: Path = LORA_DIR) -> Any:
     """The micro-SD with the shipped LoRA of a variant loaded (None: the base); reuses ``pipe`` when given."""
-    pipe = load_pipeline() if pipe is None else pipe
+    pipe = assemble_pipeline() if pipe is None else pipe
     pipe.unload_lora_weights()  # a no-op without LoRA
     if name is not None:
         f = Path(lora_dir) / name / "pytorch_lora_weights.safetensors"
@@ -466,7 +467,7 @@ def lora_variants_measured(bench: Bench, names: Optional[Sequence[str]] = None, 
         if names is None else list(names)
     if not names:
         return []
-    pipe = load_pipeline(dtype=torch.float32)
+    pipe = assemble_pipeline(dtype=torch.float32)
     base = lora_samples(None, bench.prompts, bench.seeds, pipe)
     present_b = aspect_present(oracle.read(base))
     out = []

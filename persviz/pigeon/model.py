@@ -51,7 +51,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from persviz.io import PathLike, atomic_write, write_json
-from persviz.loading import load_pipeline
+from persviz.families import assemble_pipeline
 from persviz.paths import SHAPESWORLD_DIR
 from persviz.pigeon.losses import history_score, select_ratio
 from persviz.pigeon.mask import HISTORY_MASK_RATIO, MaskGenerator, mask_history_and_reference
@@ -718,7 +718,7 @@ class PigeonPipeline:
 
         clip_dir = SHAPESWORLD_DIR / "clip"
         dev = torch.device(device or "cpu")
-        sd = sd if sd is not None else load_pipeline(device=str(dev), dtype=torch.float32)
+        sd = sd if sd is not None else assemble_pipeline(device=str(dev), dtype=torch.float32)
         clip = CLIPModel.from_pretrained(clip_dir).to(dev).eval().requires_grad_(False)
         tok = CLIPTokenizer.from_pretrained(clip_dir)
         proc = CLIPImageProcessor.from_pretrained(clip_dir)

@@ -14,7 +14,8 @@ import torch
 
 from persviz.generation import GUIDANCE, STEPS, generate
 from persviz.io import atomic_write_text, write_json
-from persviz.loading import load_evaluator, load_pipeline
+from persviz.families import assemble_pipeline
+from persviz.loading import load_evaluator
 from persviz.paths import SHAPESWORLD_DIR
 from persviz.shapesworld.captions import caption_from, full_attributes
 from persviz.shapesworld.data import decode_scene, make_dataset
@@ -160,7 +161,7 @@ def evaluate_all(prompts: int = 300, guidance: float = GUIDANCE, out=SHAPESWORLD
     oracle = load_evaluator(kind="oracle")
     metrics = {"oracle_accuracy": oracle_accuracy(oracle),
                "clip_zero_shot": clip_zero_shot(load_evaluator(kind="clip"))}
-    metrics["sd_faithfulness"] = sd_faithfulness(load_pipeline(), oracle, n=prompts, guidance=guidance)
+    metrics["sd_faithfulness"] = sd_faithfulness(assemble_pipeline(), oracle, n=prompts, guidance=guidance)
     metrics["sd_settings"] = {"steps": STEPS, "guidance": guidance, "scheduler": "DPMSolverMultistepScheduler",
                               "prompts": prompts}
     last = SHAPESWORLD_DIR.parent / "cache" / "last_run.json"
