@@ -118,6 +118,11 @@ class EmbeddingFile:
         return [self.token] + [f"{self.token}_{i}" for i in range(1, self.n_vectors)]
 
     @property
+    def per_encoder(self) -> bool:
+        """Whether the file holds one part per text encoder (SDXL's clip_l and clip_g), not rows of one encoder."""
+        return bool(self.parts)
+
+    @property
     def tool(self) -> str:
         """The tool that writes this format (TOOLS)."""
         return TOOLS[self.format]
@@ -130,7 +135,7 @@ class EmbeddingFile:
 
     def describe(self) -> str:
         """One line: format, container, token, shape, dtype, step."""
-        if self.format == "sdxl":
+        if self.per_encoder:
             shape = ", ".join(f"{k} {list(v.shape)}" for k, v in self.parts.items())
         else:
             shape = f"{self.n_vectors} x {self.width}"
@@ -388,7 +393,7 @@ def check_fits(f: EmbeddingFile, text_encoder_or_width: Any) -> None:
     if not isinstance(width, int):
         enc = getattr(width, "text_encoder", width)
         width = int(enc.get_input_embeddings().weight.shape[-1])
-    if f.format == "sdxl":
+    if f.per_encoder:
         shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in f.parts.items())
         raise EmbeddingFileError(
             f"{f.path.name} is an SDXL embedding ({shapes}) and the model has one {width}-wide text encoder; "
@@ -433,7 +438,7 @@ def write_like(f: EmbeddingFile, rows: torch.Tensor, out: PathLike) -> Path:
     """Write `rows` [n, D] as a new file in f's format, container, dtype and metadata (atomically); returns the path.
 
     The output reads back with the same tools as f (diffusers' load_textual_inversion, A1111, kohya)."""
-    if f.format == "sdxl":
+    if f.per_encoder:
         raise EmbeddingFileError("SDXL embeddings are read for description only; they cannot be rewritten here")
     if f.format == "a1111-image":
         raise EmbeddingFileError(f"{f.path.name} is an A1111 image embedding; write its rows with write_portable, a "
