@@ -45,3 +45,30 @@ def test_a_missing_sdxl_names_its_download_line(empty_hub_cache):
     msg = str(info.value)
     assert SDXL_BASE in msg and download_command(SDXL_BASE) in msg and "HF_HUB_OFFLINE=1" in msg
     assert "--include 'tokenizer_2/*'" in msg and "text_encoder_2/model.safetensors" in msg
+
+
+def test_persviz_inspect_diagnoses_an_sdxl_file_per_encoder_against_the_cached_sdxl(offline_sd15_cache, tmp_path,
+                                                                                     capsys):
+    import json
+
+    import safetensors.torch
+    from persviz.cli import main
+    g = torch.Generator().manual_seed(0)
+    parts = {"clip_l": torch.randn(1, 32, generator=g), "clip_g": torch.randn(1, 48, generator=g)}
+    safetensors.torch.save_file(parts, str(tmp_path / "mytoken.safetensors"))
+    reports = main(["inspect", str(tmp_path / "mytoken.safetensors"), "--model", SDXL_BASE, "--class-word", "dog"])
+    out = capsys.readouterr().out
+    assert [r.encoder for r in reports] == ["clip_l", "clip_g"] and [r.width for r in reports] == [32, 48]
+    assert "text encoder clip_l 32 wide" in out and "text encoder clip_g 48 wide" in out
+    pipe = load_pipeline(SDXL_BASE, device="cpu")  # the reference: the pipeline diffusers loads, its own matrices
+    for r, (enc, tok) in zip(reports, ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))):
+        c = enc.get_input_embeddings().weight[tok.convert_tokens_to_ids("dog</w>")]
+        v = parts[r.encoder][0]
+        assert r.rows[0].norm == pytest.approx(float(v.norm()), rel=1e-5)
+        assert r.rows[0].ratio == pytest.approx(float(v.norm() / c.norm()), rel=1e-5)
+        assert r.rows[0].cosine == pytest.approx(float(torch.nn.functional.cosine_similarity(v, c, dim=0)), abs=1e-5)
+    main(["inspect", str(tmp_path / "mytoken.safetensors"), "--model", SDXL_BASE, "--json"])
+    assert [e["encoder"] for e in json.loads(capsys.readouterr().out)["encoders"]] == ["clip_l", "clip_g"]
+    safetensors.torch.save_file({"<cat>": torch.ones(1, 32)}, str(tmp_path / "sd1.safetensors"))
+    with pytest.raises(SystemExit, match="Stable Diffusion 1.x-style embedding.*SDXL-style model"):
+        main(["inspect", str(tmp_path / "sd1.safetensors"), "--model", SDXL_BASE])
