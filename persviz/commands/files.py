@@ -37,12 +37,16 @@ def add_parser(sub: Any) -> None:
 
 
 def text_model(a: argparse.Namespace) -> tuple[Any, Any]:
-    """(tokenizer, text_encoder) of --model; a model that cannot be loaded ends the command with the reason."""
-    from persviz.tea import inspect_file
-    try:
-        return inspect_file.load_text_model(a.model)
-    except OSError as err:
-        raise SystemExit(f"persviz {a.command}: {err}") from None
+    """(tokenizer, text_encoder) of --model, a model of one text encoder; a model that cannot be loaded, or one of
+    several encoders (SDXL), ends the command with the reason."""
+    stack = text_stack_of(a)
+    if len(stack) > 1:
+        names = ", ".join(e.name for e in stack)
+        raise SystemExit(f"persviz {a.command}: {a.model} has {len(stack)} text encoders ({names}), an SDXL-style "
+                         f"model, and persviz {a.command} rewrites Stable Diffusion 1.x embeddings only so far; pass "
+                         "the SD 1.x model the file was trained on (--model stable-diffusion-v1-5/stable-diffusion-v1-5)"
+                         ", or diagnose the SDXL file per encoder with persviz inspect")
+    return stack.primary.tokenizer, stack.primary.encoder
 
 
 def text_stack_of(a: argparse.Namespace) -> Any:

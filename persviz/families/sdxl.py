@@ -6,8 +6,10 @@ So far persviz loads, checks and prepares SDXL pipelines and inspects SDXL embed
 train on SDXL yet (``trains=False``: the trainers refuse it with a sentence).
 
 The architecture values below are those of the Hub repository ``stabilityai/stable-diffusion-xl-base-1.0`` (its
-``model_index.json`` and component ``config.json`` files, read from public copies: no machine here reaches the Hub);
-``write_test_cache`` writes them at reduced width with random weights.
+``model_index.json`` and component ``config.json`` files; no machine here reaches the Hub: ``model_index.json`` and
+``unet/config.json`` were checked value by value against public copies of them, the scheduler, ``text_encoder_2`` and
+VAE values are the published ones but not checked byte for byte as data/sd15/ is); ``write_test_cache`` writes them
+at reduced width with random weights.
 """
 from __future__ import annotations
 

@@ -22,10 +22,11 @@ import torch
 from persviz.embedding_files import (SD15, SDXL_PAIR, EmbeddingFile, EmbeddingFileError, check_fits,
                                      read_embedding_file, read_embedding_folder, summary)
 from persviz.embeddings import class_word_id, norm_ratio_and_cosine, prompt_parts
-from persviz.families import family_of
+from persviz.families import UnsupportedModelError, family_of
 from persviz.loading import default_model, unavailable_error
 from persviz.paths import shapesworld_dir
 from persviz.tea.adjust import DEFAULTS
+from persviz.text_stack import TextEncoder, TextStack
 
 PERCENTILES = (5, 50, 95)
 TAIL = 95  # a row norm beyond this percentile of the vocabulary is the norm drift of semantic collapse
@@ -81,7 +82,13 @@ def load_text_stack(model: Union[str, Path, None] = None, device: str | None = N
             setattr(parts, sub, loaded)
     except (OSError, ValueError) as err:  # a missing file or model; json's decode error is a ValueError
         raise unavailable_error(name, err) from None
-    return family_of(parts, name).text_stack(parts)
+    try:
+        return family_of(parts, name).text_stack(parts)
+    except UnsupportedModelError:
+        if not hasattr(parts, "text_encoder") or hasattr(parts, "text_encoder_2"):
+            raise
+        # one CLIP encoder of no family (SD 2.x): its vocabulary is still one to diagnose a file against, as before
+        return TextStack((TextEncoder("text_encoder", parts.tokenizer, parts.text_encoder),))
 
 
 def model_parts(pipe_or_parts: Any) -> tuple[Any, Any]:

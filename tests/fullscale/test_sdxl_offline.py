@@ -72,3 +72,14 @@ def test_persviz_inspect_diagnoses_an_sdxl_file_per_encoder_against_the_cached_s
     safetensors.torch.save_file({"<cat>": torch.ones(1, 32)}, str(tmp_path / "sd1.safetensors"))
     with pytest.raises(SystemExit, match="Stable Diffusion 1.x-style embedding.*SDXL-style model"):
         main(["inspect", str(tmp_path / "sd1.safetensors"), "--model", SDXL_BASE])
+
+
+def test_persviz_fix_against_sdxl_is_refused_naming_both_families(offline_sd15_cache, tmp_path):
+    import safetensors.torch
+    from persviz.cli import main
+    safetensors.torch.save_file({"<cat>": torch.ones(1, 32)}, str(tmp_path / "sd1.safetensors"))
+    with pytest.raises(SystemExit, match="2 text encoders \\(clip_l, clip_g\\), an SDXL-style model, and persviz fix "
+                       "rewrites Stable Diffusion 1.x embeddings only so far"):
+        main(["fix", str(tmp_path / "sd1.safetensors"), "--class-word", "dog", "--out", str(tmp_path / "o.safetensors"),
+              "--model", SDXL_BASE])
+    assert not (tmp_path / "o.safetensors").exists()
