@@ -7,6 +7,10 @@ For every row of the learned token: its norm against the percentiles of the voca
 cos(V*, c) with the class word, and its nearest vocabulary words by cosine (TEA Sec. 3.2.3, docs/tea.md §4). Any
 format persviz.embedding_files reads works; the model is a pipeline, a (tokenizer, text_encoder) pair, or loaded
 with ``load_text_model`` (the ShapesWorld model by default, a Hub id or a local folder).
+
+A model of several text encoders (SDXL: clip_l, clip_g) is diagnosed per encoder: ``load_text_stack(model)`` loads
+its encoders as its family lays them out, ``inspect_stack(file, stack)`` gives one report per encoder (the file's part
+for that encoder against that encoder's vocabulary and class-word row); ``persviz inspect`` uses them.
 """
 from __future__ import annotations
 
