@@ -26,7 +26,12 @@ format                 content
 ``textual-inversion``  the original Textual Inversion (rinongal/textual_inversion): {"string_to_token",
                        "string_to_param": nn.ParameterDict {"*": [n, D]}}, read with torch.load
                        weights_only=True and an allow-list of exactly ``torch.nn.ParameterDict``.
-``sdxl``               {"clip_l": [n, 768], "clip_g": [n, 1280]}: described, refused against SD 1.x models.
+``sdxl``               {"clip_l": [n, 768], "clip_g": [n, 1280]} (kohya, A1111/Forge, ComfyUI, diffusers' pivotal
+                       tuning ``<name>_emb.safetensors``): inspected per encoder against an SDXL model, refused
+                       against SD 1.x models.
+``diffusers-sdxl``     a folder holding diffusers' ``textual_inversion_sdxl.py`` pair, ``learned_embeds.safetensors``
+                       ({token: [n, 768]}, clip_l) and ``learned_embeds_2.safetensors`` ({token: [n, 1280]},
+                       clip_g): read as one embedding with the two parts.
 =====================  ===================================================================================
 
 Steps: ``metadata["step"]`` is the number a user of the file's tool sees, one convention for ``inspect``, ``adopt``
@@ -60,7 +65,8 @@ from persviz.image_embeddings import ImageEmbeddingError, read_image_embedding, 
 from persviz.io import PathLike, atomic_write_bytes
 
 
-FORMATS = ("diffusers", "custom-diffusion", "a1111", "a1111-image", "kohya", "textual-inversion", "sdxl")
+FORMATS = ("diffusers", "custom-diffusion", "a1111", "a1111-image", "kohya", "textual-inversion", "sdxl",
+           "diffusers-sdxl")
 #: the tool that writes each format, as inspect names it
 TOOLS = {
     "diffusers": "diffusers (examples/textual_inversion/textual_inversion.py)",
@@ -69,8 +75,12 @@ TOOLS = {
     "a1111-image": "Automatic1111 stable-diffusion-webui (image embedding)",
     "kohya": "kohya-ss sd-scripts (train_textual_inversion.py)",
     "textual-inversion": "the original Textual Inversion (rinongal/textual_inversion)",
-    "sdxl": "an SDXL embedding (kohya's sdxl_train_textual_inversion.py, A1111)",
+    "sdxl": ("an SDXL embedding (kohya's sdxl_train_textual_inversion.py, A1111/Forge, ComfyUI, diffusers' pivotal "
+             "tuning train_dreambooth_lora_sdxl_advanced.py)"),
+    "diffusers-sdxl": "diffusers (examples/textual_inversion/textual_inversion_sdxl.py: learned_embeds + learned_embeds_2)",
 }
+#: the two files of diffusers' textual_inversion_sdxl.py in its output folder: clip_l's rows, clip_g's rows
+SDXL_PAIR = {"clip_l": "learned_embeds.safetensors", "clip_g": "learned_embeds_2.safetensors"}
 CONTAINERS = ("safetensors", "torch-zip", "torch-pickle", "png", "webp", "avif", "jxl")
 IMAGE_CONTAINERS = ("png", "webp", "avif", "jxl")
 #: the classes the original Textual Inversion's .pt needs beyond torch.load's weights-only defaults
@@ -79,6 +89,7 @@ FOLDER_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")
 #: text-encoder widths of the common model families, for error messages
 FAMILIES = {768: "SD 1.x (CLIP ViT-L/14)", 1024: "SD 2.x (OpenCLIP ViT-H/14)", 1280: "SDXL's second encoder (OpenCLIP ViT-bigG)"}
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SNAPSHOT = re.compile(r"learned_embeds(?:_2)?-steps-(\d+)")
 A1111_STEP = re.compile(r"(.+)-(\d+)")  # A1111's <name>-<steps_done>
 KOHYA_STEP = re.compile(r"(.+)-step(\d{8})")  # kohya's train_util.STEP_FILE_NAME "{}-step{:08d}"
@@ -118,6 +129,11 @@ class EmbeddingFile:
         return [self.token] + [f"{self.token}_{i}" for i in range(1, self.n_vectors)]
 
     @property
+    def per_encoder(self) -> bool:
+        """Whether the file holds one part per text encoder (SDXL's clip_l and clip_g), not rows of one encoder."""
+        return bool(self.parts)
+
+    @property
     def tool(self) -> str:
         """The tool that writes this format (TOOLS)."""
         return TOOLS[self.format]
@@ -130,7 +146,7 @@ class EmbeddingFile:
 
     def describe(self) -> str:
         """One line: format, container, token, shape, dtype, step."""
-        if self.format == "sdxl":
+        if self.per_encoder:
             shape = ", ".join(f"{k} {list(v.shape)}" for k, v in self.parts.items())
         else:
             shape = f"{self.n_vectors} x {self.width}"
@@ -323,6 +339,8 @@ def read_embedding_file(path: PathLike, token: str | None = None) -> EmbeddingFi
     Raises EmbeddingFileError (a ValueError) with the problem and the fix.
     """
     p = Path(path).expanduser()
+    if p.is_dir() and all((p / n).is_file() for n in SDXL_PAIR.values()):
+        return _read_pair(p, token)
     obj, container, st_meta = _load(p)
     if p.is_dir():
         p = next(p / n for n in FOLDER_FILES if (p / n).is_file())
@@ -362,6 +380,18 @@ def read_embedding_file(path: PathLike, token: str | None = None) -> EmbeddingFi
     return EmbeddingFile(p, fmt, container, tok, rows, rows.dtype, meta, parts, obj)
 
 
+def _read_pair(folder: Path, token: str | None) -> EmbeddingFile:
+    """diffusers' textual_inversion_sdxl.py pair of a folder as one EmbeddingFile with parts clip_l and clip_g."""
+    l, g = (read_embedding_file(folder / n, token) for n in SDXL_PAIR.values())
+    if l.token != g.token or l.n_vectors != g.n_vectors:
+        raise EmbeddingFileError(
+            f"{folder}: {SDXL_PAIR['clip_l']} holds {l.token!r} ({l.n_vectors} rows) and {SDXL_PAIR['clip_g']} holds "
+            f"{g.token!r} ({g.n_vectors} rows); the two files of one SDXL embedding name one token with as many rows "
+            "in each, so pass the folder of one training run")
+    return EmbeddingFile(l.path, "diffusers-sdxl", l.container, l.token, l.rows, l.dtype, dict(l.metadata),
+                         {"clip_l": l.rows, "clip_g": g.rows}, {"clip_l": l, "clip_g": g})
+
+
 def read_embedding_folder(folder: PathLike) -> list[tuple[Path, EmbeddingFile | EmbeddingFileError]]:
     """Every embedding file of a folder (embedding_candidates) read, or the sentence saying why it cannot be."""
     d = Path(folder).expanduser()
@@ -388,11 +418,12 @@ def check_fits(f: EmbeddingFile, text_encoder_or_width: Any) -> None:
     if not isinstance(width, int):
         enc = getattr(width, "text_encoder", width)
         width = int(enc.get_input_embeddings().weight.shape[-1])
-    if f.format == "sdxl":
+    if f.per_encoder:
         shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in f.parts.items())
         raise EmbeddingFileError(
-            f"{f.path.name} is an SDXL embedding ({shapes}) and the model has one {width}-wide text encoder; "
-            f"persviz supports SD 1.x-style pipelines (one CLIP text encoder), so use an embedding trained on SD 1.x")
+            f"{f.path.name} is an SDXL embedding ({shapes}) and the model has one {width}-wide text encoder (an SD "
+            f"1.x-style pipeline); inspect it against an SDXL model (--model {SDXL_BASE}), or use an embedding "
+            f"trained on SD 1.x (persviz trains and fixes SD 1.x embeddings only so far)")
     if f.width != width:
         known = FAMILIES.get(f.width)
         hint = f" (width {f.width} is {known})" if known else ""
@@ -433,7 +464,7 @@ def write_like(f: EmbeddingFile, rows: torch.Tensor, out: PathLike) -> Path:
     """Write `rows` [n, D] as a new file in f's format, container, dtype and metadata (atomically); returns the path.
 
     The output reads back with the same tools as f (diffusers' load_textual_inversion, A1111, kohya)."""
-    if f.format == "sdxl":
+    if f.per_encoder:
         raise EmbeddingFileError("SDXL embeddings are read for description only; they cannot be rewritten here")
     if f.format == "a1111-image":
         raise EmbeddingFileError(f"{f.path.name} is an A1111 image embedding; write its rows with write_portable, a "
@@ -476,6 +507,6 @@ def summary(f: EmbeddingFile) -> dict[str, Any]:
             "parts": {k: list(v.shape) for k, v in f.parts.items()}}
 
 
-__all__ = ["CONTAINERS", "FORMATS", "TOOLS", "EmbeddingFile", "EmbeddingFileError", "check_fits",
+__all__ = ["CONTAINERS", "FORMATS", "SDXL_PAIR", "TOOLS", "EmbeddingFile", "EmbeddingFileError", "check_fits",
            "embedding_candidates", "read_embedding_file", "read_embedding_folder", "sniff_container", "summary",
            "tool_step", "write_like", "write_portable"]

@@ -51,7 +51,7 @@ from persviz.concept_folder import (CONCEPT_FILE, Concept, ConceptFolderError, a
                                     prepare_concept, read_concept, write_concept)
 from persviz.embedding_files import EmbeddingFileError, check_fits, embedding_candidates, read_embedding_file
 from persviz.io import PathLike, confined
-from persviz.families import assemble_pipeline, family_of
+from persviz.families import assemble_pipeline, training_family
 from persviz.methods import get_method
 from persviz.families import text_stack
 from persviz.trainers.concept_runs import model_id
@@ -144,8 +144,8 @@ def _textual_inversion(path: Path, token: str | None) -> ForeignRun:
         raise _no_snapshots(path)
     files = [snaps[0][1], snaps[-1][1], final_embedding(path)]
     read = [read_embedding_file(f) for f in files]  # EmbeddingFileError (a ValueError) names the file and the fix
-    if any(f.format == "sdxl" for f in read):
-        check_fits(next(f for f in read if f.format == "sdxl"), 768)  # raises: SDXL
+    if any(f.per_encoder for f in read):
+        check_fits(next(f for f in read if f.per_encoder), 768)  # raises: SDXL
     names = {run_token(f) for f in read}
     if len(names) > 1:
         raise ConceptFolderError(f"{path} holds embeddings of several tokens ({', '.join(sorted(names))}); pass the "
@@ -326,7 +326,7 @@ def adopt_run(method: str, run: PathLike, out: PathLike, images: PathLike, class
                                  "the run into another --out folder")
     if pipe is None:
         pipe = assemble_pipeline(mid)
-    family_of(pipe, mid)
+    training_family(pipe, mid)
     try:
         check_run_fits(found, pipe, class_word)
     except EmbeddingFileError as err:

@@ -23,6 +23,7 @@ SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 CLIP_L14 = "openai/clip-vit-large-patch14"
 DINO = "facebook/dinov2-base"  # mean-pooled, as the TEA code
 DINO_DREAMBENCH = "facebook/dino-vits16"  # DINO ViT-S/16, CLS token, as DreamBench
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"  # the SDXL family (persviz.families.sdxl)
 HF_CLI = "hf"  # huggingface_hub's command line (`huggingface-cli` is gone)
 
 
@@ -72,6 +73,18 @@ HUB_MODELS: dict[str, HubModel] = {
         files=("config.json", "model.safetensors", "preprocessor_config.json"),
         size="about 0.09 GB",
         purpose="DINO ViT-S/16, DreamBench's DINO-I (CLS token); optional, `load_evaluator(DINO_DREAMBENCH, kind='dino')`"),
+    SDXL_BASE: HubModel(
+        SDXL_BASE, "pipeline",
+        patterns=("model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*",
+                  "tokenizer_2/*", "text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
+                  "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"),
+        files=("model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+               "text_encoder/model.safetensors", "text_encoder_2/config.json", "text_encoder_2/model.safetensors",
+               *SD15_TOKENIZER, *(f.replace("tokenizer/", "tokenizer_2/") for f in SD15_TOKENIZER),
+               "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+               "vae/diffusion_pytorch_model.safetensors"),
+        size="about 14 GB (fp32 UNet about 10.3 GB, text encoders about 0.5 and 2.8 GB, VAE about 0.3 GB)",
+        purpose="Stable Diffusion XL base 1.0, the SDXL family (loaded, prepared and inspected per encoder; optional)"),
 }
 
 

@@ -73,17 +73,20 @@ def _resolve(model: Union[str, Path], sub: str) -> Union[str, Path]:
 
 def load_pipeline(model: Union[str, Path, object, None] = None, device: Optional[str] = None,
                   dtype: Optional[torch.dtype] = None):
-    """A StableDiffusionPipeline: 'shapesworld' (default, whatever PERSVIZ_SCALE says: the notebooks' setup and the
-    command line choose by scale), a Hub id such as SD 1.5, a local folder, or a loaded pipeline."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline  # heavy: diffusers
+    """The pipeline of a model as its model_index.json names it (SD 1.x's StableDiffusionPipeline without the safety
+    checker, SDXL's StableDiffusionXLPipeline; persviz.families checks and prepares it): 'shapesworld' (default,
+    whatever PERSVIZ_SCALE says: the notebooks' setup and the command line choose by scale), a Hub id such as SD 1.5
+    or SDXL base, a local folder, or a loaded pipeline."""
+    from diffusers import DiffusionPipeline  # heavy: diffusers
     dev, dt = pick_device(device, dtype)
     if isinstance(model, DiffusionPipeline):
         return model.to(dev) if device else model
     name = model if model is not None else SHAPESWORLD  # never PERSVIZ_SCALE: callers name the model they want
     where = _resolve(name, "sd")  # DataNotFoundError (not wrapped below) when the ShapesWorld data is missing
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(where, dtype=dt, safety_checker=None,
-                                                       requires_safety_checker=False)
+        index = DiffusionPipeline.load_config(where)  # model_index.json: from the folder or the cache
+        no_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+        pipe = DiffusionPipeline.from_pretrained(where, dtype=dt, **no_checker)
     except (OSError, ValueError) as err:
         raise unavailable_error(str(name), err) from None
     pipe.set_progress_bar_config(disable=True)

@@ -290,7 +290,7 @@ def _file_ids(path: Path) -> tuple[str, Optional[str]]:
     return git.hexdigest(), sha256.hexdigest() if lfs else None
 
 
-def _file_into_cache(cache_dir: Path, hub_id: str, staged: Path) -> Path:
+def file_into_cache(cache_dir: Path, hub_id: str, staged: Path) -> Path:
     """Move a staged repository folder into the cache as huggingface_hub lays it out; returns the snapshot path.
 
     models--org--name/blobs/<sha256 or git sha1>, snapshots/<commit>/<file> -> relative link to its blob,
@@ -354,5 +354,5 @@ def write_offline_hub_cache(cache_dir: Union[str, Path], small: bool = True, see
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + i)
                 write(staged, small)
-            out[hub_id] = _file_into_cache(cache_dir, hub_id, staged)
+            out[hub_id] = file_into_cache(cache_dir, hub_id, staged)
     return out

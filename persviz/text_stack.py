@@ -3,7 +3,7 @@ makes a placeholder mean a vector in an encoder (``PlaceholderRows``).
 
     stack = text_stack(pipe)                     # persviz.families.text_stack: SD 1.x has one encoder, 'clip_l'
     stack.primary.tokenizer, stack.primary.encoder, stack.primary.width
-    [e.name for e in stack]                      # ['clip_l']; SDXL will have ['clip_l', 'clip_g']
+    [e.name for e in stack]                      # ['clip_l']; SDXL has ['clip_l', 'clip_g']
 
 Code that reaches a diffusion pipeline's tokenizer or text encoder goes through ``persviz.families.text_stack(pipe)``
 (the family lays out its encoders), so a family

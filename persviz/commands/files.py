@@ -37,10 +37,23 @@ def add_parser(sub: Any) -> None:
 
 
 def text_model(a: argparse.Namespace) -> tuple[Any, Any]:
-    """(tokenizer, text_encoder) of --model; a model that cannot be loaded ends the command with the reason."""
+    """(tokenizer, text_encoder) of --model, a model of one text encoder; a model that cannot be loaded, or one of
+    several encoders (SDXL), ends the command with the reason."""
+    stack = text_stack_of(a)
+    if len(stack) > 1:
+        names = ", ".join(e.name for e in stack)
+        raise SystemExit(f"persviz {a.command}: {a.model} has {len(stack)} text encoders ({names}), an SDXL-style "
+                         f"model, and persviz {a.command} rewrites Stable Diffusion 1.x embeddings only so far; pass "
+                         "the SD 1.x model the file was trained on (--model stable-diffusion-v1-5/stable-diffusion-v1-5)"
+                         ", or diagnose the SDXL file per encoder with persviz inspect")
+    return stack.primary.tokenizer, stack.primary.encoder
+
+
+def text_stack_of(a: argparse.Namespace) -> Any:
+    """The text stack of --model (every encoder: SDXL has two); a model that cannot be loaded ends the command."""
     from persviz.tea import inspect_file
     try:
-        return inspect_file.load_text_model(a.model)
+        return inspect_file.load_text_stack(a.model)
     except OSError as err:
         raise SystemExit(f"persviz {a.command}: {err}") from None
 
@@ -54,18 +67,22 @@ def inspect(a: argparse.Namespace) -> Any:
     if Path(a.file).expanduser().is_dir() and not any((Path(a.file).expanduser() / n).is_file()
                                                       for n in embedding_files.FOLDER_FILES):
         embedding_files.read_embedding_folder(a.file)  # a folder without embeddings: its sentence, no model load
-        found = inspect_file.inspect_folder(a.file, text_model(a), a.class_word, a.nearest,
+        found = inspect_file.inspect_folder(a.file, text_stack_of(a), a.class_word, a.nearest,
                                             model_name=str(a.model or default_model("pipeline")))
         print(json.dumps(to_jsonable({str(p): r.to_dict() if isinstance(r, inspect_file.InspectReport) else
+                                      [x.to_dict() for x in r] if isinstance(r, list) else
                                       {"error": str(r)} for p, r in found}), indent=1) if a.json
               else inspect_file.folder_text(a.file, found))
         return found
     f = embedding_files.read_embedding_file(a.file)
-    tokenizer, encoder = text_model(a)
-    report = inspect_file.inspect_file(f, (tokenizer, encoder), a.class_word, a.nearest,
-                                       model_name=str(a.model or default_model("pipeline")))
-    print(json.dumps(to_jsonable(report.to_dict()), indent=1) if a.json else report.to_text())
-    return report
+    reports = inspect_file.inspect_stack(f, text_stack_of(a), a.class_word, a.nearest,
+                                         model_name=str(a.model or default_model("pipeline")))
+    if len(reports) == 1:  # one text encoder (SD 1.x): one report
+        print(json.dumps(to_jsonable(reports[0].to_dict()), indent=1) if a.json else reports[0].to_text())
+        return reports[0]
+    print(json.dumps(to_jsonable({"encoders": [r.to_dict() for r in reports]}), indent=1) if a.json
+          else "\n\n".join(r.to_text() for r in reports))
+    return reports
 
 
 def fix(a: argparse.Namespace) -> Any:

@@ -18,7 +18,8 @@ from persviz.families.base import Pipeline
 from persviz.errors import PersvizError
 from persviz.families.base import Family
 
-_MODULES = ("sd1",)  # one line per family
+_MODULES = ("sd1",  # one line per family
+            "sdxl")
 FAMILIES: dict[str, Family] = {f.name: f for f in (import_module(f"persviz.families.{n}").FAMILY for n in _MODULES)}
 
 
@@ -38,6 +39,19 @@ def family_of(pipe: Pipeline, model: str | None = None) -> Family:
     raise UnsupportedModelError(refusals[0])
 
 
+def training_family(pipe: Pipeline, model: str | None = None) -> Family:
+    """family_of(pipe), refused with a sentence when persviz does not train on that family yet."""
+    family = family_of(pipe, model)
+    if not family.trains:
+        takes = " or ".join(f.label for f in FAMILIES.values() if f.trains)
+        example = next(f.hub_ids[0] for f in FAMILIES.values() if f.trains and f.hub_ids)
+        raise UnsupportedModelError(
+            f"{model or type(pipe).__name__} is a {family.label} pipeline and persviz trains on {takes} only so far (runs to adopt and study too); "
+            f"train on {example} (or a model fine-tuned from it), or inspect {family.label} embeddings with "
+            "`persviz inspect FILE --model MODEL`")
+    return family
+
+
 def text_stack(pipe: Pipeline) -> Any:
     """The text encoders of a diffusion pipeline (persviz.text_stack.TextStack), as its family lays them out."""
     return family_of(pipe).text_stack(pipe)
@@ -55,4 +69,5 @@ def assemble_pipeline(model: Any = None, device: str | None = None, dtype: Any =
     return family.prepare(pipe, embedded=is_embedded(model))
 
 
-__all__ = ["FAMILIES", "Family", "UnsupportedModelError", "assemble_pipeline", "family_of", "text_stack"]
+__all__ = ["FAMILIES", "Family", "UnsupportedModelError", "assemble_pipeline", "family_of",
+           "text_stack", "training_family"]

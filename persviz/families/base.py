@@ -27,13 +27,15 @@ class Family:
 
     name: its one name ('sd1'); label: for people ('Stable Diffusion 1.x'); hub_ids: the Hub models persviz knows
     of this family (the first is the default at full scale); generation: the sampling of its paper-scale studies
-    (steps, guidance, batch size), embedded_generation: that of an embedded model of the family (ShapesWorld's)."""
+    (steps, guidance, batch size), embedded_generation: that of an embedded model of the family (ShapesWorld's);
+    trains: whether persviz's trainers take its pipelines."""
 
     name: str
     label: str
     hub_ids: tuple[str, ...] = ()
     generation: dict[str, Any] = field(default_factory=dict)
     embedded_generation: dict[str, Any] = field(default_factory=dict)
+    trains: bool = True  # whether persviz's trainers take its pipelines (False: studied and inspected only, so far)
 
     def refusal(self, pipe: Pipeline, model: str) -> str | None:
         """None when `pipe` belongs to this family; else one sentence saying what it is and what persviz takes."""

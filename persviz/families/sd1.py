@@ -19,15 +19,16 @@ class StableDiffusion1(Family):
     def refusal(self, pipe: Pipeline, model: str) -> str | None:
         kind = type(pipe).__name__
         if getattr(pipe, "text_encoder_2", None) is not None or "XL" in kind:
-            return (f"{model} is an SDXL pipeline ({kind}); persviz trains and studies Stable Diffusion 1.x only: use "
-                    "stable-diffusion-v1-5/stable-diffusion-v1-5 or a model fine-tuned from it")
+            return (f"{model} is an SDXL pipeline ({kind}, two text encoders), not a Stable Diffusion 1.x one (one "
+                    "CLIP text encoder); the SDXL family takes it, or use stable-diffusion-v1-5/stable-diffusion-v1-5")
         encoder = getattr(pipe, "text_encoder", None)
         if encoder is None:
             return f"{model} ({kind}) has no CLIP text encoder; it is not a Stable Diffusion 1.x pipeline"
         width = getattr(getattr(encoder, "config", None), "hidden_size", None)
         if width == SD2_WIDTH:
             return (f"{model} has a text encoder of width {width} (OpenCLIP ViT-H: Stable Diffusion 2.x), not SD "
-                    f"1.x's {SD1_WIDTH}; persviz supports Stable Diffusion 1.x only")
+                    f"1.x's {SD1_WIDTH}; persviz supports Stable Diffusion 1.x and SDXL, not 2.x: use "
+                    "stable-diffusion-v1-5/stable-diffusion-v1-5 or stabilityai/stable-diffusion-xl-base-1.0")
         return None
 
     def text_stack(self, pipe: Pipeline) -> Any:

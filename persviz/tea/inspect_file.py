@@ -7,22 +7,30 @@ For every row of the learned token: its norm against the percentiles of the voca
 cos(V*, c) with the class word, and its nearest vocabulary words by cosine (TEA Sec. 3.2.3, docs/tea.md §4). Any
 format persviz.embedding_files reads works; the model is a pipeline, a (tokenizer, text_encoder) pair, or loaded
 with ``load_text_model`` (the ShapesWorld model by default, a Hub id or a local folder).
+
+A model of several text encoders (SDXL: clip_l, clip_g) is diagnosed per encoder: ``load_text_stack(model)`` loads
+its encoders as its family lays them out, ``inspect_stack(file, stack)`` gives one report per encoder (the file's part
+for that encoder against that encoder's vocabulary and class-word row); ``persviz inspect`` uses them.
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Union
 
 import torch
 
-from persviz.embedding_files import (EmbeddingFile, EmbeddingFileError, check_fits, read_embedding_file,
-                                     read_embedding_folder, summary)
+from persviz.embedding_files import (SD15, SDXL_PAIR, EmbeddingFile, EmbeddingFileError, check_fits,
+                                     read_embedding_file, read_embedding_folder, summary)
 from persviz.embeddings import class_word_id, norm_ratio_and_cosine, prompt_parts
+from persviz.families import UnsupportedModelError, family_of
 from persviz.loading import default_model, unavailable_error
 from persviz.paths import shapesworld_dir
 from persviz.tea.adjust import DEFAULTS
+from persviz.text_stack import TextEncoder, TextStack
 
 PERCENTILES = (5, 50, 95)
 TAIL = 95  # a row norm beyond this percentile of the vocabulary is the norm drift of semantic collapse
@@ -45,6 +53,46 @@ def load_text_model(model: Union[str, Path, None] = None, device: str | None = N
     except (OSError, ValueError) as err:
         raise unavailable_error(name, err) from None
     return tokenizer, encoder.to(device or "cpu").eval()
+
+
+def _model_index(where: Union[str, Path]) -> dict[str, Any]:
+    """model_index.json of a diffusers folder or Hub id (from the local cache when offline)."""
+    local = Path(where).expanduser()
+    if local.is_dir() and not (local / "model_index.json").is_file():  # tokenizer/ and text_encoder/ alone: SD 1.x
+        return {"tokenizer": ["transformers", "CLIPTokenizer"], "text_encoder": ["transformers", "CLIPTextModel"]}
+    if local.is_dir():
+        return json.loads((local / "model_index.json").read_text())
+    from huggingface_hub import hf_hub_download  # heavy: huggingface_hub
+    return json.loads(Path(hf_hub_download(str(where), "model_index.json")).read_text())
+
+
+def load_text_stack(model: Union[str, Path, None] = None, device: str | None = None) -> Any:
+    """A model's text stack (persviz.text_stack.TextStack, as its family lays it out: SD 1.x clip_l; SDXL clip_l +
+    clip_g), float32, without its UNet and VAE; model as load_text_model takes it."""
+    import transformers  # heavy: transformers
+
+    name = str(model if model is not None else default_model("pipeline"))
+    where = shapesworld_dir() / "sd" if name == "shapesworld" else name
+    parts = SimpleNamespace()
+    try:
+        index = _model_index(where)
+        for sub, kind in (("tokenizer", "tokenizer"), ("tokenizer_2", "tokenizer"), ("text_encoder", "encoder"),
+                          ("text_encoder_2", "encoder")):
+            if sub not in index or not index[sub] or index[sub][0] != "transformers":
+                continue
+            cls = getattr(transformers, index[sub][1])
+            loaded = (cls.from_pretrained(where, subfolder=sub) if kind == "tokenizer" else
+                      cls.from_pretrained(where, subfolder=sub, dtype=torch.float32).to(device or "cpu").eval())
+            setattr(parts, sub, loaded)
+    except (OSError, ValueError) as err:  # a missing file or model; json's decode error is a ValueError
+        raise unavailable_error(name, err) from None
+    try:
+        return family_of(parts, name).text_stack(parts)
+    except UnsupportedModelError:
+        if not hasattr(parts, "text_encoder") or hasattr(parts, "text_encoder_2"):
+            raise
+        # one CLIP encoder of no family (SD 2.x): its vocabulary is still one to diagnose a file against, as before
+        return TextStack((TextEncoder("text_encoder", parts.tokenizer, parts.text_encoder),))
 
 
 def vocabulary(tokenizer: Any, encoder: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +139,7 @@ class InspectReport:
     class_norm: float | None
     rows: tuple[RowReport, ...]
     knobs: dict[str, float] = field(default_factory=dict)  # TEA's defaults for the suggestion
+    encoder: str = ""  # the text encoder of a file with one part per encoder (SDXL: 'clip_l', 'clip_g'), else ''
 
     @property
     def broken(self) -> list[str]:
@@ -128,7 +177,8 @@ class InspectReport:
         return [line]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "model": self.model, "width": self.width, "vocab_size": self.vocab_size,
+        encoder = {"encoder": self.encoder} if self.encoder else {}
+        return encoder | {"file": self.file, "model": self.model, "width": self.width, "vocab_size": self.vocab_size,
                 "vocab_norms": self.vocab_norms, "class_word": self.class_word, "class_norm": self.class_norm,
                 "collapsed": self.collapsed, "broken": self.broken,
                 "rows": [{"name": r.name, "norm": r.norm, "percentile": r.percentile, "ratio": r.ratio,
@@ -143,7 +193,8 @@ class InspectReport:
             f"format  {f['format']} ({f['container']})  token {f['token']!r}  {f['rows']} x {f['width']}  "
             f"{f['dtype']}{step}",
             f"tool    {f['tool']}",
-            f"model   {self.model or 'the given text encoder'}: text encoder {self.width} wide, {self.vocab_size} vocabulary rows",
+            f"model   {self.model or 'the given text encoder'}: text encoder {self.encoder + ' ' if self.encoder else ''}"
+            f"{self.width} wide, {self.vocab_size} vocabulary rows",
             "vocab   row norms  " + "  ".join(f"{k} {v:.3f}" for k, v in vn.items()),
         ]
         if self.class_word is not None:
@@ -164,6 +215,11 @@ class InspectReport:
             lines.append(f"diagnosis: the embedding is broken: {', '.join(self.broken[:8])}"
                          f"{' and more' if len(self.broken) > 8 else ''} hold NaN or Inf values (a diverged training "
                          f"step), so the token cannot be used or fixed; retrain it or take an earlier snapshot")
+        elif self.collapsed and self.encoder:
+            tail = [r.name for r in self.rows if r.in_tail]
+            lines.append(f"diagnosis: in {self.encoder}, the norm of {', '.join(tail[:8])}"
+                         f"{' and more' if len(tail) > 8 else ''} lies beyond the vocabulary's p{TAIL} (the norm drift "
+                         "of semantic collapse, docs/tea.md §4); persviz fix does not rewrite SDXL embeddings yet")
         elif self.collapsed:
             tail = [r.name for r in self.rows if r.in_tail]
             model = "" if self.model in ("shapesworld", "") else f" --model {self.model}"
@@ -178,10 +234,22 @@ class InspectReport:
 
 
 def inspect_file(f: EmbeddingFile, pipe_or_parts: Any, class_word: str | None = None, k: int = 5,
-                 model_name: str = "") -> InspectReport:
-    """inspect_embedding for an already read EmbeddingFile."""
+                 model_name: str = "", part: str = "") -> InspectReport:
+    """inspect_embedding for an already read EmbeddingFile; part: the encoder whose part of a per-encoder (SDXL)
+    file to diagnose against (tokenizer, text_encoder), its name as the text stack gives it ('clip_g')."""
     tokenizer, encoder = prompt_parts(pipe_or_parts, required=True)
-    check_fits(f, encoder)
+    file = summary(f)
+    if part:
+        rows = f.parts[part]
+        width = int(encoder.get_input_embeddings().weight.shape[-1])
+        if rows.shape[-1] != width:
+            raise EmbeddingFileError(
+                f"{f.path.name}'s {part} part is {rows.shape[-1]} wide but the model's {part} text encoder is {width} "
+                f"wide: the embedding was trained on another model; pass the model it was trained on")
+        f = replace(f, rows=rows.reshape(-1, rows.shape[-1]), dtype=rows.dtype)
+        file |= {"rows": f.n_vectors, "width": f.width, "dtype": str(f.dtype).replace("torch.", "")}
+    else:
+        check_fits(f, encoder)
     ids, V = vocabulary(tokenizer, encoder)
     norms = V.norm(dim=-1)
     q = torch.quantile(norms.double(), torch.tensor([p / 100 for p in PERCENTILES], dtype=torch.float64))
@@ -207,9 +275,32 @@ def inspect_file(f: EmbeddingFile, pipe_or_parts: Any, class_word: str | None = 
             ratio=None if c is None else float(ratio[i]), cosine=None if c is None else float(cos[i]),
             nearest=() if not finite[i] else
             tuple((_word(tokenizer, ids[j]), float(s)) for s, j in zip(top.values[i], top.indices[i]))))
-    return InspectReport(summary(f), model_name, int(V.shape[-1]), int(V.shape[0]),
+    return InspectReport(file, model_name, int(V.shape[-1]), int(V.shape[0]),
                          vocab_norms, class_word, None if c is None else float(c.norm()), tuple(out),
-                         dict(DEFAULTS["textual_inversion"]))
+                         dict(DEFAULTS["textual_inversion"]), part)
+
+
+def inspect_stack(f: EmbeddingFile, stack: Any, class_word: str | None = None, k: int = 5,
+                  model_name: str = "") -> list[InspectReport]:
+    """The diagnosis of a file against every text encoder of a model's text stack (persviz.text_stack.TextStack):
+    one report for a one-encoder model, one per encoder (its part of the file, its vocabulary, its class-word row)
+    for a model of several (SDXL: clip_l, clip_g); an EmbeddingFileError naming both families when they differ."""
+    encoders = list(stack)
+    if len(encoders) == 1:
+        return [inspect_file(f, (encoders[0].tokenizer, encoders[0].encoder), class_word, k, model_name)]
+    names = ", ".join(f"{e.name} {e.width} wide" for e in encoders)
+    if not f.per_encoder:
+        raise EmbeddingFileError(
+            f"{f.path.name} holds rows of one text encoder ({f.n_vectors} x {f.width}, a Stable Diffusion 1.x-style "
+            f"embedding) but {model_name or 'the model'} is an SDXL-style model with {len(encoders)} text encoders "
+            f"({names}); inspect it against the SD 1.x model it was trained on (e.g. --model {SD15}), or pass an SDXL "
+            f"embedding with a part per encoder (clip_l + clip_g, or diffusers' folder with "
+            f"{' and '.join(SDXL_PAIR.values())})")
+    missing = [e.name for e in encoders if e.name not in f.parts]
+    if missing:
+        raise EmbeddingFileError(f"{f.path.name} has parts {sorted(f.parts)} and the model's text encoders are {names}; "
+                                 f"no part for {', '.join(missing)}, so pass an embedding trained on this model")
+    return [inspect_file(f, (e.tokenizer, e.encoder), class_word, k, model_name, part=e.name) for e in encoders]
 
 
 def inspect_embedding(path: str | Path, pipe_or_parts: Any, class_word: str | None = None, k: int = 5,
@@ -228,27 +319,39 @@ def inspect_embedding(path: str | Path, pipe_or_parts: Any, class_word: str | No
 
 def inspect_folder(folder: str | Path, pipe_or_parts: Any, class_word: str | None = None, k: int = 5,
                    model_name: str = "") -> list[tuple[Path, InspectReport | EmbeddingFileError]]:
-    """inspect_file for every embedding file of a folder (several embeddings, not one run): a report, or the
-    sentence saying why that file cannot be read or does not fit the model."""
-    out: list[tuple[Path, InspectReport | EmbeddingFileError]] = []
+    """inspect_file for every embedding file of a folder (several embeddings, not one run): a report (a list of
+    them, one per encoder, for a text stack of several encoders), or the sentence saying why that file cannot be
+    read or does not fit the model. pipe_or_parts: as inspect_file's, or a text stack (load_text_stack)."""
+    out: list[tuple[Path, Any]] = []
     for path, f in read_embedding_folder(folder):
         if not isinstance(f, EmbeddingFileError):
             try:
-                f = inspect_file(f, pipe_or_parts, class_word, k, model_name)
+                if hasattr(pipe_or_parts, "encoders"):  # a text stack: one report per encoder of several
+                    found = inspect_stack(f, pipe_or_parts, class_word, k, model_name)
+                    f = found[0] if len(found) == 1 else found
+                else:
+                    f = inspect_file(f, pipe_or_parts, class_word, k, model_name)
             except EmbeddingFileError as err:
                 f = err
         out.append((path, f))
     return out
 
 
+def _per_encoder(found: list[tuple[Path, Any]]) -> list[tuple[Path, Any]]:
+    """inspect_folder's result with each list of per-encoder reports spread over one entry per encoder."""
+    return [(p, x) for p, r in found for x in (r if isinstance(r, list) else [r])]
+
+
 def folder_text(folder: str | Path, found: list[tuple[Path, InspectReport | EmbeddingFileError]]) -> str:
     """One line per embedding of inspect_folder's result: format, token, rows, step and the diagnosis."""
     lines = [f"folder  {folder}: {len(found)} embedding file(s)"]
-    for path, r in found:
+    for path, r in _per_encoder(found):
         if isinstance(r, EmbeddingFileError):
             lines.append(f"  {path.name}: not read: {r}")
             continue
         f = r.file
+        if r.encoder:
+            path = Path(f"{path.name} [{r.encoder}]")
         step = f", step {f['metadata']['step']}" if f["metadata"].get("step") is not None else ""
         worst = max((x.norm for x in r.rows if math.isfinite(x.norm)), default=math.nan)
         state = ("BROKEN (NaN/Inf rows)" if r.broken else

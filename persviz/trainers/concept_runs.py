@@ -16,7 +16,7 @@ from persviz.families.base import Pipeline
 from persviz.concept_folder import (Concept, ConceptFolderError, adopt_images, check_method, prepare_concept,
                                     write_concept)
 from persviz.io import PathLike, check_write, confined
-from persviz.families import assemble_pipeline, family_of
+from persviz.families import assemble_pipeline, training_family
 from persviz.loading import SHAPESWORLD, is_embedded
 from persviz.methods import get_method
 from persviz.tokens import DREAMBOOTH_IDENTIFIER
@@ -42,9 +42,10 @@ def model_id(model: str | PathLike | None) -> str:
 
 
 def check_sd1(pipe: Pipeline, model: str) -> None:
-    """An UnsupportedModelError (a ValueError) for a pipeline of no family persviz supports (persviz.families:
-    today SD 1.x, ShapesWorld's micro-SD and SD-1.5-architecture test models of reduced width)."""
-    family_of(pipe, model)
+    """An UnsupportedModelError (a ValueError) for a pipeline of no family persviz trains on (persviz.families:
+    today SD 1.x, ShapesWorld's micro-SD and SD-1.5-architecture test models of reduced width; SDXL is studied and
+    inspected, not trained, so far)."""
+    training_family(pipe, model)
 
 
 def train_concept(method: str, images: PathLike, class_word: str, placeholder: str, out: PathLike,
@@ -70,7 +71,7 @@ def train_concept(method: str, images: PathLike, class_word: str, placeholder: s
                          "same token to extend it, or another --out folder")
     if pipe is None:
         pipe = assemble_pipeline(mid)
-    family_of(pipe, mid)
+    training_family(pipe, mid)
     m.check_tokens(text_stack(pipe).primary.tokenizer, token, class_word)
     config = m.recipe(token, class_word, shapesworld=is_embedded(mid), **settings)
     with confined(concept.folder):

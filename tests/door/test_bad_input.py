@@ -203,7 +203,7 @@ def test_torch_colour_codes_never_reach_the_user_and_debug_shows_the_traceback(t
 
     def boom(*a, **k):
         raise RuntimeError("\x1b[1mWeights only load failed\x1b[0m.\n\t(1) In PyTorch 2.6 ...")
-    monkeypatch.setattr(inspect_file, "load_text_model", boom)
+    monkeypatch.setattr(inspect_file, "load_text_stack", boom)  # the loader persviz inspect uses
     f = CONCEPTS_DIR / "candy" / "textual_inversion" / "learned_embeds.safetensors"
     msg = fails(["inspect", f], capsys)
     assert "Weights only load failed. (1) In PyTorch 2.6" in msg and "--debug" in msg

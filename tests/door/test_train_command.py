@@ -172,17 +172,21 @@ def test_study_refuses_a_folder_without_concept_json(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_sd2_and_sdxl_pipelines_are_refused():
+def test_sd2_pipelines_are_refused_and_sdxl_ones_are_not_trained_yet():
     from types import SimpleNamespace
 
+    from persviz.families import FAMILIES, family_of
     from persviz.trainers.concept_runs import check_sd1
 
     def pipe(width, second=None):
         return SimpleNamespace(text_encoder=SimpleNamespace(config=SimpleNamespace(hidden_size=width)),
-                               text_encoder_2=second)
+                               text_encoder_2=second, tokenizer=object(), tokenizer_2=second)
     check_sd1(pipe(768), "sd15")
     check_sd1(pipe(32), "a reduced-width SD 1.5")
-    with pytest.raises(ValueError, match="Stable Diffusion 2.x"):
+    with pytest.raises(ValueError, match="Stable Diffusion 2.x.*Stable Diffusion 1.x and SDXL, not 2.x"):
         check_sd1(pipe(1024), "stabilityai/stable-diffusion-2-1")
-    with pytest.raises(ValueError, match="SDXL"):
-        check_sd1(pipe(768, second=object()), "stabilityai/stable-diffusion-xl-base-1.0")
+    xl = pipe(768, second=object())
+    assert family_of(xl) is FAMILIES["sdxl"]  # a family now: loaded, prepared, inspected per encoder
+    with pytest.raises(ValueError, match="is a Stable Diffusion XL pipeline and persviz trains on Stable Diffusion "
+                       "1.x only so far"):
+        check_sd1(xl, "stabilityai/stable-diffusion-xl-base-1.0")

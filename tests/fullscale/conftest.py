@@ -1,5 +1,6 @@
 """Fixtures of the full-scale tests: a Hugging Face cache with SD 1.5, CLIP ViT-L/14 and DINOv2-base under their
-real Hub ids, random weights at reduced widths (persviz.sd15.write_offline_hub_cache), written once per session."""
+real Hub ids, random weights at reduced widths (persviz.sd15.write_offline_hub_cache), and every other family's test
+models (Family.write_test_cache: SDXL base), written once per session."""
 import pytest
 
 
@@ -23,9 +24,13 @@ def offline_sd15_cache(tmp_path_factory):
     Package scope: this folder's tests share one cache (one per session, as only they see the fixture), and the
     settings are undone when pytest leaves the folder, so tests elsewhere that expect a missing model (e.g.
     tests/floor/test_loading.py) never see these random weights, whatever order the tests run in."""
+    from persviz.families import FAMILIES
     from persviz.sd15 import write_offline_hub_cache
     folder = tmp_path_factory.mktemp("hf_hub_cache")
     snapshots = write_offline_hub_cache(folder, small=True, seed=0)
+    for family in FAMILIES.values():
+        if not set(family.hub_ids) <= set(snapshots):
+            snapshots |= family.write_test_cache(folder, small=True, seed=0)
     with pytest.MonkeyPatch.context() as mp:
         point_hub_cache(mp, folder)
         yield {"cache_dir": folder, "snapshots": snapshots}

@@ -1,0 +1,161 @@
+"""Stable Diffusion XL as a persviz family: two CLIP text encoders, ``clip_l`` (CLIP ViT-L/14, ``tokenizer`` +
+``text_encoder``, width 768) and ``clip_g`` (OpenCLIP ViT-bigG/14, ``tokenizer_2`` + ``text_encoder_2``, width 1280,
+the pooled one), whose penultimate hidden states are concatenated (2048) for the UNet; 1024 px.
+
+So far persviz loads, checks and prepares SDXL pipelines and inspects SDXL embedding files per encoder; it does not
+train on SDXL yet (``trains=False``: the trainers refuse it with a sentence).
+
+The architecture values below are those of the Hub repository ``stabilityai/stable-diffusion-xl-base-1.0`` (its
+``model_index.json`` and component ``config.json`` files; no machine here reaches the Hub: ``model_index.json`` and
+``unet/config.json`` were checked value by value against public copies of them, the scheduler, ``text_encoder_2`` and
+VAE values are the published ones but not checked byte for byte as data/sd15/ is); ``write_test_cache`` writes them
+at reduced width with random weights.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from persviz.families.base import Family, Pipeline
+
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+WIDTHS = {"clip_l": 768, "clip_g": 1280}  # the text widths of SDXL's two encoders
+SMALL_WIDTHS = {"clip_l": 32, "clip_g": 48}  # write_test_cache(small=True): different, so a mix-up shows
+SMALL_UNET_CHANNELS = (32, 64, 64)  # small: UNet block widths (SDXL: 320-640-1280)
+SMALL_HEADS = (2, 4, 4)  # small: attention heads per block, 16 wide each (SDXL: 5-10-20 heads of 64)
+SMALL_TIME_DIM = 8  # small: addition_time_embed_dim (SDXL: 256)
+SMALL_SIDE = 64  # small: default image side in pixels (8 latents)
+
+MODEL_INDEX = {  # stabilityai/stable-diffusion-xl-base-1.0 model_index.json
+    "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0.dev0",
+    "force_zeros_for_empty_prompt": True, "add_watermarker": None,
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+SCHEDULER = {  # scheduler/scheduler_config.json
+    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
+    "use_karras_sigmas": False}
+UNET = {  # unet/config.json
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280], "center_input_sample": False, "class_embed_type": None,
+    "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3, "cross_attention_dim": 2048,
+    "cross_attention_norm": None, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1, "dual_cross_attention": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_only_cross_attention": None, "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05, "norm_num_groups": 32, "num_attention_heads": None, "num_class_embeds": None,
+    "only_cross_attention": False, "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False, "resnet_time_scale_shift": "default",
+    "sample_size": 128, "time_cond_proj_dim": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
+    "time_embedding_type": "positional", "timestep_post_act": None, "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
+    "use_linear_projection": True}
+VAE_CHANGES = {"sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}  # vae/config.json vs SD 1.5's
+CLIP_G = {  # text_encoder_2/config.json (OpenCLIP ViT-bigG/14's text tower)
+    "architectures": ["CLIPTextModelWithProjection"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
+    "eos_token_id": 2, "hidden_act": "gelu", "hidden_size": 1280, "initializer_factor": 1.0,
+    "initializer_range": 0.02, "intermediate_size": 5120, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
+    "model_type": "clip_text_model", "num_attention_heads": 20, "num_hidden_layers": 32, "pad_token_id": 1,
+    "projection_dim": 1280, "vocab_size": 49408}
+TOKENIZER_2_PAD = "!"  # tokenizer_2 pads with '!' (id 0, as OpenCLIP), tokenizer with <|endoftext|>
+
+
+@dataclass(frozen=True)
+class StableDiffusionXL(Family):
+    """SDXL pipelines (diffusers' StableDiffusionXLPipeline) and reduced-width test models of its architecture."""
+
+    def refusal(self, pipe: Pipeline, model: str) -> str | None:
+        kind = type(pipe).__name__
+        if getattr(pipe, "text_encoder_2", None) is None or getattr(pipe, "tokenizer_2", None) is None:
+            return (f"{model} ({kind}) has no second text encoder and tokenizer, so it is not an SDXL pipeline "
+                    f"(clip_l + clip_g); use {SDXL_BASE} or a model fine-tuned from it")
+        return None
+
+    def text_stack(self, pipe: Pipeline) -> Any:
+        from persviz.text_stack import TextEncoder, TextStack  # heavy: torch
+        return TextStack((TextEncoder("clip_l", pipe.tokenizer, pipe.text_encoder),
+                          TextEncoder("clip_g", pipe.tokenizer_2, pipe.text_encoder_2)))
+
+    def prepare(self, pipe: Pipeline, embedded: bool) -> Any:
+        """The sampler of diffusers' SDXL examples (textual_inversion_sdxl.py's validation: DPM-Solver++ from the
+        pipeline's scheduler config) and VAE slicing: a batch is decoded one image at a time, the same pixels with
+        a bounded peak; no tiling, which blends 512 px tiles and so changes the pixels of a 1024 px image."""
+        from diffusers import DPMSolverMultistepScheduler  # heavy: diffusers
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+        pipe.vae.enable_slicing()
+        return pipe
+
+    def write_test_cache(self, cache_dir: Any, small: bool = True, seed: int = 0) -> dict[str, Any]:
+        """SDXL base's diffusers layout under its real Hub id with random weights; small=True: clip_l 32 wide,
+        clip_g 48 (so a mix-up of the encoders shows), UNet 32-64-64 (cross-attention 80), 64 px images."""
+        import torch  # heavy: torch
+        from persviz.sd15 import file_into_cache  # heavy: torch
+        cache_dir = Path(cache_dir)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".staging-") as tmp:
+            staged = Path(tmp) / "sdxl"
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                write_sdxl_repo(staged, small)
+            return {SDXL_BASE: file_into_cache(cache_dir, SDXL_BASE, staged)}
+
+
+def sdxl_component_configs(small: bool = False) -> dict[str, dict]:
+    """SDXL base's UNet, VAE and two text-encoder configs as dicts; small=True narrows every width (module
+    constants SMALL_*) and keeps the architecture: block types, depths, the 49408-token vocabulary, 77 positions."""
+    from persviz.sd15 import sd15_component_configs  # heavy: diffusers
+    sd15 = sd15_component_configs(small)
+    unet, vae = dict(UNET), dict(sd15["vae"]) | VAE_CHANGES
+    clip_l, clip_g = dict(sd15["text_encoder"]), dict(CLIP_G)
+    clip_l.pop("_name_or_path", None)
+    if small:
+        wl, wg = SMALL_WIDTHS["clip_l"], SMALL_WIDTHS["clip_g"]
+        clip_l.update(hidden_size=wl, intermediate_size=4 * wl, num_attention_heads=4, projection_dim=wl)
+        clip_g.update(hidden_size=wg, intermediate_size=4 * wg, num_attention_heads=4, projection_dim=wg)
+        unet.update(block_out_channels=list(SMALL_UNET_CHANNELS), attention_head_dim=list(SMALL_HEADS),
+                    cross_attention_dim=wl + wg, addition_time_embed_dim=SMALL_TIME_DIM,
+                    projection_class_embeddings_input_dim=6 * SMALL_TIME_DIM + wg, sample_size=SMALL_SIDE // 8)
+        vae.update(sample_size=SMALL_SIDE)
+    return {"unet": unet, "vae": vae, "text_encoder": clip_l, "text_encoder_2": clip_g}
+
+
+def write_sdxl_repo(folder: Path, small: bool) -> None:
+    """SDXL base's diffusers layout with random weights: model_index.json, scheduler, the two tokenizers (CLIP's
+    BPE as persviz builds it for SD 1.5; tokenizer_2 pads with '!'), unet, vae, text_encoder, text_encoder_2."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # heavy: diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # heavy: transformers
+    from persviz.sd15 import sd15_config_dir  # heavy: torch
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2) + "\n")
+    for sub, pad in (("tokenizer", None), ("tokenizer_2", TOKENIZER_2_PAD)):
+        shutil.copytree(sd15_config_dir() / "tokenizer", folder / sub)
+        if pad is not None:
+            for name in ("special_tokens_map.json", "tokenizer_config.json"):
+                data = json.loads((folder / sub / name).read_text())
+                data["pad_token"] = pad
+                (folder / sub / name).write_text(json.dumps(data, indent=2) + "\n")
+    configs = sdxl_component_configs(small)
+    UNet2DConditionModel.from_config(configs["unet"]).save_pretrained(folder / "unet")
+    AutoencoderKL.from_config(configs["vae"]).save_pretrained(folder / "vae")
+    CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])).save_pretrained(folder / "text_encoder")
+    CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"])).save_pretrained(
+        folder / "text_encoder_2")
+
+
+FAMILY = StableDiffusionXL(
+    "sdxl", "Stable Diffusion XL", hub_ids=(SDXL_BASE,),
+    # textual_inversion_sdxl.py's validation: 25 steps at the pipeline's default guidance 5.0 and 1024 px
+    generation={"steps": 25, "guidance": 5.0, "batch_size": 4},
+    trains=False)
