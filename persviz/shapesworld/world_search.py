@@ -1,0 +1,314 @@
+"""The recipe search of issue 23, pre-registered in docs/world.md: for each method, the learning rate and number of
+steps under which the oracle finds the world concepts (persviz.shapesworld.world_concepts) in images of plain
+prompts, chosen on selection seeds and then measured on held-out seeds.
+
+    python -m persviz.shapesworld.world_search --threads 1     # runs the search, or resumes it where it stopped
+    python -m persviz.shapesworld.world_search --status        # what is done, what is left, the results so far
+
+Everything goes into one folder (default data/cache/world_search/, gitignored) and every piece is resumable:
+``runs/<method>/<concept>/lr<lr>/`` holds a trainer's run (which resumes exactly, persviz.trainers), one run per
+(method, concept, lr) trained to the largest step of the grid and evaluated at every step of the grid from its
+snapshots (the learning rate is constant, so the step-k snapshot is the k-step run); ``cells/<key>.json`` holds one
+evaluation (plain prompts x seeds, every image's hit kept); ``selected/<method>.json`` the selection. A finished cell
+is never computed again.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from persviz.generation import STEPS
+from persviz.io import write_json
+from persviz.loading import load_evaluator, load_pipeline
+from persviz.paths import DATA_DIR
+from persviz.shapesworld.concept_checks import PLAIN_TEMPLATES, plain_prompts, prompt_hits, summarize_rate
+from persviz.shapesworld.world_concepts import WORLD_CONCEPTS, get_world_concept, render_world_references, world_recipe
+from persviz.trainers import (METHODS, list_custom_diffusion_snapshots, list_lora_snapshots, list_snapshots,
+                              load_custom_diffusion, load_dreambooth_lora, load_textual_inversion_run,
+                              train_custom_diffusion, train_dreambooth_lora, train_textual_inversion)
+from persviz.trainers.core import CLASS_DIR
+from persviz.trainers.recipes import DREAMBOOTH_IDENTIFIER, recipe
+
+SEARCH_DIR = DATA_DIR / "cache" / "world_search"
+SELECTION_SEEDS = tuple(range(1000, 1008))
+HELD_OUT_SEEDS = tuple(range(2000, 2008))
+TARGET_RATE, TARGET_LOW = 0.8, 0.7
+TRAINERS = {"textual_inversion": train_textual_inversion, "dreambooth": train_dreambooth_lora,
+            "custom_diffusion": train_custom_diffusion}
+SNAPSHOTS = {"textual_inversion": list_snapshots, "dreambooth": list_lora_snapshots,
+             "custom_diffusion": list_custom_diffusion_snapshots}
+
+
+@dataclass(frozen=True)
+class MethodGrid:
+    """One method's grid: learning rates x evaluated steps; `overrides` go to the recipe as they are."""
+
+    lrs: tuple[float, ...]
+    steps: tuple[int, ...]
+    overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.lrs or not self.steps or min(self.lrs) <= 0 or min(self.steps) < 1:
+            raise ValueError(f"a grid needs learning rates > 0 and steps >= 1; got {self.lrs}, {self.steps}")
+
+
+#: The pre-registered grid (docs/world.md): around each method's ShapesWorld recipe (persviz.trainers.recipes).
+GRID = {
+    "textual_inversion": MethodGrid((5e-4, 1e-3, 3e-3), (1000, 3000)),
+    "dreambooth": MethodGrid((3e-4, 1e-3, 3e-3), (400, 800)),
+    "custom_diffusion": MethodGrid((3e-5, 1e-4, 3e-4), (500, 1000)),
+}
+
+
+def method_token(method: str, name: str) -> str:
+    """The token a method learns for a concept: '<candy>', 'sks', '<candy-cd>'."""
+    return {"textual_inversion": f"<{name}>", "dreambooth": DREAMBOOTH_IDENTIFIER,
+            "custom_diffusion": f"<{name}-cd>"}[check_method(method)]
+
+
+def slot_word(method: str, name: str) -> str:
+    """What fills a plain prompt's slot for a method's run: '<candy>', 'sks circle', '<candy-cd> circle'."""
+    token, cw = method_token(method, name), get_world_concept(name).class_word
+    return token if method == "textual_inversion" else f"{token} {cw}"
+
+
+def check_method(method: str) -> str:
+    """The method name, or a ValueError listing them."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    return method
+
+
+def run_config(method: str, name: str, lr: float, steps: int, overrides: Optional[dict] = None,
+               save_every: int = 100) -> Any:
+    """The trainer config of one search run: ShapesWorld's recipe with the grid's lr and steps (snapshots every
+    `save_every` steps: the grid's steps must be multiples of it)."""
+    return recipe(method, method_token(method, name), get_world_concept(name).class_word, shapesworld=True, lr=lr,
+                  steps=steps, save_every=save_every, **(overrides or {}))
+
+
+def run_folder(out: Path, method: str, name: str, lr: float) -> Path:
+    """Where a search run lives: out/runs/<method>/<concept>/lr<lr>."""
+    return Path(out) / "runs" / method / name / f"lr{lr:g}"
+
+
+def cell_key(method: str, name: str, lr: float, step: int, seed_set: str) -> str:
+    """The file name (without .json) of one evaluation: 'textual_inversion__candy__lr0.001__step1000__selection'."""
+    return f"{method}__{name}__lr{lr:g}__step{step}__{seed_set}"
+
+
+def snapshot_at(method: str, run_dir: Path, step: int) -> Path:
+    """The saved snapshot of a run at `step` (a FileNotFoundError if the run has none there)."""
+    for k, p in SNAPSHOTS[check_method(method)](run_dir):
+        if k == step:
+            return p
+    raise FileNotFoundError(f"{run_dir} holds no snapshot at step {step}; train the run to that step first")
+
+
+@contextlib.contextmanager
+def loaded(pipe: Any, method: str, path: Path) -> Iterator[None]:
+    """The pipeline with one snapshot of a run loaded; undone on exit (token, LoRA, attention processors, and the
+    text encoder's config.vocab_size, which diffusers' unload_textual_inversion leaves grown: peft would then save
+    the embedding matrix into the next LoRA file)."""
+    vocab = pipe.text_encoder.config.vocab_size
+    procs, before = dict(pipe.unet.attn_processors), set(pipe.tokenizer.get_added_vocab())
+    try:
+        if method == "textual_inversion":
+            load_textual_inversion_run(pipe, path)
+        elif method == "dreambooth":
+            load_dreambooth_lora(pipe, path)
+        else:
+            load_custom_diffusion(pipe, path)
+        yield
+    finally:
+        if method == "dreambooth":
+            pipe.unload_lora_weights()
+        pipe.unet.set_attn_processor(procs)
+        added = sorted(set(pipe.tokenizer.get_added_vocab()) - before)
+        if added:
+            pipe.unload_textual_inversion(added)
+        pipe.text_encoder.config.vocab_size = vocab
+
+
+def share_class_images(out: Path, method: str, run_dir: Path, class_prompt: str) -> Optional[Path]:
+    """Copy finished prior-preservation images of the same class prompt from another run of the search into
+    run_dir (they are the base model's, the same for every lr); returns the donor folder, or None."""
+    if (run_dir / CLASS_DIR).exists():
+        return None
+    for manifest in sorted((Path(out) / "runs" / method).glob(f"*/*/{CLASS_DIR}/manifest.json")):
+        if json.loads(manifest.read_text())["settings"]["prompt"] == class_prompt:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(manifest.parent, run_dir / CLASS_DIR)
+            return manifest.parent
+    return None
+
+
+def evaluate_snapshot(pipe: Any, oracle: Any, method: str, name: str, path: Path, seeds: Sequence[int],
+                      templates: Sequence[str] = PLAIN_TEMPLATES, sample_steps: int = STEPS) -> dict:
+    """The oracle's concept hits on the plain prompts x seeds with one snapshot loaded: {'prompts', 'hits', 'rate'}."""
+    prompts = plain_prompts(slot_word(method, name), templates)
+    with loaded(pipe, method, path):
+        hits = prompt_hits(pipe, oracle, prompts, seeds, world_recipe(name), steps=sample_steps)
+    return {"prompts": prompts, "hits": hits.astype(int).tolist(), "rate": summarize_rate(hits).to_json()}
+
+
+def read_cells(out: Path) -> list[dict]:
+    """Every finished evaluation of the search."""
+    return [json.loads(p.read_text()) for p in sorted((Path(out) / "cells").glob("*.json"))]
+
+
+def select(cells: Sequence[dict], method: str, grid: MethodGrid, concepts: Sequence[str]) -> Optional[dict]:
+    """The pre-registered rule on the selection seeds: the (lr, step) with the highest mean rate over the concepts;
+    ties go to the higher minimum over concepts, then fewer steps, then the smaller lr. None until every grid
+    point has a selection cell for every concept."""
+    rates: dict[tuple, dict] = {}
+    for c in cells:
+        if c["method"] == method and c["seed_set"] == "selection" and c["concept"] in concepts:
+            rates.setdefault((c["lr"], c["step"]), {})[c["concept"]] = c["rate"]["rate"]
+    points = [(lr, k) for lr in grid.lrs for k in grid.steps]
+    if any(set(rates.get(p, {})) != set(concepts) for p in points):
+        return None
+    scored = [(round(float(np.mean(list(rates[p].values()))), 9), round(min(rates[p].values()), 9), p) for p in points]
+    mean, low, (lr, step) = min(scored, key=lambda s: (-s[0], -s[1], s[2][1], s[2][0]))
+    return {"method": method, "lr": lr, "step": step, "mean_rate": mean, "min_rate": low,
+            "table": [{"lr": p[0], "step": p[1], "mean_rate": m, "min_rate": lo, "per_concept": rates[p]}
+                      for m, lo, p in scored]}
+
+
+def run_search(pipe: Any, oracle: Any, out: Path = SEARCH_DIR, methods: Sequence[str] = METHODS,
+               concepts: Sequence[str] = tuple(WORLD_CONCEPTS), grid: Optional[dict] = None,
+               selection_seeds: Sequence[int] = SELECTION_SEEDS, held_out_seeds: Sequence[int] = HELD_OUT_SEEDS,
+               templates: Sequence[str] = PLAIN_TEMPLATES, sample_steps: int = STEPS, progress: bool = False,
+               log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) the search, method by method: every grid run trained and evaluated on the selection seeds,
+    then the selected (lr, step) evaluated on the held-out seeds. Returns search_status(out)."""
+    grid = GRID if grid is None else grid
+    out = Path(out)
+    for method in methods:
+        g = grid[check_method(method)]
+        for lr in g.lrs:
+            for name in concepts:
+                rd = run_folder(out, method, name, lr)
+                todo = [k for k in g.steps
+                        if not (out / "cells" / f"{cell_key(method, name, lr, k, 'selection')}.json").exists()]
+                if not todo:
+                    continue
+                cfg = run_config(method, name, lr, max(g.steps), g.overrides, math.gcd(100, *g.steps))
+                if method != "textual_inversion" and getattr(cfg, "prior_preservation", False):
+                    share_class_images(out, method, rd, cfg.class_prompt)
+                t0 = time.time()
+                TRAINERS[method](pipe, render_world_references(name), cfg, rd, progress=progress, load_result=False)
+                trained = time.time() - t0
+                log(f"{method} {name} lr {lr:g}: trained to step {max(g.steps)} in {trained:.0f} s (this call)")
+                for k in todo:
+                    _write_cell(pipe, oracle, out, method, name, lr, k, "selection", selection_seeds, templates,
+                                sample_steps, rd, log, trained if k == todo[0] else 0.0)
+        chosen = select(read_cells(out), method, g, concepts)
+        if chosen is None:
+            continue
+        write_json(out / "selected" / f"{method}.json", chosen)
+        log(f"{method}: selected lr {chosen['lr']:g}, step {chosen['step']} (mean selection rate "
+            f"{chosen['mean_rate']:.3f})")
+        for name in concepts:
+            if not (out / "cells" / f"{cell_key(method, name, chosen['lr'], chosen['step'], 'held_out')}.json").exists():
+                _write_cell(pipe, oracle, out, method, name, chosen["lr"], chosen["step"], "held_out",
+                            held_out_seeds, templates, sample_steps, run_folder(out, method, name, chosen["lr"]),
+                            log, 0.0)
+    return search_status(out, methods, concepts, grid)
+
+
+def _write_cell(pipe: Any, oracle: Any, out: Path, method: str, name: str, lr: float, step: int, seed_set: str,
+                seeds: Sequence[int], templates: Sequence[str], sample_steps: int, rd: Path,
+                log: Callable[[str], None], train_seconds: float) -> None:
+    """Evaluate one snapshot and write its cell (hits per image, rate, timings)."""
+    t0 = time.time()
+    res = evaluate_snapshot(pipe, oracle, method, name, snapshot_at(method, rd, step), seeds, templates,
+                            sample_steps)
+    cell = {"method": method, "concept": name, "lr": lr, "step": step, "seed_set": seed_set,
+            "seeds": list(map(int, seeds)), **res, "recipe": world_recipe(name),
+            "seconds": {"evaluate": round(time.time() - t0, 1), "train_this_call": round(train_seconds, 1)}}
+    write_json(Path(out) / "cells" / f"{cell_key(method, name, lr, step, seed_set)}.json", cell)
+    r = cell["rate"]
+    log(f"  {seed_set} {method} {name} lr {lr:g} step {step}: {r['rate']:.3f} ({r['k']}/{r['n']}), "
+        f"low {r['low']:.3f}")
+
+
+def search_status(out: Path = SEARCH_DIR, methods: Sequence[str] = METHODS,
+                  concepts: Sequence[str] = tuple(WORLD_CONCEPTS), grid: Optional[dict] = None) -> dict:
+    """What the search has done and what is left: {'done', 'left', 'selected', 'held_out'}; held-out results say
+    whether each meets the target (rate >= 0.8 and lower bound >= 0.7)."""
+    grid = GRID if grid is None else grid
+    out = Path(out)
+    have = {cell_key(c["method"], c["concept"], c["lr"], c["step"], c["seed_set"]): c for c in read_cells(out)}
+    done, left, selected, held = [], [], {}, []
+    for method in methods:
+        g = grid[method]
+        keys = [cell_key(method, n, lr, k, "selection") for lr in g.lrs for n in concepts for k in g.steps]
+        sel_path = out / "selected" / f"{method}.json"
+        if sel_path.exists():
+            selected[method] = json.loads(sel_path.read_text())
+            s = selected[method]
+            keys += [cell_key(method, n, s["lr"], s["step"], "held_out") for n in concepts]
+        else:
+            keys += [f"{method}__<each concept>__<selected>__held_out"]
+        for key in keys:
+            (done if key in have else left).append(key)
+        for key in keys:
+            c = have.get(key)
+            if c is not None and c["seed_set"] == "held_out":
+                r = c["rate"]
+                held.append({"method": method, "concept": c["concept"], "lr": c["lr"], "step": c["step"],
+                             "rate": r["rate"], "low": r["low"], "k": r["k"], "n": r["n"],
+                             "meets_target": r["rate"] >= TARGET_RATE and r["low"] >= TARGET_LOW})
+    return {"done": done, "left": left, "selected": selected, "held_out": held}
+
+
+def format_status(status: dict) -> str:
+    """A short text of search_status."""
+    lines = [f"{len(status['done'])} cells done, {len(status['left'])} left"]
+    lines += [f"left: {k}" for k in status["left"]]
+    for m, s in status["selected"].items():
+        lines.append(f"selected {m}: lr {s['lr']:g}, step {s['step']} (mean selection rate {s['mean_rate']:.3f})")
+    for h in status["held_out"]:
+        lines.append(f"held out {h['method']} {h['concept']}: {h['rate']:.3f} ({h['k']}/{h['n']}), low "
+                     f"{h['low']:.3f}: {'meets' if h['meets_target'] else 'misses'} the target")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """The entry point: run or resume the search (or print its status) with the pre-registered settings."""
+    ap = argparse.ArgumentParser(prog="python -m persviz.shapesworld.world_search", description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--out", default=str(SEARCH_DIR), help="the search folder (default data/cache/world_search)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, in the order to run them")
+    ap.add_argument("--status", action="store_true", help="print what is done and what is left, and exit")
+    a = ap.parse_args(argv)
+    methods = [check_method(m.strip()) for m in a.methods.split(",") if m.strip()]
+    if a.status:
+        print(format_status(search_status(Path(a.out), methods)))
+        return
+    torch.set_num_threads(a.threads)
+    pipe = load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    oracle = load_evaluator(kind="oracle")
+    write_json(Path(a.out) / "plan.json", {"grid": {m: asdict(g) for m, g in GRID.items()}, "methods": methods,
+                                           "concepts": list(WORLD_CONCEPTS), "selection_seeds": SELECTION_SEEDS,
+                                           "held_out_seeds": HELD_OUT_SEEDS, "templates": PLAIN_TEMPLATES,
+                                           "sample_steps": STEPS, "target": [TARGET_RATE, TARGET_LOW]})
+    status = run_search(pipe, oracle, Path(a.out), methods, log=lambda s: print(s, flush=True))
+    print(format_status(status), flush=True)
+
+
+if __name__ == "__main__":
+    main()
