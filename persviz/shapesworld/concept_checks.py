@@ -168,13 +168,15 @@ def oracle_accuracy(oracle: Any, obj: Obj, seeds: Sequence[int] = range(20), sec
 
 def check_candidate(pipe: Any, oracle: Any, obj: Obj, seeds: Sequence[int],
                     templates: Sequence[str] = PLAIN_TEMPLATES, render_seeds: Optional[Sequence[int]] = None) -> dict:
-    """The three checks of a candidate concept: the oracle on renders, the description drawn by the base model,
-    and the class word alone (the control): {'oracle', 'description', 'class_word'} (rates as RateSummary JSON)."""
+    """The three checks of a candidate concept: the oracle on renders (alone, and beside a second object), the
+    description drawn by the base model, and the class word alone (the control): {'oracle', 'oracle_with_second',
+    'description_rate', 'class_word_rate', ...} (rates as RateSummary JSON)."""
     recipe = recipe_attributes(obj)
     desc = prompt_hits(pipe, oracle, plain_prompts(description(obj), templates), seeds, recipe)
     ctrl = prompt_hits(pipe, oracle, plain_prompts(obj.shape, templates), seeds, recipe)
-    return {"recipe": recipe, "description": description(obj),
-            "oracle": oracle_accuracy(oracle, obj, render_seeds if render_seeds is not None else range(20)),
+    rs = render_seeds if render_seeds is not None else range(20)
+    return {"recipe": recipe, "description": description(obj), "oracle": oracle_accuracy(oracle, obj, rs),
+            "oracle_with_second": oracle_accuracy(oracle, obj, rs, second=True),
             "description_rate": summarize_rate(desc).to_json(), "class_word_rate": summarize_rate(ctrl).to_json(),
             "seeds": list(map(int, seeds)), "templates": list(templates)}
 
