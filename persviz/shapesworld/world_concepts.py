@@ -7,12 +7,14 @@ unchanged until the runs of these succeed; then a later change switches CONCEPTS
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from persviz.shapesworld.concept_checks import recipe_attributes
+from persviz.shapesworld.concept_checks import check_candidate, recipe_attributes, screen_candidates
 from persviz.shapesworld.concepts import POSITIONS_CYCLE, Concept
 from persviz.shapesworld.render import render_batch
-from persviz.shapesworld.scene import Obj, Scene
+from persviz.shapesworld.scene import COLORS, SHAPES, Obj, Scene
 
 WORLD_CONCEPTS = {
     "checkers": Concept("checkers", Obj("square", "yellow", "checkered", "large"), "a large yellow checkered square",
@@ -49,5 +51,20 @@ def render_world_references(name: str, seed: int = 0) -> np.ndarray:
     return render_batch(world_reference_scenes(name), seed=seed)
 
 
-__all__ = ["WORLD_CONCEPTS", "WORLD_PAIRS", "get_world_concept", "render_world_references", "world_recipe",
+CHECK_SEEDS = tuple(range(8))
+SCREEN_SEEDS, SCREEN_CONTROL_SEEDS = (500,), tuple(range(600, 608))
+
+
+def measure_world_concepts(pipe: Any, oracle: Any) -> dict:
+    """The three checks of every world concept (docs/world.md §2; concept_checks.check_candidate, seeds 0-7)."""
+    return {name: check_candidate(pipe, oracle, c.obj, CHECK_SEEDS) for name, c in WORLD_CONCEPTS.items()}
+
+
+def screen_world(pipe: Any, oracle: Any, progress: bool = False) -> list[dict]:
+    """The screen of every large textured one-color object (docs/world.md §2; concept_checks.screen_candidates)."""
+    objs = [Obj(s, c, t, "large") for s in SHAPES for c in COLORS for t in ("striped", "dotted", "checkered")]
+    return screen_candidates(pipe, oracle, objs, SCREEN_SEEDS, SCREEN_CONTROL_SEEDS, progress=progress)
+
+
+__all__ = ["CHECK_SEEDS", "SCREEN_CONTROL_SEEDS", "SCREEN_SEEDS", "measure_world_concepts", "screen_world", "WORLD_CONCEPTS", "WORLD_PAIRS", "get_world_concept", "render_world_references", "world_recipe",
            "world_reference_scenes"]

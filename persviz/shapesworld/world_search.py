@@ -4,6 +4,7 @@ prompts, chosen on selection seeds and then measured on held-out seeds.
 
     python -m persviz.shapesworld.world_search --threads 1     # runs the search, or resumes it where it stopped
     python -m persviz.shapesworld.world_search --status        # what is done, what is left, the results so far
+    python -m persviz.shapesworld.world_search --checks --screen   # rewrite the concept checks (docs/world.md §2)
 
 Everything goes into one folder (default data/cache/world_search/, gitignored) and every piece is resumable:
 ``runs/<method>/<concept>/lr<lr>/`` holds a trainer's run (which resumes exactly, persviz.trainers), one run per
@@ -33,7 +34,8 @@ from persviz.io import write_json
 from persviz.loading import load_evaluator, load_pipeline
 from persviz.paths import DATA_DIR
 from persviz.shapesworld.concept_checks import PLAIN_TEMPLATES, plain_prompts, prompt_hits, summarize_rate
-from persviz.shapesworld.world_concepts import WORLD_CONCEPTS, get_world_concept, render_world_references, world_recipe
+from persviz.shapesworld.world_concepts import (WORLD_CONCEPTS, get_world_concept, measure_world_concepts,
+                                                render_world_references, screen_world, world_recipe)
 from persviz.trainers import (METHODS, list_custom_diffusion_snapshots, list_lora_snapshots, list_snapshots,
                               load_custom_diffusion, load_dreambooth_lora, load_textual_inversion_run,
                               train_custom_diffusion, train_dreambooth_lora, train_textual_inversion)
@@ -41,6 +43,7 @@ from persviz.trainers.core import CLASS_DIR
 from persviz.trainers.recipes import DREAMBOOTH_IDENTIFIER, recipe
 
 SEARCH_DIR = DATA_DIR / "cache" / "world_search"
+CHECKS_DIR = DATA_DIR / "shapesworld" / "world"  # the checks of docs/world.md §2: concept_checks.json, screen.json
 SELECTION_SEEDS = tuple(range(1000, 1008))
 HELD_OUT_SEEDS = tuple(range(2000, 2008))
 TARGET_RATE, TARGET_LOW = 0.8, 0.7
@@ -294,6 +297,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--out", default=str(SEARCH_DIR), help="the search folder (default data/cache/world_search)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, in the order to run them")
     ap.add_argument("--status", action="store_true", help="print what is done and what is left, and exit")
+    ap.add_argument("--checks", action="store_true", help="rewrite data/shapesworld/world/concept_checks.json, exit")
+    ap.add_argument("--screen", action="store_true", help="rewrite data/shapesworld/world/screen.json, and exit")
     a = ap.parse_args(argv)
     methods = [check_method(m.strip()) for m in a.methods.split(",") if m.strip()]
     if a.status:
@@ -303,6 +308,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     pipe = load_pipeline()
     pipe.set_progress_bar_config(disable=True)
     oracle = load_evaluator(kind="oracle")
+    if a.checks or a.screen:
+        if a.checks:
+            write_json(CHECKS_DIR / "concept_checks.json", measure_world_concepts(pipe, oracle))
+        if a.screen:
+            write_json(CHECKS_DIR / "screen.json", screen_world(pipe, oracle, progress=True))
+        return
     write_json(Path(a.out) / "plan.json", {"grid": {m: asdict(g) for m, g in GRID.items()}, "methods": methods,
                                            "concepts": list(WORLD_CONCEPTS), "selection_seeds": SELECTION_SEEDS,
                                            "held_out_seeds": HELD_OUT_SEEDS, "templates": PLAIN_TEMPLATES,

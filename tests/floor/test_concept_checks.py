@@ -99,3 +99,15 @@ def test_world_concepts_are_one_color_and_the_pair_differs():
         assert oa.shape != ob.shape and oa.color != ob.color
     with pytest.raises(KeyError, match="world concepts"):
         get_world_concept("nothing")
+
+
+def test_the_screen_covers_every_large_textured_one_color_object(monkeypatch):
+    from persviz.shapesworld import world_concepts as wc
+    seen = {}
+    monkeypatch.setattr(wc, "screen_candidates", lambda pipe, oracle, objs, seeds, control, progress: seen.update(
+        objs=objs, seeds=seeds, control=control) or [])
+    wc.screen_world(None, None)
+    objs = seen["objs"]
+    assert len(objs) == len(set(objs)) == 5 * 8 * 3
+    assert all(o.size == "large" and o.texture != "plain" and o.pattern_color is None for o in objs)
+    assert not set(seen["seeds"]) & set(seen["control"]) and not set(seen["seeds"]) & set(wc.CHECK_SEEDS)
