@@ -265,7 +265,7 @@ def search_status(out: Path = SEARCH_DIR, methods: Sequence[str] = METHODS,
             s = selected[method]
             keys += [cell_key(method, n, s["lr"], s["step"], "held_out") for n in concepts]
         else:
-            keys += [f"{method}__<each concept>__<selected>__held_out"]
+            keys += [f"{method}__{n}__<selected lr and step>__held_out" for n in concepts]
         for key in keys:
             (done if key in have else left).append(key)
         for key in keys:
