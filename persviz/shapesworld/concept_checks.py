@@ -123,12 +123,28 @@ def generate_grid(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps
     return ims.reshape(len(prompts), len(seeds), *ims.shape[1:])
 
 
+def closest_object(reading: dict, recipe: dict) -> Optional[dict]:
+    """The object of a reading that carries the most attributes of the recipe (the first slot on a tie; None when
+    the oracle reads no object): what the oracle saw in place of the concept."""
+    objs = [o for o in (reading[p] for p in POSITIONS) if o is not None]
+    return max(objs, key=lambda o: sum(o[k] == v for k, v in recipe.items())) if objs else None
+
+
+def prompt_readings(pipe: Any, oracle: Any, prompts: Sequence[str], seeds: Sequence[int],
+                    **kwargs: Any) -> list[list[dict]]:
+    """The oracle's readings of every prompt x seed image (generate_grid): [prompts][seeds]."""
+    ims = generate_grid(pipe, prompts, seeds, **kwargs)
+    p, s = ims.shape[:2]
+    flat = oracle.read(ims.reshape(p * s, *ims.shape[2:]))
+    return [flat[i * s:(i + 1) * s] for i in range(p)]
+
+
 def prompt_hits(pipe: Any, oracle: Any, prompts: Sequence[str], seeds: Sequence[int], recipe: dict,
                 **kwargs: Any) -> np.ndarray:
     """Whether the oracle finds the recipe in each generated image: bool [prompts, seeds]."""
-    ims = generate_grid(pipe, prompts, seeds, **kwargs)
-    p, s = ims.shape[:2]
-    return found(oracle, ims.reshape(p * s, *ims.shape[2:]), recipe).reshape(p, s)
+    readings = prompt_readings(pipe, oracle, prompts, seeds, **kwargs)
+    return np.array([[finds(r, recipe) for r in row] for row in readings], dtype=bool).reshape(len(prompts),
+                                                                                               len(seeds))
 
 
 def render_instances(obj: Obj, seeds: Sequence[int], second: bool = False) -> tuple[np.ndarray, list[str]]:
@@ -206,6 +222,7 @@ def screen_candidates(pipe: Any, oracle: Any, objs: Sequence[Obj], seeds: Sequen
     return out
 
 
-__all__ = ["PLAIN_TEMPLATES", "RECIPE_KEYS", "RateSummary", "check_candidate", "description", "finds", "found",
-           "generate_grid", "oracle_accuracy", "plain_prompts", "prompt_hits", "recipe_attributes",
+__all__ = ["PLAIN_TEMPLATES", "RECIPE_KEYS", "RateSummary", "check_candidate", "closest_object", "description",
+           "finds", "found",
+           "generate_grid", "oracle_accuracy", "plain_prompts", "prompt_hits", "prompt_readings", "recipe_attributes",
            "render_instances", "screen_candidates", "summarize_rate", "wilson"]

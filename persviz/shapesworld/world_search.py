@@ -21,6 +21,7 @@ import json
 import math
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +34,8 @@ from persviz.generation import STEPS
 from persviz.io import write_json
 from persviz.loading import load_evaluator, load_pipeline
 from persviz.paths import DATA_DIR
-from persviz.shapesworld.concept_checks import PLAIN_TEMPLATES, plain_prompts, prompt_hits, summarize_rate
+from persviz.shapesworld.concept_checks import (PLAIN_TEMPLATES, RECIPE_KEYS, closest_object, finds, plain_prompts,
+                                                prompt_readings, summarize_rate)
 from persviz.shapesworld.world_concepts import (WORLD_CONCEPTS, get_world_concept, measure_world_concepts,
                                                 render_world_references, screen_world, world_recipe)
 from persviz.trainers import (METHODS, list_custom_diffusion_snapshots, list_lora_snapshots, list_snapshots,
@@ -160,11 +162,31 @@ def share_class_images(out: Path, method: str, run_dir: Path, class_prompt: str)
 
 def evaluate_snapshot(pipe: Any, oracle: Any, method: str, name: str, path: Path, seeds: Sequence[int],
                       templates: Sequence[str] = PLAIN_TEMPLATES, sample_steps: int = STEPS) -> dict:
-    """The oracle's concept hits on the plain prompts x seeds with one snapshot loaded: {'prompts', 'hits', 'rate'}."""
-    prompts = plain_prompts(slot_word(method, name), templates)
+    """The oracle's concept hits on the plain prompts x seeds with one snapshot loaded: {'prompts', 'hits', 'rate',
+    'closest'} (closest: per image, [shape, color, texture, size] of the object nearest the recipe, or None)."""
+    prompts, recipe = plain_prompts(slot_word(method, name), templates), world_recipe(name)
     with loaded(pipe, method, path):
-        hits = prompt_hits(pipe, oracle, prompts, seeds, world_recipe(name), steps=sample_steps)
-    return {"prompts": prompts, "hits": hits.astype(int).tolist(), "rate": summarize_rate(hits).to_json()}
+        readings = prompt_readings(pipe, oracle, prompts, seeds, steps=sample_steps)
+    hits = np.array([[finds(r, recipe) for r in row] for row in readings], dtype=bool)
+    closest = [[None if (o := closest_object(r, recipe)) is None else [o[k] for k in RECIPE_KEYS] for r in row]
+               for row in readings]
+    return {"prompts": prompts, "hits": hits.astype(int).tolist(), "rate": summarize_rate(hits).to_json(),
+            "closest": closest}
+
+
+def misreadings(cells: Sequence[dict]) -> dict:
+    """Over cells, how often the object nearest the recipe got each attribute wrong (per attribute: share of images
+    whose closest object differs there; 'none': share with no object) and its most common reading."""
+    rows = [c for cell in cells for row in cell.get("closest", []) for c in row]
+    if not rows:
+        return {}
+    recipes = [cell["recipe"] for cell in cells for row in cell.get("closest", []) for _ in row]
+    out = {"n": len(rows), "none": sum(r is None for r in rows) / len(rows)}
+    for i, k in enumerate(RECIPE_KEYS):
+        out[k] = sum(r is not None and r[i] != rc[k] for r, rc in zip(rows, recipes)) / len(rows)
+    seen = Counter(" ".join(r[i] for i in (3, 1, 2, 0)) for r in rows if r is not None)
+    out["most_common"] = seen.most_common(3)
+    return out
 
 
 def read_cells(out: Path) -> list[dict]:

@@ -111,3 +111,11 @@ def test_the_screen_covers_every_large_textured_one_color_object(monkeypatch):
     assert len(objs) == len(set(objs)) == 5 * 8 * 3
     assert all(o.size == "large" and o.texture != "plain" and o.pattern_color is None for o in objs)
     assert not set(seen["seeds"]) & set(seen["control"]) and not set(seen["seeds"]) & set(wc.CHECK_SEEDS)
+
+
+def test_closest_object_is_the_one_nearest_the_recipe():
+    from persviz.shapesworld.concept_checks import closest_object
+    recipe = obj_reading()
+    near, far = obj_reading(color="red"), obj_reading(shape="circle", color="red", texture="plain")
+    assert closest_object({"background": "gray", "left": far, "center": None, "right": near}, recipe) == near
+    assert closest_object({"background": "gray", "left": None, "center": None, "right": None}, recipe) is None

@@ -89,6 +89,7 @@ def test_tiny_search_writes_every_cell_and_selects(tiny_search):
     assert set(status["selected"]) == set(ws.METHODS)
     c = json.loads((out / "cells" / "textual_inversion__candy__lr0.001__step4__selection.json").read_text())
     assert c["prompts"] == ["a photo of a <candy>"] and c["hits"] == [[1]] and c["rate"]["rate"] == 1.0
+    assert c["closest"] == [[[world_recipe("candy")[k] for k in ("shape", "color", "texture", "size")]]]
     assert all(h["meets_target"] is False for h in status["held_out"])  # 1 of 1: Wilson's bound is below 0.7
     assert (ws.run_folder(out, "textual_inversion", "candy", 1e-3) / "learned_embeds-steps-2.safetensors").exists()
 
@@ -125,3 +126,15 @@ def test_the_oracle_decides_the_hits(tiny_search, shapesworld_pipeline):
     assert np.array(res["hits"]).shape == (2, 2) and res["rate"]["rate"] == 0.0
     with pytest.raises(FileNotFoundError, match="no snapshot at step 3"):
         ws.snapshot_at("textual_inversion", path.parent, 3)
+
+
+def test_misreadings_count_the_wrong_attributes_of_the_closest_object():
+    recipe = {"shape": "square", "color": "yellow", "texture": "checkered", "size": "large"}
+    cells = [{"recipe": recipe, "closest": [[["circle", "yellow", "striped", "large"], None],
+                                            [["square", "yellow", "checkered", "large"],
+                                             ["circle", "yellow", "striped", "large"]]]}]
+    m = ws.misreadings(cells)
+    assert m["n"] == 4 and m["none"] == 0.25
+    assert (m["shape"], m["color"], m["texture"], m["size"]) == (0.5, 0.0, 0.5, 0.0)
+    assert m["most_common"][0] == ("large yellow striped circle", 2)
+    assert ws.misreadings([{"recipe": recipe}]) == {}
