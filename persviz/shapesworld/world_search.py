@@ -300,10 +300,30 @@ def search_status(out: Path = SEARCH_DIR, methods: Sequence[str] = METHODS,
     return {"done": done, "left": left, "selected": selected, "held_out": held}
 
 
-def format_status(status: dict) -> str:
-    """A short text of search_status."""
+def results_table(out: Path = SEARCH_DIR) -> list[dict]:
+    """One row per finished cell, in the search's order: method, concept, lr, step, seed set, rate, k, n, both
+    intervals' lower bounds and the low used for the target, and what the oracle read instead (misreadings)."""
+    rows = []
+    for c in read_cells(out):
+        r = c["rate"]
+        rows.append({"method": c["method"], "concept": c["concept"], "lr": c["lr"], "step": c["step"],
+                     "seed_set": c["seed_set"], "rate": r["rate"], "k": r["k"], "n": r["n"],
+                     "boot": [r["boot_low"], r["boot_high"]], "wilson": [r["wilson_low"], r["wilson_high"]],
+                     "low": r["low"], "misread": misreadings([c])})
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(rows, key=lambda x: (order[x["method"]], x["seed_set"] != "selection", x["concept"], x["lr"],
+                                       x["step"]))
+
+
+def format_status(status: dict, out: Optional[Path] = None) -> str:
+    """A short text of search_status (with `out`, every finished cell's rate and the oracle's commonest reading)."""
     lines = [f"{len(status['done'])} cells done, {len(status['left'])} left"]
     lines += [f"left: {k}" for k in status["left"]]
+    for row in results_table(out) if out is not None else []:
+        top = row["misread"].get("most_common") or [("nothing", 0)]
+        lines.append(f"{row['seed_set']} {row['method']} {row['concept']} lr {row['lr']:g} step {row['step']}: "
+                     f"{row['rate']:.3f} ({row['k']}/{row['n']}), low {row['low']:.3f}; most read: {top[0][0]} "
+                     f"({top[0][1]})")
     for m, s in status["selected"].items():
         lines.append(f"selected {m}: lr {s['lr']:g}, step {s['step']} (mean selection rate {s['mean_rate']:.3f})")
     for h in status["held_out"]:
@@ -324,7 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     a = ap.parse_args(argv)
     methods = [check_method(m.strip()) for m in a.methods.split(",") if m.strip()]
     if a.status:
-        print(format_status(search_status(Path(a.out), methods)))
+        print(format_status(search_status(Path(a.out), methods), Path(a.out)))
         return
     torch.set_num_threads(a.threads)
     pipe = load_pipeline()

@@ -92,6 +92,11 @@ def test_tiny_search_writes_every_cell_and_selects(tiny_search):
     assert c["closest"] == [[[world_recipe("candy")[k] for k in ("shape", "color", "texture", "size")]]]
     assert all(h["meets_target"] is False for h in status["held_out"])  # 1 of 1: Wilson's bound is below 0.7
     assert (ws.run_folder(out, "textual_inversion", "candy", 1e-3) / "learned_embeds-steps-2.safetensors").exists()
+    rows = ws.results_table(out)
+    assert [(r["method"], r["seed_set"], r["step"]) for r in rows[:3]] == [
+        ("textual_inversion", "selection", 2), ("textual_inversion", "selection", 4), ("textual_inversion", "held_out", 2)]  # a tie: fewer steps
+    assert all(r["misread"]["most_common"][0] == ("large pink striped circle", 1) for r in rows)
+    assert "most read: large pink striped circle" in ws.format_status(status, out)
 
 
 def test_tiny_search_leaves_the_pipeline_as_it_found_it(tiny_search, shapesworld_pipeline):
