@@ -315,6 +315,21 @@ def results_table(out: Path = SEARCH_DIR) -> list[dict]:
                                        x["step"]))
 
 
+def results_markdown(out: Path = SEARCH_DIR) -> str:
+    """results_table as a markdown table (docs/world.md §4): rate, k/n, both intervals, the shares of images whose
+    nearest object has the wrong shape / color / texture / size, and the oracle's commonest reading."""
+    lines = ["| method | concept | lr | step | seeds | rate | k/n | bootstrap | Wilson | wrong shape / color / texture "
+             "/ size | most read |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results_table(out):
+        m = r["misread"]
+        wrong = " / ".join(f"{m.get(k, 0):.2f}" for k in RECIPE_KEYS)
+        top = m.get("most_common") or [("nothing", 0)]
+        lines.append(f"| {r['method']} | {r['concept']} | {r['lr']:g} | {r['step']} | {r['seed_set']} | "
+                     f"{r['rate']:.3f} | {r['k']}/{r['n']} | [{r['boot'][0]:.3f}, {r['boot'][1]:.3f}] | "
+                     f"[{r['wilson'][0]:.3f}, {r['wilson'][1]:.3f}] | {wrong} | {top[0][0]} ({top[0][1]}) |")
+    return "\n".join(lines)
+
+
 def format_status(status: dict, out: Optional[Path] = None) -> str:
     """A short text of search_status (with `out`, every finished cell's rate and the oracle's commonest reading)."""
     lines = [f"{len(status['done'])} cells done, {len(status['left'])} left"]

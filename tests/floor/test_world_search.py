@@ -97,6 +97,8 @@ def test_tiny_search_writes_every_cell_and_selects(tiny_search):
         ("textual_inversion", "selection", 2), ("textual_inversion", "selection", 4), ("textual_inversion", "held_out", 2)]  # a tie: fewer steps
     assert all(r["misread"]["most_common"][0] == ("large pink striped circle", 1) for r in rows)
     assert "most read: large pink striped circle" in ws.format_status(status, out)
+    table = ws.results_markdown(out).splitlines()
+    assert len(table) == 2 + len(rows) and "| textual_inversion | candy | 0.001 | 2 | selection | 1.000 | 1/1 |" in table[2]
 
 
 def test_tiny_search_leaves_the_pipeline_as_it_found_it(tiny_search, shapesworld_pipeline):
