@@ -20,6 +20,7 @@ from persviz.generation import GUIDANCE, STEPS
 from persviz.shapesworld.render import render
 from persviz.shapesworld.scene import BACKGROUNDS, POSITIONS, SHAPES, Obj, Scene
 from persviz.stats import bootstrap_mean
+from persviz.trainers.core import Noising, latent_stats
 
 RECIPE_KEYS = ("shape", "color", "texture", "size")
 #: The 8 plain prompt templates of issue 23: three prefixes and the five backgrounds, no second object.
@@ -222,7 +223,28 @@ def screen_candidates(pipe: Any, oracle: Any, objs: Sequence[Obj], seeds: Sequen
     return out
 
 
+@torch.no_grad()
+def prompt_losses(pipe: Any, images: np.ndarray, prompts: Sequence[str], n_draws: int = 256,
+                  seed: int = 0) -> np.ndarray:
+    """The training objective of the images under each prompt (denoising MSE, as the trainers compute it), on the
+    same draws of image, latent sample, noise and timestep for every prompt, so prompts compare pairwise:
+    float64 [prompts, n_draws]."""
+    device = pipe.unet.device
+    mean, std = latent_stats(pipe.vae, np.asarray(images), False, device)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(mean), (n_draws,), generator=g)
+    zt, t, target = Noising(pipe)(mean[idx], std[idx], g, device)
+    out = []
+    for prompt in prompts:
+        ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
+        emb = pipe.text_encoder(ids)[0].expand(n_draws, -1, -1).to(pipe.unet.dtype)
+        pred = pipe.unet(zt.to(pipe.unet.dtype), t, emb).sample.float()
+        out.append(((pred - target) ** 2).mean(dim=(1, 2, 3)).double().cpu().numpy())
+    return np.stack(out)
+
+
 __all__ = ["PLAIN_TEMPLATES", "RECIPE_KEYS", "RateSummary", "check_candidate", "closest_object", "description",
            "finds", "found",
-           "generate_grid", "oracle_accuracy", "plain_prompts", "prompt_hits", "prompt_readings", "recipe_attributes",
+           "generate_grid", "oracle_accuracy", "plain_prompts", "prompt_hits", "prompt_losses", "prompt_readings", "recipe_attributes",
            "render_instances", "screen_candidates", "summarize_rate", "wilson"]

@@ -119,3 +119,12 @@ def test_closest_object_is_the_one_nearest_the_recipe():
     near, far = obj_reading(color="red"), obj_reading(shape="circle", color="red", texture="plain")
     assert closest_object({"background": "gray", "left": far, "center": None, "right": near}, recipe) == near
     assert closest_object({"background": "gray", "left": None, "center": None, "right": None}, recipe) is None
+
+
+def test_prompt_losses_prefer_the_true_description(shapesworld_pipeline):
+    from persviz.shapesworld.concept_checks import prompt_losses
+    images = render_batch([Scene(Obj("circle", "red", "plain", "large"), bg) for bg in ("white", "gray")], seed=0)
+    prompts = ["a large red circle", "a large blue square", "a large red circle"]
+    losses = prompt_losses(shapesworld_pipeline, images, prompts, n_draws=64)
+    assert losses.shape == (3, 64) and np.array_equal(losses[0], losses[2])  # the same draws for every prompt
+    assert losses[0].mean() < losses[1].mean()
