@@ -315,12 +315,12 @@ def results_table(out: Path = SEARCH_DIR) -> list[dict]:
                                        x["step"]))
 
 
-def results_markdown(out: Path = SEARCH_DIR) -> str:
-    """results_table as a markdown table (docs/world.md §4): rate, k/n, both intervals, the shares of images whose
-    nearest object has the wrong shape / color / texture / size, and the oracle's commonest reading."""
+def results_markdown(out: Path = SEARCH_DIR, methods: Sequence[str] = METHODS) -> str:
+    """results_table (of `methods`) as a markdown table (docs/world.md §4): rate, k/n, both intervals, the shares of
+    images whose nearest object has the wrong shape / color / texture / size, and the oracle's commonest reading."""
     lines = ["| method | concept | lr | step | seeds | rate | k/n | bootstrap | Wilson | wrong shape / color / texture "
              "/ size | most read |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in results_table(out):
+    for r in [r for r in results_table(out) if r["method"] in methods]:
         m = r["misread"]
         wrong = " / ".join(f"{m.get(k, 0):.2f}" for k in RECIPE_KEYS)
         top = m.get("most_common") or [("nothing", 0)]
