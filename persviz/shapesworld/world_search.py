@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import math
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -41,7 +40,6 @@ from persviz.shapesworld.world_concepts import (WORLD_CONCEPTS, get_world_concep
 from persviz.trainers import (METHODS, list_custom_diffusion_snapshots, list_lora_snapshots, list_snapshots,
                               load_custom_diffusion, load_dreambooth_lora, load_textual_inversion_run,
                               train_custom_diffusion, train_dreambooth_lora, train_textual_inversion)
-from persviz.trainers.core import CLASS_DIR
 from persviz.trainers.recipes import DREAMBOOTH_IDENTIFIER, recipe
 
 SEARCH_DIR = DATA_DIR / "cache" / "world_search"
@@ -147,19 +145,6 @@ def loaded(pipe: Any, method: str, path: Path) -> Iterator[None]:
         pipe.text_encoder.config.vocab_size = vocab
 
 
-def share_class_images(out: Path, method: str, run_dir: Path, class_prompt: str) -> Optional[Path]:
-    """Copy finished prior-preservation images of the same class prompt from another run of the search into
-    run_dir (they are the base model's, the same for every lr); returns the donor folder, or None."""
-    if (run_dir / CLASS_DIR).exists():
-        return None
-    for manifest in sorted((Path(out) / "runs" / method).glob(f"*/*/{CLASS_DIR}/manifest.json")):
-        if json.loads(manifest.read_text())["settings"]["prompt"] == class_prompt:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(manifest.parent, run_dir / CLASS_DIR)
-            return manifest.parent
-    return None
-
-
 def evaluate_snapshot(pipe: Any, oracle: Any, method: str, name: str, path: Path, seeds: Sequence[int],
                       templates: Sequence[str] = PLAIN_TEMPLATES, sample_steps: int = STEPS) -> dict:
     """The oracle's concept hits on the plain prompts x seeds with one snapshot loaded: {'prompts', 'hits', 'rate',
@@ -231,8 +216,6 @@ def run_search(pipe: Any, oracle: Any, out: Path = SEARCH_DIR, methods: Sequence
                 if not todo:
                     continue
                 cfg = run_config(method, name, lr, max(g.steps), g.overrides, math.gcd(100, *g.steps))
-                if method != "textual_inversion" and getattr(cfg, "prior_preservation", False):
-                    share_class_images(out, method, rd, cfg.class_prompt)
                 t0 = time.time()
                 TRAINERS[method](pipe, render_world_references(name), cfg, rd, progress=progress, load_result=False)
                 trained = time.time() - t0

@@ -42,17 +42,6 @@ def test_slot_words_and_tokens():
         ws.slot_word("lora", "candy")
 
 
-def test_share_class_images_copies_a_finished_set(tmp_path):
-    donor = ws.run_folder(tmp_path, "dreambooth", "candy", 1e-3) / "class_images"
-    donor.mkdir(parents=True)
-    (donor / "manifest.json").write_text(json.dumps({"settings": {"prompt": "a photo of a circle"}}))
-    (donor / "00000.png").write_bytes(b"x")
-    target = ws.run_folder(tmp_path, "dreambooth", "candy", 3e-3)
-    assert ws.share_class_images(tmp_path, "dreambooth", target, "a photo of a square") is None
-    assert ws.share_class_images(tmp_path, "dreambooth", target, "a photo of a circle") == donor
-    assert (target / "class_images" / "00000.png").read_bytes() == b"x"
-
-
 class ReadsEverything:
     """A stand-in oracle that reads the given object in the center of every image."""
 
@@ -64,7 +53,7 @@ class ReadsEverything:
 
 
 TINY = {"textual_inversion": ws.MethodGrid((1e-3,), (2, 4)),
-        "dreambooth": ws.MethodGrid((1e-3,), (2,), {"num_class_images": 2}),
+        "dreambooth": ws.MethodGrid((1e-3, 3e-3), (2,), {"num_class_images": 2}),  # two runs of one class word
         "custom_diffusion": ws.MethodGrid((1e-4,), (2,))}
 
 
@@ -85,7 +74,7 @@ def tiny_search(shapesworld_pipeline, tmp_path_factory):
 def test_tiny_search_writes_every_cell_and_selects(tiny_search):
     out, status, _ = tiny_search
     assert status["left"] == []
-    assert len(status["done"]) == 2 + 1 + 1 + 3  # TI at 2 steps, DB, CD, one held-out cell per method
+    assert len(status["done"]) == 2 + 2 + 1 + 3  # TI at 2 steps, DB at 2 lrs, CD, one held-out cell per method
     assert set(status["selected"]) == set(ws.METHODS)
     c = json.loads((out / "cells" / "textual_inversion__candy__lr0.001__step4__selection.json").read_text())
     assert c["prompts"] == ["a photo of a <candy>"] and c["hits"] == [[1]] and c["rate"]["rate"] == 1.0
