@@ -36,12 +36,14 @@ class CustomDiffusion(Method):
         from persviz.trainers.custom_diffusion import load_custom_diffusion  # heavy: the trainers
         procs = dict(pipe.unet.attn_processors)
         before = set(pipe.tokenizer.get_added_vocab())
+        vocab = pipe.text_encoder.config.vocab_size  # diffusers' unload leaves it grown (see textual_inversion.py)
         load_custom_diffusion(pipe, Path(run))
         try:
             yield
         finally:
             pipe.unet.set_attn_processor(procs)
             pipe.unload_textual_inversion(sorted(set(pipe.tokenizer.get_added_vocab()) - before))
+            pipe.text_encoder.config.vocab_size = vocab
 
     def snapshots(self, run: Path) -> list[tuple[int, Path]]:
         from persviz.trainers.custom_diffusion import list_custom_diffusion_snapshots  # heavy: the trainers

@@ -34,11 +34,13 @@ class TextualInversion(Method):
     @contextlib.contextmanager
     def loaded(self, pipe: Pipeline, run: Path) -> Iterator[None]:
         from persviz.trainers.textual_inversion import load_textual_inversion_run  # heavy: the trainers
-        tokens = load_textual_inversion_run(pipe, Path(run))  # any format (diffusers, A1111, kohya), read by content
+        vocab = pipe.text_encoder.config.vocab_size  # diffusers' unload leaves it grown; a later LoRA save would
+        tokens = load_textual_inversion_run(pipe, Path(run))  # then hold the embedding matrix (any format, by content)
         try:
             yield
         finally:
             pipe.unload_textual_inversion(tokens)
+            pipe.text_encoder.config.vocab_size = vocab
 
     def snapshots(self, run: Path) -> list[tuple[int, Path]]:
         from persviz.trainers.textual_inversion import list_snapshots  # heavy: the trainers

@@ -78,7 +78,8 @@ def _state(pipe):
     """Everything a run could leave behind: the tokenizer's size, the embedding matrix, UNet weights, processors."""
     emb = text_stack(pipe).primary.rows.detach().clone()
     unet = {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
-    return len(pipe.tokenizer), emb, unet, {k: type(v).__name__ for k, v in pipe.unet.attn_processors.items()}
+    procs = {k: type(v).__name__ for k, v in pipe.unet.attn_processors.items()}
+    return (len(pipe.tokenizer), pipe.text_encoder.config.vocab_size), emb, unet, procs
 
 
 @pytest.mark.parametrize("name", METHODS)
