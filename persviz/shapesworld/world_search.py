@@ -21,7 +21,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -120,17 +120,10 @@ def snapshot_at(method: str, run_dir: Path, step: int) -> Path:
     raise FileNotFoundError(f"{run_dir} holds no snapshot at step {step}; train the run to that step first")
 
 
-@contextlib.contextmanager
-def loaded(pipe: Any, method: str, path: Path) -> Iterator[None]:
-    """The pipeline with one snapshot of a run loaded; undone on exit (token, LoRA, attention processors, and the
-    text encoder's config.vocab_size, which diffusers' unload_textual_inversion leaves grown: peft would then save
-    the embedding matrix into the next LoRA file)."""
-    vocab = pipe.text_encoder.config.vocab_size
-    try:
-        with get_method(method).loaded(pipe, path):  # the method's own load and undo (persviz.methods)
-            yield
-    finally:
-        pipe.text_encoder.config.vocab_size = vocab
+def loaded(pipe: Any, method: str, path: Path) -> contextlib.AbstractContextManager[None]:
+    """The pipeline with one snapshot of a run loaded, undone exactly on exit: the method's own load and undo
+    (persviz.methods; it also puts back the text encoder's config.vocab_size that diffusers' unload leaves grown)."""
+    return get_method(method).loaded(pipe, path)
 
 
 def evaluate_snapshot(pipe: Any, oracle: Any, method: str, name: str, path: Path, seeds: Sequence[int],
