@@ -185,7 +185,7 @@ def check_figure_names(nb, where: str = "the notebook") -> dict[int, list[str]]:
 
 def figure_outputs(nb, where: str = "the notebook") -> Iterator[FigureOutput]:
     """Every figure output of an executed notebook (an output with image/png), named from its cell's metadata in
-    output order; one past the cell's names gets 'unnamed_cell<NN>_<output>'."""
+    output order; a figure beyond its cell's names (or of a cell without any) gets 'unnamed_cell<NN>_<output>'."""
     names = check_figure_names(nb, where)
     for ci, cell in enumerate(nb.cells):
         k = 0
