@@ -87,6 +87,7 @@ def png(color: str) -> str:
 
 
 def figure_output(color: str, svg: bool = False) -> dict:
+    """A display_data output as the inline backend writes it: PNG, optionally SVG, and the text fallback."""
     data = {"image/png": png(color), "text/plain": "<Figure size 200x200 with 1 Axes>"}
     if svg:
         data["image/svg+xml"] = f'<svg xmlns="http://www.w3.org/2000/svg"><rect fill="{color}"/></svg>'
@@ -109,7 +110,7 @@ def executed() -> nbformat.NotebookNode:
     ])
 
 
-def testwrite_figures_names_each_figure_for_its_cell_and_falls_back_when_unnamed(tmp_path):
+def test_write_figures_names_each_figure_for_its_cell_and_falls_back_when_unnamed(tmp_path):
     out = tmp_path / "out"
     record = {"persviz": "0", "notebook": "01_demo.ipynb"}
     figures, unnamed = rn.write_figures(executed(), "01_demo", out, ["png", "svg"], record)
@@ -137,7 +138,7 @@ def testwrite_figures_names_each_figure_for_its_cell_and_falls_back_when_unnamed
     assert "unnamed figures: unnamed_cell02_3, unnamed_cell03_1" in rn.summary_table([run])
 
 
-def testwrite_figures_refuses_a_link_leading_out_and_writes_nothing_there(tmp_path):
+def test_write_figures_refuses_a_link_leading_out_and_writes_nothing_there(tmp_path):
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     elsewhere.mkdir()
     out.mkdir()
