@@ -50,7 +50,7 @@ print(sess)
 # full caption has a **concept** part ("a small red striped circle") and a **context** part ("at the left next to
 # a blue square on a beige background"), as the TEA paper splits its prompts.
 
-# %%
+# %% figure="random_scenes"
 scenes = sample_scenes(12, seed=0)
 image_grid(render_batch(scenes, size=64), 2, 6, title="twelve random scenes (64x64 renders; the models see 32x32)")
 
@@ -63,7 +63,7 @@ for s in scenes[:6]:
 # Style knobs change *how* a scene is drawn while keeping *what* is drawn. A renderer with a style is a
 # second, non-neural generator whose personalization is known exactly: FineXL's ground truth.
 
-# %%
+# %% figure="scenes_by_style"
 styles = {"default": Style(), "warm": Style(warmth=0.8), "dark bg": Style(bg_darkness=0.8),
           "outline": Style(outline=1.5), "blur": Style(blur=1.0), "dense texture": Style(texture_density=1.6),
           "larger": Style(size_scale=1.25)}
@@ -87,7 +87,7 @@ table({name: {"class": cls, "M parameters": n / 1e6} for name, (cls, n) in loadi
 # Each row is one prompt, each column one seed (25 steps, or `PERSVIZ_STEPS`; guidance 4 on ShapesWorld, 7.5 on
 # SD 1.5). Attributes named in the prompt are the ones the model must get right; the others are free.
 
-# %%
+# %% figure="prompt_by_seed"
 prompts = (["a photo of a corgi on a beach", "a red car in the snow", "a watercolor painting of a cat"] if sess.full else
            ["a red circle on a gray background", "a blue striped square on a white background",
             "a yellow triangle on a navy background", "a green checkered diamond on a black background",
@@ -106,7 +106,7 @@ image_grid(images, len(prompts), len(seeds), row_labels=prompts, col_labels=[f"s
 # zero-shot accuracy, and the micro-SD's faithfulness: does the oracle find, in the generated image, each
 # attribute the prompt named? Here on small fresh samples; `MODEL_CARD.md` has the full measurement.
 
-# %%
+# %% figure="model_accuracy_per_attribute"
 if not sess.full:
     live = {"oracle on renders": oracle_accuracy(sess.oracle, n=600, seed=99),
             "CLIP zero-shot": clip_zero_shot(sess.clip, n=400, seed=98)}

@@ -80,7 +80,7 @@ print(sess, "| studied:", concept.folder)
 # narrow context (one or two backgrounds), as a user's photos of their own object often do: that is what a
 # collapsed token will copy.
 
-# %%
+# %% figure="reference_images"
 images, width = reference_grid(concepts)
 image_grid(images, len(concepts), width, row_labels=[f"{c.placeholder}\n({c.class_word})" for c in concepts],
            title="reference images of the three concepts" if len(concepts) == 3 else "reference images")
@@ -93,7 +93,7 @@ image_grid(images, len(concepts), width, row_labels=[f"{c.placeholder}\n({c.clas
 # tracks every one) and measure the distance between the sets with four metrics. Collapse reads as: **inter-set
 # distance d(P_V*, P_c) rises, the intra-set spread of P_V* falls, and P_V* moves toward the simple prompts**.
 
-# %%
+# %% figure="semantic_shift_over_steps"
 track = track_semantic_shift(pipe, spaced_snapshots(run, 10), *shift_sets(concept), class_word=CW,
                              placeholder=PH)  # every 300th step of the concept
 steps, grid = to_shift_grid(track)  # whose collapse is clearest on ShapesWorld (⟨candy⟩); the table below has all
@@ -111,14 +111,14 @@ table({k: {first: track[k][0], last: track[k][-1]} for k in (
 # V* starts at the class word's norm and drifts to the tail, where a single token outweighs the rest of the
 # prompt in the encoder's attention.
 
-# %%
+# %% figure="norm_histogram"
 c_row = class_row(pipe, concept)
 snaps = spaced_snapshots(run, 30, init=c_row)  # step 0 (the class word), then about 30 saved steps
 five = at_fractions(snaps, (0, 1 / 6, 1 / 3, 2 / 3, 1))  # 0, 500, 1000, 2000, 3000 of a 3000-step run
 marks = {s: float(v.norm()) for s, v in five}
 norm_histogram(vocab_norms(pipe), marks, class_norm=float(c_row.norm()), title="norms of all vocabulary rows, |V*| marked")
 
-# %%
+# %% figure="norm_ratio_and_cosine_over_steps"
 norm_ratio_curve(track["step"], track["norm_ratio"], track["cosine"], title="|V*| / |c| and cos(V*, c) over steps")
 
 # %% [markdown]
@@ -130,7 +130,7 @@ norm_ratio_curve(track["step"], track["norm_ratio"], track["cosine"], title="|V*
 # numbers (24 prompts × 2 seeds, every 300 steps, all three concepts) were written by the training script and
 # are read below.
 
-# %%
+# %% figure="context_vs_concept_over_steps"
 probes, refs = probes_for(concept, sess.n_probes(8)), concept.reference_images()
 sig = reference_signature(oracle, refs) if oracle is not None else None
 live = impacts_over_steps(pipe, five, PH, CW, probes, refs, clip, dino, oracle, sig, **gen)
@@ -150,7 +150,7 @@ shown = {k: v for k, v in columns.items() if rows and k in rows[0]}  # no oracle
 # %% [markdown]
 # What it looks like: the same prompts and seeds at the class word's embedding (step 0), early and late.
 
-# %%
+# %% figure="generations_over_steps"
 show = at_fractions(snaps, (0, 1 / 3, 1))  # steps 0, 1000, 3000 of a 3000-step run
 rows = []
 for s, v in show:
@@ -165,7 +165,7 @@ image_grid(np.concatenate(rows), len(show), len(probes[:6]), row_labels=[f"step 
 # final embedding and move ⟨candy⟩ along its training. CLIP-I of the images to each concept's anchor image
 # shows the more-trained token taking the picture over.
 
-# %%
+# %% figure="multi_concept_dominance"
 if other is None:
     print("the multi-concept section needs two concepts: set PERSVIZ_CONCEPT=<concept folder>,<second concept "
           "folder> (each with a Textual Inversion run); skipped")
@@ -182,7 +182,7 @@ else:  # the second concept fixed at its final V*, the studied one along its run
 # averages each word's map over heads, layers and sampler steps, as DAAM does. Below: one prompt at the class
 # word's embedding (step 0), early and late, each word's map over its image (one colour scale per row).
 
-# %%
+# %% figure="attention_maps_over_steps"
 prompt = probes[1]["template"].format(PH)  # a prompt with context words (a second object on ShapesWorld)
 words = content_words(prompt)
 runs = []
@@ -204,7 +204,7 @@ table({f"step {s}": {w: float(m.shares[w][0]) for w in words} | {"start token (o
 # shipped runs: 24 prompts × 2 seeds at every 300 steps, the class word's embedding (step 0) as the reference, with
 # the evaluation protocol's 95 % intervals (prompts resampled, seeds nested).
 
-# %%
+# %% figure="attention_leak_and_shares_over_steps"
 if oracle is None:
     print("the leak study needs ShapesWorld's ground truth (where each object stands); at full scale the maps and "
           "shares above are the measure")

@@ -103,7 +103,7 @@ for name, x in (("V*", v), ("TEA(V*)", v2)):
 # Contexts the reference images never show. Without TEA the collapsed token paints its references' background;
 # with TEA the prompt's context comes back while the object stays the concept.
 
-# %%
+# %% figure="before_after_tea"
 before = generate_probes(pipe, probes, PH, **gen)
 with tea(pipe, PH, CW):
     after = generate_probes(pipe, probes, PH, **gen)
@@ -142,23 +142,23 @@ if sweep is not None:
     g = sweep.meta["grid"]
     print(f"{g['prompts']} prompts x {g['seeds']} seeds per cell, {g['steps']} sampler steps; backbones {sweep.meta['backbones']}")
 
-# %%
+# %% figure="sweep_context_clip_t_heatmap"
 if sweep is not None:
     ctx = sweep_arrays(sweep, "clip_t_context")
     fig = sweep_heatmap(ctx["rotations"], ctx["scales"], ctx["mean"], "CLIP-T context (mean per cell)")
 fig if sweep is not None else None
 
-# %%
+# %% figure="sweep_clip_i"
 def sweep_plot(metric, label):
     a = sweep_arrays(sweep, metric)
     return sweep_lines(a["rotations"], a["scales"], a["mean"], label, low=a["low"], high=a["high"],
                        title=f"{label}: mean and 95 % interval per cell")
 sweep_plot("clip_i", "CLIP-I to the references") if sweep is not None else None
 
-# %%
+# %% figure="sweep_context_clip_t"
 sweep_plot("clip_t_context", "CLIP-T context") if sweep is not None else None
 
-# %%
+# %% figure="sweep_oracle_context"
 (sweep_plot("oracle_context", "oracle: context read right") if sweep is not None and "oracle_context" in sweep.metrics()
  else print("oracle: ShapesWorld only"))
 
@@ -200,7 +200,7 @@ shown
 # A small live slice of the same sweep (3 rotations at scale 0.5, the notebook's 8 prompts × 1 seed), to see
 # the mechanism run; its single values move by noise of the size the saved intervals show.
 
-# %%
+# %% figure="live_sweep_context_clip_t"
 rotations, scales = [0.0, 0.4, 0.8], [0.5]
 grid = tea_sweep(pipe, probes, PH, CW, score, rotations, scales, **gen)
 sweep_lines(rotations, scales, grid["clip_t_context"], "CLIP-T context", title="live slice (8 prompts, no interval)")
@@ -240,7 +240,7 @@ else:
              else f"no saved table for {concept.folder}: `persviz study {concept.folder}` writes one")
 shown
 
-# %%
+# %% figure="tea_minus_untouched_per_method"
 if diffs:
     shown_rows = [r for r in ("textual_inversion TEA", "dreambooth TEA", "custom_diffusion TEA") if r in diffs]
     fig = Figure(figsize=(5 * len(shown_rows), 4.6), layout="constrained")
@@ -302,7 +302,7 @@ else:
     shown = "the shipped comparison is ShapesWorld's"
 shown
 
-# %%
+# %% figure="adaptive_minus_fixed_tea"
 if adiffs:  # CLIP points on the left, cosines and rates on the right (one unit per panel)
     fig = Figure(figsize=(10, 2.8), layout="constrained")
     for ax, group in zip(fig.subplots(1, 2), units):
@@ -325,7 +325,7 @@ fig if adiffs else None
 # Inversion step again inside TEA, and the final DreamBooth and Custom Diffusion runs without and with it: does
 # the fix give the context words their attention back?
 
-# %%
+# %% figure="attention_with_and_without_tea"
 if oracle is None:
     print("the attention study needs ShapesWorld's ground truth; at full scale the explorer below shows the maps")
 else:

@@ -83,7 +83,7 @@ else:     # the shipped micro-SD + the LoRA of "object red always, large two tim
 # Same prompt and seed on both sides, so everything that differs is the personalization. The prompts name every
 # attribute ("a small blue …"); the LoRA overrides some of them.
 
-# %%
+# %% figure="paired_samples"
 imgs_b, imgs_p = paired_samples(base_gen, personal_gen, probes, seeds=[0])
 paired_strip(imgs_b, imgs_p, labels=probes, max_pairs=8)
 
@@ -110,7 +110,7 @@ f = {k: concept_directions(clip.embed_texts, probes, bank, compose=c) for k, c i
 for k in f:
     print(f"{k:7s}", ", ".join(f"{phrases.get(c, c)} {cos:+.2f}" for c, cos in rank_concepts(v_div, f[k])[:5]))
 
-# %%
+# %% figure="concept_cosine_heatmap"
 concept_cosine_heatmap(f[list(f)[-1]])
 
 # %% [markdown]
@@ -142,7 +142,7 @@ for c in known:  # a true concept the filter did not keep: its cosine with V_div
 # (grammar f(C) + whitened NNLS). Black diamonds: the known levels. The gray bar is the part of V_div that no
 # kept concept explains.
 
-# %%
+# %% figure="decomposition_by_method"
 runs = {"FineXL (append, lstsq)": ("append", "lstsq"), "improved (append, whitened NNLS)": ("append", "whitened_nnls")}
 if "grammar" in f:
     runs["persviz (grammar, whitened NNLS)"] = ("grammar", "whitened_nnls")
@@ -173,7 +173,7 @@ for title, dec in decs.items():
 # Error bars: 95 % percentile intervals over 1000 bootstrap draws of the 48 probe prompts (seeds nested in probes),
 # each draw rerunning the decomposition; the realized levels are held fixed.
 
-# %%
+# %% figure="weight_vs_known_level"
 bench = json.loads(BENCHMARK_JSON.read_text())
 fig = Figure(figsize=(9, 3.4), layout="constrained")
 for ax, m in zip(fig.subplots(1, 2), ("finexl", "persviz")):
@@ -185,7 +185,7 @@ fig
 # The benchmark's own decompositions of the mixture LoRA `mix_large067_red100` (the `lora_mixture` row of
 # `benchmark.json`), with the weights' intervals over probe prompts; black diamonds: the oracle's realized levels.
 
-# %%
+# %% figure="benchmark_mixture_decomposition"
 row = bench["variants"]["lora/mix_large067_red100"]
 fig = Figure(figsize=(12, 3.0), layout="constrained")
 for ax, m in zip(fig.subplots(1, 2), ("finexl", "persviz")):
@@ -213,7 +213,7 @@ fig
 # against naive 0.51 [0.49, 0.61] and FineXL 0.59 [0.54, 0.70], intervals apart. On LoRA mixtures they overlap
 # (persviz 0.26 [0.21, 0.55], naive 0.35 [0.33, 0.51], FineXL 0.40 [0.37, 1.02]), and so do the LoRA top-1 rates.
 
-# %%
+# %% figure="benchmark_top1"
 display(Markdown(markdown_table(bench)))
 fig = top1_bars(bench)
 display(fig)

@@ -84,7 +84,7 @@ print("stage 1:", STAGE1, "| stage 2:", STAGE2 if pipe2 is not None else "-")
 # in each history (noise rate 0.4); the red frames mark them. The reference has the requested content (the
 # target's shape, size and position) in a random style; the ground-truth target is that content in the user's taste.
 
-# %%
+# %% figure="heldout_user_history"
 ds = st.heldout_dataset(0.4)
 i = st.pick_windows(ds, 1)[0]
 w, im = ds.window(i), ds.images(i)
@@ -104,7 +104,7 @@ image_grid(np.concatenate([im["history"], im["reference"][None], im["target"][No
 # that is swept. Masked tokens become zero embeddings. Dark hatched patches below are masked; the second row is the
 # scores.
 
-# %%
+# %% figure="mask_and_scores"
 m = st.window_masks(pipe1, ds, i, reference_ratio=0.5)
 pp.mask_overlay(m["history"], m["reference"], m["history_mask"], m["reference_mask"], m["history_is_noise"],
                 m["scores"], title=f"stage 1 · '{m['instruction']}' · reference ratio 0.5")
@@ -118,7 +118,7 @@ pp.mask_overlay(m["history"], m["reference"], m["history_mask"], m["reference_ma
 # tokens) and in the AUC: the probability that a token of a liked image scores above a token of a noise image
 # (0.5 = no separation). 16 held-out windows per noise rate.
 
-# %%
+# %% figure="kept_noise_by_rate"
 noise = st.kept_noise_by_rate(pipe1, 16, noise_rates=(0.0, 0.2, 0.4, 0.6))
 display(table(noise, {"noise_rate": "noise rate", "kept_noise_fraction": "kept (Pigeon)",
                       "pooled_kept_noise_fraction": "kept (pooled)", "chance": "chance", "score_auc": "AUC"},
@@ -132,7 +132,7 @@ pp.kept_noise_plot(noise)
 # the rest. Pigeon keeps the candidate with the best 0.5 · CLIP-T(image, instruction) + 0.5 · history score (mean
 # CLIP image similarity to the history × 100), framed orange.
 
-# %%
+# %% figure="reference_ratio_sweep"
 best = pipe2 if pipe2 is not None else pipe1
 item = ds[i]
 sel = best.select(item["history"], item["reference"], item["instruction"], generator=0)
@@ -148,7 +148,7 @@ pp.ratio_sweep(sel, reference=m["reference"], reference_masks=masks)
 # policy (the mask generator stays frozen). The pairs are stored in `stage2/pairs.pt` as latents; its first 16 pairs
 # ship as `stage2/pairs_sample.pt`.
 
-# %%
+# %% figure="stage2_chosen_rejected_pairs"
 if any((STAGE2 / f).is_file() for f in ("pairs.pt", st.PAIRS_SAMPLE_FILE)):
     examples = st.pair_examples(pipe1, STAGE2, n=4)
     fig = pp.pairs_plot(examples)
@@ -223,7 +223,7 @@ for rate, name, k, d in diffs:
 # The bars: the same means with the intervals over windows as error bars; bars start at 0, so read small gaps in
 # the tables.
 
-# %%
+# %% figure="comparison_with_ablations"
 pp.comparison_bars(rows, metrics=("clip_i", "dino_i", "any_taste", "background", "clip_t", "any_shape"))
 
 # %% [markdown]
@@ -243,7 +243,7 @@ pp.comparison_bars(rows, metrics=("clip_i", "dino_i", "any_taste", "background",
 # stage 1's mask keeps (hatched = dropped), the second its scores, the third the ground truth (red = distractor
 # token); each label counts the distractor tokens the mask kept.
 
-# %%
+# %% figure="token_mask_and_distractors"
 TOKEN = DATA_DIR / "pigeon" / "token"
 tok1 = st.load_stage(TOKEN / "stage1", sd=pipe1.sd, name="token stage 1")
 tds = st.heldout_dataset(0.4, regime="token")
@@ -298,7 +298,7 @@ display(Markdown(st.format_mask_measures(trows)))
 # `persviz pigeon study --regime token --baseline data/pigeon/token/baseline`). The baseline masks its reference
 # with its own mask generator like every other row, so the rows differ only in how they read the history.
 
-# %%
+# %% figure="token_comparison_with_baseline"
 display(Markdown(st.format_table(trows, shown)))
 display(Markdown(st.format_differences(trows, ("clip_i", "dino_i", "any_taste", "clip_t", "any_shape", "shape"),
                                        against="baseline")))

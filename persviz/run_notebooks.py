@@ -8,8 +8,16 @@ Each notebook runs on its own kernel; one that fails is recorded (its partly exe
 written like the others) and the rest still run. A summary table ends the run; the exit code is non-zero only if a
 notebook failed that applies at the scale in force (Pigeon is ShapesWorld-only and is left out at full scale, with
 one line saying why). Every figure is written in the asked formats with a sidecar ``.json`` of provenance: persviz's
-version and commit, the scale, the models and their file hashes, the notebook and cell, the package versions and
-the ``PERSVIZ_*`` settings.
+version and commit, the scale, the models and their file hashes, the notebook, cell and figure name, the package
+versions and the ``PERSVIZ_*`` settings.
+
+Figures are named for what they show: ``OUT/<notebook>/<figure>.<format>`` beside ``OUT/<notebook>/<figure>.json``
+(``outputs/01_semantic_collapse/norm_histogram.png``). A cell names its figures in its metadata, on the jupytext
+``# %%`` line: ``figure="norm_histogram"`` for a cell that draws one, ``figure=["a", "b"]`` for one that draws several
+(the k-th figure the cell outputs takes the k-th name). Names are snake_case and unique within a notebook, checked
+before anything runs. A figure without a name is still written, as ``unnamed_cell<NN>_<output>`` (the cell's and the
+output's index in the notebook), and the summary lists it. Every write stays inside OUT (``persviz.io.confined``): a
+symbolic link leading out is refused before any notebook runs, and nothing is deleted.
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -31,7 +39,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from tqdm.auto import tqdm
 
-from persviz.io import PathLike, atomic_write, atomic_write_bytes, write_json
+from persviz.io import PathLike, atomic_write, atomic_write_bytes, check_write, confined, write_json
 from huggingface_hub import constants as hub_constants
 
 from persviz.constants import SCALE_ENV, SCALES, SHAPESWORLD
@@ -46,6 +54,9 @@ SHAPESWORLD_ONLY: Mapping[str, str] = {
     "04_pigeon": "Pigeon's backbone (LaVIT-7B with SDXL) is out of reach; persviz runs it on ShapesWorld only",
 }
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+FIGURE_KEY = "figure"  # the cell metadata key that names the cell's figures
+FIGURE_NAME = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*")  # snake_case: a file name on every platform
+UNNAMED = "unnamed_"  # the fallback names' prefix, which no given name may take
 PACKAGES = ("torch", "diffusers", "transformers", "peft", "open_clip_torch", "numpy", "matplotlib")
 
 
@@ -59,6 +70,18 @@ class NotebookRun:
     figures: list[Path] = field(default_factory=list)
     error: str = ""
     copy: Path | None = None
+    unnamed: list[Path] = field(default_factory=list)  # the figure files among `figures` whose cell gave no name
+
+
+@dataclass(frozen=True)
+class FigureOutput:
+    """One figure a cell output: its name (given, or the unnamed fallback), its place and its data by mime type."""
+
+    name: str
+    named: bool
+    cell: int
+    output: int
+    data: Mapping[str, str]
 
 
 def _sha256(path: Path) -> str:
@@ -135,25 +158,67 @@ def _kernel_arguments(formats: Sequence[str]) -> list[str]:
     return [f"--InlineBackend.figure_formats={sorted(set(formats) | {'png'})!r}"]
 
 
-def _write_figures(nb, path: Path, fig_dir: Path, formats: Sequence[str], record: dict) -> list[Path]:
-    figures = []
+def cell_figure_names(cell: Mapping) -> list[str]:
+    """The names a cell's metadata gives its figures, in output order: [] when it names none."""
+    names = cell.get("metadata", {}).get(FIGURE_KEY, [])
+    return list(names) if isinstance(names, list) else [names]  # a string, or anything else for the check to refuse
+
+
+def check_figure_names(nb, where: str = "the notebook") -> dict[int, list[str]]:
+    """{cell index: its figure names} of the cells that name figures, checked: each a snake_case string that does not
+    start with 'unnamed_', unique within the notebook; a ValueError naming the cell otherwise."""
+    out, seen = {}, {}
     for ci, cell in enumerate(nb.cells):
+        names = cell_figure_names(cell)
+        for name in names:
+            if not isinstance(name, str) or not FIGURE_NAME.fullmatch(name) or name.startswith(UNNAMED):
+                raise ValueError(f"{where}, cell {ci}: figure name {name!r} is not a snake_case name (a-z, 0-9, _) "
+                                 f"or starts with {UNNAMED!r}; rename it in the cell's metadata")
+            if name in seen:
+                raise ValueError(f"{where}: figure name {name!r} is given to cell {seen[name]} and cell {ci}; "
+                                 "each figure of a notebook needs its own name")
+            seen[name] = ci
+        if names:
+            out[ci] = names
+    return out
+
+
+def figure_outputs(nb, where: str = "the notebook") -> Iterator[FigureOutput]:
+    """Every figure output of an executed notebook (an output with image/png), named from its cell's metadata in
+    output order; a figure beyond its cell's names (or of a cell without any) gets 'unnamed_cell<NN>_<output>'."""
+    names = check_figure_names(nb, where)
+    for ci, cell in enumerate(nb.cells):
+        k = 0
         for oi, output in enumerate(cell.get("outputs", [])):
             data = output.get("data", {})
             if "image/png" not in data:
                 continue
-            stem = f"{path.stem}_cell{ci:02d}_{oi}"
+            given = names.get(ci, [])
+            named = k < len(given)
+            yield FigureOutput(given[k] if named else f"{UNNAMED}cell{ci:02d}_{oi}", named, ci, oi, data)
+            k += 1
+
+
+def write_figures(nb, stem: str, out_dir: Path, formats: Sequence[str], record: dict) -> tuple[list[Path], list[Path]]:
+    """Write each figure of the executed notebook as out_dir/stem/<name>.<format> with its <name>.json of provenance,
+    atomically and only inside out_dir; returns (the figure files, those of them without a name)."""
+    figures, unnamed = [], []
+    with confined(out_dir):
+        fig_dir = check_write(Path(out_dir) / stem)
+        for fig in figure_outputs(nb, stem):
+            written = []
             for fmt in formats:
-                payload = data.get(FORMATS[fmt])
+                payload = fig.data.get(FORMATS[fmt])
                 if payload is None:
                     continue
-                target = fig_dir / f"{stem}.{fmt}"
                 raw = payload.encode() if fmt == "svg" else base64.b64decode(payload)
-                atomic_write_bytes(target, raw)
-                figures.append(target)
-            write_json(fig_dir / f"{stem}.json", {**record, "cell": ci, "output": oi,
-                                                  "formats": [f for f in formats if FORMATS[f] in data]})
-    return figures
+                written.append(atomic_write_bytes(fig_dir / f"{fig.name}.{fmt}", raw))
+            write_json(fig_dir / f"{fig.name}.json", {
+                **record, "figure": fig.name, "named": fig.named, "cell": fig.cell, "output": fig.output,
+                "formats": [f for f in formats if FORMATS[f] in fig.data]})
+            figures += written
+            unnamed += [] if fig.named else written
+    return figures, unnamed
 
 
 def run_notebook(path: Path, out_dir: Path, timeout: int = 900, formats: Sequence[str] = ("png",),
@@ -162,6 +227,7 @@ def run_notebook(path: Path, out_dir: Path, timeout: int = 900, formats: Sequenc
     formats and its provenance, atomically. A failing cell is recorded in the result, not raised."""
     path, out_dir = Path(path), Path(out_dir)
     nb = nbformat.read(path, as_version=4)
+    check_figure_names(nb, path.name)  # before the run, not after minutes of it
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", extra_arguments=_kernel_arguments(formats),
                             resources={"metadata": {"path": str(path.parent)}})
     start, error = time.perf_counter(), ""
@@ -171,20 +237,40 @@ def run_notebook(path: Path, out_dir: Path, timeout: int = 900, formats: Sequenc
         text = ANSI.sub("", str(e)).strip()
         error = text.splitlines()[-1] if text else type(e).__name__
     seconds = time.perf_counter() - start
-    out_dir.mkdir(parents=True, exist_ok=True)
-    copy = atomic_write(out_dir / path.name, lambda tmp: nbformat.write(nb, str(tmp)))
     record = provenance(scale, path, {"models": dict(models) if models is not None else model_files(scale)})
-    figures = _write_figures(nb, path, out_dir / "figures", formats, record)
-    return NotebookRun(path.stem, "failed" if error else "ok", seconds, figures, error, copy)
+    with confined(out_dir):
+        copy = atomic_write(out_dir / path.name, lambda tmp: nbformat.write(nb, str(tmp)))
+        figures, unnamed = write_figures(nb, path.stem, out_dir, formats, record)
+    return NotebookRun(path.stem, "failed" if error else "ok", seconds, figures, error, copy, unnamed)
+
+
+def _note(run: NotebookRun) -> str:
+    """The table's note for one run: its error or reason, then its unnamed figures, if any."""
+    unnamed = sorted({f.stem for f in run.unnamed})
+    return "; ".join(filter(None, [run.error, f"unnamed figures: {', '.join(unnamed)}" if unnamed else ""]))
 
 
 def summary_table(runs: Sequence[NotebookRun]) -> str:
-    """The runs as a plain-text table: notebook, status, seconds, figures, error or reason."""
+    """The runs as a plain-text table: notebook, status, seconds, figures, error or reason and unnamed figures."""
     rows = [("notebook", "status", "seconds", "figures", "note")]
-    rows += [(r.name, r.status, f"{r.seconds:.0f}", str(len(r.figures)), r.error) for r in runs]
+    rows += [(r.name, r.status, f"{r.seconds:.0f}", str(len(r.figures)), _note(r)) for r in runs]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + ("  " + row[4] if row[4] else "")
                      for row in rows)
+
+
+def _check_notebooks(paths: Sequence[Path], out: Path) -> None:
+    """Before anything runs: each notebook's figure names are valid, no two notebooks share a name, and each one's
+    copy and figure folder resolve inside `out` (OutsideFolderError for a link leading out)."""
+    stems = [p.stem for p in paths]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if twice:
+        raise ValueError(f"two notebooks named {', '.join(twice)} would write the same files in {out}; run them "
+                         "into separate --out folders")
+    for path in paths:
+        check_figure_names(nbformat.read(path, as_version=4), path.name)
+        check_write(out / path.name)
+        check_write(out / path.stem)
 
 
 def run_all(notebooks: Sequence[PathLike] = (), out: PathLike = "outputs", scale: str | None = None,
@@ -202,24 +288,27 @@ def run_all(notebooks: Sequence[PathLike] = (), out: PathLike = "outputs", scale
     if missing:
         raise ValueError(f"no such notebook: {', '.join(missing)}")
     out = Path(out).resolve()
-    runs, before = [], os.environ.get(SCALE_ENV)
-    os.environ[SCALE_ENV] = scale  # the kernels inherit it: the flag wins over an exported PERSVIZ_SCALE
-    models = model_files(scale)
-    try:
-        for path in tqdm(paths, desc="notebooks"):
-            if scale != SHAPESWORLD and path.stem in SHAPESWORLD_ONLY:
-                runs.append(NotebookRun(path.stem, "skipped", error=f"left out at {scale} scale: "
-                                                                    f"{SHAPESWORLD_ONLY[path.stem]}"))
-                continue
-            runs.append(run_notebook(path.resolve(), out, timeout, formats, scale, models))
-    finally:
-        if before is None:
-            os.environ.pop(SCALE_ENV, None)
-        else:
-            os.environ[SCALE_ENV] = before
-    write_json(out / "summary.json", {"scale": scale, "formats": list(formats), "models": models, "runs": [
-        {"notebook": r.name, "status": r.status, "seconds": r.seconds, "error": r.error,
-         "figures": [str(f.relative_to(out)) for f in r.figures]} for r in runs]})
+    with confined(out):
+        _check_notebooks(paths, out)
+        runs, before = [], os.environ.get(SCALE_ENV)
+        os.environ[SCALE_ENV] = scale  # the kernels inherit it: the flag wins over an exported PERSVIZ_SCALE
+        models = model_files(scale)
+        try:
+            for path in tqdm(paths, desc="notebooks"):
+                if scale != SHAPESWORLD and path.stem in SHAPESWORLD_ONLY:
+                    runs.append(NotebookRun(path.stem, "skipped", error=f"left out at {scale} scale: "
+                                                                        f"{SHAPESWORLD_ONLY[path.stem]}"))
+                    continue
+                runs.append(run_notebook(path.resolve(), out, timeout, formats, scale, models))
+        finally:
+            if before is None:
+                os.environ.pop(SCALE_ENV, None)
+            else:
+                os.environ[SCALE_ENV] = before
+        write_json(out / "summary.json", {"scale": scale, "formats": list(formats), "models": models, "runs": [
+            {"notebook": r.name, "status": r.status, "seconds": r.seconds, "error": r.error,
+             "figures": [str(f.relative_to(out)) for f in r.figures],
+             "unnamed": [str(f.relative_to(out)) for f in r.unnamed]} for r in runs]})
     return runs
 
 

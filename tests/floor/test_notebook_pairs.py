@@ -1,7 +1,8 @@
 """The notebooks are jupytext pairs: notebooks/NN_name.py (percent format) is the source, NN_name.ipynb its copy.
 
-Each pair must agree cell by cell, and the committed .ipynb carries no outputs and no execution counts (run
-`jupytext --sync notebooks/*.py` after editing a .py; `persviz notebooks` writes executed copies elsewhere)."""
+Each pair must agree cell by cell (source and figure names), and the committed .ipynb carries no outputs and no
+execution counts (run `jupytext --sync notebooks/*.py` after editing a .py; `persviz notebooks` writes executed copies
+elsewhere)."""
 from pathlib import Path
 
 import jupytext
@@ -13,8 +14,9 @@ PY = sorted(NOTEBOOKS.glob("*.py"))
 IPYNB = sorted(NOTEBOOKS.glob("*.ipynb"))
 
 
-def cells(path: Path) -> list[tuple[str, str]]:
-    return [(c.cell_type, c.source.strip()) for c in jupytext.read(path).cells]
+def cells(path: Path) -> list[tuple[str, str, object]]:
+    """(type, source, figure names) of each cell: the names `persviz notebooks` gives its figures must agree too."""
+    return [(c.cell_type, c.source.strip(), c.metadata.get("figure")) for c in jupytext.read(path).cells]
 
 
 def test_every_notebook_has_its_pair():
@@ -28,7 +30,7 @@ def test_every_notebook_has_its_pair():
 def test_pair_has_the_same_cells(py):
     ipynb = py.with_suffix(".ipynb")
     a, b = cells(py), cells(ipynb)
-    assert [t for t, _ in a] == [t for t, _ in b], f"{py.name} and {ipynb.name} differ in cell types"
+    assert [t for t, *_ in a] == [t for t, *_ in b], f"{py.name} and {ipynb.name} differ in cell types"
     for i, (x, y) in enumerate(zip(a, b)):
         assert x == y, f"cell {i} differs between {py.name} and {ipynb.name}: run jupytext --sync {py}"
 

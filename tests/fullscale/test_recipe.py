@@ -64,3 +64,7 @@ def test_the_notebooks_run_at_full_scale(dog_concept, tmp_path, monkeypatch):
     assert all(s == "ok" for n, (s, _) in status.items() if n != "04_pigeon"), status
     assert status["04_pigeon"][0] == "skipped" and "ShapesWorld only" in status["04_pigeon"][1]
     assert summary["models"][SD15] != "not in the local cache"
+    unnamed = [f for r in summary["runs"] for f in r["unnamed"]]
+    assert not unnamed, f"figures without a name (add figure=... to their cell's '# %%' line): {unnamed}"
+    figures = {r["notebook"]: r["figures"] for r in summary["runs"]}
+    assert "01_semantic_collapse/norm_histogram.png" in figures["01_semantic_collapse"]
