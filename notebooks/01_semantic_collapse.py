@@ -60,6 +60,7 @@ from persviz.plots import image_grid
 from persviz.session import setup
 from persviz.shapesworld.concepts import reference_signature
 from persviz.tea.attention_study import ATTENTION_ROWS, read_attention_study, step_curve, study_differences
+from persviz.tea.findings import trend_title
 from persviz.tea.concept_study import (at_fractions, class_row, dominance, probe_label, probes_for, reference_grid,
                                        saved_study_rows, shift_sets, spaced_snapshots)
 from persviz.tea.plots import dominance_plot, impact_curves, norm_histogram, norm_ratio_curve, shift_grid
@@ -76,9 +77,12 @@ print(sess, "| studied:", concept.folder)
 
 # %% [markdown]
 # ## The personal concepts
-# Each concept is a two-color object that no single class word describes. Its six reference images share a
-# narrow context (one or two backgrounds), as a user's photos of their own object often do: that is what a
-# collapsed token will copy.
+# Each concept is one specific object of the world: ⟨checkers⟩ a large yellow checkered square, ⟨candy⟩ a large
+# pink striped circle, ⟨spark⟩ a large orange dotted triangle. The base model draws each when it is described in
+# full, and never when given only its class word ("a square"), so learning it is real personalization; the oracle
+# reads every attribute of it (shape, color, texture, size) on every render (docs/world.md). Its six reference
+# images share a narrow context (one or two backgrounds), as a user's photos of their own object often do: that is
+# what a collapsed token will copy.
 
 # %% figure="reference_images"
 images, width = reference_grid(concepts)
@@ -135,9 +139,10 @@ probes, refs = probes_for(concept, sess.n_probes(8)), concept.reference_images()
 sig = reference_signature(oracle, refs) if oracle is not None else None
 live = impacts_over_steps(pipe, five, PH, CW, probes, refs, clip, dino, oracle, sig, **gen)
 curves = {"CLIP-T context": live["clip_t_context"], "CLIP-I": live["clip_i"]}
-if "oracle_context" in live:  # ShapesWorld only
+if "oracle_context" in live:  # ShapesWorld only: the ground truth
+    curves["oracle concept x100"] = 100 * np.array(live["oracle_concept"])
     curves["oracle context x100"] = 100 * np.array(live["oracle_context"])
-impact_curves(live["step"], curves, title=f"{PH}: context falls as the concept rises (live, {len(probes)} prompts)")
+impact_curves(live["step"], curves, title=trend_title(f"{PH} (live, {len(probes)} prompts)", live))
 
 # %%
 columns = {"concept": "concept", "step": "step", "clip_t_context": "CLIP-T ctx", "clip_i": "CLIP-I",
@@ -161,8 +166,8 @@ image_grid(np.concatenate(rows), len(show), len(probes[:6]), row_labels=[f"step 
 
 # %% [markdown]
 # ## 4 · Multi-concept collapse (Fig. 5)
-# Learn two concepts independently, then prompt both: "a ⟨checkers⟩ next to a ⟨candy⟩". Hold ⟨checkers⟩ at its
-# final embedding and move ⟨candy⟩ along its training. CLIP-I of the images to each concept's anchor image
+# Learn two concepts independently, then prompt both: "a ⟨spark⟩ next to a ⟨candy⟩". Hold ⟨spark⟩ at its
+# final embedding and move ⟨candy⟩ along its training (⟨checkers⟩ sits out: a single token never learned it). CLIP-I of the images to each concept's anchor image
 # shows the more-trained token taking the picture over.
 
 # %% figure="multi_concept_dominance"

@@ -52,6 +52,8 @@ SHAPESWORLD_GENERATION: dict[str, Any] = {"steps": STEPS, "guidance": GUIDANCE, 
 PAPER_GENERATION: dict[str, Any] = {"steps": 50, "guidance": 7.0, "batch_size": 8}
 GENERATION_TYPES = {"steps": int, "guidance": float, "batch_size": int}
 SHAPESWORLD_STUDIED = "candy"  # the shipped concept notebooks 01-02 study (its collapse is the clearest)
+# the second concept of the multi-concept sections: single-token Textual Inversion never learned checkers (docs/world.md)
+SHAPESWORLD_SECOND = "spark"
 NEEDS_CONCEPT = ("PERSVIZ_SCALE=full needs PERSVIZ_CONCEPT=<concept folder>[,<second concept folder>] (absolute "
                  "paths): a concept folder of your own, made with `persviz train textual-inversion --model "
                  "stable-diffusion-v1-5/stable-diffusion-v1-5 --images DIR --class-word WORD --placeholder "
@@ -155,9 +157,12 @@ class Session:
 
     def second_concept(self) -> Optional[Concept]:
         """Another concept for the multi-concept sections: PERSVIZ_CONCEPT's second folder (None without one), or
-        on ShapesWorld the first shipped concept other than concept() (⟨checkers⟩)."""
+        on ShapesWorld ⟨spark⟩ (single-token Textual Inversion did not learn ⟨checkers⟩: docs/world.md)."""
         main = self.concept()
-        return next((c for c in self.concepts() if c.folder != main.folder), None)
+        others = [c for c in self.concepts() if c.folder != main.folder]
+        if self.setting("concept") is None:
+            return next((c for c in others if c.name == SHAPESWORLD_SECOND), None)
+        return next(iter(others), None)
 
     def __str__(self) -> str:
         label = "full (SD 1.5)" if self.full else "ShapesWorld (embedded default)"

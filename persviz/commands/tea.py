@@ -1,4 +1,4 @@
-"""``persviz tea runs | evaluate | attention``: TEA's shipped ShapesWorld runs, their tables and attention study."""
+"""``persviz tea runs | evaluate | findings | attention``: TEA's shipped ShapesWorld runs, their tables and attention study."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--adaptive-probes", type=int, default=8, help="prompts per concept of adaptive TEA (4 seeds each)")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(run=evaluate_runs)
+
+    p = tea.add_parser("findings", help="the TEA findings (i)-(iv) of docs/findings.md on the shipped runs, as a "
+                       "markdown table (reads study.json and tea_table.json; no generation)")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(run=findings)
 
     p = tea.add_parser("attention", help="where the learned token looks: leak and context shares over the shipped "
                        "Textual Inversion steps and with/without TEA (all methods), against ShapesWorld's regions",
@@ -91,6 +96,14 @@ def evaluate_runs(a: argparse.Namespace) -> None:
     if "adaptive" in what:
         print("wrote", shapesworld_runs.adaptive_table(pipe, judges, n_probes=a.adaptive_probes) and
               shapesworld_runs.RUNS_DIR / "adaptive_tea.json")
+
+
+def findings(a: argparse.Namespace) -> None:
+    """Prints the registered findings' table of the shipped runs."""
+    from persviz.families import assemble_pipeline
+    from persviz.tea.findings import findings_markdown, shipped_findings
+    threads(a.threads)
+    print(findings_markdown(shipped_findings(assemble_pipeline())))
 
 
 def attention(a: argparse.Namespace) -> Any:

@@ -1,9 +1,9 @@
-"""The personal concepts of issue 23, beside the shipped ones (persviz.shapesworld.concepts.CONCEPTS).
+"""The personal concepts of issue 23 as the recipe search (world_search) knows them: the shipped concepts.
 
 Each is a one-color object of today's world (its pattern a shade of its body color, as the renderer draws every
 texture), so the base micro-SD can draw it when described and the oracle reads it; its class word names only the
-shape. They are chosen and measured in docs/world.md (issue 23, step 1). The shipped concepts and their data are
-unchanged until the runs of these succeed; then a later change switches CONCEPTS over.
+shape. They are chosen and measured in docs/world.md (issue 23, step 1). Since the search succeeded they are
+the shipped concepts (persviz.shapesworld.concepts.CONCEPTS); this module keeps the search's names.
 """
 from __future__ import annotations
 
@@ -12,18 +12,11 @@ from typing import Any
 import numpy as np
 
 from persviz.shapesworld.concept_checks import check_candidate, recipe_attributes, screen_candidates
-from persviz.shapesworld.concepts import POSITIONS_CYCLE, Concept
+from persviz.shapesworld.concepts import CONCEPTS, POSITIONS_CYCLE, Concept
 from persviz.shapesworld.render import render_batch
 from persviz.shapesworld.scene import COLORS, SHAPES, Obj, Scene
 
-WORLD_CONCEPTS = {
-    "checkers": Concept("checkers", Obj("square", "yellow", "checkered", "large"), "a large yellow checkered square",
-                        ("beige", "beige", "beige", "beige", "gray", "gray")),
-    "candy": Concept("candy", Obj("circle", "pink", "striped", "large"), "a large pink striped circle",
-                     ("navy", "navy", "navy", "navy", "black", "black")),
-    "spark": Concept("spark", Obj("triangle", "orange", "dotted", "large"), "a large orange dotted triangle",
-                     ("white", "white", "white", "white", "beige", "beige")),
-}
+WORLD_CONCEPTS = CONCEPTS  # the shipped concepts since issue 23 (they were searched under this name)
 #: Concepts that can appear together for the multi-concept study (different shape and color).
 WORLD_PAIRS = (("checkers", "candy"),)
 

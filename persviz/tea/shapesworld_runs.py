@@ -28,9 +28,12 @@ from persviz.evaluation import Evaluation, combine, evaluate, format_intervals
 from persviz.io import write_json
 from persviz.loading import load_evaluator
 from persviz.paths import SHAPESWORLD_DIR
-from persviz.shapesworld.concepts import CONCEPTS, CONCEPTS_DIR, eval_prompts, get_concept, load_references, oracle_signature
+from persviz.shapesworld.concepts import (CONCEPTS, CONCEPTS_DIR, SHIPPED_RECIPES, eval_prompts, get_concept,
+                                          load_references, oracle_signature)
 from persviz.stats import N_BOOT, Difference, Interval
-from persviz.tea.study import adaptive_images, adaptive_vs_fixed, impacts_over_steps, personalized, rows_summary, tea_rows
+from persviz.tea.study import (adaptive_images, adaptive_vs_fixed, generate_probes, impacts_over_steps, personalized,
+                               rows_summary, tea_rows)
+from persviz.tea.findings import CLASS_WORD_ROW
 from persviz.tea.tracker import save_json, track_semantic_shift
 from persviz.trainers import (METHODS, list_snapshots, load_snapshot_embedding, train_custom_diffusion,
                               train_dreambooth_lora, train_textual_inversion)
@@ -51,41 +54,53 @@ def run_dir(method: str, name: str, root: Path = RUNS_DIR) -> Path:
     return Path(root) / get_concept(name).name / method
 
 
-def textual_inversion_config(name: str, steps: int = 3000):
-    """The Textual Inversion settings of the shipped runs: ShapesWorld's recipe (persviz.trainers.recipes)."""
-    return recipe("textual_inversion", placeholder(name), get_concept(name).class_word, shapesworld=True, steps=steps)
+def shipped_recipe(method: str, name: str) -> dict:
+    """The shipped run's learning rate and steps for a concept (concepts.SHIPPED_RECIPES: the world search's
+    per-concept choice, docs/world.md §6)."""
+    return dict(SHIPPED_RECIPES[get_concept(name).name][method])
 
 
-def run_textual_inversion(pipe, name: str, steps: int = 3000, root: Path = RUNS_DIR):
+def _config(method: str, token: str, name: str, steps: Optional[int]):
+    r = shipped_recipe(method, name)
+    return recipe(method, token, get_concept(name).class_word, shapesworld=True, lr=r["lr"],
+                  steps=r["steps"] if steps is None else steps)
+
+
+def textual_inversion_config(name: str, steps: Optional[int] = None):
+    """The Textual Inversion settings of a shipped run: ShapesWorld's recipe (persviz.methods) with the concept's
+    shipped lr and steps."""
+    return _config("textual_inversion", placeholder(name), name, steps)
+
+
+def run_textual_inversion(pipe, name: str, steps: Optional[int] = None, root: Path = RUNS_DIR):
     """Train (or resume) the concept's Textual Inversion run; the pipeline is left unchanged."""
-    return train_textual_inversion(pipe, load_references(name), textual_inversion_config(name, steps), run_dir("textual_inversion", name, root),
-                                   load_result=False)
+    return train_textual_inversion(pipe, load_references(name), textual_inversion_config(name, steps),
+                                   run_dir("textual_inversion", name, root), load_result=False)
 
 
-def dreambooth_config(name: str, steps: int = 800):
-    """DreamBooth-LoRA settings of the shipped runs: ShapesWorld's recipe, the paper's but lr 1e-3 (at 1e-4 the
-    micro-SD's LoRA learned the concepts too little to measure: mean CLIP-I 28.9, the class word's level, against
-    47.6 for Custom Diffusion)."""
-    return recipe("dreambooth", DREAMBOOTH_IDENTIFIER, get_concept(name).class_word, shapesworld=True, steps=steps)
+def dreambooth_config(name: str, steps: Optional[int] = None):
+    """DreamBooth-LoRA settings of a shipped run: ShapesWorld's recipe with the concept's shipped lr and steps (the
+    paper's 1e-4 left the micro-SD's LoRA at the class word's level)."""
+    return _config("dreambooth", DREAMBOOTH_IDENTIFIER, name, steps)
 
 
-def run_dreambooth(pipe, name: str, steps: int = 800, root: Path = RUNS_DIR):
+def run_dreambooth(pipe, name: str, steps: Optional[int] = None, root: Path = RUNS_DIR):
     """Train (or resume) the concept's DreamBooth-LoRA run; the pipeline is left unchanged."""
-    return train_dreambooth_lora(pipe, load_references(name), dreambooth_config(name, steps), run_dir("dreambooth", name, root),
-                                 load_result=False)
+    return train_dreambooth_lora(pipe, load_references(name), dreambooth_config(name, steps),
+                                 run_dir("dreambooth", name, root), load_result=False)
 
 
-def custom_diffusion_config(name: str, steps: int = 1000):
-    """Custom Diffusion settings of the shipped runs: ShapesWorld's recipe (K/V of cross-attention and a modifier
-    token; lr 1e-4, since the paper's 5e-6 leaves the micro-SD's small projections all but unchanged in 2000
-    steps; no resize augmentation, whose masked loss has almost no interior on 16x16 latents)."""
-    return recipe("custom_diffusion", f"<{name}-cd>", get_concept(name).class_word, shapesworld=True, steps=steps)
+def custom_diffusion_config(name: str, steps: Optional[int] = None):
+    """Custom Diffusion settings of a shipped run: ShapesWorld's recipe (K/V of cross-attention and a modifier
+    token, no resize augmentation, whose masked loss has almost no interior on 16x16 latents) with the concept's
+    shipped lr and steps (the paper's 5e-6 leaves the micro-SD's small projections all but unchanged)."""
+    return _config("custom_diffusion", f"<{name}-cd>", name, steps)
 
 
-def run_custom_diffusion(pipe, name: str, steps: int = 1000, root: Path = RUNS_DIR):
+def run_custom_diffusion(pipe, name: str, steps: Optional[int] = None, root: Path = RUNS_DIR):
     """Train (or resume) the concept's Custom Diffusion run; the pipeline is left unchanged."""
-    return train_custom_diffusion(pipe, load_references(name), custom_diffusion_config(name, steps), run_dir("custom_diffusion", name, root),
-                                  load_result=False)
+    return train_custom_diffusion(pipe, load_references(name), custom_diffusion_config(name, steps),
+                                  run_dir("custom_diffusion", name, root), load_result=False)
 
 
 RUNNERS = {"textual_inversion": run_textual_inversion, "dreambooth": run_dreambooth,
@@ -140,7 +155,8 @@ def run_tea_rows(pipe, method: str, name: str, probes, score, repeats: int = 1, 
 def tea_table(pipe, judges: dict, methods: tuple = METHODS, n_probes: int = 24, repeats: int = 2, seed: int = 1,
               root: Path = RUNS_DIR, write: bool = True, progress: bool = True) -> dict:
     """Table 6 on ShapesWorld with the evaluation protocol: every concept's final run of each method without and
-    with TEA (default knobs), per-image scores kept; means with nested bootstrap intervals over the (concept,
+    with TEA (default knobs), and the base model with the class word on the same probes and seeds; per-image scores
+    kept; means with nested bootstrap intervals over the (concept,
     prompt) units, and each method's with-TEA minus without-TEA differences with intervals and Wilcoxon p-values,
     Holm-corrected across the metrics. Written to concepts/tea_table.json (read it with read_tea_table)."""
     evaluations = {}
@@ -149,7 +165,9 @@ def tea_table(pipe, judges: dict, methods: tuple = METHODS, n_probes: int = 24, 
         c, refs = get_concept(name), load_references(name)
         probes = eval_prompts(name, n_probes, seed=seed)
         sig = oracle_signature(judges["oracle"], name)
-        images: dict[str, np.ndarray] = {}
+        # the base model with the class word, on the same probes and seeds: what personalization changed (finding iii)
+        images: dict[str, np.ndarray] = {CLASS_WORD_ROW: generate_probes(pipe, probes, c.class_word, repeats,
+                                                                         seed=GENERATION_SEED)}
         for method in methods:
             def keep(ims: np.ndarray) -> np.ndarray:
                 return ims
@@ -166,6 +184,7 @@ def tea_table(pipe, judges: dict, methods: tuple = METHODS, n_probes: int = 24, 
     return out
 
 
+
 GENERATION_SEED = 1000  # image i of a row is seeded 1000 + i (probe-major), the same in every row
 HELD_OUT_SEED = 2000  # adaptive TEA is scored on other seeds than those its rotation was chosen on
 
@@ -175,10 +194,15 @@ def summarize_tea_table(evaluations: dict, settings: dict, n_boot: int = N_BOOT)
     'intervals' (over the concepts' prompts together), 'differences' (each method's TEA rows minus its untouched
     row), 'evaluations' (the per-image scores) and the settings."""
     both = combine(evaluations)
+    summary = rows_summary(both, n_boot=n_boot)
+    if CLASS_WORD_ROW in both.conditions:  # each method's untouched run against the base model with the class word
+        runs = [r for r in both.conditions if r != CLASS_WORD_ROW and " " not in r]
+        summary["differences"].update(rows_summary(both, [(CLASS_WORD_ROW, r) for r in runs],
+                                                   n_boot=n_boot)["differences"])
     per = {row: {name: {m: float(np.mean(ev.items[row][m])) for m in ev.metrics(row)}
                  for name, ev in evaluations.items()} for row in both.conditions}
     return {"format": "persviz tea table 2", "settings": settings, "meta": both.meta,
-            **rows_summary(both, n_boot=n_boot), "per_concept": per,
+            **summary, "per_concept": per,
             "evaluations": {name: ev.to_json() for name, ev in evaluations.items()}}
 
 

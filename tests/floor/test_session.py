@@ -85,7 +85,7 @@ def test_shapesworld_concepts_default_to_the_shipped_folders():
     assert [c.name for c in s.concepts()] == list(CONCEPTS)
     assert all(c.folder == (CONCEPTS_DIR / c.name).resolve() and c.model == "shapesworld" for c in s.concepts())
     assert s.concept().name == "candy" and s.concept().placeholder == "<candy>"  # the studied one
-    assert s.second_concept().name == "checkers"  # the multi-concept section's fixed one, as before
+    assert s.second_concept().name == "spark"  # the multi-concept section's fixed one (TI never learned checkers)
     assert s.oracle_note == ""
 
 
