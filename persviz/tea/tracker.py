@@ -330,6 +330,32 @@ def track_semantic_shift(
 # ----------------------------------------------------------------------------- output
 
 
+def spread_by_position(pipe: Pipeline, vector: Any, prompts: Sequence[str] | str, placeholder: str,
+                       class_word: str) -> dict[str, float]:
+    """Where the intra-set spread of P_V* sits (docs/findings.md, finding ii): the mean squared L2 distance of the
+    prompts' last hidden states to their mean (the full 77 x D state, as the tracker), split over token positions
+    by where each lies in its prompt: before V*, at V*, after V* (a causal encoder's tokens after V* read it), and
+    the padding past the prompt's end. The parts add up to 'total' (half the mean pairwise squared distance)."""
+    prompts = _prompt_set(prompts, "prompts")
+    rows = _rows(vector, "vector")
+    enc = _PromptEncoder(pipe, placeholder, class_word, rows.shape[0], "full", 64)
+    texts = [p.replace(PLACEHOLDER, " ".join(enc.tokens)) for p in prompts]
+    with _EvalMode(enc.encoder):
+        h = enc.encode(texts, rows).double().cpu()
+    n, length = h.shape[0], enc.tok.model_max_length
+    h = h.reshape(n, length, -1)
+    dev = ((h - h.mean(0, keepdim=True)) ** 2).sum(-1)  # [N, L]: each prompt's squared deviation per position
+    ids = enc.tok(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+    at = torch.isin(ids, torch.tensor(enc.ids))
+    first = at.int().argmax(1, keepdim=True)
+    pos = torch.arange(length)[None]
+    ends = (ids == enc.tok.eos_token_id).int().argmax(1, keepdim=True)
+    parts = {"before": pos < first, "at": at, "after": (pos > first) & ~at & (pos <= ends), "padding": pos > ends}
+    out = {k: float((dev * m).sum() / n) for k, m in parts.items()}
+    out["total"] = float(dev.sum() / n)
+    return out
+
+
 def to_shift_grid(track: Mapping[str, list]) -> tuple[list, dict[str, dict[str, list]]]:
     """(steps, {metric: {curve: values}}) for ``persviz.tea.plots.shift_grid``; curves with missing values are left out."""
     labels = {"inter": "inter d(P_V*, P_c)", "intra_vstar": "intra d(P_V*)", "intra_class": "intra d(P_c)",

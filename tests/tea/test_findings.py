@@ -97,3 +97,26 @@ def test_findings_markdown_marks_failures():
     md = F.findings_markdown([F.Finding("i", "norm drift", True, summary="a"), F.Finding("ii", "spread", False),
                               F.Finding("iii", "context", None)])
     assert "| (i) | norm drift | holds | a |" in md and "**fails**" in md and "not measured" in md
+
+
+def test_spread_by_position_adds_up_and_matches_scipy_at_the_class_word(shapesworld_pipeline):
+    import torch
+    from scipy.spatial.distance import pdist
+    from persviz.tea.tracker import spread_by_position
+    pipe = shapesworld_pipeline
+    prompts = ["a {} on a black background", "a {} at the left next to a red cross on a white background",
+               "a {} on a gray background", "a {} at the right next to a blue square on a navy background"]
+    row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("circle</w>")]
+    parts = spread_by_position(pipe, row.detach(), prompts, "<x>", "circle")
+    assert parts["total"] == pytest.approx(parts["before"] + parts["at"] + parts["after"] + parts["padding"])
+    # V* = the class word's row: the states are those of the prompts with the class word, encoded directly
+    ids = pipe.tokenizer([p.format("circle") for p in prompts], padding="max_length", truncation=True,
+                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        h = pipe.text_encoder(ids)[0].double().reshape(len(prompts), -1).numpy()
+    n = len(prompts)
+    half_mean_pairwise = (pdist(h, "sqeuclidean").sum() * 2) / (2 * n * n)  # ordered pairs, i = j included
+    assert parts["total"] == pytest.approx(half_mean_pairwise, rel=1e-6)
+    # one prompt repeated: no spread anywhere
+    same = spread_by_position(pipe, row.detach(), [prompts[0]] * 3, "<x>", "circle")
+    assert same["total"] == pytest.approx(0.0, abs=1e-9)
