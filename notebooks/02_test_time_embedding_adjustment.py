@@ -69,7 +69,7 @@ from persviz.tea.sweep import SWEEP_JSON
 from persviz.tea.sweep_effects import sweep_arrays, sweep_effects
 from persviz.tea.study import adaptive_vs_fixed, generate_probes, learned_embedding, score_images, tea_sweep
 from persviz.tea.widgets import SnapshotExplorer, TEAExplorer, make_tea_generate_fn
-from persviz.tables import table
+from persviz.tables import differences_text, table
 
 sess = setup()  # PERSVIZ_SCALE=full: SD 1.5 (no oracle) with your concept folder in PERSVIZ_CONCEPT
 pipe, clip, dino, oracle = sess.pipe, sess.clip, sess.dino, sess.oracle
@@ -178,23 +178,17 @@ if sweep is not None:
 shown
 
 # %% [markdown]
-# **What ⟨candy⟩'s sweep says** (48 prompts × 2 seeds per cell, 18 cells; 3 metrics × 17 cells = 51 paired
-# comparisons with the untouched token, Holm over all 51):
-#
-# - A cell's own 95 % interval is 5–7 CLIP-T points wide (CLIP-I 6–9), against a spread of 9.5 (CLIP-I 15.6) over
-#   the grid: neighbouring cells cannot be told apart by their intervals alone. Paired on the same prompts and
-#   seeds the comparisons are much sharper, and 22 of the 51 hold.
-# - **Rotation works, and costs fidelity.** From rotation 0.6 on (and at scale 1 from 0.4) the context CLIP-T rises
-#   by 6–9.5 points and CLIP-I falls by 7–15; at rotation 1 the concept is gone (CLIP-I −13 to −15).
-# - **Scale alone** (rotation 0, scale 1) raises the context CLIP-T by 6.9 and lowers CLIP-I by 11.3, both real.
-# - **The paper's Textual Inversion knobs (0.2, 0.5)** change nothing that holds on ⟨candy⟩: context CLIP-T +1.9
-#   [−0.5, +4.6], oracle context +0.06 [−0.02, +0.16], CLIP-I −0.5 [−2.5, +1.5] (the three-concept table above
-#   pools more prompts and does find TEA's oracle gain).
-# - **The oracle's context reading** rises with rotation and scale (up to +0.17), but only rotation 1, scale 1
-#   holds after correction (+0.17 [+0.05, +0.28]); everywhere else the gain is within noise.
-#
-# Notebook 02 ran this sweep before as 8 prompts × 1 seed: its cells moved by noise of the size of these
-# intervals, which is why it showed no monotone trend.
+# **How to read the sweep.** A cell's own 95 % interval is wide; paired on the same prompts and seeds against the
+# untouched token (rotation 0, scale 0), the comparisons are much sharper, and the table above lists the ones that
+# hold after Holm's correction over every cell and metric. The paper's Textual Inversion knobs are the cell
+# (0.2, 0.5):
+
+# %%
+if sweep is not None:
+    knobs = [e for e in effects if e["cell"] == "rotation 0.2, scale 0.5"]
+    print(table(knobs, ["cell", "metric", "difference", "low", "high", "p_holm", "holds"],
+                formats={"difference": "+.3f", "low": "+.3f", "high": "+.3f", "p_holm": ".2g"})
+          if knobs else "the saved sweep has no cell at the paper's knobs (0.2, 0.5)")
 
 # %% [markdown]
 # A small live slice of the same sweep (3 rotations at scale 0.5, the notebook's 8 prompts × 1 seed), to see
@@ -253,21 +247,14 @@ if diffs:
 fig if diffs else None
 
 # %% [markdown]
-# **What the shipped table says** (72 prompts × 2 seeds; differences with 95 % intervals, Holm p):
-#
-# - **Textual Inversion: TEA's effect is real on both judges, in opposite directions.** The oracle reads the
-#   context right more often (+0.10 [+0.03, +0.17], p 0.02) and the full-prompt CLIP-T rises (+3.8 [+1.9, +5.8]),
-#   while the CLIP-T of the context part falls (−2.8 [−4.8, −0.7], p 0.01) and DINO-I drops a little (−0.05,
-#   p 0.04). CLIP-I does not move beyond noise (+2.1 [−1.1, +5.4], p 1). The oracle is the ground truth here; the
-#   micro CLIP's context score is not.
-# - **DreamBooth-LoRA: prompt-level TEA brings no context back** (oracle −0.01 [−0.04, 0], context CLIP-T +0.2
-#   [−0.7, +1.0], both p 1) and costs concept fidelity (CLIP-I −1.4 [−2.5, −0.6], p 1e-4). Aligned against
-#   unaligned pairing: context CLIP-T −0.09 [−0.38, +0.16], oracle context identical; no difference that matters.
-# - **Custom Diffusion: nothing but the concept-part CLIP-T moves** (+1.0 [+0.4, +1.7], p 0.002): its collapse
-#   lives in the cross-attention K/V weights, which TEA does not touch.
-#
-# The earlier version of this table (12 prompts, means only) read "0.60 → 0.68" for the oracle context of
-# Textual Inversion; with twice the prompts it is 0.58 → 0.67, and now we know the gain is not noise.
+# **What the shipped table says.** Each method's TEA rows against its untouched row, and (on ShapesWorld) each run
+# against the base model given only the class word, paired on the same prompts and seeds. A difference *holds* when
+# its 95 % interval is clear of 0 and Holm's p is below 0.05. The oracle is the ground truth; where the micro CLIP's
+# context score moves the other way, the two judges disagree, and the oracle decides.
+
+# %%
+print(differences_text(diffs, ["oracle_context", "oracle_concept", "clip_t_context", "clip_i", "dino_i"])
+      if diffs else "no saved differences")
 
 # %% [markdown]
 # ## Beyond the paper: adaptive TEA
@@ -311,12 +298,12 @@ if adiffs:  # CLIP points on the left, cosines and rates on the right (one unit 
 fig if adiffs else None
 
 # %% [markdown]
-# **What it says** (24 prompts × 4 held-out seeds, Holm across the metrics): adaptive TEA reaches what it aims
-# at, the context CLIP-T, +3.0 [+0.8, +5.3] over the fixed knobs (p 0.047), while CLIP-I does not fall beyond
-# noise (−1.7 [−5.3, +1.6]). The oracle, though, reads the context no better (−0.03 [−0.11, +0.04]): the gain is
-# in the micro CLIP's judgement only. Scored on the same seeds its rotations were chosen on, the context gain
-# looked twice as large (+6.1): half of it was selection on noise, which is why the shipped comparison scores
-# on other seeds.
+# **What it says**, computed from the shipped comparison (held-out seeds; Holm across the metrics). Adaptive TEA
+# aims at the context CLIP-T; the oracle says whether the context really comes back.
+
+# %%
+print(differences_text(adiffs, ["oracle_context", "oracle_concept", "clip_t_context", "clip_i"])
+      if adiffs else "no shipped comparison at this scale")
 
 # %% [markdown]
 # ## Where V* looks, with and without TEA
@@ -352,11 +339,9 @@ if oracle is not None:
     table(rows, title="with TEA minus without, per method (72 prompts × 2 seeds; Holm across each run's metrics)")
 
 # %% [markdown]
-# **What it says.** TEA re-aims V* but does not hand the context words their attention back. At step 3000 it
-# lowers V*'s share (−0.011 [−0.015, −0.007]) and its leak beyond a uniform map's (−0.024 [−0.034, −0.015], back to
-# the class word's level), and the object is drawn where the prompt asks more often (+0.15 [+0.07, +0.24]); the
-# context words' share stays where collapse left it (−0.004 [−0.010, +0.001]). For DreamBooth (prompt-level TEA at
-# rotation 0.1) and Custom Diffusion every change is below 0.012, however small its p-value.
+# **Reading it.** A fix that works on attention lowers V*'s share and its leak beyond a uniform map's back toward the
+# class word's level and gives the context words their share back; the table above says, per method, which of these
+# moved beyond noise.
 
 # %% [markdown]
 # ## Turn the knobs yourself

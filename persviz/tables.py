@@ -118,4 +118,22 @@ def table(rows: Union[Sequence[Mapping[str, Any]], Mapping[str, Mapping[str, Any
     return Table(tuple(header), tuple(tuple(r) for r in cells), tuple(numeric), title)
 
 
-__all__ = ["Table", "format_value", "table"]
+def differences_text(diffs: Mapping[str, Mapping[str, Any]], metrics: Optional[Sequence[str]] = None,
+                     labels: Optional[Mapping[str, str]] = None, alpha: float = 0.05) -> str:
+    """What paired differences say, one line per comparison: each metric's mean [95 % interval] and whether it
+    holds (interval clear of 0 and Holm p < alpha) or is within noise. `diffs`: {comparison: {metric: Difference}}
+    (persviz.stats; anything with mean, low, high and p_holm)."""
+    labels = labels or {}
+    lines = []
+    for name, by in diffs.items():
+        parts = []
+        for m in [m for m in (metrics or by) if m in by]:
+            d = by[m]
+            real = (d.low > 0 or d.high < 0) and d.p_holm < alpha
+            parts.append(f"{labels.get(m, m)} {d.mean:+.3g} [{d.low:+.3g}, {d.high:+.3g}]"
+                         + (f" holds (Holm p {d.p_holm:.2g})" if real else " within noise"))
+        lines.append(f"{name}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+__all__ = ["Table", "differences_text", "format_value", "table"]

@@ -43,3 +43,14 @@ def test_default_columns_index_none_and_errors():
     with pytest.raises(ValueError, match="not shown"):
         table([{"a": 1}], ["a"], formats={"b": ".1f"})
     assert format_value(True) == "True" and format_value(3, ".1f") == "3.0" and format_value(None) == "-"
+
+
+def test_differences_text_says_which_differences_hold():
+    from persviz.stats import Difference
+    from persviz.tables import differences_text
+    diffs = {"ti TEA - ti": {"oracle_context": Difference(0.10, 0.03, 0.17, 24, 48, p=0.004, p_holm=0.02),
+                             "clip_i": Difference(2.1, -1.1, 5.4, 24, 48, p=0.3, p_holm=1.0),
+                             "dino_i": Difference(-0.05, -0.09, -0.01, 24, 48, p=0.03, p_holm=0.09)}}
+    text = differences_text(diffs, ["oracle_context", "clip_i", "dino_i"], {"oracle_context": "oracle context"})
+    assert text == ("ti TEA - ti: oracle context +0.1 [+0.03, +0.17] holds (Holm p 0.02); clip_i +2.1 [-1.1, +5.4] "
+                    "within noise; dino_i -0.05 [-0.09, -0.01] within noise")
