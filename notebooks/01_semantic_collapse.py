@@ -59,7 +59,7 @@ from persviz.generation import generate
 from persviz.plots import image_grid
 from persviz.session import setup
 from persviz.shapesworld.concepts import reference_signature
-from persviz.tea.attention_study import ATTENTION_ROWS, read_attention_study, step_curve, study_differences
+from persviz.tea.attention_study import ATTENTION_ROWS, att_size, read_attention_study, step_curve, study_differences
 from persviz.tea.findings import trend_title
 from persviz.tea.concept_study import (at_fractions, class_row, dominance, probe_label, probes_for, reference_grid,
                                        saved_study_rows, shift_sets, spaced_snapshots)
@@ -231,7 +231,7 @@ else:
 if oracle is not None:
     diffs = study_differences(att, "textual_inversion step 0", "textual_inversion step 3000")
     table(difference_rows({m: d for m, d in diffs.items() if m in ATTENTION_ROWS}),
-          title="V* at step 3000 minus the class word (step 0), the three concepts' 72 prompts × 2 seeds")
+          title=f"V* at step 3000 minus the class word (step 0), {att_size(att)}")
 
 # %% [markdown]
 # **What the study says**, computed from `attention_study.json` (intervals 95 %, Holm across the measures): V*'s

@@ -60,7 +60,7 @@ from persviz.session import setup
 from persviz.shapesworld.concepts import reference_signature
 from persviz.tea.adjust import DEFAULTS, slerp_adjust
 from persviz.tea.attention_explorer import AttentionExplorer, make_attention_maps_fn
-from persviz.tea.attention_study import read_attention_study, step_curve, study_differences
+from persviz.tea.attention_study import att_size, read_attention_study, step_curve, study_differences
 from persviz.tea.concept_study import probes_for, saved_study, saved_tea_table, spaced_snapshots, tea_table
 from persviz.tea.pipeline import tea
 from persviz.tea.plots import before_after_grid, impact_curves, sweep_heatmap, sweep_lines
@@ -336,7 +336,7 @@ if oracle is not None:
         for m, d in study_differences(att, a, b).items():
             if m in ("vstar_leak_excess", "context_share", "background_inside", "second_inside", "vstar_share"):
                 rows.append({"run": a, **difference_rows({m: d})[0]})
-    table(rows, title="with TEA minus without, per method (72 prompts × 2 seeds; Holm across each run's metrics)")
+    table(rows, title=f"with TEA minus without, per method ({att_size(att)}; Holm across each run's metrics)")
 
 # %% [markdown]
 # **Reading it.** A fix that works on attention lowers V*'s share and its leak beyond a uniform map's back toward the

@@ -325,6 +325,13 @@ def gather_study(results: Mapping[str, Any], cells: Sequence[Mapping[str, Any]],
     return out
 
 
+def att_size(study: dict) -> str:
+    """What a read attention study pooled: '72 prompts × 2 seeds' (concepts × probes, and seeds per probe)."""
+    n = len(study.get("all", {}).get("evaluations", {})) or 1
+    st = study["settings"]
+    return f"{n * st['probes']} prompts × {st['repeats']} seeds"
+
+
 def read_attention_study(path: PathLike = STUDY_JSON) -> dict:
     """attention_study.json with its per-image measures as Evaluations (under 'all' / 'two_object' ->
     'evaluations': {concept: Evaluation})."""
@@ -373,6 +380,6 @@ def step_curve(study: Mapping[str, Any], metric: str, with_tea: bool = False, pa
     return {"step": a[:, 0].astype(int), "mean": a[:, 1], "low": a[:, 2], "high": a[:, 3]}
 
 
-__all__ = ["ATTENTION_ROWS", "FORMAT", "STUDY_JSON", "cell_measures", "comparisons", "condition_name",
+__all__ = ["ATTENTION_ROWS", "FORMAT", "STUDY_JSON", "att_size", "cell_measures", "comparisons", "condition_name",
            "context_words", "gather_study", "generate_with_maps", "image_measures", "layout", "loaded_cell", "placed",
            "read_attention_study", "run_attention_study", "step_curve", "study_cells", "study_differences"]
