@@ -29,6 +29,7 @@ CONCEPTS_DIR = SHAPESWORLD_DIR / "concepts"
 
 # ----------------------------------------------------------------------------- TEA (persviz.tea.attention_study)
 ATTENTION_STUDY_JSON = CONCEPTS_DIR / "attention_study.json"
+CLASS_WORD_ROW = "class word"  # the tea table's row of the base model prompted with the class word alone
 ATTENTION_STEP_EVERY = 300  # Textual Inversion steps between the attention study's snapshots
 
 # ----------------------------------------------------------------------------- FineXL (persviz.finexl)

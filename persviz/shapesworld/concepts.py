@@ -58,11 +58,11 @@ CONCEPTS = {
 #: (docs/world.md §6); everything else is ShapesWorld's recipe (persviz.methods). Textual Inversion on checkers
 #: failed at every grid point and keeps round 1's recipe (the amendment of §6).
 SHIPPED_RECIPES = {
-    "checkers": {"textual_inversion": {"lr": 1e-3, "steps": 3000}, "dreambooth": {"lr": None, "steps": None},
+    "checkers": {"textual_inversion": {"lr": 1e-3, "steps": 3000}, "dreambooth": {"lr": 3e-3, "steps": 400},
                  "custom_diffusion": {"lr": None, "steps": None}},
-    "candy": {"textual_inversion": {"lr": 1e-3, "steps": 3000}, "dreambooth": {"lr": None, "steps": None},
+    "candy": {"textual_inversion": {"lr": 1e-3, "steps": 3000}, "dreambooth": {"lr": 1e-3, "steps": 800},
               "custom_diffusion": {"lr": None, "steps": None}},
-    "spark": {"textual_inversion": {"lr": 1e-3, "steps": 3000}, "dreambooth": {"lr": None, "steps": None},
+    "spark": {"textual_inversion": {"lr": 1e-3, "steps": 3000}, "dreambooth": {"lr": 3e-3, "steps": 400},
               "custom_diffusion": {"lr": None, "steps": None}},
 }
 #: The methods whose shipped run of a concept met the personalization target (the oracle finds the concept in >= 80 %

@@ -13,12 +13,12 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from persviz.constants import CLASS_WORD_ROW
 from persviz.evaluation import Evaluation, combine
 from persviz.metrics import spearman
 from persviz.stats import N_BOOT, Difference
 from persviz.tea.inspect_file import TAIL
 
-CLASS_WORD_ROW = "class word"  # the tea table's row of the base model with the class word (shapesworld_runs)
 NORM_RHO, SHIFT_RHO = 0.8, 0.5  # the registered rank-correlation thresholds of (i) and (ii)
 
 
@@ -185,8 +185,10 @@ def shipped_findings(pipe: Any, n_boot: int = N_BOOT) -> list[Finding]:
     from persviz.shapesworld.concepts import CONCEPTS, LEARNED_BY
     from persviz.tea.shapesworld_runs import read_tea_table, run_dir
     from persviz.tea.tracker import load_json
-    studies = {n: load_json(run_dir("textual_inversion", n) / "study.json") for n in CONCEPTS}
-    learned = [n for n in CONCEPTS if "textual_inversion" in LEARNED_BY[n]]
+    from persviz.methods import METHODS, get_method
+    studied = next(m for m in METHODS if get_method(m).row_snapshots)  # the method whose runs keep every row
+    studies = {n: load_json(run_dir(studied, n) / "study.json") for n in CONCEPTS}
+    learned = [n for n in CONCEPTS if studied in LEARNED_BY[n]]
     return all_findings(studies, read_tea_table(), vocabulary_norms(pipe), learned, n_boot=n_boot)
 
 

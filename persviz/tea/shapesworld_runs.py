@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from persviz.families import text_stack
 from persviz.methods import get_method
+from persviz.constants import CLASS_WORD_ROW
 from persviz.evaluation import Evaluation, combine, evaluate, format_intervals
 from persviz.io import write_json
 from persviz.loading import load_evaluator
@@ -33,7 +34,6 @@ from persviz.shapesworld.concepts import (CONCEPTS, CONCEPTS_DIR, SHIPPED_RECIPE
 from persviz.stats import N_BOOT, Difference, Interval
 from persviz.tea.study import (adaptive_images, adaptive_vs_fixed, generate_probes, impacts_over_steps, personalized,
                                rows_summary, tea_rows)
-from persviz.tea.findings import CLASS_WORD_ROW
 from persviz.tea.tracker import save_json, track_semantic_shift
 from persviz.trainers import (METHODS, list_snapshots, load_snapshot_embedding, train_custom_diffusion,
                               train_dreambooth_lora, train_textual_inversion)
