@@ -30,6 +30,8 @@ def add_parser(sub: Any) -> None:
                    "method), 'adaptive' (adaptive against fixed TEA on the Textual Inversion runs)")
     p.add_argument("--probes", type=int, default=24, help="prompts per concept of the table (2 seeds each; default 24)")
     p.add_argument("--adaptive-probes", type=int, default=8, help="prompts per concept of adaptive TEA (4 seeds each)")
+    p.add_argument("--work", default=None, help="keep the table's images per concept and method in this folder and "
+                   "resume from them (delete it when the runs change)")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(run=evaluate_runs)
 
@@ -91,7 +93,8 @@ def evaluate_runs(a: argparse.Namespace) -> None:
         raise SystemExit(f"no shipped run in {missing[0]}; train it with `persviz tea runs`")
     pipe, judges = assemble_pipeline(), shapesworld_runs.evaluators()
     if "table" in what:
-        print("wrote", shapesworld_runs.tea_table(pipe, judges, n_probes=a.probes) and
+        print("wrote", shapesworld_runs.tea_table(pipe, judges, n_probes=a.probes,
+                                                        work=Path(a.work) if a.work else None) and
               shapesworld_runs.RUNS_DIR / "tea_table.json")
     if "adaptive" in what:
         print("wrote", shapesworld_runs.adaptive_table(pipe, judges, n_probes=a.adaptive_probes) and

@@ -26,7 +26,7 @@ from persviz.families import text_stack
 from persviz.methods import get_method
 from persviz.constants import CLASS_WORD_ROW
 from persviz.evaluation import Evaluation, combine, evaluate, format_intervals
-from persviz.io import write_json
+from persviz.io import atomic_write, write_json
 from persviz.loading import load_evaluator
 from persviz.paths import SHAPESWORLD_DIR
 from persviz.shapesworld.concepts import (CONCEPTS, CONCEPTS_DIR, SHIPPED_RECIPES, eval_prompts, get_concept,
@@ -152,13 +152,32 @@ def run_tea_rows(pipe, method: str, name: str, probes, score, repeats: int = 1, 
         return tea_rows(pipe, method, word, token, get_concept(name).class_word, probes, score, repeats, seed)
 
 
+def _cached(work: Optional[Path], name: str, part: str, make) -> dict[str, np.ndarray]:
+    """make() -> {row: images}, kept as work/<name>/<part>.npz (written atomically) and read back on a later call."""
+    if work is None:
+        return make()
+    path = Path(work) / name / f"{part.replace(' ', '_')}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    out = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **out)
+    atomic_write(path, save)
+    return out
+
+
 def tea_table(pipe, judges: dict, methods: tuple = METHODS, n_probes: int = 24, repeats: int = 2, seed: int = 1,
-              root: Path = RUNS_DIR, write: bool = True, progress: bool = True) -> dict:
+              root: Path = RUNS_DIR, write: bool = True, progress: bool = True, work: Optional[Path] = None) -> dict:
     """Table 6 on ShapesWorld with the evaluation protocol: every concept's final run of each method without and
     with TEA (default knobs), and the base model with the class word on the same probes and seeds; per-image scores
     kept; means with nested bootstrap intervals over the (concept,
     prompt) units, and each method's with-TEA minus without-TEA differences with intervals and Wilcoxon p-values,
-    Holm-corrected across the metrics. Written to concepts/tea_table.json (read it with read_tea_table)."""
+    Holm-corrected across the metrics. Written to concepts/tea_table.json (read it with read_tea_table). With
+    `work`, each concept's images of each method (and of the class word) are kept there and a later call resumes
+    from them (the same seeds give the same images)."""
     evaluations = {}
     names = list(CONCEPTS)
     for name in tqdm(names, desc="TEA table", disable=not progress):
@@ -166,13 +185,14 @@ def tea_table(pipe, judges: dict, methods: tuple = METHODS, n_probes: int = 24, 
         probes = eval_prompts(name, n_probes, seed=seed)
         sig = oracle_signature(judges["oracle"], name)
         # the base model with the class word, on the same probes and seeds: what personalization changed (finding iii)
-        images: dict[str, np.ndarray] = {CLASS_WORD_ROW: generate_probes(pipe, probes, c.class_word, repeats,
-                                                                         seed=GENERATION_SEED)}
+        images = _cached(work, name, CLASS_WORD_ROW, lambda: {CLASS_WORD_ROW: generate_probes(
+            pipe, probes, c.class_word, repeats, seed=GENERATION_SEED)})
         for method in methods:
-            def keep(ims: np.ndarray) -> np.ndarray:
-                return ims
-            rows = run_tea_rows(pipe, method, name, probes, keep, repeats, seed=GENERATION_SEED, root=root)
-            images.update({f"{method} {label}".replace(" none", ""): ims for label, ims in rows.items()})
+            def rows(method: str = method) -> dict[str, np.ndarray]:
+                got = run_tea_rows(pipe, method, name, probes, lambda ims: ims, repeats, seed=GENERATION_SEED,
+                                   root=root)
+                return {f"{method} {label}".replace(" none", ""): ims for label, ims in got.items()}
+            images.update(_cached(work, name, method, rows))
         n = len(probes) * repeats
         evaluations[name] = evaluate(images, probes, c.class_word, refs, judges["clip"], judges["dino"],
                                      judges["oracle"], sig, repeats, seeds=[GENERATION_SEED + i for i in range(n)],
