@@ -59,11 +59,11 @@ CONCEPTS = {
 #: failed at every grid point and keeps round 1's recipe (the amendment of §6).
 SHIPPED_RECIPES = {
     "checkers": {"textual_inversion": {"lr": 1e-3, "steps": 3000}, "dreambooth": {"lr": 3e-3, "steps": 400},
-                 "custom_diffusion": {"lr": None, "steps": None}},
+                 "custom_diffusion": {"lr": 3e-4, "steps": 500}},
     "candy": {"textual_inversion": {"lr": 1e-3, "steps": 3000}, "dreambooth": {"lr": 1e-3, "steps": 800},
-              "custom_diffusion": {"lr": None, "steps": None}},
+              "custom_diffusion": {"lr": 1e-4, "steps": 1000}},
     "spark": {"textual_inversion": {"lr": 1e-3, "steps": 3000}, "dreambooth": {"lr": 3e-3, "steps": 400},
-              "custom_diffusion": {"lr": None, "steps": None}},
+              "custom_diffusion": {"lr": 1e-4, "steps": 1000}},
 }
 #: The methods whose shipped run of a concept met the personalization target (the oracle finds the concept in >= 80 %
 #: of 64 plain-prompt images, lower bound >= 0.7, on round 2's held-out seeds: docs/world.md §6).
