@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from persviz.families.base import Pipeline
-from persviz.methods.base import Method, lora_loaded, lora_snapshots
+from persviz.methods.base import LoRAMethod, lora_loaded
 from persviz.tokens import DREAMBOOTH_IDENTIFIER, SHAPESWORLD_SAMPLING, check_identifier
 
 
 @dataclass(frozen=True)
-class DreamBoothLoRA(Method):
+class DreamBoothLoRA(LoRAMethod):
     """DreamBooth with LoRA (Ruiz et al.; diffusers' train_dreambooth_lora.py): TEA on the prompt's hidden states."""
 
     def recipe(self, token: str, class_word: str, shapesworld: bool, **overrides: Any) -> Any:
@@ -35,13 +35,13 @@ class DreamBoothLoRA(Method):
         from persviz.trainers.dreambooth_lora import load_dreambooth_lora  # heavy: the trainers
         return lora_loaded(pipe, lambda: load_dreambooth_lora(pipe, Path(run)))
 
-    def snapshots(self, run: Path) -> list[tuple[int, Path]]:
-        return lora_snapshots(run)
-
     def check_tokens(self, tokenizer: Any, token: str, class_word: str) -> None:
         check_identifier(token)
 
 
-METHOD = DreamBoothLoRA("dreambooth", "dreambooth", learns_token=False, tea_level="prompt", weights="lora",
-                        tea_rotation=0.1, tea_scale=0.5)
+METHOD = DreamBoothLoRA(
+    "dreambooth", "dreambooth", learns_token=False, tea_level="prompt", weights="lora", tea_rotation=0.1,
+    tea_scale=0.5,
+    looked_for="pytorch_lora_weights.safetensors / .bin (persviz, diffusers' train_dreambooth_lora.py) or a LoRA file "
+               "in kohya's / A1111's layout (lora_unet_*.lora_down.weight)")
 IDENTIFIER = DREAMBOOTH_IDENTIFIER
