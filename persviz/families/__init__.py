@@ -14,17 +14,24 @@ import os
 from importlib import import_module
 from typing import Any
 
-from persviz.families.base import Pipeline
-from persviz.errors import PersvizError
-from persviz.families.base import Family
+from persviz.families.base import Family, Pipeline, UnsupportedModelError
 
 _MODULES = ("sd1",  # one line per family
             "sdxl")
 FAMILIES: dict[str, Family] = {f.name: f for f in (import_module(f"persviz.families.{n}").FAMILY for n in _MODULES)}
+DEFAULT_FAMILY: Family = FAMILIES["sd1"]  # the embedded micro-SD's family, and recipes' when a caller names none
 
 
-class UnsupportedModelError(PersvizError, ValueError):
-    """A pipeline of no family persviz supports; the message says what it is and what persviz takes."""
+def get_family(family: Family | str | None = None) -> Family:
+    """A family object from itself or its name ('sd1', 'sdxl'); None: DEFAULT_FAMILY. An UnsupportedModelError
+    listing the known names otherwise."""
+    if family is None:
+        return DEFAULT_FAMILY
+    if isinstance(family, Family):
+        return family
+    if str(family) in FAMILIES:
+        return FAMILIES[str(family)]
+    raise UnsupportedModelError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 
 def family_of(pipe: Pipeline, model: str | None = None) -> Family:
@@ -69,5 +76,5 @@ def assemble_pipeline(model: Any = None, device: str | None = None, dtype: Any =
     return family.prepare(pipe, embedded=is_embedded(model))
 
 
-__all__ = ["FAMILIES", "Family", "UnsupportedModelError", "assemble_pipeline", "family_of",
-           "text_stack", "training_family"]
+__all__ = ["DEFAULT_FAMILY", "FAMILIES", "Family", "UnsupportedModelError", "assemble_pipeline", "family_of",
+           "get_family", "text_stack", "training_family"]

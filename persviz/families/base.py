@@ -9,6 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from persviz.errors import PersvizError
+
+
+class UnsupportedModelError(PersvizError, ValueError):
+    """A pipeline of no family persviz supports, or a method a family has no recipe for; the message says what it
+    is and what persviz takes."""
+
 
 class Pipeline(Protocol):
     """What persviz uses of a diffusers text-to-image pipeline (any family): its denoiser, VAE and scheduler, and a
@@ -28,7 +35,10 @@ class Family:
     name: its one name ('sd1'); label: for people ('Stable Diffusion 1.x'); hub_ids: the Hub models persviz knows
     of this family (the first is the default at full scale); generation: the sampling of its paper-scale studies
     (steps, guidance, batch size), embedded_generation: that of an embedded model of the family (ShapesWorld's);
-    trains: whether persviz's trainers take its pipelines."""
+    trains: whether persviz's trainers take its pipelines. recipes: {method name: the settings of its run config}
+    for the family's models (the fields of the method's config: lr, steps, save_every, resolution, ...; the source
+    of each value in a comment beside it); embedded_recipes: {method name: the settings an embedded model of the
+    family (ShapesWorld's micro-SD) changes}. A method without a recipe is refused on the family with a sentence."""
 
     name: str
     label: str
@@ -36,6 +46,9 @@ class Family:
     generation: dict[str, Any] = field(default_factory=dict)
     embedded_generation: dict[str, Any] = field(default_factory=dict)
     trains: bool = True  # whether persviz's trainers take its pipelines (False: studied and inspected only, so far)
+    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    embedded_recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    no_recipe: dict[str, str] = field(default_factory=dict)  # method name: why the family has no recipe for it
 
     def refusal(self, pipe: Pipeline, model: str) -> str | None:
         """None when `pipe` belongs to this family; else one sentence saying what it is and what persviz takes."""
@@ -60,9 +73,22 @@ class Family:
         Hub ids (the offline tests of the full-scale path); {hub id: snapshot folder}."""
         raise NotImplementedError
 
+    def recipe_settings(self, method: Any, embedded: bool = False) -> dict[str, Any]:
+        """The settings of `method`'s run config (a persviz.methods Method) on this family's models: ``recipes``,
+        with ``embedded_recipes``' changes for an embedded model; an UnsupportedModelError naming the methods it
+        has recipes for when it has none for `method`."""
+        if method.name not in self.recipes:
+            why = self.no_recipe.get(method.name, "")
+            has = " or ".join(self.recipes)
+            raise UnsupportedModelError(f"persviz has no {method.name} recipe for {self.label}"
+                                        f"{' (' + why + ')' if why else ''}"
+                                        f"{'; train ' + has + ' on it' if has else ''}")
+        changes = self.embedded_recipes.get(method.name, {}) if embedded else {}
+        return {**self.recipes[method.name], **changes}
+
     def generation_defaults(self, embedded: bool) -> dict[str, Any]:
         """steps, guidance and batch size of generation for an embedded model of the family or a full-scale one."""
         return dict(self.embedded_generation if embedded else self.generation)
 
 
-__all__ = ["Family", "Pipeline"]
+__all__ = ["Family", "Pipeline", "UnsupportedModelError"]

@@ -69,6 +69,33 @@ CLIP_G = {  # text_encoder_2/config.json (OpenCLIP ViT-bigG/14's text tower)
     "projection_dim": 1280, "vocab_size": 49408}
 TOKENIZER_2_PAD = "!"  # tokenizer_2 pads with '!' (id 0, as OpenCLIP), tokenizer with <|endoftext|>
 
+# Recipes: the TEA paper gives none for SDXL, so these are the defaults of diffusers' SDXL example scripts, read in
+# huggingface/diffusers at commit 58eb52c0803ea9af3abec60841c2a093bdf1f951 (argparse defaults unless marked).
+#   examples/textual_inversion/textual_inversion_sdxl.py: --learning_rate 1e-4, --scale_lr off (False),
+#     --max_train_steps 5000, --train_batch_size 16, --gradient_accumulation_steps 1, --resolution 512,
+#     --save_steps 500, --num_vectors 1, --adam_weight_decay 1e-2, --lr_scheduler constant (its
+#     --lr_warmup_steps 500 is not used by 'constant'), --center_crop off; TextualInversionDataset(flip_p=0.5) with
+#     imagenet_templates_small (persviz's OBJECT_TEMPLATES, the config's default). (Its README_sdxl.md example
+#     command differs: --resolution 768, batch 1 x accumulation 4, 500 steps, --learning_rate 5e-4 with --scale_lr.)
+#   examples/dreambooth/train_dreambooth_lora_sdxl.py: --learning_rate 1e-4, --rank 4, --resolution 1024,
+#     --train_batch_size 4, --checkpointing_steps 500, --train_text_encoder off, --with_prior_preservation off,
+#     --prior_loss_weight 1.0, --num_class_images 100, --sample_batch_size 4, --adam_weight_decay 1e-04,
+#     --max_grad_norm 1.0, --random_flip off, --scale_lr off; --max_train_steps has no default (one epoch,
+#     --num_train_epochs 1), so steps are its README_sdxl.md example's --max_train_steps=500 (batch 1 x accumulation
+#     4 there: 4 images a step, as the default batch 4); class images come from pipeline(prompt), the SDXL pipeline's
+#     defaults 50 steps at guidance 5.0.
+# diffusers has no SDXL version of examples/custom_diffusion/train_custom_diffusion.py.
+SDXL_RECIPES = {
+    "textual_inversion": {"lr": 1e-4, "steps": 5000, "batch_size": 16, "resolution": 512, "save_every": 500,
+                          "num_vectors": 1, "weight_decay": 1e-2, "flip_p": 0.5},
+    "dreambooth": {"lr": 1e-4, "rank": 4, "resolution": 1024, "batch_size": 4, "save_every": 500, "steps": 500,
+                   "train_text_encoder": False, "prior_preservation": False, "prior_loss_weight": 1.0,
+                   "num_class_images": 100, "class_batch_size": 4, "class_steps": 50, "class_guidance": 5.0,
+                   "weight_decay": 1e-4, "max_grad_norm": 1.0, "flip_p": 0.0},
+}
+NO_SDXL_RECIPE = {"custom_diffusion": "diffusers' Custom Diffusion example, train_custom_diffusion.py, has no SDXL version",
+                  "lora_finetune": "FineXL's LoRA fine-tune is studied on ShapesWorld's micro-SD only"}
+
 
 @dataclass(frozen=True)
 class StableDiffusionXL(Family):
@@ -158,4 +185,4 @@ FAMILY = StableDiffusionXL(
     "sdxl", "Stable Diffusion XL", hub_ids=(SDXL_BASE,),
     # textual_inversion_sdxl.py's validation: 25 steps at the pipeline's default guidance 5.0 and 1024 px
     generation={"steps": 25, "guidance": 5.0, "batch_size": 4},
-    trains=False)
+    trains=False, recipes=SDXL_RECIPES, no_recipe=NO_SDXL_RECIPE)

@@ -9,13 +9,27 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from persviz.errors import ConceptFolderError
 from persviz.families.base import Pipeline
 from persviz.methods.adoption import ForeignRun, check_lora_fits, detect_lora_run
+
+
+# The settings a caller may override in any method's recipe, by their command-line names.
+OVERRIDES = ("steps", "save_every", "resolution", "lr", "batch_size", "seed", "num_class_images")
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+    """cfg with the given settings (OVERRIDES) where not None; a setting the config does not have (num_class_images
+    in Textual Inversion, which takes no class images) is left out; a ValueError naming an unknown one."""
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}; choose from {sorted(OVERRIDES)}")
+    has = {f.name for f in fields(cfg)}
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None and k in has})
 
 
 @dataclass(frozen=True)
@@ -59,8 +73,17 @@ class Method:
         """A condition's name in the studies: the method, with the step where its snapshots are rows over steps."""
         return f"{self.name} step {step}" if self.row_snapshots and step is not None else self.name
 
-    def recipe(self, token: str, class_word: str, shapesworld: bool, **overrides: Any) -> Any:
-        """The run's config: the method's defaults for the model (ShapesWorld's or the paper's), with overrides."""
+    def recipe(self, token: str, class_word: str, shapesworld: bool, family: Any = None, **overrides: Any) -> Any:
+        """The run's config learning `token` for a concept of class `class_word`: the settings the model's family
+        gives this method (``Family.recipe_settings``: SD 1.x the TEA paper's, its embedded micro-SD ShapesWorld's
+        when `shapesworld`, SDXL diffusers' SDXL example scripts'), then `overrides` (OVERRIDES) where not None.
+        family: a persviz.families Family or its name; None: SD 1.x."""
+        from persviz.families import get_family
+        settings = get_family(family).recipe_settings(self, embedded=shapesworld)
+        return apply_overrides(self.config(token, class_word, settings), overrides)
+
+    def config(self, token: str, class_word: str, settings: dict[str, Any]) -> Any:
+        """The method's run config (its trainer's dataclass) for `token` and `class_word` with a family's settings."""
         raise NotImplementedError
 
     def train(self, pipe: Pipeline, images: Any, config: Any, out: Path, progress: bool = True,
@@ -137,4 +160,4 @@ class LoRAMethod(Method):
         check_lora_fits(found, pipe, text.width)
 
 
-__all__ = ["ForeignRun", "LoRAMethod", "Method", "lora_loaded", "lora_snapshots"]
+__all__ = ["OVERRIDES", "ForeignRun", "LoRAMethod", "Method", "apply_overrides", "lora_loaded", "lora_snapshots"]

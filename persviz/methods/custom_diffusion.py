@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,22 +11,17 @@ from persviz.errors import ConceptFolderError
 from persviz.families.base import Pipeline
 from persviz.methods.adoption import ForeignRun, another_model, not_found, persviz_config
 from persviz.methods.base import Method
-from persviz.tokens import SHAPESWORLD_SAMPLING, check_new_token_and_class_word
+from persviz.tokens import check_new_token_and_class_word
 
 
 @dataclass(frozen=True)
 class CustomDiffusion(Method):
     """Custom Diffusion (Kumari et al.; diffusers' train_custom_diffusion.py): K/V processors plus a modifier token."""
 
-    def recipe(self, token: str, class_word: str, shapesworld: bool, **overrides: Any) -> Any:
+    def config(self, token: str, class_word: str, settings: dict[str, Any]) -> Any:
         from persviz.trainers.custom_diffusion import CustomDiffusionConfig  # heavy: the trainers
-        from persviz.trainers.recipes import apply_overrides  # heavy: the trainers
-
-        cfg = CustomDiffusionConfig(modifier_token=token, class_word=class_word,
-                                    instance_prompt=f"a photo of a {token} {class_word}")
-        if shapesworld:  # 5e-6 leaves the micro-SD's small projections unchanged; no resize augmentation on 16x16
-            cfg = replace(cfg, steps=1000, lr=1e-4, save_every=100, augment=False, **SHAPESWORLD_SAMPLING)
-        return apply_overrides(cfg, overrides)
+        return CustomDiffusionConfig(modifier_token=token, class_word=class_word,
+                                     instance_prompt=f"a photo of a {token} {class_word}", **settings)
 
     def train(self, pipe: Pipeline, images: Any, config: Any, out: Path, progress: bool = True,
               load_result: bool = False) -> Any:

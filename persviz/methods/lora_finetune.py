@@ -18,11 +18,9 @@ from persviz.methods.base import LoRAMethod, lora_loaded
 class LoRAFinetune(LoRAMethod):
     """Text-to-image LoRA on the UNet (diffusers' train_text_to_image_lora.py); images come with their captions."""
 
-    def recipe(self, token: str, class_word: str, shapesworld: bool, **overrides: Any) -> Any:
+    def config(self, token: str, class_word: str, settings: dict[str, Any]) -> Any:
         from persviz.trainers.lora_finetune import LoRAFinetuneConfig  # heavy: the trainers
-        from persviz.trainers.recipes import apply_overrides  # heavy: the trainers
-        overrides.pop("num_class_images", None)
-        return apply_overrides(LoRAFinetuneConfig(), overrides)
+        return LoRAFinetuneConfig(**settings)  # no token: its data is (images, captions)
 
     def train(self, pipe: Pipeline, images: Any, config: Any, out: Path, progress: bool = True,
               load_result: bool = False) -> Any:

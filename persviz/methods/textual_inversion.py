@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +21,9 @@ SOURCES = {"a1111": "a1111", "a1111-image": "a1111", "kohya": "kohya", "textual-
 class TextualInversion(Method):
     """Textual Inversion (Gal et al.): token-level TEA on the learned row; its snapshots are the row over steps."""
 
-    def recipe(self, token: str, class_word: str, shapesworld: bool, **overrides: Any) -> Any:
-        from persviz.trainers.recipes import SHAPESWORLD_TEMPLATES, apply_overrides  # heavy: the trainers
+    def config(self, token: str, class_word: str, settings: dict[str, Any]) -> Any:
         from persviz.trainers.textual_inversion import TextualInversionConfig  # heavy: the trainers
-
-        cfg = TextualInversionConfig(placeholder=token, initializer=class_word)
-        if shapesworld:  # 1e-3 so the drift the paper sees on SD 1.5 happens in 3000 steps on 128-d rows
-            cfg = replace(cfg, lr=1e-3, templates=SHAPESWORLD_TEMPLATES)
-        overrides.pop("num_class_images", None)  # no class images in Textual Inversion
-        return apply_overrides(cfg, overrides)
+        return TextualInversionConfig(placeholder=token, initializer=class_word, **settings)
 
     def train(self, pipe: Pipeline, images: Any, config: Any, out: Path, progress: bool = True,
               load_result: bool = False) -> Any:
