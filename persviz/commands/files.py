@@ -16,7 +16,8 @@ def add_parser(sub: Any) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help="a Textual Inversion / Custom Diffusion token file (diffusers, A1111 .pt or image "
                    "embedding, kohya, the original Textual Inversion), or a folder of several: each is listed")
-    p.add_argument("--model", default=None, help="Hub id or folder (default: ShapesWorld; SD 1.5 with PERSVIZ_SCALE=full)")
+    p.add_argument("--model", default=None, help="Hub id, folder or single-file .safetensors checkpoint (default: "
+                   "ShapesWorld; SD 1.5 with PERSVIZ_SCALE=full)")
     p.add_argument("--class-word", default=None, help="one-token class word: adds |V*|/|c| and cos(V*, c)")
     p.add_argument("--nearest", type=int, default=5, help="nearest vocabulary words per row")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -31,7 +32,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--rotation", type=float, default=None, help="default: tea.DEFAULTS[method]")
     p.add_argument("--scale", type=float, default=None, help="default: tea.DEFAULTS[method]")
     p.add_argument("--method", default="textual_inversion", help="whose TEA defaults to use")
-    p.add_argument("--model", default=None, help="Hub id or folder (default: ShapesWorld; SD 1.5 with PERSVIZ_SCALE=full)")
+    p.add_argument("--model", default=None, help="Hub id, folder or single-file .safetensors checkpoint (default: "
+                   "ShapesWorld; SD 1.5 with PERSVIZ_SCALE=full)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(run=fix)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from importlib import import_module
+from pathlib import Path
 from typing import Any
 
 from persviz.families.base import Family, Pipeline, UnsupportedModelError
@@ -59,6 +60,65 @@ def training_family(pipe: Pipeline, model: str | None = None) -> Family:
     return family
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")  # what a single-file model is named
+
+
+def is_single_file(model: Any) -> bool:
+    """Whether `model` names a file (a single-file checkpoint, or meant as one by its suffix), not a folder or id."""
+    if not isinstance(model, (str, os.PathLike)):
+        return False
+    path = Path(model).expanduser()
+    return path.is_file() or (not path.exists() and path.suffix.lower() in CHECKPOINT_SUFFIXES)
+
+
+def checkpoint_family(path: Any) -> Family:
+    """The family of a single-file checkpoint (.safetensors), from its state-dict keys (SDXL's
+    ``conditioner.embedders.1.``, SD 1.x's ``cond_stage_model.transformer.``: ``Family.checkpoint_prefix``), read
+    from the file's header without loading a tensor; an UnsupportedModelError with one sentence for a missing file,
+    a file that is not a safetensors checkpoint, or a checkpoint of no family persviz supports."""
+    from persviz.embedding_files import sniff_container  # heavy: torch
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UnsupportedModelError(f"no checkpoint file at {path}; pass the path of a .safetensors single-file "
+                                    "checkpoint, a model folder or a Hub id")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    kind = sniff_container(head, path.stat().st_size)
+    if kind in ("torch-zip", "torch-pickle"):
+        raise UnsupportedModelError(f"{path} is a pickled torch checkpoint (.ckpt); persviz loads single-file "
+                                    "checkpoints in the safetensors format only (a pickle can run code when read): "
+                                    "use the model's .safetensors release")
+    if kind is None and head[8:9] == b"{":
+        raise UnsupportedModelError(f"{path} is a damaged or incomplete safetensors file (its header runs past its "
+                                    "end); download it again")
+    if kind != "safetensors":
+        raise UnsupportedModelError(f"{path} is not a safetensors checkpoint (first bytes {head[:8]!r}); pass a "
+                                    ".safetensors single-file checkpoint, a model folder or a Hub id")
+    from safetensors import safe_open  # heavy: safetensors (torch)
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception as err:  # safetensors raises its own SafetensorError for a damaged header
+        raise UnsupportedModelError(f"{path} is a damaged or incomplete safetensors file ({err}); download it "
+                                    "again") from None
+    for family in FAMILIES.values():
+        if family.claims_checkpoint(keys):
+            return family
+    known = "; ".join(f"{f.label} ({f.checkpoint_prefix}...)" for f in FAMILIES.values() if f.checkpoint_prefix)
+    raise UnsupportedModelError(f"{path} holds {len(keys)} tensors ({', '.join(sorted(keys)[:3])}, ...) but no keys "
+                                f"of a model family persviz loads from one file: {known}; pass an SD 1.x or SDXL "
+                                "checkpoint (an embedding or LoRA file goes to `persviz inspect` / `adopt`)")
+
+
+def load_checkpoint(path: Any, device: str | None = None, dtype: Any = None) -> Any:
+    """The pipeline of a single-file checkpoint: its family from its keys (``checkpoint_family``), loaded by the
+    family (``Family.load_single_file``: the configuration from the local cache of its Hub id)."""
+    from persviz.loading import pick_device  # heavy: torch
+    family = checkpoint_family(path)
+    dev, dt = pick_device(device, dtype)
+    return family.load_single_file(Path(path).expanduser().resolve(), dev, dt)
+
+
 def text_stack(pipe: Pipeline) -> Any:
     """The text encoders of a diffusion pipeline (persviz.text_stack.TextStack), as its family lays them out."""
     return family_of(pipe).text_stack(pipe)
@@ -66,9 +126,13 @@ def text_stack(pipe: Pipeline) -> Any:
 
 def assemble_pipeline(model: Any = None, device: str | None = None, dtype: Any = None) -> Any:
     """The pipeline of `model` ('shapesworld' or None: the embedded micro-SD; a Hub id, a folder, or a loaded
-    pipeline), loaded (persviz.loading.load_pipeline), checked against the families and prepared for persviz's
-    studies by its family (at full scale the paper's sampler). The notebooks' setup and every command use it."""
+    pipeline, or a single-file .safetensors checkpoint), loaded (persviz.loading.load_pipeline; a file:
+    ``load_checkpoint``), checked against the families and prepared for persviz's studies by its family (at full
+    scale the paper's sampler). The notebooks' setup and every command use it."""
     from persviz.loading import is_embedded, load_pipeline  # heavy: diffusers (the loader)
+    if is_single_file(model):
+        pipe = load_checkpoint(model, device=device, dtype=dtype)
+        return family_of(pipe, str(model)).prepare(pipe, embedded=False)
     pipe = load_pipeline(model, device=device, dtype=dtype)
     family = family_of(pipe, None if model is None else str(model) if isinstance(model, (str, os.PathLike)) else None)
     if not isinstance(model, (str, os.PathLike)) and model is not None:
@@ -76,5 +140,6 @@ def assemble_pipeline(model: Any = None, device: str | None = None, dtype: Any =
     return family.prepare(pipe, embedded=is_embedded(model))
 
 
-__all__ = ["DEFAULT_FAMILY", "FAMILIES", "Family", "UnsupportedModelError", "assemble_pipeline", "family_of",
-           "get_family", "text_stack", "training_family"]
+__all__ = ["CHECKPOINT_SUFFIXES", "DEFAULT_FAMILY", "FAMILIES", "Family", "UnsupportedModelError",
+           "assemble_pipeline", "checkpoint_family", "family_of", "get_family", "is_single_file", "load_checkpoint",
+           "text_stack", "training_family"]

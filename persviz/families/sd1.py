@@ -78,4 +78,6 @@ FAMILY = StableDiffusion1(
     "sd1", "Stable Diffusion 1.x", hub_ids=("stable-diffusion-v1-5/stable-diffusion-v1-5",),
     generation={"steps": 50, "guidance": 7.0, "batch_size": 8},
     embedded_generation={"steps": 25, "guidance": 4.0, "batch_size": 50},
-    recipes=PAPER_RECIPES, embedded_recipes=SHAPESWORLD_RECIPES)
+    recipes=PAPER_RECIPES, embedded_recipes=SHAPESWORLD_RECIPES,
+    # single-file checkpoints: CLIP ViT-L under cond_stage_model.transformer. (SD 2.x: cond_stage_model.model.)
+    checkpoint_prefix="cond_stage_model.transformer.", pipeline_class="StableDiffusionPipeline")

@@ -185,4 +185,6 @@ FAMILY = StableDiffusionXL(
     "sdxl", "Stable Diffusion XL", hub_ids=(SDXL_BASE,),
     # textual_inversion_sdxl.py's validation: 25 steps at the pipeline's default guidance 5.0 and 1024 px
     generation={"steps": 25, "guidance": 5.0, "batch_size": 4},
-    trains=False, recipes=SDXL_RECIPES, no_recipe=NO_SDXL_RECIPE)
+    trains=False, recipes=SDXL_RECIPES, no_recipe=NO_SDXL_RECIPE,
+    # single-file checkpoints: clip_g (OpenCLIP bigG) under conditioner.embedders.1. (the refiner has only .0.)
+    checkpoint_prefix="conditioner.embedders.1.", pipeline_class="StableDiffusionXLPipeline")
