@@ -79,6 +79,9 @@ TOOLS = {
              "tuning train_dreambooth_lora_sdxl_advanced.py)"),
     "diffusers-sdxl": "diffusers (examples/textual_inversion/textual_inversion_sdxl.py: learned_embeds + learned_embeds_2)",
 }
+#: safetensors metadata of persviz's per-encoder files (clip_l + clip_g): the token (the layout has no key for it;
+#: kohya, A1111 and ComfyUI name the token after the file, which stays their token)
+TOKEN_METADATA = "persviz:token"
 #: the two files of diffusers' textual_inversion_sdxl.py in its output folder: clip_l's rows, clip_g's rows
 SDXL_PAIR = {"clip_l": "learned_embeds.safetensors", "clip_g": "learned_embeds_2.safetensors"}
 CONTAINERS = ("safetensors", "torch-zip", "torch-pickle", "png", "webp", "avif", "jxl")
@@ -362,7 +365,7 @@ def read_embedding_file(path: PathLike, token: str | None = None) -> EmbeddingFi
         tok = title if title else (stem.group(1) if stem else p.stem)
     elif {"clip_l", "clip_g"} <= set(obj):
         parts = {k: _tensor(obj[k], k, p).reshape(-1, obj[k].shape[-1]) for k in ("clip_l", "clip_g")}
-        fmt, rows, tok = "sdxl", parts["clip_l"], p.stem
+        fmt, rows, tok = "sdxl", parts["clip_l"], st_meta.get(TOKEN_METADATA) or p.stem  # persviz's own: its token
     elif all(isinstance(v, torch.Tensor) for v in obj.values()):
         tok, rows, _ = _diffusers_rows(obj, p)
         one_vector = len(obj) == 1 and next(iter(obj.values())).ndim == 1
@@ -507,6 +510,6 @@ def summary(f: EmbeddingFile) -> dict[str, Any]:
             "parts": {k: list(v.shape) for k, v in f.parts.items()}}
 
 
-__all__ = ["CONTAINERS", "FORMATS", "SDXL_PAIR", "TOOLS", "EmbeddingFile", "EmbeddingFileError", "check_fits",
-           "embedding_candidates", "read_embedding_file", "read_embedding_folder", "sniff_container", "summary",
+__all__ = ["CONTAINERS", "FORMATS", "SDXL_PAIR", "TOKEN_METADATA", "TOOLS", "EmbeddingFile", "EmbeddingFileError",
+           "check_fits", "embedding_candidates", "read_embedding_file", "read_embedding_folder", "sniff_container", "summary",
            "tool_step", "write_like", "write_portable"]

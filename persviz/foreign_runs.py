@@ -51,7 +51,7 @@ from persviz.concept_folder import (CONCEPT_FILE, Concept, ConceptFolderError, a
                                     prepare_concept, read_concept, write_concept)
 from persviz.embedding_files import EmbeddingFileError
 from persviz.io import PathLike, confined
-from persviz.families import assemble_pipeline, training_family
+from persviz.families import adopting_family, assemble_pipeline
 from persviz.methods import METHODS, get_method
 from persviz.methods.adoption import ForeignRun
 from persviz.trainers.concept_runs import model_id
@@ -110,7 +110,7 @@ def adopt_run(method: str, run: PathLike, out: PathLike, images: PathLike, class
                                  "the run into another --out folder")
     if pipe is None:
         pipe = assemble_pipeline(mid)
-    training_family(pipe, mid)
+    adopting_family(pipe, mid)
     try:
         check_run_fits(found, pipe, class_word)
     except EmbeddingFileError as err:

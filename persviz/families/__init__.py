@@ -47,9 +47,15 @@ def family_of(pipe: Pipeline, model: str | None = None) -> Family:
     raise UnsupportedModelError(refusals[0])
 
 
-def training_family(pipe: Pipeline, model: str | None = None) -> Family:
-    """family_of(pipe), refused with a sentence when persviz does not train on that family yet."""
+def training_family(pipe: Pipeline, model: str | None = None, method: Any = None) -> Family:
+    """family_of(pipe), refused with a sentence when persviz does not train on that family yet, or (method: a
+    persviz.methods Method) does not train that method on it yet."""
     family = family_of(pipe, model)
+    if family.trains and method is not None and family.trains_only and method.name not in family.trains_only:
+        others = " or ".join(f.label for f in FAMILIES.values() if f.trains and not f.trains_only)
+        raise UnsupportedModelError(
+            f"persviz trains {' and '.join(family.trains_only)} on {family.label} so far, not {method.name}; train "
+            f"{method.name} on {others}, or {' / '.join(family.trains_only)} on {model or type(pipe).__name__}")
     if not family.trains:
         takes = " or ".join(f.label for f in FAMILIES.values() if f.trains)
         example = next(f.hub_ids[0] for f in FAMILIES.values() if f.trains and f.hub_ids)
@@ -119,6 +125,18 @@ def load_checkpoint(path: Any, device: str | None = None, dtype: Any = None) -> 
     return family.load_single_file(Path(path).expanduser().resolve(), dev, dt)
 
 
+def adopting_family(pipe: Pipeline, model: str | None = None) -> Family:
+    """training_family(pipe), refused with a sentence when `persviz adopt` does not take runs of that family yet."""
+    family = training_family(pipe, model)
+    if not family.adopts:
+        takes = " or ".join(f.label for f in FAMILIES.values() if f.trains and f.adopts)
+        raise UnsupportedModelError(f"{model or type(pipe).__name__} is a {family.label} pipeline and persviz adopts "
+                                    f"runs trained on {takes} only so far; train the concept with persviz train "
+                                    f"instead, or inspect the run's embeddings with `persviz inspect FILE --model "
+                                    f"MODEL`")
+    return family
+
+
 def text_stack(pipe: Pipeline) -> Any:
     """The text encoders of a diffusion pipeline (persviz.text_stack.TextStack), as its family lays them out."""
     return family_of(pipe).text_stack(pipe)
@@ -142,4 +160,4 @@ def assemble_pipeline(model: Any = None, device: str | None = None, dtype: Any =
 
 __all__ = ["CHECKPOINT_SUFFIXES", "DEFAULT_FAMILY", "FAMILIES", "Family", "UnsupportedModelError",
            "assemble_pipeline", "checkpoint_family", "family_of", "get_family", "is_single_file", "load_checkpoint",
-           "text_stack", "training_family"]
+           "text_stack", "training_family", "adopting_family"]

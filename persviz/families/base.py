@@ -49,6 +49,8 @@ class Family:
     generation: dict[str, Any] = field(default_factory=dict)
     embedded_generation: dict[str, Any] = field(default_factory=dict)
     trains: bool = True  # whether persviz's trainers take its pipelines (False: studied and inspected only, so far)
+    trains_only: tuple[str, ...] = ()  # when set, the only methods persviz trains on it so far (their names)
+    adopts: bool = True  # whether `persviz adopt` takes runs trained on it
     recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
     embedded_recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
     no_recipe: dict[str, str] = field(default_factory=dict)  # method name: why the family has no recipe for it
@@ -61,6 +63,14 @@ class Family:
 
     def text_stack(self, pipe: Pipeline) -> Any:
         """The pipeline's text encoders in order (persviz.text_stack.TextStack)."""
+        raise NotImplementedError
+
+    def unet_condition(self, stack: Any, ids: Any, real_ids: Any, size: tuple[int, int], resolution: int) -> Any:
+        """What the UNet reads for a batch of prompts while training: (encoder_hidden_states, added_cond_kwargs or
+        None). stack: the pipeline's text stack; ids: per encoder, the token ids [B, L] it is fed (a placeholder's
+        positions read its initializer, the learned rows come from hooks); real_ids: the same with the placeholder's
+        own ids (what the pipeline feeds once the token is loaded); size: (h, w) of the training images before
+        resizing; resolution: the side they are trained at."""
         raise NotImplementedError
 
     def prepare(self, pipe: Pipeline, embedded: bool) -> Any:

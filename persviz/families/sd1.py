@@ -60,6 +60,10 @@ class StableDiffusion1(Family):
         from persviz.text_stack import TextEncoder, TextStack  # heavy: torch
         return TextStack((TextEncoder("clip_l", pipe.tokenizer, pipe.text_encoder),))
 
+    def unet_condition(self, stack: Any, ids: Any, real_ids: Any, size: tuple[int, int], resolution: int) -> Any:
+        """The text encoder's last hidden state (StableDiffusionPipeline's prompt embeddings); no added conditions."""
+        return stack.primary.encoder(ids[0])[0], None
+
     def write_test_cache(self, cache_dir: Any, small: bool = True, seed: int = 0) -> dict[str, Any]:
         from persviz.sd15 import write_offline_hub_cache  # heavy: diffusers, transformers
         return write_offline_hub_cache(cache_dir, small=small, seed=seed)

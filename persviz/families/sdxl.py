@@ -2,8 +2,10 @@
 ``text_encoder``, width 768) and ``clip_g`` (OpenCLIP ViT-bigG/14, ``tokenizer_2`` + ``text_encoder_2``, width 1280,
 the pooled one), whose penultimate hidden states are concatenated (2048) for the UNet; 1024 px.
 
-So far persviz loads, checks and prepares SDXL pipelines and inspects SDXL embedding files per encoder; it does not
-train on SDXL yet (``trains=False``: the trainers refuse it with a sentence).
+So far persviz loads (a Hub id, a folder or a single-file checkpoint), checks and prepares SDXL pipelines, inspects
+SDXL embedding files per encoder and trains Textual Inversion on SDXL, a row per encoder (``unet_condition``: the
+conditioning diffusers' ``textual_inversion_sdxl.py`` builds); DreamBooth-LoRA and adopting other tools' SDXL runs
+are refused with a sentence (``trains_only``, ``adopts``), Custom Diffusion too (no recipe).
 
 The architecture values below are those of the Hub repository ``stabilityai/stable-diffusion-xl-base-1.0`` (its
 ``model_index.json`` and component ``config.json`` files; no machine here reaches the Hub: ``model_index.json`` and
@@ -113,6 +115,25 @@ class StableDiffusionXL(Family):
         return TextStack((TextEncoder("clip_l", pipe.tokenizer, pipe.text_encoder),
                           TextEncoder("clip_g", pipe.tokenizer_2, pipe.text_encoder_2)))
 
+    def unet_condition(self, stack: Any, ids: Any, real_ids: Any, size: tuple[int, int], resolution: int) -> Any:
+        """As diffusers' textual_inversion_sdxl.py and StableDiffusionXLPipeline.encode_prompt: each encoder's
+        penultimate hidden states, concatenated (768 + 1280); clip_g's projected pooled output (``text_embeds``)
+        and the time ids (original size, crop top-left (0, 0): persviz's centre crop is taken before resizing,
+        target size). The pooled output is read where the model reads it for the prompt's real ids (``pooled_at``):
+        with SDXL's clip_g config (eos_token_id 2) that is the largest id, the placeholder's once it is loaded, so the
+        row trains for the position the pipeline will read."""
+        import torch  # heavy: torch
+        hidden, out = [], None
+        for e, i in zip(stack, ids):
+            out = e.encoder(i, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+        pooled_by = stack.encoders[-1].encoder
+        last = out.last_hidden_state
+        at = pooled_at(pooled_by.config, real_ids[-1])
+        pooled = pooled_by.text_projection(last[torch.arange(last.shape[0], device=last.device), at])
+        time_ids = torch.tensor([*size, 0, 0, resolution, resolution], dtype=pooled.dtype, device=pooled.device)
+        return torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids.repeat(last.shape[0], 1)}
+
     def prepare(self, pipe: Pipeline, embedded: bool) -> Any:
         """The sampler of diffusers' SDXL examples (textual_inversion_sdxl.py's validation: DPM-Solver++ from the
         pipeline's scheduler config) and VAE slicing: a batch is decoded one image at a time, the same pixels with
@@ -135,6 +156,14 @@ class StableDiffusionXL(Family):
                 torch.manual_seed(seed)
                 write_sdxl_repo(staged, small)
             return {SDXL_BASE: file_into_cache(cache_dir, SDXL_BASE, staged)}
+
+
+def pooled_at(config: Any, input_ids: Any) -> Any:
+    """The position a CLIP text model pools for each prompt [B] (transformers' CLIPTextTransformer): the largest id
+    where the config's eos_token_id is the legacy 2 (SDXL base's encoders), else the first eos_token_id."""
+    if config.eos_token_id == 2:
+        return input_ids.argmax(dim=-1)
+    return (input_ids == config.eos_token_id).int().argmax(dim=-1)
 
 
 def sdxl_component_configs(small: bool = False) -> dict[str, dict]:
@@ -185,6 +214,7 @@ FAMILY = StableDiffusionXL(
     "sdxl", "Stable Diffusion XL", hub_ids=(SDXL_BASE,),
     # textual_inversion_sdxl.py's validation: 25 steps at the pipeline's default guidance 5.0 and 1024 px
     generation={"steps": 25, "guidance": 5.0, "batch_size": 4},
-    trains=False, recipes=SDXL_RECIPES, no_recipe=NO_SDXL_RECIPE,
+    # Textual Inversion learns a row per encoder; DreamBooth-LoRA (its recipe is ready) and adopting come later
+    trains_only=("textual_inversion",), adopts=False, recipes=SDXL_RECIPES, no_recipe=NO_SDXL_RECIPE,
     # single-file checkpoints: clip_g (OpenCLIP bigG) under conditioner.embedders.1. (the refiner has only .0.)
     checkpoint_prefix="conditioner.embedders.1.", pipeline_class="StableDiffusionXLPipeline")

@@ -32,14 +32,20 @@ class TextualInversion(Method):
 
     @contextlib.contextmanager
     def loaded(self, pipe: Pipeline, run: Path) -> Iterator[None]:
+        from persviz.families import text_stack
         from persviz.trainers.textual_inversion import load_textual_inversion_run  # heavy: the trainers
-        vocab = pipe.text_encoder.config.vocab_size  # diffusers' unload leaves it grown; a later LoRA save would
-        tokens = load_textual_inversion_run(pipe, Path(run))  # then hold the embedding matrix (any format, by content)
+        stack = text_stack(pipe)
+        # diffusers' unload leaves config.vocab_size grown; a later LoRA save would then hold the embedding matrix
+        vocab = [e.encoder.config.vocab_size for e in stack]
+        before = [set(e.tokenizer.get_added_vocab()) for e in stack]
+        tokens = load_textual_inversion_run(pipe, Path(run))  # any format, by content; SDXL: a row per encoder
         try:
             yield
         finally:
-            pipe.unload_textual_inversion(tokens)
-            pipe.text_encoder.config.vocab_size = vocab
+            for e, v, old in zip(stack, vocab, before):
+                if set(e.tokenizer.get_added_vocab()) - old:
+                    pipe.unload_textual_inversion(tokens, tokenizer=e.tokenizer, text_encoder=e.encoder)
+                e.encoder.config.vocab_size = v
 
     def snapshots(self, run: Path) -> list[tuple[int, Path]]:
         from persviz.trainers.textual_inversion import list_snapshots  # heavy: the trainers

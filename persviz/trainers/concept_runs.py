@@ -71,7 +71,7 @@ def train_concept(method: str, images: PathLike, class_word: str, placeholder: s
                          "same token to extend it, or another --out folder")
     if pipe is None:
         pipe = assemble_pipeline(mid)
-    family = training_family(pipe, mid)
+    family = training_family(pipe, mid, m)
     m.check_tokens(text_stack(pipe).primary.tokenizer, token, class_word)
     config = m.recipe(token, class_word, shapesworld=is_embedded(mid), family=family, **settings)
     with confined(concept.folder):
