@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from persviz.errors import ConceptFolderError
+from persviz.tokens import DREAMBOOTH_IDENTIFIER
 
 _KOHYA_DIR = re.compile(r"\d+_(\S+)(?:\s+(\S+))?")  # kohya's dataset folders: "<repeats>_<token> <class>"
 _DOWN = ("lora_A.", "lora.down.", "lora_down.", "_lora.down.", "lora_linear_layer.down.")
@@ -89,7 +90,6 @@ def kohya_names(metadata: dict[str, str]) -> tuple[str | None, str | None]:
 def detect_lora_run(method: Any, path: Path, token: str | None) -> ForeignRun:
     """A LoRA run of `method` (a Method object): persviz's or diffusers' pytorch_lora_weights, or a kohya / A1111
     LoRA file; token and class word from persviz's config, else kohya's metadata, else 'sks'."""
-    from persviz.tokens import DREAMBOOTH_IDENTIFIER
     from persviz.trainers.dreambooth_lora import find_lora_file  # heavy: the trainers
     from persviz.weight_files import lora_layout, read_weights  # heavy: torch
     try:

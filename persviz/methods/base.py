@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from persviz.errors import ConceptFolderError
+from persviz.families import get_family, text_stack
 from persviz.families.base import Pipeline
 from persviz.methods.adoption import ForeignRun, check_lora_fits, detect_lora_run
 
@@ -78,7 +79,6 @@ class Method:
         gives this method (``Family.recipe_settings``: SD 1.x the TEA paper's, its embedded micro-SD ShapesWorld's
         when `shapesworld`, SDXL diffusers' SDXL example scripts'), then `overrides` (OVERRIDES) where not None.
         family: a persviz.families Family or its name; None: SD 1.x."""
-        from persviz.families import get_family
         settings = get_family(family).recipe_settings(self, embedded=shapesworld)
         return apply_overrides(self.config(token, class_word, settings), overrides)
 
@@ -120,7 +120,6 @@ class Method:
     def check_run_fits(self, found: ForeignRun, pipe: Pipeline, class_word: str) -> None:
         """Errors before anything is written: the run's files against the model (``check_run_files``), then its token
         and class word against the tokenizer (``check_tokens``)."""
-        from persviz.families import text_stack
         text = text_stack(pipe).primary
         self.check_run_files(found, pipe, text)
         try:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from persviz.errors import ConceptFolderError
+from persviz.families import text_stack
 from persviz.families.base import Pipeline
 from persviz.methods.adoption import ForeignRun, asked_token, not_found, persviz_config
 from persviz.methods.base import Method
@@ -32,7 +33,6 @@ class TextualInversion(Method):
 
     @contextlib.contextmanager
     def loaded(self, pipe: Pipeline, run: Path) -> Iterator[None]:
-        from persviz.families import text_stack
         from persviz.trainers.textual_inversion import load_textual_inversion_run  # heavy: the trainers
         stack = text_stack(pipe)
         # diffusers' unload leaves config.vocab_size grown; a later LoRA save would then hold the embedding matrix
