@@ -138,3 +138,17 @@ def test_persviz_train_takes_sdxl_for_textual_inversion_with_the_sdxl_recipe(sdx
         train_concept("dreambooth", folder, "dog", "<v>", tmp_path / "db", model=SDXL_BASE, pipe=sdxl, steps=1,
                       progress=False)
     assert not (tmp_path / "db" / "dreambooth").exists()
+
+
+def test_a_float16_sdxl_trains_float32_rows_and_is_left_in_float16(offline_sd15_cache, photos, tmp_path):
+    """fp16-safe: the rows train in float32 inside a float16 SDXL (on the CPU here: no GPU in this suite), the
+    SDXL VAE (force_upcast) encodes in float32 and is put back in float16, no matrix of the pipeline changes."""
+    pipe = assemble_pipeline(SDXL_BASE, device="cpu", dtype=torch.float16)
+    assert pipe.vae.config.force_upcast and pipe.unet.dtype == torch.float16
+    before = state(pipe)
+    result = TI.train(pipe, photos, config(2), tmp_path / "run", progress=False)
+    parts = safetensors.torch.load_file(str(result.final_path))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in parts.values())
+    assert all(np.isfinite(result.loss_history)) and pipe.vae.dtype == torch.float16
+    for (n0, v0, w0), (n1, v1, w1) in zip(before, state(pipe)):
+        assert (n0, v0) == (n1, v1) and torch.equal(w0, w1)
