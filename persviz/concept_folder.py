@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from persviz.errors import PersvizError
+from persviz.errors import ConceptFolderError  # defined on the floor below; read from here too
 from persviz.images import read_image
 from persviz.io import PathLike, atomic_folder, write_json
 from persviz.methods import get_method
@@ -30,10 +30,6 @@ CONCEPT_FILE = "concept.json"
 IMAGES_DIR = "images"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FORMAT = 1
-
-
-class ConceptFolderError(PersvizError, ValueError):
-    """A concept folder that cannot be read or does not match what was asked; the message says how to fix it."""
 
 
 @dataclass

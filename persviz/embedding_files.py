@@ -79,6 +79,9 @@ TOOLS = {
              "tuning train_dreambooth_lora_sdxl_advanced.py)"),
     "diffusers-sdxl": "diffusers (examples/textual_inversion/textual_inversion_sdxl.py: learned_embeds + learned_embeds_2)",
 }
+#: safetensors metadata of persviz's per-encoder files (clip_l + clip_g): the token (the layout has no key for it;
+#: kohya, A1111 and ComfyUI name the token after the file, which stays their token)
+TOKEN_METADATA = "persviz:token"
 #: the two files of diffusers' textual_inversion_sdxl.py in its output folder: clip_l's rows, clip_g's rows
 SDXL_PAIR = {"clip_l": "learned_embeds.safetensors", "clip_g": "learned_embeds_2.safetensors"}
 CONTAINERS = ("safetensors", "torch-zip", "torch-pickle", "png", "webp", "avif", "jxl")
@@ -362,7 +365,7 @@ def read_embedding_file(path: PathLike, token: str | None = None) -> EmbeddingFi
         tok = title if title else (stem.group(1) if stem else p.stem)
     elif {"clip_l", "clip_g"} <= set(obj):
         parts = {k: _tensor(obj[k], k, p).reshape(-1, obj[k].shape[-1]) for k in ("clip_l", "clip_g")}
-        fmt, rows, tok = "sdxl", parts["clip_l"], p.stem
+        fmt, rows, tok = "sdxl", parts["clip_l"], st_meta.get(TOKEN_METADATA) or p.stem  # persviz's own: its token
     elif all(isinstance(v, torch.Tensor) for v in obj.values()):
         tok, rows, _ = _diffusers_rows(obj, p)
         one_vector = len(obj) == 1 and next(iter(obj.values())).ndim == 1
@@ -460,19 +463,21 @@ def _rebuild(f: EmbeddingFile, rows: torch.Tensor) -> Any:
     return out
 
 
-def write_like(f: EmbeddingFile, rows: torch.Tensor, out: PathLike) -> Path:
-    """Write `rows` [n, D] as a new file in f's format, container, dtype and metadata (atomically); returns the path.
+def _check_parts(f: EmbeddingFile, parts: Any) -> dict[str, torch.Tensor]:
+    """{encoder: rows} of a per-encoder file's new rows, each of its part's shape, on the CPU."""
+    if not isinstance(parts, Mapping) or sorted(parts) != sorted(f.parts):
+        got = sorted(parts) if isinstance(parts, Mapping) else type(parts).__name__
+        raise EmbeddingFileError(f"{f.path.name} has the parts {sorted(f.parts)}; pass new rows for each ({got})")
+    out = {}
+    for k, old in f.parts.items():
+        new = torch.as_tensor(parts[k]).detach().cpu()
+        if tuple(new.shape) != tuple(old.shape):
+            raise EmbeddingFileError(f"the {k} rows must have the file's shape {tuple(old.shape)}; got {tuple(new.shape)}")
+        out[k] = new
+    return out
 
-    The output reads back with the same tools as f (diffusers' load_textual_inversion, A1111, kohya)."""
-    if f.per_encoder:
-        raise EmbeddingFileError("SDXL embeddings are read for description only; they cannot be rewritten here")
-    if f.format == "a1111-image":
-        raise EmbeddingFileError(f"{f.path.name} is an A1111 image embedding; write its rows with write_portable, a "
-                                 ".safetensors that A1111, kohya and diffusers load")
-    rows = torch.as_tensor(rows).detach().cpu()
-    if tuple(rows.shape) != tuple(f.rows.shape):
-        raise EmbeddingFileError(f"rows must have the file's shape {tuple(f.rows.shape)}; got {tuple(rows.shape)}")
-    obj = _rebuild(f, rows.to(f.dtype).contiguous())
+
+def _write_container(f: EmbeddingFile, obj: Mapping[str, Any], out: PathLike) -> Path:
     buf = io.BytesIO()
     if f.container == "safetensors":
         meta = {k[len("safetensors:"):]: v for k, v in f.metadata.items() if k.startswith("safetensors:")}
@@ -481,6 +486,43 @@ def write_like(f: EmbeddingFile, rows: torch.Tensor, out: PathLike) -> Path:
         torch.save(obj, buf, _use_new_zipfile_serialization=f.container == "torch-zip")
         data = buf.getvalue()
     return atomic_write_bytes(Path(out).expanduser(), data)
+
+
+def write_parts_like(f: EmbeddingFile, parts: Mapping[str, torch.Tensor], out: PathLike) -> Path:
+    """Write new rows per encoder ({"clip_l": [n, 768], "clip_g": [n, 1280]}) for a per-encoder file: the ``sdxl``
+    layout as f (keys, shapes, each part's dtype, container, metadata, other entries kept); diffusers'
+    ``textual_inversion_sdxl.py`` pair as one ``{"clip_l", "clip_g"}`` .safetensors (float32, the layout kohya,
+    A1111/Forge, ComfyUI and diffusers' pivotal tuning load; the token in the metadata). Atomic; returns the path."""
+    new = _check_parts(f, parts)
+    if f.format != "diffusers-sdxl":  # one file of clip_l + clip_g (the format named after its family)
+        obj = dict(f.raw)
+        for k, v in new.items():
+            obj[k] = v.to(f.parts[k].dtype).reshape(f.raw[k].shape).contiguous().clone()
+        return _write_container(f, obj, out)
+    o = Path(out).expanduser()
+    if o.suffix != ".safetensors":
+        raise EmbeddingFileError(f"{o.name}: diffusers' SDXL pair is written as one clip_l + clip_g .safetensors; "
+                                 f"pass --out NAME.safetensors (A1111 and ComfyUI name the token after the file)")
+    meta = {"format": "pt", TOKEN_METADATA: f.token, "persviz:source": f"{f.path.parent.name} ({f.format})"}
+    return atomic_write_bytes(o, safetensors_bytes({k: v.float().contiguous() for k, v in new.items()},
+                                                   metadata=meta))
+
+
+def write_like(f: EmbeddingFile, rows: torch.Tensor, out: PathLike) -> Path:
+    """Write `rows` [n, D] as a new file in f's format, container, dtype and metadata (atomically); returns the path.
+
+    The output reads back with the same tools as f (diffusers' load_textual_inversion, A1111, kohya)."""
+    if f.per_encoder:
+        raise EmbeddingFileError(f"{f.path.name} is an SDXL embedding, a part per text encoder; write its rows with "
+                                 "write_parts_like")
+    if f.format == "a1111-image":
+        raise EmbeddingFileError(f"{f.path.name} is an A1111 image embedding; write its rows with write_portable, a "
+                                 ".safetensors that A1111, kohya and diffusers load")
+    rows = torch.as_tensor(rows).detach().cpu()
+    if tuple(rows.shape) != tuple(f.rows.shape):
+        raise EmbeddingFileError(f"rows must have the file's shape {tuple(f.rows.shape)}; got {tuple(rows.shape)}")
+    obj = _rebuild(f, rows.to(f.dtype).contiguous())
+    return _write_container(f, obj, out)
 
 
 def write_portable(f: EmbeddingFile, rows: torch.Tensor, out: PathLike) -> Path:
@@ -507,6 +549,6 @@ def summary(f: EmbeddingFile) -> dict[str, Any]:
             "parts": {k: list(v.shape) for k, v in f.parts.items()}}
 
 
-__all__ = ["CONTAINERS", "FORMATS", "SDXL_PAIR", "TOOLS", "EmbeddingFile", "EmbeddingFileError", "check_fits",
-           "embedding_candidates", "read_embedding_file", "read_embedding_folder", "sniff_container", "summary",
-           "tool_step", "write_like", "write_portable"]
+__all__ = ["CONTAINERS", "FORMATS", "SDXL_PAIR", "TOKEN_METADATA", "TOOLS", "EmbeddingFile", "EmbeddingFileError",
+           "check_fits", "embedding_candidates", "read_embedding_file", "read_embedding_folder", "sniff_container", "summary",
+           "tool_step", "write_like", "write_parts_like", "write_portable"]

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from persviz.families.base import Pipeline
 from persviz.errors import PersvizError
 from persviz.tokens import single_token_id
+from persviz.embedding_files import TOKEN_METADATA
 from persviz.io import PathLike, atomic_path
 from persviz.families import text_stack
 
@@ -177,6 +178,25 @@ def save_learned_embeds(embeds: Mapping[str, torch.Tensor], path: PathLike) -> P
     return p
 
 
+def save_encoder_embeds(parts: Mapping[str, torch.Tensor], path: PathLike, token: str) -> Path:
+    """Write one token's rows per text encoder, {encoder name: [n, D]} (SDXL: {"clip_l": [n, 768], "clip_g":
+    [n, 1280]}, the layout kohya, A1111/Forge, ComfyUI and diffusers' pivotal tuning read), as a float32
+    .safetensors, atomically; the token goes into the metadata (``TOKEN_METADATA``: those tools name it after the
+    file). Returns the file written."""
+    if not isinstance(parts, Mapping) or len(parts) < 2:
+        raise ValueError("parts must map two or more encoder names to their rows [n, D]")
+    rows = {str(k): _as_rows(v, f"rows of {k!r}").float().contiguous().clone() for k, v in parts.items()}
+    if len({int(v.shape[0]) for v in rows.values()}) != 1:
+        raise ValueError(f"every encoder needs as many rows: { {k: int(v.shape[0]) for k, v in rows.items()} }")
+    p = Path(path).expanduser()
+    if p.suffix != ".safetensors":
+        raise ValueError(f"{p.name}: a per-encoder embedding is written as a .safetensors file")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(p) as tmp:
+        save_file(rows, str(tmp), metadata={"format": "pt", TOKEN_METADATA: str(token)})
+    return p
+
+
 def _rows_to_add(embeds: Any, token: str | None) -> int | None:
     """How many rows diffusers' load_textual_inversion will add for embeds (None when persviz cannot read it)."""
     if isinstance(embeds, torch.Tensor):
@@ -187,12 +207,14 @@ def _rows_to_add(embeds: Any, token: str | None) -> int | None:
         return None
 
 
-def load_learned_token(pipe: Pipeline, embeds: Any, token: str | None = None) -> None:
+def load_learned_token(pipe: Pipeline, embeds: Any, token: Any = None, text: Any = None) -> None:
     """``pipe.load_textual_inversion(embeds, token=token)`` without transformers' "mean_resizing" notice.
 
     The text encoder's embedding matrix is first grown to its final size with ``mean_resizing=False`` (diffusers then
-    finds it large enough and writes every new row itself), so the result equals diffusers' own load."""
-    text = text_stack(pipe).primary
+    finds it large enough and writes every new row itself), so the result equals diffusers' own load. text: the
+    encoder of the pipeline's text stack to load into (persviz.text_stack.TextEncoder; default the first: SDXL's
+    clip_g part goes to its second, as diffusers' ``text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2``)."""
+    text = text if text is not None else text_stack(pipe).primary
     encoder, n = text.encoder, _rows_to_add(embeds, token)
     before = encoder.get_input_embeddings().weight.shape[0]
     need = len(text.tokenizer) + (n or 0)
@@ -200,7 +222,7 @@ def load_learned_token(pipe: Pipeline, embeds: Any, token: str | None = None) ->
     if grown:
         encoder.resize_token_embeddings(need, mean_resizing=False)
     try:
-        pipe.load_textual_inversion(embeds, token=token)
+        pipe.load_textual_inversion(embeds, token=token, tokenizer=text.tokenizer, text_encoder=text.encoder)
     except BaseException:
         if grown and encoder.get_input_embeddings().weight.shape[0] == need:
             encoder.resize_token_embeddings(before)  # shrinking: the refused load leaves the matrix as it was

@@ -30,6 +30,11 @@ class DamagedFileError(PersvizError):
     """A file persviz wrote earlier (a resume state, a cache) that no longer reads; the message says how to recover."""
 
 
+class ConceptFolderError(PersvizError, ValueError):
+    """A concept folder or a run folder that cannot be read or does not match what was asked; the message says how to
+    fix it (defined here, below persviz.concept_folder, so the method modules can raise it when they read runs)."""
+
+
 class ImageReadError(PersvizError, ValueError):
     """An image persviz cannot read faithfully (unknown mode, too large, damaged); the message says how to convert it."""
 

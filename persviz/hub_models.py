@@ -96,6 +96,18 @@ def download_command(hub_id: str) -> str:
     return f"{HF_CLI} download {hub_id} " + " ".join(f"--include {shlex.quote(p)}" for p in model.patterns)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def config_download_command(hub_id: str) -> str:
+    """The `hf download` line of `hub_id`'s configuration alone (model_index.json, component configs, scheduler,
+    tokenizers, no weights): what loading a single-file checkpoint of its family needs besides the file."""
+    model = HUB_MODELS.get(hub_id)
+    patterns = ([p for p in model.patterns if not p.endswith(WEIGHT_SUFFIXES)] if model is not None else
+                ["*.json", "*/*.json", "*/*.txt"])
+    return f"{HF_CLI} download {hub_id} " + " ".join(f"--include {shlex.quote(p)}" for p in patterns)
+
+
 def download_hint(hub_id: str) -> str:
     """`hf download ...` with the size when known, for error messages."""
     model = HUB_MODELS.get(hub_id)

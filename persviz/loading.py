@@ -82,6 +82,10 @@ def load_pipeline(model: Union[str, Path, object, None] = None, device: Optional
     if isinstance(model, DiffusionPipeline):
         return model.to(dev) if device else model
     name = model if model is not None else SHAPESWORLD  # never PERSVIZ_SCALE: callers name the model they want
+    if Path(str(name)).expanduser().is_file():
+        raise ModelNotAvailableError(f"{name} is a file, not a model folder or Hub id: single-file checkpoints are "
+                                     "loaded by persviz.families.assemble_pipeline (which finds their family), as "
+                                     "--model on the command line does")
     where = _resolve(name, "sd")  # DataNotFoundError (not wrapped below) when the ShapesWorld data is missing
     try:
         index = DiffusionPipeline.load_config(where)  # model_index.json: from the folder or the cache

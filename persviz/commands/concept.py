@@ -21,7 +21,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--identifier", default=None, help="DreamBooth's rare token (default: sks)")
     p.add_argument("--out", required=True, help="the concept folder (created; an existing one is extended)")
     p.add_argument("--model", default=None,
-                   help="Hub id or folder (default: the ShapesWorld micro-SD; SD 1.5 with PERSVIZ_SCALE=full)")
+                   help="Hub id, folder or single-file .safetensors checkpoint (default: the ShapesWorld micro-SD; SD 1.5 "
+                        "with PERSVIZ_SCALE=full)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--save-every", type=int, default=None)
     p.add_argument("--resolution", type=int, default=None)

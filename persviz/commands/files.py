@@ -16,7 +16,8 @@ def add_parser(sub: Any) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help="a Textual Inversion / Custom Diffusion token file (diffusers, A1111 .pt or image "
                    "embedding, kohya, the original Textual Inversion), or a folder of several: each is listed")
-    p.add_argument("--model", default=None, help="Hub id or folder (default: ShapesWorld; SD 1.5 with PERSVIZ_SCALE=full)")
+    p.add_argument("--model", default=None, help="Hub id, folder or single-file .safetensors checkpoint (default: "
+                   "ShapesWorld; SD 1.5 with PERSVIZ_SCALE=full)")
     p.add_argument("--class-word", default=None, help="one-token class word: adds |V*|/|c| and cos(V*, c)")
     p.add_argument("--nearest", type=int, default=5, help="nearest vocabulary words per row")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -31,22 +32,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--rotation", type=float, default=None, help="default: tea.DEFAULTS[method]")
     p.add_argument("--scale", type=float, default=None, help="default: tea.DEFAULTS[method]")
     p.add_argument("--method", default="textual_inversion", help="whose TEA defaults to use")
-    p.add_argument("--model", default=None, help="Hub id or folder (default: ShapesWorld; SD 1.5 with PERSVIZ_SCALE=full)")
+    p.add_argument("--model", default=None, help="Hub id, folder or single-file .safetensors checkpoint (default: "
+                   "ShapesWorld; SD 1.5 with PERSVIZ_SCALE=full)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(run=fix)
-
-
-def text_model(a: argparse.Namespace) -> tuple[Any, Any]:
-    """(tokenizer, text_encoder) of --model, a model of one text encoder; a model that cannot be loaded, or one of
-    several encoders (SDXL), ends the command with the reason."""
-    stack = text_stack_of(a)
-    if len(stack) > 1:
-        names = ", ".join(e.name for e in stack)
-        raise SystemExit(f"persviz {a.command}: {a.model} has {len(stack)} text encoders ({names}), an SDXL-style "
-                         f"model, and persviz {a.command} rewrites Stable Diffusion 1.x embeddings only so far; pass "
-                         "the SD 1.x model the file was trained on (--model stable-diffusion-v1-5/stable-diffusion-v1-5)"
-                         ", or diagnose the SDXL file per encoder with persviz inspect")
-    return stack.primary.tokenizer, stack.primary.encoder
 
 
 def text_stack_of(a: argparse.Namespace) -> Any:
@@ -91,8 +80,8 @@ def fix(a: argparse.Namespace) -> Any:
     from persviz.tea import fix_file
     fix_file.check_knobs(a.method, a.rotation, a.scale)
     f = embedding_files.read_embedding_file(a.file)
-    fix_file.out_path(f.path, a.out, a.force, f.format == "a1111-image")
-    result = fix_file.fix_embedding(f.path, text_model(a), a.class_word, a.out, a.rotation, a.scale,
+    fix_file.fix_target(f, a.out, a.force)
+    result = fix_file.fix_embedding(f.path, text_stack_of(a), a.class_word, a.out, a.rotation, a.scale,
                                     a.method, a.force)
     print(result.to_text())
     return result

@@ -12,19 +12,27 @@ from __future__ import annotations
 
 import os
 from importlib import import_module
+from pathlib import Path
 from typing import Any
 
-from persviz.families.base import Pipeline
-from persviz.errors import PersvizError
-from persviz.families.base import Family
+from persviz.families.base import Family, Pipeline, UnsupportedModelError
 
 _MODULES = ("sd1",  # one line per family
             "sdxl")
 FAMILIES: dict[str, Family] = {f.name: f for f in (import_module(f"persviz.families.{n}").FAMILY for n in _MODULES)}
+DEFAULT_FAMILY: Family = FAMILIES["sd1"]  # the embedded micro-SD's family, and recipes' when a caller names none
 
 
-class UnsupportedModelError(PersvizError, ValueError):
-    """A pipeline of no family persviz supports; the message says what it is and what persviz takes."""
+def get_family(family: Family | str | None = None) -> Family:
+    """A family object from itself or its name ('sd1', 'sdxl'); None: DEFAULT_FAMILY. An UnsupportedModelError
+    listing the known names otherwise."""
+    if family is None:
+        return DEFAULT_FAMILY
+    if isinstance(family, Family):
+        return family
+    if str(family) in FAMILIES:
+        return FAMILIES[str(family)]
+    raise UnsupportedModelError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 
 def family_of(pipe: Pipeline, model: str | None = None) -> Family:
@@ -39,9 +47,15 @@ def family_of(pipe: Pipeline, model: str | None = None) -> Family:
     raise UnsupportedModelError(refusals[0])
 
 
-def training_family(pipe: Pipeline, model: str | None = None) -> Family:
-    """family_of(pipe), refused with a sentence when persviz does not train on that family yet."""
+def training_family(pipe: Pipeline, model: str | None = None, method: Any = None) -> Family:
+    """family_of(pipe), refused with a sentence when persviz does not train on that family yet, or (method: a
+    persviz.methods Method) does not train that method on it yet."""
     family = family_of(pipe, model)
+    if family.trains and method is not None and family.trains_only and method.name not in family.trains_only:
+        others = " or ".join(f.label for f in FAMILIES.values() if f.trains and not f.trains_only)
+        raise UnsupportedModelError(
+            f"persviz trains {' and '.join(family.trains_only)} on {family.label} so far, not {method.name}; train "
+            f"{method.name} on {others}, or {' / '.join(family.trains_only)} on {model or type(pipe).__name__}")
     if not family.trains:
         takes = " or ".join(f.label for f in FAMILIES.values() if f.trains)
         example = next(f.hub_ids[0] for f in FAMILIES.values() if f.trains and f.hub_ids)
@@ -52,6 +66,77 @@ def training_family(pipe: Pipeline, model: str | None = None) -> Family:
     return family
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")  # what a single-file model is named
+
+
+def is_single_file(model: Any) -> bool:
+    """Whether `model` names a file (a single-file checkpoint, or meant as one by its suffix), not a folder or id."""
+    if not isinstance(model, (str, os.PathLike)):
+        return False
+    path = Path(model).expanduser()
+    return path.is_file() or (not path.exists() and path.suffix.lower() in CHECKPOINT_SUFFIXES)
+
+
+def checkpoint_family(path: Any) -> Family:
+    """The family of a single-file checkpoint (.safetensors), from its state-dict keys (SDXL's
+    ``conditioner.embedders.1.``, SD 1.x's ``cond_stage_model.transformer.``: ``Family.checkpoint_prefix``), read
+    from the file's header without loading a tensor; an UnsupportedModelError with one sentence for a missing file,
+    a file that is not a safetensors checkpoint, or a checkpoint of no family persviz supports."""
+    from persviz.embedding_files import sniff_container  # heavy: torch
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UnsupportedModelError(f"no checkpoint file at {path}; pass the path of a .safetensors single-file "
+                                    "checkpoint, a model folder or a Hub id")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    kind = sniff_container(head, path.stat().st_size)
+    if kind in ("torch-zip", "torch-pickle"):
+        raise UnsupportedModelError(f"{path} is a pickled torch checkpoint (.ckpt); persviz loads single-file "
+                                    "checkpoints in the safetensors format only (a pickle can run code when read): "
+                                    "use the model's .safetensors release")
+    if kind is None and head[8:9] == b"{":
+        raise UnsupportedModelError(f"{path} is a damaged or incomplete safetensors file (its header runs past its "
+                                    "end); download it again")
+    if kind != "safetensors":
+        raise UnsupportedModelError(f"{path} is not a safetensors checkpoint (first bytes {head[:8]!r}); pass a "
+                                    ".safetensors single-file checkpoint, a model folder or a Hub id")
+    from safetensors import safe_open  # heavy: safetensors (torch)
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception as err:  # safetensors raises its own SafetensorError for a damaged header
+        raise UnsupportedModelError(f"{path} is a damaged or incomplete safetensors file ({err}); download it "
+                                    "again") from None
+    for family in FAMILIES.values():
+        if family.claims_checkpoint(keys):
+            return family
+    known = "; ".join(f"{f.label} ({f.checkpoint_prefix}...)" for f in FAMILIES.values() if f.checkpoint_prefix)
+    raise UnsupportedModelError(f"{path} holds {len(keys)} tensors ({', '.join(sorted(keys)[:3])}, ...) but no keys "
+                                f"of a model family persviz loads from one file: {known}; pass an SD 1.x or SDXL "
+                                "checkpoint (an embedding or LoRA file goes to `persviz inspect` / `adopt`)")
+
+
+def load_checkpoint(path: Any, device: str | None = None, dtype: Any = None) -> Any:
+    """The pipeline of a single-file checkpoint: its family from its keys (``checkpoint_family``), loaded by the
+    family (``Family.load_single_file``: the configuration from the local cache of its Hub id)."""
+    from persviz.loading import pick_device  # heavy: torch
+    family = checkpoint_family(path)
+    dev, dt = pick_device(device, dtype)
+    return family.load_single_file(Path(path).expanduser().resolve(), dev, dt)
+
+
+def adopting_family(pipe: Pipeline, model: str | None = None) -> Family:
+    """training_family(pipe), refused with a sentence when `persviz adopt` does not take runs of that family yet."""
+    family = training_family(pipe, model)
+    if not family.adopts:
+        takes = " or ".join(f.label for f in FAMILIES.values() if f.trains and f.adopts)
+        raise UnsupportedModelError(f"{model or type(pipe).__name__} is a {family.label} pipeline and persviz adopts "
+                                    f"runs trained on {takes} only so far; train the concept with persviz train "
+                                    f"instead, or inspect the run's embeddings with `persviz inspect FILE --model "
+                                    f"MODEL`")
+    return family
+
+
 def text_stack(pipe: Pipeline) -> Any:
     """The text encoders of a diffusion pipeline (persviz.text_stack.TextStack), as its family lays them out."""
     return family_of(pipe).text_stack(pipe)
@@ -59,9 +144,13 @@ def text_stack(pipe: Pipeline) -> Any:
 
 def assemble_pipeline(model: Any = None, device: str | None = None, dtype: Any = None) -> Any:
     """The pipeline of `model` ('shapesworld' or None: the embedded micro-SD; a Hub id, a folder, or a loaded
-    pipeline), loaded (persviz.loading.load_pipeline), checked against the families and prepared for persviz's
-    studies by its family (at full scale the paper's sampler). The notebooks' setup and every command use it."""
+    pipeline, or a single-file .safetensors checkpoint), loaded (persviz.loading.load_pipeline; a file:
+    ``load_checkpoint``), checked against the families and prepared for persviz's studies by its family (at full
+    scale the paper's sampler). The notebooks' setup and every command use it."""
     from persviz.loading import is_embedded, load_pipeline  # heavy: diffusers (the loader)
+    if is_single_file(model):
+        pipe = load_checkpoint(model, device=device, dtype=dtype)
+        return family_of(pipe, str(model)).prepare(pipe, embedded=False)
     pipe = load_pipeline(model, device=device, dtype=dtype)
     family = family_of(pipe, None if model is None else str(model) if isinstance(model, (str, os.PathLike)) else None)
     if not isinstance(model, (str, os.PathLike)) and model is not None:
@@ -69,5 +158,6 @@ def assemble_pipeline(model: Any = None, device: str | None = None, dtype: Any =
     return family.prepare(pipe, embedded=is_embedded(model))
 
 
-__all__ = ["FAMILIES", "Family", "UnsupportedModelError", "assemble_pipeline", "family_of",
-           "text_stack", "training_family"]
+__all__ = ["CHECKPOINT_SUFFIXES", "DEFAULT_FAMILY", "FAMILIES", "Family", "UnsupportedModelError",
+           "assemble_pipeline", "checkpoint_family", "family_of", "get_family", "is_single_file", "load_checkpoint",
+           "text_stack", "training_family", "adopting_family"]

@@ -7,9 +7,34 @@ from typing import Any
 
 from persviz.families.base import Pipeline
 from persviz.families.base import Family
+from persviz.tokens import SHAPESWORLD_SAMPLING
 
 SD1_WIDTH = 768  # CLIP ViT-L/14's text width: SD 1.x
 SD2_WIDTH = 1024  # OpenCLIP ViT-H's: SD 2.x (SDXL has two text encoders)
+SHAPESWORLD_TEMPLATES = ("a {}", "a photo of a {}", "an image of a {}", "a picture of a {}")  # its captions' grammar
+
+# The TEA paper's settings (docs/tea.md §8): Textual Inversion lr 5e-4, batch 1, 3000 steps, a snapshot every 100;
+# DreamBooth-LoRA rank 4, lr 1e-4, text encoder trained, prior preservation weight 1.0 with class images from the
+# base model; Custom Diffusion lr 5e-6, 2000 steps, cross-attention K/V. Where the paper and diffusers' example
+# scripts differ the paper's hyper-parameters are used, with the examples' image preprocessing (the trainers'
+# defaults: centre crop, bicubic resize; flips for Textual Inversion). The LoRA fine-tune keeps its config's
+# defaults (FineXL's, on the micro-SD, the one model it is used on).
+PAPER_RECIPES = {
+    "textual_inversion": {"lr": 5e-4, "steps": 3000, "save_every": 100, "batch_size": 1},
+    "dreambooth": {"rank": 4, "lr": 1e-4, "train_text_encoder": True, "prior_preservation": True,
+                   "prior_loss_weight": 1.0},
+    "custom_diffusion": {"lr": 5e-6, "steps": 2000},
+    "lora_finetune": {},
+}
+# ShapesWorld's micro-SD changes (the reasons beside each): its shipped runs were trained with these.
+SHAPESWORLD_RECIPES = {
+    # 1e-3 so the drift the paper sees on SD 1.5 happens in 3000 steps on 128-d rows; its captions' grammar
+    "textual_inversion": {"lr": 1e-3, "templates": SHAPESWORLD_TEMPLATES},
+    # at the paper's 1e-4 the micro-SD's LoRA learned the concepts too little to measure
+    "dreambooth": {"lr": 1e-3, "save_every": 100, **SHAPESWORLD_SAMPLING},
+    # 5e-6 leaves the micro-SD's small projections unchanged; no resize augmentation on 16x16
+    "custom_diffusion": {"steps": 1000, "lr": 1e-4, "save_every": 100, "augment": False, **SHAPESWORLD_SAMPLING},
+}
 
 
 @dataclass(frozen=True)
@@ -35,6 +60,10 @@ class StableDiffusion1(Family):
         from persviz.text_stack import TextEncoder, TextStack  # heavy: torch
         return TextStack((TextEncoder("clip_l", pipe.tokenizer, pipe.text_encoder),))
 
+    def unet_condition(self, stack: Any, ids: Any, real_ids: Any, size: tuple[int, int], resolution: int) -> Any:
+        """The text encoder's last hidden state (StableDiffusionPipeline's prompt embeddings); no added conditions."""
+        return stack.primary.encoder(ids[0])[0], None
+
     def write_test_cache(self, cache_dir: Any, small: bool = True, seed: int = 0) -> dict[str, Any]:
         from persviz.sd15 import write_offline_hub_cache  # heavy: diffusers, transformers
         return write_offline_hub_cache(cache_dir, small=small, seed=seed)
@@ -52,4 +81,7 @@ class StableDiffusion1(Family):
 FAMILY = StableDiffusion1(
     "sd1", "Stable Diffusion 1.x", hub_ids=("stable-diffusion-v1-5/stable-diffusion-v1-5",),
     generation={"steps": 50, "guidance": 7.0, "batch_size": 8},
-    embedded_generation={"steps": 25, "guidance": 4.0, "batch_size": 50})
+    embedded_generation={"steps": 25, "guidance": 4.0, "batch_size": 50},
+    recipes=PAPER_RECIPES, embedded_recipes=SHAPESWORLD_RECIPES,
+    # single-file checkpoints: CLIP ViT-L under cond_stage_model.transformer. (SD 2.x: cond_stage_model.model.)
+    checkpoint_prefix="cond_stage_model.transformer.", pipeline_class="StableDiffusionPipeline")

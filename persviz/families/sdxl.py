@@ -2,8 +2,10 @@
 ``text_encoder``, width 768) and ``clip_g`` (OpenCLIP ViT-bigG/14, ``tokenizer_2`` + ``text_encoder_2``, width 1280,
 the pooled one), whose penultimate hidden states are concatenated (2048) for the UNet; 1024 px.
 
-So far persviz loads, checks and prepares SDXL pipelines and inspects SDXL embedding files per encoder; it does not
-train on SDXL yet (``trains=False``: the trainers refuse it with a sentence).
+So far persviz loads (a Hub id, a folder or a single-file checkpoint), checks and prepares SDXL pipelines, inspects
+SDXL embedding files per encoder and trains Textual Inversion on SDXL, a row per encoder (``unet_condition``: the
+conditioning diffusers' ``textual_inversion_sdxl.py`` builds); DreamBooth-LoRA and adopting other tools' SDXL runs
+are refused with a sentence (``trains_only``, ``adopts``), Custom Diffusion too (no recipe).
 
 The architecture values below are those of the Hub repository ``stabilityai/stable-diffusion-xl-base-1.0`` (its
 ``model_index.json`` and component ``config.json`` files; no machine here reaches the Hub: ``model_index.json`` and
@@ -69,6 +71,33 @@ CLIP_G = {  # text_encoder_2/config.json (OpenCLIP ViT-bigG/14's text tower)
     "projection_dim": 1280, "vocab_size": 49408}
 TOKENIZER_2_PAD = "!"  # tokenizer_2 pads with '!' (id 0, as OpenCLIP), tokenizer with <|endoftext|>
 
+# Recipes: the TEA paper gives none for SDXL, so these are the defaults of diffusers' SDXL example scripts, read in
+# huggingface/diffusers at commit 58eb52c0803ea9af3abec60841c2a093bdf1f951 (argparse defaults unless marked).
+#   examples/textual_inversion/textual_inversion_sdxl.py: --learning_rate 1e-4, --scale_lr off (False),
+#     --max_train_steps 5000, --train_batch_size 16, --gradient_accumulation_steps 1, --resolution 512,
+#     --save_steps 500, --num_vectors 1, --adam_weight_decay 1e-2, --lr_scheduler constant (its
+#     --lr_warmup_steps 500 is not used by 'constant'), --center_crop off; TextualInversionDataset(flip_p=0.5) with
+#     imagenet_templates_small (persviz's OBJECT_TEMPLATES, the config's default). (Its README_sdxl.md example
+#     command differs: --resolution 768, batch 1 x accumulation 4, 500 steps, --learning_rate 5e-4 with --scale_lr.)
+#   examples/dreambooth/train_dreambooth_lora_sdxl.py: --learning_rate 1e-4, --rank 4, --resolution 1024,
+#     --train_batch_size 4, --checkpointing_steps 500, --train_text_encoder off, --with_prior_preservation off,
+#     --prior_loss_weight 1.0, --num_class_images 100, --sample_batch_size 4, --adam_weight_decay 1e-04,
+#     --max_grad_norm 1.0, --random_flip off, --scale_lr off; --max_train_steps has no default (one epoch,
+#     --num_train_epochs 1), so steps are its README_sdxl.md example's --max_train_steps=500 (batch 1 x accumulation
+#     4 there: 4 images a step, as the default batch 4); class images come from pipeline(prompt), the SDXL pipeline's
+#     defaults 50 steps at guidance 5.0.
+# diffusers has no SDXL version of examples/custom_diffusion/train_custom_diffusion.py.
+SDXL_RECIPES = {
+    "textual_inversion": {"lr": 1e-4, "steps": 5000, "batch_size": 16, "resolution": 512, "save_every": 500,
+                          "num_vectors": 1, "weight_decay": 1e-2, "flip_p": 0.5},
+    "dreambooth": {"lr": 1e-4, "rank": 4, "resolution": 1024, "batch_size": 4, "save_every": 500, "steps": 500,
+                   "train_text_encoder": False, "prior_preservation": False, "prior_loss_weight": 1.0,
+                   "num_class_images": 100, "class_batch_size": 4, "class_steps": 50, "class_guidance": 5.0,
+                   "weight_decay": 1e-4, "max_grad_norm": 1.0, "flip_p": 0.0},
+}
+NO_SDXL_RECIPE = {"custom_diffusion": "diffusers' Custom Diffusion example, train_custom_diffusion.py, has no SDXL version",
+                  "lora_finetune": "FineXL's LoRA fine-tune is studied on ShapesWorld's micro-SD only"}
+
 
 @dataclass(frozen=True)
 class StableDiffusionXL(Family):
@@ -85,6 +114,25 @@ class StableDiffusionXL(Family):
         from persviz.text_stack import TextEncoder, TextStack  # heavy: torch
         return TextStack((TextEncoder("clip_l", pipe.tokenizer, pipe.text_encoder),
                           TextEncoder("clip_g", pipe.tokenizer_2, pipe.text_encoder_2)))
+
+    def unet_condition(self, stack: Any, ids: Any, real_ids: Any, size: tuple[int, int], resolution: int) -> Any:
+        """As diffusers' textual_inversion_sdxl.py and StableDiffusionXLPipeline.encode_prompt: each encoder's
+        penultimate hidden states, concatenated (768 + 1280); clip_g's projected pooled output (``text_embeds``)
+        and the time ids (original size, crop top-left (0, 0): persviz's centre crop is taken before resizing,
+        target size). The pooled output is read where the model reads it for the prompt's real ids (``pooled_at``):
+        with SDXL's clip_g config (eos_token_id 2) that is the largest id, the placeholder's once it is loaded, so the
+        row trains for the position the pipeline will read."""
+        import torch  # heavy: torch
+        hidden, out = [], None
+        for e, i in zip(stack, ids):
+            out = e.encoder(i, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+        pooled_by = stack.encoders[-1].encoder
+        last = out.last_hidden_state
+        at = pooled_at(pooled_by.config, real_ids[-1])
+        pooled = pooled_by.text_projection(last[torch.arange(last.shape[0], device=last.device), at])
+        time_ids = torch.tensor([*size, 0, 0, resolution, resolution], dtype=pooled.dtype, device=pooled.device)
+        return torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids.repeat(last.shape[0], 1)}
 
     def prepare(self, pipe: Pipeline, embedded: bool) -> Any:
         """The sampler of diffusers' SDXL examples (textual_inversion_sdxl.py's validation: DPM-Solver++ from the
@@ -108,6 +156,14 @@ class StableDiffusionXL(Family):
                 torch.manual_seed(seed)
                 write_sdxl_repo(staged, small)
             return {SDXL_BASE: file_into_cache(cache_dir, SDXL_BASE, staged)}
+
+
+def pooled_at(config: Any, input_ids: Any) -> Any:
+    """The position a CLIP text model pools for each prompt [B] (transformers' CLIPTextTransformer): the largest id
+    where the config's eos_token_id is the legacy 2 (SDXL base's encoders), else the first eos_token_id."""
+    if config.eos_token_id == 2:
+        return input_ids.argmax(dim=-1)
+    return (input_ids == config.eos_token_id).int().argmax(dim=-1)
 
 
 def sdxl_component_configs(small: bool = False) -> dict[str, dict]:
@@ -158,4 +214,7 @@ FAMILY = StableDiffusionXL(
     "sdxl", "Stable Diffusion XL", hub_ids=(SDXL_BASE,),
     # textual_inversion_sdxl.py's validation: 25 steps at the pipeline's default guidance 5.0 and 1024 px
     generation={"steps": 25, "guidance": 5.0, "batch_size": 4},
-    trains=False)
+    # Textual Inversion learns a row per encoder; DreamBooth-LoRA (its recipe is ready) and adopting come later
+    trains_only=("textual_inversion",), adopts=False, recipes=SDXL_RECIPES, no_recipe=NO_SDXL_RECIPE,
+    # single-file checkpoints: clip_g (OpenCLIP bigG) under conditioner.embedders.1. (the refiner has only .0.)
+    checkpoint_prefix="conditioner.embedders.1.", pipeline_class="StableDiffusionXLPipeline")

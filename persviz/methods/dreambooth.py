@@ -2,29 +2,24 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from persviz.families.base import Pipeline
-from persviz.methods.base import Method, lora_loaded, lora_snapshots
-from persviz.tokens import DREAMBOOTH_IDENTIFIER, SHAPESWORLD_SAMPLING, check_identifier
+from persviz.methods.base import LoRAMethod, lora_loaded
+from persviz.tokens import DREAMBOOTH_IDENTIFIER, check_identifier
 
 
 @dataclass(frozen=True)
-class DreamBoothLoRA(Method):
+class DreamBoothLoRA(LoRAMethod):
     """DreamBooth with LoRA (Ruiz et al.; diffusers' train_dreambooth_lora.py): TEA on the prompt's hidden states."""
 
-    def recipe(self, token: str, class_word: str, shapesworld: bool, **overrides: Any) -> Any:
+    def config(self, token: str, class_word: str, settings: dict[str, Any]) -> Any:
         from persviz.trainers.dreambooth_lora import DreamBoothLoRAConfig  # heavy: the trainers
-        from persviz.trainers.recipes import apply_overrides  # heavy: the trainers
-
-        cfg = DreamBoothLoRAConfig(identifier=token, class_word=class_word,
-                                   instance_prompt=f"a photo of a {token} {class_word}",
-                                   class_prompt=f"a photo of a {class_word}")
-        if shapesworld:  # at the paper's 1e-4 the micro-SD's LoRA learned the concepts too little to measure
-            cfg = replace(cfg, lr=1e-3, save_every=100, **SHAPESWORLD_SAMPLING)
-        return apply_overrides(cfg, overrides)
+        return DreamBoothLoRAConfig(identifier=token, class_word=class_word,
+                                    instance_prompt=f"a photo of a {token} {class_word}",
+                                    class_prompt=f"a photo of a {class_word}", **settings)
 
     def train(self, pipe: Pipeline, images: Any, config: Any, out: Path, progress: bool = True,
               load_result: bool = False) -> Any:
@@ -35,13 +30,13 @@ class DreamBoothLoRA(Method):
         from persviz.trainers.dreambooth_lora import load_dreambooth_lora  # heavy: the trainers
         return lora_loaded(pipe, lambda: load_dreambooth_lora(pipe, Path(run)))
 
-    def snapshots(self, run: Path) -> list[tuple[int, Path]]:
-        return lora_snapshots(run)
-
     def check_tokens(self, tokenizer: Any, token: str, class_word: str) -> None:
         check_identifier(token)
 
 
-METHOD = DreamBoothLoRA("dreambooth", "dreambooth", learns_token=False, tea_level="prompt", weights="lora",
-                        tea_rotation=0.1, tea_scale=0.5)
+METHOD = DreamBoothLoRA(
+    "dreambooth", "dreambooth", learns_token=False, tea_level="prompt", weights="lora", tea_rotation=0.1,
+    tea_scale=0.5,
+    looked_for="pytorch_lora_weights.safetensors / .bin (persviz, diffusers' train_dreambooth_lora.py) or a LoRA file "
+               "in kohya's / A1111's layout (lora_unet_*.lora_down.weight)")
 IDENTIFIER = DREAMBOOTH_IDENTIFIER

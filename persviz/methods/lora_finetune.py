@@ -11,18 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from persviz.families.base import Pipeline
-from persviz.methods.base import Method, lora_loaded, lora_snapshots
+from persviz.methods.base import LoRAMethod, lora_loaded
 
 
 @dataclass(frozen=True)
-class LoRAFinetune(Method):
+class LoRAFinetune(LoRAMethod):
     """Text-to-image LoRA on the UNet (diffusers' train_text_to_image_lora.py); images come with their captions."""
 
-    def recipe(self, token: str, class_word: str, shapesworld: bool, **overrides: Any) -> Any:
+    def config(self, token: str, class_word: str, settings: dict[str, Any]) -> Any:
         from persviz.trainers.lora_finetune import LoRAFinetuneConfig  # heavy: the trainers
-        from persviz.trainers.recipes import apply_overrides  # heavy: the trainers
-        overrides.pop("num_class_images", None)
-        return apply_overrides(LoRAFinetuneConfig(), overrides)
+        return LoRAFinetuneConfig(**settings)  # no token: its data is (images, captions)
 
     def train(self, pipe: Pipeline, images: Any, config: Any, out: Path, progress: bool = True,
               load_result: bool = False) -> Any:
@@ -35,9 +33,8 @@ class LoRAFinetune(Method):
         from persviz.trainers.lora_finetune import load_lora  # heavy: the trainers
         return lora_loaded(pipe, lambda: load_lora(pipe, Path(run)))
 
-    def snapshots(self, run: Path) -> list[tuple[int, Path]]:
-        return lora_snapshots(run)
 
-
-METHOD = LoRAFinetune("lora_finetune", "lora-finetune", learns_token=False,
-                      tea_level="none", concept_method=False, weights="lora")
+METHOD = LoRAFinetune(
+    "lora_finetune", "lora-finetune", learns_token=False, tea_level="none", concept_method=False, weights="lora",
+    looked_for="pytorch_lora_weights.safetensors / .bin (persviz, diffusers' train_text_to_image_lora.py) or a LoRA "
+               "file in kohya's / A1111's layout (lora_unet_*.lora_down.weight)")

@@ -46,6 +46,7 @@ SEARCH_DIR = DATA_DIR / "cache" / "world_search"
 CHECKS_DIR = DATA_DIR / "shapesworld" / "world"  # the checks of docs/world.md §2: concept_checks.json, screen.json
 SELECTION_SEEDS = tuple(range(1000, 1008))
 HELD_OUT_SEEDS = tuple(range(2000, 2008))
+ROUND2_SEEDS = tuple(range(4000, 4008))  # round 2's held-out seeds (docs/world.md §6), unused before it
 TARGET_RATE, TARGET_LOW = 0.8, 0.7
 TRAINERS = {"textual_inversion": train_textual_inversion, "dreambooth": train_dreambooth_lora,
             "custom_diffusion": train_custom_diffusion}
@@ -176,6 +177,40 @@ def select(cells: Sequence[dict], method: str, grid: MethodGrid, concepts: Seque
     return {"method": method, "lr": lr, "step": step, "mean_rate": mean, "min_rate": low,
             "table": [{"lr": p[0], "step": p[1], "mean_rate": m, "min_rate": lo, "per_concept": rates[p]}
                       for m, lo, p in scored]}
+
+
+def select_per_concept(cells: Sequence[dict], method: str, grid: MethodGrid, name: str) -> Optional[dict]:
+    """Round 2's rule (docs/world.md §6), per (method, concept): the grid point with the highest selection rate for
+    this concept; ties go to fewer steps, then the smaller lr. None until every grid point has its selection cell."""
+    rates = {(c["lr"], c["step"]): c["rate"]["rate"] for c in cells
+             if c["method"] == method and c["concept"] == name and c["seed_set"] == "selection"}
+    points = [(lr, k) for lr in grid.lrs for k in grid.steps]
+    if any(p not in rates for p in points):
+        return None
+    lr, step = min(points, key=lambda p: (-round(rates[p], 9), p[1], p[0]))
+    return {"method": method, "concept": name, "lr": lr, "step": step, "selection_rate": rates[(lr, step)],
+            "table": [{"lr": p[0], "step": p[1], "rate": rates[p]} for p in points]}
+
+
+def run_round2(pipe: Any, oracle: Any, out: Path = SEARCH_DIR, methods: Sequence[str] = METHODS,
+               concepts: Sequence[str] = tuple(WORLD_CONCEPTS), grid: Optional[dict] = None,
+               seeds: Sequence[int] = ROUND2_SEEDS, templates: Sequence[str] = PLAIN_TEMPLATES,
+               sample_steps: int = STEPS, log: Callable[[str], None] = print) -> list[dict]:
+    """Round 2 (docs/world.md §6): per (method, concept), the grid point select_per_concept chooses on the round-1
+    selection cells (no new training), measured on the round-2 held-out seeds; returns the choices."""
+    grid, out, chosen = GRID if grid is None else grid, Path(out), []
+    for method in methods:
+        for name in concepts:
+            pick = select_per_concept(read_cells(out), method, grid[check_method(method)], name)
+            if pick is None:
+                log(f"round 2: {method} {name} has selection cells missing; run the search first")
+                continue
+            write_json(out / "selected" / f"{method}__{name}__round2.json", pick)
+            chosen.append(pick)
+            if not (out / "cells" / f"{cell_key(method, name, pick['lr'], pick['step'], 'held_out2')}.json").exists():
+                _write_cell(pipe, oracle, out, method, name, pick["lr"], pick["step"], "held_out2", seeds,
+                            templates, sample_steps, run_folder(out, method, name, pick["lr"]), log, 0.0)
+    return chosen
 
 
 def run_search(pipe: Any, oracle: Any, out: Path = SEARCH_DIR, methods: Sequence[str] = METHODS,
@@ -320,6 +355,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--status", action="store_true", help="print what is done and what is left, and exit")
     ap.add_argument("--checks", action="store_true", help="rewrite data/shapesworld/world/concept_checks.json, exit")
     ap.add_argument("--screen", action="store_true", help="rewrite data/shapesworld/world/screen.json, and exit")
+    ap.add_argument("--round2", action="store_true", help="round 2 (docs/world.md §6): per (method, concept) choice "
+                    "on the selection cells, measured on seeds 4000-4007, and exit")
     a = ap.parse_args(argv)
     methods = [check_method(m.strip()) for m in a.methods.split(",") if m.strip()]
     if a.status:
@@ -329,6 +366,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     pipe = load_pipeline()
     pipe.set_progress_bar_config(disable=True)
     oracle = load_evaluator(kind="oracle")
+    if a.round2:
+        run_round2(pipe, oracle, Path(a.out), methods, log=lambda s: print(s, flush=True))
+        return
     if a.checks or a.screen:
         if a.checks:
             write_json(CHECKS_DIR / "concept_checks.json", measure_world_concepts(pipe, oracle))

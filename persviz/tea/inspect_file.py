@@ -26,7 +26,7 @@ import torch
 from persviz.embedding_files import (SD15, SDXL_PAIR, EmbeddingFile, EmbeddingFileError, check_fits,
                                      read_embedding_file, read_embedding_folder, summary)
 from persviz.embeddings import class_word_id, norm_ratio_and_cosine, prompt_parts
-from persviz.families import UnsupportedModelError, family_of
+from persviz.families import UnsupportedModelError, family_of, is_single_file, load_checkpoint
 from persviz.loading import default_model, unavailable_error
 from persviz.paths import shapesworld_dir
 from persviz.tea.adjust import DEFAULTS
@@ -68,10 +68,14 @@ def _model_index(where: Union[str, Path]) -> dict[str, Any]:
 
 def load_text_stack(model: Union[str, Path, None] = None, device: str | None = None) -> Any:
     """A model's text stack (persviz.text_stack.TextStack, as its family lays it out: SD 1.x clip_l; SDXL clip_l +
-    clip_g), float32, without its UNet and VAE; model as load_text_model takes it."""
+    clip_g), float32, without its UNet and VAE; model as load_text_model takes it, or a single-file .safetensors
+    checkpoint (loaded whole: its encoders are inside the one file)."""
     import transformers  # heavy: transformers
 
     name = str(model if model is not None else default_model("pipeline"))
+    if is_single_file(name):
+        pipe = load_checkpoint(name, device=device or "cpu", dtype=torch.float32)
+        return family_of(pipe, name).text_stack(pipe)
     where = shapesworld_dir() / "sd" if name == "shapesworld" else name
     parts = SimpleNamespace()
     try:

@@ -9,6 +9,7 @@ The math lives in persviz.tea.adjust; this module only finds rows and positions 
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,10 +17,11 @@ from typing import Any
 
 import torch
 
+from persviz.families import text_stack
 from persviz.families.base import Pipeline
 from persviz.embeddings import prompt_parts, single_token_id, tokens_of, class_word_id, token_row
 from persviz.tea.adjust import DEFAULTS, check_knob, align_positions, prompt_level_adjust, slerp_adjust
-from persviz.text_stack import PlaceholderRows
+from persviz.text_stack import PlaceholderRows, TextEncoder, TextStack
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,19 @@ class TeaAdjustment:
     scale: float
     original: torch.Tensor  # [n, D], the rows before the adjustment (restored on exit)
     adjusted: torch.Tensor  # [n, D], slerp_adjust(original, class row, rotation, scale)
+    encoder: str = ""  # the text encoder's name (clip_l, clip_g)
+    per_encoder: tuple["TeaAdjustment", ...] = ()  # several encoders (SDXL): each one's; the fields above: the first's
+
+
+def model_stack(obj: Any) -> TextStack:
+    """The text stack of a pipeline (persviz.families.text_stack), a text stack as it is, or a (tokenizer,
+    text_encoder) pair as a stack of one encoder."""
+    if isinstance(obj, TextStack):
+        return obj
+    if isinstance(obj, (tuple, list)) or not hasattr(obj, "unet"):
+        tokenizer, encoder = prompt_parts(obj, required=True)
+        return TextStack((TextEncoder("text_encoder", tokenizer, encoder),))
+    return text_stack(obj)
 
 
 def check_knobs(method: str, rotation: float | None, scale: float | None) -> tuple[float, float]:
@@ -93,9 +108,29 @@ def tea(
     (it edits the model in place, so do not use the pipeline from another thread meanwhile).
     """
     rotation, scale = check_knobs(method, rotation, scale)
+    stack = model_stack(pipe) if hasattr(pipe, "unet") else None
+    if stack is not None and len(stack) > 1:  # SDXL: each encoder's rows toward its own class-word row
+        holding = [e for e in stack if single_token_id(e.tokenizer, placeholder) is not None]
+        if not holding:
+            _placeholder_ids(stack.primary.tokenizer, stack.primary.encoder, placeholder)  # raises, saying how to load
+        with contextlib.ExitStack() as written:
+            done = [written.enter_context(_tea_rows(e.tokenizer, e.encoder, placeholder, class_word, rotation, scale,
+                                                    e.name)) for e in holding]
+            first = done[0]
+            yield TeaAdjustment(first.placeholder_ids, first.class_id, rotation, scale, first.original, first.adjusted,
+                                first.encoder, tuple(done))
+        return
     tokenizer, encoder = prompt_parts(pipe)
     if tokenizer is None or encoder is None:
         raise ValueError("tea needs a pipeline with a tokenizer and a text_encoder (or a (tokenizer, text_encoder) pair)")
+    with _tea_rows(tokenizer, encoder, placeholder, class_word, rotation, scale) as adjustment:
+        yield adjustment
+
+
+@contextmanager
+def _tea_rows(tokenizer: Any, encoder: Any, placeholder: str, class_word: str, rotation: float, scale: float,
+              name: str = "") -> Iterator[TeaAdjustment]:
+    """Eq. 1 written into one encoder's placeholder rows, restored on exit."""
     ids = _placeholder_ids(tokenizer, encoder, placeholder)
     cid = _class_id(tokenizer, class_word, ids)
     weight = encoder.get_input_embeddings().weight
@@ -107,7 +142,7 @@ def tea(
     with torch.no_grad():
         adjusted = slerp_adjust(weight[ids].detach(), weight[cid].detach(), rotation, scale).to(weight.dtype)
     with PlaceholderRows(adjusted, ids).written(encoder) as original:
-        yield TeaAdjustment(tuple(ids), cid, rotation, scale, original, adjusted.clone())
+        yield TeaAdjustment(tuple(ids), cid, rotation, scale, original, adjusted.clone(), name)
 
 
 # ----------------------------------------------------------------------------- prompt level (Eq. 2)

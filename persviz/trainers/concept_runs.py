@@ -4,7 +4,7 @@
 
 Every input is checked before anything is written (the images, the tokens, the model's kind, an existing folder's
 concept); then the images are copied into the folder, concept.json records the run, and the trainer runs (resuming
-a run already there). Defaults follow the model (``persviz.trainers.recipes``).
+a run already there). Defaults follow the model: its family's recipes (``persviz.families``, ``Family.recipes``).
 """
 from __future__ import annotations
 
@@ -71,9 +71,9 @@ def train_concept(method: str, images: PathLike, class_word: str, placeholder: s
                          "same token to extend it, or another --out folder")
     if pipe is None:
         pipe = assemble_pipeline(mid)
-    training_family(pipe, mid)
+    family = training_family(pipe, mid, m)
     m.check_tokens(text_stack(pipe).primary.tokenizer, token, class_word)
-    config = m.recipe(token, class_word, shapesworld=is_embedded(mid), **settings)
+    config = m.recipe(token, class_word, shapesworld=is_embedded(mid), family=family, **settings)
     with confined(concept.folder):
         adopt_images(concept, images)
         concept.runs[method] = {"folder": method, "token": token}

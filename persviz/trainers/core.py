@@ -252,6 +252,14 @@ def resolution(pipe: Pipeline, requested: int | None, config_name: str) -> int:
     return r
 
 
+def square_side(images: Any) -> int:
+    """The side of the square prepare_images cuts from the images (the smaller of H and W), before resizing: SDXL's
+    original-size conditioning."""
+    first = images if isinstance(images, Image.Image) else images[0]
+    h, w = (first.height, first.width) if isinstance(first, Image.Image) else np.asarray(first).shape[:2]
+    return int(min(h, w))
+
+
 def training_images(pipe: Pipeline, images: Any, config: Any) -> tuple[torch.device, int, np.ndarray]:
     """(the pipeline's execution device, the training resolution, the images prepared at it: prepare_images)."""
     device = pipe_device(pipe)
@@ -294,7 +302,16 @@ def latent_stats(vae: Any, pixels: np.ndarray, flip: bool, device: torch.device)
 
 @torch.no_grad()
 def encode_stats(vae: Any, x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 posterior mean and std [M, C, h, w] of float images x [M, 3, H, W] in [-1, 1], encoded one by one."""
+    """float32 posterior mean and std [M, C, h, w] of float images x [M, 3, H, W] in [-1, 1], encoded one by one.
+    A float16 VAE whose config asks for it (``force_upcast``: SDXL's, which overflows in float16) encodes in float32,
+    as diffusers' pipelines decode with it, and is put back in float16 after (exactly: float16 -> float32 -> float16
+    is lossless)."""
+    if getattr(vae.config, "force_upcast", False) and vae.dtype == torch.float16:
+        vae.to(torch.float32)
+        try:
+            return encode_stats(vae, x, device)
+        finally:
+            vae.to(torch.float16)
     means, stds = [], []
     for i in range(len(x)):  # one at a time: the result does not depend on how many images there are
         post = vae.encode(x[i:i + 1].to(device=device, dtype=vae.dtype)).latent_dist

@@ -35,6 +35,7 @@ are deterministic (``torch.use_deterministic_algorithms(True)``, left to the cal
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from collections.abc import Callable
@@ -47,9 +48,9 @@ import torch
 import torch.nn.functional as F
 
 from persviz.families.base import Pipeline
-from persviz.families import text_stack
+from persviz.families import family_of, text_stack
 from persviz.embedding_files import EmbeddingFile, EmbeddingFileError, check_fits, read_embedding_file
-from persviz.embeddings import class_word_id, load_learned_token, save_learned_embeds
+from persviz.embeddings import class_word_id, load_learned_token, save_encoder_embeds, save_learned_embeds
 from persviz.io import PathLike
 from persviz.seeding import step_rng
 from persviz.text_stack import PlaceholderRows
@@ -71,6 +72,7 @@ from persviz.trainers.core import (  # CONFIG_FILE and RESUME_FILE are read from
     run_steps,
     save_resume_state,
     sha256,
+    square_side,
     start_run,
     tensors_sha256,
     token_ids,
@@ -268,22 +270,44 @@ def run_token(f: EmbeddingFile) -> str:
 def load_textual_inversion_run(pipe: Pipeline, path: PathLike, token: str | None = None) -> list[str]:
     """Load a run's final embedding (``final_embedding``; any format, by content) into pipe with
     ``pipe.load_textual_inversion``, under `token` (default: the stored one); returns the tokens added (token,
-    token_1, ...), for ``pipe.unload_textual_inversion``. An embedding of another width is refused first."""
+    token_1, ...), for ``pipe.unload_textual_inversion``. An embedding of another width is refused first. A file of
+    one part per encoder (SDXL's clip_l + clip_g) into a pipeline of those encoders: each part into its encoder
+    (``unload_textual_inversion(tokens, tokenizer=, text_encoder=)`` per encoder undoes it)."""
     f = read_embedding_file(final_embedding(path))
     f = read_embedding_file(f.path, token or run_token(f))
-    text = text_stack(pipe).primary
+    stack = text_stack(pipe)
+    if f.per_encoder and len(stack) > 1:
+        check_stack_fits(f, stack)
+        for e in stack:
+            load_learned_token(pipe, f.parts[e.name].to(e.rows.dtype), token=f.row_names, text=e)
+        return f.row_names
+    text = stack.primary
     check_fits(f, text.encoder)
     weight = text.rows
     load_learned_token(pipe, {f.token: f.rows.to(weight.dtype)}, token=f.token)
     return f.row_names
 
 
+def check_stack_fits(f: EmbeddingFile, stack: Any) -> None:
+    """EmbeddingFileError unless a per-encoder file holds a part for each encoder of the stack, of its width."""
+    names = [e.name for e in stack]
+    if sorted(f.parts) != sorted(names):
+        raise EmbeddingFileError(f"{f.path.name} holds the parts {sorted(f.parts)} and the model's text encoders are "
+                                 f"{names}; pass the model the embedding was trained on")
+    for e in stack:
+        width = int(f.parts[e.name].shape[-1])
+        if width != e.width:
+            raise EmbeddingFileError(f"{f.path.name}: its {e.name} part is {width} wide but the model's {e.name} is "
+                                     f"{e.width}: the embedding was trained on another model; pass that model")
+
+
 # ----------------------------------------------------------------------------- inputs
 
 
 def _prompt_tables(tok: Any, config: TextualInversionConfig, first_id: int, init_id: int,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per template [T, L]: token ids (placeholder positions read the initializer), placeholder mask, row index."""
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per template [T, L]: token ids (placeholder positions read the initializer), placeholder mask, row index,
+    and the ids with the placeholder's own (what a pipeline feeds; SDXL's pooled output reads a position of them)."""
     prompts = [t.replace("{}", " ".join(config.tokens)) for t in config.templates]
     ids = token_ids(tok, prompts)
     is_ph, sel = placeholder_positions(ids, range(first_id, first_id + config.num_vectors))
@@ -291,7 +315,7 @@ def _prompt_tables(tok: Any, config: TextualInversionConfig, first_id: int, init
         if n != config.num_vectors:
             raise ValueError(f"template {t!r} holds {n} of the {config.num_vectors} placeholder tokens after "
                              f"tokenization (cut at {tok.model_max_length} tokens, or the placeholder is in the text)")
-    return torch.where(is_ph, init_id, ids).to(device), is_ph.to(device), sel.to(device)
+    return torch.where(is_ph, init_id, ids).to(device), is_ph.to(device), sel.to(device), ids.to(device)
 
 
 # ----------------------------------------------------------------------------- training
@@ -322,47 +346,69 @@ def train_textual_inversion(
         load_result: load the final embedding into pipe (False: leave pipe as it was).
     """
     check_call(pipe, config, TextualInversionConfig)
-    text = text_stack(pipe).primary
-    tokenizer, text_encoder, unet, vae = text.tokenizer, text.encoder, pipe.unet, pipe.vae
+    family = family_of(pipe)
+    stack = family.text_stack(pipe)  # one encoder (SD 1.x) or several (SDXL: clip_l, clip_g): a row in each
+    encoders = [e.encoder for e in stack]
+    unet, vae = pipe.unet, pipe.vae
     ph = config.placeholder
-    check_new_token(tokenizer, ph, "placeholder",
-                    f"remove it with pipe.unload_textual_inversion({ph!r}) or use a fresh pipeline")
-    init_id = class_word_id(tokenizer, config.initializer)
-    tok = copy.deepcopy(tokenizer)
-    if tok.add_tokens(config.tokens) != config.num_vectors:
-        raise ValueError(f"the tokenizer already holds one of {config.tokens}; pick another placeholder")
-    ph_ids = tok.convert_tokens_to_ids(config.tokens)
-    if ph_ids != list(range(ph_ids[0], ph_ids[0] + config.num_vectors)):
-        raise ValueError(f"the placeholder tokens got non-consecutive ids {ph_ids}")
+    toks, init_ids, first_ids = [], [], []
+    for e in stack:
+        check_new_token(e.tokenizer, ph, "placeholder",
+                        f"remove it with pipe.unload_textual_inversion({ph!r}) or use a fresh pipeline")
+        init_ids.append(class_word_id(e.tokenizer, config.initializer))
+        tok = copy.deepcopy(e.tokenizer)
+        if tok.add_tokens(config.tokens) != config.num_vectors:
+            raise ValueError(f"the tokenizer already holds one of {config.tokens}; pick another placeholder")
+        ph_ids = tok.convert_tokens_to_ids(config.tokens)
+        if ph_ids != list(range(ph_ids[0], ph_ids[0] + config.num_vectors)):
+            raise ValueError(f"the placeholder tokens got non-consecutive ids {ph_ids}")
+        toks.append(tok)
+        first_ids.append(ph_ids[0])
 
     device, res, pixels = training_images(pipe, images, config)
-    W = text_encoder.get_input_embeddings().weight
+    Ws = [e.rows for e in stack]
     record = {"format": _FORMAT, **asdict(config), "templates": list(config.templates),
               "resolution_used": res, "num_images": len(pixels), "images_sha256": sha256(pixels),
-              "embedding_shape": list(W.shape), "dtype": f"{text_encoder.dtype}/{unet.dtype}",
-              "initializer_row_sha256": tensors_sha256(W[init_id])}
-    ids_table, mask_table, sel_table = _prompt_tables(tok, config, ph_ids[0], init_id, device)
+              "embedding_shape": list(Ws[0].shape), "dtype": f"{encoders[0].dtype}/{unet.dtype}",
+              "initializer_row_sha256": tensors_sha256(Ws[0][init_ids[0]])}
+    if len(stack) > 1:  # every encoder's matrix and initializer row (SD 1.x runs keep their record as it was)
+        record["encoders"] = {e.name: {"embedding_shape": list(W.shape), "dtype": str(e.encoder.dtype),
+                                       "initializer_row_sha256": tensors_sha256(W[i])}
+                              for e, W, i in zip(stack, Ws, init_ids)}
+    tables = [_prompt_tables(tok, config, f, i, device) for tok, f, i in zip(toks, first_ids, init_ids)]
     out, state, history, start = start_run(out_dir, record, owned_by(_STEP_FILE, FINAL_FILE), "learned embeddings",
                                            "the embeddings of earlier steps: list_snapshots(out_dir)")
 
-    rows0 = W[init_id].detach().float().to(device).repeat(config.num_vectors, 1)
-    rows = (state["rows"].to(device) if state is not None else rows0).clone().requires_grad_(True)
-    opt, scaler = adamw([rows], config, device, torch.float16 in (text_encoder.dtype, unet.dtype), state)
+    keys = ["rows"] + [f"rows_{e.name}" for e in list(stack)[1:]]  # resume state: SD 1.x's key kept
+    rows = [(state[k].to(device) if state is not None else W[i].detach().float().to(device).repeat(
+        config.num_vectors, 1)).clone().requires_grad_(True) for k, W, i in zip(keys, Ws, init_ids)]
+    fp16 = torch.float16 in (*(e.dtype for e in encoders), unet.dtype)
+    opt, scaler = adamw(rows, config, device, fp16, state)
+    side = square_side(images)
 
     def save_state(step: int) -> None:
-        save_resume_state(out / RESUME_FILE, step, {"rows": rows.detach().cpu().clone()}, opt, scaler, history)
+        save_resume_state(out / RESUME_FILE, step, {k: r.detach().cpu().clone() for k, r in zip(keys, rows)}, opt,
+                          scaler, history)
 
     def learned() -> dict[str, torch.Tensor]:
-        return {ph: rows.detach().float().cpu().clone()}
+        """One encoder: {placeholder: rows} (diffusers' file); several: {encoder name: rows} (clip_l + clip_g)."""
+        if len(stack) == 1:
+            return {ph: rows[0].detach().float().cpu().clone()}
+        return {e.name: r.detach().float().cpu().clone() for e, r in zip(stack, rows)}
+
+    def save(path: Path) -> Path:
+        if len(stack) == 1:
+            return save_learned_embeds(learned(), path)
+        return save_encoder_embeds(learned(), path, ph)
 
     def after(k: int, loss: float) -> None:
         if callback is not None:
-            callback(k, loss, learned()[ph])
+            callback(k, loss, rows[0].detach().float().cpu().clone())
 
     if start < config.steps:
         noising = Noising(pipe)
         n_img = len(pixels)
-        hook = PlaceholderRows(rows)
+        hooks = [PlaceholderRows(r) for r in rows]
         # read once: diffusers' ModelMixin.dtype walks every submodule (about 1 ms a call on the micro-SD's step of
         # 25 ms); the pipeline does not change during training
         unet_dtype = unet.dtype
@@ -372,25 +418,32 @@ def train_textual_inversion(
             i = torch.from_numpy(draw_images(rng, n_img, config.batch_size, config.flip_p)).to(device)
             tmpl = torch.from_numpy(rng.integers(len(config.templates), size=config.batch_size)).to(device)
             zt, t, target = noising(mean[i], std[i], g, device)
-            hook.mask, hook.sel = mask_table[tmpl], sel_table[tmpl]
-            cond = text_encoder(ids_table[tmpl])[0].to(unet_dtype)
-            pred = unet(zt.to(unet_dtype), t, cond).sample
+            for hook, (_, mask_table, sel_table, _) in zip(hooks, tables):
+                hook.mask, hook.sel = mask_table[tmpl], sel_table[tmpl]
+            cond, added = family.unet_condition(stack, [tb[0][tmpl] for tb in tables], [tb[3][tmpl] for tb in tables],
+                                                (side, side), res)
+            added = None if added is None else {k: v.to(unet_dtype) for k, v in added.items()}
+            pred = unet(zt.to(unet_dtype), t, cond.to(unet_dtype), added_cond_kwargs=added).sample
             loss = F.mse_loss(pred.float(), target)
-            optimizer_step(loss, opt, scaler, [rows], None)
+            optimizer_step(loss, opt, scaler, rows, None)
             return float(loss.detach().cpu())
 
         # eval mode for the encoding too: a module in train mode computes slightly different numbers
-        with hook.hooked(text_encoder), frozen([text_encoder, unet, vae]):
+        with contextlib.ExitStack() as hooked:
+            for hook, enc in zip(hooks, encoders):
+                hooked.enter_context(hook.hooked(enc))
+            hooked.enter_context(frozen([*encoders, unet, vae]))
             mean, std = latent_stats(vae, pixels, config.flip_p > 0, device)
             with torch.enable_grad():
                 run_steps(start=start, steps=config.steps, save_every=config.save_every,
                           step=lambda s: step(s, mean, std), history=history,
-                          snapshot=lambda k: save_learned_embeds(
-                              learned(), out / f"learned_embeds-steps-{k}.safetensors"),
+                          snapshot=lambda k: save(out / f"learned_embeds-steps-{k}.safetensors"),
                           save_state=save_state, after=after, desc=f"textual inversion {ph}", progress=progress)
 
-    final = save_learned_embeds(learned(), out / FINAL_FILE)
-    if load_result:
+    final = save(out / FINAL_FILE)
+    if load_result and len(stack) == 1:
         load_learned_token(pipe, str(final), token=ph)
+    elif load_result:
+        load_textual_inversion_run(pipe, out, token=ph)
     return TextualInversionResult(out_dir=out, steps=config.steps, loss_history=history,
                     snapshot_paths=[p for _, p in list_snapshots(out)], final_path=final)

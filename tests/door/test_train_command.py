@@ -172,7 +172,7 @@ def test_study_refuses_a_folder_without_concept_json(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_sd2_pipelines_are_refused_and_sdxl_ones_are_not_trained_yet():
+def test_sd2_pipelines_are_refused_and_sdxl_ones_train_textual_inversion_only():
     from types import SimpleNamespace
 
     from persviz.families import FAMILIES, family_of
@@ -187,6 +187,9 @@ def test_sd2_pipelines_are_refused_and_sdxl_ones_are_not_trained_yet():
         check_sd1(pipe(1024), "stabilityai/stable-diffusion-2-1")
     xl = pipe(768, second=object())
     assert family_of(xl) is FAMILIES["sdxl"]  # a family now: loaded, prepared, inspected per encoder
-    with pytest.raises(ValueError, match="is a Stable Diffusion XL pipeline and persviz trains on Stable Diffusion "
-                       "1.x only so far"):
-        check_sd1(xl, "stabilityai/stable-diffusion-xl-base-1.0")
+    check_sd1(xl, "stabilityai/stable-diffusion-xl-base-1.0")  # Textual Inversion trains on SDXL
+    from persviz.families import training_family
+    from persviz.methods import get_method
+    with pytest.raises(ValueError, match="persviz trains textual_inversion on Stable Diffusion XL so far, not "
+                       "dreambooth"):
+        training_family(xl, "stabilityai/stable-diffusion-xl-base-1.0", get_method("dreambooth"))

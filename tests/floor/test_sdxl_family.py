@@ -15,13 +15,20 @@ def sdxl_like(**more):
                            **more)
 
 
-def test_an_sdxl_pipeline_is_of_the_sdxl_family_and_trains_nowhere_yet():
+def test_an_sdxl_pipeline_is_of_the_sdxl_family_trains_textual_inversion_only_and_adopts_nothing_yet():
+    from persviz.families import adopting_family
+    from persviz.methods import get_method
     pipe = sdxl_like()
     assert family_of(pipe, "my/xl") is FAMILIES["sdxl"]
-    with pytest.raises(UnsupportedModelError, match="my/xl is a Stable Diffusion XL pipeline.*Stable Diffusion 1.x "
-                       "only") as info:
-        training_family(pipe, "my/xl")
-    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in str(info.value) and "\n" not in str(info.value)
+    assert training_family(pipe, "my/xl", get_method("ti")) is FAMILIES["sdxl"]
+    with pytest.raises(UnsupportedModelError, match="persviz trains textual_inversion on Stable Diffusion XL so far, "
+                       "not dreambooth; train dreambooth on Stable Diffusion 1.x, or textual_inversion on my/xl") as info:
+        training_family(pipe, "my/xl", get_method("dreambooth"))
+    assert "\n" not in str(info.value)
+    with pytest.raises(UnsupportedModelError, match="my/xl is a Stable Diffusion XL pipeline and persviz adopts runs "
+                       "trained on Stable Diffusion 1.x only so far") as info:
+        adopting_family(pipe, "my/xl")
+    assert "\n" not in str(info.value)
 
 
 def test_sd1_refuses_sdxl_and_sdxl_refuses_one_encoder_pipelines_each_with_a_sentence():

@@ -34,6 +34,21 @@ def test_select_follows_the_preregistered_rule():
     assert ws.select(cells[:-1], "textual_inversion", g, names) is None
 
 
+def test_round2_picks_each_concepts_best_grid_point():
+    g = ws.MethodGrid((1e-3, 3e-3), (100, 200))
+    rates = {"a": {(1e-3, 100): 0.5, (1e-3, 200): 0.9, (3e-3, 100): 0.9, (3e-3, 200): 0.2},
+             "b": {(1e-3, 100): 0.0, (1e-3, 200): 0.0, (3e-3, 100): 0.0, (3e-3, 200): 0.0}}
+    cells = [cell("dreambooth", n, lr, k, r) for n, by in rates.items() for (lr, k), r in by.items()]
+    # a: 0.9 at (1e-3, 200) and (3e-3, 100): fewer steps wins; b: all zero: fewer steps, then the smaller lr
+    a, b = (ws.select_per_concept(cells, "dreambooth", g, n) for n in ("a", "b"))
+    assert (a["lr"], a["step"], a["selection_rate"]) == (3e-3, 100, 0.9)
+    assert (b["lr"], b["step"], b["selection_rate"]) == (1e-3, 100, 0.0)
+    # held-out cells, other concepts and methods do not count; a missing point means no choice yet
+    noise = [cell("dreambooth", "a", 3e-3, 200, 1.0, "held_out"), cell("textual_inversion", "a", 3e-3, 200, 1.0)]
+    assert ws.select_per_concept(cells + noise, "dreambooth", g, "a")["step"] == 100
+    assert ws.select_per_concept(cells[1:], "dreambooth", g, "a") is None
+
+
 def test_slot_words_and_tokens():
     assert ws.slot_word("textual_inversion", "candy") == "<candy>"
     assert ws.slot_word("dreambooth", "candy") == "sks circle"
@@ -88,6 +103,18 @@ def test_tiny_search_writes_every_cell_and_selects(tiny_search):
     assert "most read: large pink striped circle" in ws.format_status(status, out)
     table = ws.results_markdown(out).splitlines()
     assert len(table) == 2 + len(rows) and "| textual_inversion | candy | 0.001 | 2 | selection | 1.000 | 1/1 |" in table[2]
+
+
+def test_round2_measures_each_choice_on_its_own_seeds_without_training(tiny_search, shapesworld_pipeline, monkeypatch):
+    out, _, _ = tiny_search
+    monkeypatch.setattr(ws, "TRAINERS", {})  # round 2 trains nothing: a trainer call would fail here
+    picks = ws.run_round2(shapesworld_pipeline, ReadsEverything(world_recipe("candy")), out, concepts=("candy",),
+                          grid=TINY, seeds=(3,), templates=("a photo of a {}",), sample_steps=3, log=lambda s: None)
+    assert [(p["method"], p["lr"], p["step"]) for p in picks] == [
+        ("textual_inversion", 1e-3, 2), ("dreambooth", 1e-3, 2), ("custom_diffusion", 1e-4, 2)]
+    c = json.loads((out / "cells" / "dreambooth__candy__lr0.001__step2__held_out2.json").read_text())
+    assert c["seeds"] == [3] and c["seed_set"] == "held_out2" and c["hits"] == [[1]]
+    assert json.loads((out / "selected" / "dreambooth__candy__round2.json").read_text())["lr"] == 1e-3
 
 
 def test_tiny_search_leaves_the_pipeline_as_it_found_it(tiny_search, shapesworld_pipeline):

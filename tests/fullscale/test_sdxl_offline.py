@@ -78,8 +78,8 @@ def test_persviz_fix_against_sdxl_is_refused_naming_both_families(offline_sd15_c
     import safetensors.torch
     from persviz.cli import main
     safetensors.torch.save_file({"<cat>": torch.ones(1, 32)}, str(tmp_path / "sd1.safetensors"))
-    with pytest.raises(SystemExit, match="2 text encoders \\(clip_l, clip_g\\), an SDXL-style model, and persviz fix "
-                       "rewrites Stable Diffusion 1.x embeddings only so far"):
+    with pytest.raises(SystemExit, match="Stable Diffusion 1.x-style embedding\\) but the model is an SDXL-style model "
+                       "with 2 text encoders \\(clip_l 32 wide, clip_g 48 wide\\); fix it against the SD 1.x model"):
         main(["fix", str(tmp_path / "sd1.safetensors"), "--class-word", "dog", "--out", str(tmp_path / "o.safetensors"),
               "--model", SDXL_BASE])
     assert not (tmp_path / "o.safetensors").exists()
