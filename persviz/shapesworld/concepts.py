@@ -67,7 +67,8 @@ SHIPPED_RECIPES = {
 }
 #: The methods whose shipped run of a concept met the personalization target (the oracle finds the concept in >= 80 %
 #: of 64 plain-prompt images, lower bound >= 0.7, on round 2's held-out seeds: docs/world.md §6).
-LEARNED_BY = {"checkers": (), "candy": (), "spark": ()}
+LEARNED_BY = {"checkers": ("dreambooth", "custom_diffusion"), "candy": ("textual_inversion", "custom_diffusion"),
+              "spark": ("textual_inversion",)}
 #: The concepts of persviz <= 0.2 (two colors on one object, outside what the micro-SD and the oracle learned).
 TWO_COLOR_CONCEPTS = {
     "checkers": Concept("checkers", Obj("square", "yellow", "checkered", "large", pattern_color=RGB["red"]),
