@@ -14,12 +14,12 @@ from persviz.constants import CLASS_WORD_ROW
 from persviz.evaluation import Evaluation
 from persviz.shapesworld.concept_checks import wilson
 from persviz.shapesworld.concepts import CONCEPTS, CONCEPTS_DIR
-from persviz.shapesworld.world_search import CHECKS_DIR, SEARCH_DIR, TARGET_LOW, TARGET_RATE, read_cells
+from persviz.shapesworld.world_search import CHECKS_DIR, RESULTS_JSON, TARGET_LOW, TARGET_RATE, read_cells
 from persviz.stats import bootstrap_mean
 
 
 
-def plain_rates(out: Path = SEARCH_DIR, seed_set: str = "held_out2",
+def plain_rates(out: Path = RESULTS_JSON, seed_set: str = "held_out2",
                 checks: Path = CHECKS_DIR / "concept_checks.json") -> dict[tuple[str, str], dict]:
     """{(method, concept): the rate summary of its round-2 held-out cell, with lr and step}, and the class word
     alone on the same plain prompts (the checks' control, seeds 0-7) under (CLASS_WORD_ROW, concept)."""
@@ -46,7 +46,7 @@ def contextual_rate(ev: Evaluation, row: str) -> dict:
             "low": min(iv.low, lo)}
 
 
-def concept_table(methods: Sequence[str], search: Path = SEARCH_DIR,
+def concept_table(methods: Sequence[str], search: Path = RESULTS_JSON,
                   tea_table: Path = CONCEPTS_DIR / "tea_table.json",
                   before: Optional[Mapping[str, Mapping[str, float]]] = None) -> list[dict[str, Any]]:
     """One row per (concept, method), and one per concept for the class word: plain-prompt and contextual rates
@@ -87,14 +87,24 @@ def concept_table_markdown(rows: Sequence[Mapping]) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
-    """Prints the concept table of the shipped runs (docs/world.md §7)."""
+def before_rates(old_tea_table: Path) -> dict[str, dict[str, float]]:
+    """{row: {concept: oracle concept rate}} of an older tea_table.json (its 'per_concept' means)."""
+    per = json.loads(Path(old_tea_table).read_text())["per_concept"]
+    return {row: {c: v["oracle_concept"] for c, v in by.items()} for row, by in per.items()}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Prints the concept table of the shipped runs (docs/world.md §7); --before OLD_TEA_TABLE adds a column."""
+    import argparse
     from persviz.methods import METHODS
-    print(concept_table_markdown(concept_table(METHODS)))
+    ap = argparse.ArgumentParser(prog="python -m persviz.shapesworld.world_report")
+    ap.add_argument("--before", default=None, help="an older tea_table.json (e.g. persviz 0.2's, from git)")
+    a = ap.parse_args(argv)
+    print(concept_table_markdown(concept_table(METHODS, before=before_rates(Path(a.before)) if a.before else None)))
 
 
 if __name__ == "__main__":
     main()
 
 
-__all__ = ["CLASS_WORD_ROW", "concept_table", "concept_table_markdown", "contextual_rate", "plain_rates"]
+__all__ = ["CLASS_WORD_ROW", "before_rates", "concept_table", "concept_table_markdown", "contextual_rate", "plain_rates"]

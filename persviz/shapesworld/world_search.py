@@ -156,9 +156,23 @@ def misreadings(cells: Sequence[dict]) -> dict:
     return out
 
 
+RESULTS_JSON = CHECKS_DIR / "search_results.json"  # the search's cells and choices, shipped (export_results)
+
+
 def read_cells(out: Path) -> list[dict]:
-    """Every finished evaluation of the search."""
-    return [json.loads(p.read_text()) for p in sorted((Path(out) / "cells").glob("*.json"))]
+    """Every finished evaluation of the search: from its folder, or from a file export_results wrote."""
+    out = Path(out)
+    if out.suffix == ".json":
+        return json.loads(out.read_text())["cells"]
+    return [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+
+
+def export_results(out: Path = SEARCH_DIR, path: Path = RESULTS_JSON) -> Path:
+    """Every cell (each image's hit and reading) and every choice of the search in one file, for the repository
+    (the run folders stay in the gitignored search folder)."""
+    out = Path(out)
+    selected = {p.stem: json.loads(p.read_text()) for p in sorted((out / "selected").glob("*.json"))}
+    return write_json(Path(path), {"format": "persviz world search 1", "cells": read_cells(out), "selected": selected})
 
 
 def select(cells: Sequence[dict], method: str, grid: MethodGrid, concepts: Sequence[str]) -> Optional[dict]:
@@ -355,12 +369,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--status", action="store_true", help="print what is done and what is left, and exit")
     ap.add_argument("--checks", action="store_true", help="rewrite data/shapesworld/world/concept_checks.json, exit")
     ap.add_argument("--screen", action="store_true", help="rewrite data/shapesworld/world/screen.json, and exit")
+    ap.add_argument("--export", action="store_true", help=f"write the cells and choices to {RESULTS_JSON}, and exit")
     ap.add_argument("--round2", action="store_true", help="round 2 (docs/world.md §6): per (method, concept) choice "
                     "on the selection cells, measured on seeds 4000-4007, and exit")
     a = ap.parse_args(argv)
     methods = [check_method(m.strip()) for m in a.methods.split(",") if m.strip()]
     if a.status:
         print(format_status(search_status(Path(a.out), methods), Path(a.out)))
+        return
+    if a.export:
+        print("wrote", export_results(Path(a.out)))
         return
     torch.set_num_threads(a.threads)
     pipe = load_pipeline()
