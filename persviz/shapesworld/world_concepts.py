@@ -2,8 +2,8 @@
 
 Each is a one-color object of today's world (its pattern a shade of its body color, as the renderer draws every
 texture), so the base micro-SD can draw it when described and the oracle reads it; its class word names only the
-shape. They are chosen and measured in docs/world.md (issue 23, step 1). Since the search succeeded they are
-the shipped concepts (persviz.shapesworld.concepts.CONCEPTS); this module keeps the search's names.
+shape. They are chosen and measured in docs/world.md (issue 23, step 1). Since issue 23 they are the shipped
+concepts (persviz.shapesworld.concepts.CONCEPTS); this module keeps the search's names.
 """
 from __future__ import annotations
 
