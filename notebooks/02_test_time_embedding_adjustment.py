@@ -16,8 +16,8 @@
 # %% [markdown]
 # # 02 · Test-time embedding adjustment (TEA)
 #
-# Notebook 01 showed a learned token V* drifting in norm and direction until it swallows the prompt. TEA fixes
-# that **at test time, without retraining**: before generating, move V* back toward its class word c by a
+# The TEA paper shows a learned token V* drifting in norm and direction until it swallows the prompt, and fixes it
+# **at test time, without retraining**: before generating, move V* back toward its class word c by a
 # spherical interpolation with norm matching (the paper's Eq. 1):
 #
 # - target norm m = (1 − scale)·|V*| + scale·|c|; rescale both vectors to m;
@@ -28,7 +28,9 @@
 # personalized prompt is interpolated toward the same position of the class prompt, with the placeholder paired
 # with the class word (the public code pairs positions unaligned; we keep that only for comparison).
 #
-# Everything below runs on the shipped ShapesWorld runs (`persviz tea runs`).
+# Everything below runs on the shipped ShapesWorld runs (`persviz tea runs`). On them the drift happens but, by the
+# oracle, Textual Inversion keeps the context, so TEA has little to recover there; DreamBooth-LoRA and Custom
+# Diffusion do lose context. Whether TEA brings it back is measured, not assumed (docs/findings.md, finding (iv)).
 #
 # **Your own concept, on Stable Diffusion 1.5.** Train a concept folder with `persviz train textual-inversion
 # --model stable-diffusion-v1-5/stable-diffusion-v1-5 --images DIR --class-word dog --placeholder '<my-dog>'
@@ -132,7 +134,8 @@ table(difference_rows(live.compare("without", "with TEA")), title="with TEA minu
 #
 #     persviz sweep CONCEPT_DIR --rotations 0,0.2,0.4,0.6,0.8,1 --scales 0,0.5,1 --prompts 48 --seeds 2 --out CONCEPT_DIR/sweep
 #
-# On ShapesWorld ⟨candy⟩'s sweep ships with persviz; for your concept, run the line above first.
+# On ShapesWorld ⟨candy⟩'s sweep ships with persviz (24 prompts × 2 seeds per cell, to keep its regeneration short on
+# 2 cores); for your concept, run the line above first.
 
 # %%
 saved_sweep = Path(concept.folder) / "sweep" / SWEEP_JSON

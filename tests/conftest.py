@@ -32,6 +32,30 @@ def shapesworld_pipeline():
     return load_pipeline()
 
 
+def _pipeline_state(pipe) -> dict:
+    """What a test must leave as it found it on the shared pipeline: tokens, vocabulary size, embedding rows,
+    attention processors and adapters."""
+    te = pipe.text_encoder
+    return {"tokens": len(pipe.tokenizer), "vocab_size": te.config.vocab_size,
+            "rows": tuple(te.get_input_embeddings().weight.shape),
+            "processors": sorted({type(v).__name__ for v in pipe.unet.attn_processors.values()}),
+            "adapters": (bool(getattr(pipe.unet, "peft_config", None)), bool(getattr(te, "peft_config", None)))}
+
+
+@pytest.fixture(autouse=True)
+def shared_pipeline_left_as_found(request):
+    """Every test that takes the session's ShapesWorld pipeline leaves it as it found it (a grown vocabulary or a
+    leftover adapter changes what later tests save and load)."""
+    if "shapesworld_pipeline" not in request.fixturenames:
+        yield
+        return
+    pipe = request.getfixturevalue("shapesworld_pipeline")
+    before = _pipeline_state(pipe)
+    yield
+    after = _pipeline_state(pipe)
+    assert after == before, f"the test changed the shared pipeline: {before} -> {after}"
+
+
 @pytest.fixture
 def shapesworld_train_in_tmp(tmp_path, monkeypatch):
     """persviz.shapesworld.train writing its cache and models under tmp_path (returned) instead of the real folders."""

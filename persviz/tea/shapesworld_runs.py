@@ -152,7 +152,7 @@ def run_tea_rows(pipe, method: str, name: str, probes, score, repeats: int = 1, 
         return tea_rows(pipe, method, word, token, get_concept(name).class_word, probes, score, repeats, seed)
 
 
-def _cached(work: Optional[Path], name: str, part: str, make) -> dict[str, np.ndarray]:
+def cached_rows(work: Optional[Path], name: str, part: str, make) -> dict[str, np.ndarray]:
     """make() -> {row: images}, kept as work/<name>/<part>.npz (written atomically) and read back on a later call."""
     if work is None:
         return make()
@@ -185,14 +185,14 @@ def tea_table(pipe, judges: dict, methods: tuple = METHODS, n_probes: int = 24, 
         probes = eval_prompts(name, n_probes, seed=seed)
         sig = oracle_signature(judges["oracle"], name)
         # the base model with the class word, on the same probes and seeds: what personalization changed (finding iii)
-        images = _cached(work, name, CLASS_WORD_ROW, lambda: {CLASS_WORD_ROW: generate_probes(
+        images = cached_rows(work, name, CLASS_WORD_ROW, lambda: {CLASS_WORD_ROW: generate_probes(
             pipe, probes, c.class_word, repeats, seed=GENERATION_SEED)})
         for method in methods:
             def rows(method: str = method) -> dict[str, np.ndarray]:
                 got = run_tea_rows(pipe, method, name, probes, lambda ims: ims, repeats, seed=GENERATION_SEED,
                                    root=root)
                 return {f"{method} {label}".replace(" none", ""): ims for label, ims in got.items()}
-            images.update(_cached(work, name, method, rows))
+            images.update(cached_rows(work, name, method, rows))
         n = len(probes) * repeats
         evaluations[name] = evaluate(images, probes, c.class_word, refs, judges["clip"], judges["dino"],
                                      judges["oracle"], sig, repeats, seeds=[GENERATION_SEED + i for i in range(n)],

@@ -48,11 +48,13 @@ def learned_embedding(pipe: Pipeline, placeholder: str, vector: torch.Tensor) ->
         raise ValueError(f"embedding of size {vector.numel()} does not fit the text encoder's width {weight.shape[1]}")
     known = text.has_added(placeholder)
     if not known:
+        vocab = text.encoder.config.vocab_size  # diffusers' unload leaves it grown (as persviz.methods restores it)
         load_learned_token(pipe, {placeholder: vector.to(weight.dtype)}, token=placeholder)
         try:
             yield
         finally:
             pipe.unload_textual_inversion(placeholder)
+            text.encoder.config.vocab_size = vocab
         return
     with PlaceholderRows(vector[None], [token_row(pipe, placeholder)]).written(text.encoder):
         yield

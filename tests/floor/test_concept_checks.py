@@ -7,7 +7,7 @@ from persviz.shapesworld import Obj, Scene, render_batch
 from persviz.shapesworld.concept_checks import (PLAIN_TEMPLATES, description, finds, found, oracle_accuracy,
                                                 plain_prompts, recipe_attributes, render_instances, summarize_rate,
                                                 wilson)
-from persviz.shapesworld.concepts import CONCEPTS
+from persviz.shapesworld.concepts import TWO_COLOR_CONCEPTS
 from persviz.shapesworld.world_concepts import (WORLD_CONCEPTS, WORLD_PAIRS, get_world_concept,
                                                 render_world_references, world_recipe)
 
@@ -58,7 +58,7 @@ def test_recipe_description_and_prompts():
     assert description(obj) == "large orange dotted triangle"
     assert description(Obj("circle", "red")) == "small red circle"
     with pytest.raises(ValueError, match="two-color"):
-        recipe_attributes(CONCEPTS["candy"].obj)  # the shipped concepts are two-color: no recipe the oracle reads
+        recipe_attributes(TWO_COLOR_CONCEPTS["candy"].obj)  # persviz 0.2's two-color concepts: no recipe to read
     prompts = plain_prompts("<candy>")
     assert len(prompts) == len(PLAIN_TEMPLATES) == 8 and prompts[0] == "a photo of a <candy>"
     assert "a <candy> on a white background" in prompts

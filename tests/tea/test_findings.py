@@ -123,17 +123,17 @@ def test_spread_by_position_adds_up_and_matches_scipy_at_the_class_word(shapeswo
 
 
 def test_tea_table_images_are_kept_and_read_back(tmp_path):
-    from persviz.tea.shapesworld_runs import _cached
+    from persviz.tea.shapesworld_runs import cached_rows
     calls = []
     rng = np.random.default_rng(0)
     ims = {"dreambooth": rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8),
            "dreambooth TEA": rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8)}
     make = lambda: calls.append(1) or ims
-    first = _cached(tmp_path, "candy", "dreambooth", make)
-    again = _cached(tmp_path, "candy", "dreambooth", make)
+    first = cached_rows(tmp_path, "candy", "dreambooth", make)
+    again = cached_rows(tmp_path, "candy", "dreambooth", make)
     assert len(calls) == 1 and set(again) == set(ims)
     for k in ims:
         np.testing.assert_array_equal(again[k], ims[k])
         assert again[k].dtype == np.uint8
     assert first is ims and (tmp_path / "candy" / "dreambooth.npz").is_file()
-    assert _cached(None, "candy", "dreambooth", make) is ims and len(calls) == 2  # no folder: always made
+    assert cached_rows(None, "candy", "dreambooth", make) is ims and len(calls) == 2  # no folder: always made

@@ -30,7 +30,10 @@ def test_candy_tea_table_slice_recomputes_equal(clip_eval, oracle):
     pipe = assemble_pipeline("shapesworld")
     dino = load_evaluator(kind="dino")
     probes = eval_prompts("candy", settings["probes"], seed=settings["seed"])[:N_PROBES]
-    images = {}
+    from persviz.constants import CLASS_WORD_ROW
+    from persviz.tea.study import generate_probes
+    images = {CLASS_WORD_ROW: generate_probes(pipe, probes, get_concept("candy").class_word, REPEATS,
+                                              seed=GENERATION_SEED)}
     for method in METHODS:
         rows = run_tea_rows(pipe, method, "candy", probes, lambda ims: ims, REPEATS, seed=GENERATION_SEED)
         images.update({f"{method} {label}".replace(" none", ""): ims for label, ims in rows.items()})
@@ -49,5 +52,5 @@ def test_candy_tea_table_slice_recomputes_equal(clip_eval, oracle):
             assert np.allclose(got, ref, atol=tol, rtol=0), (row, metric, got - ref)
             worst = max(worst, float(np.abs(got - ref).max()))
             compared += n
-    assert compared >= 7 * 8 * 5  # 7 rows x 8 images x at least 5 measures
+    assert compared >= 8 * 8 * 5  # 8 rows (the class word's too) x 8 images x at least 5 measures
     print(f"{compared} scores compared, largest difference {worst:.5f}")
