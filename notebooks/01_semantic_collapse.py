@@ -66,7 +66,7 @@ from persviz.plots import image_grid
 from persviz.session import setup
 from persviz.shapesworld.concepts import reference_signature
 from persviz.tea.attention_study import ATTENTION_ROWS, att_size, read_attention_study, step_curve, study_differences
-from persviz.tea.findings import trend_title
+from persviz.tea.findings import dominance_title, trend_title
 from persviz.tea.concept_study import (at_fractions, class_row, dominance, probe_label, probes_for, reference_grid,
                                        saved_study_rows, shift_sets, spaced_snapshots)
 from persviz.tea.plots import dominance_plot, impact_curves, norm_histogram, norm_ratio_curve, shift_grid
@@ -174,7 +174,8 @@ image_grid(np.concatenate(rows), len(show), len(probes[:6]), row_labels=[f"step 
 # ## 4 · Multi-concept collapse (Fig. 5)
 # Learn two concepts independently, then prompt both: "a ⟨spark⟩ next to a ⟨candy⟩". Hold ⟨spark⟩ at its
 # final embedding and move ⟨candy⟩ along its training (⟨checkers⟩ sits out: a single token never learned it).
-# CLIP-I of the images to each concept's anchor image shows whether the more-trained token takes the picture over.
+# CLIP-I of the images to each concept's anchor image shows whether the more-trained token takes the picture over
+# (the paper's Fig. 5); the title says what happened here.
 
 # %% figure="multi_concept_dominance"
 if other is None:
@@ -183,7 +184,8 @@ if other is None:
 else:  # the second concept fixed at its final V*, the studied one along its run (steps 0, 100, ..., 3000)
     a, b = other.token("textual_inversion"), concept.token("textual_inversion")
     dom = dominance(pipe, other, concept, clip, (0, 1 / 30, 1 / 15, 1 / 10, 1 / 6, 1 / 3, 2 / 3, 1), **gen)
-(dominance_plot(dom["step"], dom[f"clip_i_{a}"], dom[f"clip_i_{b}"], [f"{a} (fixed)", f"{b} (varied)"])
+(dominance_plot(dom["step"], dom[f"clip_i_{a}"], dom[f"clip_i_{b}"], [f"{a} (fixed)", f"{b} (varied)"],
+                title=dominance_title(dom["step"], dom[f"clip_i_{a}"], dom[f"clip_i_{b}"], a, b))
  if other is not None else None)
 
 # %% [markdown]

@@ -115,7 +115,7 @@ def trend_title(subject: str, table: Mapping[str, Sequence[float]], flat: float 
     (impacts_over_steps): the oracle's concept and context rates (a change within `flat` is "flat"), CLIP-T of
     the context beside it (within `clip_flat` points: flat), and that the two judges disagree when one moves the
     context and the other does not, or they move it in opposite directions."""
-    head = f"{subject}: "
+    head = f"{subject}: "  # two lines: the ground truth, then CLIP
     ct = table.get("clip_t_context")
     clip = f"CLIP-T context {ct[0]:.0f}→{ct[-1]:.0f}" if ct is not None and len(ct) else ""
     oc, ox = table.get("oracle_concept"), table.get("oracle_context")
@@ -127,8 +127,20 @@ def trend_title(subject: str, table: Mapping[str, Sequence[float]], flat: float 
     if clip:
         clip_dir = _direction(ct[0], ct[-1], clip_flat)
         disagree = clip_dir != context
-        verdict += f"; {clip}" + (" (CLIP and the oracle disagree)" if disagree else "")
+        verdict += f"\n{clip}" + (" (CLIP and the oracle disagree)" if disagree else "")
     return head + verdict
+
+
+def dominance_title(steps: Sequence[int], fixed: Sequence[float], varied: Sequence[float], fixed_label: str,
+                    varied_label: str) -> str:
+    """A title for the multi-concept figure that says what the curves show: whether the varied concept's CLIP-I
+    overtakes the fixed one's as it trains, and from which step."""
+    over = [s for s, a, b in zip(steps, fixed, varied) if b > a]
+    if not over:
+        return f"{fixed_label} (fixed) stays above {varied_label} (varied) at every step: no takeover"
+    if over == [s for s in steps if s >= over[0]]:
+        return f"{varied_label} (varied) overtakes {fixed_label} (fixed) from step {over[0]}"
+    return f"{varied_label} (varied) is above {fixed_label} (fixed) at steps {', '.join(map(str, over))} only"
 
 
 def _interval(d: Difference, digits: int = 3) -> str:
@@ -193,4 +205,4 @@ def shipped_findings(pipe: Any, n_boot: int = N_BOOT) -> list[Finding]:
 
 
 __all__ = ["findings_markdown", "shipped_findings", "CLASS_WORD_ROW", "Finding", "all_findings", "context_vs_concept", "norm_drift", "percentile_of",
-           "tea_recovery", "text_collapse", "trend_title", "vocabulary_norms"]
+           "tea_recovery", "text_collapse", "trend_title", "vocabulary_norms", "dominance_title"]

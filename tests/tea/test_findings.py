@@ -137,3 +137,11 @@ def test_tea_table_images_are_kept_and_read_back(tmp_path):
         assert again[k].dtype == np.uint8
     assert first is ims and (tmp_path / "candy" / "dreambooth.npz").is_file()
     assert cached_rows(None, "candy", "dreambooth", make) is ims and len(calls) == 2  # no folder: always made
+
+
+def test_dominance_title_says_whether_the_varied_concept_takes_over():
+    steps = [0, 100, 1000, 3000]
+    assert F.dominance_title(steps, [13, 25, 32, 30], [-3, -1, -2, -9], "<spark>", "<candy>") == \
+        "<spark> (fixed) stays above <candy> (varied) at every step: no takeover"
+    assert F.dominance_title(steps, [30, 30, 30, 30], [10, 20, 35, 40], "a", "b") == "b (varied) overtakes a (fixed) from step 1000"
+    assert F.dominance_title(steps, [30, 30, 30, 30], [10, 35, 20, 25], "a", "b") == "b (varied) is above a (fixed) at steps 100 only"
