@@ -6,12 +6,14 @@ with intervals, beside the class word alone (the control).
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from persviz.constants import CLASS_WORD_ROW
 from persviz.evaluation import Evaluation
+from persviz.methods import METHODS
 from persviz.shapesworld.concept_checks import wilson
 from persviz.shapesworld.concepts import CONCEPTS, CONCEPTS_DIR
 from persviz.shapesworld.world_search import CHECKS_DIR, RESULTS_JSON, TARGET_LOW, TARGET_RATE, read_cells
@@ -95,8 +97,6 @@ def before_rates(old_tea_table: Path) -> dict[str, dict[str, float]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Prints the concept table of the shipped runs (docs/world.md §7); --before OLD_TEA_TABLE adds a column."""
-    import argparse
-    from persviz.methods import METHODS
     ap = argparse.ArgumentParser(prog="python -m persviz.shapesworld.world_report")
     ap.add_argument("--before", default=None, help="an older tea_table.json (e.g. persviz 0.2's, from git)")
     a = ap.parse_args(argv)

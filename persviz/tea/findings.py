@@ -17,7 +17,12 @@ from persviz.constants import CLASS_WORD_ROW
 from persviz.evaluation import Evaluation, combine
 from persviz.metrics import spearman
 from persviz.stats import N_BOOT, Difference
-from persviz.tea.inspect_file import TAIL
+from persviz.families import text_stack
+from persviz.methods import METHODS, get_method
+from persviz.shapesworld.concepts import CONCEPTS, LEARNED_BY
+from persviz.tea.inspect_file import TAIL, vocabulary
+from persviz.tea.shapesworld_runs import read_tea_table, run_dir
+from persviz.tea.tracker import load_json
 
 NORM_RHO, SHIFT_RHO = 0.8, 0.5  # the registered rank-correlation thresholds of (i) and (ii)
 
@@ -45,8 +50,6 @@ def percentile_of(value: float, norms: np.ndarray) -> float:
 
 def vocabulary_norms(pipe: Any) -> np.ndarray:
     """The row norms of the pipeline's (first) text encoder's own vocabulary (no added tokens)."""
-    from persviz.families import text_stack
-    from persviz.tea.inspect_file import vocabulary
     enc = text_stack(pipe).primary
     _, rows = vocabulary(enc.tokenizer, enc.encoder)
     return rows.norm(dim=-1).numpy()
@@ -194,10 +197,6 @@ def findings_markdown(findings: Sequence[Finding]) -> str:
 def shipped_findings(pipe: Any, n_boot: int = N_BOOT) -> list[Finding]:
     """Findings (i)-(iv) of the shipped ShapesWorld runs: each concept's Textual Inversion study.json and the tea
     table; (iii) pools the concepts whose Textual Inversion met the personalization target (docs/world.md)."""
-    from persviz.shapesworld.concepts import CONCEPTS, LEARNED_BY
-    from persviz.tea.shapesworld_runs import read_tea_table, run_dir
-    from persviz.tea.tracker import load_json
-    from persviz.methods import METHODS, get_method
     studied = next(m for m in METHODS if get_method(m).row_snapshots)  # the method whose runs keep every row
     studies = {n: load_json(run_dir(studied, n) / "study.json") for n in CONCEPTS}
     learned = [n for n in CONCEPTS if studied in LEARNED_BY[n]]

@@ -163,8 +163,7 @@ class _PerfectOracle:
 def _concept_scenes():
     """7 scenes of the 'spark' concept with known contexts, and one of another object.
 
-    (The trained oracle reads spark right; it misreads the color and texture of 'checkers' and 'candy', whose
-    pattern colors lie outside its training distribution.)"""
+    (The concepts are one-color objects the trained oracle reads right on every render: docs/world.md §2a.)"""
     spark = get_concept("spark").obj
     other = Obj("square", "green", "plain", "large")
     blue_cross = Obj("cross", "blue")
@@ -186,7 +185,7 @@ def test_oracle_concept_context_matches_shapesworld_ground_truth(oracle):
     concept = get_concept("spark").attributes()
     context = {"background": "navy", "position": "left", "second": ("blue", "cross")}
     expected = {"concept": 7 / 8, "context": 4 / 8, "both": 3 / 8, "shape": 7 / 8, "color": 7 / 8, "texture": 7 / 8,
-                "background": 6 / 8, "position": 6 / 8, "second": 6 / 8}
+                "size": 1.0, "background": 6 / 8, "position": 6 / 8, "second": 6 / 8}  # the other object is large too
     truth = oracle_concept_context(_PerfectOracle(scenes), images, concept, context)
     assert truth == pytest.approx(expected)
     assert oracle_concept_context(oracle, images, concept, context) == pytest.approx(expected)  # the trained oracle
@@ -197,7 +196,7 @@ def test_a_concept_in_the_wrong_slot_fails_position_only():
     out = oracle_concept_context(_PerfectOracle([scene]), render_batch([scene]), get_concept("spark").attributes(),
                                  {"position": "left", "second": ("blue", "cross")})
     assert out == {"concept": 1.0, "context": 0.0, "both": 0.0, "shape": 1.0, "color": 1.0, "texture": 1.0,
-                   "position": 0.0, "second": 1.0}
+                   "size": 1.0, "position": 0.0, "second": 1.0}
 
 
 def test_oracle_concept_context_parts_and_none_values(oracle):
