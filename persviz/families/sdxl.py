@@ -134,6 +134,18 @@ class StableDiffusionXL(Family):
         time_ids = torch.tensor([*size, 0, 0, resolution, resolution], dtype=pooled.dtype, device=pooled.device)
         return torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids.repeat(last.shape[0], 1)}
 
+    def prompt_states(self, stack: Any, tokens: Any) -> Any:
+        """StableDiffusionXLPipeline.encode_prompt's: each encoder's penultimate hidden states (clip_l 768, clip_g
+        1280 wide; concatenated they are ``prompt_embeds``, 2048) and clip_g's projected pooled output
+        (``pooled_prompt_embeds``), all in clip_g's dtype as the pipeline casts them."""
+        hidden, out = [], None
+        dtype = stack.encoders[-1].encoder.dtype
+        for e, t in zip(stack, tokens):
+            out = e.encoder(t["input_ids"].to(e.encoder.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+        device = hidden[-1].device
+        return [h.to(dtype=dtype, device=device) for h in hidden], out[0].to(dtype=dtype, device=device)
+
     def prepare(self, pipe: Pipeline, embedded: bool) -> Any:
         """The sampler of diffusers' SDXL examples (textual_inversion_sdxl.py's validation: DPM-Solver++ from the
         pipeline's scheduler config) and VAE slicing: a batch is decoded one image at a time, the same pixels with
