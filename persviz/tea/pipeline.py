@@ -162,7 +162,7 @@ def _tokens(tokenizer: Any, prompts: list[str]) -> Any:
                      return_tensors="pt")
 
 
-def _prompt_family(pipe: Any) -> tuple[Any, TextStack]:
+def prompt_family(pipe: Any) -> tuple[Any, TextStack]:
     """(the family that says what its pipeline reads for prompts, the text stack): a pipeline's own; a (tokenizer,
     text_encoder) pair is read as SD 1.x's one encoder."""
     if hasattr(pipe, "unet") and not isinstance(pipe, (tuple, list)):
@@ -243,7 +243,7 @@ def encode_prompt_level(
         adjust_pooled: whether the pooled embedding (SDXL) is adjusted too (the TEA authors' code adjusts it).
     """
     rotation, scale = check_knobs("dreambooth", rotation, scale)
-    family, stack = _prompt_family(pipe)
+    family, stack = prompt_family(pipe)
     personal = _prompt_list(prompt_personal, "prompt_personal")
     classes = _prompt_list(prompt_class, "prompt_class")
     if len(classes) == 1:
