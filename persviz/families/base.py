@@ -73,6 +73,14 @@ class Family:
         resizing; resolution: the side they are trained at."""
         raise NotImplementedError
 
+    def prompt_states(self, stack: Any, tokens: Any) -> Any:
+        """What the family's pipeline reads for prompts, as its ``encode_prompt`` makes it: (one hidden-state tensor
+        [B, L, D_e] per encoder of `stack`, in its order and the dtype the pipeline passes on, the pooled embedding
+        [B, P] the UNet reads besides or None where the family has none). tokens: per encoder, its tokenizer's
+        output for the prompts (``input_ids``, ``attention_mask``; padded to the tokenizer's maximum length). The
+        hidden states concatenated along the last dimension are the pipeline's ``prompt_embeds``."""
+        raise NotImplementedError
+
     def prepare(self, pipe: Pipeline, embedded: bool) -> Any:
         """The pipeline set up for persviz's studies (sampler, memory); returns it, changed in place."""
         return pipe

@@ -64,6 +64,16 @@ class StableDiffusion1(Family):
         """The text encoder's last hidden state (StableDiffusionPipeline's prompt embeddings); no added conditions."""
         return stack.primary.encoder(ids[0])[0], None
 
+    def prompt_states(self, stack: Any, tokens: Any) -> Any:
+        """StableDiffusionPipeline.encode_prompt's prompt embeddings: the encoder's last hidden state (with the
+        attention mask where its config asks for one), in the encoder's dtype; no pooled embedding."""
+        encoder = stack.primary.encoder
+        mask = None
+        if getattr(encoder.config, "use_attention_mask", False):
+            mask = tokens[0]["attention_mask"].to(encoder.device)
+        hidden = encoder(tokens[0]["input_ids"].to(encoder.device), attention_mask=mask)[0]
+        return [hidden.to(dtype=encoder.dtype, device=encoder.device)], None
+
     def write_test_cache(self, cache_dir: Any, small: bool = True, seed: int = 0) -> dict[str, Any]:
         from persviz.sd15 import write_offline_hub_cache  # heavy: diffusers, transformers
         return write_offline_hub_cache(cache_dir, small=small, seed=seed)

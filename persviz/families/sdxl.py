@@ -4,8 +4,10 @@ the pooled one), whose penultimate hidden states are concatenated (2048) for the
 
 So far persviz loads (a Hub id, a folder or a single-file checkpoint), checks and prepares SDXL pipelines, inspects
 SDXL embedding files per encoder and trains Textual Inversion on SDXL, a row per encoder (``unet_condition``: the
-conditioning diffusers' ``textual_inversion_sdxl.py`` builds); DreamBooth-LoRA and adopting other tools' SDXL runs
-are refused with a sentence (``trains_only``, ``adopts``), Custom Diffusion too (no recipe).
+conditioning diffusers' ``textual_inversion_sdxl.py`` builds), and DreamBooth-LoRA on the UNet with the text encoders
+off (``train_dreambooth_lora_sdxl.py``'s default; the same ``unet_condition``, time ids included); it encodes prompts
+as the pipeline does for prompt-level TEA and the tracker (``prompt_states``). Adopting other tools' SDXL runs is
+refused with a sentence (``adopts``), Custom Diffusion too (no recipe).
 
 The architecture values below are those of the Hub repository ``stabilityai/stable-diffusion-xl-base-1.0`` (its
 ``model_index.json`` and component ``config.json`` files; no machine here reaches the Hub: ``model_index.json`` and
@@ -134,6 +136,18 @@ class StableDiffusionXL(Family):
         time_ids = torch.tensor([*size, 0, 0, resolution, resolution], dtype=pooled.dtype, device=pooled.device)
         return torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids.repeat(last.shape[0], 1)}
 
+    def prompt_states(self, stack: Any, tokens: Any) -> Any:
+        """StableDiffusionXLPipeline.encode_prompt's: each encoder's penultimate hidden states (clip_l 768, clip_g
+        1280 wide; concatenated they are ``prompt_embeds``, 2048) and clip_g's projected pooled output
+        (``pooled_prompt_embeds``), all in clip_g's dtype as the pipeline casts them."""
+        hidden, out = [], None
+        dtype = stack.encoders[-1].encoder.dtype
+        for e, t in zip(stack, tokens):
+            out = e.encoder(t["input_ids"].to(e.encoder.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+        device = hidden[-1].device
+        return [h.to(dtype=dtype, device=device) for h in hidden], out[0].to(dtype=dtype, device=device)
+
     def prepare(self, pipe: Pipeline, embedded: bool) -> Any:
         """The sampler of diffusers' SDXL examples (textual_inversion_sdxl.py's validation: DPM-Solver++ from the
         pipeline's scheduler config) and VAE slicing: a batch is decoded one image at a time, the same pixels with
@@ -214,7 +228,8 @@ FAMILY = StableDiffusionXL(
     "sdxl", "Stable Diffusion XL", hub_ids=(SDXL_BASE,),
     # textual_inversion_sdxl.py's validation: 25 steps at the pipeline's default guidance 5.0 and 1024 px
     generation={"steps": 25, "guidance": 5.0, "batch_size": 4},
-    # Textual Inversion learns a row per encoder; DreamBooth-LoRA (its recipe is ready) and adopting come later
-    trains_only=("textual_inversion",), adopts=False, recipes=SDXL_RECIPES, no_recipe=NO_SDXL_RECIPE,
+    # Textual Inversion learns a row per encoder; DreamBooth-LoRA trains the UNet's LoRA (text encoders off, as
+    # train_dreambooth_lora_sdxl.py's default); adopting comes later
+    trains_only=("textual_inversion", "dreambooth"), adopts=False, recipes=SDXL_RECIPES, no_recipe=NO_SDXL_RECIPE,
     # single-file checkpoints: clip_g (OpenCLIP bigG) under conditioner.embedders.1. (the refiner has only .0.)
     checkpoint_prefix="conditioner.embedders.1.", pipeline_class="StableDiffusionXLPipeline")

@@ -12,7 +12,7 @@ TEA, on ShapesWorld's ground truth) in ``persviz.tea.attention_study`` and its e
 """
 from persviz.tea.adaptive import SCHEDULE, AdaptiveResult, TeaScorer, TraceStep, adaptive_tea, make_tea_scorer
 from persviz.tea.adjust import DEFAULTS, align_positions, check_knob, prompt_level_adjust, slerp_adjust
-from persviz.tea.pipeline import TeaAdjustment, encode_prompt_level, tea
+from persviz.tea.pipeline import TeaAdjustment, embeds_kwargs, encode_prompt_level, tea
 from persviz.tea.shift import (hausdorff_distance, intra_distances, intra_hausdorff, intra_l2, intra_mahalanobis,
                                kl_divergence, l2_distance, ledoit_wolf_shrinkage, mahalanobis_distance,
                                pairwise_distances, shift_distances)
@@ -22,7 +22,7 @@ from persviz.tea.tracker import INTER_METRICS, INTRA_METRICS, REPRESENTATIONS, t
 
 __all__ = [
     "DEFAULTS", "align_positions", "check_knob", "prompt_level_adjust", "slerp_adjust",
-    "TeaAdjustment", "encode_prompt_level", "tea",
+    "TeaAdjustment", "embeds_kwargs", "encode_prompt_level", "tea",
     "SCHEDULE", "AdaptiveResult", "TeaScorer", "TraceStep", "adaptive_tea", "make_tea_scorer",
     "hausdorff_distance", "intra_distances", "intra_hausdorff", "intra_l2", "intra_mahalanobis", "kl_divergence",
     "l2_distance", "ledoit_wolf_shrinkage", "mahalanobis_distance", "pairwise_distances", "shift_distances",

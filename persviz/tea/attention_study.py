@@ -50,7 +50,7 @@ from persviz.shards import cell, run_cells
 from persviz.shapesworld.concepts import CONCEPTS, CONCEPTS_DIR, eval_prompts, get_concept, load_references
 from persviz.shapesworld.regions import scene_regions
 from persviz.stats import N_BOOT, Difference
-from persviz.tea.pipeline import encode_prompt_level, tea
+from persviz.tea.pipeline import embeds_kwargs, encode_prompt_level, tea
 from persviz.tea.shapesworld_runs import GENERATION_SEED, method_word, placeholder, run_dir, snapshots
 from persviz.tea.study import learned_embedding, personalized, probe_texts
 from persviz.trainers import METHODS
@@ -145,11 +145,11 @@ def image_measures(pipe: Pipeline, maps: AttentionMaps, images: np.ndarray, prob
 
 # ----------------------------------------------------------------------------- generating with the collector
 def generate_with_maps(pipe: Pipeline, prompts: Sequence[str], word: str, seed: int = 0, guidance: float = GUIDANCE,
-                       steps: int = STEPS, batch_size: int = 48, embeds: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                       steps: int = STEPS, batch_size: int = 48, embeds: Optional[tuple[torch.Tensor, ...]] = None
                        ) -> Iterator[tuple[int, np.ndarray, AttentionMaps]]:
     """Yields (first image index, uint8 images, their AttentionMaps) batch by batch; image i is seeded seed + i as
-    persviz.generation.generate seeds it (the same images as without the collector). embeds: (prompt_embeds,
-    negative_prompt_embeds) of the prompts (prompt-level TEA); the prompts then name the words."""
+    persviz.generation.generate seeds it (the same images as without the collector). embeds: encode_prompt_level's
+    result for the prompts (prompt-level TEA); the prompts then name the words."""
     for a in range(0, len(prompts), batch_size):
         chunk = list(prompts[a:a + batch_size])
         gens = [torch.Generator().manual_seed(seed + a + j) for j in range(len(chunk))]
@@ -158,8 +158,7 @@ def generate_with_maps(pipe: Pipeline, prompts: Sequence[str], word: str, seed: 
             if embeds is None:
                 res = pipe(chunk, **kw).images
             else:
-                res = pipe(prompt_embeds=embeds[0][a:a + len(chunk)], negative_prompt_embeds=embeds[1][a:a + len(chunk)],
-                           **kw).images
+                res = pipe(**{k: v[a:a + len(chunk)] for k, v in embeds_kwargs(embeds).items()}, **kw).images
         yield a, np.clip(np.round(res * 255), 0, 255).astype(np.uint8), maps
 
 

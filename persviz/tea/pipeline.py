@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from persviz.families import text_stack
+from persviz.families import DEFAULT_FAMILY, family_of, text_stack
 from persviz.families.base import Pipeline
 from persviz.embeddings import prompt_parts, single_token_id, tokens_of, class_word_id, token_row
 from persviz.tea.adjust import DEFAULTS, check_knob, align_positions, prompt_level_adjust, slerp_adjust
@@ -156,17 +156,40 @@ def _prompt_list(p: str | Sequence[str], name: str) -> list[str]:
     return out
 
 
-def _encode(tokenizer: Any, encoder: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input ids [B, L], last hidden states [B, L, D]) exactly as StableDiffusionPipeline.encode_prompt makes them."""
-    tok = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
-    device = encoder.device
-    mask = None
-    if getattr(encoder.config, "use_attention_mask", False):
-        mask = tok.attention_mask.to(device)
-    hidden = encoder(tok.input_ids.to(device), attention_mask=mask)[0]
-    return tok.input_ids, hidden.to(dtype=encoder.dtype, device=device)
+def _tokens(tokenizer: Any, prompts: list[str]) -> Any:
+    """The tokenizer's output for prompts, padded to its maximum length, as the pipelines' encode_prompt makes it."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt")
+
+
+def prompt_family(pipe: Any) -> tuple[Any, TextStack]:
+    """(the family that says what its pipeline reads for prompts, the text stack): a pipeline's own; a (tokenizer,
+    text_encoder) pair is read as SD 1.x's one encoder."""
+    if hasattr(pipe, "unet") and not isinstance(pipe, (tuple, list)):
+        return family_of(pipe), text_stack(pipe)
+    return DEFAULT_FAMILY, model_stack(pipe)
+
+
+def _anchors(anchor_encoder: Any, stack: TextStack) -> list[Any]:
+    """The encoder of each of the stack's encoders that encodes the class prompt."""
+    if anchor_encoder is None:
+        return [e.encoder for e in stack]
+    if len(stack) == 1 and not isinstance(anchor_encoder, (tuple, list)):
+        return [anchor_encoder]
+    if not isinstance(anchor_encoder, (tuple, list)) or len(anchor_encoder) != len(stack):
+        raise ValueError(f"anchor_encoder must be one text encoder per encoder of the pipeline, in order "
+                         f"({', '.join(e.name for e in stack)}); got {type(anchor_encoder).__name__}")
+    return list(anchor_encoder)
+
+
+def embeds_kwargs(embeds: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """encode_prompt_level's tuple as the keyword arguments of the pipeline: (prompt_embeds,
+    negative_prompt_embeds) and, where the family has a pooled embedding (SDXL), (pooled_prompt_embeds,
+    negative_pooled_prompt_embeds): diffusers' encode_prompt order."""
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    if len(embeds) not in (2, 4):
+        raise ValueError(f"expected the 2 or 4 tensors encode_prompt_level returns; got {len(embeds)}")
+    return dict(zip(names, embeds))
 
 
 def _span_start(ids: list[int], ph: list[int]) -> int | None:
@@ -182,17 +205,23 @@ def encode_prompt_level(
     rotation: float | None = None,
     scale: float | None = None,
     aligned: bool = True,
-    negative_prompt: str | Sequence[str] = "",
+    negative_prompt: str | Sequence[str] | None = None,
     *,
     placeholder: str = "sks",
     class_word: str | None = None,
     anchor_encoder: Any = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt-level TEA (Eq. 2) for DreamBooth: (prompt_embeds, negative_prompt_embeds), both [B, L, D].
+    adjust_pooled: bool = True,
+) -> tuple[torch.Tensor, ...]:
+    """Prompt-level TEA (Eq. 2) for DreamBooth: the pipeline's encoded prompts with every position adjusted.
 
-    Both prompts go through the pipeline's tokenizer and (fine-tuned) text encoder; each position of
-    the personalized prompt is SLERP-adjusted toward its counterpart in the class prompt. Pass the
-    result as ``pipe(prompt_embeds=..., negative_prompt_embeds=...)``.
+    Both prompts go through the pipeline's tokenizers and (fine-tuned) text encoders, as its ``encode_prompt``
+    encodes them (the family says what the UNet reads: persviz.families.base.Family.prompt_states); each position
+    of the personalized prompt is SLERP-adjusted toward its counterpart in the class prompt, in each text encoder's
+    own hidden states (SDXL: clip_l's 768-wide and clip_g's 1280-wide parts of the 2048-wide state separately, each
+    with its own norms), and a pooled embedding (SDXL's clip_g ``text_embeds``) toward the class prompt's pooled
+    embedding. Returns what the pipeline's ``encode_prompt`` returns, in its order: SD 1.x ``(prompt_embeds,
+    negative_prompt_embeds)`` [B, L, D]; SDXL ``(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+    negative_pooled_prompt_embeds)``. Pass them as ``pipe(**embeds_kwargs(result))``.
 
     Args:
         prompt_personal: e.g. "a photo of sks dog"; must contain `placeholder`. A list gives a batch.
@@ -203,37 +232,67 @@ def encode_prompt_level(
             and every other token with the same token; False pairs position k with k, the public
             code's behaviour, which shifts every token after the placeholder by one (for comparison).
         negative_prompt: encoded plainly; both models read the same negative text, so Eq. 2 leaves it unchanged.
+            None does what the pipeline does without one: SD 1.x encodes "", SDXL (force_zeros_for_empty_prompt)
+            passes zeros.
         placeholder: the learned or rare token ("sks"; a Textual Inversion token works too).
         class_word: the class token; None reads it from the class prompt at the placeholder's position.
         anchor_encoder: the text encoder that encodes the class prompt (the anchor); None: the pipeline's own
-            (fine-tuned) one, as in the paper. The authors' follow-up work anchors on the base model's encoder:
-            pass a copy of it taken before the DreamBooth weights were loaded.
+            (fine-tuned) one, as in the paper; one per encoder, in order, for a pipeline of several (SDXL). The
+            authors' follow-up work anchors on the base model's encoder: pass a copy of it taken before the
+            DreamBooth weights were loaded.
+        adjust_pooled: whether the pooled embedding (SDXL) is adjusted too (the TEA authors' code adjusts it).
     """
     rotation, scale = check_knobs("dreambooth", rotation, scale)
-    tokenizer, encoder = prompt_parts(pipe)
-    if tokenizer is None or encoder is None:
-        raise ValueError("encode_prompt_level needs a pipeline with a tokenizer and a text_encoder, or that pair")
+    family, stack = prompt_family(pipe)
     personal = _prompt_list(prompt_personal, "prompt_personal")
     classes = _prompt_list(prompt_class, "prompt_class")
     if len(classes) == 1:
         classes = classes * len(personal)
     if len(classes) != len(personal):
         raise ValueError(f"got {len(personal)} personalized prompts but {len(classes)} class prompts; pass 1 or the same number")
-    negatives = _prompt_list(negative_prompt, "negative_prompt")
+    zero_negative = negative_prompt is None and bool(getattr(getattr(pipe, "config", None),
+                                                             "force_zeros_for_empty_prompt", False))
+    negatives = _prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
     if len(negatives) == 1:
         negatives = negatives * len(personal)
     if len(negatives) != len(personal):
         raise ValueError(f"got {len(personal)} prompts but {len(negatives)} negative prompts; pass 1 or the same number")
-    ph = _placeholder_ids(tokenizer, encoder, placeholder)
-    if hasattr(pipe, "maybe_convert_prompt"):  # multi-vector TI tokens expand to "tok tok_1 ...", as in the pipeline
-        personal = pipe.maybe_convert_prompt(personal, tokenizer)
-        classes = pipe.maybe_convert_prompt(classes, tokenizer)
-        negatives = pipe.maybe_convert_prompt(negatives, tokenizer)
-    fixed_cid = None if class_word is None else _class_id(tokenizer, class_word, ph)
+    anchors = _anchors(anchor_encoder, stack)
+    toks_p, toks_c, toks_n, pairs = [], [], [], []
+    for e in stack:
+        pe, ce, ne = personal, classes, negatives
+        if hasattr(pipe, "maybe_convert_prompt"):  # multi-vector TI tokens expand to "tok tok_1 ...", as in the pipeline
+            pe, ce, ne = (pipe.maybe_convert_prompt(x, e.tokenizer) for x in (personal, classes, negatives))
+        toks_p.append(_tokens(e.tokenizer, pe))
+        toks_c.append(_tokens(e.tokenizer, ce))
+        toks_n.append(_tokens(e.tokenizer, ne))
+        pairs.append(_pairs(e.tokenizer, e.encoder, pe, ce, toks_p[-1].input_ids, toks_c[-1].input_ids, placeholder,
+                            class_word))
+    h_p, pooled_p = family.prompt_states(stack, toks_p)
+    anchor_stack = TextStack(tuple(TextEncoder(e.name, e.tokenizer, a) for e, a in zip(stack, anchors)))
+    h_c, pooled_c = family.prompt_states(anchor_stack, toks_c)
+    adjusted = [prompt_level_adjust(hp, hc, rotation, scale, pr if aligned else None).to(hp.dtype)
+                for hp, hc, pr in zip(h_p, h_c, pairs)]
+    prompt_embeds = torch.cat(adjusted, dim=-1)
+    if zero_negative:
+        negative_embeds = torch.zeros_like(prompt_embeds)
+        negative_pooled = None if pooled_p is None else torch.zeros_like(pooled_p)
+    else:
+        h_n, negative_pooled = family.prompt_states(stack, toks_n)
+        negative_embeds = torch.cat(h_n, dim=-1)
+    if pooled_p is None:
+        return prompt_embeds, negative_embeds
+    pooled = pooled_p
+    if adjust_pooled:
+        pooled = slerp_adjust(pooled_p, pooled_c.to(pooled_p.device), rotation, scale).to(pooled_p.dtype)
+    return prompt_embeds, negative_embeds, pooled, negative_pooled
 
-    ids_p, h_p = _encode(tokenizer, encoder, personal)
-    ids_c, h_c = _encode(tokenizer, anchor_encoder if anchor_encoder is not None else encoder, classes)
-    _, h_neg = _encode(tokenizer, encoder, negatives)
+
+def _pairs(tokenizer: Any, encoder: Any, personal: list[str], classes: list[str], ids_p: torch.Tensor,
+           ids_c: torch.Tensor, placeholder: str, class_word: str | None) -> list[list[tuple[int, int]]]:
+    """Per prompt, align_positions' pairs of one encoder's token ids (its tokenizer's placeholder and class ids)."""
+    ph = _placeholder_ids(tokenizer, encoder, placeholder)
+    fixed_cid = None if class_word is None else _class_id(tokenizer, class_word, ph)
     pairs = []
     for b, (pp, pc) in enumerate(zip(personal, classes)):
         row_p, row_c = ids_p[b].tolist(), ids_c[b].tolist()
@@ -251,5 +310,4 @@ def encode_prompt_level(
         except ValueError as err:
             hint = "" if class_word is not None else " (the class word was read from the class prompt; pass class_word=)"
             raise ValueError(f"cannot pair {pp!r} with {pc!r}: {err}{hint}") from None
-    out = prompt_level_adjust(h_p, h_c, rotation, scale, pairs if aligned else None)
-    return out.to(h_p.dtype), h_neg
+    return pairs

@@ -26,7 +26,7 @@ from persviz.evaluation import Evaluation, score_per_image
 from persviz.metrics import clip_i
 from persviz.stats import N_BOOT
 from persviz.tea.adaptive import SCHEDULE, adaptive_tea, make_tea_scorer
-from persviz.tea.pipeline import encode_prompt_level, tea
+from persviz.tea.pipeline import embeds_kwargs, encode_prompt_level, tea
 from persviz.trainers import METHODS, load_custom_diffusion, load_dreambooth_lora, load_textual_inversion_run
 from persviz.text_stack import PlaceholderRows
 
@@ -152,9 +152,9 @@ def tea_rows(pipe: Pipeline, method: str, word: str, placeholder: str, class_wor
         personal = [t for t in probe_texts(probes, word) for _ in range(repeats)]
         plain = [t for t in probe_texts(probes, class_word) for _ in range(repeats)]
         for label, aligned in (("TEA", True), ("TEA unaligned", False)):
-            pe, ne = encode_prompt_level(pipe, personal, plain, r, s, aligned=aligned, placeholder=placeholder,
+            embeds = encode_prompt_level(pipe, personal, plain, r, s, aligned=aligned, placeholder=placeholder,
                                          class_word=class_word, anchor_encoder=anchor_encoder)
-            rows[label] = score(generate_from_embeds(pipe, pe, ne, seed=seed, **generation))
+            rows[label] = score(generate_from_embeds(pipe, **embeds_kwargs(embeds), seed=seed, **generation))
     else:
         with tea(pipe, placeholder, class_word, rotation=r, scale=s, method=method):
             rows["TEA"] = score(generate_probes(pipe, probes, word, repeats, seed, **generation))

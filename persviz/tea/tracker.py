@@ -14,6 +14,12 @@ and, once for the whole run, P_c (the contextual prompts with the class word). T
     save_json(track, "outputs/ti/square/shift.json")
     fig = persviz.tea.plots.shift_grid(*to_shift_grid(track))
 
+Several text encoders (SDXL). A prompt is what the family's pipeline feeds its UNet (``Family.prompt_states``:
+SDXL each encoder's penultimate hidden state); each step's embedding holds a row per encoder ({"clip_l", "clip_g"}),
+hooked into its own encoder; the distance columns are computed on the concatenated state the UNet reads (unprefixed)
+and on each encoder's part (prefixed "clip_l_", "clip_g_"), and |V*|/|c|, cos(V*, c), |V*| per encoder only, each
+against its own encoder's class-word row ("clip_l_norm_ratio", ...). One encoder (SD 1.x): the columns as below.
+
 Representation. A prompt is the text encoder's last hidden state, all 77 positions, flattened to
 77 x D features (``representation="full"``, the paper and the public code's
 ``investigate_semantic_drift.py``). ``representation="last"`` keeps only the last position
@@ -28,6 +34,7 @@ placeholder loaded (``pipe.load_textual_inversion``) works too: the hook overrid
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -41,9 +48,11 @@ from tqdm.auto import tqdm
 
 from persviz.families.base import Pipeline
 from persviz.tea import shift as sm
+from persviz.embedding_files import EmbeddingFileError, read_embedding_file
 from persviz.embeddings import prompt_parts, single_token_id, class_word_id, norm_ratio_and_cosine
 from persviz.io import PathLike, write_json
 from persviz.prompts import PLACEHOLDER, load_prompt_set
+from persviz.tea.pipeline import prompt_family
 from persviz.text_stack import PlaceholderRows
 from persviz.trainers.textual_inversion import CONFIG_FILE, list_snapshots, load_snapshot_embedding
 
@@ -99,6 +108,23 @@ def _rows(x: Any, where: str) -> torch.Tensor:
     return t
 
 
+def _parts(x: Any, where: str, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """An embedding as {encoder name: float32 [n, D]}: for one encoder a tensor or a file of its rows; for several
+    (SDXL) a {name: rows} mapping or a file of one part per encoder (clip_l + clip_g, or diffusers' SDXL pair)."""
+    if len(names) == 1:
+        return {names[0]: _rows(x, where)}
+    if isinstance(x, (str, os.PathLike)):
+        try:
+            x = read_embedding_file(x).parts
+        except EmbeddingFileError as err:
+            raise ValueError(f"{where}: {err}") from None
+    if not isinstance(x, Mapping) or sorted(x) != sorted(names):
+        got = sorted(x) if isinstance(x, Mapping) else type(x).__name__
+        raise ValueError(f"{where} must hold one part per text encoder of the model ({', '.join(names)}), as an "
+                         f"SDXL embedding file or a {{name: rows}} dict; got {got}")
+    return {n: _rows(x[n], f"{where} ({n})") for n in names}
+
+
 def _steps_of(run: RunLike) -> tuple[list[tuple[int, Any]], dict]:
     """[(step, embedding or file)] and the run's config.json (empty for a list)."""
     if isinstance(run, (str, os.PathLike)):
@@ -129,72 +155,102 @@ def _steps_of(run: RunLike) -> tuple[list[tuple[int, Any]], dict]:
 
 
 class _PromptEncoder:
-    """Encodes prompt sets through the pipeline's text encoder, with V* written at the placeholder by a hook."""
+    """Encodes prompt sets through the pipeline's text encoders as its family's pipeline reads them
+    (``Family.prompt_states``: SD 1.x the last hidden state, SDXL each encoder's penultimate one), with V* written
+    at the placeholder by a hook in each encoder (its own row there)."""
 
     def __init__(self, pipe: Pipeline, placeholder: str, class_word: str, n_vectors: int, representation: str,
                  batch_size: int) -> None:
-        tokenizer, encoder = prompt_parts(pipe)
-        if tokenizer is None or encoder is None:
-            raise ValueError("pipe needs a tokenizer and a text_encoder (a StableDiffusionPipeline, or that pair)")
+        if isinstance(pipe, (tuple, list)) or not hasattr(pipe, "unet"):
+            tokenizer, encoder = prompt_parts(pipe)
+            if tokenizer is None or encoder is None:
+                raise ValueError("pipe needs a tokenizer and a text_encoder (a StableDiffusionPipeline, or that pair)")
         if not isinstance(placeholder, str) or not placeholder or any(c.isspace() for c in placeholder):
             raise ValueError(f"placeholder must be a non-empty string without spaces, e.g. '<v*>'; got {placeholder!r}")
         if placeholder == class_word:
             raise ValueError(f"class word {class_word!r} is the placeholder itself; pass the class word (e.g. 'dog')")
-        self.encoder = encoder
-        self.class_id = class_word_id(tokenizer, class_word)
-        self.weight = encoder.get_input_embeddings().weight
-        if self.weight.device.type == "meta":
-            raise ValueError("the text encoder's weights are on the meta device (sequential offload); load them first")
+        self.family, self.stack = prompt_family(pipe)
+        self.names = [e.name for e in self.stack]
         self.tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, n_vectors)]
-        self.tok = copy.deepcopy(tokenizer)  # the pipeline's tokenizer is never changed
-        base = int(self.tok.vocab_size)
-        for t in self.tokens:
-            tid = single_token_id(self.tok, t)
-            if tid is not None and tid < base:
-                raise ValueError(f"placeholder token {t!r} is a word of the vocabulary (id {tid}); the tracker would "
-                                 f"overwrite it everywhere. Use the run's placeholder, such as '<v*>'")
-            if tid is None:
-                self.tok.add_tokens([t])
-        self.ids = self.tok.convert_tokens_to_ids(self.tokens)
-        if self.class_id in self.ids:
-            raise ValueError(f"class word {class_word!r} is one of the placeholder's tokens; pass the class word")
+        self.toks, self.ids, self.class_ids, self.weights = [], [], [], []
+        for e in self.stack:
+            weight = e.encoder.get_input_embeddings().weight
+            if weight.device.type == "meta":
+                raise ValueError("the text encoder's weights are on the meta device (sequential offload); load them first")
+            class_id = class_word_id(e.tokenizer, class_word)
+            tok = copy.deepcopy(e.tokenizer)  # the pipeline's tokenizers are never changed
+            base = int(tok.vocab_size)
+            for t in self.tokens:
+                tid = single_token_id(tok, t)
+                if tid is not None and tid < base:
+                    raise ValueError(f"placeholder token {t!r} is a word of the vocabulary (id {tid}); the tracker "
+                                     f"would overwrite it everywhere. Use the run's placeholder, such as '<v*>'")
+                if tid is None:
+                    tok.add_tokens([t])
+            ids = tok.convert_tokens_to_ids(self.tokens)
+            if class_id in ids:
+                raise ValueError(f"class word {class_word!r} is one of the placeholder's tokens; pass the class word")
+            self.toks.append(tok)
+            self.ids.append(ids)
+            self.class_ids.append(class_id)
+            self.weights.append(weight)
         self.representation = representation
         self.batch_size = batch_size
-        self.device = encoder.device
-        self.use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
 
     @property
-    def class_row(self) -> torch.Tensor:
-        return self.weight[self.class_id].detach().float().cpu()
+    def widths(self) -> dict[str, int]:
+        return {n: int(w.shape[1]) for n, w in zip(self.names, self.weights)}
+
+    @property
+    def class_rows(self) -> dict[str, torch.Tensor]:
+        """Each encoder's class-word row, float32 on the CPU."""
+        return {n: w[c].detach().float().cpu() for n, w, c in zip(self.names, self.weights, self.class_ids)}
+
+    def _tokenized(self, k: int, prompts: list[str], with_rows: bool) -> tuple[Any, Any, Any]:
+        """Encoder k's (ids with the placeholder's positions read as the class word, mask, sel) for the prompts."""
+        tok = self.toks[k]
+        batch = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                    return_tensors="pt")
+        ids = batch.input_ids
+        if not with_rows:
+            return batch, ids, (None, None)
+        hits = ids[..., None] == torch.tensor(self.ids[k])  # [N, L, n]
+        counts = hits.sum(1)  # [N, n]: how often each placeholder token occurs in each prompt
+        if bool((counts != 1).any()):
+            bad = int((counts != 1).any(1).nonzero()[0])
+            raise ValueError(f"prompt {prompts[bad]!r} does not hold the placeholder tokens {self.tokens} exactly "
+                             f"once each after tokenization (cut at {tok.model_max_length} tokens?)")
+        mask, sel = hits.any(-1), hits.int().argmax(-1)
+        return batch, torch.where(mask, self.class_ids[k], ids), (mask, sel)  # any valid row: the hook writes V*
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], rows: torch.Tensor | None) -> torch.Tensor:
-        """[N, F] float32 on the encoder's device; rows [n, D] is V* (None: no placeholder in the prompts)."""
-        batch = self.tok(prompts, padding="max_length", max_length=self.tok.model_max_length, truncation=True,
-                         return_tensors="pt")
-        ids = batch.input_ids
-        mask = sel = None
-        if rows is not None:
-            ph = torch.tensor(self.ids)
-            hits = ids[..., None] == ph  # [N, L, n]
-            counts = hits.sum(1)  # [N, n]: how often each placeholder token occurs in each prompt
-            if bool((counts != 1).any()):
-                bad = int((counts != 1).any(1).nonzero()[0])
-                raise ValueError(f"prompt {prompts[bad]!r} does not hold the placeholder tokens {self.tokens} exactly "
-                                 f"once each after tokenization (cut at {self.tok.model_max_length} tokens?)")
-            mask, sel = hits.any(-1), hits.int().argmax(-1)
-            ids = torch.where(mask, self.class_id, ids)  # any valid row: the hook writes V* there
-        out = []
-        with PlaceholderRows(rows.to(self.device) if rows is not None else torch.empty(0)).hooked(self.encoder) as hook:
-            for s in range(0, len(ids), self.batch_size):
+    def encode(self, prompts: list[str], rows: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """{encoder name: [N, F_e]} and, under "", the concatenated state the UNet reads [N, F] (one encoder: the
+        same tensor), float32; rows {encoder name: [n, D_e]} is V* (None: no placeholder in the prompts)."""
+        tokenized = [self._tokenized(k, prompts, rows is not None) for k in range(len(self.stack))]
+        hooks = [PlaceholderRows(rows[n].to(e.encoder.device) if rows is not None else torch.empty(0))
+                 for n, e in zip(self.names, self.stack)]
+        out: dict[str, list[torch.Tensor]] = {n: [] for n in [*self.names, ""]}
+        with contextlib.ExitStack() as hooked:
+            for h, e in zip(hooks, self.stack):
+                hooked.enter_context(h.hooked(e.encoder))
+            for s in range(0, len(prompts), self.batch_size):
                 b = slice(s, s + self.batch_size)
-                if mask is not None:
-                    hook.mask, hook.sel = mask[b].to(self.device), sel[b].to(self.device)
-                attn = batch.attention_mask[b].to(self.device) if self.use_mask else None
-                h = self.encoder(ids[b].to(self.device), attention_mask=attn)[0]
-                h = h[:, -1] if self.representation == "last" else h.reshape(h.shape[0], -1)
-                out.append(h.float())
-        return torch.cat(out)
+                tokens = []
+                for h, e, (batch, ids, (mask, sel)) in zip(hooks, self.stack, tokenized):
+                    if mask is not None:
+                        h.mask, h.sel = mask[b].to(e.encoder.device), sel[b].to(e.encoder.device)
+                    tokens.append({"input_ids": ids[b], "attention_mask": batch.attention_mask[b]})
+                states, _ = self.family.prompt_states(self.stack, tokens)
+                if self.representation == "last":
+                    states = [x[:, -1] for x in states]
+                flat = [x.reshape(x.shape[0], -1).float() for x in states]
+                for n, x in zip(self.names, flat):
+                    out[n].append(x)
+                last = [x.float() for x in states]
+                whole = torch.cat(last, dim=-1)
+                out[""].append(whole.reshape(whole.shape[0], -1))
+        return {n: torch.cat(v) for n, v in out.items()}
 
 
 class _EvalMode:
@@ -262,7 +318,10 @@ def track_semantic_shift(
     "intra_class_<m>" for m in l2, hausdorff, mahalanobis ("intra_class_*" is the same at every step);
     "vs_simple_<m>" for the four metrics (with simple_prompts; "vs_simple_kl" is None when the two sets differ
     in size); "norm_ratio" (|V*|/|c|), "cosine" (cos(V*, c)) and "vstar_norm" (|V*|), each the mean over
-    the vectors of a multi-vector embedding.
+    the vectors of a multi-vector embedding. A pipeline of several text encoders (SDXL): the distance columns on
+    the concatenated state the UNet reads, the same prefixed with each encoder's name ("clip_l_inter_l2") on its
+    own part, and "<name>_norm_ratio", "<name>_cosine", "<name>_vstar_norm" per encoder instead of the unprefixed
+    ones; run snapshots and (step, embedding) pairs hold one part per encoder (a file or a {name: rows} dict).
     """
     _check_choice(representation, "representation", REPRESENTATIONS)
     _check_choice(covariance, "covariance", ("pinv", "ledoit_wolf"))
@@ -280,50 +339,71 @@ def track_semantic_shift(
                              "read from a run folder's config.json only")
     placeholder = placeholder or cfg.get("placeholder") or DEFAULT_PLACEHOLDER
 
-    first = _rows(steps[0][1], f"the embedding of step {steps[0][0]}")
-    enc = _PromptEncoder(pipe, placeholder, class_word, first.shape[0], representation, int(batch_size))
-    D = enc.weight.shape[1]
-    if first.shape[1] != D:
-        raise ValueError(f"the embeddings have size D={first.shape[1]} but the text encoder's rows have D={D}; "
-                         f"the run was trained on another model")
+    names = [e.name for e in prompt_family(pipe)[1]]
+    first = _parts(steps[0][1], f"the embedding of step {steps[0][0]}", names)
+    n_vectors = {int(r.shape[0]) for r in first.values()}
+    if len(n_vectors) != 1:
+        raise ValueError(f"the embedding of step {steps[0][0]} has a different number of vectors per encoder "
+                         f"({ {n: int(r.shape[0]) for n, r in first.items()} })")
+    enc = _PromptEncoder(pipe, placeholder, class_word, n_vectors.pop(), representation, int(batch_size))
+    for n, D in enc.widths.items():
+        if first[n].shape[1] != D:
+            where = f"the {n} text encoder's" if len(names) > 1 else "the text encoder's"
+            raise ValueError(f"the embeddings have size D={first[n].shape[1]} but {where} rows have D={D}; "
+                             f"the run was trained on another model")
     with_ph = [p.replace(PLACEHOLDER, " ".join(enc.tokens)) for p in contextual]
     with_class = [p.replace(PLACEHOLDER, class_word) for p in contextual]
     simple_ph = None if simple is None else [p.replace(PLACEHOLDER, " ".join(enc.tokens)) for p in simple]
-    c = enc.class_row
+    c = enc.class_rows
+    several = len(names) > 1
+    states = [""] + (names if several else [])  # "": the state the UNet reads (several encoders: concatenated)
 
+    def col(state: str, name: str) -> str:
+        return f"{state}_{name}" if state else name
+
+    metric_names = ([f"inter_{m}" for m in INTER_METRICS] + [f"intra_vstar_{m}" for m in INTRA_METRICS]
+                    + [f"intra_class_{m}" for m in INTRA_METRICS]
+                    + ([f"vs_simple_{m}" for m in INTER_METRICS] if simple is not None else []))
+    row_names = ["norm_ratio", "cosine", "vstar_norm"]
     cols: dict[str, list] = {"step": []}
-    names = ([f"inter_{m}" for m in INTER_METRICS] + [f"intra_vstar_{m}" for m in INTRA_METRICS]
-             + [f"intra_class_{m}" for m in INTRA_METRICS]
-             + ([f"vs_simple_{m}" for m in INTER_METRICS] if simple is not None else [])
-             + ["norm_ratio", "cosine", "vstar_norm"])
-    cols.update({k: [] for k in names})
+    for st in states:
+        cols.update({col(st, k): [] for k in metric_names})
+    for n in (names if several else [""]):
+        cols.update({col(n, k): [] for k in row_names})
 
-    with _EvalMode(enc.encoder):
+    with contextlib.ExitStack() as modes:
+        for e in enc.stack:
+            modes.enter_context(_EvalMode(e.encoder))
         P_c = enc.encode(with_class, None)  # once for the whole run
-        intra_c = sm.intra_distances(P_c, intra_covariance)
+        intra_c = {st: sm.intra_distances(P_c[st], intra_covariance) for st in states}
         for i, (step, item) in enumerate(tqdm(steps, desc=f"semantic shift {placeholder}", disable=not progress)):
-            rows = first if i == 0 else _rows(item, f"the embedding of step {step}")
-            if rows.shape != first.shape:
-                raise ValueError(f"step {step}: embedding shape {tuple(rows.shape)} differs from the first step's "
-                                 f"{tuple(first.shape)}")
+            rows = first if i == 0 else _parts(item, f"the embedding of step {step}", names)
+            for n in names:
+                if rows[n].shape != first[n].shape:
+                    raise ValueError(f"step {step}: embedding shape {tuple(rows[n].shape)} differs from the first "
+                                     f"step's {tuple(first[n].shape)}")
             P_v = enc.encode(with_ph, rows)
+            P_s = None if simple_ph is None else enc.encode(simple_ph, rows)
             cols["step"].append(step)
-            for m, v in sm.shift_distances(P_v, P_c, covariance, tau).items():
-                cols[f"inter_{m}"].append(v)
-            for m, v in sm.intra_distances(P_v, intra_covariance).items():
-                cols[f"intra_vstar_{m}"].append(v)
-            for m, v in intra_c.items():
-                cols[f"intra_class_{m}"].append(v)
-            if simple_ph is not None:
-                P_s = enc.encode(simple_ph, rows)
-                cols["vs_simple_l2"].append(sm.l2_distance(P_v, P_s))
-                cols["vs_simple_hausdorff"].append(sm.hausdorff_distance(P_v, P_s))
-                cols["vs_simple_mahalanobis"].append(sm.mahalanobis_distance(P_v, P_s, covariance))
-                cols["vs_simple_kl"].append(sm.kl_divergence(P_v, P_s, tau) if len(P_v) == len(P_s) else None)
-            ratio, cos = norm_ratio_and_cosine(rows, c)
-            cols["norm_ratio"].append(float(ratio.mean()))
-            cols["cosine"].append(float(cos.mean()))
-            cols["vstar_norm"].append(float(rows.double().norm(dim=-1).mean()))
+            for st in states:
+                for m, v in sm.shift_distances(P_v[st], P_c[st], covariance, tau).items():
+                    cols[col(st, f"inter_{m}")].append(v)
+                for m, v in sm.intra_distances(P_v[st], intra_covariance).items():
+                    cols[col(st, f"intra_vstar_{m}")].append(v)
+                for m, v in intra_c[st].items():
+                    cols[col(st, f"intra_class_{m}")].append(v)
+                if P_s is not None:
+                    pv, ps = P_v[st], P_s[st]
+                    cols[col(st, "vs_simple_l2")].append(sm.l2_distance(pv, ps))
+                    cols[col(st, "vs_simple_hausdorff")].append(sm.hausdorff_distance(pv, ps))
+                    cols[col(st, "vs_simple_mahalanobis")].append(sm.mahalanobis_distance(pv, ps, covariance))
+                    cols[col(st, "vs_simple_kl")].append(sm.kl_divergence(pv, ps, tau) if len(pv) == len(ps) else None)
+            for n in names:  # each encoder's row against its own encoder's class-word row
+                ratio, cos = norm_ratio_and_cosine(rows[n], c[n])
+                key = n if several else ""
+                cols[col(key, "norm_ratio")].append(float(ratio.mean()))
+                cols[col(key, "cosine")].append(float(cos.mean()))
+                cols[col(key, "vstar_norm")].append(float(rows[n].double().norm(dim=-1).mean()))
     return cols
 
 

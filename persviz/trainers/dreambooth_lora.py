@@ -13,6 +13,13 @@ pipeline, each instance batch concatenated with as many class images (class prom
 4, lr 1e-4, the text encoder on and prior weight 1.0: the defaults here. Where TEA says nothing the defaults are
 ours: steps 800, batch 1 (the example's default is 4), a snapshot every 100 steps.
 
+On SDXL (diffusers' ``examples/dreambooth/train_dreambooth_lora_sdxl.py``): the UNet's adapters alone (that script's
+default, ``train_text_encoder=False``; on, for several text encoders, is refused with a sentence so far), the UNet
+reading what the family gives (``Family.unet_condition``: both encoders' penultimate states, clip_g's pooled output,
+the time ids original size (the side of the centre crop before resizing) + crop (0, 0) + target size, as that
+script's ``compute_time_ids``), the LoRA saved by ``StableDiffusionXLPipeline.save_lora_weights``; the recipe is the
+family's (``persviz.families.sdxl``).
+
 Differences in mechanics, none in the objective:
 - images are centre-cropped and resized with bicubic filtering once (the example resizes bilinearly and crops
   at random, which is the same for square images), and a horizontal flip (``flip_p``, off by default as the example
@@ -48,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from persviz.families.base import Pipeline
-from persviz.families import text_stack
+from persviz.families import family_of, text_stack
 from persviz.embeddings import single_token_id
 from persviz.io import PathLike, atomic_folder, atomic_write
 from persviz.seeding import step_rng
@@ -71,6 +78,7 @@ from persviz.trainers.core import (
     run_steps,
     save_resume_state,
     sha256,
+    square_side,
     start_run,
     tensors_sha256,
     token_ids,
@@ -280,13 +288,17 @@ def _lora_state_dicts(unet: Any, text_encoder: Any, with_text_encoder: bool) -> 
     return sd(unet), (sd(text_encoder) if with_text_encoder else None)
 
 
-def save_lora(folder: Path, unet: Any, text_encoder: Any, with_text_encoder: bool, weight_name: str = LORA_FILE) -> None:
-    """The adapters as folder/weight_name, in the format pipe.load_lora_weights reads."""
+def save_lora(folder: Path, unet: Any, text_encoder: Any, with_text_encoder: bool, weight_name: str = LORA_FILE,
+              pipeline_class: Any = None) -> None:
+    """The adapters as folder/weight_name, in the format pipe.load_lora_weights reads, written by the pipeline
+    class's own ``save_lora_weights`` (None: StableDiffusionPipeline's; SDXL: StableDiffusionXLPipeline's, as
+    diffusers' train_dreambooth_lora_sdxl.py saves them)."""
     from diffusers import StableDiffusionPipeline  # heavy: diffusers
 
     u, t = _lora_state_dicts(unet, text_encoder, with_text_encoder)
-    StableDiffusionPipeline.save_lora_weights(save_directory=str(folder), unet_lora_layers=u,
-                                              text_encoder_lora_layers=t, weight_name=weight_name)
+    saver = pipeline_class if pipeline_class is not None else StableDiffusionPipeline
+    saver.save_lora_weights(save_directory=str(folder), unet_lora_layers=u, text_encoder_lora_layers=t,
+                            weight_name=weight_name)
 
 
 # ----------------------------------------------------------------------------- training
@@ -342,7 +354,12 @@ def train_dreambooth_lora(
         load_result: load the final LoRA into pipe (False: leave pipe as it was).
     """
     check_call(pipe, config, DreamBoothLoRAConfig)
-    text = text_stack(pipe).primary
+    stack = text_stack(pipe)
+    if config.train_text_encoder and len(stack) > 1:
+        raise ValueError(f"persviz trains DreamBooth-LoRA with the text encoders on for one text encoder only so far; "
+                         f"this pipeline has {len(stack)} ({', '.join(e.name for e in stack)}): train the UNet's LoRA "
+                         f"alone (train_text_encoder=False, the default of diffusers' train_dreambooth_lora_sdxl.py)")
+    text = stack.primary
     tokenizer, text_encoder, unet, vae = text.tokenizer, text.encoder, pipe.unet, pipe.vae
     for name, m in (("unet", unet), ("text_encoder", text_encoder)):
         if has_lora(m):
@@ -377,16 +394,17 @@ def train_dreambooth_lora(
                 save_resume_state(out / RESUME_FILE, k, {"params": tensors}, opt, scaler, history)
 
             def save(folder: Path) -> None:
-                save_lora(folder, unet, text_encoder, config.train_text_encoder)
+                save_lora(folder, unet, text_encoder, config.train_text_encoder, pipeline_class=type(pipe))
 
             if start < config.steps:
-                step = _make_step(pipe, config, pixels, cls_pixels, device, opt, scaler, plist, unet_dtype)
+                step = _make_step(pipe, config, pixels, cls_pixels, device, opt, scaler, plist, unet_dtype,
+                                  square_side(images))
                 run_steps(start=start, steps=config.steps, save_every=config.save_every, step=step,
                           history=history, snapshot=lambda k: atomic_folder(out / f"checkpoint-{k}", save, replace=True),
                           save_state=save_state, after=callback, desc=f"dreambooth-lora {config.identifier}",
                           progress=progress)
             atomic_write(final, lambda tmp: save_lora(tmp.parent, unet, text_encoder, config.train_text_encoder,
-                                                      weight_name=tmp.name))
+                                                      weight_name=tmp.name, pipeline_class=type(pipe)))
     if load_result:
         pipe.load_lora_weights(str(final))
     return DreamBoothLoRAResult(out_dir=out, steps=config.steps, loss_history=history,
@@ -396,20 +414,29 @@ def train_dreambooth_lora(
 
 def _make_step(pipe: Pipeline, config: DreamBoothLoRAConfig, pixels: np.ndarray, cls_pixels: np.ndarray | None,
                device: torch.device, opt: torch.optim.Optimizer, scaler: Any, params: list[torch.Tensor],
-               unet_dtype: torch.dtype) -> Callable[[int], float]:
-    """The training step s (inside the adapters' context): batch, noise and timesteps from step_rng(seed, s)."""
-    text = text_stack(pipe).primary
+               unet_dtype: torch.dtype, side: int) -> Callable[[int], float]:
+    """The training step s (inside the adapters' context): batch, noise and timesteps from step_rng(seed, s). What
+    the UNet reads comes from the family (``Family.unet_condition``: SD 1.x the last hidden state; SDXL both
+    encoders' penultimate states, clip_g's pooled output and the time ids (original size `side` x `side`, crop
+    (0, 0), target size the resolution), as train_dreambooth_lora_sdxl.py's compute_time_ids)."""
+    family = family_of(pipe)
+    stack = text_stack(pipe)
+    text = stack.primary
     text_encoder, unet, vae = text.encoder, pipe.unet, pipe.vae
     noising = Noising(pipe)
     flip = config.flip_p > 0
     mean, std = latent_stats(vae, pixels, flip, device)
     if cls_pixels is not None:
         cmean, cstd = latent_stats(vae, cls_pixels, flip, device)
-    ids = token_ids(text.tokenizer, [config.instance_prompt, config.class_prompt]).to(device)
-    fixed_cond = None
-    if not config.train_text_encoder:  # the text encoder does not change: encode the two prompts once
+    all_ids = [token_ids(e.tokenizer, [config.instance_prompt, config.class_prompt]).to(device) for e in stack]
+    ids = all_ids[0]
+    fixed_cond = fixed_added = None
+    if not config.train_text_encoder:  # the text encoders do not change: encode the two prompts once
+        res = int(pixels.shape[1])
         with torch.no_grad():
-            fixed_cond = text_encoder(ids)[0]
+            fixed_cond, fixed_added = family.unet_condition(stack, all_ids, all_ids, (side, side), res)
+        if fixed_added is not None:
+            fixed_added = {k: v.to(unet_dtype) for k, v in fixed_added.items()}
     n_img, B = len(pixels), config.batch_size
 
     def pick(rng: np.random.Generator, n: int) -> torch.Tensor:
@@ -425,7 +452,8 @@ def _make_step(pipe: Pipeline, config: DreamBoothLoRAConfig, pixels: np.ndarray,
         zt, t, target = noising(m, sd, g, device)
         r = torch.tensor(rows, device=device)
         cond = fixed_cond[r] if fixed_cond is not None else text_encoder(ids[r])[0]
-        pred = unet(zt.to(unet_dtype), t, cond.to(unet_dtype)).sample.float()
+        added = None if fixed_added is None else {k: v[r] for k, v in fixed_added.items()}
+        pred = unet(zt.to(unet_dtype), t, cond.to(unet_dtype), added_cond_kwargs=added).sample.float()
         loss = F.mse_loss(pred[:B], target[:B])
         if cls_pixels is not None:
             loss = loss + config.prior_loss_weight * F.mse_loss(pred[B:], target[B:])

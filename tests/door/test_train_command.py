@@ -190,6 +190,7 @@ def test_sd2_pipelines_are_refused_and_sdxl_ones_train_textual_inversion_only():
     check_sd1(xl, "stabilityai/stable-diffusion-xl-base-1.0")  # Textual Inversion trains on SDXL
     from persviz.families import training_family
     from persviz.methods import get_method
-    with pytest.raises(ValueError, match="persviz trains textual_inversion on Stable Diffusion XL so far, not "
-                       "dreambooth"):
-        training_family(xl, "stabilityai/stable-diffusion-xl-base-1.0", get_method("dreambooth"))
+    assert training_family(xl, "stabilityai/stable-diffusion-xl-base-1.0", get_method("dreambooth")) is FAMILIES["sdxl"]
+    with pytest.raises(ValueError, match="persviz trains textual_inversion and dreambooth on Stable Diffusion XL so "
+                       "far, not custom_diffusion"):
+        training_family(xl, "stabilityai/stable-diffusion-xl-base-1.0", get_method("custom_diffusion"))

@@ -15,15 +15,17 @@ def sdxl_like(**more):
                            **more)
 
 
-def test_an_sdxl_pipeline_is_of_the_sdxl_family_trains_textual_inversion_only_and_adopts_nothing_yet():
+def test_an_sdxl_pipeline_is_of_the_sdxl_family_trains_ti_and_dreambooth_only_and_adopts_nothing_yet():
     from persviz.families import adopting_family
     from persviz.methods import get_method
     pipe = sdxl_like()
     assert family_of(pipe, "my/xl") is FAMILIES["sdxl"]
     assert training_family(pipe, "my/xl", get_method("ti")) is FAMILIES["sdxl"]
-    with pytest.raises(UnsupportedModelError, match="persviz trains textual_inversion on Stable Diffusion XL so far, "
-                       "not dreambooth; train dreambooth on Stable Diffusion 1.x, or textual_inversion on my/xl") as info:
-        training_family(pipe, "my/xl", get_method("dreambooth"))
+    assert training_family(pipe, "my/xl", get_method("dreambooth")) is FAMILIES["sdxl"]
+    with pytest.raises(UnsupportedModelError, match="persviz trains textual_inversion and dreambooth on Stable "
+                       "Diffusion XL so far, not custom_diffusion; train custom_diffusion on Stable Diffusion 1.x, or "
+                       "textual_inversion / dreambooth on my/xl") as info:
+        training_family(pipe, "my/xl", get_method("custom_diffusion"))
     assert "\n" not in str(info.value)
     with pytest.raises(UnsupportedModelError, match="my/xl is a Stable Diffusion XL pipeline and persviz adopts runs "
                        "trained on Stable Diffusion 1.x only so far") as info:

@@ -111,11 +111,11 @@ def test_the_rows_train_under_the_conditioning_the_pipeline_gives_the_loaded_tok
         assert (n0, v0) == (n1, v1) and torch.equal(w0, w1)
 
 
-def test_sdxl_trains_textual_inversion_only_so_far_each_refusal_one_sentence(sdxl):
+def test_sdxl_trains_textual_inversion_and_dreambooth_only_so_far_each_refusal_one_sentence(sdxl):
     assert training_family(sdxl, SDXL_BASE, TI) is FAMILIES["sdxl"]
-    for name in ("dreambooth", "custom_diffusion"):
-        with pytest.raises(UnsupportedModelError, match=f"persviz trains textual_inversion on Stable Diffusion XL so "
-                                                        f"far, not {name}") as info:
+    for name in ("custom_diffusion",):
+        with pytest.raises(UnsupportedModelError, match=f"persviz trains textual_inversion and dreambooth on Stable "
+                                                        f"Diffusion XL so far, not {name}") as info:
             training_family(sdxl, SDXL_BASE, get_method(name))
         assert "\n" not in str(info.value)
 
@@ -134,10 +134,10 @@ def test_persviz_train_takes_sdxl_for_textual_inversion_with_the_sdxl_recipe(sdx
     cfg = json.loads((run.run_dir / "config.json").read_text())
     assert (cfg["lr"], cfg["save_every"], cfg["flip_p"]) == (1e-4, 500, 0.5)  # textual_inversion_sdxl.py's
     assert sorted(cfg["encoders"]) == ["clip_g", "clip_l"] and read_concept(tmp_path / "concept").model == SDXL_BASE
-    with pytest.raises(UnsupportedModelError, match="not dreambooth"):
-        train_concept("dreambooth", folder, "dog", "<v>", tmp_path / "db", model=SDXL_BASE, pipe=sdxl, steps=1,
+    with pytest.raises(UnsupportedModelError, match="not custom_diffusion"):
+        train_concept("custom_diffusion", folder, "dog", "<v>", tmp_path / "cd", model=SDXL_BASE, pipe=sdxl, steps=1,
                       progress=False)
-    assert not (tmp_path / "db" / "dreambooth").exists()
+    assert not (tmp_path / "cd" / "custom_diffusion").exists()
 
 
 def test_a_float16_sdxl_trains_float32_rows_and_is_left_in_float16(offline_sd15_cache, photos, tmp_path):

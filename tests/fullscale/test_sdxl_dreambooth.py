@@ -1,0 +1,141 @@
+"""DreamBooth-LoRA on SDXL (the offline reduced-width SDXL: clip_l 32 wide, clip_g 48), through the Method protocol
+with the family's recipe (diffusers' train_dreambooth_lora_sdxl.py defaults: the UNet's LoRA alone, text encoders
+off): only the adapters train, the UNet reads what StableDiffusionXLPipeline gives (encode_prompt's embeddings and
+pooled output, _get_add_time_ids' time ids), a resumed run equals an uninterrupted one, the LoRA file loads with
+diffusers' load_lora_weights and is undone exactly; prompt-level TEA on the result."""
+import dataclasses
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from persviz.families import assemble_pipeline, training_family, FAMILIES
+from persviz.hub_models import SDXL_BASE
+from persviz.methods import get_method
+from persviz.tea import embeds_kwargs, encode_prompt_level
+from persviz.trainers.core import RESUME_FILE
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+DB = get_method("dreambooth")
+INSTANCE = "a photo of a sks dog"  # the method's instance prompt for ('sks', 'dog')
+
+
+@pytest.fixture(scope="module")
+def sdxl(offline_sd15_cache):
+    return assemble_pipeline(SDXL_BASE, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def photos():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(2, 80, 96, 3), dtype=np.uint8)  # not square: the centre crop is 80 px
+
+
+def config(steps, **kw):
+    return DB.recipe("sks", "dog", False, family="sdxl", steps=steps, save_every=1, resolution=64, batch_size=1,
+                     lr=1e-2, **kw)
+
+
+def images(pipe, prompt="a photo of a sks dog on the grass"):
+    return pipe(prompt, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+
+def test_the_sdxl_recipe_is_train_dreambooth_lora_sdxl_pys_defaults():
+    c = DB.recipe("sks", "dog", False, family="sdxl")
+    assert (c.rank, c.lr, c.resolution, c.batch_size, c.train_text_encoder, c.prior_preservation) == (
+        4, 1e-4, 1024, 4, False, False)
+    assert (c.weight_decay, c.max_grad_norm, c.steps, c.class_guidance) == (1e-4, 1.0, 500, 5.0)
+    assert c.instance_prompt == INSTANCE
+
+
+def test_sdxl_trains_dreambooth_and_refuses_custom_diffusion_with_a_sentence(sdxl):
+    assert training_family(sdxl, SDXL_BASE, DB) is FAMILIES["sdxl"]
+    with pytest.raises(ValueError, match="persviz trains textual_inversion and dreambooth on Stable Diffusion XL so "
+                       "far, not custom_diffusion") as info:
+        training_family(sdxl, SDXL_BASE, get_method("custom_diffusion"))
+    assert "\n" not in str(info.value)
+
+
+def test_sdxl_dreambooth_trains_the_unets_lora_under_the_pipelines_conditioning(sdxl, photos, tmp_path):
+    unet = {k: v.clone() for k, v in sdxl.unet.state_dict().items()}
+    te = [{k: v.clone() for k, v in m.state_dict().items()} for m in (sdxl.text_encoder, sdxl.text_encoder_2)]
+    seen = []
+
+    def look(module, args, kwargs):  # what the UNet reads at each training step
+        seen.append((args[2].detach().clone(), {k: v.detach().clone() for k, v in kwargs["added_cond_kwargs"].items()}))
+
+    handle = sdxl.unet.register_forward_pre_hook(look, with_kwargs=True)
+    try:
+        result = DB.train(sdxl, photos, config(3), tmp_path / "run", progress=False)
+    finally:
+        handle.remove()
+    assert len(seen) == 3 and len(result.loss_history) == 3 and all(np.isfinite(result.loss_history))
+    # the conditioning: diffusers' own encode_prompt and time ids (original 80x80, crop (0, 0), target 64x64)
+    emb, _, pooled, _ = sdxl.encode_prompt(INSTANCE, device=torch.device("cpu"), do_classifier_free_guidance=False)
+    time_ids = sdxl._get_add_time_ids((80, 80), (0, 0), (64, 64), dtype=emb.dtype,
+                                      text_encoder_projection_dim=sdxl.text_encoder_2.config.projection_dim)
+    for cond, added in seen:
+        torch.testing.assert_close(cond, emb, rtol=0, atol=1e-6)
+        torch.testing.assert_close(added["text_embeds"], pooled, rtol=0, atol=1e-6)
+        torch.testing.assert_close(added["time_ids"], time_ids, rtol=0, atol=0)
+    # the base weights and the pipeline are left as they were (Method.train does not load the result)
+    assert all(torch.equal(unet[k], v) for k, v in sdxl.unet.state_dict().items())
+    for m, before in zip((sdxl.text_encoder, sdxl.text_encoder_2), te):
+        assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    run = tmp_path / "run"
+    assert [k for k, _ in DB.snapshots(run)] == [1, 2, 3]
+    weights = safetensors.torch.load_file(str(result.final_path))
+    assert weights and all(k.startswith("unet.") for k in weights)  # the UNet's adapters only
+    assert any(".attn2.to_k." in k for k in weights) and all(v.dtype == torch.float32 for v in weights.values())
+    # loaded through the method (diffusers' load_lora_weights) it changes the image, and is undone exactly
+    plain = images(sdxl)
+    with DB.loaded(sdxl, run):
+        tuned = images(sdxl)
+        pe = encode_prompt_level(sdxl, "a photo of a sks dog on the grass", "a photo of a dog on the grass", 0.0, 0.0)
+        same = sdxl(**embeds_kwargs(pe), num_inference_steps=2, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+        np.testing.assert_array_equal(same, tuned)  # prompt-level TEA at rotation 0, scale 0: the same image
+        adjusted = sdxl(**embeds_kwargs(encode_prompt_level(sdxl, "a photo of a sks dog on the grass",
+                                                            "a photo of a dog on the grass")),
+                        num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+        assert not np.array_equal(adjusted, tuned)
+    assert not np.array_equal(tuned, plain)
+    np.testing.assert_array_equal(images(sdxl), plain)
+
+
+def test_a_resumed_sdxl_dreambooth_run_equals_an_uninterrupted_one(sdxl, photos, tmp_path):
+    whole = DB.train(sdxl, photos, config(3), tmp_path / "whole", progress=False)
+    part = DB.train(sdxl, photos, config(2), tmp_path / "part", progress=False)
+    assert (tmp_path / "part" / RESUME_FILE).is_file()
+    resumed = DB.train(sdxl, photos, config(3), tmp_path / "part", progress=False)
+    assert resumed.loss_history == whole.loss_history and part.loss_history == whole.loss_history[:2]
+    a, b = (safetensors.torch.load_file(str(r.final_path)) for r in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_text_encoders_on_are_refused_on_sdxl_with_a_sentence(sdxl, photos, tmp_path):
+    with pytest.raises(ValueError, match="for one text encoder only so far; this pipeline has 2 \\(clip_l, clip_g\\)"
+                       ) as info:
+        DB.train(sdxl, photos, dataclasses.replace(config(1), train_text_encoder=True), tmp_path / "te", progress=False)
+    assert "\n" not in str(info.value) and not (tmp_path / "te").exists()
+
+
+def test_persviz_train_takes_sdxl_for_dreambooth_with_the_sdxl_recipe(sdxl, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from persviz.concept_folder import read_concept
+    from persviz.trainers.concept_runs import train_concept
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((64, 64, 3), 90 * i, np.uint8)).save(folder / f"p{i}.png")
+    run = train_concept("dreambooth", folder, "dog", "sks", tmp_path / "concept", model=SDXL_BASE, pipe=sdxl, steps=1,
+                        resolution=64, batch_size=1, progress=False)
+    cfg = json.loads((run.run_dir / "config.json").read_text())
+    assert (cfg["lr"], cfg["rank"], cfg["train_text_encoder"], cfg["prior_preservation"]) == (1e-4, 4, False, False)
+    assert read_concept(tmp_path / "concept").model == SDXL_BASE
+    from persviz.trainers.dreambooth_lora import has_lora
+    assert not has_lora(sdxl.unet)  # the adapters are gone after training (load_result=False)
