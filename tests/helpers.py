@@ -1,5 +1,9 @@
 """Plain helpers of the tests, imported normally (`from tests.helpers import D, make_tiny_sd_pipeline, new_ax`).
 The fixtures built on them live in the conftest.py files."""
+import math
+from pathlib import Path
+
+import numpy as np
 from matplotlib.figure import Figure
 import torch
 
@@ -50,3 +54,25 @@ def new_ax():
     """(fig, ax): a Figure outside pyplot with one subplot."""
     fig = Figure()
     return fig, fig.add_subplot()
+
+
+def hand_slerp(v, c, rotation, scale):
+    """Eq. 1 written out (docs/tea.md §2), float64: both rescaled to m = (1 - scale)|v| + scale|c|, then the SLERP
+    sin((1 - r) theta) / sin(theta) v' + sin(r theta) / sin(theta) c' with theta = arccos(<v, c> / |v||c|) (a linear
+    blend when v and c are parallel)."""
+    v, c = v.double(), c.double()
+    m = (1 - scale) * v.norm() + scale * c.norm()
+    u, w = v / v.norm(), c / c.norm()
+    theta = math.acos(float((u @ w).clamp(-1, 1)))
+    if math.sin(theta) < 1e-6:
+        return m * ((1 - rotation) * u + rotation * w)
+    return m * (math.sin((1 - rotation) * theta) * u + math.sin(rotation * theta) * w) / math.sin(theta)
+
+
+def photo_folder(folder: Path, n: int = 2, size: int = 64) -> Path:
+    """A folder of n flat gray PNG 'photos' (levels 0, 90, ...) for the training commands' tests."""
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((size, size, 3), 90 * i, np.uint8)).save(folder / f"p{i}.png")
+    return folder

@@ -10,6 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from tests.helpers import photo_folder
 from persviz.families import assemble_pipeline, training_family, FAMILIES
 from persviz.hub_models import SDXL_BASE
 from persviz.methods import get_method
@@ -124,14 +125,9 @@ def test_the_text_encoders_on_are_refused_on_sdxl_with_a_sentence(sdxl, photos, 
 def test_persviz_train_takes_sdxl_for_dreambooth_with_the_sdxl_recipe(sdxl, tmp_path):
     import json
 
-    from PIL import Image
-
     from persviz.concept_folder import read_concept
     from persviz.trainers.concept_runs import train_concept
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i in range(2):
-        Image.fromarray(np.full((64, 64, 3), 90 * i, np.uint8)).save(folder / f"p{i}.png")
+    folder = photo_folder(tmp_path / "photos")
     run = train_concept("dreambooth", folder, "dog", "sks", tmp_path / "concept", model=SDXL_BASE, pipe=sdxl, steps=1,
                         resolution=64, batch_size=1, progress=False)
     cfg = json.loads((run.run_dir / "config.json").read_text())

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import hand_slerp
 from persviz.families import assemble_pipeline, text_stack
 from persviz.generation import generate_from_embeds
 from persviz.hub_models import SDXL_BASE
@@ -24,18 +25,6 @@ WIDTHS = (32, 48)  # clip_l, clip_g of the reduced-width test SDXL
 @pytest.fixture(scope="module")
 def sdxl(offline_sd15_cache):
     return assemble_pipeline(SDXL_BASE, device="cpu")
-
-
-def hand_slerp(v, c, rotation, scale):
-    """Eq. 1 written out (docs/tea.md §2), float64: both rescaled to m = (1 - scale)|v| + scale|c|, then
-    sin((1 - r) theta) / sin(theta) v' + sin(r theta) / sin(theta) c' with theta = arccos(<v, c> / |v||c|)."""
-    v, c = v.double(), c.double()
-    m = (1 - scale) * v.norm() + scale * c.norm()
-    u, w = v / v.norm(), c / c.norm()
-    theta = math.acos(float((u @ w).clamp(-1, 1)))
-    if math.sin(theta) < 1e-6:
-        return m * ((1 - rotation) * u + rotation * w)
-    return m * (math.sin((1 - rotation) * theta) * u + math.sin(rotation * theta) * w) / math.sin(theta)
 
 
 def hand_pair(i):

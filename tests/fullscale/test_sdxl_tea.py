@@ -9,6 +9,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from tests.helpers import hand_slerp
 from persviz.embedding_files import EmbeddingFileError, SDXL_PAIR, read_embedding_file
 from persviz.embeddings import load_learned_token
 from persviz.families import assemble_pipeline, text_stack
@@ -23,16 +24,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def sdxl(offline_sd15_cache):
     return assemble_pipeline(SDXL_BASE, device="cpu")
-
-
-def hand_slerp(v, c, rotation, scale):
-    """Eq. 1 written out (docs/tea.md §2), float64: both rescaled to m = (1 - scale)|v| + scale|c|, then the SLERP
-    sin((1 - r) theta) / sin(theta) v' + sin(r theta) / sin(theta) c' with theta = arccos(<v, c> / |v||c|)."""
-    v, c = v.double(), c.double()
-    m = (1 - scale) * v.norm() + scale * c.norm()
-    u, w = v / v.norm(), c / c.norm()
-    theta = math.acos(float((u @ w).clamp(-1, 1)))
-    return m * (math.sin((1 - rotation) * theta) * u + math.sin(rotation * theta) * w) / math.sin(theta)
 
 
 def test_the_slerp_against_a_hand_worked_case():

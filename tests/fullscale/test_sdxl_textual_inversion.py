@@ -9,6 +9,7 @@ import pytest
 import safetensors
 import torch
 
+from tests.helpers import photo_folder
 from persviz.embedding_files import TOKEN_METADATA, read_embedding_file
 from persviz.families import FAMILIES, UnsupportedModelError, assemble_pipeline, text_stack, training_family
 from persviz.hub_models import SDXL_BASE
@@ -121,14 +122,9 @@ def test_sdxl_trains_textual_inversion_and_dreambooth_only_so_far_each_refusal_o
 
 
 def test_persviz_train_takes_sdxl_for_textual_inversion_with_the_sdxl_recipe(sdxl, tmp_path):
-    from PIL import Image
-
     from persviz.concept_folder import read_concept
     from persviz.trainers.concept_runs import train_concept
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i in range(2):
-        Image.fromarray(np.full((64, 64, 3), 90 * i, np.uint8)).save(folder / f"p{i}.png")
+    folder = photo_folder(tmp_path / "photos")
     run = train_concept("ti", folder, "dog", "<v>", tmp_path / "concept", model=SDXL_BASE, pipe=sdxl, steps=1,
                         resolution=64, batch_size=1, progress=False)
     cfg = json.loads((run.run_dir / "config.json").read_text())
