@@ -419,17 +419,22 @@ def spread_by_position(pipe: Pipeline, vector: Any, prompts: Sequence[str] | str
     prompts = _prompt_set(prompts, "prompts")
     rows = _rows(vector, "vector")
     enc = _PromptEncoder(pipe, placeholder, class_word, rows.shape[0], "full", 64)
+    if len(enc.names) != 1:
+        raise ValueError(f"spread_by_position takes a pipeline with one text encoder; this one has {enc.names}")
     texts = [p.replace(PLACEHOLDER, " ".join(enc.tokens)) for p in prompts]
-    with _EvalMode(enc.encoder):
-        h = enc.encode(texts, rows).double().cpu()
-    n, length = h.shape[0], enc.tok.model_max_length
+    with contextlib.ExitStack() as modes:
+        for e in enc.stack:
+            modes.enter_context(_EvalMode(e.encoder))
+        h = enc.encode(texts, {enc.names[0]: rows})[""].double().cpu()
+    tok = enc.toks[0]
+    n, length = h.shape[0], tok.model_max_length
     h = h.reshape(n, length, -1)
     dev = ((h - h.mean(0, keepdim=True)) ** 2).sum(-1)  # [N, L]: each prompt's squared deviation per position
-    ids = enc.tok(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-    at = torch.isin(ids, torch.tensor(enc.ids))
+    ids = tok(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+    at = torch.isin(ids, torch.tensor(enc.ids[0]))
     first = at.int().argmax(1, keepdim=True)
     pos = torch.arange(length)[None]
-    ends = (ids == enc.tok.eos_token_id).int().argmax(1, keepdim=True)
+    ends = (ids == tok.eos_token_id).int().argmax(1, keepdim=True)
     parts = {"before": pos < first, "at": at, "after": (pos > first) & ~at & (pos <= ends), "padding": pos > ends}
     out = {k: float((dev * m).sum() / n) for k, m in parts.items()}
     out["total"] = float(dev.sum() / n)
