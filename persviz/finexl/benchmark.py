@@ -694,7 +694,32 @@ def bootstrap_benchmark(variants: Sequence[Variant], rows: dict[str, dict[str, A
                 items[m][f"{g}/top1"] = bootstrap_mean(np.array(hits)[:, None], level=level, seed=seed).to_json()
     return {"n_boot": int(n_boot), "seed": int(seed), "level": float(level),
             "over": "probe prompts (seeds nested); f(C) and realized levels fixed", "summary": summary_iv,
-            "top1_items": items}
+            "top1_items": items, "vs_naive": paired_vs(per_key, "naive", n_boot, level)}
+
+
+def paired_vs(per_key: Mapping[str, Mapping[str, Sequence[float]]], reference: str, n_boot: int,
+              level: float = LEVEL) -> dict[str, dict[str, dict[str, Optional[list[float]]]]]:
+    """Paired intervals against ``reference`` over the same bootstrap draws: per method and summary key with a
+    value in every draw, "difference" (method - reference) and, for errors and residuals, "reduction"
+    ((reference - method) / reference), each [low, high]."""
+    if reference not in per_key:
+        return {}
+    out: dict[str, dict[str, dict[str, Optional[list[float]]]]] = {}
+    for m, keys in per_key.items():
+        if m == reference:
+            continue
+        out[m] = {}
+        for k, x in keys.items():
+            ref = per_key[reference].get(k)
+            if ref is None or len(x) != n_boot or len(ref) != n_boot:
+                continue
+            a, r = np.asarray(x, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+            rec = {"difference": _interval(a - r, level)}
+            if k.endswith("/multi_aspect_error") or k.endswith("/relative_residual"):
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    rec["reduction"] = _interval((r - a) / r, level)
+            out[m][k] = rec
+    return out
 
 
 def save_items(path: PathLike, variants: Sequence[Variant], bench: Any) -> Path:
@@ -892,6 +917,35 @@ def designed_table(result: Mapping[str, Any], tolerance: float = LEVEL_TOLERANCE
     return "\n".join(lines)
 
 
+def vs_naive_lines(result: Mapping[str, Any], methods: Sequence[str] = ("finexl", "finexl_improved", "persviz"),
+                   keys: Sequence[str] = ("lora_mixture/multi_aspect_error", "render_mixture/multi_aspect_error",
+                                          "lora_single/top1")) -> list[str]:
+    """Markdown lines: each method against naive on the same bootstrap draws (``paired_vs``): the point difference
+    and its interval, and for errors the reduction (naive - method) / naive with its interval."""
+    pv = (result.get("intervals") or {}).get("vs_naive") or {}
+    if not pv:
+        return []
+    lines = ["Against naive, paired over the same draws of the probes (point value, then the 95 % interval):", ""]
+    for m in methods:
+        for k in keys:
+            rec = pv.get(m, {}).get(k)
+            if rec is None or m not in result["summary"] or k not in result["summary"][m]:
+                continue
+            d = result["summary"][m][k] - result["summary"]["naive"][k]
+            text = f"- {m}, {k}: difference {d:+.2f} {_fmt_pair(rec['difference'])}"
+            if "reduction" in rec:
+                red = improvement(result["summary"][m][k], result["summary"]["naive"][k], False)
+                text += f", reduction {red:+.0%} {_fmt_pair(rec['reduction'], pct=True)}"
+            lines.append(text)
+    return lines + [""]
+
+
+def _fmt_pair(iv: Any, pct: bool = False) -> str:
+    if not iv or iv[0] is None or not all(math.isfinite(float(x)) for x in iv):
+        return "[–]"
+    return f"[{iv[0]:+.0%}, {iv[1]:+.0%}]" if pct else f"[{iv[0]:+.2f}, {iv[1]:+.2f}]"
+
+
 def markdown_report(result: Mapping[str, Any]) -> str:
     """`markdown_table` plus the improvement ratios beside the paper's claims."""
     lines = ["# FineXL ground-truth benchmark (ShapesWorld CLIP, 48 probes x 2 seeds)", "",
@@ -915,6 +969,7 @@ def markdown_report(result: Mapping[str, Any]) -> str:
         lines += ["Top-1 with both intervals: over probe prompts, then over the benchmark's items (the group's "
                   "variants, k/n correct; persviz.stats.bootstrap_mean):", "", top1_table(result), ""]
         lines += weight_interval_lines(result) + [""]
+        lines += vs_naive_lines(result)
     lines += ["Improvement ratios (accuracy: relative gain; errors: relative reduction):", ""]
     for k, r in result["ratios"].items():
         keep = {kk: v for kk, v in r.items() if v is not None and ("top1" in kk or "multi" in kk or "spearman" in kk)}

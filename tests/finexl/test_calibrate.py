@@ -113,3 +113,17 @@ def test_designed_vs_realized_reads_the_benchmark_rows() -> None:
         ("lora/dark_033", "dark", False), ("lora/mix", "dark", True), ("lora/mix", "striped", False)]
     md = designed_table(result)
     assert "| lora/dark_033 | dark | 0.33 | 0.05 [0.00, 0.10] | no |" in md and "1 of 3 designed levels" in md
+
+
+def test_paired_vs_naive_uses_the_same_draws() -> None:
+    from persviz.finexl.benchmark import paired_vs
+    rng = np.random.default_rng(1)
+    naive = rng.normal(0.5, 0.1, 400)
+    per_key = {"naive": {"lora_mixture/multi_aspect_error": naive.tolist()},
+               "persviz": {"lora_mixture/multi_aspect_error": (naive * 0.5).tolist()}}  # always half the error
+    out = paired_vs(per_key, "naive", 400)
+    rec = out["persviz"]["lora_mixture/multi_aspect_error"]
+    assert rec["reduction"] == [pytest.approx(0.5), pytest.approx(0.5)]  # exact per draw, so a point interval
+    lo, hi = rec["difference"]
+    want = np.quantile(-0.5 * naive, [0.025, 0.975])  # the intervals are rounded to 5 decimals
+    assert lo == pytest.approx(want[0], abs=1e-5) and hi == pytest.approx(want[1], abs=1e-5)
