@@ -214,6 +214,18 @@ def test_holds_is_the_preregistered_criterion() -> None:
     base = {"mean": 0.1, "low": 0.02, "high": 0.2, "p": 0.001, "p_holm": 0.01}
     assert ctl.holds(base)
     assert not ctl.holds({**base, "low": -0.01})
-    assert not ctl.holds({**base, "p_holm": 0.06})
+    assert not ctl.holds({**base, "p_holm": 0.03})  # 0.05 split over the two noise rates
+    assert ctl.ALPHA == 0.025
     assert not ctl.holds({**base, "mean": -0.1, "low": -0.2, "high": -0.02})
     assert not ctl.holds({**base, "p_holm": float("nan")})
+
+
+def test_control_differences_draws_one_line_per_comparison_and_rate() -> None:
+    from persviz.pigeon.plots import control_differences
+    d = {"mean": 0.1, "low": 0.02, "high": 0.2, "p": 0.001, "p_holm": 0.01}
+    rows = [{"noise_rate": x, "key": k, "vs_baseline": {"any_taste": d}, "vs_perfect": {"any_taste": d}}
+            for x in (0.2, 0.4) for k in ("perfect", "stage1")]
+    fig = control_differences({"token": rows, "decoy": rows})
+    ax = fig.axes[0]
+    assert len(ax.get_yticklabels()) == 6 and "perfect − baseline @ 0.2" in ax.get_yticklabels()[0].get_text()
+    assert len(ax.lines) >= 4  # one marker per comparison present (4 here: perfect−baseline, stage1−baseline x 2)
