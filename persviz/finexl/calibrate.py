@@ -44,6 +44,7 @@ from persviz.finexl.benchmark import (LORA_DIR, N_PROBES, PROBE_SEED, SEEDS, TRA
                                       lora_variants, realized_interval, realized_levels)
 from persviz.finexl.generators import SCENE_ASPECTS, PipelineGenerator, scene_shift_dataset, shapesworld_probes
 from persviz.io import atomic_path, atomic_write_bytes, write_json
+from persviz.loading import load_evaluator
 from persviz.methods import get_method
 from persviz.trainers.lora_finetune import LORA_FILE, load_lora
 
@@ -127,7 +128,6 @@ def diagnose(names: Optional[Sequence[str]] = None, guidances: Sequence[float] =
              lora_dir: Path = LORA_DIR, oracle: Any = None, progress: bool = True) -> dict[str, Any]:
     """The shipped variants' realized levels at each guidance scale on the held-out probes and seeds: the designed
     rates against what the oracle reads, {variant: {"rates": ..., "<guidance>": realized_at(...)}}."""
-    from persviz.loading import load_evaluator
     oracle = load_evaluator(kind="oracle") if oracle is None else oracle
     names = list(lora_variants()) if names is None else list(names)
     pipe = assemble_pipeline(dtype=torch.float32)
@@ -200,8 +200,7 @@ class Calibration:
     @property
     def oracle(self) -> Any:
         if self._oracle is None:
-            from persviz.loading import load_evaluator
-            self._oracle = load_evaluator(kind="oracle")
+                    self._oracle = load_evaluator(kind="oracle")
         return self._oracle
 
     def train_run(self, rates: Mapping[str, float], steps: int, run_dir: Path) -> Path:

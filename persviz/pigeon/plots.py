@@ -17,6 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from persviz.images import as_uint8
+from persviz.pigeon.control import COMPARISONS, holds
 from persviz.pigeon.study import METRICS
 from persviz.plots import figure_and_ax
 
@@ -391,7 +392,6 @@ def control_differences(tables: Mapping[str, Sequence[Mapping[str, Any]]], metri
     table (e.g. {"token": rows, "decoy": rows}), one line per (comparison, noise rate), the mean difference of
     ``metric`` with its bootstrap 95 % interval; a filled marker where the pre-registered criterion holds
     (``control.holds``), an open one elsewhere."""
-    from persviz.pigeon.control import COMPARISONS, holds
     comparisons = list(COMPARISONS[:3] if comparisons is None else comparisons)
     if not tables:
         raise ValueError("no tables; pass {regime: control_table rows}")
