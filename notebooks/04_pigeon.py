@@ -316,6 +316,27 @@ pp.comparison_bars(trows, metrics=("clip_i", "dino_i", "any_taste", "clip_t", "a
 # shape in the target's slot 0.31 to 0.44). With 48 windows a hit rate's interval is about ±0.13 wide.
 
 # %% [markdown]
+# ## The perfect-mask control: could any mask help here?
+# The learned mask adds nothing on token-level noise, but that alone does not say whether *any* mask could. The
+# control (pre-registered in `docs/pigeon.md`, "Finding (vi)") trains stage 1 reading the history through the
+# **ground truth's mask** (every distractor token zeroed, every taste token read; `persviz pigeon train --stage
+# perfect`) and compares it, on 96 held-out windows per noise rate with the same latents, with the trained baseline
+# (every token) and Pigeon's learned mask. The criterion: the whole taste (object anywhere) higher with its
+# interval above 0 and Holm's p below 0.025. If the perfect mask does not win on the shipped regime, the **decoy
+# regime** (`regime="decoy"`: every distractor of a user carries one decoy color and texture, a rival taste) is
+# where distractors should hurt. The table was computed once (`persviz pigeon control --regime token|decoy`, about
+# 40 minutes each on one thread); the plot marks a difference that meets the criterion with a filled dot.
+
+# %% figure="perfect_mask_control"
+from persviz.pigeon import control as pc
+
+control_tables = {reg: st.load_comparison(DATA_DIR / "pigeon" / reg / "control.json")[0]
+                  for reg in ("token", "decoy") if (DATA_DIR / "pigeon" / reg / "control.json").is_file()}
+for reg, crows in control_tables.items():
+    display(Markdown(f"**{reg} regime**\n\n" + pc.format_control(crows)))
+pp.control_differences(control_tables)
+
+# %% [markdown]
 # ## Explore a user yourself
 # Pick a held-out user (their taste and noise rate are in the list) and one of their windows: the history with the
 # tokens the mask generator keeps, then the generation at every reference ratio with its scores and the ratio Pigeon

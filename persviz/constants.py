@@ -39,6 +39,10 @@ FINEXL_CACHE_DIR = DATA_DIR / "cache" / "finexl"
 EXPLAIN_CHUNK = 8  # prompts per cell of `persviz finexl explain` (persviz.finexl.model_pair.CHUNK)
 
 # ----------------------------------------------------------------------------- Pigeon (persviz.pigeon.users)
-#: Noise regimes: "image" (whole noise images; the default and the shipped results) and "token" (every history
-#: image shows a liked object beside distractor objects; ``noise_rate`` is the share of distractor tokens).
-REGIMES = ("image", "token")
+#: Noise regimes: "image" (whole noise images; the default and the shipped results), "token" (every history
+#: image shows a liked object beside distractor objects; ``noise_rate`` is the share of distractor tokens) and
+#: "decoy" (as "token", but every distractor of a user carries one decoy style, a color and a texture outside the
+#: taste: a rival taste that copying the distractors would follow).
+REGIMES = ("image", "token", "decoy")
+#: The regimes whose noise is distractor tokens inside liked images (per-token ground truth).
+TOKEN_REGIMES = ("token", "decoy")

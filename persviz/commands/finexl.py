@@ -23,6 +23,23 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--runs-dir", default=str(FINEXL_CACHE_DIR / "runs"))
     p.set_defaults(run=train)
 
+    p = fx.add_parser("calibrate", help="train the LoRA variants until they realize their designed levels (the "
+                      "pre-registered search of docs/finexl.md, Finding (v)); resumable, ships to data/finexl/lora/",
+                      description=doc("persviz.finexl.calibrate"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="*", default=None, help="default: all 15")
+    p.add_argument("--out", default=str(FINEXL_CACHE_DIR / "calibration"), help="the search's state and runs")
+    p.add_argument("--no-ship", action="store_true", help="leave data/finexl/lora/ as it is")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(run=calibrate)
+
+    p = fx.add_parser("diagnose", help="the shipped LoRA variants' realized levels at guidance 1 and 4 (held-out "
+                      "probes and seeds)")
+    p.add_argument("--variants", nargs="*", default=None, help="default: all 15")
+    p.add_argument("--guidances", default="1,4", help="comma-separated guidance scales")
+    p.add_argument("--out", default=None, help="a JSON file for the result (default: print only)")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(run=diagnose)
+
     p = fx.add_parser("benchmark", help="run the benchmark (writes data/finexl/benchmark.json and .md)")
     p.add_argument("--no-lora", action="store_true", help="renderer variants only")
     p.add_argument("--threads", type=int, default=1)
@@ -57,6 +74,36 @@ def train(a: argparse.Namespace) -> None:
                                               lr=a.lr, device=a.device, runs_dir=Path(a.runs_dir))
     total = sum(p.stat().st_size for p in shipped.values())
     print(f"shipped {len(shipped)} LoRA variants to {finexl_benchmark.LORA_DIR} ({total / 1e6:.2f} MB)")
+
+
+def calibrate(a: argparse.Namespace) -> Any:
+    """The pre-registered calibration of the LoRA variants (resumable); prints each variant's chosen round."""
+    from persviz.finexl import calibrate as finexl_calibrate
+    threads(max(1, a.threads))
+    state = finexl_calibrate.calibrate(a.variants or None, out=Path(a.out), ship=not a.no_ship)
+    print("steps per aspect:", state["steps"])
+    for n, rec in state["variants"].items():
+        r = rec["rounds"][rec["chosen"]]
+        got = ", ".join(f"{k}: {r['realized'][k]:.2f}" for k in rec["designed"])
+        print(f"{n}: designed {rec['designed']}, trained at {r['rates']} for {rec['steps']} steps; selection "
+              f"realized {got}")
+    return state
+
+
+def diagnose(a: argparse.Namespace) -> Any:
+    """The shipped variants' realized levels at several guidance scales."""
+    from persviz.finexl import calibrate as finexl_calibrate
+    from persviz.io import write_json
+    threads(max(1, a.threads))
+    g = tuple(float(x) for x in a.guidances.split(",") if x.strip())
+    out = finexl_calibrate.diagnose(a.variants or None, guidances=g)
+    for n, rec in out.items():
+        cells = [f"{asp} {p:.2f}: " + ", ".join(f"g{k} {rec[k]['realized'][asp]:.2f}" for k in rec if k != "rates")
+                 for asp, p in rec["rates"].items()]
+        print(f"{n}: " + "; ".join(cells))
+    if a.out:
+        write_json(a.out, out)
+    return out
 
 
 def benchmark(a: argparse.Namespace) -> None:

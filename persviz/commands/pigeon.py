@@ -16,8 +16,9 @@ def add_parser(sub: Any) -> None:
         dest="action", required=True)
     p = pg.add_parser("train", help="train stage 1 (masked reconstruction), stage 2 (DPO) or the baseline",
                       description=doc("persviz.pigeon.train"), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=("1", "2", "baseline"), default="1",
-                   help="1, 2, or baseline (stage 1's losses, every history token read, no history mask)")
+    p.add_argument("--stage", choices=("1", "2", "baseline", "perfect"), default="1",
+                   help="1, 2, baseline (stage 1's losses, every history token read, no history mask) or perfect "
+                        "(stage 1's losses, the history read through the ground truth's mask; token regimes)")
     p.add_argument("--regime", choices=REGIMES, default=None,
                    help="the users' noise: image (whole noise images) or token (distractor tokens in liked images); "
                         "default image, stage 2: the regime of its stage-1 run (--init)")
@@ -74,6 +75,25 @@ def add_parser(sub: Any) -> None:
                                                  "data/pigeon/token/comparison.json)")
     p.set_defaults(run=study)
 
+    p = pg.add_parser("control", help="the perfect-mask control: perfect mask, trained baseline and learned mask "
+                                      "on held-out users (default data/pigeon/<regime>/control.json)",
+                      description=doc("persviz.pigeon.control"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--regime", choices=("token", "decoy"), default="token",
+                   help="held-out users' noise (the runs' defaults lie under data/pigeon/<regime>/)")
+    p.add_argument("--perfect", default=None, help="the perfect-mask run (default data/pigeon/<regime>/perfect)")
+    p.add_argument("--baseline", default=None, help="the trained baseline (default data/pigeon/<regime>/baseline)")
+    p.add_argument("--stage1", default=None, help="Pigeon's stage 1 (default data/pigeon/<regime>/stage1)")
+    p.add_argument("--rows", default=None, help="comma-separated row keys (default: every row; see CONTROL_ROWS)")
+    p.add_argument("--n-windows", type=int, default=96)
+    p.add_argument("--noise-rates", default="0.2,0.4", help="comma-separated shares of distractor tokens")
+    p.add_argument("--split", default="test")
+    p.add_argument("--steps", type=int, default=25, help="sampler steps")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="default data/pigeon/<regime>/control.json")
+    p.set_defaults(run=control)
+
 
 def _pigeon_pipeline(a: argparse.Namespace, stage: int, init: str | None) -> tuple[Any, str]:
     """The pipeline a training run starts from: the ShapesWorld backbone, or random tiny ones with --tiny."""
@@ -96,7 +116,7 @@ def _pigeon_pipeline(a: argparse.Namespace, stage: int, init: str | None) -> tup
 def _pigeon_root(regime: str | None) -> Path:
     """Where a regime's runs and table go by default: data/pigeon (image regime), data/pigeon/token."""
     from persviz.pigeon import train as pigeon_train
-    return pigeon_train.OUT_DIR / "token" if regime == "token" else pigeon_train.OUT_DIR
+    return pigeon_train.OUT_DIR / regime if regime in ("token", "decoy") else pigeon_train.OUT_DIR
 
 
 def train(a: argparse.Namespace) -> Any:
@@ -109,7 +129,7 @@ def train(a: argparse.Namespace) -> Any:
     threads(a.threads)
     stage = 2 if a.stage == "2" else 1
     root = _pigeon_root(a.regime)
-    out = Path(a.out) if a.out else root / ("baseline" if a.stage == "baseline" else f"stage{stage}")
+    out = Path(a.out) if a.out else root / (a.stage if a.stage in ("baseline", "perfect") else f"stage{stage}")
     init = None
     regime = a.regime or "image"
     if stage == 2:
@@ -120,7 +140,7 @@ def train(a: argparse.Namespace) -> Any:
         snr_gamma=a.snr_gamma or None, aux_weight=a.aux_weight, save_every=a.save_every, seed=a.seed,
         n_users=a.n_users, data_seed=a.data_seed, noise_rates=a.noise_rates, init_from=init, beta=a.beta,
         n_pairs=a.n_pairs, pair_steps=a.pair_steps, guidance_scale=a.guidance_scale, regime=regime,
-        history_mask=a.stage != "baseline")
+        history_mask=a.stage != "baseline", perfect_mask=a.stage == "perfect")
     pipe, backbone = _pigeon_pipeline(a, stage, init)
     result = pigeon_train.train(pipe, config, out, progress=not a.no_progress, backbone=backbone)
     last = result.losses[-1] if result.losses else float("nan")
@@ -141,7 +161,7 @@ def study(a: argparse.Namespace) -> list[dict[str, Any]]:
     root = _pigeon_root(a.regime)
     stage1 = a.stage1 or str(root / "stage1")
     stage2 = a.stage2 or str(root / "stage2")
-    baseline = a.baseline or (str(root / "baseline") if a.regime == "token" else "none")
+    baseline = a.baseline or (str(root / "baseline") if a.regime in ("token", "decoy") else "none")
     out = a.out or str(root / "comparison.json")
     extra = {k: v for k, v in (("regime", a.regime),
                                ("baseline", None if baseline.lower() == "none" else baseline)) if v is not None}
@@ -154,5 +174,22 @@ def study(a: argparse.Namespace) -> list[dict[str, Any]]:
         print(pigeon_study.format_differences(rows, against=pigeon_study.TRAINED_BASELINE))
     if any("masks" in r for r in rows):
         print(pigeon_study.format_mask_measures(rows))
+    print(f"written to {out}")
+    return rows
+
+
+def control(a: argparse.Namespace) -> list[dict[str, Any]]:
+    """Writes the perfect-mask control's table and prints it with its paired differences."""
+    from persviz.pigeon import control as pigeon_control
+    threads(a.threads)
+    root = _pigeon_root(a.regime)
+    models = {"perfect": a.perfect or str(root / "perfect"), "baseline": a.baseline or str(root / "baseline"),
+              "stage1": a.stage1 or str(root / "stage1")}
+    out = a.out or str(root / "control.json")
+    rows = pigeon_control.control_table(
+        models, a.n_windows, floats(a.noise_rates), regime=a.regime,
+        rows=None if a.rows is None else [r.strip() for r in a.rows.split(",") if r.strip()], split=a.split,
+        seed=a.seed, batch_size=a.batch_size, num_inference_steps=a.steps, path=out)
+    print(pigeon_control.format_control(rows))
     print(f"written to {out}")
     return rows

@@ -209,6 +209,32 @@ def realized_levels(present_base: np.ndarray, present_personal: np.ndarray) -> d
             for j, a in enumerate(SCENE_ASPECTS)}
 
 
+def realized_interval(present_base: np.ndarray, present_personal: np.ndarray, n_seeds: int, n_boot: int = 1000,
+                      level: float = LEVEL, seed: int = 0) -> dict[str, list[float]]:
+    """Percentile intervals of ``realized_levels`` over probes (seeds nested, the same draw for base and LoRA, as
+    ``persviz.stats`` draws): presence arrays [S * P, A] stacked seed-major ([s0 p0, s0 p1, ..., s1 p0, ...])."""
+    b = np.asarray(present_base, dtype=np.float64)
+    q = np.asarray(present_personal, dtype=np.float64)
+    if b.shape != q.shape or b.ndim != 2 or b.shape[0] % int(n_seeds):
+        raise ValueError(f"presence arrays {b.shape} and {q.shape}: pass [seeds x probes, aspects] of both")
+    s = int(n_seeds)
+    p = b.shape[0] // s
+    b3, q3 = b.reshape(s, p, -1).transpose(1, 0, 2), q.reshape(s, p, -1).transpose(1, 0, 2)  # [P, S, A]
+    rng = np.random.default_rng(seed)
+    which = rng.integers(0, p, size=(n_boot, p))
+    cols = np.floor(rng.random((n_boot, p, s)) * s).astype(np.int64)
+    qb = b3[which[..., None], cols].mean(axis=(1, 2))  # [n_boot, A]
+    qp = q3[which[..., None], cols].mean(axis=(1, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = (qp - qb) / (1.0 - qb)
+    out = {}
+    for j, a in enumerate(SCENE_ASPECTS):
+        x = r[:, j][np.isfinite(r[:, j])]
+        out[a] = ([float(v) for v in np.quantile(x, [(1 - level) / 2, (1 + level) / 2])] if x.size
+                  else [float("nan"), float("nan")])
+    return out
+
+
 # ----------------------------------------------------------------------------- methods
 
 
@@ -478,6 +504,7 @@ def lora_variants_measured(bench: Bench, names: Optional[Sequence[str]] = None, 
         realized = realized_levels(present_b, present_p)
         truth = {ASPECT_WORD[a]: max(0.0, realized[a]) for a in rates}
         info = {"rates": rates, "realized": realized,
+                "realized_interval": realized_interval(present_b, present_p, len(bench.seeds)),
                 "fraction_base": dict(zip(SCENE_ASPECTS, present_b.mean(0).tolist())),
                 "fraction_personal": dict(zip(SCENE_ASPECTS, present_p.mean(0).tolist()))}
         group = "lora_single" if len(rates) == 1 else "lora_mixture"
@@ -667,7 +694,32 @@ def bootstrap_benchmark(variants: Sequence[Variant], rows: dict[str, dict[str, A
                 items[m][f"{g}/top1"] = bootstrap_mean(np.array(hits)[:, None], level=level, seed=seed).to_json()
     return {"n_boot": int(n_boot), "seed": int(seed), "level": float(level),
             "over": "probe prompts (seeds nested); f(C) and realized levels fixed", "summary": summary_iv,
-            "top1_items": items}
+            "top1_items": items, "vs_naive": paired_vs(per_key, "naive", n_boot, level)}
+
+
+def paired_vs(per_key: Mapping[str, Mapping[str, Sequence[float]]], reference: str, n_boot: int,
+              level: float = LEVEL) -> dict[str, dict[str, dict[str, Optional[list[float]]]]]:
+    """Paired intervals against ``reference`` over the same bootstrap draws: per method and summary key with a
+    value in every draw, "difference" (method - reference) and, for errors and residuals, "reduction"
+    ((reference - method) / reference), each [low, high]."""
+    if reference not in per_key:
+        return {}
+    out: dict[str, dict[str, dict[str, Optional[list[float]]]]] = {}
+    for m, keys in per_key.items():
+        if m == reference:
+            continue
+        out[m] = {}
+        for k, x in keys.items():
+            ref = per_key[reference].get(k)
+            if ref is None or len(x) != n_boot or len(ref) != n_boot:
+                continue
+            a, r = np.asarray(x, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+            rec = {"difference": _interval(a - r, level)}
+            if k.endswith("/multi_aspect_error") or k.endswith("/relative_residual"):
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    rec["reduction"] = _interval((r - a) / r, level)
+            out[m][k] = rec
+    return out
 
 
 def save_items(path: PathLike, variants: Sequence[Variant], bench: Any) -> Path:
@@ -832,6 +884,68 @@ def top1_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: A LoRA variant realizes its designed level when the oracle's held-out level is within this of it.
+LEVEL_TOLERANCE = 0.1
+
+
+def designed_vs_realized(result: Mapping[str, Any], tolerance: float = LEVEL_TOLERANCE) -> list[dict[str, Any]]:
+    """One record per (LoRA variant, designed aspect): the designed level, the oracle's realized level on the
+    benchmark's probes and seeds with its interval over probes (when the result has one), and whether it lies within
+    ``tolerance`` of the design."""
+    out = []
+    for name, row in result["variants"].items():
+        if not str(row.get("group", "")).startswith("lora_"):
+            continue
+        for a, p in row["rates"].items():
+            r = row["realized"][a]
+            iv = (row.get("realized_interval") or {}).get(a)
+            out.append({"variant": name, "aspect": a, "designed": float(p), "realized": float(r),
+                        "interval": iv, "within": bool(abs(float(r) - float(p)) <= tolerance)})
+    return out
+
+
+def designed_table(result: Mapping[str, Any], tolerance: float = LEVEL_TOLERANCE) -> str:
+    """``designed_vs_realized`` as a markdown table, with the count within ``tolerance``."""
+    recs = designed_vs_realized(result, tolerance)
+    lines = ["| variant | aspect | designed | realized (oracle, held-out) | within |", "|---|---|---|---|---|"]
+    for r in recs:
+        iv = "" if not r["interval"] else f" [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]"
+        lines.append(f"| {r['variant']} | {r['aspect']} | {r['designed']:.2f} | {r['realized']:.2f}{iv} | "
+                     f"{'yes' if r['within'] else 'no'} |")
+    n = sum(r["within"] for r in recs)
+    lines += ["", f"{n} of {len(recs)} designed levels realized within {tolerance:g}."]
+    return "\n".join(lines)
+
+
+def vs_naive_lines(result: Mapping[str, Any], methods: Sequence[str] = ("finexl", "finexl_improved", "persviz"),
+                   keys: Sequence[str] = ("lora_mixture/multi_aspect_error", "render_mixture/multi_aspect_error",
+                                          "lora_single/top1")) -> list[str]:
+    """Markdown lines: each method against naive on the same bootstrap draws (``paired_vs``): the point difference
+    and its interval, and for errors the reduction (naive - method) / naive with its interval."""
+    pv = (result.get("intervals") or {}).get("vs_naive") or {}
+    if not pv:
+        return []
+    lines = ["Against naive, paired over the same draws of the probes (point value, then the 95 % interval):", ""]
+    for m in methods:
+        for k in keys:
+            rec = pv.get(m, {}).get(k)
+            if rec is None or m not in result["summary"] or k not in result["summary"][m]:
+                continue
+            d = result["summary"][m][k] - result["summary"]["naive"][k]
+            text = f"- {m}, {k}: difference {d:+.2f} {_fmt_pair(rec['difference'])}"
+            if "reduction" in rec:
+                red = improvement(result["summary"][m][k], result["summary"]["naive"][k], False)
+                text += f", reduction {red:+.0%} {_fmt_pair(rec['reduction'], pct=True)}"
+            lines.append(text)
+    return lines + [""]
+
+
+def _fmt_pair(iv: Any, pct: bool = False) -> str:
+    if not iv or iv[0] is None or not all(math.isfinite(float(x)) for x in iv):
+        return "[–]"
+    return f"[{iv[0]:+.0%}, {iv[1]:+.0%}]" if pct else f"[{iv[0]:+.2f}, {iv[1]:+.2f}]"
+
+
 def markdown_report(result: Mapping[str, Any]) -> str:
     """`markdown_table` plus the improvement ratios beside the paper's claims."""
     lines = ["# FineXL ground-truth benchmark (ShapesWorld CLIP, 48 probes x 2 seeds)", "",
@@ -848,10 +962,14 @@ def markdown_report(result: Mapping[str, Any]) -> str:
                   "recomputes every V_div from the per-probe embedding differences (`benchmark_items.npz`) and reruns "
                   "every decomposition and metric (f(C) and the oracle's realized levels fixed).", ""]
     lines += [markdown_table(result), ""]
+    if any(str(r.get("group", "")).startswith("lora_") for r in result["variants"].values()):
+        lines += ["LoRA variants: designed level against the level the oracle reads on the benchmark's probes and "
+                  "seeds (interval: 95 % over probes, seeds nested):", "", designed_table(result), ""]
     if iv:
         lines += ["Top-1 with both intervals: over probe prompts, then over the benchmark's items (the group's "
                   "variants, k/n correct; persviz.stats.bootstrap_mean):", "", top1_table(result), ""]
         lines += weight_interval_lines(result) + [""]
+        lines += vs_naive_lines(result)
     lines += ["Improvement ratios (accuracy: relative gain; errors: relative reduction):", ""]
     for k, r in result["ratios"].items():
         keep = {kk: v for kk, v in r.items() if v is not None and ("top1" in kk or "multi" in kk or "spearman" in kk)}

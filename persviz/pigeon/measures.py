@@ -9,6 +9,9 @@ distractor token (``PigeonDataset`` item ``"history_distractor_tokens"``), ``kee
 - ``perfect_keep_mask`` / ``perfect_kept_noise_share``: a mask that keeps as many tokens per image as Pigeon's
   (``k = max(1, int(n * (1 - ratio)))``) and drops exactly the distractor tokens first: the best any such mask
   can do (above 0 when an image has more distractor tokens than the mask drops);
+- ``truth_keep_mask``: the ground truth itself, keeping every taste token and no distractor token (any number per
+  image): the mask a stage-1 model is trained and read with in the perfect-mask control (``PigeonModel`` history
+  mode "truth");
 - ``chance_kept_noise_share``: the expected share of a mask keeping k tokens of each image at random (the share
   of distractor tokens);
 - ``token_auc``: the probability that a taste (non-distractor) token scores above a distractor token (ties count
@@ -70,6 +73,12 @@ def perfect_keep_mask(noise: Any, ratio: float) -> torch.Tensor:
     order = torch.argsort(m.long() * n + torch.arange(n), dim=-1, stable=True)  # taste tokens, then distractors
     ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(n).expand_as(order))
     return ranks < k
+
+
+def truth_keep_mask(noise: Any) -> torch.Tensor:
+    """The ground truth's keep-mask [..., n]: every taste token kept, every distractor token dropped (the number
+    kept varies per image; ``perfect_keep_mask`` keeps Pigeon's fixed number instead). Its kept-noise share is 0."""
+    return ~_bool(noise, "noise")
 
 
 def perfect_kept_noise_share(noise: Any, ratio: float) -> float:
@@ -151,4 +160,4 @@ def window_measures(keep: Any, scores: Any, noise: Any, ratio: float) -> dict[st
 
 
 __all__ = ["chance_kept_noise_share", "keep_count", "kept_noise_share", "perfect_keep_mask",
-           "perfect_kept_noise_share", "token_auc", "token_aucs", "window_measures"]
+           "perfect_kept_noise_share", "token_auc", "token_aucs", "truth_keep_mask", "window_measures"]

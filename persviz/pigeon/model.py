@@ -383,9 +383,11 @@ class PigeonInputs:
 
 #: How ``PigeonModel.prepare`` treats the history (``PigeonModel.history_mode``): "mask" (Pigeon: keep the
 #: high-score tokens at ``config.history_ratio``), "keep" (every history token read as it is, no history mask and
-#: so no gradient through one: the unmasked-history row and the trained baseline) or "none" (every history token
-#: zeroed before scoring and masked: the model reads only the reference and instruction).
-HISTORY_MODES = ("mask", "keep", "none")
+#: so no gradient through one: the unmasked-history row and the trained baseline), "none" (every history token
+#: zeroed before scoring and masked: the model reads only the reference and instruction) or "truth" (the history
+#: keep-mask is given with the request, ``history_keep=``: the perfect mask of the ground truth, e.g.
+#: ``measures.truth_keep_mask``; no gradient reaches the mask generator through it).
+HISTORY_MODES = ("mask", "keep", "none", "truth")
 
 
 class PigeonModel(nn.Module):
@@ -457,7 +459,7 @@ class PigeonModel(nn.Module):
     # -- forward ------------------------------------------------------------------------------------
     def prepare(self, history: Any, reference: Any, instruction: str | Sequence[str],
                 reference_ratio: float | torch.Tensor | None, training: bool,
-                generator: torch.Generator | None = None) -> PigeonInputs:
+                generator: torch.Generator | None = None, history_keep: Any = None) -> PigeonInputs:
         """Validate a request (``users.validate_request``), tokenize, mask and encode the text.
 
         Args:
@@ -467,6 +469,8 @@ class PigeonModel(nn.Module):
             training: Pigeon's training masking (Gumbel noise, high-score reference tokens masked)
                 or inference masking (no noise, low-score reference tokens masked).
             generator: torch.Generator (on the model's device) for the Gumbel noise and drawn ratios.
+            history_keep: history_mode "truth" only (and required there): the history keep-mask [B, H, n] (or
+                [H, n] for one request), 1 / True = read the token, 0 / False = zero it.
         """
         cfg = self.config
         hist, ref, texts = validate_request(history, reference, instruction, reference_ratio,
@@ -483,15 +487,27 @@ class PigeonModel(nn.Module):
         mode = self.history_mode
         if mode not in HISTORY_MODES:
             raise ValueError(f"history_mode={mode!r}; use one of {HISTORY_MODES}")
+        if (history_keep is not None) != (mode == "truth"):
+            given = "given" if history_keep is not None else "None"
+            raise ValueError("history_keep (the ground-truth keep-mask) goes with history_mode 'truth' only; got "
+                             f"history_mode={mode!r} and history_keep {given}")
         if mode == "none":
             hist_tok = torch.zeros_like(hist_tok)
         hist_m, ref_m, hist_mask, ref_mask = mask_history_and_reference(
             self.mask_generator, hist_tok, ref_tok, reference_ratio, training=training, generator=generator,
-            history_ratio=0.0 if mode == "keep" else cfg.history_ratio)
+            history_ratio=0.0 if mode in ("keep", "truth") else cfg.history_ratio)
         if mode == "none":
             hist_mask = torch.zeros_like(hist_mask)
         elif mode == "keep":  # every history token as it is: no gradient reaches the generator through the history
             hist_m, hist_mask = hist_tok, torch.ones_like(hist_mask)
+        elif mode == "truth":  # the given mask: masked tokens are zero embeddings, as Pigeon's own mask makes them
+            keep = torch.as_tensor(history_keep, device=device)
+            keep = keep.unsqueeze(0) if keep.ndim == 2 else keep
+            if tuple(keep.shape) != tuple(hist_mask.shape):
+                raise ValueError(f"history_keep has shape {tuple(keep.shape)}; expected {tuple(hist_mask.shape)} "
+                                 f"(requests, history images, tokens)")
+            hist_mask = keep.to(hist_tok.dtype)
+            hist_m = hist_tok * hist_mask.unsqueeze(-1)
         text_states, text_mask = self.text(texts, cfg.text_max_length)
         prompt_states = None
         if cfg.condition == "text+tokens":
@@ -513,9 +529,10 @@ class PigeonModel(nn.Module):
 
     def forward(self, history: Any, reference: Any, instruction: str | Sequence[str],
                 reference_ratio: float | torch.Tensor | None = None, training: bool = True,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, history_keep: Any = None) -> torch.Tensor:
         """``prompt_embeds`` for a request: ``condition(prepare(...))``."""
-        return self.condition(self.prepare(history, reference, instruction, reference_ratio, training, generator))
+        return self.condition(self.prepare(history, reference, instruction, reference_ratio, training, generator,
+                                           history_keep))
 
     @torch.no_grad()
     def negative_prompt_embeds(self, batch: int) -> torch.Tensor:
@@ -746,7 +763,7 @@ class PigeonPipeline:
     def __call__(self, history: Any, reference: Any, instruction: str | Sequence[str],
                  reference_ratio: float = 0.5, num_inference_steps: int = 25, guidance_scale: float = 4.0,
                  generator: torch.Generator | int | None = None, latents: torch.Tensor | None = None,
-                 output_type: str = "pt") -> Any:
+                 output_type: str = "pt", history_keep: Any = None) -> Any:
         """Generate one image per request at one reference mask ratio (inference masking).
 
         Args:
@@ -756,6 +773,7 @@ class PigeonPipeline:
             generator: CPU torch.Generator or int seed for the initial latents.
             latents: initial latents [B, 4, h, w] (overrides generator).
             output_type: "pt" (float [B, 3, S, S] in [0, 1]), "np", "pil" or "latent".
+            history_keep: the history keep-mask of history_mode "truth" (``PigeonModel.prepare``).
 
         Returns:
             The diffusers pipeline output (``.images``).
@@ -764,7 +782,8 @@ class PigeonPipeline:
         was_training = self.model.training
         self.model.eval()
         try:
-            inputs = self.model.prepare(history, reference, instruction, reference_ratio, training=False)
+            inputs = self.model.prepare(history, reference, instruction, reference_ratio, training=False,
+                                        history_keep=history_keep)
             pe = self.model.condition(inputs)
         finally:
             self.model.train(was_training)

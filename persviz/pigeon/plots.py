@@ -17,6 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from persviz.images import as_uint8
+from persviz.pigeon.control import COMPARISONS, holds
 from persviz.pigeon.study import METRICS
 from persviz.plots import figure_and_ax
 
@@ -383,3 +384,43 @@ def comparison_bars(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = 
 
 __all__ = ["comparison_bars", "kept_noise_plot", "mask_overlay", "pairs_plot", "ratio_sweep", "token_overlay",
            "truth_overlay"]
+
+
+def control_differences(tables: Mapping[str, Sequence[Mapping[str, Any]]], metric: str = "any_taste",
+                        comparisons: Sequence[tuple[str, str]] | None = None, ax: Axes | None = None) -> Figure:
+    """The perfect-mask control's paired differences (``control.control_table`` rows) as a forest plot: one panel per
+    table (e.g. {"token": rows, "decoy": rows}), one line per (comparison, noise rate), the mean difference of
+    ``metric`` with its bootstrap 95 % interval; a filled marker where the pre-registered criterion holds
+    (``control.holds``), an open one elsewhere."""
+    comparisons = list(COMPARISONS[:3] if comparisons is None else comparisons)
+    if not tables:
+        raise ValueError("no tables; pass {regime: control_table rows}")
+    labels = {k: lab for k, lab, _ in METRICS}
+    names = list(tables)
+    if ax is None:
+        fig = Figure(figsize=(4.2 * len(names), 0.45 * len(comparisons) * 2 + 1.4), layout="constrained")
+        axes = list(np.atleast_1d(fig.subplots(1, len(names), sharex=True)))
+    else:
+        if len(names) != 1:
+            raise ValueError("one axes takes one table; pass ax=None for several")
+        fig, axes = ax.figure, [ax]
+    colors = colormaps["tab10"]
+    for a, name in zip(axes, names):
+        rows = tables[name]
+        rates = sorted({float(r["noise_rate"]) for r in rows})
+        y, ticks = 0, []
+        for ci, (row, ref) in enumerate(comparisons):
+            for rate in rates:
+                r = next((x for x in rows if x["key"] == row and float(x["noise_rate"]) == rate), None)
+                d = None if r is None else (r.get(f"vs_{ref}") or {}).get(metric)
+                ticks.append(f"{row} − {ref} @ {rate:g}")
+                if d is not None:
+                    ok = holds(d)
+                    a.errorbar([d["mean"]], [y], xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o",
+                               color=colors(ci), mfc=colors(ci) if ok else "white", capsize=3, lw=1.2)
+                y -= 1
+        a.axvline(0.0, color="0.3", lw=0.7)
+        a.set_yticks(np.arange(0, y, -1), ticks, fontsize=8)
+        a.set_title(f"{name}: {labels.get(metric, metric)}", fontsize=9)
+        a.set_xlabel("paired difference (95 % interval over windows)")
+    return fig

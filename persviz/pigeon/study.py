@@ -40,13 +40,14 @@ import torch
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
+from persviz.constants import TOKEN_REGIMES
 from persviz.errors import PersvizError
 from persviz.images import as_uint8
 from persviz.io import PathLike, load_state, write_json
 from persviz.loading import load_evaluator
 from persviz.paths import DATA_DIR
 from persviz.pigeon.mask import HISTORY_TYPE, REFERENCE_TYPE, gumbel_topk_mask
-from persviz.pigeon.measures import token_auc, window_measures
+from persviz.pigeon.measures import perfect_keep_mask, token_auc, truth_keep_mask, window_measures
 from persviz.pigeon.model import HISTORY_MODES, RATIOS, WEIGHTS_FILE, PigeonPipeline
 from persviz.pigeon.train import PAIRS_FILE
 from persviz.pigeon.users import (REGIMES, PigeonDataset, as_image_tensor, make_datasets, taste_report,
@@ -256,7 +257,8 @@ def score_generations(images: np.ndarray, histories: np.ndarray, windows: Sequen
     return out
 
 
-def _evaluators(clip: Any, dino: Any, oracle: Any) -> tuple[Any, Any, Any]:
+def default_evaluators(clip: Any, dino: Any, oracle: Any) -> tuple[Any, Any, Any]:
+    """The given evaluators, each None replaced by the ShapesWorld one (``load_evaluator``)."""
     return (clip if clip is not None else load_evaluator(kind="clip"),
             dino if dino is not None else load_evaluator(kind="dino"),
             oracle if oracle is not None else load_evaluator(kind="oracle"))
@@ -322,7 +324,7 @@ def comparison_table(stage1: PigeonPipeline | PathLike, stage2: PigeonPipeline |
     p1 = load_stage(stage1, name="stage1")
     p2 = load_stage(stage2, sd=p1.sd, name="stage2") if stage2 is not None else None
     pb = load_stage(baseline, sd=p1.sd, name="baseline") if baseline is not None else None
-    clip, dino, oracle = _evaluators(clip, dino, oracle)
+    clip, dino, oracle = default_evaluators(clip, dino, oracle)
     runs = [("no_history", p1, "none"), ("no_mask", p1, "keep")]
     if pb is not None:
         runs.append((TRAINED_BASELINE, pb, "keep"))
@@ -359,24 +361,14 @@ def comparison_table(stage1: PigeonPipeline | PathLike, stage2: PigeonPipeline |
                     rows.append(done[(rate, key)])
                     bar.update(math.ceil(len(idx) / batch_size))
                     continue
-                images, counts = [], [0] * len(ratios)
                 bar.set_postfix(noise=rate, row=key)
-                with history_mode(pipe, mode):
-                    for j in range(0, len(idx), batch_size):
-                        b = default_collate([ds[i] for i in idx[j:j + batch_size]])
-                        sel = pipe.select(b["history"], b["reference"], b["instruction"], ratios=ratios,
-                                          generator=seed + j, num_inference_steps=num_inference_steps,
-                                          guidance_scale=guidance_scale)
-                        images.append(as_uint8(sel.images))
-                        for r in sel.ratio_index:
-                            counts[r] += 1
-                        bar.update(1)
-                scores = score_generations(np.concatenate(images), histories, windows, clip, dino, oracle,
-                                           per_item=True)
-                scores["items"] = {"window": [int(i) for i in idx], **scores["items"]}
+                scores, counts = generate_and_score(pipe, mode, ds, idx, clip, dino, oracle, seed=seed,
+                                                    batch_size=batch_size, num_inference_steps=num_inference_steps,
+                                                    guidance_scale=guidance_scale, ratios=ratios,
+                                                    histories=histories, windows=windows, bar=bar)
                 row = {"noise_rate": rate, "row": ROW_LABELS[key], "key": key, **scores,
                        "ratio_counts": {f"{r:g}": c for r, c in zip(ratios, counts)}}
-                if regime == "token" and key in COMPARED:
+                if regime in TOKEN_REGIMES and key in COMPARED:
                     # stage 2 freezes the mask generator: its masks are stage 1's, measured with stage 1's model
                     row["masks"] = mask_measures(p1, ds, idx, batch_size=batch_size, n_boot=n_boot, level=level)
                 rows.append(row)
@@ -396,6 +388,55 @@ def comparison_table(stage1: PigeonPipeline | PathLike, stage2: PigeonPipeline |
         if partial is not None and partial.is_file():
             partial.unlink()
     return rows
+
+
+#: How a row reads the history (``generate_and_score``): the model's own ``HISTORY_MODES`` ("mask", "keep",
+#: "none", and "truth" = the ground truth's keep-mask ``measures.truth_keep_mask``: every distractor token dropped)
+#: and "truth_budget" (``measures.perfect_keep_mask`` at the model's history ratio: as many tokens per image as
+#: Pigeon's mask keeps, distractor tokens dropped first).
+READ_MODES = HISTORY_MODES + ("truth_budget",)
+
+
+def history_keep_of(mode: str, distractor_tokens: torch.Tensor, history_ratio: float) -> torch.Tensor | None:
+    """The ground-truth keep-mask [B, H, n] a read mode passes to the model (None for the model's own modes)."""
+    if mode == "truth":
+        return truth_keep_mask(distractor_tokens)
+    if mode == "truth_budget":
+        return perfect_keep_mask(distractor_tokens, history_ratio)
+    return None
+
+
+def generate_and_score(pipe: PigeonPipeline, mode: str, ds: PigeonDataset, idx: Sequence[int], clip: Any, dino: Any,
+                       oracle: Any, seed: int = 0, batch_size: int = 8, num_inference_steps: int = 25,
+                       guidance_scale: float = 4.0, ratios: Sequence[float] = RATIOS,
+                       histories: np.ndarray | None = None, windows: Sequence[Any] | None = None,
+                       bar: Any = None) -> tuple[dict[str, Any], list[int]]:
+    """One row of a comparison: test-time ratio selection on windows ``idx`` with the history read as ``mode``
+    (``READ_MODES``), latents of the batch starting at j drawn from ``seed + j``; scored by ``score_generations``
+    with per-window items (their "window" list first). Returns (scores, how often each ratio was selected)."""
+    if mode not in READ_MODES:
+        raise ValueError(f"mode={mode!r}; use one of {READ_MODES}")
+    idx = [int(i) for i in idx]
+    if windows is None:
+        windows = [ds.window(i) for i in idx]
+    if histories is None:
+        histories = np.stack([ds.images(i)["history"] for i in idx])
+    images, counts = [], [0] * len(ratios)
+    with history_mode(pipe, "truth" if mode == "truth_budget" else mode):
+        for j in range(0, len(idx), batch_size):
+            b = default_collate([ds[i] for i in idx[j:j + batch_size]])
+            keep = history_keep_of(mode, b["history_distractor_tokens"], pipe.model.config.history_ratio)
+            extra = {} if keep is None else {"history_keep": keep}
+            sel = pipe.select(b["history"], b["reference"], b["instruction"], ratios=ratios, generator=seed + j,
+                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, **extra)
+            images.append(as_uint8(sel.images))
+            for r in sel.ratio_index:
+                counts[r] += 1
+            if bar is not None:
+                bar.update(1)
+    scores = score_generations(np.concatenate(images), histories, windows, clip, dino, oracle, per_item=True)
+    scores["items"] = {"window": idx, **scores["items"]}
+    return scores, counts
 
 
 def _weights_stamp(weights: Any) -> Any:
@@ -820,9 +861,11 @@ def pair_examples(pipe: PigeonPipeline, folder: PathLike, n: int = 4,
 
 
 __all__ = ["BASELINE", "COMPARED", "DATA_DEFAULTS", "MASK_MEASURES", "METRICS", "NOISE_SWEEP", "PIGEON_DIR", "ROWS",
-           "ROW_LABELS", "TRAINED_BASELINE", "FullScaleNotSupportedError", "comparison_table", "format_differences",
+           "ROW_LABELS", "TRAINED_BASELINE", "FullScaleNotSupportedError", "comparison_table", "default_evaluators",
+           "format_differences",
            "format_mask_measures", "format_table", "heldout_dataset", "mask_measures", "training_regime",
-           "history_keep_mask", "history_mode", "kept_noise_by_rate", "kept_noise_fraction", "load_comparison",
+           "READ_MODES", "generate_and_score", "history_keep_of", "history_keep_mask", "history_mode",
+           "kept_noise_by_rate", "kept_noise_fraction", "load_comparison",
            "load_pairs", "load_stage", "noise_fraction", "paired_differences", "pair_examples", "pick_windows",
            "pooled_keep_mask", "reference_masks", "require_shapesworld", "score_auc", "score_generations",
            "token_scores", "training_data_settings", "window_masks", "with_intervals"]

@@ -11,6 +11,10 @@ Regimes (``TrainConfig.regime``, ``--regime``): "image" (the default and the shi
 whole noise images; "token" on users whose every history image shows the liked object beside distractor
 objects, ``noise_rates`` being the share of distractor tokens (``users`` module docstring).
 
+The perfect-mask control (``TrainConfig(perfect_mask=True)``, ``--stage perfect``, regimes with distractor tokens):
+stage 1's losses, data and steps, but the history is read through the ground truth's keep-mask (every distractor
+token zeroed, every taste token kept; ``PigeonModel.history_mode = "truth"``), at training and at inference.
+
 The trained baseline (``TrainConfig(history_mask=False)``, ``--stage baseline``): stage 1's losses, data and
 steps, but the personalization module reads every history token as it is (``PigeonModel.history_mode =
 "keep"``: no history mask, no gradient through one). The reference is masked as in stage 1 (its ratio drawn
@@ -71,7 +75,9 @@ from persviz.io import PathLike, atomic_save, atomic_write, load_state, write_js
 from persviz.seeding import step_rng
 from persviz.trainers.core import TrainResult, check_out_dir, ddpm, run_steps
 from persviz.pigeon.losses import diffusion_dpo_loss
+from persviz.pigeon.measures import truth_keep_mask
 from persviz.pigeon.model import RATIOS, PigeonPipeline, load_weights, read_config, save_weights
+from persviz.constants import TOKEN_REGIMES
 from persviz.pigeon.users import (DEFAULT_NOISE_RATES, DEFAULT_TOKEN_NOISE_RATES, REGIMES, PigeonDataset,
                                   make_datasets, taste_report)
 
@@ -84,7 +90,7 @@ _SNAPSHOT = re.compile(r"pigeon-steps-(\d+)\.safetensors")
 _FORMAT = 1
 DEFAULT_LR = {1: 3e-4, 2: 1e-5}
 #: Fields added after the shipped runs, left out of a run's config.json at their defaults (so those runs resume).
-_NEW_FIELDS = {"regime": "image", "history_mask": True}
+_NEW_FIELDS = {"regime": "image", "history_mask": True, "perfect_mask": False}
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,10 @@ class TrainConfig:
         regime: the users' noise: "image" (whole noise images; default) or "token" (distractor tokens inside
             liked images; ``noise_rates`` are shares of distractor tokens, at most 0.5).
         history_mask: False trains the baseline (stage 1 only): every history token read, no history mask.
+        perfect_mask: True trains the perfect-mask control (stage 1 only, regimes with distractor tokens): the
+            history is read through the ground truth's keep-mask (``measures.truth_keep_mask``: every taste token
+            kept, every distractor token zeroed; ``PigeonModel`` history mode "truth"), so no gradient reaches the
+            mask generator through the history, which trains only through the reference mask as in the baseline.
     """
 
     stage: int = 1
@@ -150,6 +160,7 @@ class TrainConfig:
     guidance_scale: float = 4.0
     regime: str = "image"
     history_mask: bool = True
+    perfect_mask: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
@@ -161,9 +172,17 @@ class TrainConfig:
             raise ValueError(f"history_mask must be True (Pigeon) or False (the baseline); got {self.history_mask!r}")
         if self.stage == 2 and not self.history_mask:
             raise ValueError("the baseline (history_mask=False) trains with stage 1's losses only; pass stage=1")
+        if not isinstance(self.perfect_mask, bool):
+            raise ValueError(f"perfect_mask must be True (the ground truth's mask) or False; got {self.perfect_mask!r}")
+        if self.perfect_mask and (self.stage != 1 or not self.history_mask):
+            raise ValueError("the perfect-mask control (perfect_mask=True) is a stage-1 run whose history is masked "
+                             "(by the ground truth): pass stage=1 and history_mask=True")
+        if self.perfect_mask and self.regime == "image":
+            raise ValueError("the perfect mask drops distractor tokens, which only the token-level regimes have; "
+                             "pass regime='token' (or 'decoy')")
         if self.noise_rates is None:
             object.__setattr__(self, "noise_rates",
-                               DEFAULT_TOKEN_NOISE_RATES if self.regime == "token" else DEFAULT_NOISE_RATES)
+                               DEFAULT_TOKEN_NOISE_RATES if self.regime in TOKEN_REGIMES else DEFAULT_NOISE_RATES)
         for name in ("steps", "batch_size", "save_every", "keep_snapshots", "n_users", "n_interactions",
                      "n_pairs", "pair_batch", "pair_steps"):
             v = getattr(self, name)
@@ -353,7 +372,8 @@ def _train(pipe: PigeonPipeline, config: TrainConfig, out_dir: PathLike, progres
 
     ds = make_datasets(config.n_users, config.data_seed, config.noise_rates, config.n_interactions,
                        regime=config.regime)["train"]
-    model.history_mode = "mask" if config.history_mask else "keep"  # train() restores it
+    # train() restores the mode
+    model.history_mode = "truth" if config.perfect_mask else "mask" if config.history_mask else "keep"
     sched = ddpm(pipe.sd)  # the pipeline's scheduler config as a DDPMScheduler (the training noise schedule)
     n_t = int(sched.config.num_train_timesteps)
     ref_module = None
@@ -405,7 +425,9 @@ def _train(pipe: PigeonPipeline, config: TrainConfig, out_dir: PathLike, progres
         rng, g = step_rng(config.seed, s)
         b = _batch(ds, rng.integers(len(ds), size=config.batch_size))
         gd = g if device.type == "cpu" else torch.Generator(device).manual_seed(config.seed * 1_000_003 + s)
-        inputs = model.prepare(b["history"], b["reference"], b["instruction"], None, training=True, generator=gd)
+        keep = truth_keep_mask(b["history_distractor_tokens"]) if config.perfect_mask else None
+        inputs = model.prepare(b["history"], b["reference"], b["instruction"], None, training=True, generator=gd,
+                               history_keep=keep)
         cond = model.condition(inputs)
         z0 = _latents(pipe, b["target"], g)
         noise = torch.randn(z0.shape, generator=g).to(z0.device)
@@ -486,6 +508,8 @@ def _train(pipe: PigeonPipeline, config: TrainConfig, out_dir: PathLike, progres
     extra = {"stage": config.stage, "steps": config.steps, "backbone": backbone}
     if config.regime != "image" or not config.history_mask:
         extra.update(regime=config.regime, history_mask=config.history_mask)
+    if config.perfect_mask:
+        extra.update(perfect_mask=True)
     final = save_weights(model, out, extra=extra)
     return TrainResult(out_dir=out, steps=config.steps, loss_history=losses,
                        snapshot_paths=[p for _, p in _snapshots(out)], final_path=final, stats=stats)

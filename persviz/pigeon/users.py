@@ -33,6 +33,14 @@ Two noise regimes (``make_users(regime=...)``, ``REGIMES``):
   target is the liked image without its distractors (the content in the user's taste). Per-residue
   token counts repeat with period 6 as above, so every window's rate lies within 1/80 of the
   requested one (``PigeonDataset.token_noise_rate`` measures it from the renders).
+- ``regime="decoy"``: the token regime with distractors that contradict the taste consistently. Each user also has
+  a *decoy style* (``User.decoy``: one color that is not a favourite and one texture that is not the favourite,
+  drawn from its own stream ``[seed, user_id, 2]``), and every distractor of that user carries it. In the token
+  regime each distractor draws its color and texture afresh, so across a history the distractors disagree with each
+  other and the liked objects' taste stands out; here they form a rival taste as consistent as the real one, which
+  a model that copies the history's distractors would follow. Everything else (scenes, distractor shapes, places
+  and token counts, references) is the token regime's, draw for draw: the same user differs only in the
+  distractors' color and texture.
 
 Everything is determined by ``seed``: user ``u`` is drawn from ``numpy.random.default_rng([seed, u])``
 (adding users does not change earlier ones) and the image of interaction ``i`` is rendered with the
@@ -65,7 +73,7 @@ from torch.utils.data import Dataset
 # REGIMES, the noise regimes: "image" (whole noise images; the default and the shipped results) and "token"
 # (every history image shows a liked object beside distractor objects; ``noise_rate`` is the share of distractor
 # tokens); in persviz.constants so that the command line shows them without importing torch.
-from persviz.constants import REGIMES
+from persviz.constants import REGIMES, TOKEN_REGIMES
 from persviz.shapesworld.captions import concept_phrase
 from persviz.shapesworld.render import RADIUS, SLOT_X, SUPERSAMPLE, Placed, render_layers, shape_mask
 from persviz.shapesworld.scene import (BACKGROUNDS, COLORS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, TEXTURES, Obj, Scene,
@@ -142,9 +150,11 @@ class User:
         scenes: the interaction sequence (ground-truth scenes), length ``n_interactions``.
         is_noise: per interaction, True for a noise image (never in the token regime).
         references: per interaction, the reference scene used when it is a target (None for noise).
-        regime: "image" (whole-image noise) or "token" (distractor tokens; ``noise_rate`` is their share).
-        distractors: token regime: per interaction, the distractor objects drawn beside the liked object when
+        regime: "image" (whole-image noise), "token" (distractor tokens; ``noise_rate`` is their share) or
+            "decoy" (distractor tokens all in the user's decoy style).
+        distractors: token regimes: per interaction, the distractor objects drawn beside the liked object when
             the image is in a history (empty in the image regime).
+        decoy: decoy regime: the (color, texture) of every distractor; None otherwise.
     """
 
     user_id: int
@@ -155,6 +165,7 @@ class User:
     references: tuple[Scene | None, ...]
     regime: str = "image"
     distractors: tuple[tuple[Placed, ...], ...] = ()
+    decoy: tuple[str, str] | None = None
 
     def distractors_of(self, index: int) -> tuple[Placed, ...]:
         """The distractor objects of interaction ``index`` as a history image (empty in the image regime)."""
@@ -250,8 +261,8 @@ def _check_token_rate(rate: Any) -> float:
 
 def _check_regime(regime: Any) -> str:
     if regime not in REGIMES:
-        raise ValueError(f"regime={regime!r}; use 'image' (whole noise images) or 'token' (distractor tokens "
-                         f"inside liked images)")
+        raise ValueError(f"regime={regime!r}; use 'image' (whole noise images), 'token' (distractor tokens "
+                         f"inside liked images) or 'decoy' (distractor tokens in one decoy style per user)")
     return regime
 
 
@@ -312,8 +323,18 @@ def distractor_obj(taste: Taste, shape: str, rng: np.random.Generator) -> Obj:
     return Obj(shape, colors[rng.integers(len(colors))], textures[rng.integers(len(textures))], "small")
 
 
+def decoy_style(taste: Taste, seed: int, user_id: int) -> tuple[str, str]:
+    """The decoy regime's (color, texture) of a user: a color that is not a favourite and a texture that is not the
+    favourite, drawn from ``numpy.random.default_rng([seed, user_id, 2])`` (a stream of its own, so the user's
+    other draws are the token regime's)."""
+    rng = np.random.default_rng([seed, int(user_id), 2])
+    colors = [c for c in COLORS if c not in taste.colors]
+    textures = [t for t in TEXTURES if t != taste.texture]
+    return colors[rng.integers(len(colors))], textures[rng.integers(len(textures))]
+
+
 def place_distractors(liked: Scene, taste: Taste, n_tokens: int, rng: np.random.Generator,
-                      jitter: float = JITTER) -> tuple[Placed, ...]:
+                      jitter: float = JITTER, style: tuple[str, str] | None = None) -> tuple[Placed, ...]:
     """Distractor objects beside the liked object of a history image, covering about ``n_tokens`` of its tokens.
 
     The liked object stands left or right; the distractors fill the other half (2 x 4 tokens): up to 4 tokens
@@ -328,6 +349,8 @@ def place_distractors(liked: Scene, taste: Taste, n_tokens: int, rng: np.random.
         n_tokens: distractor tokens wanted, 0 to 8.
         rng: the user's random stream.
         jitter: the renderer's position jitter (units of the image side).
+        style: (color, texture) of every distractor (the decoy regime's ``decoy_style``); None: drawn per object
+            (``distractor_obj``). The draws from ``rng`` are the same either way.
     """
     if liked.position not in ("left", "right") or liked.second is not None:
         raise ValueError(f"distractors stand beside a single liked object at 'left' or 'right'; got position "
@@ -358,7 +381,12 @@ def place_distractors(liked: Scene, taste: Taste, n_tokens: int, rng: np.random.
         rows = rows[rows[:, 0] == shape]
         _, r, cx, cy, _ = rows[rng.integers(len(rows))]
         x = side + cx if liked.position == "left" else side - cx
-        out.append(Placed(distractor_obj(taste, SHAPES[shape], rng), float(x / IMAGE_SIZE),
+        obj = distractor_obj(taste, SHAPES[shape], rng)
+        if style is not None:
+            if style[0] in taste.colors or style[1] == taste.texture:
+                raise ValueError(f"the decoy style {style} shares an attribute with the taste ({taste.describe()})")
+            obj = Obj(obj.shape, style[0], style[1], obj.size)
+        out.append(Placed(obj, float(x / IMAGE_SIZE),
                           float((cy + side * block) / IMAGE_SIZE), float(r / IMAGE_SIZE)))
     return tuple(out)
 
@@ -414,7 +442,7 @@ def make_user(user_id: int, seed: int = 0, noise_rate: float = 0.2, n_interactio
         raise ValueError(f"user_id must be an int >= 0; got {user_id!r}")
     if isinstance(history_len, bool) or not isinstance(history_len, (int, np.integer)) or history_len < 1:
         raise ValueError(f"history_len must be a positive int; got {history_len!r}")
-    if regime == "token":
+    if regime in TOKEN_REGIMES:
         rate, k = _check_token_rate(noise_rate), 0
     else:
         rate, k = _check_noise_rate(noise_rate, history_len)
@@ -428,15 +456,16 @@ def make_user(user_id: int, seed: int = 0, noise_rate: float = 0.2, n_interactio
         raise ValueError(f"p_second must lie in [0, 1]; got {p_second}")
     rng = np.random.default_rng([seed, int(user_id)])
     taste = _draw_taste(rng, n_colors)
-    if regime == "token":
+    if regime in TOKEN_REGIMES:
+        decoy = decoy_style(taste, seed, int(user_id)) if regime == "decoy" else None
         counts = token_counts(rate, rng, history_len)
         scenes, refs, placed = [], [], []
         for i in range(n_interactions):
             scenes.append(liked_scene(taste, rng, ("left", "right")))
             refs.append(reference_scene(scenes[-1], taste, rng))
-            placed.append(place_distractors(scenes[-1], taste, counts[i % window], rng))
-        return User(int(user_id), taste, rate, tuple(scenes), (False,) * n_interactions, tuple(refs), "token",
-                    tuple(placed))
+            placed.append(place_distractors(scenes[-1], taste, counts[i % window], rng, style=decoy))
+        return User(int(user_id), taste, rate, tuple(scenes), (False,) * n_interactions, tuple(refs), regime,
+                    tuple(placed), decoy)
     noise_residues = set(int(x) for x in rng.choice(window, size=k, replace=False))
     scenes, is_noise, refs = [], [], []
     for i in range(n_interactions):
@@ -461,14 +490,14 @@ def make_users(n_users: int, seed: int = 0, noise_rates: float | Sequence[float]
     """
     _check_regime(regime)
     if noise_rates is None:
-        noise_rates = DEFAULT_TOKEN_NOISE_RATES if regime == "token" else DEFAULT_NOISE_RATES
+        noise_rates = DEFAULT_TOKEN_NOISE_RATES if regime in TOKEN_REGIMES else DEFAULT_NOISE_RATES
     if isinstance(n_users, bool) or not isinstance(n_users, (int, np.integer)) or n_users < 1:
         raise ValueError(f"n_users must be a positive int; got {n_users!r}")
     rates = (noise_rates,) if isinstance(noise_rates, numbers.Real) else tuple(noise_rates)
     if not rates:
         raise ValueError("noise_rates is empty; pass e.g. (0.0, 0.2, 0.4)")
     for r in rates:
-        _check_token_rate(r) if regime == "token" else _check_noise_rate(r, history_len)
+        _check_token_rate(r) if regime in TOKEN_REGIMES else _check_noise_rate(r, history_len)
     return [make_user(u, seed, rates[u % len(rates)], n_interactions, n_colors, history_len, p_second, regime)
             for u in range(int(n_users))]
 
