@@ -6,8 +6,9 @@ So far persviz loads (a Hub id, a folder or a single-file checkpoint), checks an
 SDXL embedding files per encoder and trains Textual Inversion on SDXL, a row per encoder (``unet_condition``: the
 conditioning diffusers' ``textual_inversion_sdxl.py`` builds), and DreamBooth-LoRA on the UNet with the text encoders
 off (``train_dreambooth_lora_sdxl.py``'s default; the same ``unet_condition``, time ids included); it encodes prompts
-as the pipeline does for prompt-level TEA and the tracker (``prompt_states``). Adopting other tools' SDXL runs is
-refused with a sentence (``adopts``), Custom Diffusion too (no recipe).
+as the pipeline does for prompt-level TEA and the tracker (``prompt_states``). ``persviz adopt`` takes SDXL LoRA
+files of diffusers and kohya (``adopts_only``; an SD 1.x LoRA is told apart by ``lora_marks``); adopting other
+methods' SDXL runs is refused with a sentence, Custom Diffusion too (no recipe).
 
 The architecture values below are those of the Hub repository ``stabilityai/stable-diffusion-xl-base-1.0`` (its
 ``model_index.json`` and component ``config.json`` files; no machine here reaches the Hub: ``model_index.json`` and
@@ -230,6 +231,12 @@ FAMILY = StableDiffusionXL(
     generation={"steps": 25, "guidance": 5.0, "batch_size": 4},
     # Textual Inversion learns a row per encoder; DreamBooth-LoRA trains the UNet's LoRA (text encoders off, as
     # train_dreambooth_lora_sdxl.py's default); adopting comes later
-    trains_only=("textual_inversion", "dreambooth"), adopts=False, recipes=SDXL_RECIPES, no_recipe=NO_SDXL_RECIPE,
+    trains_only=("textual_inversion", "dreambooth"), recipes=SDXL_RECIPES, no_recipe=NO_SDXL_RECIPE,
+    # adopting: LoRA files of diffusers (save_lora_weights: unet., text_encoder., text_encoder_2.) and kohya
+    # (lora_unet_, lora_te1_, lora_te2_); other tools' SDXL Textual Inversion runs are read by inspect / fix so far
+    adopts_only=("dreambooth",),
+    # LoRA files only SDXL's hold: its second text encoder (diffusers' text_encoder_2., kohya's lora_te1_/lora_te2_)
+    # and its UNet's second transformer block (transformer_layers_per_block [1, 2, 10]; SD 1.x's are 1)
+    lora_marks=("text.encoder.2.", "lora.te1.", "lora.te2.", "transformer.blocks.1."),
     # single-file checkpoints: clip_g (OpenCLIP bigG) under conditioner.embedders.1. (the refiner has only .0.)
     checkpoint_prefix="conditioner.embedders.1.", pipeline_class="StableDiffusionXLPipeline")

@@ -156,7 +156,7 @@ class LoRAMethod(Method):
         return detect_lora_run(self, path, token)
 
     def check_run_files(self, found: ForeignRun, pipe: Pipeline, text: Any) -> None:
-        check_lora_fits(found, pipe, text.width)
+        check_lora_fits(found, pipe)
 
 
 __all__ = ["OVERRIDES", "ForeignRun", "LoRAMethod", "Method", "apply_overrides", "lora_loaded", "lora_snapshots"]

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from persviz.families.base import Pipeline
-from persviz.families import family_of, text_stack
+from persviz.families import family_of, lora_refusal, text_stack
 from persviz.embeddings import single_token_id
 from persviz.io import PathLike, atomic_folder, atomic_write
 from persviz.seeding import step_rng
@@ -175,17 +175,20 @@ def list_lora_snapshots(out_dir: PathLike) -> list[tuple[int, Path]]:
 def load_dreambooth_lora(pipe: Pipeline, path: PathLike, adapter_name: str | None = None) -> Any:
     """Load a saved LoRA (a file, or a folder holding one: ``find_lora_file``) into pipe; returns pipe.
 
-    diffusers' layout (persviz, diffusers' ``train_dreambooth_lora.py``) and kohya's / A1111's (``lora_unet_*``,
-    ``lora_te_*``, ``.alpha``), told apart by the keys, read by content (safetensors or torch) and passed to
-    ``pipe.load_lora_weights``, which converts kohya's; ``pipe.unload_lora_weights()`` removes it again.
+    diffusers' layout (persviz, diffusers' ``train_dreambooth_lora.py`` / ``train_dreambooth_lora_sdxl.py``:
+    ``unet.``, ``text_encoder.``, SDXL's ``text_encoder_2.``) and kohya's / A1111's (``lora_unet_*``, ``lora_te_*``,
+    SDXL's ``lora_te1_*`` / ``lora_te2_*``, ``.alpha``), told apart by the keys, read by content (safetensors or torch)
+    and passed to ``pipe.load_lora_weights``, which converts kohya's; ``pipe.unload_lora_weights()`` removes it again.
+    A LoRA of another model family (an SDXL file on SD 1.x, or the reverse) is refused with a sentence naming both.
     """
     f = find_lora_file(path)
     sd, _, _ = read_weights(f)
-    layout = lora_layout(sd)
-    if layout not in ("diffusers", "kohya"):
-        raise ValueError(f"{f} is not an SD 1.x LoRA in diffusers' or kohya's layout (keys {sorted(sd)[:3]}); "
-                         "pass the LoRA file of a DreamBooth-LoRA run" if layout is None else
-                         f"{f} is an SDXL LoRA (lora_te1_/lora_te2_ keys): it was trained on another model")
+    if lora_layout(sd) is None:
+        raise ValueError(f"{f} is not a LoRA in diffusers' or kohya's layout (keys {sorted(sd)[:3]}); pass the LoRA "
+                         "file of a DreamBooth-LoRA run")
+    why = lora_refusal(sd, pipe, str(f))
+    if why is not None:
+        raise ValueError(why)
     kw = {} if adapter_name is None else {"adapter_name": adapter_name}
     pipe.load_lora_weights(sd, **kw)  # diffusers converts kohya's layout (lora_state_dict)
     return pipe
