@@ -5,7 +5,8 @@ the pooled one), whose penultimate hidden states are concatenated (2048) for the
 So far persviz loads (a Hub id, a folder or a single-file checkpoint), checks and prepares SDXL pipelines, inspects
 SDXL embedding files per encoder and trains Textual Inversion on SDXL, a row per encoder (``unet_condition``: the
 conditioning diffusers' ``textual_inversion_sdxl.py`` builds), and DreamBooth-LoRA on the UNet with the text encoders
-off (``train_dreambooth_lora_sdxl.py``'s default; the same ``unet_condition``, time ids included); it encodes prompts
+off (``train_dreambooth_lora_sdxl.py``'s default; the same ``unet_condition``, time ids included) or on (LoRA on
+both text encoders' attention, that script's ``--train_text_encoder``); it encodes prompts
 as the pipeline does for prompt-level TEA and the tracker (``prompt_states``). ``persviz adopt`` takes SDXL LoRA
 files of diffusers and kohya (``adopts_only``; an SD 1.x LoRA is told apart by ``lora_marks``); adopting other
 methods' SDXL runs is refused with a sentence, Custom Diffusion too (no recipe).
@@ -83,8 +84,9 @@ TOKENIZER_2_PAD = "!"  # tokenizer_2 pads with '!' (id 0, as OpenCLIP), tokenize
 #     imagenet_templates_small (persviz's OBJECT_TEMPLATES, the config's default). (Its README_sdxl.md example
 #     command differs: --resolution 768, batch 1 x accumulation 4, 500 steps, --learning_rate 5e-4 with --scale_lr.)
 #   examples/dreambooth/train_dreambooth_lora_sdxl.py: --learning_rate 1e-4, --rank 4, --resolution 1024,
-#     --train_batch_size 4, --checkpointing_steps 500, --train_text_encoder off, --with_prior_preservation off,
-#     --prior_loss_weight 1.0, --num_class_images 100, --sample_batch_size 4, --adam_weight_decay 1e-04,
+#     --train_batch_size 4, --checkpointing_steps 500, --train_text_encoder off (on: --text_encoder_lr 5e-6 and
+#     --adam_weight_decay_text_encoder 1e-03 for both text encoders' adapters, a parameter group of their own),
+#     --with_prior_preservation off, --prior_loss_weight 1.0, --num_class_images 100, --sample_batch_size 4, --adam_weight_decay 1e-04,
 #     --max_grad_norm 1.0, --random_flip off, --scale_lr off; --max_train_steps has no default (one epoch,
 #     --num_train_epochs 1), so steps are its README_sdxl.md example's --max_train_steps=500 (batch 1 x accumulation
 #     4 there: 4 images a step, as the default batch 4); class images come from pipeline(prompt), the SDXL pipeline's
@@ -96,7 +98,8 @@ SDXL_RECIPES = {
     "dreambooth": {"lr": 1e-4, "rank": 4, "resolution": 1024, "batch_size": 4, "save_every": 500, "steps": 500,
                    "train_text_encoder": False, "prior_preservation": False, "prior_loss_weight": 1.0,
                    "num_class_images": 100, "class_batch_size": 4, "class_steps": 50, "class_guidance": 5.0,
-                   "weight_decay": 1e-4, "max_grad_norm": 1.0, "flip_p": 0.0},
+                   "weight_decay": 1e-4, "max_grad_norm": 1.0, "flip_p": 0.0,
+                   "text_encoder_lr": 5e-6, "text_weight_decay": 1e-3},
 }
 NO_SDXL_RECIPE = {"custom_diffusion": "diffusers' Custom Diffusion example, train_custom_diffusion.py, has no SDXL version",
                   "lora_finetune": "FineXL's LoRA fine-tune is studied on ShapesWorld's micro-SD only"}
@@ -230,7 +233,7 @@ FAMILY = StableDiffusionXL(
     # textual_inversion_sdxl.py's validation: 25 steps at the pipeline's default guidance 5.0 and 1024 px
     generation={"steps": 25, "guidance": 5.0, "batch_size": 4},
     # Textual Inversion learns a row per encoder; DreamBooth-LoRA trains the UNet's LoRA (text encoders off, as
-    # train_dreambooth_lora_sdxl.py's default); adopting comes later
+    # train_dreambooth_lora_sdxl.py's default; on: both encoders' attention LoRAs too)
     trains_only=("textual_inversion", "dreambooth"), recipes=SDXL_RECIPES, no_recipe=NO_SDXL_RECIPE,
     # adopting: LoRA files of diffusers (save_lora_weights: unet., text_encoder., text_encoder_2.) and kohya
     # (lora_unet_, lora_te1_, lora_te2_); other tools' SDXL Textual Inversion runs are read by inspect / fix so far

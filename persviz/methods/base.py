@@ -20,7 +20,8 @@ from persviz.methods.adoption import ForeignRun, check_lora_fits, detect_lora_ru
 
 
 # The settings a caller may override in any method's recipe, by their command-line names.
-OVERRIDES = ("steps", "save_every", "resolution", "lr", "batch_size", "seed", "num_class_images")
+OVERRIDES = ("steps", "save_every", "resolution", "lr", "batch_size", "seed", "num_class_images",
+             "train_text_encoder")
 
 
 def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
