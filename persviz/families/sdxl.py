@@ -143,14 +143,25 @@ class StableDiffusionXL(Family):
     def prompt_states(self, stack: Any, tokens: Any) -> Any:
         """StableDiffusionXLPipeline.encode_prompt's: each encoder's penultimate hidden states (clip_l 768, clip_g
         1280 wide; concatenated they are ``prompt_embeds``, 2048) and clip_g's projected pooled output
-        (``pooled_prompt_embeds``), all in clip_g's dtype as the pipeline casts them."""
+        (``pooled_prompt_embeds``), all in clip_g's dtype as the pipeline casts them. A token dict may hold
+        ``real_ids`` beside ``input_ids`` (a caller that feeds stand-in ids at a placeholder and writes its row with a
+        hook, as the tracker): the pooled output is then read where the pipeline reads it for the real ids
+        (``pooled_at``: the placeholder's position once it is loaded), not where the stand-ins put it."""
+        import torch  # heavy: torch
         hidden, out = [], None
         dtype = stack.encoders[-1].encoder.dtype
         for e, t in zip(stack, tokens):
             out = e.encoder(t["input_ids"].to(e.encoder.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
         device = hidden[-1].device
-        return [h.to(dtype=dtype, device=device) for h in hidden], out[0].to(dtype=dtype, device=device)
+        pooled = out[0]
+        real = tokens[-1].get("real_ids") if isinstance(tokens[-1], dict) else None
+        if real is not None:
+            by = stack.encoders[-1].encoder
+            last = out.last_hidden_state
+            at = pooled_at(by.config, real.to(last.device))
+            pooled = by.text_projection(last[torch.arange(last.shape[0], device=last.device), at])
+        return [h.to(dtype=dtype, device=device) for h in hidden], pooled.to(dtype=dtype, device=device)
 
     def prepare(self, pipe: Pipeline, embedded: bool) -> Any:
         """The sampler of diffusers' SDXL examples (textual_inversion_sdxl.py's validation: DPM-Solver++ from the
