@@ -195,7 +195,8 @@ def tea_table(pipe: Pipeline, concept: Concept, probes: Sequence[Mapping], score
         token = concept.token(method)
         m = get_method(method)
         word = m.slot_word(token, concept.class_word)
-        base_encoder = copy.deepcopy(text_stack(pipe).primary.encoder) if m.tea_level == "prompt" else None
+        # the base text encoders (one per encoder of the family: SDXL's clip_l and clip_g), copied before the run loads
+        base_encoder = [copy.deepcopy(e.encoder) for e in text_stack(pipe)] if m.tea_level == "prompt" else None
         with set_aside(pipe, token), personalized(pipe, method, concept.run_dir(method)):
             rows = tea_rows(pipe, method, word, token, concept.class_word, probes, score, repeats, seed, **generation)
             if base_encoder is not None:
@@ -367,7 +368,8 @@ def saved_tea_table(concept: Concept) -> tuple[dict, str] | None:
 
 
 def write_figures(study: Mapping, folder: Path) -> list[Path]:
-    """The study's figures as PNG: |V*|/|c| and cos over steps, the shift grid, the impact curves."""
+    """The study's figures as PNG: |V*|/|c| and cos over steps (one per text encoder where there are several:
+    clip_l_norm_ratio.png, clip_g_norm_ratio.png), the shift grid, the impact curves."""
     written = []
 
     def save(fig: Any, name: str) -> None:
@@ -378,7 +380,9 @@ def write_figures(study: Mapping, folder: Path) -> list[Path]:
 
     text = study.get("text")
     if text:
-        save(norm_ratio_curve(text["step"], text["norm_ratio"], text["cosine"]), "norm_ratio")
+        # one curve per text encoder, each against its own class-word row (SDXL: clip_l_norm_ratio, clip_g_...)
+        for pre in [k[:-len("norm_ratio")] for k in text if k.endswith("norm_ratio")]:
+            save(norm_ratio_curve(text["step"], text[f"{pre}norm_ratio"], text[f"{pre}cosine"]), f"{pre}norm_ratio")
         steps, grid = to_shift_grid(text)
         save(shift_grid(steps, grid), "shift_grid")
     images = study.get("images")
