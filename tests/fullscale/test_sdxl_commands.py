@@ -124,3 +124,36 @@ def test_persviz_finexl_explain_on_an_sdxl_concept_folders_lora(concept, tmp_pat
               "--seeds", "1", "--chunk", "1", *GRID])
     explain = json.loads((tmp_path / "explain" / "explain.json").read_text())
     assert explain and (tmp_path / "explain" / "manifest.json").is_file()
+
+
+def test_a_snapshot_of_an_sdxl_run_generates_as_diffusers_loads_its_file_per_encoder(sdxl, concept):
+    """The studies' V* (concept_study.snapshots: {encoder name: row}) inside learned_embedding gives the image of
+    diffusers' load_textual_inversion of the snapshot file, each part into its own encoder; undone exactly."""
+    from persviz.tea.concept_study import snapshots
+    from persviz.tea.study import learned_embedding
+    snaps = dict(snapshots(concept / "textual_inversion", 1, None))
+    assert sorted(snaps) == [1, 2] and sorted(snaps[2]) == ["clip_g", "clip_l"]
+    prompt = "a photo of a <d> on the grass"
+
+    def image():
+        return sdxl(prompt, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+    plain = image()
+    with learned_embedding(sdxl, "<d>", snaps[2]):
+        ours = image()
+    parts = safetensors.torch.load_file(str(concept / "textual_inversion" / "learned_embeds-steps-2.safetensors"))
+    sdxl.load_textual_inversion(parts["clip_l"], token="<d>", text_encoder=sdxl.text_encoder, tokenizer=sdxl.tokenizer)
+    sdxl.load_textual_inversion(parts["clip_g"], token="<d>", text_encoder=sdxl.text_encoder_2,
+                                tokenizer=sdxl.tokenizer_2)
+    try:
+        theirs = image()
+    finally:
+        for te, tok in ((sdxl.text_encoder, sdxl.tokenizer), (sdxl.text_encoder_2, sdxl.tokenizer_2)):
+            sdxl.unload_textual_inversion("<d>", tokenizer=tok, text_encoder=te)
+    np.testing.assert_array_equal(ours, theirs)
+    assert not np.array_equal(ours, plain)
+    np.testing.assert_array_equal(image(), plain)
+    with pytest.raises(ValueError, match="the model has 2 text encoders \\(clip_l, clip_g\\): pass the embedding of "
+                       "'<d>' as one row per encoder"):
+        with learned_embedding(sdxl, "<d>", snaps[2]["clip_l"]):
+            pass
