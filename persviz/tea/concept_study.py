@@ -175,6 +175,21 @@ def class_row(pipe: Pipeline, concept: Concept) -> Any:
     return stack.primary.word_row(concept.class_word)
 
 
+def norm_panels(pipe: Pipeline, snaps: Sequence[tuple[int, Any]], c_row: Any) -> list[tuple[str, torch.Tensor, dict,
+                                                                                               float]]:
+    """Fig. 4 per text encoder: (encoder name, the norms of all its vocabulary rows [V], {step: |V*|}, |c|), each
+    against its own vocabulary and class-word row (SDXL: clip_l then clip_g; SD 1.x: one, named ''). snaps and
+    c_row as ``snapshots`` and ``class_row`` give them."""
+    stack = text_stack(pipe)
+    several = isinstance(c_row, Mapping)
+    out = []
+    for e in stack:
+        pick = (lambda v, n=e.name: v[n]) if several else (lambda v: v)  # noqa: E731
+        out.append((e.name if several else "", e.rows.detach().float().norm(dim=-1).cpu(),
+                    {s: float(pick(v).norm()) for s, v in snaps}, float(pick(c_row).norm())))
+    return out
+
+
 def dominance(pipe: Pipeline, fixed: Concept, varied: Concept, clip: Any, fractions: Sequence[float], n_images: int = 8,
               seed: int = 0, progress: bool = True, **generation: Any) -> dict[str, list]:
     """Multi-concept collapse of two concept folders (Fig. 5): 'a <fixed> next to a <varied>', `fixed` at its final
@@ -414,5 +429,6 @@ def write_figures(study: Mapping, folder: Path) -> list[Path]:
 
 
 __all__ = ["PAPER_GENERATION", "STUDY_DIR", "StudySettings", "at_fractions", "class_row", "dominance", "final_embedding",
+           "norm_panels", "snapshot_rows",
            "full_scale_probes", "reference_grid", "probe_label", "probes_for", "saved_study", "saved_study_rows", "saved_tea_table",
            "set_aside", "shift_sets", "snapshots", "spaced_snapshots", "study_cells", "study_concept", "tea_table", "write_figures"]
