@@ -59,7 +59,6 @@ from IPython.display import display
 from matplotlib.figure import Figure
 from persviz.attention import attention_maps, content_words
 from persviz.attention_plots import word_grid
-from persviz.embeddings import vocab_norms
 from persviz.evaluation import difference_rows
 from persviz.generation import generate
 from persviz.plots import image_grid
@@ -67,8 +66,8 @@ from persviz.session import setup
 from persviz.shapesworld.concepts import reference_signature
 from persviz.tea.attention_study import ATTENTION_ROWS, att_size, read_attention_study, step_curve, study_differences
 from persviz.tea.findings import dominance_title, trend_title
-from persviz.tea.concept_study import (at_fractions, class_row, dominance, probe_label, probes_for, reference_grid,
-                                       saved_study_rows, shift_sets, spaced_snapshots)
+from persviz.tea.concept_study import (at_fractions, class_row, dominance, norm_panels, probe_label, probes_for,
+                                       reference_grid, saved_study_rows, shift_sets, spaced_snapshots)
 from persviz.tea.plots import dominance_plot, impact_curves, norm_histogram, norm_ratio_curve, shift_grid
 from persviz.tea.study import generate_probes, impacts_over_steps, learned_embedding
 from persviz.tea.tracker import to_shift_grid, track_semantic_shift
@@ -122,14 +121,23 @@ table({k: {first: track[k][0], last: track[k][-1]} for k in (
 # the rest of the prompt in the encoder's attention (section 1 and 3 test whether it does here).
 
 # %% figure="norm_histogram"
-c_row = class_row(pipe, concept)
+c_row = class_row(pipe, concept)  # SDXL: each text encoder's own class-word row
 snaps = spaced_snapshots(run, 30, init=c_row)  # step 0 (the class word), then about 30 saved steps
 five = at_fractions(snaps, (0, 1 / 6, 1 / 3, 2 / 3, 1))  # 0, 500, 1000, 2000, 3000 of a 3000-step run
-marks = {s: float(v.norm()) for s, v in five}
-norm_histogram(vocab_norms(pipe), marks, class_norm=float(c_row.norm()), title="norms of all vocabulary rows, |V*| marked")
+panels = norm_panels(pipe, five, c_row)  # one per text encoder (SDXL: clip_l, clip_g), each its own vocabulary
+fig = Figure(figsize=(6.4 * len(panels), 4.4))
+for ax, (name, norms, marks, c_norm) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+    norm_histogram(norms, marks, class_norm=c_norm, ax=ax,
+                   title=f"{name} norms of all vocabulary rows, |V*| marked".strip())
+fig
 
 # %% figure="norm_ratio_and_cosine_over_steps"
-norm_ratio_curve(track["step"], track["norm_ratio"], track["cosine"], title="|V*| / |c| and cos(V*, c) over steps")
+pres = [k[:-len("norm_ratio")] for k in track if k.endswith("norm_ratio")]  # SDXL: per encoder, clip_l_, clip_g_
+fig = Figure(figsize=(6.4 * len(pres), 4.4))
+for ax, pre in zip(fig.subplots(1, len(pres), squeeze=False)[0], pres):
+    norm_ratio_curve(track["step"], track[pre + "norm_ratio"], track[pre + "cosine"], ax=ax,
+                     title=f"{pre.rstrip('_')} |V*| / |c| and cos(V*, c) over steps".strip())
+fig
 
 # %% [markdown]
 # ## 3 · Two-way impacts in image space (Fig. 3)

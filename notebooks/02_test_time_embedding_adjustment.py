@@ -55,7 +55,8 @@ from pathlib import Path
 import numpy as np
 from IPython.display import display
 from matplotlib.figure import Figure
-from persviz.embeddings import load_learned_token, norm_ratio_and_cosine, token_row
+from persviz.embeddings import norm_ratio_and_cosine
+from persviz.families import text_stack
 from persviz.evaluation import Evaluation, difference_rows, evaluate, interval_rows
 from persviz.plots import difference_plot
 from persviz.session import setup
@@ -72,6 +73,7 @@ from persviz.tea.sweep_effects import sweep_arrays, sweep_effects
 from persviz.tea.study import adaptive_vs_fixed, generate_probes, learned_embedding, score_images, tea_sweep
 from persviz.tea.widgets import SnapshotExplorer, TEAExplorer, make_tea_generate_fn
 from persviz.tables import differences_text, table
+from persviz.trainers.textual_inversion import load_textual_inversion_run
 
 sess = setup()  # PERSVIZ_SCALE=full: SD 1.5 (no oracle) with your concept folder in PERSVIZ_CONCEPT
 pipe, clip, dino, oracle = sess.pipe, sess.clip, sess.dino, sess.oracle
@@ -91,14 +93,14 @@ def score(images, repeats=1):
 # Textual Inversion knobs (rotation 0.2, scale 0.5).
 
 # %%
-load_learned_token(pipe, str(run / "learned_embeds.safetensors"))  # pipe.load_textual_inversion, without its resize notice
-W = pipe.text_encoder.get_input_embeddings().weight.detach()
-v, c = W[token_row(pipe, PH)], W[token_row(pipe, CW)]
+load_textual_inversion_run(pipe, run)  # the final V*: a row per text encoder (SDXL: clip_l and clip_g)
 k = DEFAULTS["textual_inversion"]
-v2 = slerp_adjust(v, c, k["rotation"], k["scale"])
-for name, x in (("V*", v), ("TEA(V*)", v2)):
-    r, cos = norm_ratio_and_cosine(x, c)
-    print(f"{name:8s} |x|/|c| = {float(r):5.2f}   cos(x, c) = {float(cos):5.2f}")
+for e in text_stack(pipe):  # each V* against its own encoder's class-word row
+    v, c = e.word_row(PH), e.word_row(CW)
+    v2 = slerp_adjust(v, c, k["rotation"], k["scale"])
+    for name, x in (("V*", v), ("TEA(V*)", v2)):
+        r, cos = norm_ratio_and_cosine(x, c)
+        print(f"{e.name:6s} {name:8s} |x|/|c| = {float(r):5.2f}   cos(x, c) = {float(cos):5.2f}")
 
 # %% [markdown]
 # ## Before and after, same seeds

@@ -26,6 +26,11 @@ dreambooth
   ``kohya``            kohya's sd-scripts / A1111 LoRA files of any name (``lora_unet_*.lora_down.weight``,
                        ``.lora_up.weight``, ``.alpha``, ``lora_te_*``); token and class word from the training
                        folder name in its metadata (``ss_dataset_dirs``: "10_sks dog"), else "sks"
+  SDXL                 the same two layouts of an SDXL LoRA: diffusers' ``train_dreambooth_lora_sdxl.py`` /
+                       ``StableDiffusionXLPipeline.save_lora_weights`` (``unet.``, ``text_encoder.``,
+                       ``text_encoder_2.``) and kohya's (``lora_unet_``, ``lora_te1_``, ``lora_te2_``); each text
+                       encoder's LoRA checked against its own width; an SD 1.x LoRA against SDXL, or the reverse,
+                       refused naming both families (``persviz.families.lora_refusal``)
   (both)               ``trainers.load_dreambooth_lora``: ``pipe.load_lora_weights`` (converts kohya's keys)
 custom_diffusion
   ``diffusers``        ``examples/custom_diffusion/train_custom_diffusion.py``:
@@ -110,7 +115,7 @@ def adopt_run(method: str, run: PathLike, out: PathLike, images: PathLike, class
                                  "the run into another --out folder")
     if pipe is None:
         pipe = assemble_pipeline(mid)
-    adopting_family(pipe, mid)
+    adopting_family(pipe, mid, get_method(method))
     try:
         check_run_fits(found, pipe, class_word)
     except EmbeddingFileError as err:

@@ -122,10 +122,19 @@ def model_files(scale: str) -> dict[str, str]:
         return {str(p.relative_to(SHAPESWORLD_DIR.parent)): _sha256(p)
                 for p in sorted(SHAPESWORLD_DIR.glob("*/**/*.safetensors")) if "concepts" not in p.parts}
     out = {}
-    for hub_id in FULL_DEFAULTS.values():
+    concepts = [c.strip() for c in os.environ.get("PERSVIZ_CONCEPT", "").split(",") if c.strip()]
+    models = list(FULL_DEFAULTS.values())
+    for concept in concepts:  # the model each concept was trained on (the notebooks load it: SDXL, ...)
+        try:
+            model = json.loads((Path(concept).expanduser() / "concept.json").read_text()).get("model")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(model, str) and model not in models and not Path(model).expanduser().exists():
+            models.append(model)
+    for hub_id in models:
         ref = Path(hub_constants.HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}" / "refs" / "main"
         out[hub_id] = ref.read_text().strip() if ref.is_file() else "not in the local cache"
-    for concept in filter(None, os.environ.get("PERSVIZ_CONCEPT", "").split(",")):
+    for concept in concepts:
         for f in sorted(Path(concept).expanduser().rglob("*")):
             if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".json"):
                 out[str(f)] = _sha256(f)

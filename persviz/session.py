@@ -110,7 +110,23 @@ class Session:
         persviz.tea.study's functions): ShapesWorld's defaults, or at full scale the TEA paper's 50 steps and
         guidance 7 in batches of 8, each overridden by PERSVIZ_STEPS, PERSVIZ_GUIDANCE, PERSVIZ_BATCH_SIZE."""
         base = PAPER_GENERATION if self.full else SHAPESWORLD_GENERATION
+        if self.full and self.pipe is not None:  # the loaded model's family's (SD 1.x: the paper's; SDXL: its own)
+            base = {**base, **family_of(self.pipe).generation_defaults(embedded=False)}
         return {k: self.number(k, v, GENERATION_TYPES[k]) for k, v in base.items()}
+
+    def pipeline_model(self) -> str:
+        """The model the session's pipeline loads: on ShapesWorld the micro-SD; at full scale the model the concept
+        folders of PERSVIZ_CONCEPT were trained on (their concept.json: SD 1.5, SDXL, a folder or a single-file
+        checkpoint; a ConceptFolderError naming both when two folders differ), SD 1.5 without PERSVIZ_CONCEPT."""
+        if not self.full:
+            return loading.SHAPESWORLD
+        if self.setting("concept") is None:
+            return loading.FULL_DEFAULTS["pipeline"]
+        models = list(dict.fromkeys(c.model for c in self.concepts()))
+        if len(models) > 1:
+            raise ConceptFolderError(f"the concept folders of PERSVIZ_CONCEPT were trained on different models "
+                                     f"({', '.join(models)}); a notebook studies one model: pass folders of one")
+        return models[0]
 
     def n_probes(self, default: int) -> int:
         """How many contextual prompts a live study uses: `default`, or PERSVIZ_PROBES at full scale."""
@@ -206,7 +222,8 @@ def setup(pipeline: bool = True, evaluators: Iterable[str] = EVALUATORS, scale: 
           threads: Optional[int] = None) -> Session:
     """Set torch's threads, then load the pipeline and the evaluators for the scale in force.
 
-    pipeline: load the Stable Diffusion pipeline (the micro-SD on ShapesWorld, SD 1.5 at full scale).
+    pipeline: load the Stable Diffusion pipeline (the micro-SD on ShapesWorld; at full scale the model of the concept
+        folders in PERSVIZ_CONCEPT, its family from concept.json's model: SD 1.5, SDXL, ...; SD 1.5 without them).
     evaluators: any of 'clip', 'dino', 'oracle'; the oracle exists for ShapesWorld only and is None at full scale.
     scale: 'shapesworld' or 'full'; None reads PERSVIZ_SCALE. device/dtype: as `persviz.loading.pick_device`.
     threads: torch CPU threads; None reads OMP_NUM_THREADS (default min(2, cores)).
@@ -225,6 +242,8 @@ def setup(pipeline: bool = True, evaluators: Iterable[str] = EVALUATORS, scale: 
     models = {kind: (loading.FULL_DEFAULTS[kind] if full else loading.SHAPESWORLD) for kind in ("pipeline", "clip", "dino")}
     session = Session(scale=scale, settings=read_settings(scale), threads=n)
     session.generation(), session.n_probes(1)  # a bad number fails before the models load
+    if pipeline:  # at full scale the concepts' model (its family from concept.json's model), else SD 1.5
+        models["pipeline"] = session.pipeline_model()
     if pipeline:
         session.pipe = assemble_pipeline(models["pipeline"], device=device, dtype=dtype)  # the paper's sampler at full scale
     for kind in kinds:

@@ -78,18 +78,19 @@ def weight_keys(path: PathLike) -> list[str] | None:
 
 
 def lora_layout(keys: Any) -> str | None:
-    """'diffusers' (``unet.*.lora_A.weight`` / ``lora.down`` / ``lora_linear_layer``, what diffusers' LoRA scripts and
-    ``save_lora_weights`` write), 'kohya' (``lora_unet_*.lora_down.weight``, ``.alpha``: kohya's sd-scripts and
-    A1111), 'kohya-sdxl' (``lora_te1_`` / ``lora_te2_``), or None."""
+    """'diffusers' (``unet.*.lora_A.weight`` / ``lora.down`` / ``lora_linear_layer``, ``text_encoder.*`` and SDXL's
+    ``text_encoder_2.*``: what diffusers' LoRA scripts and ``save_lora_weights`` write), 'kohya'
+    (``lora_unet_*.lora_down.weight``, ``.alpha``, ``lora_te_*`` and SDXL's ``lora_te1_*`` / ``lora_te2_*``: kohya's
+    sd-scripts and A1111), or None. Which model family a file is of is the families' question
+    (``persviz.families.lora_family``)."""
     keys = [str(k) for k in keys]
     if not keys:
         return None
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
-        return "kohya-sdxl"
     if all(k.startswith(KOHYA_PREFIXES) for k in keys) and any(".lora_down." in k for k in keys):
         return "kohya"
     lora = ("lora_A.", "lora_B.", "lora.down.", "lora.up.", "lora_linear_layer.")
-    if all(k.startswith(("unet.", "text_encoder.")) for k in keys) and any(s in k for k in keys for s in lora):
+    if all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys) and any(
+            s in k for k in keys for s in lora):
         return "diffusers"
     return None
 

@@ -31,6 +31,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-class-images", type=int, default=None,
                    help="DreamBooth / Custom Diffusion prior-preservation images (generated once by the base model)")
+    p.add_argument("--text-encoders", choices=("on", "off"), default=None,
+                   help="DreamBooth-LoRA: LoRA on the text encoders' attention too (default: the model family's recipe: "
+                        "on for SD 1.x as TEA, off for SDXL as train_dreambooth_lora_sdxl.py)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=train)
@@ -59,7 +62,8 @@ def train(a: argparse.Namespace) -> Any:
         a.method, a.images, a.class_word, a.placeholder, a.out, a.model or default_model("pipeline"), a.identifier,
         progress=not a.no_progress,
         steps=a.steps, save_every=a.save_every, resolution=a.resolution, lr=a.lr, batch_size=a.batch_size,
-        seed=a.seed, num_class_images=a.num_class_images)
+        seed=a.seed, num_class_images=a.num_class_images,
+        train_text_encoder=None if a.text_encoders is None else a.text_encoders == "on")
     print(f"{run.method}: {run.result.steps} steps in {run.run_dir} (concept folder {run.concept.folder})")
     return run
 

@@ -125,9 +125,16 @@ def load_checkpoint(path: Any, device: str | None = None, dtype: Any = None) -> 
     return family.load_single_file(Path(path).expanduser().resolve(), dev, dt)
 
 
-def adopting_family(pipe: Pipeline, model: str | None = None) -> Family:
-    """training_family(pipe), refused with a sentence when `persviz adopt` does not take runs of that family yet."""
+def adopting_family(pipe: Pipeline, model: str | None = None, method: Any = None) -> Family:
+    """training_family(pipe), refused with a sentence when `persviz adopt` does not take runs of that family yet, or
+    (method: a persviz.methods Method) not that method's runs on it yet."""
     family = training_family(pipe, model)
+    if family.adopts and method is not None and family.adopts_only and method.name not in family.adopts_only:
+        others = " or ".join(f.label for f in FAMILIES.values() if f.adopts and not f.adopts_only)
+        raise UnsupportedModelError(
+            f"persviz adopts {' and '.join(family.adopts_only)} runs on {family.label} so far, not {method.name}; "
+            f"adopt a {method.name} run trained on {others}, or train {method.name} with persviz train where it "
+            f"trains")
     if not family.adopts:
         takes = " or ".join(f.label for f in FAMILIES.values() if f.trains and f.adopts)
         raise UnsupportedModelError(f"{model or type(pipe).__name__} is a {family.label} pipeline and persviz adopts "
@@ -135,6 +142,30 @@ def adopting_family(pipe: Pipeline, model: str | None = None) -> Family:
                                     f"instead, or inspect the run's embeddings with `persviz inspect FILE --model "
                                     f"MODEL`")
     return family
+
+
+def lora_family(keys: Any) -> tuple[Family, str] | None:
+    """(the family whose LoRA files alone hold one of these keys' marks, the mark) or None (``Family.claims_lora``:
+    SDXL's second text encoder or its UNet's second transformer block, SD 1.x's attention in the first down block)."""
+    for family in FAMILIES.values():
+        mark = family.claims_lora(keys)
+        if mark is not None:
+            return family, mark
+    return None
+
+
+def lora_refusal(keys: Any, pipe: Pipeline, what: str, model: str | None = None) -> str | None:
+    """None when a LoRA file with these keys may be of `pipe`'s family; else one sentence naming both families
+    (what: the file, for the sentence; model: the model's name, default the pipeline's ``_name_or_path``)."""
+    model = model or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    found = lora_family(keys)
+    family = family_of(pipe, model)
+    if found is None or found[0] is family:
+        return None
+    other, mark = found
+    return (f"{what} is a {other.label} LoRA (its keys hold {mark.replace('.', '_').strip('_')}) but "
+            f"{model or type(pipe).__name__} is a {family.label} pipeline: the LoRA was trained on another model "
+            f"family; pass a {family.label} LoRA, or the {other.label} model it was trained on with --model")
 
 
 def text_stack(pipe: Pipeline) -> Any:
@@ -160,4 +191,4 @@ def assemble_pipeline(model: Any = None, device: str | None = None, dtype: Any =
 
 __all__ = ["CHECKPOINT_SUFFIXES", "DEFAULT_FAMILY", "FAMILIES", "Family", "UnsupportedModelError",
            "assemble_pipeline", "checkpoint_family", "family_of", "get_family", "is_single_file", "load_checkpoint",
-           "text_stack", "training_family", "adopting_family"]
+           "text_stack", "training_family", "adopting_family", "lora_family", "lora_refusal"]

@@ -51,6 +51,8 @@ class Family:
     trains: bool = True  # whether persviz's trainers take its pipelines (False: studied and inspected only, so far)
     trains_only: tuple[str, ...] = ()  # when set, the only methods persviz trains on it so far (their names)
     adopts: bool = True  # whether `persviz adopt` takes runs trained on it
+    adopts_only: tuple[str, ...] = ()  # when set, the only methods whose runs `persviz adopt` takes on it so far
+    lora_marks: tuple[str, ...] = ()  # key fragments only its LoRA files hold ('_' read as '.'; see claims_lora)
     recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
     embedded_recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
     no_recipe: dict[str, str] = field(default_factory=dict)  # method name: why the family has no recipe for it
@@ -99,6 +101,13 @@ class Family:
     def claims_checkpoint(self, keys: Any) -> bool:
         """Whether a single-file checkpoint with these state-dict keys is of this family."""
         return bool(self.checkpoint_prefix) and any(str(k).startswith(self.checkpoint_prefix) for k in keys)
+
+    def claims_lora(self, keys: Any) -> str | None:
+        """The first of ``lora_marks`` a LoRA file's keys hold (each key read with '_' as '.', so diffusers' and
+        kohya's names compare alike: 'text_encoder_2.' and 'lora_te2_' both read 'text.encoder.2.' / 'lora.te2.'),
+        or None: the file is of this family by its structure, whatever its widths."""
+        flat = [str(k).replace("_", ".") for k in keys]
+        return next((m for m in self.lora_marks if any(m in k for k in flat)), None)
 
     def load_single_file(self, path: Any, device: Any, dtype: Any) -> Any:
         """The family's pipeline from a single-file checkpoint (diffusers' ``from_single_file``) with the

@@ -93,5 +93,8 @@ FAMILY = StableDiffusion1(
     generation={"steps": 50, "guidance": 7.0, "batch_size": 8},
     embedded_generation={"steps": 25, "guidance": 4.0, "batch_size": 50},
     recipes=PAPER_RECIPES, embedded_recipes=SHAPESWORLD_RECIPES,
+    # LoRA files only SD 1.x's hold: kohya's one text encoder (lora_te_, SDXL's are lora_te1_ / lora_te2_) and
+    # attention in the UNet's first down block and last up block (SDXL's and the micro-SD's have none there)
+    lora_marks=("lora.te.", "down.blocks.0.attentions.", "up.blocks.3.attentions."),
     # single-file checkpoints: CLIP ViT-L under cond_stage_model.transformer. (SD 2.x: cond_stage_model.model.)
     checkpoint_prefix="cond_stage_model.transformer.", pipeline_class="StableDiffusionPipeline")

@@ -5,9 +5,11 @@ the pooled one), whose penultimate hidden states are concatenated (2048) for the
 So far persviz loads (a Hub id, a folder or a single-file checkpoint), checks and prepares SDXL pipelines, inspects
 SDXL embedding files per encoder and trains Textual Inversion on SDXL, a row per encoder (``unet_condition``: the
 conditioning diffusers' ``textual_inversion_sdxl.py`` builds), and DreamBooth-LoRA on the UNet with the text encoders
-off (``train_dreambooth_lora_sdxl.py``'s default; the same ``unet_condition``, time ids included); it encodes prompts
-as the pipeline does for prompt-level TEA and the tracker (``prompt_states``). Adopting other tools' SDXL runs is
-refused with a sentence (``adopts``), Custom Diffusion too (no recipe).
+off (``train_dreambooth_lora_sdxl.py``'s default; the same ``unet_condition``, time ids included) or on (LoRA on
+both text encoders' attention, that script's ``--train_text_encoder``); it encodes prompts
+as the pipeline does for prompt-level TEA and the tracker (``prompt_states``). ``persviz adopt`` takes SDXL LoRA
+files of diffusers and kohya (``adopts_only``; an SD 1.x LoRA is told apart by ``lora_marks``); adopting other
+methods' SDXL runs is refused with a sentence, Custom Diffusion too (no recipe).
 
 The architecture values below are those of the Hub repository ``stabilityai/stable-diffusion-xl-base-1.0`` (its
 ``model_index.json`` and component ``config.json`` files; no machine here reaches the Hub: ``model_index.json`` and
@@ -82,8 +84,9 @@ TOKENIZER_2_PAD = "!"  # tokenizer_2 pads with '!' (id 0, as OpenCLIP), tokenize
 #     imagenet_templates_small (persviz's OBJECT_TEMPLATES, the config's default). (Its README_sdxl.md example
 #     command differs: --resolution 768, batch 1 x accumulation 4, 500 steps, --learning_rate 5e-4 with --scale_lr.)
 #   examples/dreambooth/train_dreambooth_lora_sdxl.py: --learning_rate 1e-4, --rank 4, --resolution 1024,
-#     --train_batch_size 4, --checkpointing_steps 500, --train_text_encoder off, --with_prior_preservation off,
-#     --prior_loss_weight 1.0, --num_class_images 100, --sample_batch_size 4, --adam_weight_decay 1e-04,
+#     --train_batch_size 4, --checkpointing_steps 500, --train_text_encoder off (on: --text_encoder_lr 5e-6 and
+#     --adam_weight_decay_text_encoder 1e-03 for both text encoders' adapters, a parameter group of their own),
+#     --with_prior_preservation off, --prior_loss_weight 1.0, --num_class_images 100, --sample_batch_size 4, --adam_weight_decay 1e-04,
 #     --max_grad_norm 1.0, --random_flip off, --scale_lr off; --max_train_steps has no default (one epoch,
 #     --num_train_epochs 1), so steps are its README_sdxl.md example's --max_train_steps=500 (batch 1 x accumulation
 #     4 there: 4 images a step, as the default batch 4); class images come from pipeline(prompt), the SDXL pipeline's
@@ -95,7 +98,8 @@ SDXL_RECIPES = {
     "dreambooth": {"lr": 1e-4, "rank": 4, "resolution": 1024, "batch_size": 4, "save_every": 500, "steps": 500,
                    "train_text_encoder": False, "prior_preservation": False, "prior_loss_weight": 1.0,
                    "num_class_images": 100, "class_batch_size": 4, "class_steps": 50, "class_guidance": 5.0,
-                   "weight_decay": 1e-4, "max_grad_norm": 1.0, "flip_p": 0.0},
+                   "weight_decay": 1e-4, "max_grad_norm": 1.0, "flip_p": 0.0,
+                   "text_encoder_lr": 5e-6, "text_weight_decay": 1e-3},
 }
 NO_SDXL_RECIPE = {"custom_diffusion": "diffusers' Custom Diffusion example, train_custom_diffusion.py, has no SDXL version",
                   "lora_finetune": "FineXL's LoRA fine-tune is studied on ShapesWorld's micro-SD only"}
@@ -139,14 +143,25 @@ class StableDiffusionXL(Family):
     def prompt_states(self, stack: Any, tokens: Any) -> Any:
         """StableDiffusionXLPipeline.encode_prompt's: each encoder's penultimate hidden states (clip_l 768, clip_g
         1280 wide; concatenated they are ``prompt_embeds``, 2048) and clip_g's projected pooled output
-        (``pooled_prompt_embeds``), all in clip_g's dtype as the pipeline casts them."""
+        (``pooled_prompt_embeds``), all in clip_g's dtype as the pipeline casts them. A token dict may hold
+        ``real_ids`` beside ``input_ids`` (a caller that feeds stand-in ids at a placeholder and writes its row with a
+        hook, as the tracker): the pooled output is then read where the pipeline reads it for the real ids
+        (``pooled_at``: the placeholder's position once it is loaded), not where the stand-ins put it."""
+        import torch  # heavy: torch
         hidden, out = [], None
         dtype = stack.encoders[-1].encoder.dtype
         for e, t in zip(stack, tokens):
             out = e.encoder(t["input_ids"].to(e.encoder.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
         device = hidden[-1].device
-        return [h.to(dtype=dtype, device=device) for h in hidden], out[0].to(dtype=dtype, device=device)
+        pooled = out[0]
+        real = tokens[-1].get("real_ids") if isinstance(tokens[-1], dict) else None
+        if real is not None:
+            by = stack.encoders[-1].encoder
+            last = out.last_hidden_state
+            at = pooled_at(by.config, real.to(last.device))
+            pooled = by.text_projection(last[torch.arange(last.shape[0], device=last.device), at])
+        return [h.to(dtype=dtype, device=device) for h in hidden], pooled.to(dtype=dtype, device=device)
 
     def prepare(self, pipe: Pipeline, embedded: bool) -> Any:
         """The sampler of diffusers' SDXL examples (textual_inversion_sdxl.py's validation: DPM-Solver++ from the
@@ -229,7 +244,13 @@ FAMILY = StableDiffusionXL(
     # textual_inversion_sdxl.py's validation: 25 steps at the pipeline's default guidance 5.0 and 1024 px
     generation={"steps": 25, "guidance": 5.0, "batch_size": 4},
     # Textual Inversion learns a row per encoder; DreamBooth-LoRA trains the UNet's LoRA (text encoders off, as
-    # train_dreambooth_lora_sdxl.py's default); adopting comes later
-    trains_only=("textual_inversion", "dreambooth"), adopts=False, recipes=SDXL_RECIPES, no_recipe=NO_SDXL_RECIPE,
+    # train_dreambooth_lora_sdxl.py's default; on: both encoders' attention LoRAs too)
+    trains_only=("textual_inversion", "dreambooth"), recipes=SDXL_RECIPES, no_recipe=NO_SDXL_RECIPE,
+    # adopting: LoRA files of diffusers (save_lora_weights: unet., text_encoder., text_encoder_2.) and kohya
+    # (lora_unet_, lora_te1_, lora_te2_); other tools' SDXL Textual Inversion runs are read by inspect / fix so far
+    adopts_only=("dreambooth",),
+    # LoRA files only SDXL's hold: its second text encoder (diffusers' text_encoder_2., kohya's lora_te1_/lora_te2_)
+    # and its UNet's second transformer block (transformer_layers_per_block [1, 2, 10]; SD 1.x's are 1)
+    lora_marks=("text.encoder.2.", "lora.te1.", "lora.te2.", "transformer.blocks.1."),
     # single-file checkpoints: clip_g (OpenCLIP bigG) under conditioner.embedders.1. (the refiner has only .0.)
     checkpoint_prefix="conditioner.embedders.1.", pipeline_class="StableDiffusionXLPipeline")

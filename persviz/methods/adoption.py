@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from persviz.errors import ConceptFolderError
+from persviz.families import lora_refusal, text_stack
 from persviz.tokens import DREAMBOOTH_IDENTIFIER
 
 _KOHYA_DIR = re.compile(r"\d+_(\S+)(?:\s+(\S+))?")  # kohya's dataset folders: "<repeats>_<token> <class>"
@@ -98,9 +99,6 @@ def detect_lora_run(method: Any, path: Path, token: str | None) -> ForeignRun:
     except (FileNotFoundError, ValueError) as err:
         raise not_found(method, path, str(err)) from None
     layout = lora_layout(sd)
-    if layout == "kohya-sdxl":
-        raise ConceptFolderError(f"{f} is an SDXL LoRA (lora_te1_/lora_te2_ keys): it was trained on another model; "
-                                 "persviz supports SD 1.x LoRAs")
     if layout is None:
         raise not_found(method, path, f"{f.name} has keys {sorted(sd)[:3]}, not a LoRA's")
     folder = path if path.is_dir() else path.parent
@@ -111,30 +109,44 @@ def detect_lora_run(method: Any, path: Path, token: str | None) -> ForeignRun:
     return ForeignRun(method.name, path, source, found, cfg.get("class_word") or k_class, (f,))
 
 
-def lora_in_widths(sd: dict[str, Any]) -> tuple[set[int], set[int]]:
-    """(in-widths of the text encoder's attention LoRAs, in-widths of the UNet's cross-attention K/V LoRAs)."""
-    text, cross = set(), set()
+def lora_in_widths(sd: dict[str, Any]) -> tuple[dict[int, set[int]], set[int]]:
+    """({text encoder index: in-widths of its attention LoRAs}, in-widths of the UNet's cross-attention K/V LoRAs);
+    index 1 is SDXL's second encoder (diffusers' ``text_encoder_2.``, kohya's ``lora_te2_``), 0 the first (or only)."""
+    text: dict[int, set[int]] = {}
+    cross = set()
     for k, v in sd.items():
         if not any(d in k for d in _DOWN) or getattr(v, "ndim", 0) != 2:
             continue
         flat = k.replace("_", ".")
         if "self.attn" in flat and any(f"{p}.proj" in flat for p in ("q", "k", "v", "out")):
-            text.add(int(v.shape[1]))
+            text.setdefault(int(flat.startswith(("text.encoder.2.", "lora.te2."))), set()).add(int(v.shape[1]))
         elif "attn2" in flat and ("to.k" in flat or "to.v" in flat):
             cross.add(int(v.shape[1]))
     return text, cross
 
 
-def check_lora_fits(found: ForeignRun, pipe: Any, width: int) -> None:
-    """The LoRA's input widths against the text encoder's (`width`) and the UNet's cross-attention."""
+def check_lora_fits(found: ForeignRun, pipe: Any) -> None:
+    """The LoRA's model family (``persviz.families.lora_refusal``: a sentence naming both), then its input widths
+    against each text encoder's (by its index in the pipeline's text stack) and the UNet's cross-attention."""
     from persviz.weight_files import read_weights  # heavy: torch
+    f = found.files[0]
+    sd, _, _ = read_weights(f)
+    why = lora_refusal(sd, pipe, str(f))
+    if why is not None:
+        raise ConceptFolderError(why)
     cross_dim = int(pipe.unet.config.cross_attention_dim)
-    sd, _, _ = read_weights(found.files[0])
+    stack = text_stack(pipe)
     text, cross = lora_in_widths(sd)
-    for w in sorted(text - {width}):
-        raise another_model(f"the text encoder's LoRA in {found.files[0].name}", w, width)
+    for i, widths in sorted(text.items()):
+        if i >= len(stack):
+            raise ConceptFolderError(f"{f.name} holds a LoRA for text encoder {i + 1} but the model has "
+                                     f"{len(stack)}: the run was trained on another model; pass the model it was "
+                                     "trained on with --model")
+        for w in sorted(widths - {stack.encoders[i].width}):
+            raise another_model(f"the {stack.encoders[i].name} text encoder's LoRA in {f.name}", w,
+                                stack.encoders[i].width)
     for w in sorted(cross - {cross_dim}):
-        raise another_model(f"the cross-attention LoRA in {found.files[0].name}", w, cross_dim)
+        raise another_model(f"the cross-attention LoRA in {f.name}", w, cross_dim)
 
 
 __all__ = ["ForeignRun", "another_model", "asked_token", "check_lora_fits", "detect_lora_run",

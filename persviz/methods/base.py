@@ -20,7 +20,8 @@ from persviz.methods.adoption import ForeignRun, check_lora_fits, detect_lora_ru
 
 
 # The settings a caller may override in any method's recipe, by their command-line names.
-OVERRIDES = ("steps", "save_every", "resolution", "lr", "batch_size", "seed", "num_class_images")
+OVERRIDES = ("steps", "save_every", "resolution", "lr", "batch_size", "seed", "num_class_images",
+             "train_text_encoder")
 
 
 def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
@@ -156,7 +157,7 @@ class LoRAMethod(Method):
         return detect_lora_run(self, path, token)
 
     def check_run_files(self, found: ForeignRun, pipe: Pipeline, text: Any) -> None:
-        check_lora_fits(found, pipe, text.width)
+        check_lora_fits(found, pipe)
 
 
 __all__ = ["OVERRIDES", "ForeignRun", "LoRAMethod", "Method", "apply_overrides", "lora_loaded", "lora_snapshots"]

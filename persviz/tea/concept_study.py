@@ -36,6 +36,7 @@ from persviz.shapesworld.concepts import CONCEPTS, contextual_probes, reference_
 from persviz.tea.plots import impact_curves, norm_ratio_curve, shift_grid
 from persviz.tea.study import dominance_over_steps, impacts_over_steps, personalized, rows_summary, tea_rows
 from persviz.tea.tracker import to_shift_grid, track_semantic_shift
+from persviz.embedding_files import read_embedding_file
 from persviz.trainers import METHODS, list_snapshots, load_snapshot_embedding
 
 STUDY_DIR = "study"
@@ -111,15 +112,32 @@ def shift_sets(concept: Concept) -> tuple[str, str]:
         "sd15_contextual", "sd15_simple")
 
 
-def snapshots(run_dir: Path, every: int, init: torch.Tensor | None) -> list[tuple[int, torch.Tensor]]:
-    """(0, class-word row) then (step, V*) every `every` steps, and always the last snapshot (init None: no step 0)."""
+def _norms(v: Any) -> Any:
+    """|V*| of a snapshot, rounded: a number, or {encoder name: number} for a row per encoder (SDXL)."""
+    if isinstance(v, Mapping):
+        return {n: round(float(r.norm()), 6) for n, r in v.items()}
+    return round(float(v.norm()), 6)
+
+
+def snapshot_rows(path: Path) -> Any:
+    """A saved V*, float32, flattened: [D] (or [n * D]); a file of one part per text encoder (SDXL's clip_l +
+    clip_g) as {encoder name: [D_e]}, what ``learned_embedding`` and the tracker take for such a model."""
+    f = read_embedding_file(path)
+    if f.per_encoder:
+        return {name: rows.float().reshape(-1) for name, rows in f.parts.items()}
+    return load_snapshot_embedding(path).reshape(-1)
+
+
+def snapshots(run_dir: Path, every: int, init: Any) -> list[tuple[int, Any]]:
+    """(0, class-word row) then (step, V*) every `every` steps, and always the last snapshot (init None: no step 0);
+    each V* as ``snapshot_rows`` reads it (SDXL: {encoder name: row})."""
     snaps = list_snapshots(run_dir)
     if not snaps:
         raise FileNotFoundError(f"no Textual Inversion snapshots in {run_dir}; train with `persviz train ti`")
     keep = [(k, p) for k, p in snaps if k % every == 0]
     if not keep or keep[-1][0] != snaps[-1][0]:
         keep.append(snaps[-1])
-    return ([(0, init)] if init is not None else []) + [(k, load_snapshot_embedding(p).reshape(-1)) for k, p in keep]
+    return ([(0, init)] if init is not None else []) + [(k, snapshot_rows(p)) for k, p in keep]
 
 
 def spaced_snapshots(run_dir: Path, n: int, init: torch.Tensor | None = None) -> list[tuple[int, torch.Tensor]]:
@@ -140,17 +158,36 @@ def at_fractions(snaps: Sequence[tuple[int, Any]], fractions: Sequence[float]) -
     return [snaps[i] for i in sorted(picked)]
 
 
-def final_embedding(concept: Concept) -> torch.Tensor:
-    """The last saved V* of the concept's Textual Inversion run, [D]."""
+def final_embedding(concept: Concept) -> Any:
+    """The last saved V* of the concept's Textual Inversion run, [D] (SDXL: {encoder name: [D_e]})."""
     snaps = list_snapshots(concept.run_dir("textual_inversion"))
     if not snaps:
         raise FileNotFoundError(f"no Textual Inversion snapshots in {concept.run_dir('textual_inversion')}")
-    return load_snapshot_embedding(snaps[-1][1]).reshape(-1)
+    return snapshot_rows(snaps[-1][1])
 
 
-def class_row(pipe: Pipeline, concept: Concept) -> torch.Tensor:
-    """The input-embedding row of the concept's class word (V*'s starting point), a detached copy [D]."""
-    return text_stack(pipe).primary.word_row(concept.class_word)
+def class_row(pipe: Pipeline, concept: Concept) -> Any:
+    """The input-embedding row of the concept's class word (V*'s starting point), a detached copy [D]; a model of
+    several text encoders (SDXL): {encoder name: its own class-word row}, the layout of ``snapshot_rows``."""
+    stack = text_stack(pipe)
+    if len(stack) > 1:
+        return {e.name: e.word_row(concept.class_word) for e in stack}
+    return stack.primary.word_row(concept.class_word)
+
+
+def norm_panels(pipe: Pipeline, snaps: Sequence[tuple[int, Any]], c_row: Any) -> list[tuple[str, torch.Tensor, dict,
+                                                                                               float]]:
+    """Fig. 4 per text encoder: (encoder name, the norms of all its vocabulary rows [V], {step: |V*|}, |c|), each
+    against its own vocabulary and class-word row (SDXL: clip_l then clip_g; SD 1.x: one, named ''). snaps and
+    c_row as ``snapshots`` and ``class_row`` give them."""
+    stack = text_stack(pipe)
+    several = isinstance(c_row, Mapping)
+    out = []
+    for e in stack:
+        pick = (lambda v, n=e.name: v[n]) if several else (lambda v: v)  # noqa: E731
+        out.append((e.name if several else "", e.rows.detach().float().norm(dim=-1).cpu(),
+                    {s: float(pick(v).norm()) for s, v in snaps}, float(pick(c_row).norm())))
+    return out
 
 
 def dominance(pipe: Pipeline, fixed: Concept, varied: Concept, clip: Any, fractions: Sequence[float], n_images: int = 8,
@@ -172,15 +209,15 @@ def dominance(pipe: Pipeline, fixed: Concept, varied: Concept, clip: Any, fracti
 def set_aside(pipe: Pipeline, token: str) -> Iterator[None]:
     """Inside the block `token` is not in the tokenizer (a learned token already loaded is unloaded, so a run of the
     same token can load); its row is loaded back on exit. Nothing happens for a token not loaded."""
-    if not text_stack(pipe).primary.has_added(token):
-        yield
-        return
-    row = text_stack(pipe).primary.word_row(token)
-    pipe.unload_textual_inversion(token)
+    loaded = [e for e in text_stack(pipe) if e.has_added(token)]  # each encoder that holds it (SDXL: both)
+    rows = [e.word_row(token) for e in loaded]
+    for e in loaded:
+        pipe.unload_textual_inversion(token, tokenizer=e.tokenizer, text_encoder=e.encoder)
     try:
         yield
     finally:
-        load_learned_token(pipe, {token: row}, token=token)
+        for e, row in zip(loaded, rows):
+            load_learned_token(pipe, {token: row}, token=token, text=e)
 
 
 def tea_table(pipe: Pipeline, concept: Concept, probes: Sequence[Mapping], score: Any,
@@ -195,7 +232,8 @@ def tea_table(pipe: Pipeline, concept: Concept, probes: Sequence[Mapping], score
         token = concept.token(method)
         m = get_method(method)
         word = m.slot_word(token, concept.class_word)
-        base_encoder = copy.deepcopy(text_stack(pipe).primary.encoder) if m.tea_level == "prompt" else None
+        # the base text encoders (one per encoder of the family: SDXL's clip_l and clip_g), copied before the run loads
+        base_encoder = [copy.deepcopy(e.encoder) for e in text_stack(pipe)] if m.tea_level == "prompt" else None
         with set_aside(pipe, token), personalized(pipe, method, concept.run_dir(method)):
             rows = tea_rows(pipe, method, word, token, concept.class_word, probes, score, repeats, seed, **generation)
             if base_encoder is not None:
@@ -274,8 +312,7 @@ def _study_concept(concept: Concept, pipe: Pipeline, clip: Any, dino: Any, oracl
     tracked = tracked_method(concept.runs)
     if tracked is not None:
         run = concept.run_dir(tracked.name)
-        init = text_stack(pipe).primary.word_row(concept.class_word)
-        snaps = snapshots(run, settings.every, init)
+        snaps = snapshots(run, settings.every, class_row(pipe, concept))  # SDXL: a row per encoder
     methods = list(methods or [m for m in METHODS if m in concept.runs])
     cells = study_cells(concept, len(snaps), methods)
 
@@ -293,7 +330,7 @@ def _study_concept(concept: Concept, pipe: Pipeline, clip: Any, dino: Any, oracl
 
     study_dir = Path(concept.folder) / STUDY_DIR
     grid = {**out["settings"], "methods": methods, "model": concept.model, "cells": STUDY_CELLS,
-            "snapshots": [[int(k), round(float(v.norm()), 6)] for k, v in snaps],
+            "snapshots": [[int(k), _norms(v)] for k, v in snaps],
             "judges": [describe_evaluator(j) for j in (clip, dino, oracle)]}
     results = run_cells(cells, compute, study_dir, grid, state=state, progress=progress, desc="study",
                         on_mismatch="restart")
@@ -367,7 +404,8 @@ def saved_tea_table(concept: Concept) -> tuple[dict, str] | None:
 
 
 def write_figures(study: Mapping, folder: Path) -> list[Path]:
-    """The study's figures as PNG: |V*|/|c| and cos over steps, the shift grid, the impact curves."""
+    """The study's figures as PNG: |V*|/|c| and cos over steps (one per text encoder where there are several:
+    clip_l_norm_ratio.png, clip_g_norm_ratio.png), the shift grid, the impact curves."""
     written = []
 
     def save(fig: Any, name: str) -> None:
@@ -378,7 +416,9 @@ def write_figures(study: Mapping, folder: Path) -> list[Path]:
 
     text = study.get("text")
     if text:
-        save(norm_ratio_curve(text["step"], text["norm_ratio"], text["cosine"]), "norm_ratio")
+        # one curve per text encoder, each against its own class-word row (SDXL: clip_l_norm_ratio, clip_g_...)
+        for pre in [k[:-len("norm_ratio")] for k in text if k.endswith("norm_ratio")]:
+            save(norm_ratio_curve(text["step"], text[f"{pre}norm_ratio"], text[f"{pre}cosine"]), f"{pre}norm_ratio")
         steps, grid = to_shift_grid(text)
         save(shift_grid(steps, grid), "shift_grid")
     images = study.get("images")
@@ -389,5 +429,6 @@ def write_figures(study: Mapping, folder: Path) -> list[Path]:
 
 
 __all__ = ["PAPER_GENERATION", "STUDY_DIR", "StudySettings", "at_fractions", "class_row", "dominance", "final_embedding",
+           "norm_panels", "snapshot_rows",
            "full_scale_probes", "reference_grid", "probe_label", "probes_for", "saved_study", "saved_study_rows", "saved_tea_table",
            "set_aside", "shift_sets", "snapshots", "spaced_snapshots", "study_cells", "study_concept", "tea_table", "write_figures"]

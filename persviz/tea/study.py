@@ -34,29 +34,51 @@ Probe = Mapping[str, Any]
 
 
 @contextlib.contextmanager
-def learned_embedding(pipe: Pipeline, placeholder: str, vector: torch.Tensor) -> Iterator[None]:
+def learned_embedding(pipe: Pipeline, placeholder: str, vector: Any) -> Iterator[None]:
     """Inside the block the pipeline's tokenizer knows `placeholder` with embedding `vector` [D]; restored on exit.
+    A pipeline of several text encoders (SDXL) takes one row per encoder, {encoder name: [D_e]} (a snapshot of
+    ``persviz.tea.concept_study.snapshots``), each loaded into its own encoder.
 
     A placeholder already loaded has its row written in place (PlaceholderRows.written, as tea() does); a new one is
     added with pipe.load_textual_inversion and removed again with pipe.unload_textual_inversion."""
+    stack = text_stack(pipe)
+    if isinstance(vector, Mapping):
+        if sorted(vector) != sorted(e.name for e in stack):
+            raise ValueError(f"the embedding of {placeholder!r} holds the parts {sorted(vector)} but the model's text "
+                             f"encoders are {', '.join(e.name for e in stack)}; pass one row per encoder")
+        parts = {e.name: vector[e.name] for e in stack}
+    elif len(stack) > 1:
+        raise ValueError(f"the model has {len(stack)} text encoders ({', '.join(e.name for e in stack)}): pass the "
+                         f"embedding of {placeholder!r} as one row per encoder, {{name: row}} (a snapshot of an SDXL "
+                         "run: persviz.tea.concept_study.snapshots)")
+    else:
+        parts = {stack.primary.name: vector}
+    with contextlib.ExitStack() as inside:
+        for e in stack:
+            inside.enter_context(_learned_row(pipe, e, placeholder, parts[e.name]))
+        yield
+
+
+@contextlib.contextmanager
+def _learned_row(pipe: Pipeline, text: Any, placeholder: str, vector: Any) -> Iterator[None]:
+    """learned_embedding's work on one text encoder of the pipeline's stack (persviz.text_stack.TextEncoder)."""
     vector = torch.as_tensor(vector).detach().float().reshape(-1)
     if not torch.isfinite(vector).all():
         raise ValueError(f"the embedding of {placeholder!r} holds NaN or inf; pick another snapshot")
-    text = text_stack(pipe).primary
     weight = text.rows
     if vector.numel() != weight.shape[1]:
         raise ValueError(f"embedding of size {vector.numel()} does not fit the text encoder's width {weight.shape[1]}")
     known = text.has_added(placeholder)
     if not known:
         vocab = text.encoder.config.vocab_size  # diffusers' unload leaves it grown (as persviz.methods restores it)
-        load_learned_token(pipe, {placeholder: vector.to(weight.dtype)}, token=placeholder)
+        load_learned_token(pipe, {placeholder: vector.to(weight.dtype)}, token=placeholder, text=text)
         try:
             yield
         finally:
-            pipe.unload_textual_inversion(placeholder)
+            pipe.unload_textual_inversion(placeholder, tokenizer=text.tokenizer, text_encoder=text.encoder)
             text.encoder.config.vocab_size = vocab
         return
-    with PlaceholderRows(vector[None], [token_row(pipe, placeholder)]).written(text.encoder):
+    with PlaceholderRows(vector[None], [token_row((text.tokenizer, text.encoder), placeholder)]).written(text.encoder):
         yield
 
 

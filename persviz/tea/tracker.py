@@ -16,9 +16,11 @@ and, once for the whole run, P_c (the contextual prompts with the class word). T
 
 Several text encoders (SDXL). A prompt is what the family's pipeline feeds its UNet (``Family.prompt_states``:
 SDXL each encoder's penultimate hidden state); each step's embedding holds a row per encoder ({"clip_l", "clip_g"}),
-hooked into its own encoder; the distance columns are computed on the concatenated state the UNet reads (unprefixed)
-and on each encoder's part (prefixed "clip_l_", "clip_g_"), and |V*|/|c|, cos(V*, c), |V*| per encoder only, each
-against its own encoder's class-word row ("clip_l_norm_ratio", ...). One encoder (SD 1.x): the columns as below.
+hooked into its own encoder; the distance columns are computed on the concatenated state the UNet reads (unprefixed),
+on each encoder's part (prefixed "clip_l_", "clip_g_") and on the pooled embedding the UNet reads besides (SDXL:
+clip_g's projected pooled output, ``pooled_prompt_embeds``; prefixed "clip_g_pooled_", one vector per prompt whatever
+the representation), and |V*|/|c|, cos(V*, c), |V*| per encoder only, each against its own encoder's class-word row
+("clip_l_norm_ratio", ...). One encoder (SD 1.x): the columns as below.
 
 Representation. A prompt is the text encoder's last hidden state, all 77 positions, flattened to
 77 x D features (``representation="full"``, the paper and the public code's
@@ -225,12 +227,14 @@ class _PromptEncoder:
 
     @torch.no_grad()
     def encode(self, prompts: list[str], rows: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        """{encoder name: [N, F_e]} and, under "", the concatenated state the UNet reads [N, F] (one encoder: the
-        same tensor), float32; rows {encoder name: [n, D_e]} is V* (None: no placeholder in the prompts)."""
+        """{encoder name: [N, F_e]}, under "" the concatenated state the UNet reads [N, F] (one encoder: the same
+        tensor) and, where the family feeds the UNet a pooled embedding (SDXL), under ``pooled_name`` that [N, P],
+        float32; rows {encoder name: [n, D_e]} is V* (None: no placeholder in the prompts)."""
         tokenized = [self._tokenized(k, prompts, rows is not None) for k in range(len(self.stack))]
         hooks = [PlaceholderRows(rows[n].to(e.encoder.device) if rows is not None else torch.empty(0))
                  for n, e in zip(self.names, self.stack)]
         out: dict[str, list[torch.Tensor]] = {n: [] for n in [*self.names, ""]}
+        pooled_out: list[torch.Tensor] = []
         with contextlib.ExitStack() as hooked:
             for h, e in zip(hooks, self.stack):
                 hooked.enter_context(h.hooked(e.encoder))
@@ -240,8 +244,12 @@ class _PromptEncoder:
                 for h, e, (batch, ids, (mask, sel)) in zip(hooks, self.stack, tokenized):
                     if mask is not None:
                         h.mask, h.sel = mask[b].to(e.encoder.device), sel[b].to(e.encoder.device)
-                    tokens.append({"input_ids": ids[b], "attention_mask": batch.attention_mask[b]})
-                states, _ = self.family.prompt_states(self.stack, tokens)
+                    # real_ids: the pooled embedding is read where the pipeline reads it with the token loaded
+                    tokens.append({"input_ids": ids[b], "attention_mask": batch.attention_mask[b],
+                                   "real_ids": batch.input_ids[b]})
+                states, pooled = self.family.prompt_states(self.stack, tokens)
+                if pooled is not None:
+                    pooled_out.append(pooled.reshape(pooled.shape[0], -1).float())
                 if self.representation == "last":
                     states = [x[:, -1] for x in states]
                 flat = [x.reshape(x.shape[0], -1).float() for x in states]
@@ -250,7 +258,14 @@ class _PromptEncoder:
                 last = [x.float() for x in states]
                 whole = torch.cat(last, dim=-1)
                 out[""].append(whole.reshape(whole.shape[0], -1))
+        if pooled_out:
+            out[self.pooled_name] = pooled_out
         return {n: torch.cat(v) for n, v in out.items()}
+
+    @property
+    def pooled_name(self) -> str:
+        """The pooled embedding's column prefix: the last encoder's name + '_pooled' (SDXL: clip_g_pooled)."""
+        return f"{self.names[-1]}_pooled"
 
 
 class _EvalMode:
@@ -320,8 +335,9 @@ def track_semantic_shift(
     in size); "norm_ratio" (|V*|/|c|), "cosine" (cos(V*, c)) and "vstar_norm" (|V*|), each the mean over
     the vectors of a multi-vector embedding. A pipeline of several text encoders (SDXL): the distance columns on
     the concatenated state the UNet reads, the same prefixed with each encoder's name ("clip_l_inter_l2") on its
-    own part, and "<name>_norm_ratio", "<name>_cosine", "<name>_vstar_norm" per encoder instead of the unprefixed
-    ones; run snapshots and (step, embedding) pairs hold one part per encoder (a file or a {name: rows} dict).
+    own part, the same prefixed "clip_g_pooled_" on the pooled embedding the UNet reads besides (clip_g's projected
+    pooled output, one vector per prompt), and "<name>_norm_ratio", "<name>_cosine", "<name>_vstar_norm" per encoder
+    instead of the unprefixed ones; run snapshots and (step, embedding) pairs hold one part per encoder (a file or a {name: rows} dict).
     """
     _check_choice(representation, "representation", REPRESENTATIONS)
     _check_choice(covariance, "covariance", ("pinv", "ledoit_wolf"))
@@ -375,6 +391,9 @@ def track_semantic_shift(
         for e in enc.stack:
             modes.enter_context(_EvalMode(e.encoder))
         P_c = enc.encode(with_class, None)  # once for the whole run
+        if enc.pooled_name in P_c:  # the pooled embedding the UNet reads besides (SDXL's clip_g)
+            states.append(enc.pooled_name)
+            cols.update({col(enc.pooled_name, k): [] for k in metric_names})
         intra_c = {st: sm.intra_distances(P_c[st], intra_covariance) for st in states}
         for i, (step, item) in enumerate(tqdm(steps, desc=f"semantic shift {placeholder}", disable=not progress)):
             rows = first if i == 0 else _parts(item, f"the embedding of step {step}", names)

@@ -55,7 +55,8 @@ def train_concept(method: str, images: PathLike, class_word: str, placeholder: s
 
     method: textual_inversion (or 'ti'), dreambooth, custom_diffusion. placeholder: the concept's new token (the
     learned token of Textual Inversion and Custom Diffusion); identifier: DreamBooth's rare token (default 'sks').
-    settings: steps, save_every, resolution, lr, batch_size, seed, num_class_images (None keeps the recipe's). pipe: an already loaded
+    settings: steps, save_every, resolution, lr, batch_size, seed, num_class_images, train_text_encoder (None keeps
+    the recipe's; a setting the method's config does not have is left out). pipe: an already loaded
     pipeline of `model` (else it is loaded)."""
     method = check_method(method)
     mid = model_id(model)

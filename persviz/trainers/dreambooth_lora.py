@@ -14,11 +14,16 @@ pipeline, each instance batch concatenated with as many class images (class prom
 ours: steps 800, batch 1 (the example's default is 4), a snapshot every 100 steps.
 
 On SDXL (diffusers' ``examples/dreambooth/train_dreambooth_lora_sdxl.py``): the UNet's adapters alone (that script's
-default, ``train_text_encoder=False``; on, for several text encoders, is refused with a sentence so far), the UNet
-reading what the family gives (``Family.unet_condition``: both encoders' penultimate states, clip_g's pooled output,
-the time ids original size (the side of the centre crop before resizing) + crop (0, 0) + target size, as that
-script's ``compute_time_ids``), the LoRA saved by ``StableDiffusionXLPipeline.save_lora_weights``; the recipe is the
-family's (``persviz.families.sdxl``).
+default, ``train_text_encoder=False``) or, with ``train_text_encoder`` (its ``--train_text_encoder``), adapters on
+both text encoders' attention projections too (q/k/v/out_proj of clip_l and clip_g, the same rank and
+initialisation), trained at ``text_encoder_lr`` with ``text_weight_decay`` (its ``--text_encoder_lr`` 5e-6 and
+``--adam_weight_decay_text_encoder`` 1e-3: a parameter group of their own; None, as SD 1.x's recipe, trains them
+with the UNet's lr and weight decay), every adapter clipped together; the UNet reads what the family gives
+(``Family.unet_condition``: both encoders' penultimate states, clip_g's pooled output, the time ids original size
+(the side of the centre crop before resizing) + crop (0, 0) + target size, as that script's ``compute_time_ids``),
+re-encoded at every step while the text encoders train; the LoRA saved by
+``StableDiffusionXLPipeline.save_lora_weights`` (``unet_lora_layers``, ``text_encoder_lora_layers``,
+``text_encoder_2_lora_layers``); the recipe is the family's (``persviz.families.sdxl``).
 
 Differences in mechanics, none in the objective:
 - images are centre-cropped and resized with bicubic filtering once (the example resizes bilinearly and crops
@@ -55,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from persviz.families.base import Pipeline
-from persviz.families import family_of, text_stack
+from persviz.families import family_of, lora_refusal, text_stack
 from persviz.embeddings import single_token_id
 from persviz.io import PathLike, atomic_folder, atomic_write
 from persviz.seeding import step_rng
@@ -87,6 +92,7 @@ from persviz.trainers.core import (
 from persviz.trainers.class_images import class_images
 from persviz.trainers.config_checks import (
     as_class_word,
+    as_float,
     as_word,
     check_common_fields,
     default_prompts,
@@ -111,6 +117,9 @@ class DreamBoothLoRAConfig:
         class_word: the concept's class ("square", "dog").
         instance_prompt: prompt of the reference images; None: "a photo of {identifier} {class_word}".
         class_prompt: prompt of the prior-preservation images; None: "a photo of a {class_word}".
+        text_encoder_lr, text_weight_decay: the text encoders' adapters' lr and weight decay (a parameter group of
+            their own, as train_dreambooth_lora_sdxl.py's --text_encoder_lr and --adam_weight_decay_text_encoder);
+            None: lr and weight_decay (one group, as train_dreambooth_lora.py).
         rank: LoRA rank (lora_alpha = rank, as the example, so the LoRA scale is 1).
         train_text_encoder: LoRA on the text encoder's attention projections too.
         steps: optimizer steps in total (a later call with a larger value extends a finished run).
@@ -145,6 +154,8 @@ class DreamBoothLoRAConfig:
     class_steps: int = 50
     class_guidance: float = 7.5
     class_batch_size: int = 4
+    text_encoder_lr: float | None = None
+    text_weight_decay: float | None = None
 
     def __post_init__(self) -> None:
         as_word(self, "identifier", "sks")
@@ -159,6 +170,9 @@ class DreamBoothLoRAConfig:
             raise ValueError(f"class_prompt {self.class_prompt!r} contains the identifier {self.identifier!r}; the "
                              f"class prompt describes the class without it")
         check_common_fields(self, ints=(("rank", 1),), bools=("train_text_encoder",))
+        for name in ("text_encoder_lr", "text_weight_decay"):
+            if getattr(self, name) is not None:
+                as_float(self, name, 0.0, open_low=name == "text_encoder_lr")
 
 
 DreamBoothLoRAResult = TrainResult  # the name this trainer has always returned (class_images_dir set)
@@ -175,17 +189,20 @@ def list_lora_snapshots(out_dir: PathLike) -> list[tuple[int, Path]]:
 def load_dreambooth_lora(pipe: Pipeline, path: PathLike, adapter_name: str | None = None) -> Any:
     """Load a saved LoRA (a file, or a folder holding one: ``find_lora_file``) into pipe; returns pipe.
 
-    diffusers' layout (persviz, diffusers' ``train_dreambooth_lora.py``) and kohya's / A1111's (``lora_unet_*``,
-    ``lora_te_*``, ``.alpha``), told apart by the keys, read by content (safetensors or torch) and passed to
-    ``pipe.load_lora_weights``, which converts kohya's; ``pipe.unload_lora_weights()`` removes it again.
+    diffusers' layout (persviz, diffusers' ``train_dreambooth_lora.py`` / ``train_dreambooth_lora_sdxl.py``:
+    ``unet.``, ``text_encoder.``, SDXL's ``text_encoder_2.``) and kohya's / A1111's (``lora_unet_*``, ``lora_te_*``,
+    SDXL's ``lora_te1_*`` / ``lora_te2_*``, ``.alpha``), told apart by the keys, read by content (safetensors or torch)
+    and passed to ``pipe.load_lora_weights``, which converts kohya's; ``pipe.unload_lora_weights()`` removes it again.
+    A LoRA of another model family (an SDXL file on SD 1.x, or the reverse) is refused with a sentence naming both.
     """
     f = find_lora_file(path)
     sd, _, _ = read_weights(f)
-    layout = lora_layout(sd)
-    if layout not in ("diffusers", "kohya"):
-        raise ValueError(f"{f} is not an SD 1.x LoRA in diffusers' or kohya's layout (keys {sorted(sd)[:3]}); "
-                         "pass the LoRA file of a DreamBooth-LoRA run" if layout is None else
-                         f"{f} is an SDXL LoRA (lora_te1_/lora_te2_ keys): it was trained on another model")
+    if lora_layout(sd) is None:
+        raise ValueError(f"{f} is not a LoRA in diffusers' or kohya's layout (keys {sorted(sd)[:3]}); pass the LoRA "
+                         "file of a DreamBooth-LoRA run")
+    why = lora_refusal(sd, pipe, str(f))
+    if why is not None:
+        raise ValueError(why)
     kw = {} if adapter_name is None else {"adapter_name": adapter_name}
     pipe.load_lora_weights(sd, **kw)  # diffusers converts kohya's layout (lora_state_dict)
     return pipe
@@ -237,15 +254,23 @@ def _remove_lora(module: torch.nn.Module, before: dict) -> None:
             module.__dict__[k] = v
 
 
+def text_prefixes(text_encoders: Any) -> list[tuple[str, Any]]:
+    """(prefix, module) of each text encoder as diffusers names them in LoRA files and save_lora_weights' arguments:
+    'text_encoder', then 'text_encoder_2' (SDXL's clip_g); `text_encoders`: one module or a sequence of them."""
+    mods = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
+    return [("text_encoder" if i == 0 else f"text_encoder_{i + 1}", m) for i, m in enumerate(mods)]
+
+
 @contextlib.contextmanager
-def lora_adapters(unet: Any, text_encoder: Any,
+def lora_adapters(unet: Any, text_encoders: Any,
                    config: DreamBoothLoRAConfig) -> Iterator[dict[str, torch.nn.Parameter]]:
-    """Adds the adapters (float32, deterministic init); yields {"unet.<name>" / "text_encoder.<name>": param}."""
+    """Adds the adapters (float32, deterministic init); yields {"unet.<name>" / "text_encoder.<name>" /
+    "text_encoder_2.<name>": param}. text_encoders: the text encoder, or a sequence of them (SDXL's two)."""
     from peft import LoraConfig  # heavy: peft
 
     models = [("unet", unet, UNET_TARGETS)]
     if config.train_text_encoder:
-        models.append(("text_encoder", text_encoder, TEXT_ENCODER_TARGETS))
+        models += [(prefix, m, TEXT_ENCODER_TARGETS) for prefix, m in text_prefixes(text_encoders)]
     before = [dict(m.__dict__) for _, m, _ in models]
     added: list[tuple[Any, dict]] = []
     try:
@@ -276,8 +301,9 @@ def lora_adapters(unet: Any, text_encoder: Any,
             _remove_lora(m, b)
 
 
-def _lora_state_dicts(unet: Any, text_encoder: Any, with_text_encoder: bool) -> tuple[dict, dict | None]:
-    """The adapters in the diffusers format, as the example saves them (float32 on the CPU)."""
+def _lora_state_dicts(unet: Any, text_encoders: Any, with_text_encoder: bool) -> tuple[dict, list[dict]]:
+    """The adapters in the diffusers format, as the example saves them (float32 on the CPU): the UNet's, and each
+    text encoder's (none when `with_text_encoder` is False)."""
     from diffusers.utils import convert_state_dict_to_diffusers  # heavy: diffusers
     from peft import get_peft_model_state_dict  # heavy: peft
 
@@ -285,20 +311,23 @@ def _lora_state_dicts(unet: Any, text_encoder: Any, with_text_encoder: bool) -> 
         raw = convert_state_dict_to_diffusers(get_peft_model_state_dict(m, adapter_name=_ADAPTER))
         return {k: v.detach().float().cpu().contiguous() for k, v in raw.items()}
 
-    return sd(unet), (sd(text_encoder) if with_text_encoder else None)
+    return sd(unet), ([sd(m) for _, m in text_prefixes(text_encoders)] if with_text_encoder else [])
 
 
-def save_lora(folder: Path, unet: Any, text_encoder: Any, with_text_encoder: bool, weight_name: str = LORA_FILE,
+def save_lora(folder: Path, unet: Any, text_encoders: Any, with_text_encoder: bool, weight_name: str = LORA_FILE,
               pipeline_class: Any = None) -> None:
     """The adapters as folder/weight_name, in the format pipe.load_lora_weights reads, written by the pipeline
     class's own ``save_lora_weights`` (None: StableDiffusionPipeline's; SDXL: StableDiffusionXLPipeline's, as
-    diffusers' train_dreambooth_lora_sdxl.py saves them)."""
+    diffusers' train_dreambooth_lora_sdxl.py saves them, each text encoder's adapters as its
+    ``<prefix>_lora_layers``: ``text_encoder_lora_layers``, ``text_encoder_2_lora_layers``)."""
     from diffusers import StableDiffusionPipeline  # heavy: diffusers
 
-    u, t = _lora_state_dicts(unet, text_encoder, with_text_encoder)
+    u, texts = _lora_state_dicts(unet, text_encoders, with_text_encoder)
     saver = pipeline_class if pipeline_class is not None else StableDiffusionPipeline
-    saver.save_lora_weights(save_directory=str(folder), unet_lora_layers=u, text_encoder_lora_layers=t,
-                            weight_name=weight_name)
+    layers = {f"{prefix}_lora_layers": t for (prefix, _), t in zip(text_prefixes(text_encoders), texts)}
+    if not layers:
+        layers = {"text_encoder_lora_layers": None}
+    saver.save_lora_weights(save_directory=str(folder), unet_lora_layers=u, weight_name=weight_name, **layers)
 
 
 # ----------------------------------------------------------------------------- training
@@ -355,19 +384,19 @@ def train_dreambooth_lora(
     """
     check_call(pipe, config, DreamBoothLoRAConfig)
     stack = text_stack(pipe)
-    if config.train_text_encoder and len(stack) > 1:
-        raise ValueError(f"persviz trains DreamBooth-LoRA with the text encoders on for one text encoder only so far; "
-                         f"this pipeline has {len(stack)} ({', '.join(e.name for e in stack)}): train the UNet's LoRA "
-                         f"alone (train_text_encoder=False, the default of diffusers' train_dreambooth_lora_sdxl.py)")
     text = stack.primary
     tokenizer, text_encoder, unet, vae = text.tokenizer, text.encoder, pipe.unet, pipe.vae
-    for name, m in (("unet", unet), ("text_encoder", text_encoder)):
+    encoders = [e.encoder for e in stack]
+    for name, m in (("unet", unet), *text_prefixes(encoders)):
         if has_lora(m):
             raise ValueError(f"pipe's {name} already holds LoRA layers (from pipe.load_lora_weights or an earlier "
                              f"run's result); call pipe.unload_lora_weights() or pass a fresh pipeline")
     ident = _check_identifier(tokenizer, config)
     device, res, pixels = training_images(pipe, images, config)
-    record = {"format": _FORMAT, **asdict(config), "resolution_used": res, "num_images": len(pixels),
+    # the text encoders' own lr and weight decay are recorded where set (an SD 1.x run's record is as before)
+    settings = {k: v for k, v in asdict(config).items()
+                if v is not None or k not in ("text_encoder_lr", "text_weight_decay")}
+    record = {"format": _FORMAT, **settings, "resolution_used": res, "num_images": len(pixels),
               "images_sha256": sha256(pixels), "identifier_ids": ident,
               "dtype": f"{text_encoder.dtype}/{unet.dtype}", "pipeline_sha256": pipeline_sha256(unet, text_encoder)}
     out, state, history, start = start_run(out_dir, record, owned_by(CHECKPOINT, LORA_FILE, CLASS_DIR), "LoRA weights",
@@ -381,20 +410,21 @@ def train_dreambooth_lora(
             cls_pixels = class_images(pipe, config, cls_dir, res, progress)
         te_dtype, unet_dtype = text_encoder.dtype, unet.dtype
         # eval mode throughout (also for the encodings): the same numbers in every call
-        with frozen([text_encoder, unet, vae]), lora_adapters(unet, text_encoder, config) as params:
+        with frozen([*encoders, unet, vae]), lora_adapters(unet, encoders, config) as params:
             plist = list(params.values())
             if state is not None:
                 restore_params(params, state["params"],
                                f"{out / RESUME_FILE} holds other adapter weights than this pipeline gets; use a new "
                                f"out_dir")
-            opt, scaler = adamw(plist, config, device, torch.float16 in (te_dtype, unet_dtype), state)
+            opt, scaler = adamw(param_groups(params, config), config, device,
+                                torch.float16 in (te_dtype, unet_dtype), state)
 
             def save_state(k: int) -> None:
                 tensors = {n: p.detach().cpu().clone() for n, p in params.items()}
                 save_resume_state(out / RESUME_FILE, k, {"params": tensors}, opt, scaler, history)
 
             def save(folder: Path) -> None:
-                save_lora(folder, unet, text_encoder, config.train_text_encoder, pipeline_class=type(pipe))
+                save_lora(folder, unet, encoders, config.train_text_encoder, pipeline_class=type(pipe))
 
             if start < config.steps:
                 step = _make_step(pipe, config, pixels, cls_pixels, device, opt, scaler, plist, unet_dtype,
@@ -403,13 +433,28 @@ def train_dreambooth_lora(
                           history=history, snapshot=lambda k: atomic_folder(out / f"checkpoint-{k}", save, replace=True),
                           save_state=save_state, after=callback, desc=f"dreambooth-lora {config.identifier}",
                           progress=progress)
-            atomic_write(final, lambda tmp: save_lora(tmp.parent, unet, text_encoder, config.train_text_encoder,
+            atomic_write(final, lambda tmp: save_lora(tmp.parent, unet, encoders, config.train_text_encoder,
                                                       weight_name=tmp.name, pipeline_class=type(pipe)))
     if load_result:
         pipe.load_lora_weights(str(final))
     return DreamBoothLoRAResult(out_dir=out, steps=config.steps, loss_history=history,
                                 snapshot_paths=[p for _, p in list_lora_snapshots(out)], final_path=final,
                                 class_images_dir=cls_dir)
+
+
+def param_groups(params: dict[str, torch.nn.Parameter], config: DreamBoothLoRAConfig) -> Any:
+    """The optimizer's parameters: one list (the UNet's and text encoders' adapters at lr and weight_decay), or,
+    where the config sets the text encoders' own lr or weight decay and they train, two groups as
+    train_dreambooth_lora_sdxl.py builds them (the UNet's; every text encoder's at text_encoder_lr,
+    text_weight_decay)."""
+    plist = list(params.values())
+    if not config.train_text_encoder or (config.text_encoder_lr is None and config.text_weight_decay is None):
+        return plist
+    unet = [p for n, p in params.items() if n.startswith("unet.")]
+    text = [p for n, p in params.items() if not n.startswith("unet.")]
+    lr = config.lr if config.text_encoder_lr is None else config.text_encoder_lr
+    wd = config.weight_decay if config.text_weight_decay is None else config.text_weight_decay
+    return [{"params": unet}, {"params": text, "lr": lr, "weight_decay": wd}]
 
 
 def _make_step(pipe: Pipeline, config: DreamBoothLoRAConfig, pixels: np.ndarray, cls_pixels: np.ndarray | None,
@@ -421,18 +466,16 @@ def _make_step(pipe: Pipeline, config: DreamBoothLoRAConfig, pixels: np.ndarray,
     (0, 0), target size the resolution), as train_dreambooth_lora_sdxl.py's compute_time_ids)."""
     family = family_of(pipe)
     stack = text_stack(pipe)
-    text = stack.primary
-    text_encoder, unet, vae = text.encoder, pipe.unet, pipe.vae
+    unet, vae = pipe.unet, pipe.vae
     noising = Noising(pipe)
     flip = config.flip_p > 0
     mean, std = latent_stats(vae, pixels, flip, device)
     if cls_pixels is not None:
         cmean, cstd = latent_stats(vae, cls_pixels, flip, device)
     all_ids = [token_ids(e.tokenizer, [config.instance_prompt, config.class_prompt]).to(device) for e in stack]
-    ids = all_ids[0]
+    res = int(pixels.shape[1])
     fixed_cond = fixed_added = None
     if not config.train_text_encoder:  # the text encoders do not change: encode the two prompts once
-        res = int(pixels.shape[1])
         with torch.no_grad():
             fixed_cond, fixed_added = family.unet_condition(stack, all_ids, all_ids, (side, side), res)
         if fixed_added is not None:
@@ -451,8 +494,14 @@ def _make_step(pipe: Pipeline, config: DreamBoothLoRAConfig, pixels: np.ndarray,
             m, sd, rows = torch.cat([m, cmean[c]]), torch.cat([sd, cstd[c]]), rows + [1] * B
         zt, t, target = noising(m, sd, g, device)
         r = torch.tensor(rows, device=device)
-        cond = fixed_cond[r] if fixed_cond is not None else text_encoder(ids[r])[0]
-        added = None if fixed_added is None else {k: v[r] for k, v in fixed_added.items()}
+        if fixed_cond is not None:
+            cond = fixed_cond[r]
+            added = None if fixed_added is None else {k: v[r] for k, v in fixed_added.items()}
+        else:  # the text encoders' adapters train: encode through them (SD 1.x: the last hidden state)
+            picked = [a[r] for a in all_ids]
+            cond, added = family.unet_condition(stack, picked, picked, (side, side), res)
+            if added is not None:
+                added = {k: v.to(unet_dtype) for k, v in added.items()}
         pred = unet(zt.to(unet_dtype), t, cond.to(unet_dtype), added_cond_kwargs=added).sample.float()
         loss = F.mse_loss(pred[:B], target[:B])
         if cls_pixels is not None:

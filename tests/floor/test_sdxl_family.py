@@ -15,7 +15,7 @@ def sdxl_like(**more):
                            **more)
 
 
-def test_an_sdxl_pipeline_is_of_the_sdxl_family_trains_ti_and_dreambooth_only_and_adopts_nothing_yet():
+def test_an_sdxl_pipeline_is_of_the_sdxl_family_trains_ti_and_dreambooth_only_and_adopts_lora_runs_only():
     from persviz.families import adopting_family
     from persviz.methods import get_method
     pipe = sdxl_like()
@@ -27,9 +27,10 @@ def test_an_sdxl_pipeline_is_of_the_sdxl_family_trains_ti_and_dreambooth_only_an
                        "textual_inversion / dreambooth on my/xl") as info:
         training_family(pipe, "my/xl", get_method("custom_diffusion"))
     assert "\n" not in str(info.value)
-    with pytest.raises(UnsupportedModelError, match="my/xl is a Stable Diffusion XL pipeline and persviz adopts runs "
-                       "trained on Stable Diffusion 1.x only so far") as info:
-        adopting_family(pipe, "my/xl")
+    assert adopting_family(pipe, "my/xl", get_method("dreambooth")) is FAMILIES["sdxl"]
+    with pytest.raises(UnsupportedModelError, match="persviz adopts dreambooth runs on Stable Diffusion XL so far, not "
+                       "textual_inversion; adopt a textual_inversion run trained on Stable Diffusion 1.x") as info:
+        adopting_family(pipe, "my/xl", get_method("ti"))
     assert "\n" not in str(info.value)
 
 

@@ -41,9 +41,11 @@ def run(sdxl, tmp_path_factory):
 
 
 def encoded(pipe, prompts):
-    """diffusers' own prompt_embeds [N, 77, 80] (clip_l's 32 columns, then clip_g's 48)."""
+    """diffusers' own prompt_embeds [N, 77, 80] (clip_l's 32 columns, then clip_g's 48) and pooled_prompt_embeds
+    [N, 48] (clip_g's projected pooled output)."""
     with torch.no_grad():
-        return pipe.encode_prompt(prompts, device=torch.device("cpu"), do_classifier_free_guidance=False)[0].float()
+        out = pipe.encode_prompt(prompts, device=torch.device("cpu"), do_classifier_free_guidance=False)
+    return out[0].float(), out[2].float()
 
 
 def direct(pipe, parts):
@@ -52,14 +54,16 @@ def direct(pipe, parts):
     for e in text_stack(pipe):
         load_learned_token(pipe, parts[e.name], token="<v>", text=e)
     try:
-        P_v = encoded(pipe, [p.format("<v>") for p in CONTEXTUAL])
-        P_s = encoded(pipe, [p.format("<v>") for p in SIMPLE])
+        (P_v, pool_v), (P_s, pool_s) = (encoded(pipe, [p.format("<v>") for p in CONTEXTUAL]),
+                                        encoded(pipe, [p.format("<v>") for p in SIMPLE]))
     finally:
         for e in text_stack(pipe):
             pipe.unload_textual_inversion("<v>", tokenizer=e.tokenizer, text_encoder=e.encoder)
-    P_c = encoded(pipe, [p.format("dog") for p in CONTEXTUAL])
+    P_c, pool_c = encoded(pipe, [p.format("dog") for p in CONTEXTUAL])
     cols = {"": slice(None), "clip_l": slice(0, 32), "clip_g": slice(32, None)}
-    return {k: tuple(x[..., c].reshape(len(x), -1) for x in (P_v, P_c, P_s)) for k, c in cols.items()}
+    sets = {k: tuple(x[..., c].reshape(len(x), -1) for x in (P_v, P_c, P_s)) for k, c in cols.items()}
+    sets["clip_g_pooled"] = (pool_v, pool_c, pool_s)
+    return sets
 
 
 def test_the_tracker_per_encoder_and_on_the_concatenated_state_against_a_direct_computation(sdxl, run):
@@ -81,6 +85,8 @@ def test_the_tracker_per_encoder_and_on_the_concatenated_state_against_a_direct_
             assert track[f"{pre}intra_class_hausdorff"][i] == pytest.approx(ref.reference_intra_hausdorff(P_c), **close)
             assert track[f"{pre}vs_simple_l2"][i] == pytest.approx(ref.reference_l2_distance(P_v, P_s), **close)
             assert track[f"{pre}vs_simple_kl"][i] == pytest.approx(ref.reference_kl_divergence(P_v, P_s), **close)
+        assert sets["clip_g_pooled"][0].shape == (len(CONTEXTUAL), 48)
+        assert track["clip_g_pooled_inter_l2"][i] != track["clip_g_inter_l2"][i]
         # the concatenated state is not a mix of the parts' numbers: its L2 is that of the 80-wide rows
         assert track["inter_l2"][i] != track["clip_l_inter_l2"][i] != track["clip_g_inter_l2"][i]
         for e in stack:  # each encoder's row against its own encoder's class-word row, by hand
@@ -99,6 +105,9 @@ def test_pairs_of_steps_and_parts_and_the_refusals(sdxl, run):
                                      CONTEXTUAL, class_word="dog", placeholder="<v>", progress=False,
                                      representation="last")
     assert from_file == from_dict and "vs_simple_l2" not in from_file
+    full = track_semantic_shift(sdxl, run, CONTEXTUAL, progress=False)  # the pooled vector is one per prompt
+    assert from_file["clip_g_pooled_inter_l2"] == full["clip_g_pooled_inter_l2"]
+    assert from_file["clip_g_inter_l2"] != full["clip_g_inter_l2"]
     with pytest.raises(ValueError, match="must hold one part per text encoder of the model \\(clip_l, clip_g\\)"):
         track_semantic_shift(sdxl, [(1, parts["clip_l"])], CONTEXTUAL, class_word="dog", progress=False)
     with pytest.raises(ValueError, match="D=32 but the clip_g text encoder's rows have D=48"):
