@@ -15,10 +15,12 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
+from persviz.constants import CPU_OFFLOAD_ENV
 from persviz.families.base import Family, Pipeline, UnsupportedModelError
 
 _MODULES = ("sd1",  # one line per family
-            "sdxl")
+            "sdxl",
+            "flux")
 FAMILIES: dict[str, Family] = {f.name: f for f in (import_module(f"persviz.families.{n}").FAMILY for n in _MODULES)}
 DEFAULT_FAMILY: Family = FAMILIES["sd1"]  # the embedded micro-SD's family, and recipes' when a caller names none
 
@@ -142,22 +144,60 @@ def text_stack(pipe: Pipeline) -> Any:
     return family_of(pipe).text_stack(pipe)
 
 
-def assemble_pipeline(model: Any = None, device: str | None = None, dtype: Any = None) -> Any:
+def index_family(model: Any) -> Family | None:
+    """The family whose ``pipeline_class`` a model's ``model_index.json`` names (a Hub id in the local cache or a
+    folder), read before loading it; None when there is none to read or no family claims it."""
+    if not isinstance(model, (str, os.PathLike)) or is_single_file(model):
+        return None
+    from diffusers import DiffusionPipeline  # heavy: diffusers
+    try:
+        index = DiffusionPipeline.load_config(str(model))
+    except (OSError, ValueError):
+        return None  # not there: the loader says so with its sentence
+    return next((f for f in FAMILIES.values() if f.pipeline_class and f.pipeline_class == index.get("_class_name")),
+                None)
+
+
+def wants_cpu_offload(cpu_offload: bool | None) -> bool:
+    """cpu_offload, else the command line's ``--cpu-offload`` (PERSVIZ_CPU_OFFLOAD=1)."""
+    if cpu_offload is not None:
+        return bool(cpu_offload)
+    return os.environ.get(CPU_OFFLOAD_ENV, "").strip() not in ("", "0")
+
+
+def assemble_pipeline(model: Any = None, device: str | None = None, dtype: Any = None,
+                      cpu_offload: bool | None = None) -> Any:
     """The pipeline of `model` ('shapesworld' or None: the embedded micro-SD; a Hub id, a folder, or a loaded
     pipeline, or a single-file .safetensors checkpoint), loaded (persviz.loading.load_pipeline; a file:
     ``load_checkpoint``), checked against the families and prepared for persviz's studies by its family (at full
-    scale the paper's sampler). The notebooks' setup and every command use it."""
+    scale the paper's sampler). The notebooks' setup and every command use it.
+
+    On a GPU without a dtype the family's (``Family.gpu_dtype``: float16, Flux bfloat16). cpu_offload (None: the
+    command line's ``--cpu-offload``): diffusers' ``enable_model_cpu_offload``, each model moved to the GPU while it
+    runs, for cards with less memory than the pipeline needs (FLUX.1 in bf16 needs about 34 GB); it needs a CUDA
+    GPU and is refused with a sentence without one."""
+    import torch  # heavy: torch
     from persviz.loading import is_embedded, load_pipeline  # heavy: diffusers (the loader)
+    offload = wants_cpu_offload(cpu_offload)
+    if offload and not torch.cuda.is_available():
+        raise UnsupportedModelError("--cpu-offload moves each model of the pipeline to a CUDA GPU while it runs, and "
+                                    "this machine has none; leave --cpu-offload out (the pipeline runs on the CPU)")
+    family = index_family(model) if dtype is None else None
+    if family is not None and (offload or (device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu"):
+        dtype = getattr(torch, family.gpu_dtype)
     if is_single_file(model):
         pipe = load_checkpoint(model, device=device, dtype=dtype)
         return family_of(pipe, str(model)).prepare(pipe, embedded=False)
-    pipe = load_pipeline(model, device=device, dtype=dtype)
+    pipe = load_pipeline(model, device="cpu" if offload else device, dtype=dtype)
     family = family_of(pipe, None if model is None else str(model) if isinstance(model, (str, os.PathLike)) else None)
     if not isinstance(model, (str, os.PathLike)) and model is not None:
         return pipe  # a pipeline the caller already loaded and set up: checked, left as it is
-    return family.prepare(pipe, embedded=is_embedded(model))
+    pipe = family.prepare(pipe, embedded=is_embedded(model))
+    if offload:
+        pipe.enable_model_cpu_offload(device=device or "cuda")
+    return pipe
 
 
 __all__ = ["CHECKPOINT_SUFFIXES", "DEFAULT_FAMILY", "FAMILIES", "Family", "UnsupportedModelError",
            "assemble_pipeline", "checkpoint_family", "family_of", "get_family", "is_single_file", "load_checkpoint",
-           "text_stack", "training_family", "adopting_family"]
+           "text_stack", "training_family", "adopting_family", "index_family", "wants_cpu_offload"]
