@@ -21,11 +21,15 @@ import torch
 
 @dataclass(frozen=True)
 class TextEncoder:
-    """One text encoder of a pipeline: its name ('clip_l'), tokenizer and model."""
+    """One text encoder of a pipeline: its name ('clip_l'), tokenizer and model; pieces: its tokenizer splits
+    ordinary words into several tokens (T5's SentencePiece), so TEA takes a class word of several tokens as one unit
+    (docs/tea.md §2) where a CLIP encoder asks for a one-token word."""
 
     name: str
     tokenizer: Any
     encoder: Any
+    pieces: bool = False  # a SentencePiece tokenizer (Flux's T5) that splits many words: a class word may be several
+
 
     @property
     def width(self) -> int:

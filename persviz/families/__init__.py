@@ -139,6 +139,12 @@ def adopting_family(pipe: Pipeline, model: str | None = None) -> Family:
     return family
 
 
+def is_pipeline(obj: Any) -> bool:
+    """Whether obj is a diffusion pipeline of some family (a denoiser: a UNet or, Flux, a transformer), not a
+    (tokenizer, text_encoder) pair or a lone component."""
+    return not isinstance(obj, (tuple, list)) and (hasattr(obj, "unet") or hasattr(obj, "transformer"))
+
+
 def text_stack(pipe: Pipeline) -> Any:
     """The text encoders of a diffusion pipeline (persviz.text_stack.TextStack), as its family lays them out."""
     return family_of(pipe).text_stack(pipe)
@@ -200,4 +206,4 @@ def assemble_pipeline(model: Any = None, device: str | None = None, dtype: Any =
 
 __all__ = ["CHECKPOINT_SUFFIXES", "DEFAULT_FAMILY", "FAMILIES", "Family", "UnsupportedModelError",
            "assemble_pipeline", "checkpoint_family", "family_of", "get_family", "is_single_file", "load_checkpoint",
-           "text_stack", "training_family", "adopting_family", "index_family", "wants_cpu_offload"]
+           "text_stack", "training_family", "adopting_family", "index_family", "is_pipeline", "wants_cpu_offload"]

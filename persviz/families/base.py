@@ -79,7 +79,8 @@ class Family:
         [B, L, D_e] per encoder of `stack`, in its order and the dtype the pipeline passes on, the pooled embedding
         [B, P] the UNet reads besides or None where the family has none). tokens: per encoder, its tokenizer's
         output for the prompts (``input_ids``, ``attention_mask``; padded to the tokenizer's maximum length). The
-        hidden states concatenated along the last dimension are the pipeline's ``prompt_embeds``."""
+        hidden states of ``state_encoders`` concatenated along the last dimension are the pipeline's
+        ``prompt_embeds`` (SD 1.x, SDXL: every encoder's; Flux: T5's, CLIP reaching it through the pooled output)."""
         raise NotImplementedError
 
     def prepare(self, pipe: Pipeline, embedded: bool) -> Any:

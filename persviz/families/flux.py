@@ -115,7 +115,7 @@ class Flux(Family):
     def text_stack(self, pipe: Pipeline) -> Any:
         from persviz.text_stack import TextEncoder, TextStack  # heavy: torch
         return TextStack((TextEncoder("clip_l", pipe.tokenizer, pipe.text_encoder),
-                          TextEncoder("t5", pipe.tokenizer_2, pipe.text_encoder_2)))
+                          TextEncoder("t5", pipe.tokenizer_2, pipe.text_encoder_2, pieces=True)))
 
     def prompt_states(self, stack: Any, tokens: Any) -> Any:
         """FluxPipeline.encode_prompt's: ([clip_l's last hidden state, T5's last hidden state], clip_l's pooled

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from persviz.families import is_pipeline
 from persviz.families.base import Pipeline
 from persviz.tea import shift as sm
 from persviz.embedding_files import EmbeddingFileError, read_embedding_file
@@ -161,7 +162,7 @@ class _PromptEncoder:
 
     def __init__(self, pipe: Pipeline, placeholder: str, class_word: str, n_vectors: int, representation: str,
                  batch_size: int) -> None:
-        if isinstance(pipe, (tuple, list)) or not hasattr(pipe, "unet"):
+        if not is_pipeline(pipe):
             tokenizer, encoder = prompt_parts(pipe)
             if tokenizer is None or encoder is None:
                 raise ValueError("pipe needs a tokenizer and a text_encoder (a StableDiffusionPipeline, or that pair)")
