@@ -60,6 +60,13 @@ class TextStack:
     """A pipeline's text encoders in the order the pipeline concatenates or uses them."""
 
     encoders: tuple[TextEncoder, ...]
+    family: str = ""  # the family's name in sentences where its text stack sets it ('FLUX.1')
+
+    @property
+    def family_name(self) -> str:
+        """The model family in sentences: the stack's own, else by its encoders (one: 'Stable Diffusion 1.x'; two
+        without a name: SDXL, whose stack predates the field)."""
+        return self.family or ("Stable Diffusion 1.x" if len(self.encoders) == 1 else "SDXL")
 
     def __iter__(self) -> Iterator[TextEncoder]:
         return iter(self.encoders)

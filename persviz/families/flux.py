@@ -95,10 +95,12 @@ class Flux(Family):
 
     def refusal(self, pipe: Pipeline, model: str) -> str | None:
         kind = type(pipe).__name__
-        if getattr(pipe, "transformer", None) is None or getattr(pipe, "text_encoder_2", None) is None:
-            return (f"{model} ({kind}) has no transformer and T5 text encoder, so it is not a FLUX.1 pipeline "
+        t5 = getattr(getattr(getattr(pipe, "text_encoder_2", None), "config", None), "model_type", "") == "t5"
+        if not t5 or getattr(pipe, "tokenizer_2", None) is None:  # its text stack alone (inspect) has no transformer
+            return (f"{model} ({kind}) has no T5 text encoder and transformer, so it is not a FLUX.1 pipeline "
                     f"(clip_l + t5 and a joint-attention transformer); use {FLUX_DEV} or {FLUX_SCHNELL}")
-        if not hasattr(pipe.transformer, "single_transformer_blocks"):
+        transformer = getattr(pipe, "transformer", None)
+        if transformer is not None and not hasattr(transformer, "single_transformer_blocks"):
             return (f"{model} ({kind}) has a transformer of another architecture ({type(pipe.transformer).__name__}), "
                     f"not FLUX.1's FluxTransformer2DModel; use {FLUX_DEV} or {FLUX_SCHNELL}")
         return None
@@ -115,7 +117,8 @@ class Flux(Family):
     def text_stack(self, pipe: Pipeline) -> Any:
         from persviz.text_stack import TextEncoder, TextStack  # heavy: torch
         return TextStack((TextEncoder("clip_l", pipe.tokenizer, pipe.text_encoder),
-                          TextEncoder("t5", pipe.tokenizer_2, pipe.text_encoder_2, pieces=True)))
+                          TextEncoder("t5", pipe.tokenizer_2, pipe.text_encoder_2, pieces=True)),
+                         family=self.label)
 
     def prompt_states(self, stack: Any, tokens: Any) -> Any:
         """FluxPipeline.encode_prompt's: ([clip_l's last hidden state, T5's last hidden state], clip_l's pooled
@@ -142,10 +145,10 @@ class Flux(Family):
 
     def write_test_cache(self, cache_dir: Any, small: bool = True, seed: int = 0) -> dict[str, Any]:
         """FLUX.1-dev's and FLUX.1-schnell's diffusers layouts under their real Hub ids with random weights (each
-        drawn from `seed`; schnell's transformer without the guidance embedder); small=True: clip_l 32 wide, T5 48 (so a mix-up of
-        the encoders shows), a transformer of 2 double-stream and 2 single-stream blocks (2 heads of 16), a VAE of 4
-        latent channels, 64 px images, 32 T5 tokens. Weights of T5 and the transformer are written in shards with
-        their index, as on the Hub."""
+        drawn from `seed`; schnell's transformer without the guidance embedder); small=True: clip_l 32 wide, T5 48
+        (so a mix-up of the encoders shows), a transformer of 2 double-stream and 2 single-stream blocks (2 heads of
+        16), a VAE of 4 latent channels, 64 px images, 32 T5 tokens. Weights of T5 and the transformer are written in
+        shards with their index, as on the Hub."""
         import torch  # heavy: torch
         from persviz.sd15 import file_into_cache  # heavy: torch
         if not small:

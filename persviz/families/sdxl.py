@@ -110,9 +110,10 @@ class StableDiffusionXL(Family):
         if getattr(pipe, "text_encoder_2", None) is None or getattr(pipe, "tokenizer_2", None) is None:
             return (f"{model} ({kind}) has no second text encoder and tokenizer, so it is not an SDXL pipeline "
                     f"(clip_l + clip_g); use {SDXL_BASE} or a model fine-tuned from it")
-        if getattr(pipe, "transformer", None) is not None:  # FLUX.1 (clip_l + t5, a transformer): the Flux family's
-            return (f"{model} ({kind}) has two text encoders and a transformer, not a UNet, so it is not an SDXL "
-                    f"pipeline; use {SDXL_BASE} or a model fine-tuned from it")
+        t5 = getattr(getattr(pipe.text_encoder_2, "config", None), "model_type", "") == "t5"
+        if getattr(pipe, "transformer", None) is not None or t5:  # FLUX.1 (clip_l + t5, a transformer): Flux's
+            return (f"{model} ({kind}) has a T5 text encoder and a transformer, not clip_g and a UNet, so it is not "
+                    f"an SDXL pipeline; use {SDXL_BASE} or a model fine-tuned from it")
         return None
 
     def text_stack(self, pipe: Pipeline) -> Any:

@@ -115,11 +115,11 @@ def test_the_other_families_refuse_a_flux_pipeline_and_flux_refuses_theirs(offli
     flux = load_pipeline(FLUX_SCHNELL, device="cpu")
     sdxl = load_pipeline(SDXL_BASE, device="cpu")
     assert FAMILIES["sdxl"].refusal(flux, FLUX_SCHNELL) == (
-        f"{FLUX_SCHNELL} (FluxPipeline) has two text encoders and a transformer, not a UNet, so it is not an SDXL "
-        f"pipeline; use {SDXL_BASE} or a model fine-tuned from it")
+        f"{FLUX_SCHNELL} (FluxPipeline) has a T5 text encoder and a transformer, not clip_g and a UNet, so it is not "
+        f"an SDXL pipeline; use {SDXL_BASE} or a model fine-tuned from it")
     assert FAMILIES["sd1"].refusal(flux, FLUX_SCHNELL).startswith(
         f"{FLUX_SCHNELL} (FluxPipeline) is a diffusion transformer, not a Stable Diffusion 1.x pipeline")
     assert FAMILIES["flux"].refusal(sdxl, SDXL_BASE) == (
-        f"{SDXL_BASE} (StableDiffusionXLPipeline) has no transformer and T5 text encoder, so it is not a FLUX.1 "
+        f"{SDXL_BASE} (StableDiffusionXLPipeline) has no T5 text encoder and transformer, so it is not a FLUX.1 "
         f"pipeline (clip_l + t5 and a joint-attention transformer); use {FLUX_DEV} or {FLUX_SCHNELL}")
     assert family_of(sdxl) is FAMILIES["sdxl"] and family_of(flux) is FAMILIES["flux"]
