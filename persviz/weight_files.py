@@ -80,7 +80,7 @@ def weight_keys(path: PathLike) -> list[str] | None:
 def lora_layout(keys: Any) -> str | None:
     """'diffusers' (``unet.*.lora_A.weight`` / ``lora.down`` / ``lora_linear_layer``, what diffusers' LoRA scripts and
     ``save_lora_weights`` write), 'kohya' (``lora_unet_*.lora_down.weight``, ``.alpha``: kohya's sd-scripts and
-    A1111), 'kohya-sdxl' (``lora_te1_`` / ``lora_te2_``), or None."""
+    A1111), 'kohya-sdxl' (``lora_te1_`` / ``lora_te2_``), 'diffusers-flux' (``transformer.*``: FLUX.1's), or None."""
     keys = [str(k) for k in keys]
     if not keys:
         return None
@@ -91,6 +91,8 @@ def lora_layout(keys: Any) -> str | None:
     lora = ("lora_A.", "lora_B.", "lora.down.", "lora.up.", "lora_linear_layer.")
     if all(k.startswith(("unet.", "text_encoder.")) for k in keys) and any(s in k for k in keys for s in lora):
         return "diffusers"
+    if all(k.startswith(("transformer.", "text_encoder.")) for k in keys) and any(s in k for k in keys for s in lora):
+        return "diffusers-flux"  # FluxPipeline.save_lora_weights (train_dreambooth_lora_flux.py)
     return None
 
 

@@ -54,15 +54,11 @@ def training_family(pipe: Pipeline, model: str | None = None, method: Any = None
     persviz.methods Method) does not train that method on it yet."""
     family = family_of(pipe, model)
     if family.trains and method is not None and family.trains_only and method.name not in family.trains_only:
-        others = " or ".join(f.label for f in FAMILIES.values() if f.trains and not f.trains_only)
+        others = " or ".join(f.label for f in FAMILIES.values() if f.trains and method.name in f.recipes
+                             and (not f.trains_only or method.name in f.trains_only))
         raise UnsupportedModelError(
             f"persviz trains {' and '.join(family.trains_only)} on {family.label} so far, not {method.name}; train "
             f"{method.name} on {others}, or {' / '.join(family.trains_only)} on {model or type(pipe).__name__}")
-    if not family.trains and method is not None and method.name in family.no_recipe:  # its own reason (Flux)
-        takes = " or ".join(f.label for f in FAMILIES.values() if f.trains and method.name in f.recipes)
-        raise UnsupportedModelError(f"persviz does not train {method.name} on {family.label} "
-                                    f"({model or type(pipe).__name__}): {family.no_recipe[method.name]}"
-                                    f"{'; it trains ' + method.name + ' on ' + takes if takes else ''}")
     if not family.trains:
         takes = " or ".join(f.label for f in FAMILIES.values() if f.trains)
         example = next(f.hub_ids[0] for f in FAMILIES.values() if f.trains and f.hub_ids)

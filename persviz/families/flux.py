@@ -13,9 +13,10 @@ name (``Flux.variant``).
 So far persviz loads (a Hub id or a folder; bf16 on a GPU, ``cpu_offload`` for cards under 80 GB), checks and
 prepares Flux pipelines, encodes prompts as ``FluxPipeline.encode_prompt`` does (``prompt_states``: prompt-level TEA
 and the tracker), applies token-level TEA to learned rows of either encoder, and reads, inspects and fixes Flux
-Textual Inversion files (``clip_l`` + ``t5``). Training Textual Inversion and Custom Diffusion on Flux is refused
-with a sentence (``no_recipe``), and so is DreamBooth-LoRA until the trainer drives a transformer (``trains``);
-single-file Flux checkpoints (the transformer alone) are not read.
+Textual Inversion files (``clip_l`` + ``t5``), and trains DreamBooth-LoRA on the transformer as diffusers'
+``train_dreambooth_lora_flux.py`` does (``FLUX_RECIPES``; persviz.trainers.dreambooth_lora_flux). Training Textual
+Inversion and Custom Diffusion on Flux is refused with a sentence (``no_recipe``), adopting Flux runs too
+(``adopts``); single-file Flux checkpoints (the transformer alone) are not read.
 
 The architecture values below are the published ones of the two Hub repositories (``model_index.json`` and the
 component configs; no machine here reaches the Hub, so they are not checked byte for byte);
@@ -78,12 +79,27 @@ GENERATION = {
     FLUX_DEV: {"steps": 28, "guidance": 3.5, "batch_size": 1, "max_sequence_length": 512},
     FLUX_SCHNELL: {"steps": 4, "guidance": 0.0, "batch_size": 1, "max_sequence_length": 256}}
 
+# Recipes: the defaults of diffusers' examples/dreambooth/train_dreambooth_lora_flux.py, read in huggingface/diffusers
+# at commit 58eb52c0803ea9af3abec60841c2a093bdf1f951 (argparse defaults unless marked): --learning_rate 1e-4,
+# --rank 4 (--lora_alpha 4: scale 1, as persviz's LoRA), --resolution 512, --train_batch_size 4,
+# --checkpointing_steps 500, --train_text_encoder off, --with_prior_preservation off, --prior_loss_weight 1.0,
+# --num_class_images 100, --sample_batch_size 4, --adam_weight_decay 1e-04, --max_grad_norm 1.0, --random_flip off,
+# --guidance_scale 3.5 (the transformer's guidance input while training: persviz.trainers.dreambooth_lora_flux),
+# --max_sequence_length 512 (T5's tokenizer's own maximum), --weighting_scheme none (uniform timesteps, plain MSE),
+# the LoRA on its default target modules (--lora_layers unset); --max_train_steps has no default (one epoch), so steps
+# are its README_flux.md example's --max_train_steps=500. Class images (prior preservation, off) would come from the
+# pipeline's defaults, 28 steps at guidance 3.5.
+FLUX_RECIPES = {
+    "dreambooth": {"lr": 1e-4, "rank": 4, "resolution": 512, "batch_size": 4, "save_every": 500, "steps": 500,
+                   "train_text_encoder": False, "prior_preservation": False, "prior_loss_weight": 1.0,
+                   "num_class_images": 100, "class_batch_size": 4, "class_steps": 28, "class_guidance": 3.5,
+                   "weight_decay": 1e-4, "max_grad_norm": 1.0, "flip_p": 0.0},
+}
 NO_FLUX_RECIPE = {
     "textual_inversion": ("persviz reads, inspects and fixes Flux Textual Inversion files (clip_l + t5) but does "
                           "not train them; diffusers has no Flux Textual Inversion script: train the rows with its "
                           "train_dreambooth_lora_flux_advanced.py (--train_text_encoder_ti) and inspect or fix the "
                           "file with persviz"),
-    "dreambooth": "persviz's DreamBooth-LoRA trainer drives a UNet; the Flux transformer's LoRA is not trained yet",
     "custom_diffusion": ("Custom Diffusion fine-tunes a UNet's cross-attention keys and values, which Flux's "
                          "joint-attention transformer does not have"),
     "lora_finetune": "FineXL's LoRA fine-tune is studied on ShapesWorld's micro-SD only"}
@@ -245,4 +261,7 @@ def write_flux_repo(folder: Path, hub_id: str = FLUX_DEV) -> None:
 FAMILY = Flux(
     "flux", "FLUX.1", hub_ids=(FLUX_DEV, FLUX_SCHNELL),
     generation=GENERATION[FLUX_DEV],  # the default model's; a pipeline's own: Flux.pipeline_generation
-    trains=False, adopts=False, no_recipe=NO_FLUX_RECIPE, pipeline_class="FluxPipeline", gpu_dtype="bfloat16")
+    # DreamBooth-LoRA on the transformer (train_dreambooth_lora_flux.py's defaults); Textual Inversion and Custom
+    # Diffusion have no recipe (their sentences); adopting Flux runs comes later
+    adopts=False, recipes=FLUX_RECIPES, no_recipe=NO_FLUX_RECIPE, pipeline_class="FluxPipeline",
+    gpu_dtype="bfloat16")

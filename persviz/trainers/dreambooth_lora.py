@@ -97,6 +97,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 UNET_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 _ADAPTER = "persviz_dreambooth"
+ADAPTER = _ADAPTER  # the adapters' name in the denoiser (persviz.trainers.dreambooth_lora_flux saves them by it)
 _FORMAT = 1
 
 
@@ -182,7 +183,10 @@ def load_dreambooth_lora(pipe: Pipeline, path: PathLike, adapter_name: str | Non
     f = find_lora_file(path)
     sd, _, _ = read_weights(f)
     layout = lora_layout(sd)
-    if layout not in ("diffusers", "kohya"):
+    if layout == "diffusers-flux" and getattr(pipe, "transformer", None) is None:
+        raise ValueError(f"{f} is a FLUX.1 LoRA (transformer.* keys): it was trained on another model; load it into "
+                         "a FLUX.1 pipeline")
+    if layout not in ("diffusers", "kohya", "diffusers-flux"):
         raise ValueError(f"{f} is not an SD 1.x LoRA in diffusers' or kohya's layout (keys {sorted(sd)[:3]}); "
                          "pass the LoRA file of a DreamBooth-LoRA run" if layout is None else
                          f"{f} is an SDXL LoRA (lora_te1_/lora_te2_ keys): it was trained on another model")
@@ -238,12 +242,13 @@ def _remove_lora(module: torch.nn.Module, before: dict) -> None:
 
 
 @contextlib.contextmanager
-def lora_adapters(unet: Any, text_encoder: Any,
-                   config: DreamBoothLoRAConfig) -> Iterator[dict[str, torch.nn.Parameter]]:
-    """Adds the adapters (float32, deterministic init); yields {"unet.<name>" / "text_encoder.<name>": param}."""
+def lora_adapters(unet: Any, text_encoder: Any, config: DreamBoothLoRAConfig,
+                  targets: tuple[str, ...] = UNET_TARGETS) -> Iterator[dict[str, torch.nn.Parameter]]:
+    """Adds the adapters (float32, deterministic init); yields {"unet.<name>" / "text_encoder.<name>": param}.
+    unet: the denoiser (FLUX.1's transformer with its targets)."""
     from peft import LoraConfig  # heavy: peft
 
-    models = [("unet", unet, UNET_TARGETS)]
+    models = [("unet", unet, targets)]
     if config.train_text_encoder:
         models.append(("text_encoder", text_encoder, TEXT_ENCODER_TARGETS))
     before = [dict(m.__dict__) for _, m, _ in models]
@@ -325,6 +330,11 @@ def _check_identifier(tokenizer: Any, config: DreamBoothLoRAConfig) -> list[int]
         raise ValueError(f"the identifier {config.identifier!r} is not a word of the instance prompt "
                          f"{config.instance_prompt!r} after tokenization (cut at {tokenizer.model_max_length} tokens?)")
     return ident
+
+
+def check_identifier_ids(tokenizer: Any, config: DreamBoothLoRAConfig) -> list[int]:
+    """The identifier's token ids, checked as this trainer checks them (for the FLUX.1 trainer)."""
+    return _check_identifier(tokenizer, config)
 
 
 def train_dreambooth_lora(

@@ -65,8 +65,8 @@ def test_persviz_inspect_diagnoses_a_flux_file_per_encoder_against_the_pipelines
 def test_persviz_fix_writes_a_flux_file_in_its_layout_that_gives_teas_images(offline_sd15_cache, tmp_path, layout,
                                                                               dtype):
     rows = flux_file(tmp_path / "mine.safetensors", layout, dtype=dtype)
-    main(["fix", str(tmp_path / "mine.safetensors"), "--class-word", "teapot", "--out", str(tmp_path / "fixed.safetensors"),
-          "--model", FLUX_DEV, "--rotation", "0.2", "--scale", "0.5"])
+    main(["fix", str(tmp_path / "mine.safetensors"), "--class-word", "teapot", "--out",
+          str(tmp_path / "fixed.safetensors"), "--model", FLUX_DEV, "--rotation", "0.2", "--scale", "0.5"])
     written = safetensors.torch.load_file(str(tmp_path / "fixed.safetensors"))
     original = safetensors.torch.load_file(str(tmp_path / "mine.safetensors"))
     assert sorted(written) == sorted(original) and all(v.dtype == dtype for v in written.values())
@@ -110,9 +110,11 @@ def test_files_and_models_of_other_families_are_refused_naming_both(offline_sd15
                                 str(tmp_path / "xl.safetensors"))
     flux_file(tmp_path / "flux.safetensors")
     with pytest.raises(SystemExit, match="a Stable Diffusion 1.x-style embedding\\) but black-forest-labs/FLUX.1-dev "
-                                         "is a FLUX.1-style model with 2 text encoders \\(clip_l 32 wide, t5 48 wide\\)"):
+                                         "is a FLUX.1-style model with 2 text encoders \\(clip_l 32 wide, t5 48 "
+                                         "wide\\)"):
         main(["inspect", str(tmp_path / "sd1.safetensors"), "--model", FLUX_DEV])
-    with pytest.raises(SystemExit, match="xl.safetensors is an SDXL embedding \\(clip_l \\[1, 32\\], clip_g \\[1, 48\\]\\) "
+    with pytest.raises(SystemExit, match="xl.safetensors is an SDXL embedding \\(clip_l \\[1, 32\\], clip_g "
+                                         "\\[1, 48\\]\\) "
                                          f"but {FLUX_DEV} is a FLUX.1 model .*--model {SDXL_BASE}"):
         main(["inspect", str(tmp_path / "xl.safetensors"), "--model", FLUX_DEV])
     with pytest.raises(SystemExit, match="flux.safetensors is a FLUX.1 embedding .* is an SDXL model "
@@ -134,11 +136,11 @@ def test_files_and_models_of_other_families_are_refused_naming_both(offline_sd15
 
 
 @pytest.mark.parametrize("method,why", [
-    ("textual-inversion", "persviz does not train textual_inversion on FLUX.1 \\(black-forest-labs/FLUX.1-dev\\): "
-                          "persviz reads, inspects and fixes Flux Textual Inversion files \\(clip_l \\+ t5\\) but does "
-                          "not train them"),
-    ("custom-diffusion", "persviz does not train custom_diffusion on FLUX.1 .*: Custom Diffusion fine-tunes a UNet's "
-                         "cross-attention keys and values, which Flux's joint-attention transformer does not have"),
+    ("textual-inversion", "persviz has no textual_inversion recipe for FLUX.1 \\(persviz reads, inspects and fixes Flux "
+                          "Textual Inversion files \\(clip_l \\+ t5\\) but does not train them; .*\\); train "
+                          "dreambooth on it"),
+    ("custom-diffusion", "persviz has no custom_diffusion recipe for FLUX.1 \\(Custom Diffusion fine-tunes a UNet's "
+                         "cross-attention keys and values, which Flux's joint-attention transformer does not have\\)"),
 ])
 def test_training_refused_methods_on_flux_says_why(offline_sd15_cache, tmp_path, method, why):
     photos = photo_folder(tmp_path / "photos")
