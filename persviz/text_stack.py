@@ -114,13 +114,18 @@ class PlaceholderRows:
 
     @contextlib.contextmanager
     def hooked(self, encoder: Any) -> Iterator["PlaceholderRows"]:
-        """The hook on encoder's input embedding inside the block; removed (and mask cleared) on exit."""
-        handle = encoder.get_input_embeddings().register_forward_hook(self)
+        """The hook on encoder's input embedding inside the block; removed (and mask cleared) on exit. Every
+        embedding module that holds the input-embedding matrix is hooked (transformers' T5 reads its tied matrix
+        through ``encoder.embed_tokens``, a module other than ``get_input_embeddings()``)."""
+        weight = encoder.get_input_embeddings().weight
+        modules = [m for m in encoder.modules() if isinstance(m, torch.nn.Embedding) and m.weight is weight]
+        handles = [m.register_forward_hook(self) for m in modules or [encoder.get_input_embeddings()]]
         try:
             yield self
         finally:
             self.mask = None
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     @contextlib.contextmanager
     def written(self, encoder: Any) -> Iterator[torch.Tensor]:

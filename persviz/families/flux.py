@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from persviz.families.base import Family, Pipeline
+from persviz.families.sdxl import pooled_at
 
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 FLUX_SCHNELL = "black-forest-labs/FLUX.1-schnell"
@@ -141,13 +142,22 @@ class Flux(Family):
         output). The transformer reads T5's state as ``prompt_embeds`` (``state_encoders``: the concatenation the
         protocol describes is T5's alone) and the pooled output as ``pooled_prompt_embeds``; clip_l's hidden state
         is returned so each encoder has its entry, and reaches the transformer only through the pooled output. CLIP
-        is read without an attention mask and T5 without one too, as the pipeline does; all in T5's dtype."""
+        is read without an attention mask and T5 without one too, as the pipeline does; all in T5's dtype. Where
+        tokens[0] holds ``real_input_ids`` (the prompts' own ids, a placeholder's positions read as another word by
+        the caller's hooks), CLIP pools where those ids pool (``pooled_at``: a loaded token, the largest id, is
+        where CLIP ViT-L's legacy configuration pools)."""
+        import torch  # heavy: torch
         clip, t5 = stack.encoders
         out = clip.encoder(tokens[0]["input_ids"].to(clip.encoder.device), output_hidden_states=False)
         hidden_t5 = t5.encoder(tokens[1]["input_ids"].to(t5.encoder.device), output_hidden_states=False)[0]
         dtype, device = t5.encoder.dtype, hidden_t5.device
+        pooled = out.pooler_output
+        if "real_input_ids" in tokens[0]:  # a placeholder's ids read as another word (the tracker's hooks): pooled
+            real = tokens[0]["real_input_ids"].to(out.last_hidden_state.device)  # where the real ids pool, as SDXL's
+            last = out.last_hidden_state
+            pooled = last[torch.arange(last.shape[0], device=last.device), pooled_at(clip.encoder.config, real)]
         return ([out.last_hidden_state.to(dtype=dtype, device=device), hidden_t5.to(dtype=dtype, device=device)],
-                out.pooler_output.to(dtype=clip.encoder.dtype, device=device))
+                pooled.to(dtype=clip.encoder.dtype, device=device))
 
     def state_encoders(self, stack: Any) -> tuple[str, ...]:
         """The encoders whose hidden states form ``prompt_embeds``: T5 alone (clip_l gives the pooled output)."""

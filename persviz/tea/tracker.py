@@ -155,6 +155,9 @@ def _steps_of(run: RunLike) -> tuple[list[tuple[int, Any]], dict]:
 # ----------------------------------------------------------------------------- encoding
 
 
+POOLED = "pooled"  # the prefix of the pooled embedding's columns (FLUX.1)
+
+
 class _PromptEncoder:
     """Encodes prompt sets through the pipeline's text encoders as its family's pipeline reads them
     (``Family.prompt_states``: SD 1.x the last hidden state, SDXL each encoder's penultimate one), with V* written
@@ -173,12 +176,18 @@ class _PromptEncoder:
         self.family, self.stack = prompt_family(pipe)
         self.names = [e.name for e in self.stack]
         self.tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, n_vectors)]
-        self.toks, self.ids, self.class_ids, self.weights = [], [], [], []
+        self.toks, self.ids, self.class_ids, self.weights, self.class_row_list = [], [], [], [], []
+        self.states = self.family.state_encoders(self.stack)  # the encoders whose states the denoiser reads
         for e in self.stack:
             weight = e.encoder.get_input_embeddings().weight
             if weight.device.type == "meta":
                 raise ValueError("the text encoder's weights are on the meta device (sequential offload); load them first")
-            class_id = class_word_id(e.tokenizer, class_word)
+            if e.pieces:  # a SentencePiece encoder (Flux's T5): a class word may be several tokens; c is their mean
+                pieces = e.tokenizer(class_word, add_special_tokens=False)["input_ids"]
+                class_id, class_row = int(pieces[0]), weight[pieces].detach().float().mean(dim=0).cpu()
+            else:
+                class_id = class_word_id(e.tokenizer, class_word)
+                class_row = weight[class_id].detach().float().cpu()
             tok = copy.deepcopy(e.tokenizer)  # the pipeline's tokenizers are never changed
             base = int(tok.vocab_size)
             for t in self.tokens:
@@ -195,8 +204,15 @@ class _PromptEncoder:
             self.ids.append(ids)
             self.class_ids.append(class_id)
             self.weights.append(weight)
+            self.class_row_list.append(class_row)
         self.representation = representation
         self.batch_size = batch_size
+
+    @property
+    def tracks_pooled(self) -> bool:
+        """Whether the pooled embedding gets columns of its own: where prompt_embeds is not every encoder's state
+        (FLUX.1: T5's; its CLIP encoder reaches the transformer through the pooled embedding alone)."""
+        return tuple(self.states) != tuple(self.names)
 
     @property
     def widths(self) -> dict[str, int]:
@@ -204,8 +220,9 @@ class _PromptEncoder:
 
     @property
     def class_rows(self) -> dict[str, torch.Tensor]:
-        """Each encoder's class-word row, float32 on the CPU."""
-        return {n: w[c].detach().float().cpu() for n, w, c in zip(self.names, self.weights, self.class_ids)}
+        """Each encoder's class-word row, float32 on the CPU (a SentencePiece encoder's word of several tokens: the
+        mean of their rows, as tea())."""
+        return dict(zip(self.names, self.class_row_list))
 
     def _tokenized(self, k: int, prompts: list[str], with_rows: bool) -> tuple[Any, Any, Any]:
         """Encoder k's (ids with the placeholder's positions read as the class word, mask, sel) for the prompts."""
@@ -231,7 +248,7 @@ class _PromptEncoder:
         tokenized = [self._tokenized(k, prompts, rows is not None) for k in range(len(self.stack))]
         hooks = [PlaceholderRows(rows[n].to(e.encoder.device) if rows is not None else torch.empty(0))
                  for n, e in zip(self.names, self.stack)]
-        out: dict[str, list[torch.Tensor]] = {n: [] for n in [*self.names, ""]}
+        out: dict[str, list[torch.Tensor]] = {n: [] for n in [*self.names, "", POOLED]}
         with contextlib.ExitStack() as hooked:
             for h, e in zip(hooks, self.stack):
                 hooked.enter_context(h.hooked(e.encoder))
@@ -241,17 +258,20 @@ class _PromptEncoder:
                 for h, e, (batch, ids, (mask, sel)) in zip(hooks, self.stack, tokenized):
                     if mask is not None:
                         h.mask, h.sel = mask[b].to(e.encoder.device), sel[b].to(e.encoder.device)
-                    tokens.append({"input_ids": ids[b], "attention_mask": batch.attention_mask[b]})
-                states, _ = self.family.prompt_states(self.stack, tokens)
+                    tokens.append({"input_ids": ids[b], "attention_mask": batch.attention_mask[b],
+                                   "real_input_ids": batch.input_ids[b]})
+                states, pooled = self.family.prompt_states(self.stack, tokens)
                 if self.representation == "last":
                     states = [x[:, -1] for x in states]
                 flat = [x.reshape(x.shape[0], -1).float() for x in states]
                 for n, x in zip(self.names, flat):
                     out[n].append(x)
-                last = [x.float() for x in states]
+                last = [x.float() for x, n in zip(states, self.names) if n in self.states]
                 whole = torch.cat(last, dim=-1)
                 out[""].append(whole.reshape(whole.shape[0], -1))
-        return {n: torch.cat(v) for n, v in out.items()}
+                if pooled is not None:
+                    out[POOLED].append(pooled.float().reshape(pooled.shape[0], -1))
+        return {n: torch.cat(v) for n, v in out.items() if v}
 
 
 class _EvalMode:
@@ -323,6 +343,8 @@ def track_semantic_shift(
     the concatenated state the UNet reads, the same prefixed with each encoder's name ("clip_l_inter_l2") on its
     own part, and "<name>_norm_ratio", "<name>_cosine", "<name>_vstar_norm" per encoder instead of the unprefixed
     ones; run snapshots and (step, embedding) pairs hold one part per encoder (a file or a {name: rows} dict).
+    FLUX.1: the unprefixed columns on T5's last hidden state (the transformer's prompt_embeds), "t5_..." the same,
+    "clip_l_..." on CLIP's last hidden state and "pooled_..." on the pooled CLIP embedding the transformer reads.
     """
     _check_choice(representation, "representation", REPRESENTATIONS)
     _check_choice(covariance, "covariance", ("pinv", "ledoit_wolf"))
@@ -358,6 +380,8 @@ def track_semantic_shift(
     c = enc.class_rows
     several = len(names) > 1
     states = [""] + (names if several else [])  # "": the state the UNet reads (several encoders: concatenated)
+    if enc.tracks_pooled:  # FLUX.1's pooled CLIP embedding, the transformer's other text input
+        states.append(POOLED)
 
     def col(state: str, name: str) -> str:
         return f"{state}_{name}" if state else name
