@@ -21,8 +21,9 @@ SIMPLE = ["a photo of a {}", "a {}"]
 
 @torch.no_grad()
 def reference(rows, class_word):
-    """{state: (P_v, P_c, P_simple)} from a fresh pipeline with the rows loaded as '<v*>' in both encoders: encode_prompt's
-    prompt_embeds (T5) and pooled_prompt_embeds, and CLIP's last hidden state as FluxPipeline tokenizes for it."""
+    """{state: (P_v, P_c, P_simple)} from a fresh pipeline with the rows loaded as '<v*>' in both encoders:
+    encode_prompt's prompt_embeds (T5) and pooled_prompt_embeds, and CLIP's last hidden state as FluxPipeline
+    tokenizes for it."""
     pipe = load_pipeline(FLUX_DEV, device="cpu")
     for e in text_stack(pipe):
         load_learned_token(pipe, {"<v*>": rows[e.name]}, text=e)
