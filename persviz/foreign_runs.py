@@ -110,7 +110,7 @@ def adopt_run(method: str, run: PathLike, out: PathLike, images: PathLike, class
                                  "the run into another --out folder")
     if pipe is None:
         pipe = assemble_pipeline(mid)
-    adopting_family(pipe, mid)
+    adopting_family(pipe, mid, get_method(method))
     try:
         check_run_fits(found, pipe, class_word)
     except EmbeddingFileError as err:

@@ -97,10 +97,12 @@ HUB_MODELS: dict[str, HubModel] = {
                   "transformer/diffusion_pytorch_model*.safetensors*", "vae/diffusion_pytorch_model.safetensors"),
         files=("model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
                "text_encoder/model.safetensors", "text_encoder_2/config.json",
-               "text_encoder_2/model.safetensors.index.json", *SD15_TOKENIZER, "tokenizer_2/tokenizer.json",
-               "tokenizer_2/tokenizer_config.json", "transformer/config.json",
-               "transformer/diffusion_pytorch_model.safetensors.index.json", "vae/config.json",
-               "vae/diffusion_pytorch_model.safetensors"),
+               "text_encoder_2/model.safetensors.index.json",
+               *(f"text_encoder_2/model-0000{i}-of-00002.safetensors" for i in (1, 2)), *SD15_TOKENIZER,
+               "tokenizer_2/tokenizer.json", "tokenizer_2/tokenizer_config.json", "transformer/config.json",
+               "transformer/diffusion_pytorch_model.safetensors.index.json",
+               *(f"transformer/diffusion_pytorch_model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)),
+               "vae/config.json", "vae/diffusion_pytorch_model.safetensors"),
         size="about 34 GB in bf16 (transformer about 23.8 GB, T5 XXL about 9.5 GB, CLIP about 0.25 GB, VAE about "
              "0.17 GB)",
         purpose=purpose, gated=gated)

@@ -128,9 +128,13 @@ def load_checkpoint(path: Any, device: str | None = None, dtype: Any = None) -> 
     return family.load_single_file(Path(path).expanduser().resolve(), dev, dt)
 
 
-def adopting_family(pipe: Pipeline, model: str | None = None) -> Family:
-    """training_family(pipe), refused with a sentence when `persviz adopt` does not take runs of that family yet."""
+def adopting_family(pipe: Pipeline, model: str | None = None, method: Any = None) -> Family:
+    """training_family(pipe), refused with a sentence when `persviz adopt` does not take runs of that family yet, or
+    (method: a persviz.methods Method) runs of a method the family has no recipe for (FLUX.1's Textual Inversion)."""
     family = training_family(pipe, model)
+    if family.adopts and method is not None and method.name in family.no_recipe:
+        raise UnsupportedModelError(f"persviz adopts {' and '.join(family.recipes)} runs trained on {family.label} so "
+                                    f"far, not {method.name} ({family.no_recipe[method.name]})")
     if not family.adopts:
         takes = " or ".join(f.label for f in FAMILIES.values() if f.trains and f.adopts)
         raise UnsupportedModelError(f"{model or type(pipe).__name__} is a {family.label} pipeline and persviz adopts "

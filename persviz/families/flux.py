@@ -15,8 +15,8 @@ prepares Flux pipelines, encodes prompts as ``FluxPipeline.encode_prompt`` does 
 and the tracker), applies token-level TEA to learned rows of either encoder, and reads, inspects and fixes Flux
 Textual Inversion files (``clip_l`` + ``t5``), and trains DreamBooth-LoRA on the transformer as diffusers'
 ``train_dreambooth_lora_flux.py`` does (``FLUX_RECIPES``; persviz.trainers.dreambooth_lora_flux). Training Textual
-Inversion and Custom Diffusion on Flux is refused with a sentence (``no_recipe``), adopting Flux runs too
-(``adopts``); single-file Flux checkpoints (the transformer alone) are not read.
+Inversion and Custom Diffusion on Flux is refused with a sentence (``no_recipe``); `persviz adopt dreambooth` takes
+diffusers' and kohya's FLUX.1 LoRA files; single-file Flux checkpoints (the transformer alone) are not read.
 
 The architecture values below are the published ones of the two Hub repositories (``model_index.json`` and the
 component configs; no machine here reaches the Hub, so they are not checked byte for byte);
@@ -40,6 +40,7 @@ FLUX_SCHNELL = "black-forest-labs/FLUX.1-schnell"
 WIDTHS = {"clip_l": 768, "t5": 4096}  # the text widths of Flux's two encoders
 SMALL_WIDTHS = {"clip_l": 32, "t5": 48}  # write_test_cache(small=True): different, so a mix-up shows
 SMALL_SIDE = 64  # small: default image side in pixels (8 latents of 4 channels, packed 2x2: 16 image tokens)
+SHARDS = {"text_encoder_2": 2, "transformer": 3}  # the Hub repositories' weight shards of T5 and the transformer
 SMALL_T5_TOKENS = 32  # small: tokenizer_2's model_max_length (the real ones read 512, schnell 256)
 
 MODEL_INDEX = {  # black-forest-labs/FLUX.1-dev (and -schnell) model_index.json
@@ -174,7 +175,7 @@ class Flux(Family):
         drawn from `seed`; schnell's transformer without the guidance embedder); small=True: clip_l 32 wide, T5 48
         (so a mix-up of the encoders shows), a transformer of 2 double-stream and 2 single-stream blocks (2 heads of
         16), a VAE of 4 latent channels, 64 px images, 32 T5 tokens. Weights of T5 and the transformer are written in
-        shards with their index, as on the Hub."""
+        the Hub's shards (2 and 3) with their index (``shard``)."""
         import torch  # heavy: torch
         from persviz.sd15 import file_into_cache  # heavy: torch
         if not small:
@@ -261,17 +262,37 @@ def write_flux_repo(folder: Path, hub_id: str = FLUX_DEV) -> None:
     configs = flux_component_configs(hub_id, small=True)
     configs["text_encoder_2"]["vocab_size"] = len(tokenizer_2)
     CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])).save_pretrained(folder / "text_encoder")
-    T5EncoderModel(T5Config.from_dict(configs["text_encoder_2"])).save_pretrained(folder / "text_encoder_2",
-                                                                                   max_shard_size="40KB")
-    FluxTransformer2DModel.from_config(configs["transformer"]).save_pretrained(folder / "transformer",
-                                                                              max_shard_size="80KB")
+    T5EncoderModel(T5Config.from_dict(configs["text_encoder_2"])).save_pretrained(folder / "text_encoder_2")
+    shard(folder / "text_encoder_2", "model", SHARDS["text_encoder_2"])
+    FluxTransformer2DModel.from_config(configs["transformer"]).save_pretrained(folder / "transformer")
+    shard(folder / "transformer", "diffusion_pytorch_model", SHARDS["transformer"])
     AutoencoderKL.from_config(configs["vae"]).save_pretrained(folder / "vae")
+
+
+def shard(folder: Path, stem: str, n: int) -> None:
+    """folder/<stem>.safetensors split into n files named as the Hub's shards (<stem>-00001-of-0000n.safetensors)
+    with their index (<stem>.safetensors.index.json: total size, weight map), as transformers and diffusers write
+    them; the unsharded file removed."""
+    from safetensors.torch import load_file, save_file  # heavy: torch
+    whole = folder / f"{stem}.safetensors"
+    tensors = load_file(str(whole))
+    keys = sorted(tensors)
+    weight_map, total = {}, 0
+    for i in range(n):
+        name = f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+        part = {k: tensors[k].contiguous() for k in keys[i::n]}
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        weight_map |= {k: name for k in part}
+        total += sum(t.numel() * t.element_size() for t in part.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    whole.unlink()
 
 
 FAMILY = Flux(
     "flux", "FLUX.1", hub_ids=(FLUX_DEV, FLUX_SCHNELL),
     generation=GENERATION[FLUX_DEV],  # the default model's; a pipeline's own: Flux.pipeline_generation
-    # DreamBooth-LoRA on the transformer (train_dreambooth_lora_flux.py's defaults); Textual Inversion and Custom
-    # Diffusion have no recipe (their sentences); adopting Flux runs comes later
-    adopts=False, recipes=FLUX_RECIPES, no_recipe=NO_FLUX_RECIPE, pipeline_class="FluxPipeline",
+    # DreamBooth-LoRA on the transformer (train_dreambooth_lora_flux.py's defaults; its runs and kohya's FLUX.1 LoRAs
+    # adopted); Textual Inversion and Custom Diffusion have no recipe (their sentences)
+    recipes=FLUX_RECIPES, no_recipe=NO_FLUX_RECIPE, pipeline_class="FluxPipeline",
     gpu_dtype="bfloat16")

@@ -105,7 +105,7 @@ def detect_lora_run(method: Any, path: Path, token: str | None) -> ForeignRun:
         raise not_found(method, path, f"{f.name} has keys {sorted(sd)[:3]}, not a LoRA's")
     folder = path if path.is_dir() else path.parent
     cfg = persviz_config(folder)
-    k_token, k_class = kohya_names(meta) if layout == "kohya" else (None, None)
+    k_token, k_class = kohya_names(meta) if layout in ("kohya", "kohya-flux") else (None, None)
     source = "persviz" if cfg.get("identifier") else layout
     found = token or cfg.get("identifier") or k_token or DREAMBOOTH_IDENTIFIER
     return ForeignRun(method.name, path, source, found, cfg.get("class_word") or k_class, (f,))
@@ -126,10 +126,28 @@ def lora_in_widths(sd: dict[str, Any]) -> tuple[set[int], set[int]]:
 
 
 def check_lora_fits(found: ForeignRun, pipe: Any, width: int) -> None:
-    """The LoRA's input widths against the text encoder's (`width`) and the UNet's cross-attention."""
-    from persviz.weight_files import read_weights  # heavy: torch
-    cross_dim = int(pipe.unet.config.cross_attention_dim)
+    """The LoRA's input widths against the text encoder's (`width`) and the UNet's cross-attention; a FLUX.1 LoRA
+    (diffusers' or kohya's) against a FLUX.1 transformer by loading it and unloading it (diffusers converts kohya's
+    names and checks every shape), and a LoRA of one denoiser against a model of the other refused."""
+    from persviz.weight_files import lora_layout, read_weights  # heavy: torch
     sd, _, _ = read_weights(found.files[0])
+    flux_lora = lora_layout(sd) in ("diffusers-flux", "kohya-flux")
+    transformer = getattr(pipe, "transformer", None) is not None
+    name = found.files[0].name
+    if flux_lora != transformer:
+        raise ConceptFolderError(f"{name} is {'a FLUX.1 (transformer)' if flux_lora else 'a UNet (SD 1.x)'} LoRA and "
+                                 f"the model is {'a FLUX.1' if transformer else 'a UNet'} pipeline: it was trained on "
+                                 "another model; pass the model it was trained on")
+    if transformer:
+        try:
+            pipe.load_lora_weights(dict(sd), adapter_name="persviz_check")
+        except (ValueError, RuntimeError, KeyError) as err:
+            first = (str(err).splitlines() or [""])[0][:160]
+            raise ConceptFolderError(f"{name} does not fit the model's FLUX.1 transformer ({type(err).__name__}: "
+                                     f"{first}): it was trained on another model; pass that model") from None
+        pipe.delete_adapters("persviz_check")
+        return
+    cross_dim = int(pipe.unet.config.cross_attention_dim)
     text, cross = lora_in_widths(sd)
     for w in sorted(text - {width}):
         raise another_model(f"the text encoder's LoRA in {found.files[0].name}", w, width)

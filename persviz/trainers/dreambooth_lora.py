@@ -96,6 +96,7 @@ from persviz.weight_files import WEIGHT_SUFFIXES, lora_layout, read_weights, wei
 LORA_FILE = "pytorch_lora_weights.safetensors"
 UNET_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+FLUX_LAYOUTS = ("diffusers-flux", "kohya-flux")  # weight_files.lora_layout's FLUX.1 LoRAs (diffusers', kohya's)
 _ADAPTER = "persviz_dreambooth"
 ADAPTER = _ADAPTER  # the adapters' name in the denoiser (persviz.trainers.dreambooth_lora_flux saves them by it)
 _FORMAT = 1
@@ -183,10 +184,11 @@ def load_dreambooth_lora(pipe: Pipeline, path: PathLike, adapter_name: str | Non
     f = find_lora_file(path)
     sd, _, _ = read_weights(f)
     layout = lora_layout(sd)
-    if layout == "diffusers-flux" and getattr(pipe, "transformer", None) is None:
-        raise ValueError(f"{f} is a FLUX.1 LoRA (transformer.* keys): it was trained on another model; load it into "
-                         "a FLUX.1 pipeline")
-    if layout not in ("diffusers", "kohya", "diffusers-flux"):
+    if layout in FLUX_LAYOUTS and getattr(pipe, "transformer", None) is None:
+        keys = "transformer.*" if layout == "diffusers-flux" else "kohya's double_blocks"
+        raise ValueError(f"{f} is a FLUX.1 LoRA ({keys} keys): it was trained on another model; load it into a "
+                         "FLUX.1 pipeline")
+    if layout not in ("diffusers", "kohya", *FLUX_LAYOUTS):
         raise ValueError(f"{f} is not an SD 1.x LoRA in diffusers' or kohya's layout (keys {sorted(sd)[:3]}); "
                          "pass the LoRA file of a DreamBooth-LoRA run" if layout is None else
                          f"{f} is an SDXL LoRA (lora_te1_/lora_te2_ keys): it was trained on another model")

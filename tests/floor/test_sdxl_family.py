@@ -28,7 +28,7 @@ def test_an_sdxl_pipeline_is_of_the_sdxl_family_trains_ti_and_dreambooth_only_an
         training_family(pipe, "my/xl", get_method("custom_diffusion"))
     assert "\n" not in str(info.value)
     with pytest.raises(UnsupportedModelError, match="my/xl is a Stable Diffusion XL pipeline and persviz adopts runs "
-                       "trained on Stable Diffusion 1.x only so far") as info:
+                       "trained on Stable Diffusion 1.x or FLUX.1 only so far") as info:
         adopting_family(pipe, "my/xl")
     assert "\n" not in str(info.value)
 
