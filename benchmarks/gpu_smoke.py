@@ -183,7 +183,7 @@ def main() -> None:
         print(f"  sampler step       {r['s_per_sampler_step']:.3f} s ({r['double_blocks']} double + "
               f"{r['single_blocks']} single blocks); "
               f"{r['s_per_image_28_steps']:.1f} s an image at 28 steps (transformer only)")
-        print(f"  components (bf16)  " + ", ".join(f"{k} {v:.2f} GiB" for k, v in r["component_gib_bf16"].items()))
+        print("  components (bf16)  " + ", ".join(f"{k} {v:.2f} GiB" for k, v in r["component_gib_bf16"].items()))
         print(f"  peak, estimated    {r['peak_gib_without_offload']:.1f} GiB resident, "
               f"{r['peak_gib_with_cpu_offload']:.1f} GiB with --cpu-offload")
         print(json.dumps({"written": a.out}))
