@@ -2,6 +2,16 @@
 
     python benchmarks/gpu_smoke.py              # one GPU, 512x512, float16; at most about 8 minutes
     python benchmarks/gpu_smoke.py --small      # CPU, reduced widths, 64 px: seconds (checks the script itself)
+    python benchmarks/gpu_smoke.py --flux       # FLUX.1 at 1024 px in bf16: one block of each kind, extrapolated
+    python benchmarks/gpu_smoke.py --flux --small
+
+--flux: a full-size random FLUX.1 (12 B parameters in the transformer, 4.7 B in T5) does not fit a short device run,
+so one double-stream and one single-stream block of FLUX.1-dev's width (3072, 24 heads of 128) run at 1024 x 1024
+(4096 image tokens and 512 T5 tokens) in bfloat16; the median forward time of each, times the 19 and 38 blocks,
+gives a sampler step and FluxPipeline's 28 steps (the transformer alone: the text encoders run once, the VAE once).
+Peak memory: each component's bf16 bytes from its parameter count (the published configs, built on the meta device:
+nothing allocated), resident together without CPU offload, the largest one (the transformer) with
+``enable_model_cpu_offload``, each plus the measured peak activation memory of a block.
 
 Measures, per method, the time and peak accelerator memory of a training step (Textual Inversion, DreamBooth-LoRA,
 Custom Diffusion; the median of the timed steps after one warm-up step), the semantic-shift tracker over 3
@@ -90,18 +100,94 @@ def time_generation(pipe, placeholder: str, n: int, steps: int, side: int, devic
     return out
 
 
+def flux_report(small: bool, device: torch.device, repeats: int = 3) -> dict:
+    """One FLUX.1 block of each kind timed at 1024 px (small: the test widths at 64 px) and extrapolated; component
+    sizes from parameter counts on the meta device; peak memory with and without CPU offload (see the docstring)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers.models.transformers.transformer_flux import (FluxPosEmbed, FluxSingleTransformerBlock,
+                                                                FluxTransformerBlock)
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from persviz.families.flux import FLUX_DEV, GENERATION, flux_component_configs, t5_test_tokenizer
+    configs = flux_component_configs(FLUX_DEV, small=small)
+    if small:
+        configs["text_encoder_2"]["vocab_size"] = len(t5_test_tokenizer())
+    with torch.device("meta"):
+        parts = {"transformer": FluxTransformer2DModel.from_config(configs["transformer"]),
+                 "text_encoder_2": T5EncoderModel(T5Config.from_dict(configs["text_encoder_2"])),
+                 "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])),
+                 "vae": AutoencoderKL.from_config(configs["vae"])}
+    gib = {k: sum(p.numel() for p in m.parameters()) * 2 / 2**30 for k, m in parts.items()}  # bf16: 2 bytes
+    t = configs["transformer"]
+    dim, heads, head_dim = t["num_attention_heads"] * t["attention_head_dim"], t["num_attention_heads"], \
+        t["attention_head_dim"]
+    side = 64 if small else 1024
+    n_img, n_txt = (side // 16) ** 2, 32 if small else GENERATION[FLUX_DEV]["max_sequence_length"]
+    dtype = torch.float32 if small else torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, n_img, dim, generator=g).to(device, dtype)
+    context = torch.randn(1, n_txt, dim, generator=g).to(device, dtype)
+    temb = torch.randn(1, dim, generator=g).to(device, dtype)
+    ids = torch.zeros(n_txt + n_img, 3)
+    ids[n_txt:, 1] = torch.arange(n_img) // (side // 16)
+    ids[n_txt:, 2] = torch.arange(n_img) % (side // 16)
+    rotary = FluxPosEmbed(theta=10000, axes_dim=t["axes_dims_rope"])(ids.to(device))
+    timings = {}
+    for name, block in (("double", FluxTransformerBlock(dim, heads, head_dim)),
+                        ("single", FluxSingleTransformerBlock(dim, heads, head_dim))):
+        block = block.to(device, dtype).eval()
+        times = []
+        _reset_peak(device)
+        with torch.no_grad():
+            for _ in range(repeats + 1):  # the first is a warm-up
+                sync(device)
+                start = time.perf_counter()
+                block(hidden_states=hidden, encoder_hidden_states=context, temb=temb, image_rotary_emb=rotary)
+                sync(device)
+                times.append(time.perf_counter() - start)
+        block_gib = sum(p.numel() * p.element_size() for p in block.parameters()) / 2**30
+        peak = _peak_gib(device)
+        timings[name] = {"s": statistics.median(times[1:]),
+                         "activation_peak_gib": None if peak is None else peak - block_gib}
+        del block
+    step = t["num_layers"] * timings["double"]["s"] + t["num_single_layers"] * timings["single"]["s"]
+    act = max((r["activation_peak_gib"] or 0.0) for r in timings.values())
+    return {"side": side, "image_tokens": n_img, "double_blocks": t["num_layers"],
+            "single_blocks": t["num_single_layers"], "text_tokens": n_txt, "dtype": str(dtype), "blocks": timings,
+            "s_per_sampler_step": step, "s_per_image_28_steps": step * GENERATION[FLUX_DEV]["steps"],
+            "component_gib_bf16": gib, "peak_gib_without_offload": sum(gib.values()) + act,
+            "peak_gib_with_cpu_offload": max(gib.values()) + act}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="CPU, reduced widths, 64 px (seconds)")
     ap.add_argument("--train-steps", type=int, default=None, help="default 6 (GPU) / 3 (--small)")
     ap.add_argument("--images", type=int, default=4, help="generation batch")
     ap.add_argument("--sampler-steps", type=int, default=None, help="default 25 (GPU) / 2 (--small)")
+    ap.add_argument("--flux", action="store_true", help="FLUX.1 at 1024 px, bf16: blocks timed and extrapolated")
     ap.add_argument("--out", default="gpu_smoke.json")
     a = ap.parse_args()
     cuda = torch.cuda.is_available() and not a.small
     device = torch.device("cuda" if cuda else "cpu")
     if not cuda and not a.small:
         raise SystemExit("no CUDA device here; run with --small on a CPU (or on a GPU machine without it)")
+    if a.flux:
+        r = flux_report(a.small, device)
+        r["device"] = torch.cuda.get_device_name(device) if cuda else "cpu"
+        write_json(Path(a.out), r)
+        print(f"FLUX.1 on {r['device']}, {r['dtype']}, {r['side']}x{r['side']} ({r['image_tokens']} image + "
+              f"{r['text_tokens']} text tokens)")
+        for name, b in r["blocks"].items():
+            print(f"  {name}-stream block   {b['s'] * 1000:.1f} ms")
+        print(f"  sampler step       {r['s_per_sampler_step']:.3f} s ({r['double_blocks']} double + "
+              f"{r['single_blocks']} single blocks); "
+              f"{r['s_per_image_28_steps']:.1f} s an image at 28 steps (transformer only)")
+        print("  components (bf16)  " + ", ".join(f"{k} {v:.2f} GiB" for k, v in r["component_gib_bf16"].items()))
+        print(f"  peak, estimated    {r['peak_gib_without_offload']:.1f} GiB resident, "
+              f"{r['peak_gib_with_cpu_offload']:.1f} GiB with --cpu-offload")
+        print(json.dumps({"written": a.out}))
+        return
     dtype = torch.float16 if cuda else torch.float32
     side = 64 if a.small else 512
     steps = a.train_steps or (3 if a.small else 6)

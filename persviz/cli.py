@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from persviz.constants import CPU_OFFLOAD_ENV
 from persviz.commands import concept, doctor, files, finexl, notebooks, pigeon, shapesworld, study, tea
 from persviz.errors import PersvizError, TrainingInterrupted, describe, one_line
 
@@ -81,7 +82,9 @@ def main(argv: Sequence[str] | None = None) -> Any:
     where training stopped and exits 130."""
     raw = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in raw or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
-    args = build_parser().parse_args([a for a in raw if a != "--debug"])
+    if "--cpu-offload" in raw:  # anywhere on the line: the pipeline's models wait on the CPU (cards under 80 GB)
+        os.environ[CPU_OFFLOAD_ENV] = "1"
+    args = build_parser().parse_args([a for a in raw if a not in ("--debug", "--cpu-offload")])
     args.argv = raw  # what a --processes N run launches again
     try:
         result = _run(args)

@@ -13,6 +13,7 @@ from persviz.paths import DATA_DIR, SHAPESWORLD_DIR
 SHAPESWORLD = "shapesworld"  # the embedded default model name
 SCALE_ENV = "PERSVIZ_SCALE"
 SCALES = (SHAPESWORLD, "full")
+CPU_OFFLOAD_ENV = "PERSVIZ_CPU_OFFLOAD"  # 1: the pipeline's models wait on the CPU, each moved to the GPU in turn
 
 # ----------------------------------------------------------------------------- methods
 #: The methods' names are the registry's (persviz.methods, light too: it imports no torch); not repeated here.

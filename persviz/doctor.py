@@ -49,7 +49,7 @@ def diagnose() -> dict[str, Any]:
         models[hub_id] = {"kind": model.kind, "purpose": model.purpose, "size": model.size,
                           "cached": not missing, "missing": missing, "commit": commit,
                           "random_weights": commit == offline_commit(hub_id),
-                          "download": hub_models.download_command(hub_id)}
+                          "download": hub_models.download_command(hub_id), "gated": model.gated}
     families = {f.name: {"label": f.label, "hub_ids": list(f.hub_ids),
                          "cached": [h for h in f.hub_ids if models.get(h, {}).get("cached")]} for f in FAMILIES.values()}
     return {"versions": {name: package_version(name) for name in PACKAGES},
@@ -76,7 +76,9 @@ def format_report(report: dict[str, Any]) -> str:
     if missing:
         lines += ["", "to download next (where there is internet; then HF_HUB_OFFLINE=1 works):"]
         for hub_id, state in missing.items():
-            lines += [f"  # {state['purpose']}, {state['size']}", f"  {state['download']}"]
+            gate = (f"; gated: accept its license on https://huggingface.co/{hub_id} and `hf auth login` first"
+                    if state.get("gated") else "")
+            lines += [f"  # {state['purpose']}, {state['size']}{gate}", f"  {state['download']}"]
     else:
         lines += ["", "every full-scale model is in the cache."]
     return "\n".join(lines)

@@ -32,6 +32,11 @@ format                 content
 ``diffusers-sdxl``     a folder holding diffusers' ``textual_inversion_sdxl.py`` pair, ``learned_embeds.safetensors``
                        ({token: [n, 768]}, clip_l) and ``learned_embeds_2.safetensors`` ({token: [n, 1280]},
                        clip_g): read as one embedding with the two parts.
+``flux``               {"clip_l": [n, 768], "t5": [n, 4096]} (diffusers' pivotal tuning for FLUX.1,
+                       ``train_dreambooth_lora_flux_advanced.py``'s ``<name>_emb.safetensors``): inspected and fixed
+                       per encoder against a FLUX.1 model.
+``flux-comfyui``       ComfyUI's FLUX.1 embedding: {"t5xxl": [n, 4096]} and optionally {"clip_l": [n, 768]} (the keys
+                       its CLIP loaders look up); the ``t5xxl`` rows are T5's, written back under the same keys.
 =====================  ===================================================================================
 
 Steps: ``metadata["step"]`` is the number a user of the file's tool sees, one convention for ``inspect``, ``adopt``
@@ -66,7 +71,7 @@ from persviz.io import PathLike, atomic_write_bytes
 
 
 FORMATS = ("diffusers", "custom-diffusion", "a1111", "a1111-image", "kohya", "textual-inversion", "sdxl",
-           "diffusers-sdxl")
+           "diffusers-sdxl", "flux", "flux-comfyui")
 #: the tool that writes each format, as inspect names it
 TOOLS = {
     "diffusers": "diffusers (examples/textual_inversion/textual_inversion.py)",
@@ -78,7 +83,18 @@ TOOLS = {
     "sdxl": ("an SDXL embedding (kohya's sdxl_train_textual_inversion.py, A1111/Forge, ComfyUI, diffusers' pivotal "
              "tuning train_dreambooth_lora_sdxl_advanced.py)"),
     "diffusers-sdxl": "diffusers (examples/textual_inversion/textual_inversion_sdxl.py: learned_embeds + learned_embeds_2)",
+    "flux": ("a FLUX.1 embedding (diffusers' pivotal tuning "
+             "examples/advanced_diffusion_training/train_dreambooth_lora_flux_advanced.py: clip_l + t5)"),
+    "flux-comfyui": "a FLUX.1 embedding in ComfyUI's layout (t5xxl, and clip_l)",
 }
+#: the model family a per-encoder format is trained on (its embeddings' name in sentences) and a model to name;
+#: every other format is one encoder's rows (Stable Diffusion 1.x)
+FILE_FAMILIES = {"sdxl": ("SDXL", "stabilityai/stable-diffusion-xl-base-1.0"),
+                 "diffusers-sdxl": ("SDXL", "stabilityai/stable-diffusion-xl-base-1.0"),
+                 "flux": ("FLUX.1", "black-forest-labs/FLUX.1-dev"),
+                 "flux-comfyui": ("FLUX.1", "black-forest-labs/FLUX.1-dev")}
+#: a format's file keys where they differ from the text encoders' names (ComfyUI stores T5's rows as t5xxl)
+PART_KEYS = {"flux-comfyui": {"t5": "t5xxl"}}
 #: safetensors metadata of persviz's per-encoder files (clip_l + clip_g): the token (the layout has no key for it;
 #: kohya, A1111 and ComfyUI name the token after the file, which stays their token)
 TOKEN_METADATA = "persviz:token"
@@ -98,6 +114,11 @@ A1111_STEP = re.compile(r"(.+)-(\d+)")  # A1111's <name>-<steps_done>
 KOHYA_STEP = re.compile(r"(.+)-step(\d{8})")  # kohya's train_util.STEP_FILE_NAME "{}-step{:08d}"
 KOHYA_EPOCH = re.compile(r"(.+)-(\d{6})")  # kohya's train_util.EPOCH_FILE_NAME "{}-{:06d}"
 ORIGINAL_TI_STEP = re.compile(r"embeddings_gs-(\d+)")  # the original Textual Inversion's checkpoints
+
+
+def an(word: str) -> str:
+    """'a' or 'an' before a family's name as it is read aloud ('an SDXL', 'a FLUX.1', 'a Stable Diffusion')."""
+    return "an" if word[:1] in "AEIOU" or word.startswith("SD") else "a"
 
 
 class EmbeddingFileError(PersvizError, ValueError):
@@ -135,6 +156,17 @@ class EmbeddingFile:
     def per_encoder(self) -> bool:
         """Whether the file holds one part per text encoder (SDXL's clip_l and clip_g), not rows of one encoder."""
         return bool(self.parts)
+
+    @property
+    def family(self) -> str:
+        """The model family the file's layout belongs to, as sentences name it ('SDXL', 'FLUX.1'; one encoder's rows:
+        'Stable Diffusion 1.x')."""
+        return FILE_FAMILIES.get(self.format, ("Stable Diffusion 1.x", SD15))[0]
+
+    @property
+    def family_model(self) -> str:
+        """A Hub model of that family, for sentences that say which model to pass."""
+        return FILE_FAMILIES.get(self.format, ("Stable Diffusion 1.x", SD15))[1]
 
     @property
     def tool(self) -> str:
@@ -366,6 +398,11 @@ def read_embedding_file(path: PathLike, token: str | None = None) -> EmbeddingFi
     elif {"clip_l", "clip_g"} <= set(obj):
         parts = {k: _tensor(obj[k], k, p).reshape(-1, obj[k].shape[-1]) for k in ("clip_l", "clip_g")}
         fmt, rows, tok = "sdxl", parts["clip_l"], st_meta.get(TOKEN_METADATA) or p.stem  # persviz's own: its token
+    elif {"clip_l", "t5"} <= set(obj) or "t5xxl" in obj:
+        fmt = "flux" if "t5xxl" not in obj else "flux-comfyui"
+        keys = {"clip_l": "clip_l", **PART_KEYS.get(fmt, {"t5": "t5"})}
+        parts = {name: _tensor(obj[k], k, p).reshape(-1, obj[k].shape[-1]) for name, k in keys.items() if k in obj}
+        fmt, rows, tok = fmt, parts["t5"], st_meta.get(TOKEN_METADATA) or p.stem
     elif all(isinstance(v, torch.Tensor) for v in obj.values()):
         tok, rows, _ = _diffusers_rows(obj, p)
         one_vector = len(obj) == 1 and next(iter(obj.values())).ndim == 1
@@ -424,8 +461,9 @@ def check_fits(f: EmbeddingFile, text_encoder_or_width: Any) -> None:
     if f.per_encoder:
         shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in f.parts.items())
         raise EmbeddingFileError(
-            f"{f.path.name} is an SDXL embedding ({shapes}) and the model has one {width}-wide text encoder (an SD "
-            f"1.x-style pipeline); inspect it against an SDXL model (--model {SDXL_BASE}), or use an embedding "
+            f"{f.path.name} is {an(f.family)} {f.family} embedding ({shapes}) and the model has one {width}-wide text "
+            f"encoder (an SD 1.x-style pipeline); inspect it against {an(f.family)} {f.family} model (--model "
+            f"{f.family_model}), or use an embedding "
             f"trained on SD 1.x (persviz trains and fixes SD 1.x embeddings only so far)")
     if f.width != width:
         known = FAMILIES.get(f.width)
@@ -494,10 +532,12 @@ def write_parts_like(f: EmbeddingFile, parts: Mapping[str, torch.Tensor], out: P
     ``textual_inversion_sdxl.py`` pair as one ``{"clip_l", "clip_g"}`` .safetensors (float32, the layout kohya,
     A1111/Forge, ComfyUI and diffusers' pivotal tuning load; the token in the metadata). Atomic; returns the path."""
     new = _check_parts(f, parts)
-    if f.format != "diffusers-sdxl":  # one file of clip_l + clip_g (the format named after its family)
+    if f.format != "diffusers-sdxl":  # one file of a part per encoder (SDXL clip_l + clip_g, FLUX.1 clip_l + t5)
         obj = dict(f.raw)
+        keys = PART_KEYS.get(f.format, {})
         for k, v in new.items():
-            obj[k] = v.to(f.parts[k].dtype).reshape(f.raw[k].shape).contiguous().clone()
+            key = keys.get(k, k)
+            obj[key] = v.to(f.parts[k].dtype).reshape(f.raw[key].shape).contiguous().clone()
         return _write_container(f, obj, out)
     o = Path(out).expanduser()
     if o.suffix != ".safetensors":
@@ -549,6 +589,6 @@ def summary(f: EmbeddingFile) -> dict[str, Any]:
             "parts": {k: list(v.shape) for k, v in f.parts.items()}}
 
 
-__all__ = ["CONTAINERS", "FORMATS", "SDXL_PAIR", "TOKEN_METADATA", "TOOLS", "EmbeddingFile", "EmbeddingFileError",
+__all__ = ["CONTAINERS", "FILE_FAMILIES", "FORMATS", "PART_KEYS", "SDXL_PAIR", "an", "TOKEN_METADATA", "TOOLS", "EmbeddingFile", "EmbeddingFileError",
            "check_fits", "embedding_candidates", "read_embedding_file", "read_embedding_folder", "sniff_container", "summary",
            "tool_step", "write_like", "write_parts_like", "write_portable"]

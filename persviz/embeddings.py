@@ -22,7 +22,7 @@ from persviz.errors import PersvizError
 from persviz.tokens import single_token_id
 from persviz.embedding_files import TOKEN_METADATA
 from persviz.io import PathLike, atomic_path
-from persviz.families import text_stack
+from persviz.families import is_pipeline, text_stack
 
 DIFFUSERS_SAFE = "learned_embeds.safetensors"
 DIFFUSERS_BIN = "learned_embeds.bin"
@@ -244,7 +244,7 @@ def prompt_parts(obj: Any, required: bool = False) -> tuple[Any, Any]:
 def _prompt_parts(obj: Any) -> tuple[Any, Any]:
     if isinstance(obj, (tuple, list)) and len(obj) == 2:
         return obj[0], obj[1]
-    if hasattr(obj, "text_encoder") and hasattr(obj, "tokenizer") and hasattr(obj, "unet"):
+    if hasattr(obj, "text_encoder") and hasattr(obj, "tokenizer") and is_pipeline(obj):
         text = text_stack(obj).primary  # a diffusion pipeline: its family lays out its encoders
         return text.tokenizer, text.encoder
     if hasattr(obj, "text_encoder") or hasattr(obj, "tokenizer"):

@@ -24,6 +24,8 @@ CLIP_L14 = "openai/clip-vit-large-patch14"
 DINO = "facebook/dinov2-base"  # mean-pooled, as the TEA code
 DINO_DREAMBENCH = "facebook/dino-vits16"  # DINO ViT-S/16, CLS token, as DreamBench
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"  # the SDXL family (persviz.families.sdxl)
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"  # the Flux family (persviz.families.flux); gated
+FLUX_SCHNELL = "black-forest-labs/FLUX.1-schnell"  # the Flux family's timestep-distilled model
 HF_CLI = "hf"  # huggingface_hub's command line (`huggingface-cli` is gone)
 
 
@@ -37,6 +39,7 @@ class HubModel:
     files: tuple[str, ...]  # the files the loader reads (all matched by `patterns`)
     size: str
     purpose: str
+    gated: bool = False  # the repository asks each user to accept its license before downloading
 
 
 SD15_TOKENIZER = ("tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
@@ -85,6 +88,27 @@ HUB_MODELS: dict[str, HubModel] = {
                "vae/diffusion_pytorch_model.safetensors"),
         size="about 14 GB (fp32 UNet about 10.3 GB, text encoders about 0.5 and 2.8 GB, VAE about 0.3 GB)",
         purpose="Stable Diffusion XL base 1.0, the SDXL family (loaded, prepared and inspected per encoder; optional)"),
+    **{hub_id: HubModel(
+        hub_id, "pipeline",
+        # the diffusers folders only: not the repository's own flux1-*.safetensors and ae.safetensors (the same
+        # transformer and VAE in the original layout, about 24 GB more)
+        patterns=("model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*",
+                  "tokenizer_2/*", "text_encoder/model.safetensors", "text_encoder_2/model*.safetensors*",
+                  "transformer/diffusion_pytorch_model*.safetensors*", "vae/diffusion_pytorch_model.safetensors"),
+        files=("model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+               "text_encoder/model.safetensors", "text_encoder_2/config.json",
+               "text_encoder_2/model.safetensors.index.json",
+               *(f"text_encoder_2/model-0000{i}-of-00002.safetensors" for i in (1, 2)), *SD15_TOKENIZER,
+               "tokenizer_2/tokenizer.json", "tokenizer_2/tokenizer_config.json", "transformer/config.json",
+               "transformer/diffusion_pytorch_model.safetensors.index.json",
+               *(f"transformer/diffusion_pytorch_model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)),
+               "vae/config.json", "vae/diffusion_pytorch_model.safetensors"),
+        size="about 34 GB in bf16 (transformer about 23.8 GB, T5 XXL about 9.5 GB, CLIP about 0.25 GB, VAE about "
+             "0.17 GB)",
+        purpose=purpose, gated=gated)
+      for hub_id, purpose, gated in (
+          (FLUX_DEV, "FLUX.1-dev, the Flux family's default (guidance-distilled; optional)", True),
+          (FLUX_SCHNELL, "FLUX.1-schnell, the Flux family's 4-step model (optional)", False))},
 }
 
 
@@ -111,7 +135,9 @@ def config_download_command(hub_id: str) -> str:
 def download_hint(hub_id: str) -> str:
     """`hf download ...` with the size when known, for error messages."""
     model = HUB_MODELS.get(hub_id)
-    return f"`{download_command(hub_id)}`" + (f", {model.size}" if model else "")
+    gate = (f"; {hub_id} is a gated repository: accept its license on https://huggingface.co/{hub_id} and log in "
+            f"with `{HF_CLI} auth login` first" if model is not None and model.gated else "")
+    return f"`{download_command(hub_id)}`" + (f", {model.size}" if model else "") + gate
 
 
 def hub_cache_dir() -> Path:

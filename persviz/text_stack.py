@@ -21,11 +21,15 @@ import torch
 
 @dataclass(frozen=True)
 class TextEncoder:
-    """One text encoder of a pipeline: its name ('clip_l'), tokenizer and model."""
+    """One text encoder of a pipeline: its name ('clip_l'), tokenizer and model; pieces: its tokenizer splits
+    ordinary words into several tokens (T5's SentencePiece), so TEA takes a class word of several tokens as one unit
+    (docs/tea.md §2) where a CLIP encoder asks for a one-token word."""
 
     name: str
     tokenizer: Any
     encoder: Any
+    pieces: bool = False  # a SentencePiece tokenizer (Flux's T5) that splits many words: a class word may be several
+
 
     @property
     def width(self) -> int:
@@ -56,6 +60,13 @@ class TextStack:
     """A pipeline's text encoders in the order the pipeline concatenates or uses them."""
 
     encoders: tuple[TextEncoder, ...]
+    family: str = ""  # the family's name in sentences where its text stack sets it ('FLUX.1')
+
+    @property
+    def family_name(self) -> str:
+        """The model family in sentences: the stack's own, else by its encoders (one: 'Stable Diffusion 1.x'; two
+        without a name: SDXL, whose stack predates the field)."""
+        return self.family or ("Stable Diffusion 1.x" if len(self.encoders) == 1 else "SDXL")
 
     def __iter__(self) -> Iterator[TextEncoder]:
         return iter(self.encoders)
@@ -103,13 +114,18 @@ class PlaceholderRows:
 
     @contextlib.contextmanager
     def hooked(self, encoder: Any) -> Iterator["PlaceholderRows"]:
-        """The hook on encoder's input embedding inside the block; removed (and mask cleared) on exit."""
-        handle = encoder.get_input_embeddings().register_forward_hook(self)
+        """The hook on encoder's input embedding inside the block; removed (and mask cleared) on exit. Every
+        embedding module that holds the input-embedding matrix is hooked (transformers' T5 reads its tied matrix
+        through ``encoder.embed_tokens``, a module other than ``get_input_embeddings()``)."""
+        weight = encoder.get_input_embeddings().weight
+        modules = [m for m in encoder.modules() if isinstance(m, torch.nn.Embedding) and m.weight is weight]
+        handles = [m.register_forward_hook(self) for m in modules or [encoder.get_input_embeddings()]]
         try:
             yield self
         finally:
             self.mask = None
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     @contextlib.contextmanager
     def written(self, encoder: Any) -> Iterator[torch.Tensor]:

@@ -81,17 +81,21 @@ def lora_layout(keys: Any) -> str | None:
     """'diffusers' (``unet.*.lora_A.weight`` / ``lora.down`` / ``lora_linear_layer``, ``text_encoder.*`` and SDXL's
     ``text_encoder_2.*``: what diffusers' LoRA scripts and ``save_lora_weights`` write), 'kohya'
     (``lora_unet_*.lora_down.weight``, ``.alpha``, ``lora_te_*`` and SDXL's ``lora_te1_*`` / ``lora_te2_*``: kohya's
-    sd-scripts and A1111), or None. Which model family a file is of is the families' question
-    (``persviz.families.lora_family``)."""
+    sd-scripts and A1111), 'diffusers-flux' (``transformer.*``: FLUX.1's), 'kohya-flux'
+    (``lora_unet_double_blocks_*`` / ``single_blocks_*``: kohya's FLUX.1 LoRA), or None. Which model family a file is
+    of is the families' question (``persviz.families.lora_family``)."""
     keys = [str(k) for k in keys]
     if not keys:
         return None
     if all(k.startswith(KOHYA_PREFIXES) for k in keys) and any(".lora_down." in k for k in keys):
-        return "kohya"
+        # kohya's FLUX.1 LoRA (flux_train_network.py): BFL's block names, double_blocks_N / single_blocks_N
+        return "kohya-flux" if any("_double_blocks_" in k or "_single_blocks_" in k for k in keys) else "kohya"
     lora = ("lora_A.", "lora_B.", "lora.down.", "lora.up.", "lora_linear_layer.")
     if all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys) and any(
             s in k for k in keys for s in lora):
         return "diffusers"
+    if all(k.startswith(("transformer.", "text_encoder.")) for k in keys) and any(s in k for k in keys for s in lora):
+        return "diffusers-flux"  # FluxPipeline.save_lora_weights (train_dreambooth_lora_flux.py)
     return None
 
 

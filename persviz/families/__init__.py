@@ -15,10 +15,12 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
+from persviz.constants import CPU_OFFLOAD_ENV
 from persviz.families.base import Family, Pipeline, UnsupportedModelError
 
 _MODULES = ("sd1",  # one line per family
-            "sdxl")
+            "sdxl",
+            "flux")
 FAMILIES: dict[str, Family] = {f.name: f for f in (import_module(f"persviz.families.{n}").FAMILY for n in _MODULES)}
 DEFAULT_FAMILY: Family = FAMILIES["sd1"]  # the embedded micro-SD's family, and recipes' when a caller names none
 
@@ -52,7 +54,8 @@ def training_family(pipe: Pipeline, model: str | None = None, method: Any = None
     persviz.methods Method) does not train that method on it yet."""
     family = family_of(pipe, model)
     if family.trains and method is not None and family.trains_only and method.name not in family.trains_only:
-        others = " or ".join(f.label for f in FAMILIES.values() if f.trains and not f.trains_only)
+        others = " or ".join(f.label for f in FAMILIES.values() if f.trains and method.name in f.recipes
+                             and (not f.trains_only or method.name in f.trains_only))
         raise UnsupportedModelError(
             f"persviz trains {' and '.join(family.trains_only)} on {family.label} so far, not {method.name}; train "
             f"{method.name} on {others}, or {' / '.join(family.trains_only)} on {model or type(pipe).__name__}")
@@ -127,10 +130,15 @@ def load_checkpoint(path: Any, device: str | None = None, dtype: Any = None) -> 
 
 def adopting_family(pipe: Pipeline, model: str | None = None, method: Any = None) -> Family:
     """training_family(pipe), refused with a sentence when `persviz adopt` does not take runs of that family yet, or
-    (method: a persviz.methods Method) not that method's runs on it yet."""
+    (method: a persviz.methods Method) not that method's runs on it yet (``Family.adopts_only``: SDXL), or runs of a
+    method the family has no recipe for (``Family.no_recipe``: FLUX.1's Textual Inversion)."""
     family = training_family(pipe, model)
+    if family.adopts and method is not None and method.name in family.no_recipe:
+        raise UnsupportedModelError(f"persviz adopts {' and '.join(family.recipes)} runs trained on {family.label} so "
+                                    f"far, not {method.name} ({family.no_recipe[method.name]})")
     if family.adopts and method is not None and family.adopts_only and method.name not in family.adopts_only:
-        others = " or ".join(f.label for f in FAMILIES.values() if f.adopts and not f.adopts_only)
+        others = " or ".join(f.label for f in FAMILIES.values() if f.adopts and method.name not in f.no_recipe
+                             and (not f.adopts_only or method.name in f.adopts_only))
         raise UnsupportedModelError(
             f"persviz adopts {' and '.join(family.adopts_only)} runs on {family.label} so far, not {method.name}; "
             f"adopt a {method.name} run trained on {others}, or train {method.name} with persviz train where it "
@@ -168,27 +176,72 @@ def lora_refusal(keys: Any, pipe: Pipeline, what: str, model: str | None = None)
             f"family; pass a {family.label} LoRA, or the {other.label} model it was trained on with --model")
 
 
+def is_pipeline(obj: Any) -> bool:
+    """Whether obj is a diffusion pipeline of some family (a denoiser: a UNet or, Flux, a transformer), not a
+    (tokenizer, text_encoder) pair or a lone component."""
+    return not isinstance(obj, (tuple, list)) and (hasattr(obj, "unet") or hasattr(obj, "transformer"))
+
+
 def text_stack(pipe: Pipeline) -> Any:
     """The text encoders of a diffusion pipeline (persviz.text_stack.TextStack), as its family lays them out."""
     return family_of(pipe).text_stack(pipe)
 
 
-def assemble_pipeline(model: Any = None, device: str | None = None, dtype: Any = None) -> Any:
+def index_family(model: Any) -> Family | None:
+    """The family whose ``pipeline_class`` a model's ``model_index.json`` names (a Hub id in the local cache or a
+    folder), read before loading it; None when there is none to read or no family claims it."""
+    if not isinstance(model, (str, os.PathLike)) or is_single_file(model):
+        return None
+    from diffusers import DiffusionPipeline  # heavy: diffusers
+    try:
+        index = DiffusionPipeline.load_config(str(model))
+    except (OSError, ValueError):
+        return None  # not there: the loader says so with its sentence
+    return next((f for f in FAMILIES.values() if f.pipeline_class and f.pipeline_class == index.get("_class_name")),
+                None)
+
+
+def wants_cpu_offload(cpu_offload: bool | None) -> bool:
+    """cpu_offload, else the command line's ``--cpu-offload`` (PERSVIZ_CPU_OFFLOAD=1)."""
+    if cpu_offload is not None:
+        return bool(cpu_offload)
+    return os.environ.get(CPU_OFFLOAD_ENV, "").strip() not in ("", "0")
+
+
+def assemble_pipeline(model: Any = None, device: str | None = None, dtype: Any = None,
+                      cpu_offload: bool | None = None) -> Any:
     """The pipeline of `model` ('shapesworld' or None: the embedded micro-SD; a Hub id, a folder, or a loaded
     pipeline, or a single-file .safetensors checkpoint), loaded (persviz.loading.load_pipeline; a file:
     ``load_checkpoint``), checked against the families and prepared for persviz's studies by its family (at full
-    scale the paper's sampler). The notebooks' setup and every command use it."""
+    scale the paper's sampler). The notebooks' setup and every command use it.
+
+    On a GPU without a dtype the family's (``Family.gpu_dtype``: float16, Flux bfloat16). cpu_offload (None: the
+    command line's ``--cpu-offload``): diffusers' ``enable_model_cpu_offload``, each model moved to the GPU while it
+    runs, for cards with less memory than the pipeline needs (FLUX.1 in bf16 needs about 34 GB); it needs a CUDA
+    GPU and is refused with a sentence without one."""
+    import torch  # heavy: torch
     from persviz.loading import is_embedded, load_pipeline  # heavy: diffusers (the loader)
+    offload = wants_cpu_offload(cpu_offload)
+    if offload and not torch.cuda.is_available():
+        raise UnsupportedModelError("--cpu-offload moves each model of the pipeline to a CUDA GPU while it runs, and "
+                                    "this machine has none; leave --cpu-offload out (the pipeline runs on the CPU)")
+    family = index_family(model) if dtype is None else None
+    if family is not None and (offload or (device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu"):
+        dtype = getattr(torch, family.gpu_dtype)
     if is_single_file(model):
         pipe = load_checkpoint(model, device=device, dtype=dtype)
         return family_of(pipe, str(model)).prepare(pipe, embedded=False)
-    pipe = load_pipeline(model, device=device, dtype=dtype)
+    pipe = load_pipeline(model, device="cpu" if offload else device, dtype=dtype)
     family = family_of(pipe, None if model is None else str(model) if isinstance(model, (str, os.PathLike)) else None)
     if not isinstance(model, (str, os.PathLike)) and model is not None:
         return pipe  # a pipeline the caller already loaded and set up: checked, left as it is
-    return family.prepare(pipe, embedded=is_embedded(model))
+    pipe = family.prepare(pipe, embedded=is_embedded(model))
+    if offload:
+        pipe.enable_model_cpu_offload(device=device or "cuda")
+    return pipe
 
 
 __all__ = ["CHECKPOINT_SUFFIXES", "DEFAULT_FAMILY", "FAMILIES", "Family", "UnsupportedModelError",
            "assemble_pipeline", "checkpoint_family", "family_of", "get_family", "is_single_file", "load_checkpoint",
-           "text_stack", "training_family", "adopting_family", "lora_family", "lora_refusal"]
+           "text_stack", "training_family", "adopting_family", "index_family", "is_pipeline", "lora_family",
+           "lora_refusal", "wants_cpu_offload"]

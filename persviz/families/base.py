@@ -58,6 +58,7 @@ class Family:
     no_recipe: dict[str, str] = field(default_factory=dict)  # method name: why the family has no recipe for it
     checkpoint_prefix: str = ""
     pipeline_class: str = ""
+    gpu_dtype: str = "float16"  # the torch dtype its pipelines load in on a GPU (Flux: bfloat16)
 
     def refusal(self, pipe: Pipeline, model: str) -> str | None:
         """None when `pipe` belongs to this family; else one sentence saying what it is and what persviz takes."""
@@ -80,7 +81,8 @@ class Family:
         [B, L, D_e] per encoder of `stack`, in its order and the dtype the pipeline passes on, the pooled embedding
         [B, P] the UNet reads besides or None where the family has none). tokens: per encoder, its tokenizer's
         output for the prompts (``input_ids``, ``attention_mask``; padded to the tokenizer's maximum length). The
-        hidden states concatenated along the last dimension are the pipeline's ``prompt_embeds``."""
+        hidden states of ``state_encoders`` concatenated along the last dimension are the pipeline's
+        ``prompt_embeds`` (SD 1.x, SDXL: every encoder's; Flux: T5's, CLIP reaching it through the pooled output)."""
         raise NotImplementedError
 
     def prepare(self, pipe: Pipeline, embedded: bool) -> Any:
@@ -157,6 +159,21 @@ class Family:
                                         f"{'; train ' + has + ' on it' if has else ''}")
         changes = self.embedded_recipes.get(method.name, {}) if embedded else {}
         return {**self.recipes[method.name], **changes}
+
+    def pipeline_generation(self, pipe: Pipeline) -> dict[str, Any]:
+        """steps, guidance and batch size of generation for this loaded pipeline (a family of several models with
+        their own settings, Flux's dev and schnell, reads which one from the pipeline)."""
+        return dict(self.generation)
+
+    def pooled_encoder(self, stack: Any) -> str | None:
+        """The name of the encoder whose pooled output ``prompt_states`` returns (SDXL: clip_g; Flux: clip_l), None
+        where the family's denoiser reads no pooled embedding (SD 1.x)."""
+        return None
+
+    def state_encoders(self, stack: Any) -> tuple[str, ...]:
+        """The names of the encoders whose hidden states, concatenated, are the pipeline's ``prompt_embeds`` (SD 1.x,
+        SDXL: all; Flux: T5 alone, CLIP giving the pooled embedding)."""
+        return tuple(e.name for e in stack)
 
     def generation_defaults(self, embedded: bool) -> dict[str, Any]:
         """steps, guidance and batch size of generation for an embedded model of the family or a full-scale one."""

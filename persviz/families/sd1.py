@@ -43,6 +43,9 @@ class StableDiffusion1(Family):
 
     def refusal(self, pipe: Pipeline, model: str) -> str | None:
         kind = type(pipe).__name__
+        if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
+            return (f"{model} ({kind}) is a diffusion transformer, not a Stable Diffusion 1.x pipeline (a UNet and one "
+                    "CLIP text encoder); use stable-diffusion-v1-5/stable-diffusion-v1-5")
         if getattr(pipe, "text_encoder_2", None) is not None or "XL" in kind:
             return (f"{model} is an SDXL pipeline ({kind}, two text encoders), not a Stable Diffusion 1.x one (one "
                     "CLIP text encoder); the SDXL family takes it, or use stable-diffusion-v1-5/stable-diffusion-v1-5")

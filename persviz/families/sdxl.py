@@ -114,6 +114,10 @@ class StableDiffusionXL(Family):
         if getattr(pipe, "text_encoder_2", None) is None or getattr(pipe, "tokenizer_2", None) is None:
             return (f"{model} ({kind}) has no second text encoder and tokenizer, so it is not an SDXL pipeline "
                     f"(clip_l + clip_g); use {SDXL_BASE} or a model fine-tuned from it")
+        t5 = getattr(getattr(pipe.text_encoder_2, "config", None), "model_type", "") == "t5"
+        if getattr(pipe, "transformer", None) is not None or t5:  # FLUX.1 (clip_l + t5, a transformer): Flux's
+            return (f"{model} ({kind}) has a T5 text encoder and a transformer, not clip_g and a UNet, so it is not "
+                    f"an SDXL pipeline; use {SDXL_BASE} or a model fine-tuned from it")
         return None
 
     def text_stack(self, pipe: Pipeline) -> Any:
@@ -139,6 +143,10 @@ class StableDiffusionXL(Family):
         pooled = pooled_by.text_projection(last[torch.arange(last.shape[0], device=last.device), at])
         time_ids = torch.tensor([*size, 0, 0, resolution, resolution], dtype=pooled.dtype, device=pooled.device)
         return torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids.repeat(last.shape[0], 1)}
+
+    def pooled_encoder(self, stack: Any) -> str | None:
+        """clip_g: its projected pooled output is the UNet's ``text_embeds``."""
+        return stack.encoders[-1].name
 
     def prompt_states(self, stack: Any, tokens: Any) -> Any:
         """StableDiffusionXLPipeline.encode_prompt's: each encoder's penultimate hidden states (clip_l 768, clip_g
@@ -251,6 +259,6 @@ FAMILY = StableDiffusionXL(
     adopts_only=("dreambooth",),
     # LoRA files only SDXL's hold: its second text encoder (diffusers' text_encoder_2., kohya's lora_te1_/lora_te2_)
     # and its UNet's second transformer block (transformer_layers_per_block [1, 2, 10]; SD 1.x's are 1)
-    lora_marks=("text.encoder.2.", "lora.te1.", "lora.te2.", "transformer.blocks.1."),
+    lora_marks=("text.encoder.2.", "lora.te1.", "lora.te2.", "attentions.0.transformer.blocks.1."),
     # single-file checkpoints: clip_g (OpenCLIP bigG) under conditioner.embedders.1. (the refiner has only .0.)
     checkpoint_prefix="conditioner.embedders.1.", pipeline_class="StableDiffusionXLPipeline")

@@ -103,7 +103,7 @@ def detect_lora_run(method: Any, path: Path, token: str | None) -> ForeignRun:
         raise not_found(method, path, f"{f.name} has keys {sorted(sd)[:3]}, not a LoRA's")
     folder = path if path.is_dir() else path.parent
     cfg = persviz_config(folder)
-    k_token, k_class = kohya_names(meta) if layout == "kohya" else (None, None)
+    k_token, k_class = kohya_names(meta) if layout in ("kohya", "kohya-flux") else (None, None)
     source = "persviz" if cfg.get("identifier") else layout
     found = token or cfg.get("identifier") or k_token or DREAMBOOTH_IDENTIFIER
     return ForeignRun(method.name, path, source, found, cfg.get("class_word") or k_class, (f,))
@@ -126,14 +126,25 @@ def lora_in_widths(sd: dict[str, Any]) -> tuple[dict[int, set[int]], set[int]]:
 
 
 def check_lora_fits(found: ForeignRun, pipe: Any) -> None:
-    """The LoRA's model family (``persviz.families.lora_refusal``: a sentence naming both), then its input widths
-    against each text encoder's (by its index in the pipeline's text stack) and the UNet's cross-attention."""
+    """The LoRA's model family (``persviz.families.lora_refusal``: a sentence naming both), then, on a UNet, its input
+    widths against each text encoder's (by its index in the pipeline's text stack) and the UNet's cross-attention;
+    on FLUX.1's transformer by loading it and unloading it (diffusers converts kohya's names and checks every
+    shape)."""
     from persviz.weight_files import read_weights  # heavy: torch
     f = found.files[0]
     sd, _, _ = read_weights(f)
     why = lora_refusal(sd, pipe, str(f))
     if why is not None:
         raise ConceptFolderError(why)
+    if getattr(pipe, "transformer", None) is not None:
+        try:
+            pipe.load_lora_weights(dict(sd), adapter_name="persviz_check")
+        except (ValueError, RuntimeError, KeyError) as err:
+            first = (str(err).splitlines() or [""])[0][:160]
+            raise ConceptFolderError(f"{f.name} does not fit the model's FLUX.1 transformer ({type(err).__name__}: "
+                                     f"{first}): it was trained on another model; pass that model") from None
+        pipe.delete_adapters("persviz_check")
+        return
     cross_dim = int(pipe.unet.config.cross_attention_dim)
     stack = text_stack(pipe)
     text, cross = lora_in_widths(sd)

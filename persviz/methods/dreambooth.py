@@ -23,6 +23,9 @@ class DreamBoothLoRA(LoRAMethod):
 
     def train(self, pipe: Pipeline, images: Any, config: Any, out: Path, progress: bool = True,
               load_result: bool = False) -> Any:
+        if getattr(pipe, "transformer", None) is not None:  # a diffusion transformer (FLUX.1): its own step
+            from persviz.trainers.dreambooth_lora_flux import train_transformer_lora  # heavy: the trainers
+            return train_transformer_lora(pipe, images, config, out, progress=progress, load_result=load_result)
         from persviz.trainers.dreambooth_lora import train_dreambooth_lora  # heavy: the trainers
         return train_dreambooth_lora(pipe, images, config, out, progress=progress, load_result=load_result)
 

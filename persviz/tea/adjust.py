@@ -154,6 +154,66 @@ def align_positions(
     )
 
 
+def align_spans(
+    ids_personal: Sequence[int] | torch.Tensor,
+    ids_class: Sequence[int] | torch.Tensor,
+    placeholder_ids: Sequence[int],
+    class_ids: Sequence[int],
+) -> list[tuple[int, int]]:
+    """align_positions for a class word of several tokens (a SentencePiece tokenizer such as Flux's T5 splits
+    "teapot" into "▁tea" "pot", and a DreamBooth identifier "sks" into "▁sk" "s"): the class word's tokens
+    c_0 ... c_{k-1} are one unit. Token t of the placeholder pairs with c_min(t, k-1) of the class prompt (a longer
+    placeholder's extra tokens all pair with the class word's last token); where the placeholder precedes the class
+    word ("sks teapot") the class word's own tokens pair with themselves; every other token pairs with the same
+    token of the class prompt. A placeholder shorter than the class word that replaces it leaves the class word's
+    remaining tokens unpaired (nothing of the personalized prompt sits there), and the personalized prompt's last
+    padding positions, past the class prompt's length, unpaired too (left as they are). With k = 1 this is
+    align_positions.
+    Returns (i_personal, j_class) for every paired i, in order."""
+    pers, cls = _ids(ids_personal, "ids_personal"), _ids(ids_class, "ids_class")
+    ph, cw = _ids(placeholder_ids, "placeholder_ids"), _ids(class_ids, "class_ids")
+    if len(cw) == 1:
+        return align_positions(pers, cls, ph, cw[0])
+    if not ph or not cw:
+        raise ValueError("placeholder_ids and class_ids must each hold at least one token id")
+    if ph == cw[: len(ph)] and len(ph) <= len(cw):
+        raise ValueError(f"the placeholder's ids {ph} begin the class word's {cw}; pass the class word's own ids")
+    spans, k = [], 0
+    while k <= len(pers) - len(ph):
+        if pers[k: k + len(ph)] == ph:
+            spans.append(k)
+            k += len(ph)
+        else:
+            k += 1
+    if not spans:
+        raise ValueError(f"placeholder ids {ph} do not occur in ids_personal; tokenize the personalized prompt with "
+                         "the same tokenizer")
+    for prefix in (True, False):
+        tokens: list[int] = []
+        extra: list[tuple[int, int]] = []  # (personal position, index into tokens) of the placeholder's tokens
+        pairs_own: list[tuple[int, int]] = []
+        starts, k = set(spans), 0
+        while k < len(pers):
+            if k in starts:
+                follows = pers[k + len(ph): k + len(ph) + len(cw)] == cw
+                base = len(tokens)
+                extra += [(k + t, base + min(t, len(cw) - 1)) for t in range(len(ph))]
+                if not (prefix and follows):
+                    tokens += cw  # the placeholder stands for the class word
+                k += len(ph)
+                continue
+            pairs_own.append((k, len(tokens)))
+            tokens.append(pers[k])
+            k += 1
+        n = min(len(tokens), len(cls))  # a placeholder shorter than the class word pushes the padding's end past Lc
+        if tokens[:n] == cls[:n]:
+            return sorted((i, j) for i, j in pairs_own + extra if j < len(cls))
+    raise ValueError(
+        "the personalized prompt without its placeholder does not match the class prompt; the two prompts must be "
+        "identical apart from the placeholder, e.g. 'a photo of sks teapot on a beach' and 'a photo of teapot on a "
+        "beach'")
+
+
 def _collapse(
     ids: list[int], spans: list[int], length: int, class_id: int, prefix: bool
 ) -> tuple[list[int], list[list[int]]]:

@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 
-from persviz.embedding_files import (SD15, SDXL_PAIR, EmbeddingFile, EmbeddingFileError, check_fits, read_embedding_file,
-                                     write_like, write_parts_like, write_portable)
+from persviz.embedding_files import (SD15, SDXL_PAIR, EmbeddingFile, EmbeddingFileError, an, check_fits,
+                                     read_embedding_file, write_like, write_parts_like, write_portable)
 from persviz.embeddings import class_word_id, norm_ratio_and_cosine, single_token_id
 from persviz.tea.adjust import slerp_adjust
+from persviz.tea.inspect_file import PARTIAL_FORMATS, other_family
 from persviz.tea.pipeline import check_knobs, model_stack
 
 
@@ -177,14 +178,19 @@ def _fix_parts(f: EmbeddingFile, stack: Any, class_word: str, out: str | os.Path
     """Each encoder's part toward its own class-word row; refusals of a file and a model of different families."""
     encoders = list(stack)
     names = ", ".join(f"{e.name} {e.width} wide" for e in encoders)
+    fam = stack.family_name if hasattr(stack, "family_name") else "SDXL"
     if not f.per_encoder:
         raise EmbeddingFileError(
             f"{f.path.name} holds rows of one text encoder ({f.n_vectors} x {f.width}, a Stable Diffusion 1.x-style "
-            f"embedding) but the model is an SDXL-style model with {len(encoders)} text encoders ({names}); fix it "
-            f"against the SD 1.x model it was trained on (e.g. --model {SD15}), or pass an SDXL embedding with a "
-            "part per encoder (clip_l + clip_g)")
+            f"embedding) but the model is {an(fam)} {fam}-style model with {len(encoders)} text encoders ({names}); "
+            f"fix it against the SD 1.x model it was trained on (e.g. --model {SD15}), or pass {an(fam)} {fam} "
+            f"embedding with a part per encoder ({' + '.join(e.name for e in encoders)})")
     if len(encoders) == 1:
-        check_fits(f, encoders[0].encoder)  # raises: an SDXL file against a one-encoder (SD 1.x) model
+        check_fits(f, encoders[0].encoder)  # raises: an SDXL or FLUX.1 file against a one-encoder (SD 1.x) model
+    if f.family != fam:
+        raise EmbeddingFileError(other_family(f, fam, "", names, "fix"))
+    if set(f.parts) and f.format in PARTIAL_FORMATS and set(f.parts) < {e.name for e in encoders}:
+        encoders = [e for e in encoders if e.name in f.parts]  # ComfyUI's t5xxl alone: T5's rows fixed
     if sorted(f.parts) != sorted(e.name for e in encoders):
         raise EmbeddingFileError(f"{f.path.name} has parts {sorted(f.parts)} and the model's text encoders are "
                                  f"{names}; pass the model the embedding was trained on")
@@ -198,8 +204,10 @@ def _fix_parts(f: EmbeddingFile, stack: Any, class_word: str, out: str | os.Path
     fixes, after = [], {}
     tup = lambda x: tuple(float(v) for v in x)  # noqa: E731
     for e in encoders:
-        cid = class_word_id(e.tokenizer, class_word)
-        c = e.rows.detach()[cid].cpu()
+        if e.pieces:  # a SentencePiece encoder (T5): the mean of the class word's rows, as tea() takes it
+            c = e.rows.detach()[e.tokenizer(class_word, add_special_tokens=False)["input_ids"]].mean(dim=0).cpu()
+        else:
+            c = e.rows.detach()[class_word_id(e.tokenizer, class_word)].cpu()
         v = f.parts[e.name]
         after[e.name] = slerp_adjust(v, c, rotation, scale).to(v.dtype)  # what tea() writes into this encoder
         rb, cb = norm_ratio_and_cosine(v, c)

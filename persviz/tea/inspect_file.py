@@ -23,7 +23,7 @@ from typing import Any, Union
 
 import torch
 
-from persviz.embedding_files import (SD15, SDXL_PAIR, EmbeddingFile, EmbeddingFileError, check_fits,
+from persviz.embedding_files import (SD15, SDXL_PAIR, EmbeddingFile, EmbeddingFileError, an, check_fits,
                                      read_embedding_file, read_embedding_folder, summary)
 from persviz.embeddings import class_word_id, norm_ratio_and_cosine, prompt_parts
 from persviz.families import UnsupportedModelError, family_of, is_single_file, load_checkpoint
@@ -33,6 +33,7 @@ from persviz.tea.adjust import DEFAULTS
 from persviz.text_stack import TextEncoder, TextStack
 
 PERCENTILES = (5, 50, 95)
+PARTIAL_FORMATS = ("flux-comfyui",)  # formats that may hold some encoders' rows only (ComfyUI's t5xxl alone)
 TAIL = 95  # a row norm beyond this percentile of the vocabulary is the norm drift of semantic collapse
 LONG = 32  # an embedding with more rows prints its first and last EDGE rows and the statistics of all
 EDGE = 8
@@ -238,7 +239,7 @@ class InspectReport:
 
 
 def inspect_file(f: EmbeddingFile, pipe_or_parts: Any, class_word: str | None = None, k: int = 5,
-                 model_name: str = "", part: str = "") -> InspectReport:
+                 model_name: str = "", part: str = "", pieces: bool = False) -> InspectReport:
     """inspect_embedding for an already read EmbeddingFile; part: the encoder whose part of a per-encoder (SDXL)
     file to diagnose against (tokenizer, text_encoder), its name as the text stack gives it ('clip_g')."""
     tokenizer, encoder = prompt_parts(pipe_or_parts, required=True)
@@ -260,7 +261,11 @@ def inspect_file(f: EmbeddingFile, pipe_or_parts: Any, class_word: str | None = 
     vocab_norms = {f"p{p}": float(x) for p, x in zip(PERCENTILES, q)} | {"max": float(norms.max())}
     rows = f.rows.float()
     c = None
-    if class_word is not None:
+    if class_word is not None and pieces:  # a SentencePiece encoder (T5): the mean of the word's rows, as tea()
+        ids_c = tokenizer(class_word, add_special_tokens=False)["input_ids"]
+        c = encoder.get_input_embeddings().weight.detach()[ids_c].float().mean(dim=0).cpu()
+        ratio, cos = norm_ratio_and_cosine(rows, c)
+    elif class_word is not None:
         c = encoder.get_input_embeddings().weight.detach()[class_word_id(tokenizer, class_word)].float().cpu()
         ratio, cos = norm_ratio_and_cosine(rows, c)
     special = {i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
@@ -293,18 +298,31 @@ def inspect_stack(f: EmbeddingFile, stack: Any, class_word: str | None = None, k
     if len(encoders) == 1:
         return [inspect_file(f, (encoders[0].tokenizer, encoders[0].encoder), class_word, k, model_name)]
     names = ", ".join(f"{e.name} {e.width} wide" for e in encoders)
+    fam = stack.family_name if hasattr(stack, "family_name") else "SDXL"
     if not f.per_encoder:
+        pair = f", or diffusers' folder with {' and '.join(SDXL_PAIR.values())}" if not getattr(stack, "family", "") \
+            else ""
         raise EmbeddingFileError(
             f"{f.path.name} holds rows of one text encoder ({f.n_vectors} x {f.width}, a Stable Diffusion 1.x-style "
-            f"embedding) but {model_name or 'the model'} is an SDXL-style model with {len(encoders)} text encoders "
-            f"({names}); inspect it against the SD 1.x model it was trained on (e.g. --model {SD15}), or pass an SDXL "
-            f"embedding with a part per encoder (clip_l + clip_g, or diffusers' folder with "
-            f"{' and '.join(SDXL_PAIR.values())})")
+            f"embedding) but {model_name or 'the model'} is {an(fam)} {fam}-style model with {len(encoders)} text "
+            f"encoders ({names}); inspect it against the SD 1.x model it was trained on (e.g. --model {SD15}), or "
+            f"pass {an(fam)} {fam} embedding with a part per encoder ({' + '.join(e.name for e in encoders)}{pair})")
+    if f.family != fam:
+        raise EmbeddingFileError(other_family(f, fam, model_name, names, "inspect"))
     missing = [e.name for e in encoders if e.name not in f.parts]
-    if missing:
+    if missing and not (set(f.parts) and f.format in PARTIAL_FORMATS):  # ComfyUI's t5xxl alone: T5 diagnosed
         raise EmbeddingFileError(f"{f.path.name} has parts {sorted(f.parts)} and the model's text encoders are {names}; "
                                  f"no part for {', '.join(missing)}, so pass an embedding trained on this model")
-    return [inspect_file(f, (e.tokenizer, e.encoder), class_word, k, model_name, part=e.name) for e in encoders]
+    return [inspect_file(f, (e.tokenizer, e.encoder), class_word, k, model_name, part=e.name, pieces=e.pieces)
+            for e in encoders if e.name in f.parts]
+
+
+def other_family(f: EmbeddingFile, family: str, model_name: str, names: str, verb: str) -> str:
+    """The sentence of a per-encoder file of one family against a model of another (an SDXL file against FLUX.1)."""
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in f.parts.items())
+    return (f"{f.path.name} is {an(f.family)} {f.family} embedding ({shapes}) but {model_name or 'the model'} is "
+            f"{an(family)} {family} model ({names}); {verb} it against the {f.family} model it was trained on (e.g. "
+            f"--model {f.family_model}), or pass {an(family)} {family} embedding")
 
 
 def inspect_embedding(path: str | Path, pipe_or_parts: Any, class_word: str | None = None, k: int = 5,

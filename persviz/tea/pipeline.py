@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from persviz.families import DEFAULT_FAMILY, family_of, text_stack
+from persviz.families import DEFAULT_FAMILY, family_of, is_pipeline, text_stack
 from persviz.families.base import Pipeline
 from persviz.embeddings import prompt_parts, single_token_id, tokens_of, class_word_id, token_row
-from persviz.tea.adjust import DEFAULTS, check_knob, align_positions, prompt_level_adjust, slerp_adjust
+from persviz.tea.adjust import DEFAULTS, check_knob, align_positions, align_spans, prompt_level_adjust, slerp_adjust
 from persviz.text_stack import PlaceholderRows, TextEncoder, TextStack
 
 
@@ -43,7 +43,7 @@ def model_stack(obj: Any) -> TextStack:
     text_encoder) pair as a stack of one encoder."""
     if isinstance(obj, TextStack):
         return obj
-    if isinstance(obj, (tuple, list)) or not hasattr(obj, "unet"):
+    if not is_pipeline(obj):
         tokenizer, encoder = prompt_parts(obj, required=True)
         return TextStack((TextEncoder("text_encoder", tokenizer, encoder),))
     return text_stack(obj)
@@ -87,6 +87,18 @@ def _class_id(tokenizer: Any, class_word: str, placeholder_ids: Sequence[int]) -
     return cid
 
 
+def _class_ids(tokenizer: Any, class_word: str, placeholder_ids: Sequence[int]) -> list[int]:
+    """The ids of a class word's tokens (one or several) in a SentencePiece tokenizer; refused with a sentence when
+    it is empty or the placeholder itself."""
+    if not isinstance(class_word, str) or not class_word.strip() or any(c.isspace() for c in class_word.strip()):
+        raise ValueError(f"class word must be one word, e.g. 'dog'; got {class_word!r}")
+    ids = [int(i) for i in tokenizer(class_word.strip(), add_special_tokens=False)["input_ids"]]
+    if not ids or ids == list(placeholder_ids):
+        raise ValueError(f"class word {class_word!r} is the placeholder itself or no token; pass the class word "
+                         "(e.g. 'dog')")
+    return ids
+
+
 @contextmanager
 def tea(
     pipe: Pipeline,
@@ -108,14 +120,14 @@ def tea(
     (it edits the model in place, so do not use the pipeline from another thread meanwhile).
     """
     rotation, scale = check_knobs(method, rotation, scale)
-    stack = model_stack(pipe) if hasattr(pipe, "unet") else None
+    stack = model_stack(pipe) if is_pipeline(pipe) else None
     if stack is not None and len(stack) > 1:  # SDXL: each encoder's rows toward its own class-word row
         holding = [e for e in stack if single_token_id(e.tokenizer, placeholder) is not None]
         if not holding:
             _placeholder_ids(stack.primary.tokenizer, stack.primary.encoder, placeholder)  # raises, saying how to load
         with contextlib.ExitStack() as written:
             done = [written.enter_context(_tea_rows(e.tokenizer, e.encoder, placeholder, class_word, rotation, scale,
-                                                    e.name)) for e in holding]
+                                                    e.name, e.pieces)) for e in holding]
             first = done[0]
             yield TeaAdjustment(first.placeholder_ids, first.class_id, rotation, scale, first.original, first.adjusted,
                                 first.encoder, tuple(done))
@@ -129,10 +141,12 @@ def tea(
 
 @contextmanager
 def _tea_rows(tokenizer: Any, encoder: Any, placeholder: str, class_word: str, rotation: float, scale: float,
-              name: str = "") -> Iterator[TeaAdjustment]:
-    """Eq. 1 written into one encoder's placeholder rows, restored on exit."""
+              name: str = "", pieces: bool = False) -> Iterator[TeaAdjustment]:
+    """Eq. 1 written into one encoder's placeholder rows, restored on exit. pieces (a SentencePiece encoder, Flux's
+    T5): a class word of several tokens gives c as the mean of their rows (class_id: its first token)."""
     ids = _placeholder_ids(tokenizer, encoder, placeholder)
-    cid = _class_id(tokenizer, class_word, ids)
+    class_ids = _class_ids(tokenizer, class_word, ids) if pieces else [_class_id(tokenizer, class_word, ids)]
+    cid = class_ids[0]
     weight = encoder.get_input_embeddings().weight
     if weight.device.type == "meta":
         raise ValueError(
@@ -140,7 +154,8 @@ def _tea_rows(tokenizer: Any, encoder: Any, placeholder: str, class_word: str, r
             "place, so use enable_model_cpu_offload or keep the text encoder in memory"
         )
     with torch.no_grad():
-        adjusted = slerp_adjust(weight[ids].detach(), weight[cid].detach(), rotation, scale).to(weight.dtype)
+        target = weight[class_ids].detach().mean(dim=0)
+        adjusted = slerp_adjust(weight[ids].detach(), target, rotation, scale).to(weight.dtype)
     with PlaceholderRows(adjusted, ids).written(encoder) as original:
         yield TeaAdjustment(tuple(ids), cid, rotation, scale, original, adjusted.clone(), name)
 
@@ -165,7 +180,7 @@ def _tokens(tokenizer: Any, prompts: list[str]) -> Any:
 def prompt_family(pipe: Any) -> tuple[Any, TextStack]:
     """(the family that says what its pipeline reads for prompts, the text stack): a pipeline's own; a (tokenizer,
     text_encoder) pair is read as SD 1.x's one encoder."""
-    if hasattr(pipe, "unet") and not isinstance(pipe, (tuple, list)):
+    if is_pipeline(pipe):
         return family_of(pipe), text_stack(pipe)
     return DEFAULT_FAMILY, model_stack(pipe)
 
@@ -258,6 +273,7 @@ def encode_prompt_level(
     if len(negatives) != len(personal):
         raise ValueError(f"got {len(personal)} prompts but {len(negatives)} negative prompts; pass 1 or the same number")
     anchors = _anchors(anchor_encoder, stack)
+    states = family.state_encoders(stack)  # the encoders whose hidden states are prompt_embeds (Flux: T5 alone)
     toks_p, toks_c, toks_n, pairs = [], [], [], []
     for e in stack:
         pe, ce, ne = personal, classes, negatives
@@ -266,26 +282,55 @@ def encode_prompt_level(
         toks_p.append(_tokens(e.tokenizer, pe))
         toks_c.append(_tokens(e.tokenizer, ce))
         toks_n.append(_tokens(e.tokenizer, ne))
-        pairs.append(_pairs(e.tokenizer, e.encoder, pe, ce, toks_p[-1].input_ids, toks_c[-1].input_ids, placeholder,
-                            class_word))
+        if e.name not in states:
+            pairs.append(None)  # read through the pooled embedding only (Flux's clip_l)
+        elif e.pieces:
+            pairs.append(_span_pairs(e.tokenizer, pe, ce, toks_p[-1].input_ids, toks_c[-1].input_ids, placeholder,
+                                     class_word))
+        else:
+            pairs.append(_pairs(e.tokenizer, e.encoder, pe, ce, toks_p[-1].input_ids, toks_c[-1].input_ids,
+                                placeholder, class_word))
     h_p, pooled_p = family.prompt_states(stack, toks_p)
-    anchor_stack = TextStack(tuple(TextEncoder(e.name, e.tokenizer, a) for e, a in zip(stack, anchors)))
+    anchor_stack = TextStack(tuple(TextEncoder(e.name, e.tokenizer, a, e.pieces) for e, a in zip(stack, anchors)))
     h_c, pooled_c = family.prompt_states(anchor_stack, toks_c)
-    adjusted = [prompt_level_adjust(hp, hc, rotation, scale, pr if aligned else None).to(hp.dtype)
-                for hp, hc, pr in zip(h_p, h_c, pairs)]
+    keep = [k for k, e in enumerate(stack) if e.name in states]
+    adjusted = [prompt_level_adjust(h_p[k], h_c[k], rotation, scale, pairs[k] if aligned else None).to(h_p[k].dtype)
+                for k in keep]
     prompt_embeds = torch.cat(adjusted, dim=-1)
     if zero_negative:
         negative_embeds = torch.zeros_like(prompt_embeds)
         negative_pooled = None if pooled_p is None else torch.zeros_like(pooled_p)
     else:
         h_n, negative_pooled = family.prompt_states(stack, toks_n)
-        negative_embeds = torch.cat(h_n, dim=-1)
+        negative_embeds = torch.cat([h_n[k] for k in keep], dim=-1)
     if pooled_p is None:
         return prompt_embeds, negative_embeds
     pooled = pooled_p
     if adjust_pooled:
         pooled = slerp_adjust(pooled_p, pooled_c.to(pooled_p.device), rotation, scale).to(pooled_p.dtype)
     return prompt_embeds, negative_embeds, pooled, negative_pooled
+
+
+def _span_pairs(tokenizer: Any, personal: list[str], classes: list[str], ids_p: torch.Tensor, ids_c: torch.Tensor,
+                placeholder: str, class_word: str | None) -> list[list[tuple[int, int]]]:
+    """Per prompt, align_spans' pairs of a SentencePiece encoder's token ids (Flux's T5): the placeholder as the
+    tokenizer splits it (one added token, or pieces: "sks" is "▁sk" "s"), the class word as its tokens (read from the
+    class prompt's word where the placeholder's word stands when class_word is None)."""
+    ph = [int(i) for i in tokenizer(placeholder, add_special_tokens=False)["input_ids"]]
+    out = []
+    for b, (pp, pc) in enumerate(zip(personal, classes)):
+        word = class_word
+        if word is None:
+            words_p, words_c = pp.split(), pc.split()
+            if placeholder not in words_p or words_p.index(placeholder) >= len(words_c):
+                raise ValueError(f"cannot find the class word of {pc!r} where {placeholder!r} stands in {pp!r}; "
+                                 "pass class_word=")
+            word = words_c[words_p.index(placeholder)].strip(".,;:!?")
+        try:
+            out.append(align_spans(ids_p[b].tolist(), ids_c[b].tolist(), ph, _class_ids(tokenizer, word, ph)))
+        except ValueError as err:
+            raise ValueError(f"cannot pair {pp!r} with {pc!r}: {err}") from None
+    return out
 
 
 def _pairs(tokenizer: Any, encoder: Any, personal: list[str], classes: list[str], ids_p: torch.Tensor,

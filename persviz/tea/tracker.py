@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from persviz.families import is_pipeline
 from persviz.families.base import Pipeline
 from persviz.tea import shift as sm
 from persviz.embedding_files import EmbeddingFileError, read_embedding_file
@@ -163,7 +164,7 @@ class _PromptEncoder:
 
     def __init__(self, pipe: Pipeline, placeholder: str, class_word: str, n_vectors: int, representation: str,
                  batch_size: int) -> None:
-        if isinstance(pipe, (tuple, list)) or not hasattr(pipe, "unet"):
+        if not is_pipeline(pipe):
             tokenizer, encoder = prompt_parts(pipe)
             if tokenizer is None or encoder is None:
                 raise ValueError("pipe needs a tokenizer and a text_encoder (a StableDiffusionPipeline, or that pair)")
@@ -174,12 +175,18 @@ class _PromptEncoder:
         self.family, self.stack = prompt_family(pipe)
         self.names = [e.name for e in self.stack]
         self.tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, n_vectors)]
-        self.toks, self.ids, self.class_ids, self.weights = [], [], [], []
+        self.toks, self.ids, self.class_ids, self.weights, self.class_row_list = [], [], [], [], []
+        self.states = self.family.state_encoders(self.stack)  # the encoders whose states the denoiser reads
         for e in self.stack:
             weight = e.encoder.get_input_embeddings().weight
             if weight.device.type == "meta":
                 raise ValueError("the text encoder's weights are on the meta device (sequential offload); load them first")
-            class_id = class_word_id(e.tokenizer, class_word)
+            if e.pieces:  # a SentencePiece encoder (Flux's T5): a class word may be several tokens; c is their mean
+                pieces = e.tokenizer(class_word, add_special_tokens=False)["input_ids"]
+                class_id, class_row = int(pieces[0]), weight[pieces].detach().float().mean(dim=0).cpu()
+            else:
+                class_id = class_word_id(e.tokenizer, class_word)
+                class_row = weight[class_id].detach().float().cpu()
             tok = copy.deepcopy(e.tokenizer)  # the pipeline's tokenizers are never changed
             base = int(tok.vocab_size)
             for t in self.tokens:
@@ -196,6 +203,7 @@ class _PromptEncoder:
             self.ids.append(ids)
             self.class_ids.append(class_id)
             self.weights.append(weight)
+            self.class_row_list.append(class_row)
         self.representation = representation
         self.batch_size = batch_size
 
@@ -205,8 +213,9 @@ class _PromptEncoder:
 
     @property
     def class_rows(self) -> dict[str, torch.Tensor]:
-        """Each encoder's class-word row, float32 on the CPU."""
-        return {n: w[c].detach().float().cpu() for n, w, c in zip(self.names, self.weights, self.class_ids)}
+        """Each encoder's class-word row, float32 on the CPU (a SentencePiece encoder's word of several tokens: the
+        mean of their rows, as tea())."""
+        return dict(zip(self.names, self.class_row_list))
 
     def _tokenized(self, k: int, prompts: list[str], with_rows: bool) -> tuple[Any, Any, Any]:
         """Encoder k's (ids with the placeholder's positions read as the class word, mask, sel) for the prompts."""
@@ -255,7 +264,7 @@ class _PromptEncoder:
                 flat = [x.reshape(x.shape[0], -1).float() for x in states]
                 for n, x in zip(self.names, flat):
                     out[n].append(x)
-                last = [x.float() for x in states]
+                last = [x.float() for x, n in zip(states, self.names) if n in self.states]
                 whole = torch.cat(last, dim=-1)
                 out[""].append(whole.reshape(whole.shape[0], -1))
         if pooled_out:
@@ -263,9 +272,11 @@ class _PromptEncoder:
         return {n: torch.cat(v) for n, v in out.items()}
 
     @property
-    def pooled_name(self) -> str:
-        """The pooled embedding's column prefix: the last encoder's name + '_pooled' (SDXL: clip_g_pooled)."""
-        return f"{self.names[-1]}_pooled"
+    def pooled_name(self) -> str | None:
+        """The pooled embedding's column prefix: the pooling encoder's name + '_pooled' (SDXL: clip_g_pooled, FLUX.1:
+        clip_l_pooled); None where the family has no pooled embedding."""
+        name = self.family.pooled_encoder(self.stack)
+        return None if name is None else f"{name}_pooled"
 
 
 class _EvalMode:
@@ -335,9 +346,12 @@ def track_semantic_shift(
     in size); "norm_ratio" (|V*|/|c|), "cosine" (cos(V*, c)) and "vstar_norm" (|V*|), each the mean over
     the vectors of a multi-vector embedding. A pipeline of several text encoders (SDXL): the distance columns on
     the concatenated state the UNet reads, the same prefixed with each encoder's name ("clip_l_inter_l2") on its
-    own part, the same prefixed "clip_g_pooled_" on the pooled embedding the UNet reads besides (clip_g's projected
-    pooled output, one vector per prompt), and "<name>_norm_ratio", "<name>_cosine", "<name>_vstar_norm" per encoder
-    instead of the unprefixed ones; run snapshots and (step, embedding) pairs hold one part per encoder (a file or a {name: rows} dict).
+    own part, the same prefixed "<encoder>_pooled_" on the pooled embedding the denoiser reads besides
+    (``Family.pooled_encoder``: SDXL's "clip_g_pooled_", clip_g's projected pooled output; FLUX.1's "clip_l_pooled_",
+    CLIP's pooled output; one vector per prompt), and "<name>_norm_ratio", "<name>_cosine", "<name>_vstar_norm" per
+    encoder instead of the unprefixed ones; run snapshots and (step, embedding) pairs hold one part per encoder (a
+    file or a {name: rows} dict). FLUX.1: the unprefixed columns on T5's last hidden state (the transformer's
+    prompt_embeds), "t5_..." the same, "clip_l_..." on CLIP's last hidden state.
     """
     _check_choice(representation, "representation", REPRESENTATIONS)
     _check_choice(covariance, "covariance", ("pinv", "ledoit_wolf"))

@@ -102,7 +102,9 @@ from persviz.weight_files import WEIGHT_SUFFIXES, lora_layout, read_weights, wei
 LORA_FILE = "pytorch_lora_weights.safetensors"
 UNET_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+FLUX_LAYOUTS = ("diffusers-flux", "kohya-flux")  # weight_files.lora_layout's FLUX.1 LoRAs (diffusers', kohya's)
 _ADAPTER = "persviz_dreambooth"
+ADAPTER = _ADAPTER  # the adapters' name in the denoiser (persviz.trainers.dreambooth_lora_flux saves them by it)
 _FORMAT = 1
 
 
@@ -197,12 +199,17 @@ def load_dreambooth_lora(pipe: Pipeline, path: PathLike, adapter_name: str | Non
     """
     f = find_lora_file(path)
     sd, _, _ = read_weights(f)
-    if lora_layout(sd) is None:
+    layout = lora_layout(sd)
+    if layout is None:
         raise ValueError(f"{f} is not a LoRA in diffusers' or kohya's layout (keys {sorted(sd)[:3]}); pass the LoRA "
                          "file of a DreamBooth-LoRA run")
     why = lora_refusal(sd, pipe, str(f))
     if why is not None:
         raise ValueError(why)
+    if (layout in FLUX_LAYOUTS) != (getattr(pipe, "transformer", None) is not None):
+        raise ValueError(f"{f} is {'a FLUX.1 (transformer)' if layout in FLUX_LAYOUTS else 'a UNet'} LoRA and the "
+                         f"pipeline is not: it was trained on another model; load it into the model it was "
+                         "trained on")
     kw = {} if adapter_name is None else {"adapter_name": adapter_name}
     pipe.load_lora_weights(sd, **kw)  # diffusers converts kohya's layout (lora_state_dict)
     return pipe
@@ -262,13 +269,14 @@ def text_prefixes(text_encoders: Any) -> list[tuple[str, Any]]:
 
 
 @contextlib.contextmanager
-def lora_adapters(unet: Any, text_encoders: Any,
-                   config: DreamBoothLoRAConfig) -> Iterator[dict[str, torch.nn.Parameter]]:
+def lora_adapters(unet: Any, text_encoders: Any, config: DreamBoothLoRAConfig,
+                  targets: tuple[str, ...] = UNET_TARGETS) -> Iterator[dict[str, torch.nn.Parameter]]:
     """Adds the adapters (float32, deterministic init); yields {"unet.<name>" / "text_encoder.<name>" /
-    "text_encoder_2.<name>": param}. text_encoders: the text encoder, or a sequence of them (SDXL's two)."""
+    "text_encoder_2.<name>": param}. unet: the denoiser (FLUX.1's transformer with its targets); text_encoders: the
+    text encoder, or a sequence of them (SDXL's two)."""
     from peft import LoraConfig  # heavy: peft
 
-    models = [("unet", unet, UNET_TARGETS)]
+    models = [("unet", unet, targets)]
     if config.train_text_encoder:
         models += [(prefix, m, TEXT_ENCODER_TARGETS) for prefix, m in text_prefixes(text_encoders)]
     before = [dict(m.__dict__) for _, m, _ in models]
@@ -354,6 +362,11 @@ def _check_identifier(tokenizer: Any, config: DreamBoothLoRAConfig) -> list[int]
         raise ValueError(f"the identifier {config.identifier!r} is not a word of the instance prompt "
                          f"{config.instance_prompt!r} after tokenization (cut at {tokenizer.model_max_length} tokens?)")
     return ident
+
+
+def check_identifier_ids(tokenizer: Any, config: DreamBoothLoRAConfig) -> list[int]:
+    """The identifier's token ids, checked as this trainer checks them (for the FLUX.1 trainer)."""
+    return _check_identifier(tokenizer, config)
 
 
 def train_dreambooth_lora(

@@ -6,7 +6,7 @@ import pytest
 from persviz import doctor
 from persviz.cli import main
 from persviz.hub_models import HUB_MODELS, download_command
-from persviz.hub_models import SDXL_BASE
+from persviz.hub_models import FLUX_DEV, FLUX_SCHNELL, SDXL_BASE
 from persviz.loading import CLIP_L14, DINO, DINO_DREAMBENCH, SD15
 
 
@@ -16,12 +16,14 @@ def test_doctor_without_the_models_says_what_to_download(empty_hub_cache, capsys
     assert report["device"] == "cpu" and report["dtype"] == "float32"
     assert set(report["versions"]) >= {"persviz", "torch", "diffusers", "transformers", "peft", "open_clip_torch"}
     assert report["versions"]["torch"] and report["versions"]["diffusers"]
-    assert set(report["models"]) == {SD15, CLIP_L14, DINO, DINO_DREAMBENCH, SDXL_BASE}
+    assert set(report["models"]) == {SD15, CLIP_L14, DINO, DINO_DREAMBENCH, SDXL_BASE, FLUX_DEV, FLUX_SCHNELL}
     assert not any(m["cached"] for m in report["models"].values())
     text = doctor.format_report(report)
     for hub_id in HUB_MODELS:
         assert download_command(hub_id) in text and f"MISSING {hub_id}" in text
     assert "huggingface-cli" not in text and "to download next" in text
+    assert f"gated: accept its license on https://huggingface.co/{FLUX_DEV}" in text  # FLUX.1-dev is gated
+    assert text.count("gated:") == 1 and report["families"]["flux"]["hub_ids"] == [FLUX_DEV, FLUX_SCHNELL]
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "persviz doctor" in out and download_command(SD15) in out
@@ -33,7 +35,8 @@ def test_doctor_with_the_offline_cache(offline_sd15_cache, capsys, monkeypatch):
     assert all(m["cached"] and m["random_weights"] and not m["missing"] for m in report["models"].values())
     text = doctor.format_report(report)
     assert "every full-scale model is in the cache" in text and "hf download" not in text
-    assert text.count("random weights") == len(HUB_MODELS) == 5
+    assert text.count("random weights") == len(HUB_MODELS) == 7
+    assert report["families"]["flux"]["cached"] == [FLUX_DEV, FLUX_SCHNELL]
     assert main(["doctor", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["models"][SD15]["cached"] is True
 
