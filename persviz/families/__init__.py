@@ -133,9 +133,6 @@ def adopting_family(pipe: Pipeline, model: str | None = None, method: Any = None
     (method: a persviz.methods Method) not that method's runs on it yet (``Family.adopts_only``: SDXL), or runs of a
     method the family has no recipe for (``Family.no_recipe``: FLUX.1's Textual Inversion)."""
     family = training_family(pipe, model)
-    if family.adopts and method is not None and method.name in family.no_recipe:
-        raise UnsupportedModelError(f"persviz adopts {' and '.join(family.recipes)} runs trained on {family.label} so "
-                                    f"far, not {method.name} ({family.no_recipe[method.name]})")
     if family.adopts and method is not None and family.adopts_only and method.name not in family.adopts_only:
         others = " or ".join(f.label for f in FAMILIES.values() if f.adopts and method.name not in f.no_recipe
                              and (not f.adopts_only or method.name in f.adopts_only))
@@ -143,6 +140,9 @@ def adopting_family(pipe: Pipeline, model: str | None = None, method: Any = None
             f"persviz adopts {' and '.join(family.adopts_only)} runs on {family.label} so far, not {method.name}; "
             f"adopt a {method.name} run trained on {others}, or train {method.name} with persviz train where it "
             f"trains")
+    if family.adopts and method is not None and method.name in family.no_recipe:
+        raise UnsupportedModelError(f"persviz adopts {' and '.join(family.recipes)} runs trained on {family.label} so "
+                                    f"far, not {method.name} ({family.no_recipe[method.name]})")
     if not family.adopts:
         takes = " or ".join(f.label for f in FAMILIES.values() if f.trains and f.adopts)
         raise UnsupportedModelError(f"{model or type(pipe).__name__} is a {family.label} pipeline and persviz adopts "

@@ -130,13 +130,19 @@ def check_lora_fits(found: ForeignRun, pipe: Any) -> None:
     widths against each text encoder's (by its index in the pipeline's text stack) and the UNet's cross-attention;
     on FLUX.1's transformer by loading it and unloading it (diffusers converts kohya's names and checks every
     shape)."""
-    from persviz.weight_files import read_weights  # heavy: torch
+    from persviz.weight_files import lora_layout, read_weights  # heavy: torch
     f = found.files[0]
     sd, _, _ = read_weights(f)
     why = lora_refusal(sd, pipe, str(f))
     if why is not None:
         raise ConceptFolderError(why)
-    if getattr(pipe, "transformer", None) is not None:
+    transformer = getattr(pipe, "transformer", None) is not None
+    flux_lora = lora_layout(sd) in ("diffusers-flux", "kohya-flux")
+    if flux_lora != transformer:  # a LoRA of one denoiser against the other, no family mark to tell it by
+        raise ConceptFolderError(f"{f.name} is {'a FLUX.1 (transformer)' if flux_lora else 'a UNet (SD 1.x)'} LoRA "
+                                 f"and the model is {'a FLUX.1' if transformer else 'a UNet'} pipeline: it was "
+                                 "trained on another model; pass the model it was trained on")
+    if transformer:
         try:
             pipe.load_lora_weights(dict(sd), adapter_name="persviz_check")
         except (ValueError, RuntimeError, KeyError) as err:

@@ -135,6 +135,7 @@ def test_a_flux_lora_against_an_sd_pipeline_is_refused_with_a_sentence(tmp_path)
             "transformer.transformer_blocks.0.attn.to_k.lora_B.weight": torch.zeros(32, 4)}
     save_file(keys, str(tmp_path / "flux_lora.safetensors"))
     assert lora_layout(keys) == "diffusers-flux" and lora_layout(["unet.a.lora_A.weight"]) == "diffusers"
-    with pytest.raises(ValueError, match="is a FLUX.1 LoRA \\(transformer.\\* keys\\): it was trained on another "
-                                         "model; load it into a FLUX.1 pipeline"):
+    with pytest.raises(ValueError, match="is a FLUX.1 LoRA \\(its keys hold transformer_transformer_blocks\\) "
+                                         "but .* is a Stable Diffusion 1.x pipeline: the LoRA was trained on another "
+                                         "model family"):
         load_dreambooth_lora(make_tiny_sd_pipeline(), tmp_path / "flux_lora.safetensors")
