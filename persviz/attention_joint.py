@@ -35,6 +35,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
+from persviz.attention import inside_share
 from persviz.families.base import Pipeline
 
 __all__ = ["JointAttentionMaps", "joint_attention_maps", "joint_probabilities", "t5_word_positions"]
@@ -54,6 +55,18 @@ class JointAttentionMaps:
     grid: tuple[int, int] = (0, 0)  # the packed latent grid (h, w): image side / 16 on FLUX.1
     calls: int = 0  # block calls collected (double-stream blocks x steps)
     blocks: str = "double-stream blocks only (the single-stream blocks are not collected)"
+
+    def region_shares(self, word: str, mask: Any) -> torch.Tensor:
+        """[images] the share of the word's map inside ``mask`` (a fractional [H, W] or [images, H, W] region,
+        area-averaged to the packed grid), as AttentionMaps.region_shares on SD."""
+        if word not in self.maps:
+            raise KeyError(f"word {word!r} was not collected; collected: {self.words}")
+        return inside_share(self.maps[word], mask)
+
+    def leak(self, word: str, mask: Any) -> torch.Tensor:
+        """[images] the share of the word's map outside ``mask`` (its region): 1 minus region_shares; the word
+        grid of SD (persviz.attention_plots.word_grid) takes these maps as they are."""
+        return 1 - self.region_shares(word, mask)
 
 
 def joint_probabilities(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,

@@ -225,8 +225,9 @@ def assemble_pipeline(model: Any = None, device: str | None = None, dtype: Any =
     if offload and not torch.cuda.is_available():
         raise UnsupportedModelError("--cpu-offload moves each model of the pipeline to a CUDA GPU while it runs, and "
                                     "this machine has none; leave --cpu-offload out (the pipeline runs on the CPU)")
-    family = index_family(model) if dtype is None else None
-    if family is not None and (offload or (device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu"):
+    on_gpu = offload or (device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu"
+    family = index_family(model) if dtype is None and on_gpu and not is_embedded(model) else None
+    if family is not None:  # read from model_index.json before loading (the local cache or folder, as the loader)
         dtype = getattr(torch, family.gpu_dtype)
     if is_single_file(model):
         pipe = load_checkpoint(model, device=device, dtype=dtype)

@@ -82,3 +82,18 @@ def test_maps_and_shares_are_the_aggregates_columns_at_the_words_t5_tokens(flux)
     with pytest.raises(ValueError, match="word 'cat' is not in the prompt's T5 tokens"):
         with joint_attention_maps(flux, ["cat"]):
             flux(**KW, generator=torch.Generator().manual_seed(0))
+
+
+def test_the_leak_measure_and_the_word_grid_take_flux_maps(flux):
+    from matplotlib.figure import Figure
+
+    from persviz.attention_plots import word_grid
+    with joint_attention_maps(flux, ["dog", "beach"]) as maps:
+        images = flux(**KW, generator=torch.Generator().manual_seed(0)).images
+    m = maps.maps["dog"][0]  # [4, 4] on the packed grid; a 64 x 64 mask is area-averaged to it
+    left = torch.zeros(64, 64)
+    left[:, :32] = 1
+    assert float(maps.leak("dog", torch.ones(64, 64))[0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(maps.leak("dog", left)[0]) == pytest.approx(float(m[:, 2:].sum() / m.sum()), rel=1e-5)
+    fig = word_grid(images, maps, ["dog", "beach"])
+    assert isinstance(fig, Figure)
