@@ -224,7 +224,8 @@ class InspectReport:
             tail = [r.name for r in self.rows if r.in_tail]
             lines.append(f"diagnosis: in {self.encoder}, the norm of {', '.join(tail[:8])}"
                          f"{' and more' if len(tail) > 8 else ''} lies beyond the vocabulary's p{TAIL} (the norm drift "
-                         "of semantic collapse, docs/tea.md §4); persviz fix does not rewrite SDXL embeddings yet")
+                         "of semantic collapse, docs/tea.md §4); `persviz fix FILE --class-word WORD --out FIXED --model MODEL` "
+                         "adjusts every encoder's rows, each toward its own encoder's class word")
         elif self.collapsed:
             tail = [r.name for r in self.rows if r.in_tail]
             model = "" if self.model in ("shapesworld", "") else f" --model {self.model}"

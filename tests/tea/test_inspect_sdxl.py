@@ -86,7 +86,7 @@ def test_each_layout_is_diagnosed_per_encoder_against_its_own_vocabulary(xl, tmp
     assert [r.collapsed for r in reports] == [False, True]
     text = "\n\n".join(r.to_text() for r in reports)
     assert "text encoder clip_l 32 wide" in text and "text encoder clip_g 48 wide" in text
-    assert "in clip_g, the norm of" in text and "persviz fix does not rewrite SDXL embeddings yet" in text
+    assert "in clip_g, the norm of" in text and "adjusts every encoder's rows, each toward its own" in text
     assert [r.to_dict()["encoder"] for r in reports] == ["clip_l", "clip_g"]
 
 
