@@ -13,14 +13,18 @@ dropout at 0 the two modes compute the same function (up to kernel-level roundin
 differences.
 
 Models: --model shapesworld (the micro-SD, default), sd15-random (SD 1.5's real architecture, 1.07 B parameters,
-random weights seeded by --seed, built offline by persviz.sd15.build_sd15_pipeline; default 128 px), a Hub id or a
-local pipeline folder. --profile adds a table of where the time of a step goes (per-phase timer, both loops).
+random weights seeded by --seed, built offline by persviz.sd15.build_sd15_pipeline; default 128 px), sdxl-small
+(SDXL base's architecture at reduced width, random weights: clip_l 32 wide, clip_g 48, UNet 32-64-64, as the offline
+tests write it with persviz.families.sdxl.write_sdxl_repo; default 64 px), a Hub id or a local pipeline folder. An
+SDXL pipeline (two text encoders) runs persviz's trainer, which learns a row per encoder, against the port of
+diffusers' textual_inversion_sdxl.py loop (benchmarks/diffusers_ti_sdxl_port.py), and compares both rows. --profile adds a table of where the time of a step goes (per-phase timer, both loops).
 
     python benchmarks/bench_ti_step.py               # ShapesWorld micro-SD, 50 steps
     python benchmarks/bench_ti_step.py --repeats 5 --profile --profile-steps 20
     python benchmarks/bench_ti_step.py --small       # 3 steps
     python benchmarks/bench_ti_step.py --model sd15-random --steps 20 --profile          # CPU, 128 px
     python benchmarks/bench_ti_step.py --model sd15-random --resolution 512 --dtype float16 --device cuda --profile
+    python benchmarks/bench_ti_step.py --model sdxl-small --steps 50 --threads 1 --repeats 3 --profile
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_model_args, parse_args, parser  # noqa: E402
 from diffusers_ti_port import train_like_diffusers_example  # noqa: E402
+from diffusers_ti_sdxl_port import train_like_diffusers_sdxl_example  # noqa: E402
 
 from persviz.loading import load_pipeline  # noqa: E402
 from persviz.shapesworld import Obj, Scene, render_batch  # noqa: E402
@@ -46,6 +51,8 @@ from persviz.trainers import OBJECT_TEMPLATES, TextualInversionConfig, load_snap
 
 PLACEHOLDER = "<ti-bench>"
 SD15_RANDOM = "sd15-random"
+SDXL_SMALL = "sdxl-small"
+_KEEP: list[Any] = []  # the temporary folder of sdxl-small, kept for the process's life
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -150,9 +157,25 @@ def build_pipeline(args: Any) -> tuple[Any, torch.device]:
         side = args.resolution or 128
         pipe = build_sd15_pipeline(random_weights=True, sample_size=side if side % 64 == 0 else None, dtype=dtype,
                                    device=device, seed=args.seed)
+    elif args.model == SDXL_SMALL:
+        from persviz.families.sdxl import write_sdxl_repo
+        tmp = tempfile.TemporaryDirectory()
+        _KEEP.append(tmp)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            write_sdxl_repo(Path(tmp.name) / "sdxl", small=True)
+        pipe = load_pipeline(str(Path(tmp.name) / "sdxl"), device=str(device), dtype=dtype)
     else:
         pipe = load_pipeline(args.model, device=str(device), dtype=dtype)
     return pipe, device
+
+
+def is_sdxl(pipe: Any) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def text_modules(pipe: Any) -> dict[str, torch.nn.Module]:
+    return {"text_encoder": pipe.text_encoder, **({"text_encoder_2": pipe.text_encoder_2} if is_sdxl(pipe) else {})}
 
 
 def run_persviz(pipe: Any, images: np.ndarray, cfg: TextualInversionConfig, timer: PhaseTimer | None = None
@@ -166,7 +189,7 @@ def run_persviz(pipe: Any, images: np.ndarray, cfg: TextualInversionConfig, time
 
     with tempfile.TemporaryDirectory() as tmp:
         if timer is not None:
-            timer.modules(text_encoder=pipe.text_encoder, unet=pipe.unet, vae_encoder=pipe.vae.encoder)
+            timer.modules(**text_modules(pipe), unet=pipe.unet, vae_encoder=pipe.vae.encoder)
             timer.start()
         try:
             t0 = time.perf_counter()
@@ -177,7 +200,11 @@ def run_persviz(pipe: Any, images: np.ndarray, cfg: TextualInversionConfig, time
         finally:
             if timer is not None:
                 timer.stop()
-        rows = load_snapshot_embedding(res.final_path).reshape(1, -1)
+        if is_sdxl(pipe):  # a row per encoder: {"clip_l": [1, D_l], "clip_g": [1, D_g]}
+            from safetensors.torch import load_file
+            rows = {k: v.float() for k, v in load_file(str(res.final_path)).items()}
+        else:
+            rows = load_snapshot_embedding(res.final_path).reshape(1, -1)
     # step 1 also holds the setup (VAE encoding of the images)
     return {"losses": np.asarray(res.loss_history), "seconds": np.diff(stamps), "rows": rows, "total": total}
 
@@ -186,15 +213,20 @@ def run_port(pipe: Any, images: np.ndarray, cfg: TextualInversionConfig, timer: 
              ) -> dict[str, Any]:
     hooks: dict[str, Any] = {}
     if timer is not None:
-        hooks = dict(on_models=lambda text_encoder, vae, unet: timer.modules(
-            text_encoder=text_encoder, unet=unet, vae_encoder=vae.encoder), phase=timer.phase,
-            callback=timer.step_done)
+        hooks = dict(on_models=lambda vae, unet, **texts: timer.modules(
+            **texts, unet=unet, vae_encoder=vae.encoder), phase=timer.phase, callback=timer.step_done)
         timer.start()
     try:
         t0 = time.perf_counter()
-        port = train_like_diffusers_example(pipe, images, PLACEHOLDER, cfg.initializer, cfg.templates, cfg.steps,
-                                            learning_rate=cfg.lr, train_batch_size=cfg.batch_size,
-                                            resolution=cfg.resolution, flip_p=cfg.flip_p, seed=cfg.seed, **hooks)
+        if is_sdxl(pipe):
+            port = train_like_diffusers_sdxl_example(
+                pipe, images, PLACEHOLDER, cfg.initializer, cfg.templates, cfg.steps, learning_rate=cfg.lr,
+                train_batch_size=cfg.batch_size, resolution=cfg.resolution, flip_p=cfg.flip_p, seed=cfg.seed,
+                adam_weight_decay=cfg.weight_decay, **hooks)
+        else:
+            port = train_like_diffusers_example(pipe, images, PLACEHOLDER, cfg.initializer, cfg.templates, cfg.steps,
+                                                learning_rate=cfg.lr, train_batch_size=cfg.batch_size,
+                                                resolution=cfg.resolution, flip_p=cfg.flip_p, seed=cfg.seed, **hooks)
         port["total"] = time.perf_counter() - t0
     finally:
         if timer is not None:
@@ -208,7 +240,7 @@ def print_profile(ours: dict[str, float], port: dict[str, float], steps: int) ->
     names = [n for n in ("text_encoder fwd", "unet fwd", "backward", "optimizer step", "vae_encoder fwd",
                          "batch (PIL, tokenizer)", "restore rows (index_no_updates)", "other (host work)")
              if n in ours or n in port]
-    names += [n for n in list(ours) + list(port) if n not in names and n != "step"]
+    names += [n for n in dict.fromkeys([*ours, *port]) if n not in names and n != "step"]
     print(f"\nwhere a step goes (median ms over profiled steps 2..{steps}; phase timer, see PhaseTimer):")
     print(f"{'phase':34s} {'persviz ms':>11s} {'%':>6s} {'port ms':>11s} {'%':>6s} {'port - persviz':>15s}")
     for n in names + ["step"]:
@@ -239,17 +271,23 @@ def main() -> None:
     steps = args.steps or (3 if args.small else 50)
     if args.model == SD15_RANDOM and args.resolution is None:
         args.resolution = 128
+    if args.model == SDXL_SMALL and args.resolution is None:
+        args.resolution = 64
 
     pipe, device = build_pipeline(args)
     obj = Obj("square", "red", "striped", "large")  # four renders of one ShapesWorld concept
     images = render_batch([Scene(obj, bg) for bg in ("gray", "white", "navy", "beige")], seed=0)
+    if args.resolution and images.shape[1] != args.resolution:  # the images at the training side: no resizing on
+        from PIL import Image                                     # either side (persviz crops and resizes once)
+        images = np.stack([np.asarray(Image.fromarray(im).resize((args.resolution, args.resolution),
+                                                                  Image.Resampling.BICUBIC)) for im in images])
 
     def config(n: int) -> TextualInversionConfig:
         return TextualInversionConfig(placeholder=PLACEHOLDER, initializer=args.initializer, steps=n, lr=args.lr,
                                       batch_size=args.batch_size, save_every=n + 1, seed=args.seed,
                                       templates=OBJECT_TEMPLATES, resolution=args.resolution, flip_p=args.flip_p)
 
-    n_params = sum(p.numel() for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
+    n_params = sum(p.numel() for m in (pipe.unet, pipe.vae, *text_modules(pipe).values()) for p in m.parameters())
     print(f"model {args.model} ({n_params / 1e6:.1f} M parameters, {pipe.unet.dtype}) on {device}, torch threads "
           f"{torch.get_num_threads()}; {steps} steps, batch {args.batch_size}, {len(images)} images at "
           f"{args.resolution or 'native'} px, vocabulary {len(pipe.tokenizer)} rows x "
@@ -277,8 +315,13 @@ def main() -> None:
         print(f"whole call: persviz {ours['total']:.2f} s, port {port['total']:.2f} s (setup included; persviz also "
               f"writes config.json, resume_state.pt and the final embedding)")
         diff = np.abs(ours["losses"] - port["losses"])
+        if isinstance(ours["rows"], dict):  # SDXL: each encoder's row
+            rows_diff = ", ".join(f"{k} {(ours['rows'][k] - port['rows'][k]).abs().max().item():.3e}"
+                                  for k in sorted(port["rows"]))
+        else:
+            rows_diff = f"{(ours['rows'] - port['rows']).abs().max().item():.3e}"
         print(f"loss curves: max |diff| {diff.max():.3e} (max relative {(diff / np.abs(port['losses'])).max():.3e}) "
-              f"over {steps} steps; final embedding max |diff| {(ours['rows'] - port['rows']).abs().max().item():.3e}")
+              f"over {steps} steps; final embedding max |diff| {rows_diff}")
         if steps <= 10:
             print("persviz loss:", " ".join(f"{x:.6f}" for x in ours["losses"]))
             print("port loss:   ", " ".join(f"{x:.6f}" for x in port["losses"]))
