@@ -106,7 +106,7 @@ def drift(states: torch.Tensor, base: torch.Tensor) -> float:
     return float((num / base.flatten(1).norm(dim=1)).mean())
 
 
-class _Setup:
+class CheckpointSetup:
     """What every checkpoint of a pick shares: the probes, the references, the judges, the base states."""
 
     def __init__(self, pipe: Pipeline, concept: Concept, clip: Any, dino: Any, oracle: Any,
@@ -257,6 +257,39 @@ def strip_plot(recommended: np.ndarray, last: np.ndarray, steps: tuple[int, int]
                       row_labels=[f"step {steps[0]} (recommended)", f"step {steps[1]} (last)"], title=title, ax=ax)
 
 
+def early_warning_plot(result: Mapping[str, Any], ax: Optional[Axes] = None) -> Figure:
+    """The early-warning experiment: each run's predicted step (|V*| beyond the vocabulary's p95) against its
+    collapse step; a step past the run's last ('none') is drawn at the right and top edge, slightly spread so that
+    tied runs stay visible; the colour is the learning rate."""
+    fig, ax = figure_and_ax(ax, (4.6, 3.8))
+    runs = result.get("runs", [])
+    if not runs:
+        raise PickError("the early-warning result holds no finished run yet; run python -m persviz.tea.early_warning")
+    past = result["past"]
+    rng = np.random.default_rng(0)
+    lrs = sorted({r["lr"] for r in runs})
+    for k, lr in enumerate(lrs):
+        mine = [r for r in runs if r["lr"] == lr]
+        x = np.array([past if r["predicted_step"] is None else r["predicted_step"] for r in mine], float)
+        y = np.array([past if r["collapse_step"] is None else r["collapse_step"] for r in mine], float)
+        x += rng.uniform(-8, 8, len(x))
+        y += rng.uniform(-8, 8, len(y))
+        ax.scatter(x, y, s=22, color=f"C{k}", label=f"lr {lr:g}", alpha=0.85)
+    ticks = list(range(0, past, result["every"] * 2)) + [past]
+    for setter in (ax.set_xticks, ax.set_yticks):
+        setter(ticks)
+    ax.set_xticklabels([str(t) for t in ticks[:-1]] + ["none"], fontsize=7)
+    ax.set_yticklabels([str(t) for t in ticks[:-1]] + ["none"], fontsize=7)
+    ax.set_xlabel("predicted step (|V*| beyond the vocabulary's p95)", fontsize=8)
+    ax.set_ylabel("collapse step (oracle context below step 0)", fontsize=8)
+    c = result.get("correlation")
+    rho = "" if not c or c["rho"] is None or c["rho"] != c["rho"] else \
+        f": rho {c['rho']:.2f} [{c['low']:.2f}, {c['high']:.2f}]"
+    ax.set_title(f"early warning, {len(runs)} runs{rho}", fontsize=9)
+    ax.legend(fontsize=7)
+    return fig
+
+
 def _save_figure(fig: Figure, path: Path, record: Mapping[str, Any]) -> list[Path]:
     """The figure as PNG and its provenance beside it (what made it: persviz, the command, the settings)."""
     png = atomic_write(path.with_suffix(".png"), lambda tmp: fig.savefig(tmp, format="png", dpi=120,
@@ -293,7 +326,7 @@ def pick(folder: Any, pipe: Pipeline, clip: Any, dino: Any = None, oracle: Any =
     where = Path(out) if out is not None else Path(concept.folder)
     pick_dir = where / PICK_DIR
     gen = (settings or StudySettings()).generation(is_embedded(concept.model))
-    setup = _Setup(pipe, concept, clip, dino, oracle, n_probes, gen)
+    setup = CheckpointSetup(pipe, concept, clip, dino, oracle, n_probes, gen)
     ckpts = {m: checkpoints(concept, m, every) for m in names}
     cells = [cell(part="step0")] + [cell(method=m, step=k) for m in names for k, _ in ckpts[m]]
     paths = {(m, k): p for m in names for k, p in ckpts[m]}
@@ -338,7 +371,7 @@ def fast_pick(folder: Any, pipe: Pipeline, methods: Optional[Sequence[str]] = No
     concept = read_concept(folder)
     names = methods_of(concept, methods)
     warning = read_result() if warning is None else warning
-    setup = _Setup(pipe, concept, None, None, None, n_probes, {})
+    setup = CheckpointSetup(pipe, concept, None, None, None, n_probes, {})
     verdict = (warning or {}).get("verdict")
     out: dict[str, Any] = {"format": "persviz pick fast 1", "concept": concept.to_json(), "early_warning": {
         "verdict": verdict, "correlation": (warning or {}).get("correlation"), "runs": (warning or {}).get("done")},
@@ -402,5 +435,31 @@ def pick_text(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EVERY", "JUDGES", "PICK_DIR", "checkpoints", "drift", "fast_pick", "fast_text", "final_step", "pick",
-           "pick_text", "prompt_states", "strip_plot", "summarize_method", "tradeoff_figure", "tradeoff_plot"]
+def pick_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (concept, method) of several pick results ({concept: pick.json}): each judge's recommendation,
+    the oracle's front, whether CLIP's pick lies on it, the collapse steps."""
+    rows = []
+    for name, res in results.items():
+        for m, s in res["methods"].items():
+            j = s["judges"]
+            row = {"concept": name, "method": m, "checkpoints": len(s["steps"]),
+                   "CLIP pick": j["clip"]["recommendation"]["step"], "CLIP collapse": j["clip"]["collapse_step"]}
+            if "oracle" in j:
+                row.update({"oracle pick": j["oracle"]["recommendation"]["step"], "oracle front": j["oracle"]["front"],
+                            "CLIP pick on oracle front": s["clip_pick_on_oracle_front"],
+                            "oracle collapse": j["oracle"]["collapse_step"]})
+            rows.append(row)
+    return rows
+
+
+def read_pick(path: Any) -> dict[str, Any]:
+    """A pick.json (a file, or the folder holding pick/pick.json); a PickError naming the command when absent."""
+    p = Path(path)
+    p = p / PICK_DIR / "pick.json" if p.is_dir() else p
+    if not p.is_file():
+        raise PickError(f"no pick result at {p}; run `persviz pick CONCEPT_DIR --out {p.parent.parent}` first")
+    return json.loads(p.read_text())
+
+
+__all__ = ["EVERY", "early_warning_plot", "JUDGES", "PICK_DIR", "checkpoints", "drift", "fast_pick", "fast_text", "final_step", "pick",
+           "pick_rows", "pick_text", "prompt_states", "read_pick", "strip_plot", "summarize_method", "tradeoff_figure", "tradeoff_plot"]
