@@ -4,6 +4,8 @@
     persviz train textual-inversion --images DIR --class-word WORD --placeholder "<tok>" --out CONCEPT_DIR
     persviz adopt ti RUN --out CONCEPT_DIR --images DIR --class-word WORD   # another tool's run, as it is
     persviz study CONCEPT_DIR                        # shift tracker, impacts, with/without-TEA table: JSON, figures
+    persviz pick CONCEPT_DIR [--fast]                # which checkpoint to keep (docs/pick.md): OUT/pick/
+    persviz repair CONCEPT_DIR [--step k] [--write]  # the test-time fixes side by side: OUT/repair/
     persviz shapesworld train [--stages unet]        # retrain the ShapesWorld models (resumable)
     persviz shapesworld evaluate                     # re-measure them: data/shapesworld/metrics.json, MODEL_CARD.md
     persviz shapesworld concepts                     # the personal concepts' reference images
@@ -29,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from persviz.constants import CPU_OFFLOAD_ENV
-from persviz.commands import concept, doctor, files, finexl, notebooks, pigeon, shapesworld, study, tea
+from persviz.commands import concept, doctor, files, finexl, notebooks, pick, pigeon, shapesworld, study, tea
 from persviz.errors import PersvizError, TrainingInterrupted, describe, one_line
 
 #: The subcommand groups, in the order ``persviz --help`` lists them; each adds its subcommands (add_parser).
-GROUPS = (notebooks, concept, study, shapesworld, tea, finexl, pigeon, files, doctor)
+GROUPS = (notebooks, concept, study, pick, shapesworld, tea, finexl, pigeon, files, doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +59,8 @@ def _write_root(a: argparse.Namespace) -> Path | None:
         return Path(a.out)
     if a.command == "study":
         return Path(a.concept)
+    if a.command in ("pick", "repair"):  # a shipped concept's name writes to outputs/<name> (commands.pick)
+        return Path(a.out) if a.out else None
     if a.command == "fix":
         return Path(a.out).expanduser().absolute().parent
     return None

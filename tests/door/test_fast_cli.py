@@ -24,6 +24,8 @@ DESCRIPTIONS = {
     ("adopt",): ("persviz.foreign_runs", None),
     ("study",): ("persviz.tea.concept_study", None),
     ("sweep",): ("persviz.tea.sweep", None),
+    ("pick",): ("persviz.tea.pick", None),
+    ("repair",): ("persviz.tea.repair", None),
     ("shapesworld", "train"): ("persviz.shapesworld.train", None),
     ("shapesworld", "evaluate"): ("persviz.shapesworld.evaluate", None),
     ("tea", "runs"): ("persviz.tea.shapesworld_runs", None),
