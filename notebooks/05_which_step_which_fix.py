@@ -123,7 +123,8 @@ warning = read_result()
 if warning and warning.get("runs"):
     c, v = warning.get("correlation"), warning.get("verdict")
     print(f"{warning['done']} of {warning['planned']} runs; "
-          + (f"rho = {c['rho']:.3f} [{c['low']:.3f}, {c['high']:.3f}]; " if c and c["rho"] == c["rho"] else "")
+          + (f"rho = {c['rho']:.3f} [{c['low']:.3f}, {c['high']:.3f}]; " if c and c["rho"] is not None and c["rho"] == c["rho"]
+         else "rho undefined (the predicted step is the same in every run); ")
           + (f"{'predicts' if v['predicts'] else 'does not predict'}: {v['why']}" if v else ""))
 early_warning_plot(warning) if warning and warning.get("runs") else None
 

@@ -185,7 +185,7 @@ def status_text(result: Mapping[str, Any]) -> str:
     c = result.get("correlation")
     if c:
         v = result["verdict"]
-        rho = "undefined (a side is constant)" if c["rho"] != c["rho"] else \
+        rho = "undefined (a side is constant)" if c["rho"] is None or c["rho"] != c["rho"] else \
             f"{c['rho']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
         lines.append(f"Spearman rho(predicted, collapse) over {c['n']} runs: {rho}; "
                      f"{'predicts' if v['predicts'] else 'does not predict'}: {v['why']}")

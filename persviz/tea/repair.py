@@ -86,7 +86,7 @@ def _token_level(method: str) -> bool:
     return bool(m.learns_token and m.tea_level == "token")
 
 
-class _Repairer:
+class Repairer:
     """The images of each condition on one loaded checkpoint."""
 
     def __init__(self, setup: CheckpointSetup, method: str, path: Path):
@@ -272,7 +272,7 @@ def repair(folder: Any, pipe: Pipeline, clip: Any, dino: Any = None, oracle: Any
     cells = [cell(method=m, condition=NONE if f is None else f.label(v)) for m in names for f, v in plan[m]]
     lookup = {(m, NONE if f is None else f.label(v)): (f, v) for m in names for f, v in plan[m]}
     seeds = [GENERATION_SEED + i for i in range(len(setup.probes))]
-    repairers = {m: _Repairer(setup, m, at[m][1]) for m in names}  # one per run: adaptive TEA's images are shared
+    repairers = {m: Repairer(setup, m, at[m][1]) for m in names}  # one per run: adaptive TEA's images are shared
 
     def compute(c: dict) -> dict:
         m, cond = c["method"], c["condition"]
@@ -361,5 +361,5 @@ def repair_text(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["FIXES", "Fix", "REPAIR_DIR", "analyse", "checkpoint_at", "fixes_for", "pooled", "repair", "repair_text",
+__all__ = ["FIXES", "Fix", "REPAIR_DIR", "Repairer", "analyse", "checkpoint_at", "fixes_for", "pooled", "repair", "repair_text",
            "tradeoff_plot", "write_fix"]

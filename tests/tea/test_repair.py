@@ -17,7 +17,7 @@ from persviz.families import text_stack
 from persviz.shapesworld.concepts import CONCEPTS_DIR
 from persviz.tea.adjust import slerp_adjust
 from persviz.tea.pick import CheckpointSetup
-from persviz.tea.repair import NONE, Fix, _Repairer, checkpoint_at, fixes_for, pooled
+from persviz.tea.repair import NONE, Fix, Repairer, checkpoint_at, fixes_for, pooled
 from persviz.tea.pick_rules import PickError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -49,7 +49,7 @@ def test_a_fix_at_its_identity_knobs_gives_the_untouched_images(tiny_ti, shapesw
     setup = CheckpointSetup(shapesworld_pipeline, concept, clip_eval, None, None, 2, {"steps": 2, "guidance": 4.0})
     step, path = checkpoint_at(concept, "textual_inversion", None)
     assert step == 200
-    r = _Repairer(setup, "textual_inversion", path)
+    r = Repairer(setup, "textual_inversion", path)
     none = r.images(None, None)
     # the rescale at scale 0 keeps |V*| (Eq. 1: m = |v|, rotation 0): the same row up to float64 round-off, the
     # same images up to one level of 255
