@@ -312,6 +312,20 @@ def methods_of(concept: Concept, methods: Optional[Sequence[str]]) -> list[str]:
     return names
 
 
+def grid_setup(folder: Any, pipe: Pipeline, clip: Any, dino: Any, oracle: Any, methods: Optional[Sequence[str]],
+               out: Any, n_probes: int, settings: Optional[StudySettings]) -> tuple[Concept, list[str], Path,
+                                                                                   CheckpointSetup]:
+    """What pick and repair both start from: (the concept, its methods, the output folder (default the concept's),
+    the checkpoint setup on fixed probes); the oracle refused for a full-scale concept."""
+    concept = read_concept(folder)
+    if oracle is not None and not is_embedded(concept.model):
+        raise PickError("the oracle reads ShapesWorld scenes only; leave it out for a full-scale concept")
+    where = Path(out) if out is not None else Path(concept.folder)
+    gen = (settings or StudySettings()).generation(is_embedded(concept.model))
+    return concept, methods_of(concept, methods), where, CheckpointSetup(pipe, concept, clip, dino, oracle, n_probes,
+                                                                         gen)
+
+
 def pick(folder: Any, pipe: Pipeline, clip: Any, dino: Any = None, oracle: Any = None,
          methods: Optional[Sequence[str]] = None, out: Any = None, every: int = EVERY, n_probes: int = N_PROBES,
          settings: Optional[StudySettings] = None, figures: bool = True, progress: bool = True,
@@ -319,14 +333,8 @@ def pick(folder: Any, pipe: Pipeline, clip: Any, dino: Any = None, oracle: Any =
     """The picker on a concept folder: OUT/pick/pick.json, OUT/pick/<method>_tradeoff.png and _strips.png (each
     with its provenance .json); OUT defaults to the concept folder. Resumable and sharded (cells in pick/cells/).
     Returns the result on the main process, None on the others."""
-    concept = read_concept(folder)
-    if oracle is not None and not is_embedded(concept.model):
-        raise PickError("the oracle reads ShapesWorld scenes only; leave it out for a full-scale concept")
-    names = methods_of(concept, methods)
-    where = Path(out) if out is not None else Path(concept.folder)
+    concept, names, where, setup = grid_setup(folder, pipe, clip, dino, oracle, methods, out, n_probes, settings)
     pick_dir = where / PICK_DIR
-    gen = (settings or StudySettings()).generation(is_embedded(concept.model))
-    setup = CheckpointSetup(pipe, concept, clip, dino, oracle, n_probes, gen)
     ckpts = {m: checkpoints(concept, m, every) for m in names}
     cells = [cell(part="step0")] + [cell(method=m, step=k) for m in names for k, _ in ckpts[m]]
     paths = {(m, k): p for m in names for k, p in ckpts[m]}
@@ -337,7 +345,7 @@ def pick(folder: Any, pipe: Pipeline, clip: Any, dino: Any = None, oracle: Any =
         return {"step": int(c.get("step", 0)), "signal": sig, "scores": scores}
 
     grid = {"concept": concept.name or str(concept.folder), "model": concept.model, "every": every,
-            "probes": n_probes, "probe_seed": PROBE_SEED, "generation_seed": GENERATION_SEED, **gen,
+            "probes": n_probes, "probe_seed": PROBE_SEED, "generation_seed": GENERATION_SEED, **setup.generation,
             "judges": [describe_evaluator(j) for j in (clip, dino, oracle)]}
     with confined(where):
         results = run_cells(cells, compute, pick_dir, grid, state=state, progress=progress, desc="pick")
@@ -461,5 +469,5 @@ def read_pick(path: Any) -> dict[str, Any]:
     return json.loads(p.read_text())
 
 
-__all__ = ["EVERY", "early_warning_plot", "JUDGES", "PICK_DIR", "checkpoints", "drift", "fast_pick", "fast_text", "final_step", "pick",
+__all__ = ["EVERY", "early_warning_plot", "JUDGES", "PICK_DIR", "checkpoints", "drift", "fast_pick", "fast_text", "final_step", "grid_setup", "pick",
            "pick_rows", "pick_text", "prompt_states", "read_pick", "strip_plot", "summarize_method", "tradeoff_figure", "tradeoff_plot"]

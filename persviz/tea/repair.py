@@ -27,7 +27,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from persviz import __version__
-from persviz.concept_folder import Concept, read_concept
+from persviz.concept_folder import Concept
 from persviz.evaluation import Evaluation, describe_evaluator, evaluate
 from persviz.families.base import Pipeline
 from persviz.generation import generate, generate_from_embeds
@@ -40,7 +40,7 @@ from persviz.stats import N_BOOT
 from persviz.tea.adaptive import SCHEDULE, adaptive_tea, make_tea_scorer
 from persviz.tea.concept_study import StudySettings
 from persviz.tea.fix_file import fix_embedding
-from persviz.tea.pick import GENERATION_SEED, N_PROBES, CheckpointSetup, checkpoints, methods_of
+from persviz.tea.pick import GENERATION_SEED, N_PROBES, CheckpointSetup, checkpoints, grid_setup
 from persviz.tea.pick_rules import PickError
 from persviz.tea.pipeline import embeds_kwargs, encode_prompt_level, tea
 from persviz.tea.study import generate_probes, probe_texts
@@ -259,14 +259,8 @@ def repair(folder: Any, pipe: Pipeline, clip: Any, dino: Any = None, oracle: Any
            progress: bool = True, state: Any = None) -> Optional[dict[str, Any]]:
     """The fixes side by side on one checkpoint of each run: OUT/repair/repair.json and a trade-off figure per
     method; with write, the first-ranked token-level fix as a file of the run's format in OUT/repair/."""
-    concept = read_concept(folder)
-    if oracle is not None and not is_embedded(concept.model):
-        raise PickError("the oracle reads ShapesWorld scenes only; leave it out for a full-scale concept")
-    names = methods_of(concept, methods)
-    where = Path(out) if out is not None else Path(concept.folder)
+    concept, names, where, setup = grid_setup(folder, pipe, clip, dino, oracle, methods, out, n_probes, settings)
     rdir = where / REPAIR_DIR
-    gen = (settings or StudySettings()).generation(is_embedded(concept.model))
-    setup = CheckpointSetup(pipe, concept, clip, dino, oracle, n_probes, gen)
     at = {m: checkpoint_at(concept, m, step) for m in names}
     plan = {m: [(None, None)] + [(f, v) for f in fixes_for(m) for v in f.values] for m in names}
     cells = [cell(method=m, condition=NONE if f is None else f.label(v)) for m in names for f, v in plan[m]]
@@ -284,7 +278,7 @@ def repair(folder: Any, pipe: Pipeline, clip: Any, dino: Any = None, oracle: Any
         return {"items": ev.items[cond], "meta": ev.meta}
 
     grid = {"concept": concept.name or str(concept.folder), "model": concept.model, "probes": n_probes,
-            "generation_seed": GENERATION_SEED, "steps_repaired": {m: at[m][0] for m in names}, **gen,
+            "generation_seed": GENERATION_SEED, "steps_repaired": {m: at[m][0] for m in names}, **setup.generation,
             "judges": [describe_evaluator(j) for j in (clip, dino, oracle)]}
     with confined(where):
         results = run_cells(cells, compute, rdir, grid, state=state, progress=progress, desc="repair")
