@@ -48,8 +48,8 @@ from persviz.session import setup
 from persviz.shapesworld.concepts import LEARNED_BY
 from persviz.tables import table
 from persviz.tea.early_warning import read_result
-from persviz.tea.pick import (CheckpointSetup, early_warning_plot, fast_pick, fast_text, pick_rows, read_pick,
-                              strip_plot, tradeoff_figure)
+from persviz.tea.pick import (early_warning_plot, fast_pick, fast_text, pick_rows, read_pick, recommended_strips,
+                              tradeoff_figure)
 from persviz.tea.repair import pooled, tradeoff_plot
 
 sess = setup()
@@ -98,17 +98,8 @@ if shapesworld:
 # the last, the same seeds.
 
 # %% figure="strips_recommended_vs_last"
-def strips(summary):
-    """The recommended step's images above the last step's, generated now on the pick's first probes."""
-    rec, last = summary["judges"]["clip"]["recommendation"]["step"], summary["steps"][-1]
-    cs = CheckpointSetup(pipe, concept, None, None, None, 24, sess.generation())
-    snap = {k: concept.run_dir("textual_inversion") / f"learned_embeds-steps-{k}.safetensors" for k in (rec, last)}
-    return strip_plot(cs.images("textual_inversion" if rec else None, snap[rec] if rec else None),
-                      cs.images("textual_inversion", snap[last]), (rec, last),
-                      title="Textual Inversion: recommended vs last")
-
-
-strips(result["methods"]["textual_inversion"]) if "textual_inversion" in result["methods"] else None
+recommended_strips(pipe, concept, result["methods"]["textual_inversion"], sess.generation()) \
+    if "textual_inversion" in result["methods"] else None
 
 # %% [markdown]
 # ## Early warning: does the text-space signal see collapse coming?

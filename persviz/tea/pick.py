@@ -312,6 +312,17 @@ def methods_of(concept: Concept, methods: Optional[Sequence[str]]) -> list[str]:
     return names
 
 
+def recommended_strips(pipe: Pipeline, concept: Concept, summary: Mapping[str, Any], generation: Mapping[str, Any],
+                       method: str = "textual_inversion", judge: str = "clip", n_probes: int = N_PROBES) -> Figure:
+    """A pick's strips drawn now: the first probes' images at `judge`'s recommended step above the last step's (the
+    same seeds as the grid), for one method's summary (``pick``'s result["methods"][method])."""
+    rec, last = summary["judges"][judge]["recommendation"]["step"], summary["steps"][-1]
+    paths = dict(checkpoints(concept, method, every=1))
+    setup = CheckpointSetup(pipe, concept, None, None, None, n_probes, generation)
+    strips = [setup.images(method if k else None, paths.get(k)) for k in (rec, last)]
+    return strip_plot(strips[0], strips[1], (rec, last), title=f"{method}: recommended vs last")
+
+
 def grid_setup(folder: Any, pipe: Pipeline, clip: Any, dino: Any, oracle: Any, methods: Optional[Sequence[str]],
                out: Any, n_probes: int, settings: Optional[StudySettings]) -> tuple[Concept, list[str], Path,
                                                                                    CheckpointSetup]:
@@ -470,4 +481,4 @@ def read_pick(path: Any) -> dict[str, Any]:
 
 
 __all__ = ["EVERY", "early_warning_plot", "JUDGES", "PICK_DIR", "checkpoints", "drift", "fast_pick", "fast_text", "final_step", "grid_setup", "pick",
-           "pick_rows", "pick_text", "prompt_states", "read_pick", "strip_plot", "summarize_method", "tradeoff_figure", "tradeoff_plot"]
+           "pick_rows", "pick_text", "prompt_states", "read_pick", "recommended_strips", "strip_plot", "summarize_method", "tradeoff_figure", "tradeoff_plot"]

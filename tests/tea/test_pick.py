@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -269,3 +270,28 @@ def test_bad_input_is_one_sentence(tmp_path):
     from persviz.commands.pick import concept_folder
     with pytest.raises(PersvizError):
         concept_folder(str(tmp_path / "nowhere"))
+
+
+def test_recommended_strips_reads_the_recommended_and_the_last_snapshot(tiny_concept, monkeypatch):
+    """The strips of notebook 05: the recommended step's snapshot file above the last one's (step 0: the class word,
+    no snapshot), on the pick's probes."""
+    from persviz.concept_folder import read_concept
+    from persviz.families import assemble_pipeline
+    from persviz.tea import pick as picker
+
+    calls = []
+
+    def images(self, method, path, n=picker.STRIP):
+        calls.append((method, None if path is None else Path(path).name, len(self.probes)))
+        return np.zeros((n, 8, 8, 3), np.uint8)
+
+    monkeypatch.setattr(picker.CheckpointSetup, "images", images)
+    concept = read_concept(tiny_concept)
+    pipe = assemble_pipeline(concept.model)
+    for rec, want in ((100, ("textual_inversion", "learned_embeds-steps-100.safetensors")), (0, (None, None))):
+        calls.clear()
+        summary = {"judges": {"clip": {"recommendation": {"step": rec}}}, "steps": [0, 100, 200]}
+        fig = picker.recommended_strips(pipe, concept, summary, {"steps": 2, "guidance": 4.0}, n_probes=3)
+        assert [c[:2] for c in calls] == [want, ("textual_inversion", "learned_embeds-steps-200.safetensors")]
+        assert all(c[2] == 3 for c in calls)
+        assert fig.axes[0].get_title() == "textual_inversion: recommended vs last"
